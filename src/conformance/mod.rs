@@ -1,0 +1,223 @@
+//! Kernel conformance: every GPU kernel against its CPU twin on shape tables
+//! that cover the edge cases (DESIGN.md section 4). Used by `cargo test`, by
+//! `amoe conformance` on a user's own GPU, and by the browser page.
+
+pub mod combine;
+pub mod decode;
+pub mod expert;
+pub mod gate;
+pub mod matmul;
+pub mod route;
+
+use crate::error::Result;
+use crate::gpu::GpuContext;
+use crate::tol::Comparison;
+use serde::Serialize;
+
+/// One kernel on one case: the worst errors seen and the verdict.
+#[derive(Clone, Debug, Serialize)]
+pub struct CheckResult {
+    /// Kernel name as in WGSL and the launcher, e.g. `gate_adaptive_forward`.
+    pub kernel: String,
+    /// Case description, e.g. `T=37 E=8 threshold=0.1`.
+    pub case: String,
+    pub max_abs_err: f64,
+    pub max_rel_err: f64,
+    pub pass: bool,
+    /// Throughput of the GPU run, where the case is big enough to mean anything.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub gflops: Option<f64>,
+    /// Why it failed (first mismatch, or the error returned).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub note: Option<String>,
+}
+
+impl CheckResult {
+    /// Merge several comparisons of one case (e.g. ids exact + weights within tol).
+    pub fn from_comparisons(
+        kernel: impl Into<String>,
+        case: impl Into<String>,
+        parts: &[(&str, Comparison)],
+    ) -> Self {
+        let mut r = CheckResult {
+            kernel: kernel.into(),
+            case: case.into(),
+            max_abs_err: 0.0,
+            max_rel_err: 0.0,
+            pass: true,
+            gflops: None,
+            note: None,
+        };
+        for (what, c) in parts {
+            r.max_abs_err = r.max_abs_err.max(c.max_abs_err);
+            r.max_rel_err = r.max_rel_err.max(c.max_rel_err);
+            if !c.pass {
+                r.pass = false;
+                if r.note.is_none() {
+                    r.note = Some(match c.first_bad {
+                        Some(i) => format!("{what}: first mismatch at element {i}"),
+                        None => format!("{what}: mismatch"),
+                    });
+                }
+            }
+        }
+        r
+    }
+
+    fn failed(kernel: String, case: String, err: String) -> Self {
+        CheckResult {
+            kernel,
+            case,
+            max_abs_err: f64::NAN,
+            max_rel_err: f64::NAN,
+            pass: false,
+            gflops: None,
+            note: Some(err),
+        }
+    }
+}
+
+/// A conformance case of any family.
+#[derive(Clone, Debug)]
+pub enum Case {
+    Matmul(matmul::Case),
+    Gate(gate::Case),
+    Route(route::Case),
+    Expert(expert::Case),
+    Combine(combine::Case),
+    Decode(decode::Case),
+}
+
+/// Kernel families, as `--kernel` filters name them.
+pub const FAMILIES: &[&str] = &["matmul", "gate", "route", "expert", "combine", "decode"];
+
+impl Case {
+    pub fn family(&self) -> &'static str {
+        match self {
+            Case::Matmul(_) => "matmul",
+            Case::Gate(_) => "gate",
+            Case::Route(_) => "route",
+            Case::Expert(_) => "expert",
+            Case::Combine(_) => "combine",
+            Case::Decode(_) => "decode",
+        }
+    }
+
+    /// (kernel, case) names, known before running.
+    pub fn names(&self) -> (String, String) {
+        match self {
+            Case::Matmul(c) => c.names(),
+            Case::Gate(c) => c.names(),
+            Case::Route(c) => c.names(),
+            Case::Expert(c) => c.names(),
+            Case::Combine(c) => c.names(),
+            Case::Decode(c) => c.names(),
+        }
+    }
+
+    /// Run the case; an error becomes a failed result naming it.
+    pub async fn run(&self, ctx: &GpuContext) -> CheckResult {
+        let r: Result<CheckResult> = match self {
+            Case::Matmul(c) => matmul::run(ctx, c).await,
+            Case::Gate(c) => gate::run(ctx, c).await,
+            Case::Route(c) => route::run(ctx, c).await,
+            Case::Expert(c) => expert::run(ctx, c).await,
+            Case::Combine(c) => combine::run(ctx, c).await,
+            Case::Decode(c) => decode::run(ctx, c).await,
+        };
+        r.unwrap_or_else(|e| {
+            let (k, c) = self.names();
+            CheckResult::failed(k, c, e.to_string())
+        })
+    }
+}
+
+/// Every case of every family (or of one family).
+pub fn cases(family: Option<&str>) -> Vec<Case> {
+    let mut v = Vec::new();
+    v.extend(matmul::cases().into_iter().map(Case::Matmul));
+    v.extend(gate::cases().into_iter().map(Case::Gate));
+    v.extend(route::cases().into_iter().map(Case::Route));
+    v.extend(expert::cases().into_iter().map(Case::Expert));
+    v.extend(combine::cases().into_iter().map(Case::Combine));
+    v.extend(decode::cases().into_iter().map(Case::Decode));
+    v.retain(|c| family.is_none_or(|f| c.family() == f));
+    v
+}
+
+/// Results of every case on one adapter.
+#[derive(Clone, Debug, Serialize)]
+pub struct AdapterReport {
+    pub backend: String,
+    pub name: String,
+    pub kernels: Vec<CheckResult>,
+}
+
+impl AdapterReport {
+    pub fn pass(&self) -> bool {
+        !self.kernels.is_empty() && self.kernels.iter().all(|k| k.pass)
+    }
+}
+
+/// Run `cases` on `ctx`, calling `progress` after each.
+pub async fn run_cases(
+    ctx: &GpuContext,
+    cases: &[Case],
+    mut progress: impl FnMut(&CheckResult),
+) -> AdapterReport {
+    let mut kernels = Vec::with_capacity(cases.len());
+    for c in cases {
+        let r = c.run(ctx).await;
+        progress(&r);
+        kernels.push(r);
+    }
+    AdapterReport {
+        backend: ctx.backend(),
+        name: ctx.info.name.clone(),
+        kernels,
+    }
+}
+
+/// Wall-clock seconds, natively and in the browser.
+pub struct Stopwatch(web_time::Instant);
+
+impl Stopwatch {
+    pub fn start() -> Self {
+        Stopwatch(web_time::Instant::now())
+    }
+    pub fn seconds(&self) -> f64 {
+        self.0.elapsed().as_secs_f64()
+    }
+}
+
+/// Deterministic pseudo-random numbers for test data (SplitMix64), so that
+/// every platform, the browser included, builds the same inputs.
+#[derive(Clone, Debug)]
+pub struct Rng(u64);
+
+impl Rng {
+    pub fn new(seed: u64) -> Self {
+        Rng(seed)
+    }
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+    /// Uniform in [0, 1).
+    pub fn uniform(&mut self) -> f32 {
+        (self.next_u64() >> 40) as f32 / (1u64 << 24) as f32
+    }
+    /// Uniform in [-a, a).
+    pub fn sym(&mut self, a: f32) -> f32 {
+        (self.uniform() * 2.0 - 1.0) * a
+    }
+    pub fn below(&mut self, n: usize) -> usize {
+        (self.next_u64() % n.max(1) as u64) as usize
+    }
+    pub fn vec_sym(&mut self, n: usize, a: f32) -> Vec<f32> {
+        (0..n).map(|_| self.sym(a)).collect()
+    }
+}

@@ -1,0 +1,201 @@
+//! Buffers: typed tensors on the GPU, uploads, and async readback.
+//!
+//! Readback is `async` because in the browser mapping a buffer resolves on the
+//! event loop (`mapAsync`); natively the future completes after a blocking
+//! poll, so the CLI can wrap it in `pollster::block_on`.
+
+use crate::error::{Error, Result};
+use bytemuck::Pod;
+use std::marker::PhantomData;
+use wgpu::util::DeviceExt;
+
+use super::GpuContext;
+
+/// Usage of every storage tensor: bindable, copyable both ways.
+pub const STORAGE_USAGE: wgpu::BufferUsages = wgpu::BufferUsages::STORAGE
+    .union(wgpu::BufferUsages::COPY_SRC)
+    .union(wgpu::BufferUsages::COPY_DST);
+
+/// A row-major tensor of `T` (f32 or u32) in a GPU storage buffer.
+#[derive(Debug)]
+pub struct Tensor<T> {
+    pub buffer: wgpu::Buffer,
+    pub shape: Vec<usize>,
+    _t: PhantomData<T>,
+}
+
+impl<T: Pod> Tensor<T> {
+    pub fn numel(&self) -> usize {
+        self.shape.iter().product()
+    }
+
+    /// Bytes of the logical contents (the buffer may be padded to 4 bytes).
+    pub fn bytes(&self) -> u64 {
+        (self.numel() * std::mem::size_of::<T>()) as u64
+    }
+
+    /// An uninitialized (zeroed) tensor.
+    pub fn zeros(ctx: &GpuContext, label: &str, shape: &[usize]) -> Result<Self> {
+        Self::with_usage(ctx, label, shape, STORAGE_USAGE)
+    }
+
+    /// A zeroed tensor with extra usages (e.g. `INDIRECT`).
+    pub fn with_usage(
+        ctx: &GpuContext,
+        label: &str,
+        shape: &[usize],
+        usage: wgpu::BufferUsages,
+    ) -> Result<Self> {
+        let n: usize = shape.iter().product();
+        let bytes = padded_bytes::<T>(n);
+        check_buffer(ctx, label, bytes)?;
+        let buffer = ctx.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some(label),
+            size: bytes,
+            usage,
+            mapped_at_creation: false,
+        });
+        Ok(Tensor {
+            buffer,
+            shape: shape.to_vec(),
+            _t: PhantomData,
+        })
+    }
+
+    /// A tensor holding `data`, which must have `shape`'s element count.
+    pub fn from_slice(ctx: &GpuContext, label: &str, shape: &[usize], data: &[T]) -> Result<Self> {
+        let n: usize = shape.iter().product();
+        if n != data.len() {
+            return Err(Error::Shape {
+                op: "upload",
+                expected: format!("{label} {shape:?} = {n} elements"),
+                got: format!("{} elements", data.len()),
+            });
+        }
+        let bytes = padded_bytes::<T>(n);
+        check_buffer(ctx, label, bytes)?;
+        let mut contents = bytemuck::cast_slice::<T, u8>(data).to_vec();
+        contents.resize(bytes as usize, 0);
+        let buffer = ctx
+            .device
+            .create_buffer_init(&wgpu::util::BufferInitDescriptor {
+                label: Some(label),
+                contents: &contents,
+                usage: STORAGE_USAGE,
+            });
+        Ok(Tensor {
+            buffer,
+            shape: shape.to_vec(),
+            _t: PhantomData,
+        })
+    }
+
+    /// Overwrite the contents from the host (queued, ordered before later submits).
+    pub fn write(&self, ctx: &GpuContext, data: &[T]) -> Result<()> {
+        if data.len() != self.numel() {
+            return Err(Error::shape(
+                "write",
+                format!("{:?} = {} elements", self.shape, self.numel()),
+                data.len(),
+            ));
+        }
+        ctx.queue
+            .write_buffer(&self.buffer, 0, bytemuck::cast_slice(data));
+        Ok(())
+    }
+
+    /// Copy the contents back to the host.
+    pub async fn read(&self, ctx: &GpuContext) -> Result<Vec<T>> {
+        read_buffer(ctx, &self.buffer, self.numel()).await
+    }
+
+    /// Fail with `Error::Shape` unless the shape is `want`.
+    pub fn expect_shape(&self, op: &'static str, name: &str, want: &[usize]) -> Result<()> {
+        if self.shape != want {
+            return Err(Error::shape(
+                op,
+                format!("{name} {want:?}"),
+                format!("{name} {:?}", self.shape),
+            ));
+        }
+        Ok(())
+    }
+}
+
+fn padded_bytes<T>(n: usize) -> u64 {
+    // Zero-sized buffers cannot be bound; keep at least 16 bytes.
+    (((n * std::mem::size_of::<T>()) as u64).div_ceil(16) * 16).max(16)
+}
+
+fn check_buffer(ctx: &GpuContext, label: &str, bytes: u64) -> Result<()> {
+    if bytes > ctx.limits.max_buffer_size {
+        return Err(Error::Limit {
+            what: format!("buffer {label}"),
+            needed: bytes,
+            max: ctx.limits.max_buffer_size,
+        });
+    }
+    Ok(())
+}
+
+/// A uniform buffer holding one params struct.
+pub fn uniform<P: super::GpuParams>(ctx: &GpuContext, params: &P) -> wgpu::Buffer {
+    ctx.device
+        .create_buffer_init(&wgpu::util::BufferInitDescriptor {
+            label: Some(P::WGSL_NAME),
+            contents: bytemuck::bytes_of(params),
+            usage: wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST,
+        })
+}
+
+/// Read `count` elements of `T` from the start of `buffer`.
+pub async fn read_buffer<T: Pod>(ctx: &GpuContext, buffer: &wgpu::Buffer, count: usize) -> Result<Vec<T>> {
+    let bytes = (count * std::mem::size_of::<T>()) as u64;
+    if count == 0 {
+        return Ok(Vec::new());
+    }
+    let size = bytes.div_ceil(4) * 4;
+    let staging = ctx.device.create_buffer(&wgpu::BufferDescriptor {
+        label: Some("readback"),
+        size,
+        usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+        mapped_at_creation: false,
+    });
+    let mut enc = ctx
+        .device
+        .create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("readback") });
+    enc.copy_buffer_to_buffer(buffer, 0, &staging, 0, size);
+    ctx.queue.submit(Some(enc.finish()));
+    let (tx, rx) = futures_channel::oneshot::channel();
+    staging.map_async(wgpu::MapMode::Read, .., move |r| {
+        let _ = tx.send(r);
+    });
+    ctx.wait()?;
+    let what = || buffer_label(buffer);
+    rx.await
+        .map_err(|_| Error::Readback {
+            what: what(),
+            msg: "map callback dropped (device lost?)".into(),
+        })?
+        .map_err(|e| Error::Readback {
+            what: what(),
+            msg: e.to_string(),
+        })?;
+    ctx.check_errors("readback")?;
+    let out = {
+        let view = staging
+            .slice(..bytes)
+            .get_mapped_range()
+            .map_err(|e| Error::Readback {
+                what: what(),
+                msg: e.to_string(),
+            })?;
+        bytemuck::cast_slice::<u8, T>(&view).to_vec()
+    };
+    staging.unmap();
+    Ok(out)
+}
+
+fn buffer_label(b: &wgpu::Buffer) -> String {
+    format!("buffer of {} bytes", b.size())
+}

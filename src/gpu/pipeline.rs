@@ -1,0 +1,243 @@
+//! Typed pipeline cache. A kernel is identified by `kernels::Kernel` (an enum
+//! with a small spec per family), never by a string. Each kernel declares its
+//! bindings, from which the explicit bind group layout is built: the layout is
+//! the kernel's "header", checked against the shader by wgpu at build time.
+
+use crate::error::{Error, Result};
+use crate::kernels::Kernel;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use super::GpuContext;
+
+/// One binding of a kernel, in binding-index order (group 0).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Binding {
+    /// `var<uniform>`: the kernel's params struct.
+    Uniform,
+    /// `var<storage, read>`.
+    Read,
+    /// `var<storage, read_write>`.
+    ReadWrite,
+}
+
+/// Everything needed to build a kernel's pipeline.
+#[derive(Clone, Debug)]
+pub struct KernelDef {
+    /// Human-readable name used in errors and reports, e.g. `matmul_nt_r4x4`.
+    pub name: String,
+    /// Full WGSL source: spec constants prepended to the shader file.
+    pub source: String,
+    pub entry: &'static str,
+    pub bindings: Vec<Binding>,
+}
+
+impl KernelDef {
+    /// A definition whose source is `files` concatenated (shared snippets such as
+    /// `shaders/activation.wgsl` first), preceded by `const NAME: u32 = V;` lines,
+    /// one per spec constant (how specializations are expressed).
+    pub fn new(
+        name: impl Into<String>,
+        files: &[&str],
+        entry: &'static str,
+        consts: &[(&str, u32)],
+        bindings: &[Binding],
+    ) -> Self {
+        let mut source = String::new();
+        // `enable` directives must precede every declaration.
+        let (enables, body): (Vec<&str>, Vec<&str>) = files
+            .iter()
+            .flat_map(|f| f.lines())
+            .partition(|l| l.trim_start().starts_with("enable "));
+        for l in enables {
+            source.push_str(l);
+            source.push('\n');
+        }
+        for (k, v) in consts {
+            source.push_str(&format!("const {k}: u32 = {v}u;\n"));
+        }
+        for l in body {
+            source.push_str(l);
+            source.push('\n');
+        }
+        KernelDef {
+            name: name.into(),
+            source,
+            entry,
+            bindings: bindings.to_vec(),
+        }
+    }
+
+    /// Parse and validate with naga. Catches shader errors with a readable
+    /// message before wgpu sees them, on every platform.
+    pub fn validate(&self, caps: naga::valid::Capabilities) -> Result<naga::Module> {
+        let module = naga::front::wgsl::parse_str(&self.source).map_err(|e| Error::Kernel {
+            kernel: self.name.clone(),
+            msg: e.emit_to_string(&self.source),
+        })?;
+        naga::valid::Validator::new(naga::valid::ValidationFlags::all(), caps)
+            .validate(&module)
+            .map_err(|e| Error::Kernel {
+                kernel: self.name.clone(),
+                msg: format!("{e:?}"),
+            })?;
+        Ok(module)
+    }
+}
+
+/// A compiled compute pipeline and its bind group layout.
+#[derive(Debug)]
+pub struct Pipeline {
+    pub name: String,
+    pub pipeline: wgpu::ComputePipeline,
+    pub layout: wgpu::BindGroupLayout,
+    pub bindings: Vec<Binding>,
+}
+
+impl Pipeline {
+    /// Build a bind group for this pipeline; `buffers[i]` goes to binding `i`.
+    pub fn bind(&self, ctx: &GpuContext, buffers: &[&wgpu::Buffer]) -> Result<wgpu::BindGroup> {
+        self.bind_ranges(
+            ctx,
+            &buffers.iter().map(|b| b.as_entire_buffer_binding()).collect::<Vec<_>>(),
+        )
+    }
+
+    /// Like `bind`, with explicit buffer ranges (for weights bound per expert).
+    pub fn bind_ranges(
+        &self,
+        ctx: &GpuContext,
+        buffers: &[wgpu::BufferBinding<'_>],
+    ) -> Result<wgpu::BindGroup> {
+        if buffers.len() != self.bindings.len() {
+            return Err(Error::shape(
+                "bind group",
+                format!("{} buffers for {}", self.bindings.len(), self.name),
+                buffers.len(),
+            ));
+        }
+        for (i, b) in buffers.iter().enumerate() {
+            let size = b.size.map(|s| s.get()).unwrap_or(b.buffer.size() - b.offset);
+            if self.bindings[i] != Binding::Uniform {
+                ctx.check_binding(format!("{} binding {i}", self.name), size)?;
+            }
+        }
+        let entries: Vec<wgpu::BindGroupEntry> = buffers
+            .iter()
+            .enumerate()
+            .map(|(i, b)| wgpu::BindGroupEntry {
+                binding: i as u32,
+                resource: wgpu::BindingResource::Buffer(b.clone()),
+            })
+            .collect();
+        Ok(ctx.device.create_bind_group(&wgpu::BindGroupDescriptor {
+            label: Some(&self.name),
+            layout: &self.layout,
+            entries: &entries,
+        }))
+    }
+}
+
+/// Pipelines built so far, keyed by the typed kernel id.
+#[derive(Default)]
+pub(crate) struct PipelineCache {
+    map: Mutex<HashMap<Kernel, Arc<Pipeline>>>,
+}
+
+/// naga capabilities matching the device's enabled features.
+pub fn naga_capabilities(features: wgpu::Features) -> naga::valid::Capabilities {
+    use naga::valid::Capabilities as C;
+    let mut caps = C::empty();
+    if features.contains(wgpu::Features::SUBGROUP) {
+        caps |= C::SUBGROUP | C::SUBGROUP_BARRIER;
+    }
+    if features.contains(wgpu::Features::SHADER_F16) {
+        caps |= C::SHADER_FLOAT16;
+    }
+    caps
+}
+
+impl PipelineCache {
+    pub(crate) fn get_or_build(&self, ctx: &GpuContext, kernel: &Kernel) -> Result<Arc<Pipeline>> {
+        let mut map = self.map.lock().map_err(|_| Error::Gpu {
+            op: "pipeline cache".into(),
+            msg: "lock poisoned".into(),
+        })?;
+        if let Some(p) = map.get(kernel) {
+            return Ok(p.clone());
+        }
+        let def = kernel.def();
+        let p = Arc::new(build(ctx, &def)?);
+        map.insert(kernel.clone(), p.clone());
+        Ok(p)
+    }
+}
+
+fn build(ctx: &GpuContext, def: &KernelDef) -> Result<Pipeline> {
+    if def.bindings.iter().filter(|b| **b != Binding::Uniform).count()
+        > ctx.limits.max_storage_buffers_per_shader_stage as usize
+    {
+        return Err(Error::Limit {
+            what: format!("storage buffers of kernel {}", def.name),
+            needed: def.bindings.len() as u64,
+            max: ctx.limits.max_storage_buffers_per_shader_stage as u64,
+        });
+    }
+    def.validate(naga_capabilities(ctx.features))?;
+    let entries: Vec<wgpu::BindGroupLayoutEntry> = def
+        .bindings
+        .iter()
+        .enumerate()
+        .map(|(i, b)| wgpu::BindGroupLayoutEntry {
+            binding: i as u32,
+            visibility: wgpu::ShaderStages::COMPUTE,
+            ty: wgpu::BindingType::Buffer {
+                ty: match b {
+                    Binding::Uniform => wgpu::BufferBindingType::Uniform,
+                    Binding::Read => wgpu::BufferBindingType::Storage { read_only: true },
+                    Binding::ReadWrite => wgpu::BufferBindingType::Storage { read_only: false },
+                },
+                has_dynamic_offset: false,
+                min_binding_size: None,
+            },
+            count: None,
+        })
+        .collect();
+    let label = Some(def.name.as_str());
+    ctx.capture_errors();
+    let layout = ctx
+        .device
+        .create_bind_group_layout(&wgpu::BindGroupLayoutDescriptor { label, entries: &entries });
+    let pipeline_layout = ctx
+        .device
+        .create_pipeline_layout(&wgpu::PipelineLayoutDescriptor {
+            label,
+            bind_group_layouts: &[Some(&layout)],
+            immediate_size: 0,
+        });
+    let module = ctx.device.create_shader_module(wgpu::ShaderModuleDescriptor {
+        label,
+        source: wgpu::ShaderSource::Wgsl(def.source.as_str().into()),
+    });
+    let pipeline = ctx
+        .device
+        .create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
+            label,
+            layout: Some(&pipeline_layout),
+            module: &module,
+            entry_point: Some(def.entry),
+            compilation_options: Default::default(),
+            cache: None,
+        });
+    ctx.check_errors(&format!("building kernel {}", def.name))
+        .map_err(|e| Error::Kernel {
+            kernel: def.name.clone(),
+            msg: e.to_string(),
+        })?;
+    Ok(Pipeline {
+        name: def.name.clone(),
+        pipeline,
+        layout,
+        bindings: def.bindings.clone(),
+    })
+}

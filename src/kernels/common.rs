@@ -1,0 +1,174 @@
+//! Types shared by several kernel families: the gating configuration, the
+//! activation, and the layout of the packed routing metadata buffer.
+
+use crate::error::{Error, Result};
+use serde::{Deserialize, Serialize};
+
+/// Marks an unused slot in `topk_ids` / `slot_of_token` / `token_of_slot`.
+pub const UNUSED: u32 = 0xFFFF_FFFF;
+
+/// Expert selection rule.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Gating {
+    /// Switch: one expert, weight = raw p1.
+    Top1,
+    /// GShard: two experts, weights renormalized over the two.
+    Top2,
+    /// Li et al. 2023: top-1, plus the second expert when the gap is <= threshold.
+    Adaptive,
+}
+
+impl Gating {
+    /// K: the most experts a token can use.
+    pub fn max_k(self) -> usize {
+        match self {
+            Gating::Top1 => 1,
+            Gating::Top2 | Gating::Adaptive => 2,
+        }
+    }
+    pub fn name(self) -> &'static str {
+        match self {
+            Gating::Top1 => "top1",
+            Gating::Top2 => "top2",
+            Gating::Adaptive => "adaptive",
+        }
+    }
+}
+
+/// How the adaptive rule measures the gap between the top two experts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum GapMode {
+    /// `p1 - p2` on the full softmax.
+    Softmax,
+    /// `(p1 - p2) / (p1 + p2)`: renormalized over the top two (default).
+    Top2,
+}
+
+/// Weight of a token routed to one expert (under top1 or adaptive).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SingleWeight {
+    /// Raw `p1` (Switch style; the router still gets a gradient). Default.
+    RawP1,
+    /// 1.0: renormalized over the selected experts (for top-2-trained models).
+    One,
+}
+
+/// Everything the gate kernel needs to know about the rule.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct GateConfig {
+    pub gating: Gating,
+    /// Adaptive threshold in [0, 1]; ignored by top1/top2.
+    pub threshold: f32,
+    pub gap: GapMode,
+    pub single_weight: SingleWeight,
+}
+
+impl Default for GateConfig {
+    fn default() -> Self {
+        GateConfig {
+            gating: Gating::Adaptive,
+            threshold: 0.1,
+            gap: GapMode::Top2,
+            single_weight: SingleWeight::RawP1,
+        }
+    }
+}
+
+impl GateConfig {
+    pub fn new(gating: Gating) -> Self {
+        GateConfig {
+            gating,
+            ..Default::default()
+        }
+    }
+
+    /// Check the config against `e` experts.
+    pub fn validate(&self, e: usize) -> Result<()> {
+        if !(0.0..=1.0).contains(&self.threshold) || self.threshold.is_nan() {
+            return Err(Error::invalid(
+                "gate",
+                format!("threshold {} is outside [0, 1]", self.threshold),
+            ));
+        }
+        if self.gating.max_k() > e {
+            return Err(Error::invalid(
+                "gate",
+                format!("K = {} experts per token but only E = {e} experts", self.gating.max_k()),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Expert FFN activation.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Activation {
+    /// `h = gelu(x · W1)` (tanh approximation).
+    Gelu,
+    /// `h = silu(x · W1) * (x · W3)`.
+    SwiGlu,
+}
+
+/// Layout of the packed routing metadata buffer `routing [len()]` (u32 words).
+/// One buffer keeps every routing kernel within 8 storage bindings.
+///
+/// | words | content |
+/// |---|---|
+/// | 0..3 | indirect dispatch args of expert GEMM 1: (num_tiles, grid_y1, 1) |
+/// | 3..6 | indirect dispatch args of expert GEMM 2: (num_tiles, grid_y2, 1) |
+/// | 6 | used slots S (number of (token, expert) pairs) |
+/// | 7 | num_tiles (row tiles of `tile_m` over the padded slot space) |
+/// | 8 | status flags (`STATUS_NONFINITE`: a token had NaN/inf logits) |
+/// | 9 | padded rows = num_tiles * tile_m |
+/// | 10..16 | reserved (zero) |
+/// | 16..16+E | expert_counts [E] |
+/// | 16+E..17+2E | expert_offsets [E+1], padded to `tile_m` (start row of each expert) |
+/// | 17+2E..17+2E+max_tiles | tile_expert [max_tiles]: expert of each row tile |
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RoutingLayout {
+    pub t: usize,
+    pub k: usize,
+    pub e: usize,
+    pub tile_m: usize,
+}
+
+/// Bit in `routing[STATUS]`: some token's router logits were NaN or infinite.
+pub const STATUS_NONFINITE: u32 = 1;
+
+impl RoutingLayout {
+    pub const ARGS1: usize = 0;
+    pub const ARGS2: usize = 3;
+    pub const USED_SLOTS: usize = 6;
+    pub const NUM_TILES: usize = 7;
+    pub const STATUS: usize = 8;
+    pub const PADDED_ROWS: usize = 9;
+    pub const HEADER: usize = 16;
+
+    pub fn counts(&self) -> usize {
+        Self::HEADER
+    }
+    pub fn offsets(&self) -> usize {
+        Self::HEADER + self.e
+    }
+    pub fn tile_expert(&self) -> usize {
+        Self::HEADER + 2 * self.e + 1
+    }
+    /// Upper bound on row tiles: every expert may waste one partial tile.
+    pub fn max_tiles(&self) -> usize {
+        (self.t * self.k).div_ceil(self.tile_m) + self.e
+    }
+    /// Upper bound on padded slot rows (size of `token_of_slot`, `h`, `y_expert`).
+    pub fn max_rows(&self) -> usize {
+        self.max_tiles() * self.tile_m
+    }
+    pub fn len(&self) -> usize {
+        self.tile_expert() + self.max_tiles()
+    }
+    pub fn is_empty(&self) -> bool {
+        false
+    }
+}

@@ -1,0 +1,105 @@
+//! Typed launchers, one module per shader family. Each launcher checks shapes
+//! and limits, fills the family's params struct, and records dispatches into a
+//! caller's command encoder (nothing is submitted here).
+//!
+//! `Kernel` is the typed pipeline-cache key: one variant per family, each
+//! holding that family's small spec (tile sizes, mode...).
+
+pub mod combine;
+pub mod common;
+pub mod decode;
+pub mod expert;
+pub mod gate;
+pub mod matmul;
+pub mod roofline;
+pub mod route;
+
+pub use common::*;
+
+use crate::gpu::{GpuParams, KernelDef};
+
+/// Typed identity of a compiled pipeline.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum Kernel {
+    Matmul(matmul::MatmulSpec),
+    Gate(gate::GateSpec),
+    Route(route::RouteSpec),
+    Expert(expert::ExpertSpec),
+    Combine(combine::CombineSpec),
+    Decode(decode::DecodeSpec),
+    Roofline(roofline::RooflineSpec),
+}
+
+impl Kernel {
+    pub fn def(&self) -> KernelDef {
+        match self {
+            Kernel::Matmul(s) => s.def(),
+            Kernel::Gate(s) => s.def(),
+            Kernel::Route(s) => s.def(),
+            Kernel::Expert(s) => s.def(),
+            Kernel::Combine(s) => s.def(),
+            Kernel::Decode(s) => s.def(),
+            Kernel::Roofline(s) => s.def(),
+        }
+    }
+
+    /// Every entry point and specialization amoe can build: what the naga
+    /// cross-compilation test translates to SPIR-V, MSL, HLSL and GLSL.
+    pub fn all() -> Vec<Kernel> {
+        let mut v = Vec::new();
+        v.extend(matmul::MatmulSpec::all().into_iter().map(Kernel::Matmul));
+        v.extend(gate::GateSpec::all().into_iter().map(Kernel::Gate));
+        v.extend(route::RouteSpec::all().into_iter().map(Kernel::Route));
+        v.extend(expert::ExpertSpec::all().into_iter().map(Kernel::Expert));
+        v.extend(combine::CombineSpec::all().into_iter().map(Kernel::Combine));
+        v.extend(decode::DecodeSpec::all().into_iter().map(Kernel::Decode));
+        v.extend(roofline::RooflineSpec::all().into_iter().map(Kernel::Roofline));
+        v
+    }
+}
+
+/// A Rust params struct and the WGSL source declaring its twin, for the
+/// layout test (naga reflection).
+#[derive(Clone, Debug)]
+pub struct ParamsLayout {
+    pub wgsl_name: &'static str,
+    pub fields: Vec<(&'static str, usize)>,
+    pub size: usize,
+    /// A kernel whose source declares the WGSL struct.
+    pub kernel: Kernel,
+}
+
+impl ParamsLayout {
+    pub fn of<P: GpuParams>(kernel: Kernel) -> Self {
+        ParamsLayout {
+            wgsl_name: P::WGSL_NAME,
+            fields: P::fields(),
+            size: std::mem::size_of::<P>(),
+            kernel,
+        }
+    }
+}
+
+/// Every params struct of every family.
+pub fn params_layouts() -> Vec<ParamsLayout> {
+    let mut v = Vec::new();
+    v.extend(matmul::params_layouts());
+    v.extend(gate::params_layouts());
+    v.extend(route::params_layouts());
+    v.extend(expert::params_layouts());
+    v.extend(combine::params_layouts());
+    v.extend(decode::params_layouts());
+    v.extend(roofline::params_layouts());
+    v
+}
+
+/// Workgroup grid for `n` workgroups, folded into 2-D past the per-dimension
+/// limit. Shaders recover the linear index as `id.x + id.y * nx`.
+pub fn grid_1d(n: u32, max_per_dim: u32) -> (u32, u32) {
+    if n <= max_per_dim {
+        (n.max(1), 1)
+    } else {
+        let y = n.div_ceil(max_per_dim);
+        (n.div_ceil(y), y)
+    }
+}

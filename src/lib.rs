@@ -1,0 +1,16 @@
+//! amoe: Mixture-of-Experts training and inference on any GPU through WebGPU.
+//!
+//! WGSL compute shaders do the router, the top-1 / top-2 / adaptive expert
+//! selection (Li et al., EMNLP 2023), the token dispatch and the expert
+//! matmuls; one wgpu code path runs them on Vulkan, Metal, DX12, OpenGL and in
+//! the browser. See ARCHITECTURE.md for the data flow and decisions.
+
+pub mod conformance;
+pub mod error;
+pub mod gpu;
+pub mod kernels;
+pub mod reference;
+pub mod tol;
+
+pub use error::{Error, Result};
+pub use gpu::{AdapterFilter, GpuContext};

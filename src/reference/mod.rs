@@ -1,0 +1,4 @@
+//! Plain-Rust twins of every WGSL kernel: same names, same argument order.
+//! They are the oracle of the GPU tests and of `amoe conformance`.
+
+pub mod activation;

@@ -1,0 +1,80 @@
+//! Test harness: one test body run on every adapter the machine has.
+//!
+//! Contexts are created once per test binary and shared. Under `CI=true`, or
+//! when `AMOE_REQUIRE_ADAPTERS` is set, finding no adapter is a failure, not a
+//! skip. `AMOE_REQUIRE_BACKENDS=vulkan,gl` makes a missing backend a failure too
+//! (the test script sets it on machines where Mesa provides both).
+
+#![allow(dead_code)]
+
+use amoe::gpu::{AdapterFilter, GpuContext};
+use std::sync::OnceLock;
+
+fn contexts() -> &'static [GpuContext] {
+    static CTX: OnceLock<Vec<GpuContext>> = OnceLock::new();
+    CTX.get_or_init(|| {
+        let filter = AdapterFilter::from_args(None, None).expect("AMOE_BACKEND is valid");
+        let ctxs = pollster::block_on(GpuContext::all(&filter)).unwrap_or_default();
+        let strict = std::env::var("CI").is_ok_and(|v| v == "true" || v == "1")
+            || std::env::var("AMOE_REQUIRE_ADAPTERS").is_ok();
+        if ctxs.is_empty() && strict {
+            panic!("no GPU adapter found, and CI/AMOE_REQUIRE_ADAPTERS forbids skipping GPU tests");
+        }
+        if let Ok(want) = std::env::var("AMOE_REQUIRE_BACKENDS") {
+            for b in want.split(',').filter(|s| !s.is_empty()) {
+                assert!(
+                    ctxs.iter().any(|c| c.backend() == b),
+                    "backend {b} required by AMOE_REQUIRE_BACKENDS but not found; have {:?}",
+                    ctxs.iter().map(|c| c.adapter_label()).collect::<Vec<_>>()
+                );
+            }
+        }
+        ctxs
+    })
+}
+
+/// Run `body` on every adapter. Returns how many adapters ran it.
+pub fn for_each_adapter(mut body: impl FnMut(&GpuContext)) -> usize {
+    let ctxs = contexts();
+    if ctxs.is_empty() {
+        eprintln!("no GPU adapter: GPU test skipped (set CI=true to make this a failure)");
+    }
+    for ctx in ctxs {
+        eprintln!("-- on {}", ctx.adapter_label());
+        body(ctx);
+    }
+    ctxs.len()
+}
+
+/// Run every conformance case of `family` on every adapter and fail with a
+/// table of every failing case.
+pub fn conformance_family(family: &str) {
+    let cases = amoe::conformance::cases(Some(family));
+    assert!(!cases.is_empty(), "family {family} has no conformance cases");
+    for_each_adapter(|ctx| {
+        let report = pollster::block_on(amoe::conformance::run_cases(ctx, &cases, |_| {}));
+        let bad: Vec<String> = report
+            .kernels
+            .iter()
+            .filter(|r| !r.pass)
+            .map(|r| {
+                format!(
+                    "{} [{}]: abs {:e} rel {:e} {}",
+                    r.kernel,
+                    r.case,
+                    r.max_abs_err,
+                    r.max_rel_err,
+                    r.note.clone().unwrap_or_default()
+                )
+            })
+            .collect();
+        assert!(
+            bad.is_empty(),
+            "{} cases of {family} failed on {}:\n{}",
+            bad.len(),
+            ctx.adapter_label(),
+            bad.join("\n")
+        );
+        eprintln!("   {} {family} cases passed", report.kernels.len());
+    });
+}
