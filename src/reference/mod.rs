@@ -2,3 +2,7 @@
 //! They are the oracle of the GPU tests and of `amoe conformance`.
 
 pub mod activation;
+pub mod combine;
+pub mod decode;
+pub mod gate;
+pub mod route;

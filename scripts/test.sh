@@ -1,0 +1,65 @@
+#!/usr/bin/env bash
+# The test command (README): installs what the tests need on a fresh
+# Debian/Ubuntu machine, then runs format, lint and every test.
+#
+# On a machine without a GPU, Mesa's lavapipe (Vulkan) and llvmpipe (OpenGL
+# through EGL) are the adapters; they are installed only when wgpu finds no
+# adapter of that backend. The GPU tests then must run on both: under CI a
+# missing adapter is a failure, not a skip.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+log() { printf '\n== %s\n' "$*"; }
+
+as_root() {
+    if [ "$(id -u)" -eq 0 ]; then "$@"; elif command -v sudo >/dev/null; then sudo "$@"; else
+        echo "need root to run: $*" >&2
+        return 1
+    fi
+}
+
+apt_install() {
+    command -v apt-get >/dev/null || { echo "no apt-get: install $* by hand" >&2; return 1; }
+    if [ -z "${AMOE_APT_UPDATED:-}" ]; then
+        as_root apt-get update -qq
+        AMOE_APT_UPDATED=1
+    fi
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$@" >/dev/null
+}
+
+command -v cargo >/dev/null || { echo "cargo not found: install a Rust toolchain (rustup) first" >&2; exit 1; }
+rustup component list --installed 2>/dev/null | grep -q rustfmt || rustup component add rustfmt clippy || true
+
+log "build"
+cargo build --locked --all-targets
+
+# Which backends does wgpu see? Install Mesa's software drivers for the ones missing.
+backends() { ./target/debug/amoe devices --json 2>/dev/null | grep -o '"backend": *"[a-z0-9]*"' | sed 's/.*"\([a-z0-9]*\)"$/\1/' | sort -u | tr '\n' ' '; }
+have="$(backends || true)"
+if [[ "$(uname -s)" == Linux ]]; then
+    missing=()
+    [[ " $have " == *" vulkan "* ]] || missing+=(mesa-vulkan-drivers libvulkan1)
+    [[ " $have " == *" gl "* ]] || missing+=(libegl1 libegl-mesa0 libgl1-mesa-dri libgles2)
+    if [ ${#missing[@]} -gt 0 ]; then
+        log "installing ${missing[*]} (no adapter for: vulkan/gl missing from '${have}')"
+        apt_install "${missing[@]}"
+        have="$(backends || true)"
+    fi
+fi
+log "adapters: ${have:-none}"
+./target/debug/amoe devices || true
+
+# Where Mesa provides the adapters, both backends must run every GPU test.
+if [ -z "${AMOE_REQUIRE_BACKENDS+x}" ] && [[ "$(uname -s)" == Linux ]]; then
+    export AMOE_REQUIRE_BACKENDS=vulkan,gl
+fi
+export AMOE_REQUIRE_ADAPTERS=1
+# Mesa warns about this without a display session; harmless, keep logs clean.
+export XDG_RUNTIME_DIR="${XDG_RUNTIME_DIR:-$(mktemp -d)}"
+
+log "fmt"
+cargo fmt --all -- --check
+log "clippy"
+cargo clippy --locked --all-targets -- -D warnings
+log "tests (adapters required: ${AMOE_REQUIRE_BACKENDS:-any})"
+cargo test --locked -- --test-threads="${AMOE_TEST_THREADS:-2}"

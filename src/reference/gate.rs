@@ -1,0 +1,217 @@
+//! CPU twin of `shaders/gate.wgsl` (`gate_top1_forward`, `gate_top2_forward`,
+//! `gate_adaptive_forward`): the same formulas in the same order, so that
+//! discrete decisions agree exactly with the GPU on data with clear margins.
+
+use crate::error::{Error, Result};
+use crate::kernels::{GapMode, GateConfig, Gating, SingleWeight, STATUS_NONFINITE, UNUSED};
+
+/// Everything the gate writes, for T tokens, E experts and K = `gating.max_k()`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct GateOutput {
+    /// probs [T, E]
+    pub probs: Vec<f32>,
+    /// topk_ids [T, K]
+    pub topk_ids: Vec<u32>,
+    /// topk_weights [T, K]
+    pub topk_weights: Vec<f32>,
+    /// lse [T]
+    pub lse: Vec<f32>,
+    /// Bits ORed into routing[STATUS] (`STATUS_NONFINITE`).
+    pub status: u32,
+}
+
+/// The top two logits of a row: (e1, l1, e2, l2), ties to the lower index.
+/// `e2` is `UNUSED` when E = 1.
+pub fn top2_of(row: &[f32]) -> (u32, f32, u32, f32) {
+    let (mut i1, mut l1, mut i2, mut l2) = (0u32, row[0], UNUSED, row[0]);
+    for (i, &v) in row.iter().enumerate().skip(1) {
+        if v > l1 {
+            (i2, l2) = (i1, l1);
+            (i1, l1) = (i as u32, v);
+        } else if i2 == UNUSED || v > l2 {
+            (i2, l2) = (i as u32, v);
+        }
+    }
+    (i1, l1, i2, l2)
+}
+
+/// The adaptive rule's gap for the top two probabilities, clamped to [0, 1].
+pub fn gap(mode: GapMode, p1: f32, p2: f32) -> f32 {
+    let g = match mode {
+        GapMode::Softmax => p1 - p2,
+        GapMode::Top2 => (p1 - p2) / (p1 + p2),
+    };
+    g.clamp(0.0, 1.0)
+}
+
+/// p1 and p2 of a row from its softmax denominator, as the shader computes them.
+pub fn top2_probs(l1: f32, l2: f32, has_second: bool, s: f32) -> (f32, f32) {
+    let p1 = 1.0 / s;
+    let p2 = if has_second {
+        (if l2 == l1 { 1.0 } else { (l2 - l1).exp() }) / s
+    } else {
+        0.0
+    };
+    (p1, p2)
+}
+
+/// Softmax + expert selection of `router_logits [T, E]` under `config`.
+pub fn gate_forward(config: &GateConfig, router_logits: &[f32], t: usize, e: usize) -> Result<GateOutput> {
+    if t == 0 || e == 0 {
+        return Err(Error::invalid("gate", format!("T = {t}, E = {e}: both must be >= 1")));
+    }
+    config.validate(e)?;
+    if router_logits.len() != t * e {
+        return Err(Error::shape(
+            "gate",
+            format!("router_logits [{t}, {e}] = {} values", t * e),
+            router_logits.len(),
+        ));
+    }
+    let k = config.gating.max_k();
+    let mut out = GateOutput {
+        probs: vec![0.0; t * e],
+        topk_ids: vec![UNUSED; t * k],
+        topk_weights: vec![0.0; t * k],
+        lse: vec![0.0; t],
+        status: 0,
+    };
+    for tok in 0..t {
+        let row = &router_logits[tok * e..(tok + 1) * e];
+        if row.iter().any(|v| !v.is_finite()) {
+            out.status |= STATUS_NONFINITE;
+            continue;
+        }
+        let (i1, l1, i2, l2) = top2_of(row);
+        let s: f32 = row.iter().map(|&v| (v - l1).exp()).sum();
+        for (p, &v) in out.probs[tok * e..(tok + 1) * e].iter_mut().zip(row) {
+            *p = (v - l1).exp() / s;
+        }
+        out.lse[tok] = l1 + s.ln();
+        let (p1, p2) = top2_probs(l1, l2, i2 != UNUSED, s);
+        let single = match config.single_weight {
+            SingleWeight::RawP1 => p1,
+            SingleWeight::One => 1.0,
+        };
+        let two = match config.gating {
+            Gating::Top1 => false,
+            Gating::Top2 => true,
+            Gating::Adaptive => gap(config.gap, p1, p2) <= config.threshold,
+        };
+        let ids = &mut out.topk_ids[tok * k..(tok + 1) * k];
+        let w = &mut out.topk_weights[tok * k..(tok + 1) * k];
+        ids[0] = i1;
+        if two {
+            let denom = p1 + p2;
+            w[0] = p1 / denom;
+            ids[1] = i2;
+            w[1] = p2 / denom;
+        } else {
+            w[0] = single;
+        }
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg(gating: Gating) -> GateConfig {
+        GateConfig::new(gating)
+    }
+
+    #[test]
+    fn ties_break_to_the_lower_index() {
+        assert_eq!(top2_of(&[5.0, 5.0, 1.0]), (0, 5.0, 1, 5.0));
+        assert_eq!(top2_of(&[1.0, 5.0, 5.0]), (1, 5.0, 2, 5.0));
+        assert_eq!(top2_of(&[2.0, 2.0, 2.0, 2.0]), (0, 2.0, 1, 2.0));
+        assert_eq!(top2_of(&[0.0, 3.0, 1.0, 3.0, 1.0]), (1, 3.0, 3, 3.0));
+        assert_eq!(top2_of(&[0.0, 3.0, 1.0, 2.0, 2.0]), (1, 3.0, 3, 2.0));
+        assert_eq!(top2_of(&[7.0]), (0, 7.0, UNUSED, 7.0));
+    }
+
+    #[test]
+    fn top1_top2_and_adaptive_follow_the_paper() {
+        // probabilities 0.5, 0.3, 0.2 (logits = ln p)
+        let row: Vec<f32> = [0.5f32, 0.3, 0.2].iter().map(|p| p.ln()).collect();
+        let top1 = gate_forward(&cfg(Gating::Top1), &row, 1, 3).unwrap();
+        assert_eq!(top1.topk_ids, vec![0]);
+        assert!((top1.topk_weights[0] - 0.5).abs() < 1e-6);
+        assert!((top1.probs[1] - 0.3).abs() < 1e-6);
+        assert!(top1.lse[0].abs() < 1e-6, "logsumexp of ln p is ln 1");
+
+        let top2 = gate_forward(&cfg(Gating::Top2), &row, 1, 3).unwrap();
+        assert_eq!(top2.topk_ids, vec![0, 1]);
+        assert!((top2.topk_weights[0] - 0.625).abs() < 1e-6);
+        assert!((top2.topk_weights[1] - 0.375).abs() < 1e-6);
+
+        // gap softmax = 0.2, gap top2 = 0.25
+        let mut c = GateConfig {
+            gating: Gating::Adaptive,
+            threshold: 0.22,
+            gap: GapMode::Softmax,
+            single_weight: SingleWeight::RawP1,
+        };
+        let a = gate_forward(&c, &row, 1, 3).unwrap();
+        assert_eq!(a.topk_ids, vec![0, 1]);
+        assert_eq!(a.topk_weights, top2.topk_weights);
+        c.gap = GapMode::Top2;
+        let a = gate_forward(&c, &row, 1, 3).unwrap();
+        assert_eq!(a.topk_ids, vec![0, UNUSED]);
+        assert_eq!(a.topk_weights, vec![top1.topk_weights[0], 0.0]);
+        c.single_weight = SingleWeight::One;
+        let a = gate_forward(&c, &row, 1, 3).unwrap();
+        assert_eq!(a.topk_weights, vec![1.0, 0.0]);
+    }
+
+    #[test]
+    fn exact_tie_goes_to_two_experts_even_at_threshold_zero() {
+        let row = [0.0f32, 1.5, -2.0, 1.5];
+        for gap in [GapMode::Softmax, GapMode::Top2] {
+            let c = GateConfig {
+                gating: Gating::Adaptive,
+                threshold: 0.0,
+                gap,
+                single_weight: SingleWeight::RawP1,
+            };
+            let a = gate_forward(&c, &row, 1, 4).unwrap();
+            assert_eq!(a.topk_ids, vec![1, 3]);
+            assert_eq!(a.topk_weights, vec![0.5, 0.5]);
+        }
+    }
+
+    #[test]
+    fn nonfinite_tokens_get_no_expert_and_set_the_status() {
+        let logits = [1.0f32, 2.0, f32::NAN, 0.0, 3.0, 1.0, f32::INFINITY, 0.0, 0.5];
+        let a = gate_forward(&cfg(Gating::Top2), &logits, 3, 3).unwrap();
+        assert_eq!(a.status, STATUS_NONFINITE);
+        assert_eq!(a.topk_ids, vec![UNUSED, UNUSED, 1, 2, UNUSED, UNUSED]);
+        assert_eq!(&a.probs[0..3], &[0.0; 3]);
+        let ok = gate_forward(&cfg(Gating::Top2), &logits[3..6], 1, 3).unwrap();
+        assert_eq!(ok.status, 0);
+    }
+
+    #[test]
+    fn softmax_is_stable_for_large_logits() {
+        let a = gate_forward(&cfg(Gating::Top1), &[1000.0, 999.0], 1, 2).unwrap();
+        assert!((a.probs[0] + a.probs[1] - 1.0).abs() < 1e-6);
+        assert!((a.lse[0] - (1000.0 + (1.0 + (-1.0f32).exp()).ln())).abs() < 1e-3);
+    }
+
+    #[test]
+    fn bad_arguments_are_typed_errors() {
+        let r = [0.0f32; 4];
+        assert!(matches!(
+            gate_forward(&cfg(Gating::Top2), &r[..1], 1, 1),
+            Err(Error::InvalidArgument { .. })
+        ));
+        assert!(matches!(gate_forward(&cfg(Gating::Top1), &r, 0, 4), Err(Error::InvalidArgument { .. })));
+        assert!(matches!(gate_forward(&cfg(Gating::Top1), &r, 2, 4), Err(Error::Shape { .. })));
+        let nan = GateConfig {
+            threshold: f32::NAN,
+            ..GateConfig::default()
+        };
+        assert!(matches!(gate_forward(&nan, &r, 1, 4), Err(Error::InvalidArgument { .. })));
+    }
+}
