@@ -93,7 +93,10 @@ pub async fn fma_peak(ctx: &GpuContext) -> Result<f64> {
     })?;
     let got = dst.read(ctx).await?;
     let want = fma_expected(0.5, iters);
-    if got.iter().any(|g| (g - want).abs() > 1e-3 * want.abs().max(1.0)) {
+    if got
+        .iter()
+        .any(|g| (g - want).abs() > 1e-3 * want.abs().max(1.0))
+    {
         return Err(crate::Error::Gpu {
             op: "roofline_fma".into(),
             msg: format!("result {} differs from the closed form {want}", got[0]),
@@ -130,7 +133,9 @@ pub async fn bench_kernels(
     let peak = fma_peak(ctx).await?;
     log(&format!("FMA peak {peak:.1} GFLOP/s"));
     let (bw, copy_bw) = copy_bandwidth(ctx, if quick { 16 } else { 64 })?;
-    log(&format!("copy {bw:.1} GB/s in shader, {copy_bw:.1} GB/s copy_buffer_to_buffer"));
+    log(&format!(
+        "copy {bw:.1} GB/s in shader, {copy_bw:.1} GB/s copy_buffer_to_buffer"
+    ));
     Ok(KernelBench {
         adapter: ctx.info.name.clone(),
         backend: ctx.backend(),

@@ -21,11 +21,7 @@ pub enum Error {
     },
     /// A resource would exceed what the adapter allows.
     #[error("{what}: needs {needed}, the adapter allows at most {max}")]
-    Limit {
-        what: String,
-        needed: u64,
-        max: u64,
-    },
+    Limit { what: String, needed: u64, max: u64 },
     /// An argument outside its valid range (K > E, T = 0, threshold outside [0, 1], ...).
     #[error("{op}: invalid argument: {msg}")]
     InvalidArgument { op: &'static str, msg: String },

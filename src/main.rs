@@ -8,7 +8,11 @@ use std::io::Write;
 use std::process::ExitCode;
 
 #[derive(Parser)]
-#[command(name = "amoe", version, about = "Mixture-of-Experts on any GPU through WebGPU")]
+#[command(
+    name = "amoe",
+    version,
+    about = "Mixture-of-Experts on any GPU through WebGPU"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -117,7 +121,10 @@ fn devices(json: bool) -> Result<ExitCode> {
     }
     for a in &adapters {
         let l = &a.limits;
-        println!("[{}] {} / {} ({})", a.index, a.backend, a.name, a.device_type);
+        println!(
+            "[{}] {} / {} ({})",
+            a.index, a.backend, a.name, a.device_type
+        );
         println!("    driver: {} {}", a.driver, a.driver_info);
         let wanted: Vec<&str> = ["SHADER_F16", "SUBGROUP", "TIMESTAMP_QUERY"]
             .into_iter()
@@ -154,12 +161,19 @@ fn fmt_err(x: f64) -> String {
     }
 }
 
-fn conformance_cmd(args: &AdapterArgs, family: Option<&str>, json: Option<&str>) -> Result<ExitCode> {
+fn conformance_cmd(
+    args: &AdapterArgs,
+    family: Option<&str>,
+    json: Option<&str>,
+) -> Result<ExitCode> {
     if let Some(f) = family {
         if !conformance::FAMILIES.contains(&f) {
             return Err(Error::invalid(
                 "conformance",
-                format!("unknown kernel family {f:?}; expected one of {}", conformance::FAMILIES.join(", ")),
+                format!(
+                    "unknown kernel family {f:?}; expected one of {}",
+                    conformance::FAMILIES.join(", ")
+                ),
             ));
         }
     }
@@ -205,7 +219,11 @@ fn conformance_cmd(args: &AdapterArgs, family: Option<&str>, json: Option<&str>)
             write_file(path, &text)?;
         }
     }
-    Ok(if ok { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+    Ok(if ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
 }
 
 fn bench_kernels(args: &AdapterArgs, json: Option<&str>, quick: bool) -> Result<ExitCode> {
@@ -213,7 +231,9 @@ fn bench_kernels(args: &AdapterArgs, json: Option<&str>, quick: bool) -> Result<
     let mut out = Vec::new();
     for ctx in &ctxs {
         eprintln!("== bench on {}", ctx.adapter_label());
-        let r = pollster::block_on(amoe::bench::bench_kernels(ctx, quick, |msg| eprintln!("   {msg}")))?;
+        let r = pollster::block_on(amoe::bench::bench_kernels(ctx, quick, |msg| {
+            eprintln!("   {msg}")
+        }))?;
         out.push(r);
     }
     let text = serde_json::to_string_pretty(&if out.len() == 1 {

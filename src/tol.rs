@@ -53,7 +53,11 @@ impl Tol {
         };
         for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
             let abs = (g as f64 - w as f64).abs();
-            let rel = if w != 0.0 { abs / (w as f64).abs() } else { abs };
+            let rel = if w != 0.0 {
+                abs / (w as f64).abs()
+            } else {
+                abs
+            };
             let ok = if g.is_nan() || w.is_nan() {
                 g.is_nan() && w.is_nan()
             } else {

@@ -10,8 +10,13 @@ use naga::valid::{Capabilities, ValidationFlags, Validator};
 
 fn compile_all(kernel: &Kernel) -> Result<(), String> {
     let def = kernel.def();
-    let module = naga::front::wgsl::parse_str(&def.source)
-        .map_err(|e| format!("{}: WGSL parse: {}", def.name, e.emit_to_string(&def.source)))?;
+    let module = naga::front::wgsl::parse_str(&def.source).map_err(|e| {
+        format!(
+            "{}: WGSL parse: {}",
+            def.name,
+            e.emit_to_string(&def.source)
+        )
+    })?;
     let info = Validator::new(ValidationFlags::all(), Capabilities::all())
         .validate(&module)
         .map_err(|e| format!("{}: validation: {e:?}", def.name))?;
@@ -105,7 +110,10 @@ fn compile_all(kernel: &Kernel) -> Result<(), String> {
 fn every_kernel_translates_to_every_backend_language() {
     let kernels = Kernel::all();
     assert!(!kernels.is_empty());
-    let errors: Vec<String> = kernels.iter().filter_map(|k| compile_all(k).err()).collect();
+    let errors: Vec<String> = kernels
+        .iter()
+        .filter_map(|k| compile_all(k).err())
+        .collect();
     assert!(
         errors.is_empty(),
         "{} of {} kernels failed to translate:\n{}",
@@ -113,7 +121,10 @@ fn every_kernel_translates_to_every_backend_language() {
         kernels.len(),
         errors.join("\n")
     );
-    eprintln!("{} kernel specializations translated to SPIR-V, MSL, HLSL, GLSL", kernels.len());
+    eprintln!(
+        "{} kernel specializations translated to SPIR-V, MSL, HLSL, GLSL",
+        kernels.len()
+    );
 }
 
 #[test]
@@ -145,8 +156,13 @@ fn params_structs_match_wgsl_layout() {
             .iter()
             .map(|m| (m.name.clone().unwrap_or_default(), m.offset as usize))
             .collect();
-        let rust: Vec<(String, usize)> = p.fields.iter().map(|(n, o)| (n.to_string(), *o)).collect();
+        let rust: Vec<(String, usize)> =
+            p.fields.iter().map(|(n, o)| (n.to_string(), *o)).collect();
         assert_eq!(rust, wgsl, "{}: Rust fields vs WGSL members", p.wgsl_name);
-        assert_eq!(p.size, *span as usize, "{}: Rust size vs WGSL size", p.wgsl_name);
+        assert_eq!(
+            p.size, *span as usize,
+            "{}: Rust size vs WGSL size",
+            p.wgsl_name
+        );
     }
 }

@@ -1,23 +1,221 @@
-//! Placeholder: conformance cases of the decode kernels.
+//! Conformance cases of the decode FFN (`decode_up_gelu` / `decode_up_swiglu`
+//! then `decode_down`, recorded by `kernels::decode::DecodeFfn`) against the
+//! twin `reference::decode::decode_ffn`: `h` within `Tol::reduction(D)`, `y`
+//! within `Tol::reduction(F)`.
 
-use super::CheckResult;
+use super::route::{make_ids, Ids};
+use super::{bad_inputs_result, expect_error, is_invalid, is_shape, submit_pass};
+use super::{CheckResult, Rng, Stopwatch};
 use crate::error::Result;
-use crate::gpu::GpuContext;
+use crate::gpu::{GpuContext, Tensor};
+use crate::kernels::decode::{DecodeBuffers, DecodeFfn, DecodeShape};
+use crate::kernels::Activation;
+use crate::reference::decode::decode_ffn;
+use crate::tol::Tol;
 
 /// A decode conformance case.
 #[derive(Clone, Debug)]
-pub enum Case {}
+pub enum Case {
+    Twin {
+        activation: Activation,
+        shape: DecodeShape,
+        ids: Ids,
+        seed: u64,
+    },
+    BadInputs,
+}
 
 impl Case {
     pub fn names(&self) -> (String, String) {
-        match *self {}
+        match self {
+            Case::Twin {
+                activation,
+                shape: s,
+                ids,
+                ..
+            } => (
+                "decode_ffn".into(),
+                format!(
+                    "{} T={} K={} E={} D={} F={} {}",
+                    match activation {
+                        Activation::Gelu => "gelu",
+                        Activation::SwiGlu => "swiglu",
+                    },
+                    s.t,
+                    s.k,
+                    s.e,
+                    s.d,
+                    s.f,
+                    ids.label()
+                ),
+            ),
+            Case::BadInputs => (
+                "decode_ffn".into(),
+                "bad inputs: K > E, T = 0, missing w3, shape mismatch".into(),
+            ),
+        }
     }
 }
 
 pub fn cases() -> Vec<Case> {
-    Vec::new()
+    let c = |activation, t, k, e, d, f, ids, seed| Case::Twin {
+        activation,
+        shape: DecodeShape { t, k, e, d, f },
+        ids,
+        seed,
+    };
+    use Activation::{Gelu, SwiGlu};
+    let random = Ids::Random { unused_pct: 0 };
+    vec![
+        c(Gelu, 1, 1, 4, 64, 128, random, 1),
+        c(SwiGlu, 3, 2, 8, 96, 200, random, 2),
+        c(
+            SwiGlu,
+            16,
+            2,
+            16,
+            256,
+            512,
+            Ids::Adaptive { two_pct: 30 },
+            3,
+        ),
+        c(Gelu, 5, 2, 64, 32, 48, random, 4),
+        c(SwiGlu, 2, 2, 4, 300, 1100, random, 5),
+        c(Gelu, 8, 1, 8, 128, 256, Ids::OneExpert(2), 6),
+        c(SwiGlu, 4, 2, 8, 64, 96, Ids::Random { unused_pct: 25 }, 7),
+        // D or F not a multiple of 4: the scalar path.
+        c(Gelu, 3, 2, 8, 30, 50, random, 9),
+        c(SwiGlu, 2, 2, 4, 97, 300, random, 10),
+        c(SwiGlu, 5, 2, 6, 64, 302, Ids::Adaptive { two_pct: 50 }, 11),
+        // One decode step of a mid-sized model: big enough to time.
+        c(SwiGlu, 1, 2, 4, 512, 2048, random, 8),
+        Case::BadInputs,
+    ]
 }
 
-pub async fn run(_ctx: &GpuContext, case: &Case) -> Result<CheckResult> {
-    match *case {}
+pub async fn run(ctx: &GpuContext, case: &Case) -> Result<CheckResult> {
+    let (kernel, name) = case.names();
+    let Case::Twin {
+        activation,
+        shape: s,
+        ids,
+        seed,
+    } = *case
+    else {
+        return Ok(bad_inputs(ctx, &kernel, &name));
+    };
+    let DecodeShape { t, k, e, d, f } = s;
+    let mut rng = Rng::new(seed);
+    let ids_host = make_ids(t, k, e, ids, seed);
+    let weights: Vec<f32> = (0..t * k).map(|_| rng.uniform()).collect();
+    let x = rng.vec_sym(t * d, 1.0);
+    let w1 = rng.vec_sym(e * d * f, 1.0 / (d as f32).sqrt());
+    let w3 =
+        (activation == Activation::SwiGlu).then(|| rng.vec_sym(e * d * f, 1.0 / (d as f32).sqrt()));
+    let w2 = rng.vec_sym(e * f * d, 1.0 / (f as f32).sqrt());
+    let (want_h, want_y) = decode_ffn(
+        &s,
+        activation,
+        &x,
+        &ids_host,
+        &weights,
+        &w1,
+        w3.as_deref(),
+        &w2,
+    );
+
+    let x = Tensor::from_slice(ctx, "x", &[t, d], &x)?;
+    let topk_ids = Tensor::from_slice(ctx, "topk_ids", &[t, k], &ids_host)?;
+    let topk_weights = Tensor::from_slice(ctx, "topk_weights", &[t, k], &weights)?;
+    let w1 = Tensor::from_slice(ctx, "w1", &[e, d, f], &w1)?;
+    let w3 = match &w3 {
+        Some(w) => Some(Tensor::from_slice(ctx, "w3", &[e, d, f], w)?),
+        None => None,
+    };
+    let w2 = Tensor::from_slice(ctx, "w2", &[e, f, d], &w2)?;
+    let y = Tensor::<f32>::zeros(ctx, "y", &[t, d])?;
+    let ffn = DecodeFfn::new(
+        ctx,
+        activation,
+        &DecodeBuffers {
+            x: &x,
+            topk_ids: &topk_ids,
+            topk_weights: &topk_weights,
+            w1: &w1,
+            w3: w3.as_ref(),
+            w2: &w2,
+            y: &y,
+        },
+    )?;
+    // Warm-up run (pipelines, first touch of the weights), then the timed one.
+    submit_pass(ctx, |pass| ffn.record(pass))?;
+    let clock = Stopwatch::start();
+    submit_pass(ctx, |pass| ffn.record(pass))?;
+    let seconds = clock.seconds();
+    let got_h = ffn.h().read(ctx).await?;
+    let got_y = y.read(ctx).await?;
+    let mut r = CheckResult::from_comparisons(
+        kernel,
+        name,
+        &[
+            ("h", Tol::reduction(d).compare(&got_h, &want_h)),
+            ("y", Tol::reduction(f).compare(&got_y, &want_y)),
+        ],
+    );
+    if d * f >= 1 << 20 {
+        r.gflops = Some(ffn.flops() / seconds / 1e9);
+    }
+    Ok(r)
+}
+
+fn bad_inputs(ctx: &GpuContext, kernel: &str, case: &str) -> CheckResult {
+    let mut checks = Vec::new();
+    let mut try_decode =
+        |what: &str, act: Activation, s: DecodeShape, give_w3: bool, y_rows: usize, want| {
+            ctx.capture_errors();
+            let r = (|| -> Result<DecodeFfn> {
+                let DecodeShape { t, k, e, d, f } = s;
+                let x = Tensor::<f32>::zeros(ctx, "x", &[t, d])?;
+                let topk_ids = Tensor::<u32>::zeros(ctx, "topk_ids", &[t, k])?;
+                let topk_weights = Tensor::<f32>::zeros(ctx, "topk_weights", &[t, k])?;
+                let w1 = Tensor::<f32>::zeros(ctx, "w1", &[e, d, f])?;
+                let w3 = Tensor::<f32>::zeros(ctx, "w3", &[e, d, f])?;
+                let w2 = Tensor::<f32>::zeros(ctx, "w2", &[e, f, d])?;
+                let y = Tensor::<f32>::zeros(ctx, "y", &[y_rows, d])?;
+                DecodeFfn::new(
+                    ctx,
+                    act,
+                    &DecodeBuffers {
+                        x: &x,
+                        topk_ids: &topk_ids,
+                        topk_weights: &topk_weights,
+                        w1: &w1,
+                        w3: give_w3.then_some(&w3),
+                        w2: &w2,
+                        y: &y,
+                    },
+                )
+            })();
+            checks.push(expect_error(ctx, what, r, want));
+        };
+    let sh = |t, k, e| DecodeShape {
+        t,
+        k,
+        e,
+        d: 8,
+        f: 16,
+    };
+    use Activation::{Gelu, SwiGlu};
+    try_decode("K > E", Gelu, sh(2, 2, 1), false, 2, is_invalid);
+    try_decode("T = 0", Gelu, sh(0, 1, 4), false, 0, is_invalid);
+    try_decode(
+        "SwiGLU without w3",
+        SwiGlu,
+        sh(2, 2, 4),
+        false,
+        2,
+        is_invalid,
+    );
+    try_decode("y [T+1, D]", SwiGlu, sh(2, 2, 4), true, 3, is_shape);
+    bad_inputs_result(kernel, case, checks)
 }

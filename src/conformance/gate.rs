@@ -1,23 +1,447 @@
-//! Placeholder: conformance cases of the gate kernels.
+//! Conformance cases of the gate kernels (`gate_top1_forward`,
+//! `gate_top2_forward`, `gate_adaptive_forward`) against their twin
+//! `reference::gate::gate_forward`: ids and status exactly, probabilities,
+//! weights and logsumexp within `Tol::SOFTMAX`. Random logits are resampled
+//! until the adaptive decision is clear of the threshold; exact ties and
+//! non-finite logits have cases of their own.
 
-use super::CheckResult;
-use crate::error::Result;
-use crate::gpu::GpuContext;
+use super::{bad_inputs_result, expect_error, is_invalid, is_shape, submit_pass, CheckResult, Rng};
+use crate::error::{Error, Result};
+use crate::gpu::{GpuContext, Tensor};
+use crate::kernels::gate::{kernel_name, Gate, GateBuffers};
+use crate::kernels::{GapMode, GateConfig, Gating, RoutingLayout, SingleWeight, UNUSED};
+use crate::reference::gate::{gap, gate_forward, top2_of, top2_probs, GateOutput};
+use crate::tol::{compare_exact, Comparison, Tol};
+
+/// How the logits of a case are made.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Logits {
+    /// Uniform in [-3, 3), resampled while an adaptive decision is within
+    /// 1e-3 of the threshold.
+    Random,
+    /// Rows with exact ties: all equal, tied first place, tied second place.
+    Ties,
+    /// Random, with NaN, +inf or -inf in some tokens.
+    NonFinite,
+}
 
 /// A gate conformance case.
 #[derive(Clone, Debug)]
-pub enum Case {}
+pub enum Case {
+    /// GPU against the twin.
+    Twin {
+        config: GateConfig,
+        t: usize,
+        e: usize,
+        logits: Logits,
+        seed: u64,
+    },
+    /// Adaptive at threshold 0 selects as top1 does (first column, no second
+    /// expert); at threshold 1 it is top2 (ids and weights). GPU against GPU.
+    Equivalence {
+        t: usize,
+        e: usize,
+        gap: GapMode,
+        threshold_one: bool,
+    },
+    /// Bad shapes and arguments give typed errors and no wgpu error.
+    BadInputs,
+}
+
+impl Logits {
+    fn label(&self) -> &'static str {
+        match self {
+            Logits::Random => "random",
+            Logits::Ties => "exact ties",
+            Logits::NonFinite => "NaN/inf in some tokens",
+        }
+    }
+}
+
+fn gap_name(g: GapMode) -> &'static str {
+    match g {
+        GapMode::Softmax => "softmax",
+        GapMode::Top2 => "top2",
+    }
+}
+
+fn describe(c: &GateConfig) -> String {
+    let mut s = String::new();
+    if c.gating == Gating::Adaptive {
+        s.push_str(&format!(
+            " threshold={} gap={}",
+            c.threshold,
+            gap_name(c.gap)
+        ));
+    }
+    if c.gating != Gating::Top2 {
+        let w = match c.single_weight {
+            SingleWeight::RawP1 => "raw_p1",
+            SingleWeight::One => "one",
+        };
+        s.push_str(&format!(" single={w}"));
+    }
+    s
+}
 
 impl Case {
     pub fn names(&self) -> (String, String) {
-        match *self {}
+        match self {
+            Case::Twin {
+                config,
+                t,
+                e,
+                logits,
+                ..
+            } => (
+                kernel_name(config.gating).to_string(),
+                format!("T={t} E={e} {}{}", logits.label(), describe(config)),
+            ),
+            Case::Equivalence {
+                t,
+                e,
+                gap,
+                threshold_one,
+            } => (
+                kernel_name(Gating::Adaptive).to_string(),
+                format!(
+                    "T={t} E={e} gap={} threshold={}, same as {}",
+                    gap_name(*gap),
+                    if *threshold_one { 1 } else { 0 },
+                    if *threshold_one { "top2" } else { "top1" }
+                ),
+            ),
+            Case::BadInputs => (
+                "gate_adaptive_forward".into(),
+                "bad inputs: K > E, T = 0, threshold outside [0, 1] or NaN, shape mismatch".into(),
+            ),
+        }
     }
 }
 
 pub fn cases() -> Vec<Case> {
-    Vec::new()
+    let mut v = Vec::new();
+    let cfg = |gating, threshold, gap, single_weight| GateConfig {
+        gating,
+        threshold,
+        gap,
+        single_weight,
+    };
+    use GapMode::{Softmax, Top2};
+    use Gating::{Adaptive, Top1};
+    use SingleWeight::{One, RawP1};
+    let shapes = [
+        (1, 8),
+        (37, 16),
+        (5, 64),
+        (300, 64),
+        (1000, 256),
+        (130, 2),
+        (70, 5),
+        (1, 3),
+    ];
+    for (i, &(t, e)) in shapes.iter().enumerate() {
+        for gating in [Gating::Top1, Gating::Top2, Gating::Adaptive] {
+            v.push(Case::Twin {
+                config: GateConfig::new(gating),
+                t,
+                e,
+                logits: Logits::Random,
+                seed: 100 + i as u64,
+            });
+        }
+    }
+    // Both gap modes, both single-weight policies, several thresholds.
+    for (j, config) in [
+        cfg(Adaptive, 0.1, Softmax, RawP1),
+        cfg(Adaptive, 0.2, Top2, One),
+        cfg(Adaptive, 0.5, Softmax, One),
+        cfg(Adaptive, 0.0, Top2, RawP1),
+        cfg(Adaptive, 1.0, Softmax, RawP1),
+        cfg(Top1, 0.1, Top2, One),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        v.push(Case::Twin {
+            config,
+            t: 257,
+            e: 16,
+            logits: Logits::Random,
+            seed: 200 + j as u64,
+        });
+    }
+    // Exact ties, under every rule, threshold 0 included (a tie has gap 0).
+    for e in [8, 7] {
+        for config in [
+            GateConfig::new(Gating::Top1),
+            GateConfig::new(Gating::Top2),
+            cfg(Adaptive, 0.0, Top2, RawP1),
+            cfg(Adaptive, 0.0, Softmax, One),
+        ] {
+            v.push(Case::Twin {
+                config,
+                t: 67,
+                e,
+                logits: Logits::Ties,
+                seed: 300,
+            });
+        }
+    }
+    for e in [12, 9] {
+        for gating in [Gating::Top1, Gating::Top2, Gating::Adaptive] {
+            v.push(Case::Twin {
+                config: GateConfig::new(gating),
+                t: 70,
+                e,
+                logits: Logits::NonFinite,
+                seed: 400,
+            });
+        }
+    }
+    for (t, e, gap) in [(200, 16, Top2), (65, 64, Softmax)] {
+        for threshold_one in [false, true] {
+            v.push(Case::Equivalence {
+                t,
+                e,
+                gap,
+                threshold_one,
+            });
+        }
+    }
+    v.push(Case::BadInputs);
+    v
 }
 
-pub async fn run(_ctx: &GpuContext, case: &Case) -> Result<CheckResult> {
-    match *case {}
+/// Logits [T, E] for a case; for adaptive configs, no decision lies within
+/// 1e-3 of the threshold (checked with the twin's own formulas).
+pub fn make_logits(config: &GateConfig, t: usize, e: usize, kind: Logits, seed: u64) -> Vec<f32> {
+    let mut rng = Rng::new(seed);
+    let mut out = Vec::with_capacity(t * e);
+    for tok in 0..t {
+        let row = match kind {
+            Logits::Ties => tie_row(&mut rng, e, tok),
+            _ => loop {
+                let row = rng.vec_sym(e, 3.0);
+                if config.gating != Gating::Adaptive || clear_of_threshold(config, &row) {
+                    break row;
+                }
+            },
+        };
+        out.extend(row);
+    }
+    if kind == Logits::NonFinite {
+        for tok in (0..t).step_by(7) {
+            let bad = [f32::NAN, f32::INFINITY, f32::NEG_INFINITY][(tok / 7) % 3];
+            out[tok * e + rng.below(e)] = bad;
+        }
+    }
+    out
+}
+
+fn clear_of_threshold(config: &GateConfig, row: &[f32]) -> bool {
+    let (_, l1, i2, l2) = top2_of(row);
+    let s: f32 = row.iter().map(|&v| (v - l1).exp()).sum();
+    let (p1, p2) = top2_probs(l1, l2, i2 != UNUSED, s);
+    (gap(config.gap, p1, p2) - config.threshold).abs() > 1e-3
+}
+
+/// Rows with exact ties, of small integers (exactly representable).
+fn tie_row(rng: &mut Rng, e: usize, tok: usize) -> Vec<f32> {
+    let mut row: Vec<f32> = (0..e).map(|_| rng.below(4) as f32 - 2.0).collect();
+    let a = rng.below(e);
+    let b = (a + 1 + rng.below(e - 1)) % e;
+    match tok % 4 {
+        // all equal
+        0 => row.fill(1.5),
+        // first place tied between a and b
+        1 => {
+            row[a] = 4.0;
+            row[b] = 4.0;
+        }
+        // second place tied between a and b, first elsewhere
+        2 => {
+            let c = (0..e).find(|&c| c != a && c != b).unwrap_or(a);
+            row[a] = 3.0;
+            row[b] = 3.0;
+            if c != a {
+                row[c] = 5.0;
+            }
+        }
+        // three-way tie for first when there is room
+        _ => {
+            for x in row.iter_mut().step_by(3) {
+                *x = 6.0;
+            }
+        }
+    }
+    row
+}
+
+async fn run_gpu(
+    ctx: &GpuContext,
+    config: &GateConfig,
+    logits: &[f32],
+    t: usize,
+    e: usize,
+) -> Result<GateOutput> {
+    let k = config.gating.max_k();
+    let router_logits = Tensor::from_slice(ctx, "router_logits", &[t, e], logits)?;
+    let probs = Tensor::<f32>::zeros(ctx, "probs", &[t, e])?;
+    let topk_ids = Tensor::<u32>::zeros(ctx, "topk_ids", &[t, k])?;
+    let topk_weights = Tensor::<f32>::zeros(ctx, "topk_weights", &[t, k])?;
+    let lse = Tensor::<f32>::zeros(ctx, "lse", &[t])?;
+    let routing = Tensor::<u32>::zeros(ctx, "routing", &[RoutingLayout::HEADER])?;
+    let gate = Gate::new(
+        ctx,
+        config,
+        &GateBuffers {
+            router_logits: &router_logits,
+            probs: &probs,
+            topk_ids: &topk_ids,
+            topk_weights: &topk_weights,
+            lse: &lse,
+            routing: &routing,
+        },
+    )?;
+    submit_pass(ctx, |pass| gate.record(pass))?;
+    let words = routing.read(ctx).await?;
+    Ok(GateOutput {
+        probs: probs.read(ctx).await?,
+        topk_ids: topk_ids.read(ctx).await?,
+        topk_weights: topk_weights.read(ctx).await?,
+        lse: lse.read(ctx).await?,
+        status: words[RoutingLayout::STATUS],
+    })
+}
+
+fn compare(got: &GateOutput, want: &GateOutput) -> Vec<(&'static str, Comparison)> {
+    vec![
+        ("topk_ids", compare_exact(&got.topk_ids, &want.topk_ids)),
+        ("status", compare_exact(&[got.status], &[want.status])),
+        (
+            "topk_weights",
+            Tol::SOFTMAX.compare(&got.topk_weights, &want.topk_weights),
+        ),
+        ("probs", Tol::SOFTMAX.compare(&got.probs, &want.probs)),
+        ("lse", Tol::SOFTMAX.compare(&got.lse, &want.lse)),
+    ]
+}
+
+pub async fn run(ctx: &GpuContext, case: &Case) -> Result<CheckResult> {
+    let (kernel, name) = case.names();
+    match case {
+        Case::Twin {
+            config,
+            t,
+            e,
+            logits,
+            seed,
+        } => {
+            let x = make_logits(config, *t, *e, *logits, *seed);
+            let want = gate_forward(config, &x, *t, *e)?;
+            let got = run_gpu(ctx, config, &x, *t, *e).await?;
+            Ok(CheckResult::from_comparisons(
+                kernel,
+                name,
+                &compare(&got, &want),
+            ))
+        }
+        Case::Equivalence {
+            t,
+            e,
+            gap,
+            threshold_one,
+        } => {
+            let adaptive = GateConfig {
+                gating: Gating::Adaptive,
+                threshold: if *threshold_one { 1.0 } else { 0.0 },
+                gap: *gap,
+                single_weight: SingleWeight::RawP1,
+            };
+            let x = make_logits(&adaptive, *t, *e, Logits::Random, 500);
+            let a = run_gpu(ctx, &adaptive, &x, *t, *e).await?;
+            if *threshold_one {
+                let b = run_gpu(ctx, &GateConfig::new(Gating::Top2), &x, *t, *e).await?;
+                Ok(CheckResult::from_comparisons(
+                    kernel,
+                    name,
+                    &[
+                        ("topk_ids", compare_exact(&a.topk_ids, &b.topk_ids)),
+                        (
+                            "topk_weights",
+                            Tol::SOFTMAX.compare(&a.topk_weights, &b.topk_weights),
+                        ),
+                    ],
+                ))
+            } else {
+                let top1 = GateConfig {
+                    gating: Gating::Top1,
+                    ..adaptive
+                };
+                let b = run_gpu(ctx, &top1, &x, *t, *e).await?;
+                let first: Vec<u32> = a.topk_ids.iter().step_by(2).copied().collect();
+                let second: Vec<u32> = a.topk_ids.iter().skip(1).step_by(2).copied().collect();
+                let w_first: Vec<f32> = a.topk_weights.iter().step_by(2).copied().collect();
+                Ok(CheckResult::from_comparisons(
+                    kernel,
+                    name,
+                    &[
+                        ("first ids", compare_exact(&first, &b.topk_ids)),
+                        ("second ids", compare_exact(&second, &vec![UNUSED; *t])),
+                        (
+                            "first weights",
+                            Tol::SOFTMAX.compare(&w_first, &b.topk_weights),
+                        ),
+                    ],
+                ))
+            }
+        }
+        Case::BadInputs => Ok(bad_inputs(ctx, &kernel, &name)),
+    }
+}
+
+fn bad_inputs(ctx: &GpuContext, kernel: &str, case: &str) -> CheckResult {
+    let mut checks = Vec::new();
+    let mut try_gate = |what: &str,
+                        config: GateConfig,
+                        t: usize,
+                        e: usize,
+                        probs_e: usize,
+                        want: fn(&Error) -> bool| {
+        ctx.capture_errors();
+        let k = config.gating.max_k();
+        let r = (|| -> Result<Gate> {
+            let logits = Tensor::<f32>::zeros(ctx, "router_logits", &[t, e])?;
+            let probs = Tensor::<f32>::zeros(ctx, "probs", &[t, probs_e])?;
+            let ids = Tensor::<u32>::zeros(ctx, "topk_ids", &[t, k])?;
+            let w = Tensor::<f32>::zeros(ctx, "topk_weights", &[t, k])?;
+            let lse = Tensor::<f32>::zeros(ctx, "lse", &[t])?;
+            let routing = Tensor::<u32>::zeros(ctx, "routing", &[RoutingLayout::HEADER])?;
+            Gate::new(
+                ctx,
+                &config,
+                &GateBuffers {
+                    router_logits: &logits,
+                    probs: &probs,
+                    topk_ids: &ids,
+                    topk_weights: &w,
+                    lse: &lse,
+                    routing: &routing,
+                },
+            )
+        })();
+        checks.push(expect_error(ctx, what, r, want));
+    };
+    let th = |threshold| GateConfig {
+        threshold,
+        ..GateConfig::default()
+    };
+    try_gate("K > E", GateConfig::new(Gating::Top2), 4, 1, 1, is_invalid);
+    try_gate("T = 0", GateConfig::new(Gating::Top1), 0, 4, 4, is_invalid);
+    try_gate("threshold NaN", th(f32::NAN), 4, 4, 4, is_invalid);
+    try_gate("threshold 1.5", th(1.5), 4, 4, 4, is_invalid);
+    try_gate("threshold -0.1", th(-0.1), 4, 4, 4, is_invalid);
+    try_gate("probs [T, E-1]", GateConfig::default(), 4, 4, 3, is_shape);
+    bad_inputs_result(kernel, case, checks)
 }

@@ -9,9 +9,9 @@ pub mod gate;
 pub mod matmul;
 pub mod route;
 
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::gpu::GpuContext;
-use crate::tol::Comparison;
+use crate::tol::{compare_exact, Comparison};
 use serde::Serialize;
 
 /// One kernel on one case: the worst errors seen and the verdict.
@@ -176,6 +176,69 @@ pub async fn run_cases(
         name: ctx.info.name.clone(),
         kernels,
     }
+}
+
+/// Record `f` into one compute pass, submit it and wait.
+pub(crate) fn submit_pass(
+    ctx: &GpuContext,
+    f: impl FnOnce(&mut wgpu::ComputePass<'_>),
+) -> Result<()> {
+    let mut enc = ctx
+        .device
+        .create_command_encoder(&wgpu::CommandEncoderDescriptor {
+            label: Some("conformance"),
+        });
+    {
+        let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor {
+            label: Some("conformance"),
+            timestamp_writes: None,
+        });
+        f(&mut pass);
+    }
+    ctx.submit_and_wait(enc)
+}
+
+/// A bad-input check: `Ok(())` when `r` failed with the wanted error and wgpu
+/// reported nothing, else what went wrong.
+pub(crate) fn expect_error<T>(
+    ctx: &GpuContext,
+    what: &str,
+    r: Result<T>,
+    want: fn(&Error) -> bool,
+) -> std::result::Result<(), String> {
+    let gpu = ctx.check_errors(what);
+    match (r, gpu) {
+        (_, Err(e)) => Err(format!("{what}: wgpu reported {e}")),
+        (Ok(_), _) => Err(format!("{what}: accepted")),
+        (Err(e), _) if !want(&e) => Err(format!("{what}: wrong error {e}")),
+        (Err(_), _) => Ok(()),
+    }
+}
+
+/// A result for a list of bad-input checks.
+pub(crate) fn bad_inputs_result(
+    kernel: &str,
+    case: &str,
+    checks: Vec<std::result::Result<(), String>>,
+) -> CheckResult {
+    let fails: Vec<String> = checks.into_iter().filter_map(|c| c.err()).collect();
+    let mut r = CheckResult::from_comparisons(
+        kernel,
+        case,
+        &[("errors", compare_exact(&[fails.is_empty()], &[true]))],
+    );
+    if !fails.is_empty() {
+        r.note = Some(fails.join("; "));
+    }
+    r
+}
+
+pub(crate) fn is_shape(e: &Error) -> bool {
+    matches!(e, Error::Shape { .. })
+}
+
+pub(crate) fn is_invalid(e: &Error) -> bool {
+    matches!(e, Error::InvalidArgument { .. })
 }
 
 /// Wall-clock seconds, natively and in the browser.

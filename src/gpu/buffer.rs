@@ -149,7 +149,11 @@ pub fn uniform<P: super::GpuParams>(ctx: &GpuContext, params: &P) -> wgpu::Buffe
 }
 
 /// Read `count` elements of `T` from the start of `buffer`.
-pub async fn read_buffer<T: Pod>(ctx: &GpuContext, buffer: &wgpu::Buffer, count: usize) -> Result<Vec<T>> {
+pub async fn read_buffer<T: Pod>(
+    ctx: &GpuContext,
+    buffer: &wgpu::Buffer,
+    count: usize,
+) -> Result<Vec<T>> {
     let bytes = (count * std::mem::size_of::<T>()) as u64;
     if count == 0 {
         return Ok(Vec::new());
@@ -163,7 +167,9 @@ pub async fn read_buffer<T: Pod>(ctx: &GpuContext, buffer: &wgpu::Buffer, count:
     });
     let mut enc = ctx
         .device
-        .create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("readback") });
+        .create_command_encoder(&wgpu::CommandEncoderDescriptor {
+            label: Some("readback"),
+        });
     enc.copy_buffer_to_buffer(buffer, 0, &staging, 0, size);
     ctx.queue.submit(Some(enc.finish()));
     let (tx, rx) = futures_channel::oneshot::channel();

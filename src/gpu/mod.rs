@@ -39,7 +39,9 @@ impl BackendChoice {
             other => {
                 return Err(Error::invalid(
                     "backend",
-                    format!("unknown backend {other:?}; expected vulkan, metal, dx12, gl or browser"),
+                    format!(
+                        "unknown backend {other:?}; expected vulkan, metal, dx12, gl or browser"
+                    ),
                 ))
             }
         })
@@ -118,7 +120,7 @@ pub struct LimitsSummary {
 impl LimitsSummary {
     fn of(l: &wgpu::Limits, info: &wgpu::AdapterInfo) -> Self {
         LimitsSummary {
-            max_storage_buffer_binding_size: l.max_storage_buffer_binding_size as u64,
+            max_storage_buffer_binding_size: l.max_storage_buffer_binding_size,
             max_buffer_size: l.max_buffer_size,
             max_storage_buffers_per_shader_stage: l.max_storage_buffers_per_shader_stage,
             max_compute_workgroup_storage_size: l.max_compute_workgroup_storage_size,
@@ -349,7 +351,10 @@ impl GpuContext {
 
     /// Check a storage binding size against the adapter's limit.
     pub fn check_binding(&self, what: impl Into<String>, bytes: u64) -> Result<()> {
-        let max = (self.limits.max_storage_buffer_binding_size as u64).min(self.limits.max_buffer_size);
+        let max = self
+            .limits
+            .max_storage_buffer_binding_size
+            .min(self.limits.max_buffer_size);
         if bytes > max {
             return Err(Error::Limit {
                 what: what.into(),

@@ -99,7 +99,10 @@ impl Pipeline {
     pub fn bind(&self, ctx: &GpuContext, buffers: &[&wgpu::Buffer]) -> Result<wgpu::BindGroup> {
         self.bind_ranges(
             ctx,
-            &buffers.iter().map(|b| b.as_entire_buffer_binding()).collect::<Vec<_>>(),
+            &buffers
+                .iter()
+                .map(|b| b.as_entire_buffer_binding())
+                .collect::<Vec<_>>(),
         )
     }
 
@@ -117,7 +120,10 @@ impl Pipeline {
             ));
         }
         for (i, b) in buffers.iter().enumerate() {
-            let size = b.size.map(|s| s.get()).unwrap_or(b.buffer.size() - b.offset);
+            let size = b
+                .size
+                .map(|s| s.get())
+                .unwrap_or(b.buffer.size() - b.offset);
             if self.bindings[i] != Binding::Uniform {
                 ctx.check_binding(format!("{} binding {i}", self.name), size)?;
             }
@@ -174,7 +180,11 @@ impl PipelineCache {
 }
 
 fn build(ctx: &GpuContext, def: &KernelDef) -> Result<Pipeline> {
-    if def.bindings.iter().filter(|b| **b != Binding::Uniform).count()
+    if def
+        .bindings
+        .iter()
+        .filter(|b| **b != Binding::Uniform)
+        .count()
         > ctx.limits.max_storage_buffers_per_shader_stage as usize
     {
         return Err(Error::Limit {
@@ -207,7 +217,10 @@ fn build(ctx: &GpuContext, def: &KernelDef) -> Result<Pipeline> {
     ctx.capture_errors();
     let layout = ctx
         .device
-        .create_bind_group_layout(&wgpu::BindGroupLayoutDescriptor { label, entries: &entries });
+        .create_bind_group_layout(&wgpu::BindGroupLayoutDescriptor {
+            label,
+            entries: &entries,
+        });
     let pipeline_layout = ctx
         .device
         .create_pipeline_layout(&wgpu::PipelineLayoutDescriptor {
@@ -215,10 +228,12 @@ fn build(ctx: &GpuContext, def: &KernelDef) -> Result<Pipeline> {
             bind_group_layouts: &[Some(&layout)],
             immediate_size: 0,
         });
-    let module = ctx.device.create_shader_module(wgpu::ShaderModuleDescriptor {
-        label,
-        source: wgpu::ShaderSource::Wgsl(def.source.as_str().into()),
-    });
+    let module = ctx
+        .device
+        .create_shader_module(wgpu::ShaderModuleDescriptor {
+            label,
+            source: wgpu::ShaderSource::Wgsl(def.source.as_str().into()),
+        });
     let pipeline = ctx
         .device
         .create_compute_pipeline(&wgpu::ComputePipelineDescriptor {

@@ -96,7 +96,10 @@ impl GateConfig {
         if self.gating.max_k() > e {
             return Err(Error::invalid(
                 "gate",
-                format!("K = {} experts per token but only E = {e} experts", self.gating.max_k()),
+                format!(
+                    "K = {} experts per token but only E = {e} experts",
+                    self.gating.max_k()
+                ),
             ));
         }
         Ok(())
@@ -158,12 +161,14 @@ impl RoutingLayout {
         Self::HEADER + 2 * self.e + 1
     }
     /// Upper bound on row tiles: every expert may waste one partial tile.
+    /// (`tile_m` 0 is rejected by the launchers; it counts as 1 here so that
+    /// sizing buffers first never divides by zero.)
     pub fn max_tiles(&self) -> usize {
-        (self.t * self.k).div_ceil(self.tile_m) + self.e
+        (self.t * self.k).div_ceil(self.tile_m.max(1)) + self.e
     }
     /// Upper bound on padded slot rows (size of `token_of_slot`, `h`, `y_expert`).
     pub fn max_rows(&self) -> usize {
-        self.max_tiles() * self.tile_m
+        self.max_tiles() * self.tile_m.max(1)
     }
     pub fn len(&self) -> usize {
         self.tile_expert() + self.max_tiles()

@@ -10,7 +10,9 @@
 
 use std::sync::Arc;
 
-use super::{grid_1d, GapMode, GateConfig, Gating, Kernel, ParamsLayout, RoutingLayout, SingleWeight};
+use super::{
+    grid_1d, GapMode, GateConfig, Gating, Kernel, ParamsLayout, RoutingLayout, SingleWeight,
+};
 use super::{STATUS_NONFINITE, UNUSED};
 use crate::error::{Error, Result};
 use crate::gpu::{uniform, Binding, GpuContext, KernelDef, Pipeline, Tensor};
@@ -27,14 +29,19 @@ pub struct GateSpec {
     pub gating: Gating,
 }
 
+/// Kernel name of a gating rule: WGSL entry point, conformance `kernel` field.
+pub fn kernel_name(gating: Gating) -> &'static str {
+    match gating {
+        Gating::Top1 => "gate_top1_forward",
+        Gating::Top2 => "gate_top2_forward",
+        Gating::Adaptive => "gate_adaptive_forward",
+    }
+}
+
 impl GateSpec {
-    /// Kernel name: WGSL entry point, twin, conformance `kernel` field.
+    /// Kernel name (WGSL entry point).
     pub fn name(&self) -> &'static str {
-        match self.gating {
-            Gating::Top1 => "gate_top1_forward",
-            Gating::Top2 => "gate_top2_forward",
-            Gating::Adaptive => "gate_adaptive_forward",
-        }
+        kernel_name(self.gating)
     }
 
     pub fn def(&self) -> KernelDef {
@@ -115,7 +122,11 @@ pub fn check(
     routing: &[usize],
 ) -> Result<(usize, usize)> {
     let &[t, e] = logits else {
-        return Err(Error::shape("gate", "router_logits [T, E]", format!("{logits:?}")));
+        return Err(Error::shape(
+            "gate",
+            "router_logits [T, E]",
+            format!("{logits:?}"),
+        ));
     };
     if t == 0 {
         return Err(Error::invalid("gate", "T = 0 tokens"));
@@ -172,13 +183,16 @@ impl Gate {
             &bufs.routing.shape,
         )?;
         let k = config.gating.max_k();
-        let too_big = |what: &str| Error::Limit {
-            what: format!("gate: {what}"),
-            needed: (t * e) as u64,
-            max: u32::MAX as u64,
-        };
-        let t32 = u32::try_from(t).map_err(|_| too_big("T"))?;
-        u32::try_from(t * e).map_err(|_| too_big("T * E elements"))?;
+        // Element indices are u32 in the shader (u64 here: usize is 32 bits on wasm32).
+        let elements = t as u64 * e as u64;
+        if elements > u32::MAX as u64 {
+            return Err(Error::Limit {
+                what: "gate: T * E router logits".into(),
+                needed: elements,
+                max: u32::MAX as u64,
+            });
+        }
+        let t32 = t as u32;
         let groups = t32.div_ceil(GATE_WG);
         let max = ctx.limits.max_compute_workgroups_per_dimension;
         let grid = grid_1d(groups, max);
@@ -253,10 +267,16 @@ mod tests {
         let top2 = GateConfig::new(Gating::Top2);
         assert!(shapes(&top2, 4, 8).is_ok());
         // K > E
-        assert!(matches!(shapes(&top2, 4, 1), Err(Error::InvalidArgument { .. })));
+        assert!(matches!(
+            shapes(&top2, 4, 1),
+            Err(Error::InvalidArgument { .. })
+        ));
         assert!(shapes(&GateConfig::new(Gating::Top1), 4, 1).is_ok());
         // T = 0, E = 0
-        assert!(matches!(shapes(&top2, 0, 8), Err(Error::InvalidArgument { .. })));
+        assert!(matches!(
+            shapes(&top2, 0, 8),
+            Err(Error::InvalidArgument { .. })
+        ));
         assert!(matches!(
             shapes(&GateConfig::new(Gating::Top1), 3, 0),
             Err(Error::InvalidArgument { .. })
@@ -267,7 +287,10 @@ mod tests {
                 threshold: th,
                 ..GateConfig::default()
             };
-            assert!(matches!(shapes(&c, 4, 8), Err(Error::InvalidArgument { .. })), "{th}");
+            assert!(
+                matches!(shapes(&c, 4, 8), Err(Error::InvalidArgument { .. })),
+                "{th}"
+            );
         }
         // shape mismatches
         let c = GateConfig::default();

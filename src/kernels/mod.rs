@@ -53,7 +53,11 @@ impl Kernel {
         v.extend(expert::ExpertSpec::all().into_iter().map(Kernel::Expert));
         v.extend(combine::CombineSpec::all().into_iter().map(Kernel::Combine));
         v.extend(decode::DecodeSpec::all().into_iter().map(Kernel::Decode));
-        v.extend(roofline::RooflineSpec::all().into_iter().map(Kernel::Roofline));
+        v.extend(
+            roofline::RooflineSpec::all()
+                .into_iter()
+                .map(Kernel::Roofline),
+        );
         v
     }
 }

@@ -51,7 +51,9 @@ impl RooflineSpec {
 }
 
 pub fn params_layouts() -> Vec<ParamsLayout> {
-    vec![ParamsLayout::of::<RooflineParams>(Kernel::Roofline(RooflineSpec::Fma))]
+    vec![ParamsLayout::of::<RooflineParams>(Kernel::Roofline(
+        RooflineSpec::Fma,
+    ))]
 }
 
 /// A roofline kernel bound to its buffers, ready to record.
@@ -79,7 +81,15 @@ impl Roofline {
             _pad0: 0,
         };
         let work = invocations as f64 * iters as f64 * 16.0 * 8.0 * 4.0 * 2.0;
-        Self::build(ctx, RooflineSpec::Fma, params, invocations.div_ceil(WG), src, dst, work)
+        Self::build(
+            ctx,
+            RooflineSpec::Fma,
+            params,
+            invocations.div_ceil(WG),
+            src,
+            dst,
+            work,
+        )
     }
 
     /// Copy `dst = src` (vec4 elements), one per invocation.

@@ -1,20 +1,342 @@
-//! Placeholder: filled in by the route kernel work.
+//! Route launcher: from `topk_ids [T, K]`, the slot plan that the grouped
+//! expert GEMMs follow (`shaders/route.wgsl`), in three dispatches
+//! (`route_count`, `route_scan`, `route_scatter`) without any readback.
+//! Twin: `reference::route::route`.
+//!
+//! Writes into the packed `routing` buffer (see `RoutingLayout`): the header
+//! (indirect dispatch args of both expert GEMMs, used slots, num_tiles, padded
+//! rows), `expert_counts [E]`, `expert_offsets [E+1]` padded to `tile_m`, and
+//! `tile_expert [max_tiles]` (`UNUSED` past num_tiles); the status word and the
+//! reserved words are left as they are. Also writes `token_of_slot [max_rows]`
+//! (every row below the padded rows: a token, or `UNUSED` for padding) and
+//! `slot_of_token [T, K]`. The slots of one expert keep their (token, k) order,
+//! and nothing depends on the order in which atomics land: run to run, and
+//! GPU to CPU, the plan is bit-identical.
 
-use crate::gpu::KernelDef;
+use std::sync::Arc;
 
-/// Specializations of the route kernels.
-#[derive(Clone, Debug, PartialEq, Eq, Hash)]
-pub enum RouteSpec {}
+use super::{grid_1d, Kernel, ParamsLayout, RoutingLayout, UNUSED};
+use crate::error::{Error, Result};
+use crate::gpu::{uniform, Binding, GpuContext, KernelDef, Pipeline, Tensor, STORAGE_USAGE};
+use crate::gpu_params;
+
+/// Invocations per workgroup of every route pass, and slots per chunk.
+pub const ROUTE_CHUNK: u32 = 256;
+
+const ROUTE_WGSL: &str = include_str!("../../shaders/route.wgsl");
+
+/// The three passes of the route kernels.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum RouteSpec {
+    /// Per-chunk ranks and histograms.
+    Count,
+    /// Scan over chunks and experts, header, offsets, tile table.
+    Scan,
+    /// Final rows of every slot.
+    Scatter,
+}
 
 impl RouteSpec {
-    pub fn def(&self) -> KernelDef {
-        match *self {}
+    /// Kernel name (WGSL entry point).
+    pub fn name(&self) -> &'static str {
+        match self {
+            RouteSpec::Count => "route_count",
+            RouteSpec::Scan => "route_scan",
+            RouteSpec::Scatter => "route_scatter",
+        }
     }
+
+    pub fn def(&self) -> KernelDef {
+        KernelDef::new(
+            self.name(),
+            &[ROUTE_WGSL],
+            self.name(),
+            &[
+                ("CHUNK", ROUTE_CHUNK),
+                ("UNUSED", UNUSED),
+                ("HEADER", RoutingLayout::HEADER as u32),
+                ("ARGS1", RoutingLayout::ARGS1 as u32),
+                ("ARGS2", RoutingLayout::ARGS2 as u32),
+                ("USED_SLOTS", RoutingLayout::USED_SLOTS as u32),
+                ("NUM_TILES", RoutingLayout::NUM_TILES as u32),
+                ("PADDED_ROWS", RoutingLayout::PADDED_ROWS as u32),
+            ],
+            // One binding table for the three passes.
+            &[
+                Binding::Uniform,
+                Binding::Read,      // topk_ids [T, K]
+                Binding::ReadWrite, // slot_of_token [T, K]
+                Binding::ReadWrite, // hist [NC, E] (scratch)
+                Binding::ReadWrite, // routing [RoutingLayout::len()]
+                Binding::ReadWrite, // token_of_slot [max_rows]
+            ],
+        )
+    }
+
     pub fn all() -> Vec<Self> {
-        Vec::new()
+        vec![RouteSpec::Count, RouteSpec::Scan, RouteSpec::Scatter]
     }
 }
 
-pub fn params_layouts() -> Vec<super::ParamsLayout> {
-    Vec::new()
+gpu_params! {
+    /// Mirrors `struct RouteParams` in `shaders/route.wgsl`.
+    pub struct RouteParams {
+        pub t: u32,
+        pub k: u32,
+        pub e: u32,
+        pub s: u32,
+        pub tile_m: u32,
+        pub num_chunks: u32,
+        pub max_tiles: u32,
+        pub grid_y1: u32,
+        pub grid_y2: u32,
+        pub nx: u32,
+        pub _pad0: u32,
+        pub _pad1: u32,
+    }
+}
+
+pub fn params_layouts() -> Vec<ParamsLayout> {
+    vec![ParamsLayout::of::<RouteParams>(Kernel::Route(
+        RouteSpec::Scan,
+    ))]
+}
+
+/// What the route needs to know besides the tensors: the routing layout
+/// (T, K, E, tile_m) and the y workgroup counts that go into the two indirect
+/// dispatch triples (the expert GEMMs' column grids).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RouteConfig {
+    pub layout: RoutingLayout,
+    pub grid_y1: u32,
+    pub grid_y2: u32,
+}
+
+/// The tensors the route reads and writes.
+pub struct RouteBuffers<'a> {
+    /// topk_ids [T, K]
+    pub topk_ids: &'a Tensor<u32>,
+    /// routing [RoutingLayout::len()], with `INDIRECT` usage (see `routing_tensor`)
+    pub routing: &'a Tensor<u32>,
+    /// token_of_slot [max_rows]
+    pub token_of_slot: &'a Tensor<u32>,
+    /// slot_of_token [T, K]
+    pub slot_of_token: &'a Tensor<u32>,
+}
+
+/// A zeroed routing buffer for `layout`, usable as storage and as the
+/// indirect-dispatch argument buffer of the expert GEMMs.
+pub fn routing_tensor(ctx: &GpuContext, layout: &RoutingLayout) -> Result<Tensor<u32>> {
+    Tensor::with_usage(
+        ctx,
+        "routing",
+        &[layout.len()],
+        STORAGE_USAGE | wgpu::BufferUsages::INDIRECT,
+    )
+}
+
+/// Check the config and shapes; returns the number of chunks. CPU only.
+pub fn check(
+    config: &RouteConfig,
+    topk_ids: &[usize],
+    routing: &[usize],
+    token_of_slot: &[usize],
+    slot_of_token: &[usize],
+) -> Result<usize> {
+    let l = &config.layout;
+    if l.t == 0 {
+        return Err(Error::invalid("route", "T = 0 tokens"));
+    }
+    if l.k == 0 || l.k > l.e {
+        return Err(Error::invalid(
+            "route",
+            format!(
+                "K = {} experts per token with E = {} experts (need 1 <= K <= E)",
+                l.k, l.e
+            ),
+        ));
+    }
+    if l.tile_m == 0 {
+        return Err(Error::invalid("route", "tile_m = 0"));
+    }
+    let want = |name: &str, got: &[usize], want: &[usize]| -> Result<()> {
+        if got != want {
+            return Err(Error::shape(
+                "route",
+                format!("{name} {want:?}"),
+                format!("{name} {got:?}"),
+            ));
+        }
+        Ok(())
+    };
+    want("topk_ids", topk_ids, &[l.t, l.k])?;
+    want("slot_of_token", slot_of_token, &[l.t, l.k])?;
+    want("routing", routing, &[l.len()])?;
+    want("token_of_slot", token_of_slot, &[l.max_rows()])?;
+    // Row indices and the words of the routing buffer are u32.
+    let largest = (l.max_rows() as u64).max(l.len() as u64);
+    if largest > u32::MAX as u64 {
+        return Err(Error::Limit {
+            what: "route: padded rows".into(),
+            needed: largest,
+            max: u32::MAX as u64,
+        });
+    }
+    Ok((l.t * l.k).div_ceil(ROUTE_CHUNK as usize))
+}
+
+/// The route of one shape, ready to record.
+pub struct Route {
+    pub config: RouteConfig,
+    count: Arc<Pipeline>,
+    scan: Arc<Pipeline>,
+    scatter: Arc<Pipeline>,
+    bind_count: wgpu::BindGroup,
+    bind_scan: wgpu::BindGroup,
+    bind_scatter: wgpu::BindGroup,
+    _params: wgpu::Buffer,
+    _hist: Tensor<u32>,
+    grid: (u32, u32),
+}
+
+impl Route {
+    pub fn new(ctx: &GpuContext, config: &RouteConfig, bufs: &RouteBuffers<'_>) -> Result<Self> {
+        let num_chunks = check(
+            config,
+            &bufs.topk_ids.shape,
+            &bufs.routing.shape,
+            &bufs.token_of_slot.shape,
+            &bufs.slot_of_token.shape,
+        )?;
+        let l = config.layout;
+        // The expert GEMMs dispatch num_tiles workgroups along x.
+        ctx.check_workgroups("route: row tiles of the expert GEMMs", l.max_tiles() as u64)?;
+        let grid = grid_1d(
+            num_chunks as u32,
+            ctx.limits.max_compute_workgroups_per_dimension,
+        );
+        ctx.check_workgroups("route workgroups (folded)", grid.1 as u64)?;
+        let hist = Tensor::<u32>::zeros(ctx, "route hist", &[num_chunks, l.e])?;
+        let params = RouteParams {
+            t: l.t as u32,
+            k: l.k as u32,
+            e: l.e as u32,
+            s: (l.t * l.k) as u32,
+            tile_m: l.tile_m as u32,
+            num_chunks: num_chunks as u32,
+            max_tiles: l.max_tiles() as u32,
+            grid_y1: config.grid_y1,
+            grid_y2: config.grid_y2,
+            nx: grid.0,
+            _pad0: 0,
+            _pad1: 0,
+        };
+        let params_buf = uniform(ctx, &params);
+        let buffers = [
+            &params_buf,
+            &bufs.topk_ids.buffer,
+            &bufs.slot_of_token.buffer,
+            &hist.buffer,
+            &bufs.routing.buffer,
+            &bufs.token_of_slot.buffer,
+        ];
+        let count = ctx.pipeline(&Kernel::Route(RouteSpec::Count))?;
+        let scan = ctx.pipeline(&Kernel::Route(RouteSpec::Scan))?;
+        let scatter = ctx.pipeline(&Kernel::Route(RouteSpec::Scatter))?;
+        Ok(Route {
+            config: *config,
+            bind_count: count.bind(ctx, &buffers)?,
+            bind_scan: scan.bind(ctx, &buffers)?,
+            bind_scatter: scatter.bind(ctx, &buffers)?,
+            count,
+            scan,
+            scatter,
+            _params: params_buf,
+            _hist: hist,
+            grid,
+        })
+    }
+
+    /// Record the route: three dispatches (count, scan, scatter).
+    pub fn record(&self, pass: &mut wgpu::ComputePass<'_>) {
+        pass.set_pipeline(&self.count.pipeline);
+        pass.set_bind_group(0, &self.bind_count, &[]);
+        pass.dispatch_workgroups(self.grid.0, self.grid.1, 1);
+        pass.set_pipeline(&self.scan.pipeline);
+        pass.set_bind_group(0, &self.bind_scan, &[]);
+        pass.dispatch_workgroups(1, 1, 1);
+        pass.set_pipeline(&self.scatter.pipeline);
+        pass.set_bind_group(0, &self.bind_scatter, &[]);
+        pass.dispatch_workgroups(self.grid.0, self.grid.1, 1);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg(t: usize, k: usize, e: usize, tile_m: usize) -> RouteConfig {
+        RouteConfig {
+            layout: RoutingLayout { t, k, e, tile_m },
+            grid_y1: 1,
+            grid_y2: 1,
+        }
+    }
+
+    fn shapes(c: &RouteConfig) -> Result<usize> {
+        let l = &c.layout;
+        // RoutingLayout's sizes divide by tile_m.
+        let (len, rows) = if l.tile_m == 0 {
+            (64, 64)
+        } else {
+            (l.len(), l.max_rows())
+        };
+        check(c, &[l.t, l.k], &[len], &[rows], &[l.t, l.k])
+    }
+
+    #[test]
+    fn chunks_cover_every_slot() {
+        assert_eq!(shapes(&cfg(1, 1, 4, 16)).unwrap(), 1);
+        assert_eq!(shapes(&cfg(128, 2, 4, 16)).unwrap(), 1);
+        assert_eq!(shapes(&cfg(129, 2, 4, 16)).unwrap(), 2);
+        assert_eq!(shapes(&cfg(4096, 2, 64, 64)).unwrap(), 32);
+    }
+
+    #[test]
+    fn rejects_bad_arguments_with_typed_errors() {
+        assert!(matches!(
+            shapes(&cfg(0, 2, 4, 16)),
+            Err(Error::InvalidArgument { .. })
+        ));
+        assert!(matches!(
+            shapes(&cfg(4, 3, 2, 16)),
+            Err(Error::InvalidArgument { .. })
+        ));
+        assert!(matches!(
+            shapes(&cfg(4, 0, 2, 16)),
+            Err(Error::InvalidArgument { .. })
+        ));
+        assert!(matches!(
+            shapes(&cfg(4, 2, 4, 0)),
+            Err(Error::InvalidArgument { .. })
+        ));
+        let c = cfg(4, 2, 8, 4);
+        let l = c.layout;
+        assert!(matches!(
+            check(&c, &[4, 1], &[l.len()], &[l.max_rows()], &[4, 2]),
+            Err(Error::Shape { .. })
+        ));
+        assert!(matches!(
+            check(&c, &[4, 2], &[l.len() - 1], &[l.max_rows()], &[4, 2]),
+            Err(Error::Shape { .. })
+        ));
+        assert!(matches!(
+            check(&c, &[4, 2], &[l.len()], &[8], &[4, 2]),
+            Err(Error::Shape { .. })
+        ));
+        assert!(matches!(
+            check(&c, &[4, 2], &[l.len()], &[l.max_rows()], &[8]),
+            Err(Error::Shape { .. })
+        ));
+    }
 }

@@ -56,9 +56,17 @@ pub fn top2_probs(l1: f32, l2: f32, has_second: bool, s: f32) -> (f32, f32) {
 }
 
 /// Softmax + expert selection of `router_logits [T, E]` under `config`.
-pub fn gate_forward(config: &GateConfig, router_logits: &[f32], t: usize, e: usize) -> Result<GateOutput> {
+pub fn gate_forward(
+    config: &GateConfig,
+    router_logits: &[f32],
+    t: usize,
+    e: usize,
+) -> Result<GateOutput> {
     if t == 0 || e == 0 {
-        return Err(Error::invalid("gate", format!("T = {t}, E = {e}: both must be >= 1")));
+        return Err(Error::invalid(
+            "gate",
+            format!("T = {t}, E = {e}: both must be >= 1"),
+        ));
     }
     config.validate(e)?;
     if router_logits.len() != t * e {
@@ -183,7 +191,17 @@ mod tests {
 
     #[test]
     fn nonfinite_tokens_get_no_expert_and_set_the_status() {
-        let logits = [1.0f32, 2.0, f32::NAN, 0.0, 3.0, 1.0, f32::INFINITY, 0.0, 0.5];
+        let logits = [
+            1.0f32,
+            2.0,
+            f32::NAN,
+            0.0,
+            3.0,
+            1.0,
+            f32::INFINITY,
+            0.0,
+            0.5,
+        ];
         let a = gate_forward(&cfg(Gating::Top2), &logits, 3, 3).unwrap();
         assert_eq!(a.status, STATUS_NONFINITE);
         assert_eq!(a.topk_ids, vec![UNUSED, UNUSED, 1, 2, UNUSED, UNUSED]);
@@ -206,12 +224,21 @@ mod tests {
             gate_forward(&cfg(Gating::Top2), &r[..1], 1, 1),
             Err(Error::InvalidArgument { .. })
         ));
-        assert!(matches!(gate_forward(&cfg(Gating::Top1), &r, 0, 4), Err(Error::InvalidArgument { .. })));
-        assert!(matches!(gate_forward(&cfg(Gating::Top1), &r, 2, 4), Err(Error::Shape { .. })));
+        assert!(matches!(
+            gate_forward(&cfg(Gating::Top1), &r, 0, 4),
+            Err(Error::InvalidArgument { .. })
+        ));
+        assert!(matches!(
+            gate_forward(&cfg(Gating::Top1), &r, 2, 4),
+            Err(Error::Shape { .. })
+        ));
         let nan = GateConfig {
             threshold: f32::NAN,
             ..GateConfig::default()
         };
-        assert!(matches!(gate_forward(&nan, &r, 1, 4), Err(Error::InvalidArgument { .. })));
+        assert!(matches!(
+            gate_forward(&nan, &r, 1, 4),
+            Err(Error::InvalidArgument { .. })
+        ));
     }
 }

@@ -101,7 +101,10 @@ mod tests {
         assert_eq!(&w[l.offsets()..l.offsets() + 4], &[0, 2, 2, 6]);
         // max_tiles = ceil(8 / 2) + 3 = 7
         assert_eq!(l.max_tiles(), 7);
-        assert_eq!(&w[l.tile_expert()..], &[0, 2, 2, UNUSED, UNUSED, UNUSED, UNUSED]);
+        assert_eq!(
+            &w[l.tile_expert()..],
+            &[0, 2, 2, UNUSED, UNUSED, UNUSED, UNUSED]
+        );
         assert_eq!(w.len(), l.len());
         // expert 0 rows: (t0, k1), (t2, k0); expert 2 rows: t0, t1, t2, t3
         assert_eq!(&tos[..6], &[0, 2, 0, 1, 2, 3]);
@@ -140,7 +143,13 @@ mod tests {
         let mut rng = crate::conformance::Rng::new(7);
         let (t, k, e, tile_m) = (50, 2, 5, 8);
         let ids: Vec<u32> = (0..t * k)
-            .map(|_| if rng.below(5) == 0 { UNUSED } else { rng.below(e) as u32 })
+            .map(|_| {
+                if rng.below(5) == 0 {
+                    UNUSED
+                } else {
+                    rng.below(e) as u32
+                }
+            })
             .collect();
         let (w, tos, sot) = route(&ids, t, k, e, tile_m, 1, 1);
         let l = RoutingLayout { t, k, e, tile_m };

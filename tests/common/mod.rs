@@ -50,7 +50,10 @@ pub fn for_each_adapter(mut body: impl FnMut(&GpuContext)) -> usize {
 /// table of every failing case.
 pub fn conformance_family(family: &str) {
     let cases = amoe::conformance::cases(Some(family));
-    assert!(!cases.is_empty(), "family {family} has no conformance cases");
+    assert!(
+        !cases.is_empty(),
+        "family {family} has no conformance cases"
+    );
     for_each_adapter(|ctx| {
         let report = pollster::block_on(amoe::conformance::run_cases(ctx, &cases, |_| {}));
         let bad: Vec<String> = report

@@ -1,0 +1,198 @@
+// Decode FFN for few tokens (T up to ~16): no permutation, a mat-vec per
+// selected expert, then the weighted sum over the token's slots.
+//   decode_up_gelu:   h[t, j, :] = gelu(x[t] · W1[e])
+//   decode_up_swiglu: h[t, j, :] = silu(x[t] · W1[e]) * (x[t] · W3[e])
+//   decode_down:      y[t, :] = sum_j w[t, j] * (h[t, j, :] · W2[e])
+// with e = topk_ids[t, j]; unused slots (UNUSED, or an id not below E) give
+// h = 0 and add nothing. The sum over j is inside decode_down (no atomics).
+// Shapes: T tokens, K slots per token, E experts, D model width, F expert
+// hidden width; W1, W3 [E, D, F] and W2 [E, F, D], as in the grouped path.
+// Twin: src/reference/decode.rs (decode_up, decode_down, decode_ffn).
+//
+// Each invocation owns 4 output columns of one (t, j) (decode_up) or one t
+// (decode_down) and runs the whole reduction for them, in the twin's order.
+// The read-only inputs are declared as vec4 arrays. With VEC4 = 1 (D and F
+// multiples of 4) an invocation owns 4 consecutive columns and each step of
+// the reduction reads a weight row with one vec4 load per invocation,
+// contiguous across the workgroup: software adapters (llvmpipe) are bound by
+// load instructions, not FLOPs. With VEC4 = 0 the columns are
+// lid + c * WG and the loads scalar (a vec4 element, then a component).
+//
+// Spec constants prepended by the launcher: WG, VEC4 (0 or 1), UNUSED.
+// Needs shaders/activation.wgsl before it. Every entry point shares one
+// binding table.
+
+struct DecodeParams {
+    t: u32,
+    k: u32,
+    e: u32,
+    d: u32,
+    f: u32,
+    _pad0: u32,
+    _pad1: u32,
+    _pad2: u32,
+}
+
+@group(0) @binding(0) var<uniform> params: DecodeParams;
+@group(0) @binding(1) var<storage, read> x: array<vec4<f32>>;       // x [T, D]
+@group(0) @binding(2) var<storage, read> topk_ids: array<u32>;      // topk_ids [T, K]
+@group(0) @binding(3) var<storage, read> topk_weights: array<f32>;  // topk_weights [T, K]
+@group(0) @binding(4) var<storage, read> w1: array<vec4<f32>>;      // w1 [E, D, F]
+@group(0) @binding(5) var<storage, read> w3: array<vec4<f32>>;      // w3 [E, D, F] (SwiGLU; W1 again for GELU)
+@group(0) @binding(6) var<storage, read> w2: array<vec4<f32>>;      // w2 [E, F, D]
+@group(0) @binding(7) var<storage, read_write> h: array<f32>;       // h [T, K, F]
+@group(0) @binding(8) var<storage, read_write> y: array<f32>;       // y [T, D]
+
+// Scalar element i of the vec4 arrays (VEC4 = 0 path).
+fn x_at(i: u32) -> f32 {
+    return x[i >> 2u][i & 3u];
+}
+
+fn w1_4(at: vec4<u32>) -> vec4<f32> {
+    return vec4<f32>(w1[at.x >> 2u][at.x & 3u], w1[at.y >> 2u][at.y & 3u], w1[at.z >> 2u][at.z & 3u], w1[at.w >> 2u][at.w & 3u]);
+}
+
+fn w3_4(at: vec4<u32>) -> vec4<f32> {
+    return vec4<f32>(w3[at.x >> 2u][at.x & 3u], w3[at.y >> 2u][at.y & 3u], w3[at.z >> 2u][at.z & 3u], w3[at.w >> 2u][at.w & 3u]);
+}
+
+fn w2_4(at: vec4<u32>) -> vec4<f32> {
+    return vec4<f32>(w2[at.x >> 2u][at.x & 3u], w2[at.y >> 2u][at.y & 3u], w2[at.z >> 2u][at.z & 3u], w2[at.w >> 2u][at.w & 3u]);
+}
+
+// Output columns of this invocation: 4 consecutive (VEC4) or 4 strided by WG.
+fn my_cols(wid_x: u32, lid: u32) -> vec4<u32> {
+    let base = wid_x * (WG * 4u);
+    if VEC4 == 1u {
+        return base + lid * 4u + vec4<u32>(0u, 1u, 2u, 3u);
+    }
+    return base + lid + vec4<u32>(0u, WG, 2u * WG, 3u * WG);
+}
+
+fn store_h(row: u32, cols: vec4<u32>, n: u32, v: vec4<f32>) {
+    for (var c = 0u; c < 4u; c++) {
+        if cols[c] < n {
+            h[row + cols[c]] = v[c];
+        }
+    }
+}
+
+fn decode_up(wid: vec3<u32>, lid: u32, swiglu: bool) {
+    let tj = wid.y;
+    let t = tj / params.k;
+    let d_n = params.d;
+    let f_n = params.f;
+    let cols = my_cols(wid.x, lid);
+    let id = topk_ids[tj];
+    if cols.x >= f_n {
+        return;
+    }
+    var a = vec4<f32>(0.0);
+    var b = vec4<f32>(0.0);
+    if id < params.e {
+        if VEC4 == 1u {
+            let f4 = f_n / 4u;
+            let g = cols.x / 4u;
+            let xrow = t * d_n / 4u;
+            var r = id * d_n * f4 + g;
+            for (var d4 = 0u; d4 < d_n / 4u; d4++) {
+                let xv = x[xrow + d4];
+                a += xv.x * w1[r];
+                a += xv.y * w1[r + f4];
+                a += xv.z * w1[r + 2u * f4];
+                a += xv.w * w1[r + 3u * f4];
+                if swiglu {
+                    b += xv.x * w3[r];
+                    b += xv.y * w3[r + f4];
+                    b += xv.z * w3[r + 2u * f4];
+                    b += xv.w * w3[r + 3u * f4];
+                }
+                r += 4u * f4;
+            }
+        } else {
+            let at = min(cols, vec4<u32>(f_n - 1u)) + id * d_n * f_n;
+            for (var dd = 0u; dd < d_n; dd++) {
+                let xv = x_at(t * d_n + dd);
+                let row = vec4<u32>(dd * f_n);
+                a += xv * w1_4(at + row);
+                if swiglu {
+                    b += xv * w3_4(at + row);
+                }
+            }
+        }
+    }
+    var v = vec4<f32>(0.0);
+    if id < params.e {
+        if swiglu {
+            v = vec4<f32>(act_silu(a.x), act_silu(a.y), act_silu(a.z), act_silu(a.w)) * b;
+        } else {
+            v = vec4<f32>(act_gelu(a.x), act_gelu(a.y), act_gelu(a.z), act_gelu(a.w));
+        }
+    }
+    store_h(tj * f_n, cols, f_n, v);
+}
+
+@compute @workgroup_size(WG)
+fn decode_up_gelu(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(local_invocation_index) lid: u32,
+) {
+    decode_up(wid, lid, false);
+}
+
+@compute @workgroup_size(WG)
+fn decode_up_swiglu(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(local_invocation_index) lid: u32,
+) {
+    decode_up(wid, lid, true);
+}
+
+@compute @workgroup_size(WG)
+fn decode_down(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(local_invocation_index) lid: u32,
+) {
+    let t = wid.y;
+    let d_n = params.d;
+    let f_n = params.f;
+    let cols = my_cols(wid.x, lid);
+    if cols.x >= d_n {
+        return;
+    }
+    var out = vec4<f32>(0.0);
+    for (var j = 0u; j < params.k; j++) {
+        let tj = t * params.k + j;
+        let id = topk_ids[tj];
+        if id < params.e {
+            var acc = vec4<f32>(0.0);
+            let hrow = tj * f_n;
+            if VEC4 == 1u {
+                let d4 = d_n / 4u;
+                var r = id * f_n * d4 + cols.x / 4u;
+                for (var ff = 0u; ff < f_n; ff += 4u) {
+                    let h0 = h[hrow + ff];
+                    let h1 = h[hrow + ff + 1u];
+                    let h2 = h[hrow + ff + 2u];
+                    let h3 = h[hrow + ff + 3u];
+                    acc += h0 * w2[r];
+                    acc += h1 * w2[r + d4];
+                    acc += h2 * w2[r + 2u * d4];
+                    acc += h3 * w2[r + 3u * d4];
+                    r += 4u * d4;
+                }
+            } else {
+                let at = min(cols, vec4<u32>(d_n - 1u)) + id * f_n * d_n;
+                for (var ff = 0u; ff < f_n; ff++) {
+                    acc += h[hrow + ff] * w2_4(at + vec4<u32>(ff * d_n));
+                }
+            }
+            out += topk_weights[tj] * acc;
+        }
+    }
+    for (var c = 0u; c < 4u; c++) {
+        if cols[c] < d_n {
+            y[t * d_n + cols[c]] = out[c];
+        }
+    }
+}

@@ -1,0 +1,110 @@
+//! The `amoe` binary end to end: what a user types, what they get back.
+
+mod common;
+
+use std::process::Command;
+
+fn amoe(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_amoe"))
+        .args(args)
+        .output()
+        .expect("the amoe binary runs")
+}
+
+#[test]
+fn devices_json_lists_every_adapter_with_limits() {
+    let out = amoe(&["devices", "--json"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("valid JSON");
+    let list = v.as_array().expect("a list of adapters");
+    let n = common::for_each_adapter(|_| {});
+    assert_eq!(list.len(), n, "devices lists the adapters the tests run on");
+    for a in list {
+        for key in [
+            "backend",
+            "name",
+            "device_type",
+            "driver",
+            "features",
+            "limits",
+        ] {
+            assert!(a.get(key).is_some(), "adapter entry lacks {key}: {a}");
+        }
+        assert!(
+            a["limits"]["max_storage_buffer_binding_size"]
+                .as_u64()
+                .unwrap_or(0)
+                > 0
+        );
+    }
+}
+
+#[test]
+fn conformance_prints_table_and_json_and_passes() {
+    if common::for_each_adapter(|_| {}) == 0 {
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("amoe-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("conf.json");
+    let out = amoe(&[
+        "conformance",
+        "--kernel",
+        "gate",
+        "--json",
+        path.to_str().unwrap(),
+    ]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "conformance failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("max_abs") && stdout.contains("pass"),
+        "table missing:\n{stdout}"
+    );
+    let v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    let adapters = v["adapters"].as_array().expect("adapters list");
+    assert!(!adapters.is_empty());
+    for a in adapters {
+        assert!(a["backend"].is_string() && a["name"].is_string());
+        let kernels = a["kernels"].as_array().expect("kernels list");
+        assert!(!kernels.is_empty());
+        for k in kernels {
+            for key in ["kernel", "case", "max_abs_err", "max_rel_err", "pass"] {
+                assert!(k.get(key).is_some(), "result lacks {key}: {k}");
+            }
+            assert_eq!(k["pass"], true, "{k}");
+        }
+    }
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
+fn bad_arguments_give_clear_errors_not_panics() {
+    let out = amoe(&["conformance", "--backend", "quantum"]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("unknown backend") && !err.contains("panicked"),
+        "{err}"
+    );
+
+    let out = amoe(&["conformance", "--kernel", "nonsense"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("unknown kernel family"));
+
+    let out = amoe(&["conformance", "--adapter", "999"]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("no GPU adapter") && !err.contains("panicked"),
+        "{err}"
+    );
+}
