@@ -203,8 +203,7 @@ pub async fn enumerate_adapters() -> Vec<wgpu::Adapter> {
         if let Ok(a) = instance
             .request_adapter(&wgpu::RequestAdapterOptions {
                 power_preference: wgpu::PowerPreference::HighPerformance,
-                force_fallback_adapter: false,
-                compatible_surface: None,
+                ..Default::default()
             })
             .await
         {
