@@ -144,6 +144,52 @@ impl Pipeline {
     }
 }
 
+/// Where a dispatch's workgroup counts come from.
+#[derive(Clone, Debug)]
+pub enum Grid {
+    Direct(u32, u32, u32),
+    /// Written on the GPU by an earlier kernel: three u32 at `offset` bytes.
+    Indirect {
+        buffer: wgpu::Buffer,
+        offset: u64,
+    },
+}
+
+/// A pipeline, its bind group and its grid: all that `record` needs, built
+/// once per shape.
+#[derive(Debug)]
+pub struct Dispatch {
+    pipeline: Arc<Pipeline>,
+    bind_group: wgpu::BindGroup,
+    grid: Grid,
+}
+
+impl Dispatch {
+    /// Bind `buffers[i]` to binding `i` of `pipeline`.
+    pub fn new(
+        ctx: &GpuContext,
+        pipeline: Arc<Pipeline>,
+        buffers: &[&wgpu::Buffer],
+        grid: Grid,
+    ) -> Result<Self> {
+        let bind_group = pipeline.bind(ctx, buffers)?;
+        Ok(Dispatch {
+            pipeline,
+            bind_group,
+            grid,
+        })
+    }
+
+    pub fn record(&self, pass: &mut wgpu::ComputePass<'_>) {
+        pass.set_pipeline(&self.pipeline.pipeline);
+        pass.set_bind_group(0, &self.bind_group, &[]);
+        match &self.grid {
+            Grid::Direct(x, y, z) => pass.dispatch_workgroups(*x, *y, *z),
+            Grid::Indirect { buffer, offset } => pass.dispatch_workgroups_indirect(buffer, *offset),
+        }
+    }
+}
+
 /// Pipelines built so far, keyed by the typed kernel id.
 #[derive(Default)]
 pub(crate) struct PipelineCache {

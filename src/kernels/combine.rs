@@ -2,11 +2,9 @@
 //! y_expert[slot_of_token[t, j], :]` (`shaders/combine.wgsl`), one dispatch,
 //! a gather (no float atomics). Twin: `reference::combine::combine_forward`.
 
-use std::sync::Arc;
-
 use super::{grid_1d, Kernel, ParamsLayout, UNUSED};
 use crate::error::{Error, Result};
-use crate::gpu::{uniform, Binding, GpuContext, KernelDef, Pipeline, Tensor};
+use crate::gpu::{uniform, Binding, Dispatch, GpuContext, Grid, KernelDef, Tensor};
 use crate::gpu_params;
 
 /// Invocations per workgroup (4 output columns each).
@@ -146,10 +144,8 @@ pub struct Combine {
     pub t: usize,
     pub k: usize,
     pub d: usize,
-    pipeline: Arc<Pipeline>,
-    bind_group: wgpu::BindGroup,
+    dispatch: Dispatch,
     _params: wgpu::Buffer,
-    grid: (u32, u32),
 }
 
 impl Combine {
@@ -171,8 +167,9 @@ impl Combine {
         };
         let pipeline = ctx.pipeline(&Kernel::Combine(CombineSpec { vec4: d % 4 == 0 }))?;
         let params_buf = uniform(ctx, &params);
-        let bind_group = pipeline.bind(
+        let dispatch = Dispatch::new(
             ctx,
+            pipeline,
             &[
                 &params_buf,
                 &bufs.topk_weights.buffer,
@@ -180,23 +177,20 @@ impl Combine {
                 &bufs.y_expert.buffer,
                 &bufs.y.buffer,
             ],
+            Grid::Direct(grid.0, grid.1, 1),
         )?;
         Ok(Combine {
             t,
             k,
             d,
-            pipeline,
-            bind_group,
+            dispatch,
             _params: params_buf,
-            grid,
         })
     }
 
     /// Record the combine: one dispatch.
     pub fn record(&self, pass: &mut wgpu::ComputePass<'_>) {
-        pass.set_pipeline(&self.pipeline.pipeline);
-        pass.set_bind_group(0, &self.bind_group, &[]);
-        pass.dispatch_workgroups(self.grid.0, self.grid.1, 1);
+        self.dispatch.record(pass);
     }
 }
 

@@ -7,11 +7,9 @@
 //! the GPU), so each of W1, W3, W2 must fit one storage binding; `new` returns
 //! `Error::Limit` otherwise.
 
-use std::sync::Arc;
-
 use super::{Activation, Kernel, ParamsLayout, UNUSED};
 use crate::error::{Error, Result};
-use crate::gpu::{uniform, Binding, GpuContext, KernelDef, Pipeline, Tensor};
+use crate::gpu::{uniform, Binding, Dispatch, GpuContext, Grid, KernelDef, Tensor};
 use crate::gpu_params;
 
 /// Invocations per workgroup.
@@ -231,10 +229,8 @@ pub fn check(activation: Activation, shapes: &DecodeShapes<'_>) -> Result<Decode
 pub struct DecodeFfn {
     pub activation: Activation,
     pub shape: DecodeShape,
-    up: Arc<Pipeline>,
-    down: Arc<Pipeline>,
-    bind_up: wgpu::BindGroup,
-    bind_down: wgpu::BindGroup,
+    up: Dispatch,
+    down: Dispatch,
     h: Tensor<f32>,
     _params: wgpu::Buffer,
 }
@@ -269,13 +265,22 @@ impl DecodeFfn {
             &bufs.y.buffer,
         ];
         let vec4 = d % 4 == 0 && f % 4 == 0;
-        let up = ctx.pipeline(&Kernel::Decode(DecodeSpec::Up { activation, vec4 }))?;
-        let down = ctx.pipeline(&Kernel::Decode(DecodeSpec::Down { vec4 }))?;
+        let block = (DECODE_WG * DECODE_COLS) as usize;
+        let up = Dispatch::new(
+            ctx,
+            ctx.pipeline(&Kernel::Decode(DecodeSpec::Up { activation, vec4 }))?,
+            &buffers,
+            Grid::Direct(f.div_ceil(block) as u32, (t * k) as u32, 1),
+        )?;
+        let down = Dispatch::new(
+            ctx,
+            ctx.pipeline(&Kernel::Decode(DecodeSpec::Down { vec4 }))?,
+            &buffers,
+            Grid::Direct(d.div_ceil(block) as u32, t as u32, 1),
+        )?;
         Ok(DecodeFfn {
             activation,
             shape,
-            bind_up: up.bind(ctx, &buffers)?,
-            bind_down: down.bind(ctx, &buffers)?,
             up,
             down,
             h,
@@ -301,14 +306,8 @@ impl DecodeFfn {
 
     /// Record the decode FFN: two dispatches (up, down).
     pub fn record(&self, pass: &mut wgpu::ComputePass<'_>) {
-        let s = self.shape;
-        let block = (DECODE_WG * DECODE_COLS) as usize;
-        pass.set_pipeline(&self.up.pipeline);
-        pass.set_bind_group(0, &self.bind_up, &[]);
-        pass.dispatch_workgroups(s.f.div_ceil(block) as u32, (s.t * s.k) as u32, 1);
-        pass.set_pipeline(&self.down.pipeline);
-        pass.set_bind_group(0, &self.bind_down, &[]);
-        pass.dispatch_workgroups(s.d.div_ceil(block) as u32, s.t as u32, 1);
+        self.up.record(pass);
+        self.down.record(pass);
     }
 }
 

@@ -8,14 +8,12 @@
 //! `STATUS_NONFINITE` ORed into `routing[RoutingLayout::STATUS]` when a token's
 //! logits hold a NaN or an infinity (that token then gets no expert).
 
-use std::sync::Arc;
-
 use super::{
     grid_1d, GapMode, GateConfig, Gating, Kernel, ParamsLayout, RoutingLayout, SingleWeight,
 };
 use super::{STATUS_NONFINITE, UNUSED};
 use crate::error::{Error, Result};
-use crate::gpu::{uniform, Binding, GpuContext, KernelDef, Pipeline, Tensor};
+use crate::gpu::{uniform, Binding, Dispatch, GpuContext, Grid, KernelDef, Tensor};
 use crate::gpu_params;
 
 /// Invocations per workgroup (one token each).
@@ -165,10 +163,8 @@ pub struct Gate {
     pub config: GateConfig,
     pub t: usize,
     pub e: usize,
-    pipeline: Arc<Pipeline>,
-    bind_group: wgpu::BindGroup,
+    dispatch: Dispatch,
     _params: wgpu::Buffer,
-    grid: (u32, u32),
 }
 
 impl Gate {
@@ -217,8 +213,9 @@ impl Gate {
             gating: config.gating,
         }))?;
         let params_buf = uniform(ctx, &params);
-        let bind_group = pipeline.bind(
+        let dispatch = Dispatch::new(
             ctx,
+            pipeline,
             &[
                 &params_buf,
                 &bufs.router_logits.buffer,
@@ -228,15 +225,14 @@ impl Gate {
                 &bufs.lse.buffer,
                 &bufs.routing.buffer,
             ],
+            Grid::Direct(grid.0, grid.1, 1),
         )?;
         Ok(Gate {
             config: *config,
             t,
             e,
-            pipeline,
-            bind_group,
+            dispatch,
             _params: params_buf,
-            grid,
         })
     }
 
@@ -247,9 +243,7 @@ impl Gate {
 
     /// Record the gate: one dispatch.
     pub fn record(&self, pass: &mut wgpu::ComputePass<'_>) {
-        pass.set_pipeline(&self.pipeline.pipeline);
-        pass.set_bind_group(0, &self.bind_group, &[]);
-        pass.dispatch_workgroups(self.grid.0, self.grid.1, 1);
+        self.dispatch.record(pass);
     }
 }
 

@@ -6,8 +6,7 @@
 //! checks so that a compiler cannot have optimized the work away.
 
 use crate::error::Result;
-use crate::gpu::{uniform, Binding, GpuContext, KernelDef, Pipeline, Tensor};
-use std::sync::Arc;
+use crate::gpu::{uniform, Binding, Dispatch, GpuContext, Grid, KernelDef, Tensor};
 
 use super::{grid_1d, Kernel, ParamsLayout};
 
@@ -58,9 +57,7 @@ pub fn params_layouts() -> Vec<ParamsLayout> {
 
 /// A roofline kernel bound to its buffers, ready to record.
 pub struct Roofline {
-    pipeline: Arc<Pipeline>,
-    bind_group: wgpu::BindGroup,
-    grid: (u32, u32),
+    dispatch: Dispatch,
     /// FLOPs (fma) or bytes moved (copy) per dispatch.
     pub work: f64,
 }
@@ -117,20 +114,18 @@ impl Roofline {
     ) -> Result<Self> {
         let pipeline = ctx.pipeline(&Kernel::Roofline(spec))?;
         let u = uniform(ctx, &params);
-        let bind_group = pipeline.bind(ctx, &[&u, &src.buffer, &dst.buffer])?;
         let grid = grid_1d(workgroups, ctx.limits.max_compute_workgroups_per_dimension);
-        Ok(Roofline {
+        let dispatch = Dispatch::new(
+            ctx,
             pipeline,
-            bind_group,
-            grid,
-            work,
-        })
+            &[&u, &src.buffer, &dst.buffer],
+            Grid::Direct(grid.0, grid.1, 1),
+        )?;
+        Ok(Roofline { dispatch, work })
     }
 
     pub fn record(&self, pass: &mut wgpu::ComputePass) {
-        pass.set_pipeline(&self.pipeline.pipeline);
-        pass.set_bind_group(0, &self.bind_group, &[]);
-        pass.dispatch_workgroups(self.grid.0, self.grid.1, 1);
+        self.dispatch.record(pass);
     }
 }
 

@@ -13,11 +13,9 @@
 //! and nothing depends on the order in which atomics land: run to run, and
 //! GPU to CPU, the plan is bit-identical.
 
-use std::sync::Arc;
-
 use super::{grid_1d, Kernel, ParamsLayout, RoutingLayout, UNUSED};
 use crate::error::{Error, Result};
-use crate::gpu::{uniform, Binding, GpuContext, KernelDef, Pipeline, Tensor, STORAGE_USAGE};
+use crate::gpu::{uniform, Binding, Dispatch, GpuContext, Grid, KernelDef, Tensor, STORAGE_USAGE};
 use crate::gpu_params;
 
 /// Invocations per workgroup of every route pass, and slots per chunk.
@@ -188,15 +186,11 @@ pub fn check(
 /// The route of one shape, ready to record.
 pub struct Route {
     pub config: RouteConfig,
-    count: Arc<Pipeline>,
-    scan: Arc<Pipeline>,
-    scatter: Arc<Pipeline>,
-    bind_count: wgpu::BindGroup,
-    bind_scan: wgpu::BindGroup,
-    bind_scatter: wgpu::BindGroup,
+    count: Dispatch,
+    scan: Dispatch,
+    scatter: Dispatch,
     _params: wgpu::Buffer,
     _hist: Tensor<u32>,
-    grid: (u32, u32),
 }
 
 impl Route {
@@ -240,34 +234,24 @@ impl Route {
             &bufs.routing.buffer,
             &bufs.token_of_slot.buffer,
         ];
-        let count = ctx.pipeline(&Kernel::Route(RouteSpec::Count))?;
-        let scan = ctx.pipeline(&Kernel::Route(RouteSpec::Scan))?;
-        let scatter = ctx.pipeline(&Kernel::Route(RouteSpec::Scatter))?;
+        let chunks = Grid::Direct(grid.0, grid.1, 1);
+        let pass =
+            |spec, grid| Dispatch::new(ctx, ctx.pipeline(&Kernel::Route(spec))?, &buffers, grid);
         Ok(Route {
             config: *config,
-            bind_count: count.bind(ctx, &buffers)?,
-            bind_scan: scan.bind(ctx, &buffers)?,
-            bind_scatter: scatter.bind(ctx, &buffers)?,
-            count,
-            scan,
-            scatter,
+            count: pass(RouteSpec::Count, chunks.clone())?,
+            scan: pass(RouteSpec::Scan, Grid::Direct(1, 1, 1))?,
+            scatter: pass(RouteSpec::Scatter, chunks)?,
             _params: params_buf,
             _hist: hist,
-            grid,
         })
     }
 
     /// Record the route: three dispatches (count, scan, scatter).
     pub fn record(&self, pass: &mut wgpu::ComputePass<'_>) {
-        pass.set_pipeline(&self.count.pipeline);
-        pass.set_bind_group(0, &self.bind_count, &[]);
-        pass.dispatch_workgroups(self.grid.0, self.grid.1, 1);
-        pass.set_pipeline(&self.scan.pipeline);
-        pass.set_bind_group(0, &self.bind_scan, &[]);
-        pass.dispatch_workgroups(1, 1, 1);
-        pass.set_pipeline(&self.scatter.pipeline);
-        pass.set_bind_group(0, &self.bind_scatter, &[]);
-        pass.dispatch_workgroups(self.grid.0, self.grid.1, 1);
+        self.count.record(pass);
+        self.scan.record(pass);
+        self.scatter.record(pass);
     }
 }
 
