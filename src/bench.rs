@@ -10,7 +10,10 @@
 use crate::conformance::Stopwatch;
 use crate::error::Result;
 use crate::gpu::{GpuContext, Tensor};
+use crate::kernels::matmul::{Matmul, MatmulShape, MatmulSpec, Trans};
 use crate::kernels::roofline::{fma_expected, Roofline};
+use crate::kernels::{Activation, GateConfig, Gating};
+use crate::moe::{MoeConfig, MoeLayer, MoeWeights, Path};
 use serde::Serialize;
 
 /// One dense matmul measurement.
@@ -93,10 +96,7 @@ pub async fn fma_peak(ctx: &GpuContext) -> Result<f64> {
     })?;
     let got = dst.read(ctx).await?;
     let want = fma_expected(0.5, iters);
-    if got
-        .iter()
-        .any(|g| (g - want).abs() > 1e-3 * want.abs().max(1.0))
-    {
+    if got.iter().any(|g| (g - want).abs() > 1e-3 * want.abs().max(1.0)) {
         return Err(crate::Error::Gpu {
             op: "roofline_fma".into(),
             msg: format!("result {} differs from the closed form {want}", got[0]),
@@ -124,6 +124,105 @@ pub fn copy_bandwidth(ctx: &GpuContext, mib: usize) -> Result<(f64, f64)> {
     Ok((shader, 2.0 * bytes as f64 / s2 / 1e9))
 }
 
+/// Dense matmul GFLOP/s for one shape and spec.
+pub fn matmul_gflops(ctx: &GpuContext, m: usize, n: usize, k: usize, spec: MatmulSpec) -> Result<f64> {
+    let mut rng = crate::conformance::Rng::new(7);
+    let a = Tensor::from_slice(ctx, "a", &[m, k], &rng.vec_sym(m * k, 1.0))?;
+    let b = Tensor::from_slice(ctx, "b", &[k, n], &rng.vec_sym(k * n, 1.0))?;
+    let c = Tensor::<f32>::zeros(ctx, "c", &[m, n])?;
+    let mm = Matmul::new(ctx, &MatmulShape::nn(m, n, k), spec, &a, &b, &c)?;
+    let flops = 2.0 * (m * n * k) as f64;
+    // Aim for ~0.5 s per sample whatever the adapter's speed.
+    let probe = time_dispatches(ctx, 1, 1, |enc| {
+        let mut pass = enc.begin_compute_pass(&Default::default());
+        mm.record(&mut pass);
+        Ok(())
+    })?;
+    let reps = ((0.5 / probe.max(1e-6)) as usize).clamp(1, 200);
+    let s = time_dispatches(ctx, reps, 3, |enc| {
+        let mut pass = enc.begin_compute_pass(&Default::default());
+        mm.record(&mut pass);
+        Ok(())
+    })?;
+    Ok(flops / s / 1e9)
+}
+
+/// The MoE layer the benchmark runs: T=4096, D=512, F=2048, E=16 (quick: T=512, D=256, F=512).
+pub fn bench_layer_config(gating: Gating, quick: bool) -> (usize, MoeConfig) {
+    let (t, d, f) = if quick { (512, 256, 512) } else { (4096, 512, 2048) };
+    (
+        t,
+        MoeConfig {
+            d,
+            f,
+            e: 16,
+            activation: Activation::Gelu,
+            gate: GateConfig::new(gating),
+        },
+    )
+}
+
+/// Router weights are scaled so that logits spread like a trained router's
+/// (std about 2) instead of a fresh init's near-uniform softmax, under which
+/// adaptive gating would send almost every token to two experts.
+const ROUTER_SCALE: f32 = 6.0;
+
+/// One MoE layer forward, tokens/s, plus the expert GEMMs alone (GFLOP/s).
+pub async fn moe_layer_figure(ctx: &GpuContext, gating: Gating, quick: bool) -> Result<(MoeFigure, f64, usize)> {
+    let (t, cfg) = bench_layer_config(gating, quick);
+    let mut w = MoeWeights::random(&cfg, 11);
+    w.w_router.iter_mut().for_each(|v| *v *= ROUTER_SCALE);
+    let layer = MoeLayer::new(ctx, cfg, &w)?;
+    let plan = layer.plan(ctx, t, Path::Grouped)?;
+    let mut rng = crate::conformance::Rng::new(5);
+    let x = rng.vec_sym(t * cfg.d, 1.0);
+    layer.forward(ctx, &plan, &x)?;
+    let summary = plan.routing_summary(ctx, cfg.e).await?;
+    let s = time_dispatches(ctx, 1, 3, |enc| {
+        layer.record(&plan, enc);
+        Ok(())
+    })?;
+    let se = time_dispatches(ctx, 1, 3, |enc| {
+        let mut pass = enc.begin_compute_pass(&Default::default());
+        plan.record_expert_gemms(&mut pass);
+        Ok(())
+    })?;
+    let expert_gflops = summary.used_slots as f64 * cfg.flops_per_slot() / se / 1e9;
+    Ok((
+        MoeFigure {
+            gating: gating.name().into(),
+            tokens_per_s: t as f64 / s,
+            two_expert_fraction: summary.two_expert_fraction,
+            slots_per_token: summary.used_slots as f64 / t as f64,
+            ms_per_forward: s * 1e3,
+        },
+        expert_gflops,
+        summary.used_slots,
+    ))
+}
+
+/// The dense GEMMs with the FLOPs of the expert FFN over `slots` rows, as if
+/// all slots went to one expert: [S,D]x[D,F] then [S,F]x[F,D]. GFLOP/s.
+pub fn dense_equal_flops_gflops(ctx: &GpuContext, slots: usize, d: usize, f: usize) -> Result<f64> {
+    let mut rng = crate::conformance::Rng::new(3);
+    let x = Tensor::from_slice(ctx, "x", &[slots, d], &rng.vec_sym(slots * d, 1.0))?;
+    let w1 = Tensor::from_slice(ctx, "w1", &[d, f], &rng.vec_sym(d * f, 0.05))?;
+    let w2 = Tensor::from_slice(ctx, "w2", &[f, d], &rng.vec_sym(f * d, 0.05))?;
+    let h = Tensor::<f32>::zeros(ctx, "h", &[slots, f])?;
+    let y = Tensor::<f32>::zeros(ctx, "y", &[slots, d])?;
+    let up = MatmulShape::nn(slots, f, d);
+    let down = MatmulShape::nn(slots, d, f);
+    let mm1 = Matmul::new(ctx, &up, MatmulSpec::choose(ctx, slots, f, d, Trans::NN), &x, &w1, &h)?;
+    let mm2 = Matmul::new(ctx, &down, MatmulSpec::choose(ctx, slots, d, f, Trans::NN), &h, &w2, &y)?;
+    let s = time_dispatches(ctx, 1, 3, |enc| {
+        let mut pass = enc.begin_compute_pass(&Default::default());
+        mm1.record(&mut pass);
+        mm2.record(&mut pass);
+        Ok(())
+    })?;
+    Ok(4.0 * (slots * d * f) as f64 / s / 1e9)
+}
+
 /// Run the whole kernel benchmark on one adapter.
 pub async fn bench_kernels(
     ctx: &GpuContext,
@@ -133,8 +232,53 @@ pub async fn bench_kernels(
     let peak = fma_peak(ctx).await?;
     log(&format!("FMA peak {peak:.1} GFLOP/s"));
     let (bw, copy_bw) = copy_bandwidth(ctx, if quick { 16 } else { 64 })?;
+    log(&format!("copy {bw:.1} GB/s in shader, {copy_bw:.1} GB/s copy_buffer_to_buffer"));
+    let shapes: &[(usize, usize, usize)] = if quick {
+        &[(256, 256, 256), (512, 512, 512)]
+    } else {
+        &[(1024, 1024, 1024), (4096, 4096, 1024), (4096, 16, 512), (2048, 2048, 512)]
+    };
+    let mut matmul = Vec::new();
+    for &(m, n, k) in shapes {
+        let chosen = MatmulSpec::choose(ctx, m, n, k, Trans::NN);
+        // The chosen spec, and in full runs every other one the adapter can build.
+        let mut specs = vec![chosen];
+        if !quick {
+            specs.extend(MatmulSpec::configs().into_iter().filter(|s| *s != chosen && s.available(ctx)));
+        }
+        for spec in specs {
+            let gflops = matmul_gflops(ctx, m, n, k, spec)?;
+            let variant = format!("{}{}", spec.label(), if spec == chosen { " (chosen)" } else { "" });
+            log(&format!("matmul {m}x{n}x{k} {variant}: {gflops:.1} GFLOP/s"));
+            matmul.push(MatmulFigure {
+                m,
+                n,
+                k,
+                variant,
+                gflops,
+                pct_of_peak: 100.0 * gflops / peak,
+            });
+        }
+    }
+    let mut moe_layer = Vec::new();
+    let mut grouped = (f64::NAN, 0usize);
+    for gating in [Gating::Top1, Gating::Top2, Gating::Adaptive] {
+        let (fig, expert_gflops, slots) = moe_layer_figure(ctx, gating, quick).await?;
+        log(&format!(
+            "moe layer {}: {:.0} tokens/s, {:.1} ms, two-expert fraction {:.3}, expert GEMMs {expert_gflops:.1} GFLOP/s",
+            fig.gating, fig.tokens_per_s, fig.ms_per_forward, fig.two_expert_fraction
+        ));
+        if gating == Gating::Top2 {
+            grouped = (expert_gflops, slots);
+        }
+        moe_layer.push(fig);
+    }
+    let (_, cfg) = bench_layer_config(Gating::Top2, quick);
+    let dense = dense_equal_flops_gflops(ctx, grouped.1, cfg.d, cfg.f)?;
     log(&format!(
-        "copy {bw:.1} GB/s in shader, {copy_bw:.1} GB/s copy_buffer_to_buffer"
+        "grouped expert GEMMs {:.1} GFLOP/s vs dense at equal FLOPs {dense:.1}: ratio {:.2}",
+        grouped.0,
+        grouped.0 / dense
     ));
     Ok(KernelBench {
         adapter: ctx.info.name.clone(),
@@ -143,10 +287,10 @@ pub async fn bench_kernels(
         peak_gflops: peak,
         bandwidth_gbs: bw,
         copy_buffer_gbs: copy_bw,
-        matmul: Vec::new(),
-        moe_layer: Vec::new(),
-        grouped_over_dense: f64::NAN,
-        grouped_gflops: f64::NAN,
-        dense_equal_flops_gflops: f64::NAN,
+        matmul,
+        moe_layer,
+        grouped_over_dense: grouped.0 / dense,
+        grouped_gflops: grouped.0,
+        dense_equal_flops_gflops: dense,
     })
 }

@@ -4,5 +4,8 @@
 pub mod activation;
 pub mod combine;
 pub mod decode;
+pub mod expert;
 pub mod gate;
+pub mod matmul;
 pub mod route;
+pub mod moe;

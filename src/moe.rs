@@ -1,0 +1,443 @@
+//! One MoE FFN layer, forward: router GEMM, gate, route, grouped expert GEMMs
+//! (gather fused, indirect dispatch), combine; or, for a few tokens, the
+//! decode path (gate, then a mat-vec per selected expert). The whole layer is
+//! recorded into one command encoder and submitted once; the host never reads
+//! the routing back.
+//!
+//! Twin: `reference::moe::moe_forward`, composed of the kernels' twins (with
+//! the per-token decode twin for the experts, so the grouped path is checked
+//! against an independent formulation).
+
+use crate::error::{Error, Result};
+use crate::gpu::{GpuContext, Tensor};
+use crate::kernels::combine::{Combine, CombineBuffers};
+use crate::kernels::decode::{DecodeBuffers, DecodeFfn};
+use crate::kernels::expert::{ExpertBuffers, ExpertFfn, ExpertShape, ExpertSpec};
+use crate::kernels::gate::{Gate, GateBuffers};
+use crate::kernels::matmul::{Matmul, MatmulShape, MatmulSpec, Trans};
+use crate::kernels::route::{routing_tensor, Route, RouteBuffers, RouteConfig};
+use crate::kernels::{Activation, GateConfig, RoutingLayout, STATUS_NONFINITE, UNUSED};
+use serde::{Deserialize, Serialize};
+
+/// Up to this many tokens, `Path::Auto` takes the decode path.
+pub const DECODE_MAX_T: usize = 16;
+
+/// Shape and rule of one MoE layer.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct MoeConfig {
+    /// Model width D.
+    pub d: usize,
+    /// Expert hidden width F.
+    pub f: usize,
+    /// Experts E.
+    pub e: usize,
+    pub activation: Activation,
+    pub gate: GateConfig,
+}
+
+impl MoeConfig {
+    pub fn validate(&self) -> Result<()> {
+        for (name, v) in [("D", self.d), ("F", self.f), ("E", self.e)] {
+            if v == 0 {
+                return Err(Error::invalid("moe_layer", format!("{name} = 0")));
+            }
+        }
+        self.gate.validate(self.e)
+    }
+
+    /// K: the most experts a token can use under this gating rule.
+    pub fn k(&self) -> usize {
+        self.gate.gating.max_k()
+    }
+
+    /// Expert FLOPs of one routed (token, expert) pair: GEMM 1 (x2 for SwiGLU) and GEMM 2.
+    pub fn flops_per_slot(&self) -> f64 {
+        let up = match self.activation {
+            Activation::Gelu => 1.0,
+            Activation::SwiGlu => 2.0,
+        };
+        2.0 * (self.d * self.f) as f64 * (up + 1.0)
+    }
+}
+
+/// Host copy of a layer's weights (row-major).
+#[derive(Clone, Debug, PartialEq)]
+pub struct MoeWeights {
+    /// w_router [D, E]
+    pub w_router: Vec<f32>,
+    /// w1 [E, D, F]
+    pub w1: Vec<f32>,
+    /// w3 [E, D, F], SwiGLU only
+    pub w3: Option<Vec<f32>>,
+    /// w2 [E, F, D]
+    pub w2: Vec<f32>,
+}
+
+impl MoeWeights {
+    /// Seeded random init: uniform with the variance of 1/fan_in.
+    pub fn random(cfg: &MoeConfig, seed: u64) -> Self {
+        let mut rng = crate::conformance::Rng::new(seed);
+        let (d, f, e) = (cfg.d, cfg.f, cfg.e);
+        let a_in = (3.0 / d as f32).sqrt();
+        let a_out = (3.0 / f as f32).sqrt();
+        MoeWeights {
+            w_router: rng.vec_sym(d * e, a_in),
+            w1: rng.vec_sym(e * d * f, a_in),
+            w3: (cfg.activation == Activation::SwiGlu).then(|| rng.vec_sym(e * d * f, a_in)),
+            w2: rng.vec_sym(e * f * d, a_out),
+        }
+    }
+
+    pub fn validate(&self, cfg: &MoeConfig) -> Result<()> {
+        let (d, f, e) = (cfg.d, cfg.f, cfg.e);
+        let check = |name: &str, got: usize, want: usize, dims: String| -> Result<()> {
+            if got != want {
+                return Err(Error::Shape {
+                    op: "moe_layer",
+                    expected: format!("{name} {dims} = {want} elements"),
+                    got: format!("{got} elements"),
+                });
+            }
+            Ok(())
+        };
+        check("w_router", self.w_router.len(), d * e, format!("[{d}, {e}]"))?;
+        check("w1", self.w1.len(), e * d * f, format!("[{e}, {d}, {f}]"))?;
+        check("w2", self.w2.len(), e * f * d, format!("[{e}, {f}, {d}]"))?;
+        match (cfg.activation, &self.w3) {
+            (Activation::SwiGlu, Some(w3)) => check("w3", w3.len(), e * d * f, format!("[{e}, {d}, {f}]")),
+            (Activation::SwiGlu, None) => Err(Error::invalid("moe_layer", "SwiGLU needs w3")),
+            (Activation::Gelu, Some(_)) => Err(Error::invalid("moe_layer", "GELU takes no w3")),
+            (Activation::Gelu, None) => Ok(()),
+        }
+    }
+}
+
+/// Which expert path a plan uses.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Path {
+    /// Decode for T <= `DECODE_MAX_T`, grouped otherwise.
+    Auto,
+    /// Route + grouped GEMMs (training, prefill).
+    Grouped,
+    /// A mat-vec per selected expert, no permutation (few tokens).
+    Decode,
+}
+
+/// A layer's weights on the GPU.
+pub struct MoeLayer {
+    pub cfg: MoeConfig,
+    /// w_router [D, E]
+    pub w_router: Tensor<f32>,
+    /// w1 [E, D, F]
+    pub w1: Tensor<f32>,
+    /// w3 [E, D, F] (SwiGLU)
+    pub w3: Option<Tensor<f32>>,
+    /// w2 [E, F, D]
+    pub w2: Tensor<f32>,
+}
+
+enum Experts {
+    Grouped {
+        route: Route,
+        ffn: ExpertFfn,
+        combine: Combine,
+        _token_of_slot: Tensor<u32>,
+        _slot_of_token: Tensor<u32>,
+        _h: Tensor<f32>,
+        _y_expert: Tensor<f32>,
+    },
+    Decode(DecodeFfn),
+}
+
+/// Buffers, bind groups and launchers for one token count T: built once,
+/// reused for every forward of that shape.
+pub struct MoePlan {
+    pub t: usize,
+    /// x [T, D]: write the input here (or let a previous kernel write it).
+    pub x: Tensor<f32>,
+    /// router_logits [T, E]
+    pub logits: Tensor<f32>,
+    /// probs [T, E]
+    pub probs: Tensor<f32>,
+    /// topk_ids [T, K]
+    pub topk_ids: Tensor<u32>,
+    /// topk_weights [T, K]
+    pub topk_weights: Tensor<f32>,
+    /// lse [T]
+    pub lse: Tensor<f32>,
+    /// routing [RoutingLayout::len()]
+    pub routing: Tensor<u32>,
+    /// y [T, D]: the layer's output.
+    pub y: Tensor<f32>,
+    router: Matmul,
+    gate: Gate,
+    experts: Experts,
+}
+
+/// What the routing did in one forward, read back on request.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct RoutingSummary {
+    /// Tokens routed to each expert (first or second choice).
+    pub expert_counts: Vec<u32>,
+    /// Fraction of tokens that used two experts.
+    pub two_expert_fraction: f64,
+    /// Routed (token, expert) pairs.
+    pub used_slots: usize,
+}
+
+impl MoeLayer {
+    /// Upload `weights` for `cfg`.
+    pub fn new(ctx: &GpuContext, cfg: MoeConfig, weights: &MoeWeights) -> Result<Self> {
+        cfg.validate()?;
+        weights.validate(&cfg)?;
+        let (d, f, e) = (cfg.d, cfg.f, cfg.e);
+        Ok(MoeLayer {
+            cfg,
+            w_router: Tensor::from_slice(ctx, "w_router", &[d, e], &weights.w_router)?,
+            w1: Tensor::from_slice(ctx, "w1", &[e, d, f], &weights.w1)?,
+            w3: match &weights.w3 {
+                Some(w3) => Some(Tensor::from_slice(ctx, "w3", &[e, d, f], w3)?),
+                None => None,
+            },
+            w2: Tensor::from_slice(ctx, "w2", &[e, f, d], &weights.w2)?,
+        })
+    }
+
+    /// Allocate everything a forward of `t` tokens needs.
+    pub fn plan(&self, ctx: &GpuContext, t: usize, path: Path) -> Result<MoePlan> {
+        if t == 0 {
+            return Err(Error::invalid("moe_layer", "T = 0 tokens"));
+        }
+        let cfg = &self.cfg;
+        let (d, f, e, k) = (cfg.d, cfg.f, cfg.e, cfg.k());
+        let x = Tensor::zeros(ctx, "x", &[t, d])?;
+        let logits = Tensor::zeros(ctx, "router_logits", &[t, e])?;
+        let probs = Tensor::zeros(ctx, "probs", &[t, e])?;
+        let topk_ids = Tensor::zeros(ctx, "topk_ids", &[t, k])?;
+        let topk_weights = Tensor::zeros(ctx, "topk_weights", &[t, k])?;
+        let lse = Tensor::zeros(ctx, "lse", &[t])?;
+        let y = Tensor::zeros(ctx, "y", &[t, d])?;
+
+        let router_shape = MatmulShape {
+            m: t,
+            n: e,
+            k: d,
+            trans: Trans::NN,
+            alpha: 1.0,
+            beta: 0.0,
+        };
+        let router = Matmul::new(
+            ctx,
+            &router_shape,
+            MatmulSpec::choose(ctx, t, e, d, Trans::NN),
+            &x,
+            &self.w_router,
+            &logits,
+        )?;
+
+        let decode = match path {
+            Path::Auto => t <= DECODE_MAX_T,
+            Path::Grouped => false,
+            Path::Decode => true,
+        };
+        let expert_shape = ExpertShape {
+            t,
+            k,
+            e,
+            d,
+            f,
+            act: cfg.activation,
+        };
+        let spec = ExpertSpec::choose(ctx, &expert_shape);
+        let layout = RoutingLayout {
+            t,
+            k,
+            e,
+            tile_m: spec.tile_m(),
+        };
+        let routing = routing_tensor(ctx, &layout)?;
+        let gate = Gate::new(
+            ctx,
+            &cfg.gate,
+            &GateBuffers {
+                router_logits: &logits,
+                probs: &probs,
+                topk_ids: &topk_ids,
+                topk_weights: &topk_weights,
+                lse: &lse,
+                routing: &routing,
+            },
+        )?;
+        let experts = if decode {
+            Experts::Decode(DecodeFfn::new(
+                ctx,
+                cfg.activation,
+                &DecodeBuffers {
+                    x: &x,
+                    topk_ids: &topk_ids,
+                    topk_weights: &topk_weights,
+                    w1: &self.w1,
+                    w3: self.w3.as_ref(),
+                    w2: &self.w2,
+                    y: &y,
+                },
+            )?)
+        } else {
+            let rows = layout.max_rows();
+            let token_of_slot = Tensor::zeros(ctx, "token_of_slot", &[rows])?;
+            let slot_of_token = Tensor::zeros(ctx, "slot_of_token", &[t, k])?;
+            let h = Tensor::zeros(ctx, "h", &[rows, f])?;
+            let y_expert = Tensor::zeros(ctx, "y_expert", &[rows, d])?;
+            let ffn = ExpertFfn::new(
+                ctx,
+                &expert_shape,
+                spec,
+                ExpertBuffers {
+                    x: &x,
+                    token_of_slot: &token_of_slot,
+                    routing: &routing,
+                    w1: &self.w1,
+                    w3: self.w3.as_ref(),
+                    w2: &self.w2,
+                    h: &h,
+                    y_expert: &y_expert,
+                },
+            )?;
+            let route = Route::new(
+                ctx,
+                &RouteConfig {
+                    layout,
+                    grid_y1: ffn.grid_y1(),
+                    grid_y2: ffn.grid_y2(),
+                },
+                &RouteBuffers {
+                    topk_ids: &topk_ids,
+                    routing: &routing,
+                    token_of_slot: &token_of_slot,
+                    slot_of_token: &slot_of_token,
+                },
+            )?;
+            let combine = Combine::new(
+                ctx,
+                &CombineBuffers {
+                    topk_weights: &topk_weights,
+                    slot_of_token: &slot_of_token,
+                    y_expert: &y_expert,
+                    y: &y,
+                },
+            )?;
+            Experts::Grouped {
+                route,
+                ffn,
+                combine,
+                _token_of_slot: token_of_slot,
+                _slot_of_token: slot_of_token,
+                _h: h,
+                _y_expert: y_expert,
+            }
+        };
+        Ok(MoePlan {
+            t,
+            x,
+            logits,
+            probs,
+            topk_ids,
+            topk_weights,
+            lse,
+            routing,
+            y,
+            router,
+            gate,
+            experts,
+        })
+    }
+
+    /// Record one forward of `plan` into `encoder` (input already in `plan.x`).
+    pub fn record(&self, plan: &MoePlan, encoder: &mut wgpu::CommandEncoder) {
+        // The gate ORs status bits and the route counts into a zeroed buffer.
+        encoder.clear_buffer(&plan.routing.buffer, 0, None);
+        let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
+            label: Some("moe_layer_forward"),
+            timestamp_writes: None,
+        });
+        plan.router.record(&mut pass);
+        plan.gate.record(&mut pass);
+        match &plan.experts {
+            Experts::Grouped {
+                route, ffn, combine, ..
+            } => {
+                route.record(&mut pass);
+                ffn.record(&mut pass);
+                combine.record(&mut pass);
+            }
+            Experts::Decode(ffn) => ffn.record(&mut pass),
+        }
+    }
+
+    /// Upload `x [T, D]`, record the layer and submit once. Natively this
+    /// waits for the GPU; read the result with `plan.output(ctx).await`.
+    pub fn forward(&self, ctx: &GpuContext, plan: &MoePlan, x: &[f32]) -> Result<()> {
+        plan.x.write(ctx, x)?;
+        let mut encoder = ctx
+            .device
+            .create_command_encoder(&wgpu::CommandEncoderDescriptor {
+                label: Some("moe_layer_forward"),
+            });
+        self.record(plan, &mut encoder);
+        ctx.submit_and_wait(encoder)
+    }
+}
+
+impl MoePlan {
+    /// `y [T, D]`, or `Error::NonFinite` when a token's router logits were NaN/inf.
+    pub async fn output(&self, ctx: &GpuContext) -> Result<Vec<f32>> {
+        self.check_status(ctx).await?;
+        self.y.read(ctx).await
+    }
+
+    /// Fail with `Error::NonFinite` when the gate flagged a token.
+    pub async fn check_status(&self, ctx: &GpuContext) -> Result<()> {
+        let head = crate::gpu::read_buffer::<u32>(ctx, &self.routing.buffer, RoutingLayout::HEADER).await?;
+        if head[RoutingLayout::STATUS] & STATUS_NONFINITE != 0 {
+            return Err(Error::NonFinite {
+                op: "moe_layer",
+                msg: "router logits of some token are NaN or infinite (check the input and the weights)".into(),
+            });
+        }
+        Ok(())
+    }
+
+    /// Record only the expert GEMMs (grouped path), reusing the routing of the
+    /// last forward: what the grouped-over-dense benchmark times.
+    pub(crate) fn record_expert_gemms(&self, pass: &mut wgpu::ComputePass<'_>) -> bool {
+        match &self.experts {
+            Experts::Grouped { ffn, .. } => {
+                ffn.record(pass);
+                true
+            }
+            Experts::Decode(_) => false,
+        }
+    }
+
+    /// Per-expert load and two-expert fraction of the last forward.
+    pub async fn routing_summary(&self, ctx: &GpuContext, e: usize) -> Result<RoutingSummary> {
+        let ids = self.topk_ids.read(ctx).await?;
+        let k = self.topk_ids.shape[1];
+        let mut expert_counts = vec![0u32; e];
+        let mut two = 0usize;
+        let mut used = 0usize;
+        for row in ids.chunks(k) {
+            let n = row.iter().filter(|&&i| i != UNUSED).count();
+            used += n;
+            two += (n == 2) as usize;
+            for &i in row.iter().filter(|&&i| (i as usize) < e) {
+                expert_counts[i as usize] += 1;
+            }
+        }
+        Ok(RoutingSummary {
+            expert_counts,
+            two_expert_fraction: two as f64 / self.t as f64,
+            used_slots: used,
+        })
+    }
+}
