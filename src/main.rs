@@ -180,15 +180,18 @@ fn conformance_cmd(
     let cases = conformance::cases(family);
     let ctxs = pollster::block_on(GpuContext::all(&args.filter()?))?;
     let mut reports: Vec<AdapterReport> = Vec::new();
+    let (kw, cw) = cases.iter().map(|c| c.names()).fold((6, 4), |(kw, cw), (k, c)| {
+        (kw.max(k.len()), cw.max(c.len()))
+    });
     for ctx in &ctxs {
         println!("== {} ({} cases)", ctx.adapter_label(), cases.len());
         println!(
-            "{:<34} {:<44} {:>9} {:>9} {:>8} {:>6}",
+            "{:<kw$} {:<cw$} {:>9} {:>9} {:>8} {:>6}",
             "kernel", "case", "max_abs", "max_rel", "GFLOP/s", "result"
         );
         let report = pollster::block_on(conformance::run_cases(ctx, &cases, |r| {
             println!(
-                "{:<34} {:<44} {:>9} {:>9} {:>8} {:>6}",
+                "{:<kw$} {:<cw$} {:>9} {:>9} {:>8} {:>6}",
                 r.kernel,
                 r.case,
                 fmt_err(r.max_abs_err),
