@@ -100,11 +100,18 @@ impl MoeWeights {
             }
             Ok(())
         };
-        check("w_router", self.w_router.len(), d * e, format!("[{d}, {e}]"))?;
+        check(
+            "w_router",
+            self.w_router.len(),
+            d * e,
+            format!("[{d}, {e}]"),
+        )?;
         check("w1", self.w1.len(), e * d * f, format!("[{e}, {d}, {f}]"))?;
         check("w2", self.w2.len(), e * f * d, format!("[{e}, {f}, {d}]"))?;
         match (cfg.activation, &self.w3) {
-            (Activation::SwiGlu, Some(w3)) => check("w3", w3.len(), e * d * f, format!("[{e}, {d}, {f}]")),
+            (Activation::SwiGlu, Some(w3)) => {
+                check("w3", w3.len(), e * d * f, format!("[{e}, {d}, {f}]"))
+            }
             (Activation::SwiGlu, None) => Err(Error::invalid("moe_layer", "SwiGLU needs w3")),
             (Activation::Gelu, Some(_)) => Err(Error::invalid("moe_layer", "GELU takes no w3")),
             (Activation::Gelu, None) => Ok(()),
@@ -136,17 +143,20 @@ pub struct MoeLayer {
     pub w2: Tensor<f32>,
 }
 
+// Boxed: launchers are large and a plan holds one path.
 enum Experts {
-    Grouped {
-        route: Route,
-        ffn: ExpertFfn,
-        combine: Combine,
-        _token_of_slot: Tensor<u32>,
-        _slot_of_token: Tensor<u32>,
-        _h: Tensor<f32>,
-        _y_expert: Tensor<f32>,
-    },
-    Decode(DecodeFfn),
+    Grouped(Box<GroupedExperts>),
+    Decode(Box<DecodeFfn>),
+}
+
+struct GroupedExperts {
+    route: Route,
+    ffn: ExpertFfn,
+    combine: Combine,
+    _token_of_slot: Tensor<u32>,
+    _slot_of_token: Tensor<u32>,
+    _h: Tensor<f32>,
+    _y_expert: Tensor<f32>,
 }
 
 /// Buffers, bind groups and launchers for one token count T: built once,
@@ -269,7 +279,7 @@ impl MoeLayer {
             },
         )?;
         let experts = if decode {
-            Experts::Decode(DecodeFfn::new(
+            Experts::Decode(Box::new(DecodeFfn::new(
                 ctx,
                 cfg.activation,
                 &DecodeBuffers {
@@ -281,7 +291,7 @@ impl MoeLayer {
                     w2: &self.w2,
                     y: &y,
                 },
-            )?)
+            )?))
         } else {
             let rows = layout.max_rows();
             let token_of_slot = Tensor::zeros(ctx, "token_of_slot", &[rows])?;
@@ -326,7 +336,7 @@ impl MoeLayer {
                     y: &y,
                 },
             )?;
-            Experts::Grouped {
+            Experts::Grouped(Box::new(GroupedExperts {
                 route,
                 ffn,
                 combine,
@@ -334,7 +344,7 @@ impl MoeLayer {
                 _slot_of_token: slot_of_token,
                 _h: h,
                 _y_expert: y_expert,
-            }
+            }))
         };
         Ok(MoePlan {
             t,
@@ -363,12 +373,10 @@ impl MoeLayer {
         plan.router.record(&mut pass);
         plan.gate.record(&mut pass);
         match &plan.experts {
-            Experts::Grouped {
-                route, ffn, combine, ..
-            } => {
-                route.record(&mut pass);
-                ffn.record(&mut pass);
-                combine.record(&mut pass);
+            Experts::Grouped(g) => {
+                g.route.record(&mut pass);
+                g.ffn.record(&mut pass);
+                g.combine.record(&mut pass);
             }
             Experts::Decode(ffn) => ffn.record(&mut pass),
         }
@@ -397,7 +405,8 @@ impl MoePlan {
 
     /// Fail with `Error::NonFinite` when the gate flagged a token.
     pub async fn check_status(&self, ctx: &GpuContext) -> Result<()> {
-        let head = crate::gpu::read_buffer::<u32>(ctx, &self.routing.buffer, RoutingLayout::HEADER).await?;
+        let head = crate::gpu::read_buffer::<u32>(ctx, &self.routing.buffer, RoutingLayout::HEADER)
+            .await?;
         if head[RoutingLayout::STATUS] & STATUS_NONFINITE != 0 {
             return Err(Error::NonFinite {
                 op: "moe_layer",
@@ -411,8 +420,8 @@ impl MoePlan {
     /// last forward: what the grouped-over-dense benchmark times.
     pub(crate) fn record_expert_gemms(&self, pass: &mut wgpu::ComputePass<'_>) -> bool {
         match &self.experts {
-            Experts::Grouped { ffn, .. } => {
-                ffn.record(pass);
+            Experts::Grouped(g) => {
+                g.ffn.record(pass);
                 true
             }
             Experts::Decode(_) => false,
