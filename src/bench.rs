@@ -96,7 +96,10 @@ pub async fn fma_peak(ctx: &GpuContext) -> Result<f64> {
     })?;
     let got = dst.read(ctx).await?;
     let want = fma_expected(0.5, iters);
-    if got.iter().any(|g| (g - want).abs() > 1e-3 * want.abs().max(1.0)) {
+    if got
+        .iter()
+        .any(|g| (g - want).abs() > 1e-3 * want.abs().max(1.0))
+    {
         return Err(crate::Error::Gpu {
             op: "roofline_fma".into(),
             msg: format!("result {} differs from the closed form {want}", got[0]),
@@ -125,7 +128,13 @@ pub fn copy_bandwidth(ctx: &GpuContext, mib: usize) -> Result<(f64, f64)> {
 }
 
 /// Dense matmul GFLOP/s for one shape and spec.
-pub fn matmul_gflops(ctx: &GpuContext, m: usize, n: usize, k: usize, spec: MatmulSpec) -> Result<f64> {
+pub fn matmul_gflops(
+    ctx: &GpuContext,
+    m: usize,
+    n: usize,
+    k: usize,
+    spec: MatmulSpec,
+) -> Result<f64> {
     let mut rng = crate::conformance::Rng::new(7);
     let a = Tensor::from_slice(ctx, "a", &[m, k], &rng.vec_sym(m * k, 1.0))?;
     let b = Tensor::from_slice(ctx, "b", &[k, n], &rng.vec_sym(k * n, 1.0))?;
@@ -149,7 +158,11 @@ pub fn matmul_gflops(ctx: &GpuContext, m: usize, n: usize, k: usize, spec: Matmu
 
 /// The MoE layer the benchmark runs: T=4096, D=512, F=2048, E=16 (quick: T=512, D=256, F=512).
 pub fn bench_layer_config(gating: Gating, quick: bool) -> (usize, MoeConfig) {
-    let (t, d, f) = if quick { (512, 256, 512) } else { (4096, 512, 2048) };
+    let (t, d, f) = if quick {
+        (512, 256, 512)
+    } else {
+        (4096, 512, 2048)
+    };
     (
         t,
         MoeConfig {
@@ -168,7 +181,11 @@ pub fn bench_layer_config(gating: Gating, quick: bool) -> (usize, MoeConfig) {
 const ROUTER_SCALE: f32 = 6.0;
 
 /// One MoE layer forward, tokens/s, plus the expert GEMMs alone (GFLOP/s).
-pub async fn moe_layer_figure(ctx: &GpuContext, gating: Gating, quick: bool) -> Result<(MoeFigure, f64, usize)> {
+pub async fn moe_layer_figure(
+    ctx: &GpuContext,
+    gating: Gating,
+    quick: bool,
+) -> Result<(MoeFigure, f64, usize)> {
     let (t, cfg) = bench_layer_config(gating, quick);
     let mut w = MoeWeights::random(&cfg, 11);
     w.w_router.iter_mut().for_each(|v| *v *= ROUTER_SCALE);
@@ -212,8 +229,22 @@ pub fn dense_equal_flops_gflops(ctx: &GpuContext, slots: usize, d: usize, f: usi
     let y = Tensor::<f32>::zeros(ctx, "y", &[slots, d])?;
     let up = MatmulShape::nn(slots, f, d);
     let down = MatmulShape::nn(slots, d, f);
-    let mm1 = Matmul::new(ctx, &up, MatmulSpec::choose(ctx, slots, f, d, Trans::NN), &x, &w1, &h)?;
-    let mm2 = Matmul::new(ctx, &down, MatmulSpec::choose(ctx, slots, d, f, Trans::NN), &h, &w2, &y)?;
+    let mm1 = Matmul::new(
+        ctx,
+        &up,
+        MatmulSpec::choose(ctx, slots, f, d, Trans::NN),
+        &x,
+        &w1,
+        &h,
+    )?;
+    let mm2 = Matmul::new(
+        ctx,
+        &down,
+        MatmulSpec::choose(ctx, slots, d, f, Trans::NN),
+        &h,
+        &w2,
+        &y,
+    )?;
     let s = time_dispatches(ctx, 1, 3, |enc| {
         let mut pass = enc.begin_compute_pass(&Default::default());
         mm1.record(&mut pass);
@@ -232,11 +263,18 @@ pub async fn bench_kernels(
     let peak = fma_peak(ctx).await?;
     log(&format!("FMA peak {peak:.1} GFLOP/s"));
     let (bw, copy_bw) = copy_bandwidth(ctx, if quick { 16 } else { 64 })?;
-    log(&format!("copy {bw:.1} GB/s in shader, {copy_bw:.1} GB/s copy_buffer_to_buffer"));
+    log(&format!(
+        "copy {bw:.1} GB/s in shader, {copy_bw:.1} GB/s copy_buffer_to_buffer"
+    ));
     let shapes: &[(usize, usize, usize)] = if quick {
         &[(256, 256, 256), (512, 512, 512)]
     } else {
-        &[(1024, 1024, 1024), (4096, 4096, 1024), (4096, 16, 512), (2048, 2048, 512)]
+        &[
+            (1024, 1024, 1024),
+            (4096, 4096, 1024),
+            (4096, 16, 512),
+            (2048, 2048, 512),
+        ]
     };
     let mut matmul = Vec::new();
     for &(m, n, k) in shapes {
@@ -244,12 +282,22 @@ pub async fn bench_kernels(
         // The chosen spec, and in full runs every other one the adapter can build.
         let mut specs = vec![chosen];
         if !quick {
-            specs.extend(MatmulSpec::configs().into_iter().filter(|s| *s != chosen && s.available(ctx)));
+            specs.extend(
+                MatmulSpec::configs()
+                    .into_iter()
+                    .filter(|s| *s != chosen && s.available(ctx)),
+            );
         }
         for spec in specs {
             let gflops = matmul_gflops(ctx, m, n, k, spec)?;
-            let variant = format!("{}{}", spec.label(), if spec == chosen { " (chosen)" } else { "" });
-            log(&format!("matmul {m}x{n}x{k} {variant}: {gflops:.1} GFLOP/s"));
+            let variant = format!(
+                "{}{}",
+                spec.label(),
+                if spec == chosen { " (chosen)" } else { "" }
+            );
+            log(&format!(
+                "matmul {m}x{n}x{k} {variant}: {gflops:.1} GFLOP/s"
+            ));
             matmul.push(MatmulFigure {
                 m,
                 n,

@@ -180,9 +180,12 @@ fn conformance_cmd(
     let cases = conformance::cases(family);
     let ctxs = pollster::block_on(GpuContext::all(&args.filter()?))?;
     let mut reports: Vec<AdapterReport> = Vec::new();
-    let (kw, cw) = cases.iter().map(|c| c.names()).fold((6, 4), |(kw, cw), (k, c)| {
-        (kw.max(k.len()), cw.max(c.len()))
-    });
+    let (kw, cw) = cases
+        .iter()
+        .map(|c| c.names())
+        .fold((6, 4), |(kw, cw), (k, c)| {
+            (kw.max(k.len()), cw.max(c.len()))
+        });
     for ctx in &ctxs {
         println!("== {} ({} cases)", ctx.adapter_label(), cases.len());
         println!(

@@ -1,23 +1,158 @@
-//! Placeholder: conformance cases of the matmul kernels.
+//! Conformance cases of the matmul kernel (`kernels::matmul`): every
+//! specialization, every transpose, edge shapes (1x1x1, sizes that are not
+//! multiples of any tile, M = 1, narrow N, K = 0, alpha and beta), against the
+//! twin `reference::matmul::matmul`. One timed case per specialization
+//! reports GFLOP/s.
 
-use super::CheckResult;
+use super::{CheckResult, Rng, Stopwatch};
 use crate::error::Result;
-use crate::gpu::GpuContext;
+use crate::gpu::{GpuContext, Tensor};
+use crate::kernels::matmul::{Matmul, MatmulShape, MatmulSpec, Trans};
+use crate::reference::matmul::matmul as matmul_twin;
+use crate::tol::Tol;
 
 /// A matmul conformance case.
 #[derive(Clone, Debug)]
-pub enum Case {}
+pub struct Case {
+    pub shape: MatmulShape,
+    pub spec: MatmulSpec,
+    pub seed: u64,
+    /// Time the GPU run and report GFLOP/s.
+    pub timed: bool,
+}
 
 impl Case {
     pub fn names(&self) -> (String, String) {
-        match *self {}
+        let s = &self.shape;
+        let mut case = format!("{} M={} N={} K={}", s.trans, s.m, s.n, s.k);
+        if s.alpha != 1.0 || s.beta != 0.0 {
+            case += &format!(" alpha={} beta={}", s.alpha, s.beta);
+        }
+        case += &format!(" [{}]", self.spec.with_beta(s.beta != 0.0).label());
+        (self.spec.name().to_string(), case)
     }
 }
 
-pub fn cases() -> Vec<Case> {
-    Vec::new()
+/// (M, N, K, alpha, beta) of the edge cases.
+const SHAPES: &[(usize, usize, usize, f32, f32)] = &[
+    (1, 1, 1, 1.0, 0.0),
+    (7, 13, 5, 1.0, 0.0),
+    (64, 64, 64, 1.0, 0.0),
+    (129, 65, 33, 1.0, 0.0),
+    (1, 256, 512, 1.0, 0.0),
+    // Router-like: many tokens, N = E = 16.
+    (300, 16, 128, 1.0, 0.0),
+    // K = 0: C = beta * C.
+    (5, 7, 0, 1.0, 0.5),
+    (33, 20, 17, 0.5, -1.5),
+];
+
+/// The timed case of every specialization.
+const TIMED: (usize, usize, usize) = (512, 512, 512);
+
+/// Configurations whose beta (C-reading) specialization is checked too. The
+/// others share its epilogue code; leaving them out saves compiling four
+/// large pipelines per adapter (a minute on a CPU adapter).
+fn beta_checked(spec: &MatmulSpec) -> bool {
+    [MatmulSpec::SUBGROUP_SQUARE, MatmulSpec::BLOCKED_SQUARE, MatmulSpec::TILED].contains(spec)
 }
 
-pub async fn run(_ctx: &GpuContext, case: &Case) -> Result<CheckResult> {
-    match *case {}
+pub fn cases() -> Vec<Case> {
+    let mut v = Vec::new();
+    let mut seed = 1;
+    for spec in MatmulSpec::configs() {
+        for trans in Trans::ALL {
+            for &(m, n, k, alpha, beta) in SHAPES {
+                if beta != 0.0 && !beta_checked(&spec) {
+                    continue;
+                }
+                seed += 1;
+                v.push(Case {
+                    shape: MatmulShape {
+                        m,
+                        n,
+                        k,
+                        trans,
+                        alpha,
+                        beta,
+                    },
+                    spec,
+                    seed,
+                    timed: false,
+                });
+            }
+        }
+        let (m, n, k) = TIMED;
+        seed += 1;
+        v.push(Case {
+            shape: MatmulShape::nn(m, n, k),
+            spec,
+            seed,
+            timed: true,
+        });
+    }
+    v
+}
+
+pub async fn run(ctx: &GpuContext, case: &Case) -> Result<CheckResult> {
+    let (kernel, name) = case.names();
+    let s = &case.shape;
+    if let Err(e) = case.spec.check(ctx) {
+        // Not a failure: this adapter lacks what the specialization needs.
+        let mut r = CheckResult::from_comparisons(kernel, name, &[]);
+        r.note = Some(format!("skipped: {e}"));
+        return Ok(r);
+    }
+    let mut rng = Rng::new(case.seed);
+    let a = rng.vec_sym(s.m * s.k, 1.0);
+    let b = rng.vec_sym(s.k * s.n, 1.0);
+    let c0 = rng.vec_sym(s.m * s.n, 1.0);
+    let want = matmul_twin(&a, &b, s.m, s.n, s.k, s.trans, s.alpha, s.beta, Some(&c0));
+
+    let at = Tensor::from_slice(ctx, "a", &s.trans.a_shape(s.m, s.k), &a)?;
+    let bt = Tensor::from_slice(ctx, "b", &s.trans.b_shape(s.k, s.n), &b)?;
+    let ct = Tensor::from_slice(ctx, "c", &[s.m, s.n], &c0)?;
+    let mm = Matmul::new(ctx, s, case.spec, &at, &bt, &ct)?;
+    let reps = if case.timed { 3 } else { 1 };
+    // Untimed warm-up when timing (the pipeline is compiled in `new`).
+    if case.timed {
+        run_once(ctx, &mm, 1)?;
+        ct.write(ctx, &c0)?;
+    }
+    let sw = Stopwatch::start();
+    run_once(ctx, &mm, 1)?;
+    let seconds = sw.seconds();
+    let got = ct.read(ctx).await?;
+    let mut r = CheckResult::from_comparisons(
+        kernel,
+        name,
+        &[("c", Tol::reduction(s.k).compare(&got, &want))],
+    );
+    if case.timed {
+        // beta = 0 here, so repeated runs write the same C.
+        let sw = Stopwatch::start();
+        run_once(ctx, &mm, reps)?;
+        let per_run = sw.seconds() / reps as f64;
+        r.gflops = Some(s.flops() / per_run.min(seconds) / 1e9);
+    }
+    Ok(r)
+}
+
+/// Record `reps` dispatches into one pass, submit, wait.
+fn run_once(ctx: &GpuContext, mm: &Matmul, reps: usize) -> Result<()> {
+    let mut encoder = ctx
+        .device
+        .create_command_encoder(&wgpu::CommandEncoderDescriptor {
+            label: Some("matmul"),
+        });
+    {
+        let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
+            label: Some("matmul"),
+            timestamp_writes: None,
+        });
+        for _ in 0..reps {
+            mm.record(&mut pass);
+        }
+    }
+    ctx.submit_and_wait(encoder)
 }

@@ -7,5 +7,5 @@ pub mod decode;
 pub mod expert;
 pub mod gate;
 pub mod matmul;
-pub mod route;
 pub mod moe;
+pub mod route;

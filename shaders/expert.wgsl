@@ -1,0 +1,209 @@
+// Grouped expert FFN over the routed slot plan (rows = routed slots, padded
+// so that each expert's rows start at a multiple of the row tile):
+//   expert_gemm1_gelu:   h[r, :] = gelu(x[token_of_slot[r], :] · W1[e])
+//   expert_gemm1_swiglu: h[r, :] = silu(x[tok, :] · W1[e]) * (x[tok, :] · W3[e])
+//   expert_gemm2:        y_expert[r, :] = h[r, :] · W2[e]
+// with e = tile_expert[r / tile_m] from the routing buffer (RoutingLayout).
+// Padding rows (token UNUSED) read zeros; what they write is never read.
+// Shapes: x [T, D], token_of_slot [R], W1/W3 [E, D, F], W2 [E, F, D],
+// h [R, F], y_expert [R, D], R = max_rows. Grid (indirect, from the routing
+// kernels): x = row tile (one expert each), y = column tile.
+// Twin: src/reference/expert.rs (`expert_ffn`).
+//
+// Prepended: shaders/activation.wgsl, then the GEMM core of
+// shaders/matmul.wgsl (`//#begin core` .. `//#end core`), which runs the K
+// loop and calls the loaders and the epilogue defined here. Sections
+// `//#if gemm1`, `//#if swiglu` pick the stage.
+
+struct ExpertParams {
+    t: u32,
+    e: u32,
+    d: u32,
+    f: u32,
+    // R: rows of token_of_slot, h and y_expert.
+    rows: u32,
+    // Word offset of tile_expert [max_tiles] in routing.
+    tile_expert: u32,
+    max_tiles: u32,
+    _pad0: u32,
+}
+
+@group(0) @binding(0) var<uniform> p: ExpertParams;
+//#if gemm1
+// x [T, D]
+@group(0) @binding(1) var<storage, read> x: array<f32>;
+// token_of_slot [R]: the token of each row, UNUSED for padding rows
+@group(0) @binding(2) var<storage, read> token_of_slot: array<u32>;
+// routing [RoutingLayout::len()]: tile_expert [max_tiles] at p.tile_expert
+@group(0) @binding(3) var<storage, read> routing: array<u32>;
+// w1 [E, D, F]
+@group(0) @binding(4) var<storage, read> w1: array<f32>;
+//#if swiglu
+// w3 [E, D, F]
+@group(0) @binding(5) var<storage, read> w3: array<f32>;
+// h [R, F]
+@group(0) @binding(6) var<storage, read_write> h: array<f32>;
+//#else
+// h [R, F]
+@group(0) @binding(5) var<storage, read_write> h: array<f32>;
+//#endif
+//#else
+// h [R, F]
+@group(0) @binding(1) var<storage, read> h: array<f32>;
+// routing [RoutingLayout::len()]: tile_expert [max_tiles] at p.tile_expert
+@group(0) @binding(2) var<storage, read> routing: array<u32>;
+// w2 [E, F, D]
+@group(0) @binding(3) var<storage, read> w2: array<f32>;
+// y_expert [R, D]
+@group(0) @binding(4) var<storage, read_write> y_expert: array<f32>;
+//#endif
+
+// Start of this workgroup's expert in the weights (e * K * N).
+var<private> w_base: u32;
+// Start in the A source of the row each row group loads; 0 or 1 to zero
+// padding rows (gemm1).
+var<private> a_row: array<u32, NG>;
+var<private> a_live: array<f32, NG>;
+
+//#if gemm1
+// GEMM 1: K = D, N = F; A rows gathered through token_of_slot.
+fn kdim() -> u32 {
+    return p.d;
+}
+
+fn ndim() -> u32 {
+    return p.f;
+}
+
+fn gemm_row_setup(g: u32, m: u32) {
+    let tok = token_of_slot[m];
+    let live = tok < p.t;
+    a_row[g] = select(0u, tok, live) * p.d;
+    a_live[g] = select(0.0, 1.0, live);
+}
+
+fn a_at(i: u32) -> f32 {
+    return x[i];
+}
+
+fn b_at(w: u32, i: u32) -> f32 {
+//#if swiglu
+    if (w == 1u) {
+        return w3[i];
+    }
+//#endif
+    return w1[i];
+}
+
+fn gemm_store4(m: u32, n: u32, v: vec4<f32>, v2: vec4<f32>) {
+    if (m >= p.rows) {
+        return;
+    }
+    let i = m * p.f + n;
+//#if swiglu
+    let o = vec4<f32>(act_silu(v.x) * v2.x, act_silu(v.y) * v2.y, act_silu(v.z) * v2.z, act_silu(v.w) * v2.w);
+//#else
+    let o = vec4<f32>(act_gelu(v.x), act_gelu(v.y), act_gelu(v.z), act_gelu(v.w));
+//#endif
+    if (n < p.f) {
+        h[i] = o.x;
+    }
+    if (n + 1u < p.f) {
+        h[i + 1u] = o.y;
+    }
+    if (n + 2u < p.f) {
+        h[i + 2u] = o.z;
+    }
+    if (n + 3u < p.f) {
+        h[i + 3u] = o.w;
+    }
+}
+//#else
+// GEMM 2: K = F, N = D; A rows are the slots themselves.
+fn kdim() -> u32 {
+    return p.f;
+}
+
+fn ndim() -> u32 {
+    return p.d;
+}
+
+fn gemm_row_setup(g: u32, m: u32) {
+    a_row[g] = m * p.f;
+    a_live[g] = 1.0;
+}
+
+fn a_at(i: u32) -> f32 {
+    return h[i];
+}
+
+fn b_at(w: u32, i: u32) -> f32 {
+    return w2[i];
+}
+
+fn gemm_store4(m: u32, n: u32, v: vec4<f32>, v2: vec4<f32>) {
+    if (m >= p.rows) {
+        return;
+    }
+    let i = m * p.d + n;
+    if (n < p.d) {
+        y_expert[i] = v.x;
+    }
+    if (n + 1u < p.d) {
+        y_expert[i + 1u] = v.y;
+    }
+    if (n + 2u < p.d) {
+        y_expert[i + 2u] = v.z;
+    }
+    if (n + 3u < p.d) {
+        y_expert[i + 3u] = v.w;
+    }
+}
+//#endif
+
+// A(row of group g, k..k+4); zeros past K and for padding rows.
+fn gemm_load_a4(g: u32, k: u32) -> vec4<f32> {
+    let kd = kdim();
+    let ks = vec4<u32>(k) + vec4<u32>(0u, 1u, 2u, 3u);
+    let i = vec4<u32>(a_row[g]) + min(ks, vec4<u32>(kd - 1u));
+    let v = vec4<f32>(a_at(i.x), a_at(i.y), a_at(i.z), a_at(i.w)) * a_live[g];
+    return select(vec4<f32>(0.0), v, ks < vec4<u32>(kd));
+}
+
+// W_w[e](k, n..n+4); zeros past K or N.
+fn gemm_load_b4(w: u32, k: u32, n: u32) -> vec4<f32> {
+    let kd = kdim();
+    let nd = ndim();
+    let ns = vec4<u32>(n) + vec4<u32>(0u, 1u, 2u, 3u);
+    let i = vec4<u32>(w_base + min(k, kd - 1u) * nd) + min(ns, vec4<u32>(nd - 1u));
+    let v = vec4<f32>(b_at(w, i.x), b_at(w, i.y), b_at(w, i.z), b_at(w, i.w));
+    return select(vec4<f32>(0.0), v, (ns < vec4<u32>(nd)) & vec4<bool>(k < kd));
+}
+
+fn expert_main(lid: vec3<u32>, wid: vec3<u32>) {
+    let tile = wid.x;
+    // Every row tile belongs to one expert (clamped: never index past E).
+    let e = min(routing[p.tile_expert + min(tile, p.max_tiles - 1u)], p.e - 1u);
+    w_base = e * kdim() * ndim();
+    let ln = GemmLane(tile * GEMM_TILE_M, wid.y * GEMM_TILE_N, lid.x, lid.y);
+    gemm_run(ln, p.rows, kdim());
+}
+
+//#if gemm1
+//#if swiglu
+@compute @workgroup_size(WX, WY)
+fn expert_gemm1_swiglu(@builtin(local_invocation_id) lid: vec3<u32>, @builtin(workgroup_id) wid: vec3<u32>) {
+    expert_main(lid, wid);
+}
+//#else
+@compute @workgroup_size(WX, WY)
+fn expert_gemm1_gelu(@builtin(local_invocation_id) lid: vec3<u32>, @builtin(workgroup_id) wid: vec3<u32>) {
+    expert_main(lid, wid);
+}
+//#endif
+//#else
+@compute @workgroup_size(WX, WY)
+fn expert_gemm2(@builtin(local_invocation_id) lid: vec3<u32>, @builtin(workgroup_id) wid: vec3<u32>) {
+    expert_main(lid, wid);
+}
+//#endif
