@@ -208,11 +208,24 @@ fn conformance_cmd(
             let _ = std::io::stdout().flush();
         }));
         let failed = report.kernels.iter().filter(|k| !k.pass).count();
+        // One line per reason, not per case.
+        let mut reasons: Vec<(&str, usize)> = Vec::new();
+        for why in &report.not_applicable {
+            let reason = why.split_once("]: ").map_or(why.as_str(), |(_, r)| r);
+            match reasons.iter_mut().find(|(r, _)| *r == reason) {
+                Some((_, n)) => *n += 1,
+                None => reasons.push((reason, 1)),
+            }
+        }
+        for (reason, n) in reasons {
+            println!("n/a ({n} cases): {reason}");
+        }
         println!(
-            "-- {}: {} passed, {} failed",
+            "-- {}: {} passed, {} failed, {} not applicable on this adapter",
             ctx.adapter_label(),
             report.kernels.len() - failed,
-            failed
+            failed,
+            report.not_applicable.len()
         );
         reports.push(report);
     }

@@ -161,12 +161,6 @@ async fn run_ffn(
         stage: ExpertStage::gemm1(s.act),
         core: c.core,
     };
-    if let Err(e) = c.core.check(ctx) {
-        // Not a failure: this adapter lacks what the core needs.
-        let mut r = CheckResult::from_comparisons(kernel, name, &[]);
-        r.note = Some(format!("skipped: {e}"));
-        return Ok(r);
-    }
     let (t, k, e, d, f) = (s.t, s.k, s.e, s.d, s.f);
     let layout = s.layout(&spec);
     let rows = layout.max_rows();

@@ -115,6 +115,18 @@ impl Case {
         }
     }
 
+    /// Whether this adapter can run the case at all (a subgroup kernel needs
+    /// subgroups, a tiled one enough workgroup memory); `Err` says why not.
+    /// Such cases are listed as not applicable, never counted as passed.
+    pub fn applies(&self, ctx: &GpuContext) -> std::result::Result<(), String> {
+        let r = match self {
+            Case::Matmul(c) => c.spec.check(ctx),
+            Case::Expert(expert::Case::Ffn(c)) => c.core.check(ctx),
+            _ => Ok(()),
+        };
+        r.map_err(|e| e.to_string())
+    }
+
     /// Run the case; an error becomes a failed result naming it.
     pub async fn run(&self, ctx: &GpuContext) -> CheckResult {
         let r: Result<CheckResult> = match self {
@@ -151,6 +163,8 @@ pub struct AdapterReport {
     pub backend: String,
     pub name: String,
     pub kernels: Vec<CheckResult>,
+    /// Cases this adapter cannot run ("kernel [case]: why"), not run.
+    pub not_applicable: Vec<String>,
 }
 
 impl AdapterReport {
@@ -166,7 +180,13 @@ pub async fn run_cases(
     mut progress: impl FnMut(&CheckResult),
 ) -> AdapterReport {
     let mut kernels = Vec::with_capacity(cases.len());
+    let mut not_applicable = Vec::new();
     for c in cases {
+        if let Err(why) = c.applies(ctx) {
+            let (k, name) = c.names();
+            not_applicable.push(format!("{k} [{name}]: {why}"));
+            continue;
+        }
         let r = c.run(ctx).await;
         progress(&r);
         kernels.push(r);
@@ -175,6 +195,7 @@ pub async fn run_cases(
         backend: ctx.backend(),
         name: ctx.info.name.clone(),
         kernels,
+        not_applicable,
     }
 }
 

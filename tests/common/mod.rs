@@ -78,6 +78,15 @@ pub fn conformance_family(family: &str) {
             ctx.adapter_label(),
             bad.join("\n")
         );
-        eprintln!("   {} {family} cases passed", report.kernels.len());
+        assert!(
+            !report.kernels.is_empty(),
+            "no {family} case applies to {}",
+            ctx.adapter_label()
+        );
+        eprintln!(
+            "   {} {family} cases passed, {} not applicable here",
+            report.kernels.len(),
+            report.not_applicable.len()
+        );
     });
 }
