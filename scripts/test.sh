@@ -30,6 +30,9 @@ apt_install() {
 command -v cargo >/dev/null || { echo "cargo not found: install a Rust toolchain (rustup) first" >&2; exit 1; }
 rustup component list --installed 2>/dev/null | grep -q rustfmt || rustup component add rustfmt clippy || true
 
+# Mesa warns about this without a display session; harmless, keep logs clean.
+export XDG_RUNTIME_DIR="${XDG_RUNTIME_DIR:-$(mktemp -d)}"
+
 log "build"
 cargo build --locked --all-targets
 
@@ -54,8 +57,6 @@ if [ -z "${AMOE_REQUIRE_BACKENDS+x}" ] && [[ "$(uname -s)" == Linux ]]; then
     export AMOE_REQUIRE_BACKENDS=vulkan,gl
 fi
 export AMOE_REQUIRE_ADAPTERS=1
-# Mesa warns about this without a display session; harmless, keep logs clean.
-export XDG_RUNTIME_DIR="${XDG_RUNTIME_DIR:-$(mktemp -d)}"
 
 log "fmt"
 cargo fmt --all -- --check
