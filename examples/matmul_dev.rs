@@ -10,12 +10,22 @@
 //! `--quick` skips the 4096 x 4096 x 1024 shape; `--all` also runs the
 //! variants `choose` would not pick on this adapter on the big shapes.
 //!
-//! Example output (2-core AMD EPYC 7001 VM, Mesa 22.3 lavapipe):
-//!     vulkan/llvmpipe (LLVM 15.0.6, 256 bits): FMA peak 45.3 GFLOP/s
-//!     matmul nn 1024x1024x1024 [subgroup 96x96]   max err 0.0e0   10.1 GFLOP/s  22.3% of peak
-//!     ...
-//!     expert gemm1+gemm2 gelu T=4096 K=2 E=16 D=512 F=1024 [subgroup 96x96]  max err 1.9e-6  9.4 GFLOP/s
-//!     dense equal-FLOPs 9.9 GFLOP/s, grouped/dense 0.95
+//! Example output (2-vCPU AMD EPYC 7001 VM, Mesa 22.3.6 lavapipe / llvmpipe;
+//! `*` marks the variant `MatmulSpec::choose` picks; other lines elided):
+//!     vulkan/llvmpipe (LLVM 15.0.6, 256 bits): FMA peak 38.8 GFLOP/s
+//!     matmul nn 1024x1024x1024 [subgroup 96x96]* max err 1.3e-5  9.6 GFLOP/s  24.7% of peak
+//!     matmul nn 1024x1024x1024 [blocked 32x128]  max err 1.3e-5  3.3 GFLOP/s  8.6% of peak
+//!     matmul nn 1024x1024x1024 [tiled 64x64]  max err 1.3e-5  0.6 GFLOP/s  1.5% of peak
+//!     matmul nt 1024x1024x1024 [subgroup 96x96]* max err 1.5e-5  9.9 GFLOP/s  25.5% of peak
+//!     matmul tn 1024x1024x1024 [subgroup 96x96]* max err 1.3e-5  9.5 GFLOP/s  24.4% of peak
+//!     matmul nn 4096x16x512 [subgroup 128x32]* max err 3.8e-6  3.3 GFLOP/s  8.5% of peak
+//!     matmul nn 4096x4096x1024 [subgroup 96x96]* max err 1.5e-5  10.2 GFLOP/s  26.3% of peak
+//!     expert gemm1+gemm2 Gelu T=2048 K=2 E=16 D=512 F=1024 [subgroup 96x96] max err 8.3e-7  8.2 GFLOP/s  21.1% of peak; dense equal-FLOPs 9.4 GFLOP/s; grouped/dense 0.87
+//!     expert gemm1+gemm2 SwiGlu T=2048 K=2 E=16 D=512 F=1024 [subgroup 96x96] max err 1.1e-6  9.2 GFLOP/s  23.7% of peak; dense equal-FLOPs 9.6 GFLOP/s; grouped/dense 0.96
+//!     gl/llvmpipe (LLVM 15.0.6, 256 bits): FMA peak 45.1 GFLOP/s
+//!     matmul nn 1024x1024x1024 [blocked 32x128]* max err 1.3e-5  3.4 GFLOP/s  7.5% of peak
+//!     matmul nn 4096x4096x1024 [blocked 32x128]* max err 1.5e-5  3.3 GFLOP/s  7.4% of peak
+//!     expert gemm1+gemm2 Gelu T=2048 K=2 E=16 D=512 F=1024 [blocked 32x128] max err 8.3e-7  3.2 GFLOP/s  7.0% of peak; dense equal-FLOPs 3.3 GFLOP/s; grouped/dense 0.97
 
 use amoe::bench::{fma_peak, time_dispatches};
 use amoe::conformance::Rng;

@@ -25,7 +25,9 @@ fn compile_all(kernel: &Kernel) -> Result<(), String> {
     if !module.entry_points.iter().any(|e| e.name == entry) {
         return Err(format!("{}: no entry point {entry}", def.name));
     }
-    let uses_subgroups = def.source.contains("enable subgroups");
+    // naga 30 takes subgroup builtins without an `enable` directive: look for their use.
+    let uses_subgroups =
+        def.source.contains("subgroupBroadcast(") || def.source.contains("subgroupShuffle(");
     let uses_f16 = def.source.contains("enable f16");
 
     // SPIR-V (Vulkan).
