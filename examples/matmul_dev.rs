@@ -29,9 +29,10 @@
 
 use amoe::bench::{fma_peak, time_dispatches};
 use amoe::conformance::Rng;
-use amoe::gpu::{AdapterFilter, GpuContext, Tensor, STORAGE_USAGE};
+use amoe::gpu::{AdapterFilter, GpuContext, Tensor};
 use amoe::kernels::expert::{ExpertBuffers, ExpertFfn, ExpertShape, ExpertSpec};
 use amoe::kernels::matmul::{Matmul, MatmulShape, MatmulSpec, MatmulVariant, Trans};
+use amoe::kernels::route::routing_tensor;
 use amoe::kernels::{Activation, RoutingLayout, UNUSED};
 use amoe::reference::activation::{act_gelu, act_silu};
 use amoe::reference::matmul::matmul as matmul_twin;
@@ -134,12 +135,7 @@ async fn bench_expert(ctx: &GpuContext, shape: &ExpertShape, peak: f64) -> Resul
     let swiglu = shape.act == Activation::SwiGlu;
     let xt = Tensor::from_slice(ctx, "x", &[t, d], &x)?;
     let tost = Tensor::from_slice(ctx, "token_of_slot", &[rows], &tos)?;
-    let routing = Tensor::<u32>::with_usage(
-        ctx,
-        "routing",
-        &[layout.len()],
-        STORAGE_USAGE | wgpu::BufferUsages::INDIRECT,
-    )?;
+    let routing = routing_tensor(ctx, &layout)?;
     routing.write(ctx, &words)?;
     let w1t = Tensor::from_slice(ctx, "w1", &[e, d, f], &w1)?;
     let w3t = if swiglu {

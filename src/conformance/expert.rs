@@ -10,9 +10,10 @@
 
 use super::{CheckResult, Rng};
 use crate::error::{Error, Result};
-use crate::gpu::{GpuContext, Tensor, STORAGE_USAGE};
+use crate::gpu::{GpuContext, Tensor};
 use crate::kernels::expert::{ExpertBuffers, ExpertFfn, ExpertShape, ExpertSpec, ExpertStage};
 use crate::kernels::matmul::MatmulSpec;
+use crate::kernels::route::routing_tensor;
 use crate::kernels::{Activation, UNUSED};
 use crate::reference::expert::{expert_ffn, ExpertWeights};
 use crate::reference::route::route;
@@ -178,12 +179,7 @@ async fn run_ffn(
 
     let xt = Tensor::from_slice(ctx, "x", &[t, d], &x)?;
     let tos = Tensor::from_slice(ctx, "token_of_slot", &[rows], &token_of_slot)?;
-    let routing = Tensor::<u32>::with_usage(
-        ctx,
-        "routing",
-        &[layout.len()],
-        STORAGE_USAGE | wgpu::BufferUsages::INDIRECT,
-    )?;
+    let routing = routing_tensor(ctx, &layout)?;
     routing.write(ctx, &words)?;
     let w1t = Tensor::from_slice(ctx, "w1", &[e, d, f], &w1)?;
     let w3t = if swiglu {
