@@ -159,6 +159,7 @@ async fn bench_expert(ctx: &GpuContext, shape: &ExpertShape, peak: f64) -> Resul
             w2: &w2t,
             h: &h,
             y_expert: &y,
+            u: None,
         },
     )?;
     let s_grouped = time_dispatches(ctx, 1, 3, |enc| {

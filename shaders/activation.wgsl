@@ -18,3 +18,11 @@ fn act_gelu(x: f32) -> f32 {
 fn act_silu(x: f32) -> f32 {
     return x / (1.0 + exp(-x));
 }
+
+// d gelu(x) / dx for the tanh approximation (training backward).
+fn act_gelu_grad(x: f32) -> f32 {
+    let c = 0.7978845608028654;
+    let a = 0.044715;
+    let th = tanh_safe(c * (x + a * x * x * x));
+    return 0.5 * (1.0 + th) + 0.5 * x * (1.0 - th * th) * c * (1.0 + 3.0 * a * x * x);
+}

@@ -1,6 +1,7 @@
 // Grouped expert FFN over the routed slot plan (rows = routed slots, padded
 // so that each expert's rows start at a multiple of the row tile):
 //   expert_gemm1_gelu:   h[r, :] = gelu(x[token_of_slot[r], :] · W1[e])
+//   expert_gemm1_gelu_train: the same, also keeping u = x[tok] · W1[e] [R, F]
 //   expert_gemm1_swiglu: h[r, :] = silu(x[tok, :] · W1[e]) * (x[tok, :] · W3[e])
 //   expert_gemm2:        y_expert[r, :] = h[r, :] · W2[e]
 // with e = tile_expert[r / tile_m] from the routing buffer (RoutingLayout).
@@ -46,6 +47,10 @@ struct ExpertParams {
 //#else
 // h [R, F]
 @group(0) @binding(5) var<storage, read_write> h: array<f32>;
+//#if train
+// u [R, F]: the pre-activation, kept for the backward (training)
+@group(0) @binding(6) var<storage, read_write> u: array<f32>;
+//#endif
 //#endif
 //#else
 // h [R, F]
@@ -104,6 +109,20 @@ fn gemm_store4(m: u32, n: u32, v: vec4<f32>, v2: vec4<f32>) {
     let o = vec4<f32>(act_silu(v.x) * v2.x, act_silu(v.y) * v2.y, act_silu(v.z) * v2.z, act_silu(v.w) * v2.w);
 //#else
     let o = vec4<f32>(act_gelu(v.x), act_gelu(v.y), act_gelu(v.z), act_gelu(v.w));
+//#if train
+    if (n < p.f) {
+        u[i] = v.x;
+    }
+    if (n + 1u < p.f) {
+        u[i + 1u] = v.y;
+    }
+    if (n + 2u < p.f) {
+        u[i + 2u] = v.z;
+    }
+    if (n + 3u < p.f) {
+        u[i + 3u] = v.w;
+    }
+//#endif
 //#endif
     if (n < p.f) {
         h[i] = o.x;
@@ -196,10 +215,17 @@ fn expert_gemm1_swiglu(@builtin(local_invocation_id) lid: vec3<u32>, @builtin(wo
     expert_main(lid, wid);
 }
 //#else
+//#if train
+@compute @workgroup_size(WX, WY)
+fn expert_gemm1_gelu_train(@builtin(local_invocation_id) lid: vec3<u32>, @builtin(workgroup_id) wid: vec3<u32>) {
+    expert_main(lid, wid);
+}
+//#else
 @compute @workgroup_size(WX, WY)
 fn expert_gemm1_gelu(@builtin(local_invocation_id) lid: vec3<u32>, @builtin(workgroup_id) wid: vec3<u32>) {
     expert_main(lid, wid);
 }
+//#endif
 //#endif
 //#else
 @compute @workgroup_size(WX, WY)

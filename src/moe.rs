@@ -15,8 +15,12 @@ use crate::kernels::decode::{DecodeBuffers, DecodeFfn};
 use crate::kernels::expert::{ExpertBuffers, ExpertFfn, ExpertShape, ExpertSpec};
 use crate::kernels::gate::{Gate, GateBuffers};
 use crate::kernels::matmul::{Matmul, MatmulShape, MatmulSpec, Trans};
+use crate::kernels::moe_backward::{MoeBackward, MoeBackwardBuffers, MoeBackwardShape};
 use crate::kernels::route::{routing_tensor, Route, RouteBuffers, RouteConfig};
-use crate::kernels::{Activation, GateConfig, RoutingLayout, STATUS_NONFINITE, UNUSED};
+use crate::kernels::{
+    Activation, GateConfig, RoutingLayout, SingleWeight, STATUS_NONFINITE, UNUSED,
+};
+use crate::reference::moe_train::AuxConfig;
 use serde::{Deserialize, Serialize};
 
 /// Up to this many tokens, `Path::Auto` takes the decode path.
@@ -153,10 +157,12 @@ struct GroupedExperts {
     route: Route,
     ffn: ExpertFfn,
     combine: Combine,
-    _token_of_slot: Tensor<u32>,
-    _slot_of_token: Tensor<u32>,
-    _h: Tensor<f32>,
-    _y_expert: Tensor<f32>,
+    token_of_slot: Tensor<u32>,
+    slot_of_token: Tensor<u32>,
+    h: Tensor<f32>,
+    y_expert: Tensor<f32>,
+    /// u [R, F]: GEMM 1's pre-activation (training plans only)
+    u: Option<Tensor<f32>>,
 }
 
 /// Buffers, bind groups and launchers for one token count T: built once,
@@ -215,6 +221,10 @@ impl MoeLayer {
 
     /// Allocate everything a forward of `t` tokens needs.
     pub fn plan(&self, ctx: &GpuContext, t: usize, path: Path) -> Result<MoePlan> {
+        self.plan_with(ctx, t, path, false)
+    }
+
+    fn plan_with(&self, ctx: &GpuContext, t: usize, path: Path, train: bool) -> Result<MoePlan> {
         if t == 0 {
             return Err(Error::invalid("moe_layer", "T = 0 tokens"));
         }
@@ -298,6 +308,11 @@ impl MoeLayer {
             let slot_of_token = Tensor::zeros(ctx, "slot_of_token", &[t, k])?;
             let h = Tensor::zeros(ctx, "h", &[rows, f])?;
             let y_expert = Tensor::zeros(ctx, "y_expert", &[rows, d])?;
+            let u = if train {
+                Some(Tensor::zeros(ctx, "u", &[rows, f])?)
+            } else {
+                None
+            };
             let ffn = ExpertFfn::new(
                 ctx,
                 &expert_shape,
@@ -311,6 +326,7 @@ impl MoeLayer {
                     w2: &self.w2,
                     h: &h,
                     y_expert: &y_expert,
+                    u: u.as_ref(),
                 },
             )?;
             let route = Route::new(
@@ -340,10 +356,11 @@ impl MoeLayer {
                 route,
                 ffn,
                 combine,
-                _token_of_slot: token_of_slot,
-                _slot_of_token: slot_of_token,
-                _h: h,
-                _y_expert: y_expert,
+                token_of_slot,
+                slot_of_token,
+                h,
+                y_expert,
+                u,
             }))
         };
         Ok(MoePlan {
@@ -364,22 +381,97 @@ impl MoeLayer {
 
     /// Record one forward of `plan` into `encoder` (input already in `plan.x`).
     pub fn record(&self, plan: &MoePlan, encoder: &mut wgpu::CommandEncoder) {
-        // The gate ORs status bits and the route counts into a zeroed buffer.
-        encoder.clear_buffer(&plan.routing.buffer, 0, None);
+        plan.clear(encoder);
         let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
             label: Some("moe_layer_forward"),
             timestamp_writes: None,
         });
-        plan.router.record(&mut pass);
-        plan.gate.record(&mut pass);
-        match &plan.experts {
-            Experts::Grouped(g) => {
-                g.route.record(&mut pass);
-                g.ffn.record(&mut pass);
-                g.combine.record(&mut pass);
-            }
-            Experts::Decode(ffn) => ffn.record(&mut pass),
+        plan.record_pass(&mut pass);
+    }
+
+    /// Allocate a training plan for `t` tokens: the grouped forward keeping
+    /// what the backward needs, the backward and the gradients.
+    /// `split`: K chunks of the expert weight-gradient GEMMs (1 on CPU adapters).
+    pub fn plan_train(
+        &self,
+        ctx: &GpuContext,
+        t: usize,
+        aux: &AuxConfig,
+        split: usize,
+    ) -> Result<MoeTrainPlan> {
+        if self.cfg.activation != Activation::Gelu {
+            return Err(Error::invalid(
+                "moe_layer",
+                "training supports GELU experts only (SwiGLU is inference-only for now)",
+            ));
         }
+        let fwd = self.plan_with(ctx, t, Path::Grouped, true)?;
+        let (d, f, e) = (self.cfg.d, self.cfg.f, self.cfg.e);
+        let dy = Tensor::zeros(ctx, "moe_dy", &[t, d])?;
+        let dx = Tensor::zeros(ctx, "moe_dx", &[t, d])?;
+        let dw_router = Tensor::zeros(ctx, "dw_router", &[d, e])?;
+        let dw1 = Tensor::zeros(ctx, "dw1", &[e, d, f])?;
+        let dw2 = Tensor::zeros(ctx, "dw2", &[e, f, d])?;
+        let Experts::Grouped(g) = &fwd.experts else {
+            return Err(Error::invalid(
+                "moe_layer",
+                "training needs the grouped path",
+            ));
+        };
+        let Some(u) = g.u.as_ref() else {
+            return Err(Error::invalid("moe_layer", "training plan without u"));
+        };
+        let core = g.ffn.spec.core;
+        let layout = RoutingLayout {
+            t,
+            k: self.cfg.k(),
+            e,
+            tile_m: g.ffn.tile_m(),
+        };
+        let shape = MoeBackwardShape {
+            layout,
+            d,
+            f,
+            raw_single: self.cfg.gate.single_weight == SingleWeight::RawP1,
+            balance: aux.balance,
+            z_loss: aux.z_loss,
+            split,
+        };
+        let backward = MoeBackward::new(
+            ctx,
+            &shape,
+            core,
+            &MoeBackwardBuffers {
+                x: &fwd.x,
+                dy: &dy,
+                probs: &fwd.probs,
+                topk_ids: &fwd.topk_ids,
+                topk_weights: &fwd.topk_weights,
+                lse: &fwd.lse,
+                routing: &fwd.routing,
+                token_of_slot: &g.token_of_slot,
+                slot_of_token: &g.slot_of_token,
+                u,
+                h: &g.h,
+                y_expert: &g.y_expert,
+                w_router: &self.w_router,
+                w1: &self.w1,
+                w2: &self.w2,
+                dx: &dx,
+                dw_router: &dw_router,
+                dw1: &dw1,
+                dw2: &dw2,
+            },
+        )?;
+        Ok(MoeTrainPlan {
+            fwd,
+            dy,
+            dx,
+            dw_router,
+            dw1,
+            dw2,
+            backward,
+        })
     }
 
     /// Upload `x [T, D]`, record the layer and submit once. Natively this
@@ -396,7 +488,57 @@ impl MoeLayer {
     }
 }
 
+/// A layer's training plan: forward (keeping `u`), backward, gradients.
+pub struct MoeTrainPlan {
+    /// The forward: write the input into `fwd.x`, read the output in `fwd.y`.
+    pub fwd: MoePlan,
+    /// dy [T, D]: write the gradient of the layer output here.
+    pub dy: Tensor<f32>,
+    /// dx [T, D]: the gradient of the layer input.
+    pub dx: Tensor<f32>,
+    /// dw_router [D, E]
+    pub dw_router: Tensor<f32>,
+    /// dw1 [E, D, F]
+    pub dw1: Tensor<f32>,
+    /// dw2 [E, F, D]
+    pub dw2: Tensor<f32>,
+    pub backward: MoeBackward,
+}
+
+impl MoeTrainPlan {
+    /// Record the backward (after the forward, in the same or a later pass).
+    pub fn record_backward(&self, pass: &mut wgpu::ComputePass<'_>) {
+        self.backward.record(pass);
+    }
+
+    /// stats [2E + 2] of the last backward: first-choice fractions, mean
+    /// probabilities, the load-balancing and z losses.
+    pub fn stats(&self) -> &Tensor<f32> {
+        &self.backward.scratch.stats
+    }
+}
+
 impl MoePlan {
+    /// Zero what the gate and route accumulate into (outside any pass).
+    pub fn clear(&self, encoder: &mut wgpu::CommandEncoder) {
+        // The gate ORs status bits and the route counts into a zeroed buffer.
+        encoder.clear_buffer(&self.routing.buffer, 0, None);
+    }
+
+    /// Record the forward kernels into an open pass (after `clear`).
+    pub fn record_pass(&self, pass: &mut wgpu::ComputePass<'_>) {
+        self.router.record(pass);
+        self.gate.record(pass);
+        match &self.experts {
+            Experts::Grouped(g) => {
+                g.route.record(pass);
+                g.ffn.record(pass);
+                g.combine.record(pass);
+            }
+            Experts::Decode(ffn) => ffn.record(pass),
+        }
+    }
+
     /// `y [T, D]`, or `Error::NonFinite` when a token's router logits were NaN/inf.
     pub async fn output(&self, ctx: &GpuContext) -> Result<Vec<f32>> {
         self.check_status(ctx).await?;

@@ -203,6 +203,7 @@ async fn run_ffn(
             w2: &w2t,
             h: &h,
             y_expert: &y,
+            u: None,
         },
     )?;
     let grids = compare_exact(&[ffn.grid_y1(), ffn.grid_y2()], &[grid_y1, grid_y2]);

@@ -23,6 +23,8 @@ const EXPERT_WGSL: &str = include_str!("../../shaders/expert.wgsl");
 pub enum ExpertStage {
     /// `h = gelu(x[tok] · W1[e])`
     Gemm1Gelu,
+    /// GEMM 1 with GELU for training: also keeps the pre-activation `u`.
+    Gemm1GeluTrain,
     /// `h = silu(x[tok] · W1[e]) * (x[tok] · W3[e])`
     Gemm1SwiGlu,
     /// `y_expert = h · W2[e]`
@@ -30,8 +32,9 @@ pub enum ExpertStage {
 }
 
 impl ExpertStage {
-    pub const ALL: [ExpertStage; 3] = [
+    pub const ALL: [ExpertStage; 4] = [
         ExpertStage::Gemm1Gelu,
+        ExpertStage::Gemm1GeluTrain,
         ExpertStage::Gemm1SwiGlu,
         ExpertStage::Gemm2,
     ];
@@ -40,6 +43,7 @@ impl ExpertStage {
     pub fn name(self) -> &'static str {
         match self {
             ExpertStage::Gemm1Gelu => "expert_gemm1_gelu",
+            ExpertStage::Gemm1GeluTrain => "expert_gemm1_gelu_train",
             ExpertStage::Gemm1SwiGlu => "expert_gemm1_swiglu",
             ExpertStage::Gemm2 => "expert_gemm2",
         }
@@ -56,6 +60,7 @@ impl ExpertStage {
     fn flags(self) -> Vec<&'static str> {
         match self {
             ExpertStage::Gemm1Gelu => vec!["gemm1"],
+            ExpertStage::Gemm1GeluTrain => vec!["gemm1", "train"],
             ExpertStage::Gemm1SwiGlu => vec!["gemm1", "swiglu"],
             ExpertStage::Gemm2 => vec![],
         }
@@ -70,6 +75,15 @@ impl ExpertStage {
                 Binding::Read,      // routing [L]
                 Binding::Read,      // w1 [E, D, F]
                 Binding::ReadWrite, // h [R, F]
+            ],
+            ExpertStage::Gemm1GeluTrain => vec![
+                Binding::Uniform,
+                Binding::Read,      // x [T, D]
+                Binding::Read,      // token_of_slot [R]
+                Binding::Read,      // routing [L]
+                Binding::Read,      // w1 [E, D, F]
+                Binding::ReadWrite, // h [R, F]
+                Binding::ReadWrite, // u [R, F]
             ],
             ExpertStage::Gemm1SwiGlu => vec![
                 Binding::Uniform,
@@ -324,6 +338,9 @@ pub struct ExpertBuffers<'a> {
     pub h: &'a Tensor<f32>,
     /// y_expert [R, D]
     pub y_expert: &'a Tensor<f32>,
+    /// u [R, F]: when given (training, GELU), GEMM 1 also keeps its
+    /// pre-activation here for the backward.
+    pub u: Option<&'a Tensor<f32>>,
 }
 
 /// The expert FFN of one shape on fixed tensors, ready to record.
@@ -344,8 +361,24 @@ impl ExpertFfn {
         spec: ExpertSpec,
         bufs: ExpertBuffers<'_>,
     ) -> Result<Self> {
-        let spec = spec.with_stage(ExpertStage::gemm1(shape.act));
+        let spec = match (bufs.u, shape.act) {
+            (Some(_), Activation::Gelu) => spec.with_stage(ExpertStage::Gemm1GeluTrain),
+            (Some(_), Activation::SwiGlu) => {
+                return Err(Error::invalid(
+                    "expert_ffn",
+                    "training (keeping u) supports GELU experts only",
+                ))
+            }
+            (None, act) => spec.with_stage(ExpertStage::gemm1(act)),
+        };
         shape.check_limits(ctx, &spec)?;
+        if let Some(u) = bufs.u {
+            u.expect_shape(
+                "expert_ffn",
+                "u",
+                &[shape.layout(&spec).max_rows(), shape.f],
+            )?;
+        }
         let (t, e, d, f) = (shape.t, shape.e, shape.d, shape.f);
         let layout = shape.layout(&spec);
         let rows = layout.max_rows();
@@ -409,14 +442,20 @@ impl ExpertFfn {
             &bufs.w1.buffer,
             &bufs.h.buffer,
         );
-        let gemm1 = match bufs.w3 {
-            Some(w3) => Dispatch::new(
+        let gemm1 = match (bufs.w3, bufs.u) {
+            (_, Some(u)) => Dispatch::new(
+                ctx,
+                gemm1,
+                &[&params_buf, x, tos, routing, w1, h, &u.buffer],
+                indirect(RoutingLayout::ARGS1),
+            )?,
+            (Some(w3), None) => Dispatch::new(
                 ctx,
                 gemm1,
                 &[&params_buf, x, tos, routing, w1, &w3.buffer, h],
                 indirect(RoutingLayout::ARGS1),
             )?,
-            None => Dispatch::new(
+            (None, None) => Dispatch::new(
                 ctx,
                 gemm1,
                 &[&params_buf, x, tos, routing, w1, h],

@@ -11,6 +11,7 @@ pub mod decode;
 pub mod expert;
 pub mod gate;
 pub mod matmul;
+pub mod moe_backward;
 pub mod roofline;
 pub mod route;
 
@@ -28,6 +29,8 @@ pub enum Kernel {
     Combine(combine::CombineSpec),
     Decode(decode::DecodeSpec),
     Roofline(roofline::RooflineSpec),
+    MoeBackward(moe_backward::MoeBackwardSpec),
+    ExpertBackward(moe_backward::ExpertBackwardSpec),
 }
 
 impl Kernel {
@@ -40,6 +43,8 @@ impl Kernel {
             Kernel::Combine(s) => s.def(),
             Kernel::Decode(s) => s.def(),
             Kernel::Roofline(s) => s.def(),
+            Kernel::MoeBackward(s) => s.def(),
+            Kernel::ExpertBackward(s) => s.def(),
         }
     }
 
@@ -57,6 +62,16 @@ impl Kernel {
             roofline::RooflineSpec::all()
                 .into_iter()
                 .map(Kernel::Roofline),
+        );
+        v.extend(
+            moe_backward::MoeBackwardSpec::all()
+                .into_iter()
+                .map(Kernel::MoeBackward),
+        );
+        v.extend(
+            moe_backward::ExpertBackwardSpec::all()
+                .into_iter()
+                .map(Kernel::ExpertBackward),
         );
         v
     }
@@ -94,6 +109,7 @@ pub fn params_layouts() -> Vec<ParamsLayout> {
     v.extend(combine::params_layouts());
     v.extend(decode::params_layouts());
     v.extend(roofline::params_layouts());
+    v.extend(moe_backward::params_layouts());
     v
 }
 

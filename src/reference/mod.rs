@@ -8,4 +8,6 @@ pub mod expert;
 pub mod gate;
 pub mod matmul;
 pub mod moe;
+pub mod moe_backward;
+pub mod moe_train;
 pub mod route;

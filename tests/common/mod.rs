@@ -34,7 +34,14 @@ fn contexts() -> &'static [GpuContext] {
 }
 
 /// Run `body` on every adapter. Returns how many adapters ran it.
+///
+/// GPU bodies of one test binary run one at a time: wgpu's GL backend gives
+/// up on its context lock after a few seconds (a panic, not an error), and a
+/// concurrent test compiling a large shader on llvmpipe can hold it longer.
 pub fn for_each_adapter(mut body: impl FnMut(&GpuContext)) -> usize {
+    static GPU: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    // A failed test poisons the lock; the next one may still run.
+    let _guard = GPU.lock().unwrap_or_else(|e| e.into_inner());
     let ctxs = contexts();
     if ctxs.is_empty() {
         eprintln!("no GPU adapter: GPU test skipped (set CI=true to make this a failure)");

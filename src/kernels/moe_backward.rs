@@ -1,0 +1,702 @@
+//! Launchers of the MoE layer's backward (`shaders/moe_backward.wgsl` for the
+//! routing side, `shaders/expert_backward.wgsl` for the grouped expert
+//! GEMMs), over the forward's slot plan. Every scatter-add of the backward is
+//! a gather over the sorted slot order: no float atomics, the same bits run
+//! to run. Twins: `reference::moe_backward` (same names), and the whole layer
+//! against `reference::moe_train::moe_layer_backward`.
+//!
+//! Order of one layer's backward (`MoeBackward::record`):
+//! 1. `combine_backward_slots` (dys = w dy per slot row) and
+//!    `combine_backward_weights` (dw = <dy, y_expert>);
+//! 2. `gate_stats` (f_e, P_e, losses) and `gate_backward` (dz);
+//! 3. `expert_gemm2_backward_gelu` (da) and `expert_gemm1_backward` (dxs),
+//!    dispatched indirectly like the forward GEMMs;
+//! 4. the dispatch backward: dx = sum_j dxs[slot_of_token[t, j]] (the combine
+//!    kernel with unit weights);
+//! 5. `expert_weight_grad_w2` / `_w1` (split-K, then
+//!    `expert_weight_grad_reduce` when split > 1);
+//! 6. the router's two dense GEMMs: dx += dz · W_r^T, dW_r = x^T · dz.
+
+use super::combine::{Combine, CombineBuffers};
+use super::matmul::{gemm_core, wgsl_select, Matmul, MatmulShape, MatmulSpec, Trans};
+use super::{grid_1d, Kernel, ParamsLayout, RoutingLayout, UNUSED};
+use crate::error::{Error, Result};
+use crate::gpu::{uniform, Binding, Dispatch, GpuContext, Grid, KernelDef, Tensor};
+use crate::gpu_params;
+
+const ACTIVATION_WGSL: &str = include_str!("../../shaders/activation.wgsl");
+const EXPERT_BACKWARD_WGSL: &str = include_str!("../../shaders/expert_backward.wgsl");
+const MOE_BACKWARD_WGSL: &str = include_str!("../../shaders/moe_backward.wgsl");
+
+/// Invocations per workgroup of the routing-side kernels.
+pub const MOE_BACKWARD_WG: u32 = 64;
+
+/// The routing-side kernels.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum MoeBackwardSpec {
+    CombineSlots,
+    CombineWeights,
+    GateStats,
+    GateBackward,
+    WeightGradReduce,
+}
+
+impl MoeBackwardSpec {
+    pub const ALL: [MoeBackwardSpec; 5] = [
+        MoeBackwardSpec::CombineSlots,
+        MoeBackwardSpec::CombineWeights,
+        MoeBackwardSpec::GateStats,
+        MoeBackwardSpec::GateBackward,
+        MoeBackwardSpec::WeightGradReduce,
+    ];
+
+    pub fn name(&self) -> &'static str {
+        match self {
+            MoeBackwardSpec::CombineSlots => "combine_backward_slots",
+            MoeBackwardSpec::CombineWeights => "combine_backward_weights",
+            MoeBackwardSpec::GateStats => "gate_stats",
+            MoeBackwardSpec::GateBackward => "gate_backward",
+            MoeBackwardSpec::WeightGradReduce => "expert_weight_grad_reduce",
+        }
+    }
+
+    fn flag(&self) -> &'static str {
+        match self {
+            MoeBackwardSpec::CombineSlots => "slots",
+            MoeBackwardSpec::CombineWeights => "weights",
+            MoeBackwardSpec::GateStats => "stats",
+            MoeBackwardSpec::GateBackward => "gate",
+            MoeBackwardSpec::WeightGradReduce => "reduce",
+        }
+    }
+
+    fn bindings(&self) -> Vec<Binding> {
+        use Binding::*;
+        match self {
+            // dy, topk_weights, slot_of_token, token_of_slot, routing -> dys
+            MoeBackwardSpec::CombineSlots => vec![Uniform, Read, Read, Read, Read, Read, ReadWrite],
+            // dy, slot_of_token, y_expert -> dw
+            MoeBackwardSpec::CombineWeights => vec![Uniform, Read, Read, Read, ReadWrite],
+            // probs, topk_ids, lse -> stats
+            MoeBackwardSpec::GateStats => vec![Uniform, Read, Read, Read, ReadWrite],
+            // probs, topk_ids, topk_weights, dw, lse, stats -> dz
+            MoeBackwardSpec::GateBackward => {
+                vec![Uniform, Read, Read, Read, Read, Read, Read, ReadWrite]
+            }
+            // partial -> out
+            MoeBackwardSpec::WeightGradReduce => vec![Uniform, Read, ReadWrite],
+        }
+    }
+
+    pub fn def(&self) -> KernelDef {
+        KernelDef::new(
+            self.name(),
+            &[&wgsl_select(MOE_BACKWARD_WGSL, &[self.flag()])],
+            self.name(),
+            &[("WG", MOE_BACKWARD_WG), ("UNUSED", UNUSED)],
+            &self.bindings(),
+        )
+    }
+
+    pub fn all() -> Vec<Self> {
+        Self::ALL.to_vec()
+    }
+}
+
+/// The grouped expert GEMMs of the backward.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum ExpertBackwardStage {
+    /// `da = (dys · W2[e]^T) * gelu'(u)`
+    Gemm2Gelu,
+    /// `dxs = da · W1[e]^T`
+    Gemm1,
+    /// `dW1[e] = x[tok]^T · da` over the expert's rows
+    WeightW1,
+    /// `dW2[e] = h^T · dys` over the expert's rows
+    WeightW2,
+}
+
+impl ExpertBackwardStage {
+    pub const ALL: [ExpertBackwardStage; 4] = [
+        ExpertBackwardStage::Gemm2Gelu,
+        ExpertBackwardStage::Gemm1,
+        ExpertBackwardStage::WeightW1,
+        ExpertBackwardStage::WeightW2,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            ExpertBackwardStage::Gemm2Gelu => "expert_gemm2_backward_gelu",
+            ExpertBackwardStage::Gemm1 => "expert_gemm1_backward",
+            ExpertBackwardStage::WeightW1 => "expert_weight_grad_w1",
+            ExpertBackwardStage::WeightW2 => "expert_weight_grad_w2",
+        }
+    }
+
+    fn flags(self) -> Vec<&'static str> {
+        match self {
+            ExpertBackwardStage::Gemm2Gelu => vec!["dh", "rowgemm"],
+            ExpertBackwardStage::Gemm1 => vec!["dx", "rowgemm"],
+            ExpertBackwardStage::WeightW1 => vec!["dw1", "wgrad"],
+            ExpertBackwardStage::WeightW2 => vec!["dw2", "wgrad"],
+        }
+    }
+
+    fn bindings(self) -> Vec<Binding> {
+        use Binding::*;
+        match self {
+            // dys, routing, w2, u -> da
+            ExpertBackwardStage::Gemm2Gelu => vec![Uniform, Read, Read, Read, Read, ReadWrite],
+            // da, routing, w1 -> dxs
+            ExpertBackwardStage::Gemm1 => vec![Uniform, Read, Read, Read, ReadWrite],
+            // x, token_of_slot, routing, da -> dw1
+            ExpertBackwardStage::WeightW1 => vec![Uniform, Read, Read, Read, Read, ReadWrite],
+            // h, routing, dys -> dw2
+            ExpertBackwardStage::WeightW2 => vec![Uniform, Read, Read, Read, ReadWrite],
+        }
+    }
+}
+
+/// One backward expert GEMM on one GEMM core (the forward's core, so that
+/// the row tile matches the routing layout).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct ExpertBackwardSpec {
+    pub stage: ExpertBackwardStage,
+    pub core: MatmulSpec,
+}
+
+impl ExpertBackwardSpec {
+    pub fn name(&self) -> &'static str {
+        self.stage.name()
+    }
+
+    pub fn def(&self) -> KernelDef {
+        let core = self.core.with_beta(false);
+        KernelDef::new(
+            format!("{}[{}]", self.stage.name(), core.label()),
+            &[
+                ACTIVATION_WGSL,
+                &wgsl_select(gemm_core(), &core.flags()),
+                &wgsl_select(EXPERT_BACKWARD_WGSL, &self.stage.flags()),
+            ],
+            self.stage.name(),
+            &[
+                ("WX", core.wx),
+                ("WY", core.wy),
+                ("NG", core.ng),
+                ("CV", core.cv),
+                ("DUAL", 0),
+            ],
+            &self.stage.bindings(),
+        )
+    }
+
+    pub fn all() -> Vec<Self> {
+        ExpertBackwardStage::ALL
+            .into_iter()
+            .flat_map(|stage| {
+                super::expert::ExpertSpec::cores()
+                    .into_iter()
+                    .map(move |core| ExpertBackwardSpec { stage, core })
+            })
+            .collect()
+    }
+}
+
+gpu_params! {
+    /// Mirrors `struct MoeBackParams` in `shaders/moe_backward.wgsl`.
+    pub struct MoeBackParams {
+        pub t: u32,
+        pub k: u32,
+        pub e: u32,
+        pub d: u32,
+        pub rows: u32,
+        pub nx: u32,
+        pub raw_single: u32,
+        pub n: u32,
+        pub split: u32,
+        pub balance: f32,
+        pub z_loss: f32,
+        pub padded_rows_word: u32,
+    }
+}
+
+gpu_params! {
+    /// Mirrors `struct ExpertBackParams` in `shaders/expert_backward.wgsl`.
+    pub struct ExpertBackParams {
+        pub t: u32,
+        pub e: u32,
+        pub d: u32,
+        pub f: u32,
+        pub rows: u32,
+        pub tile_expert: u32,
+        pub max_tiles: u32,
+        pub offsets: u32,
+        pub m_tiles: u32,
+        pub split: u32,
+        pub _pad0: u32,
+        pub _pad1: u32,
+    }
+}
+
+pub fn params_layouts() -> Vec<ParamsLayout> {
+    let mut v: Vec<ParamsLayout> = MoeBackwardSpec::ALL
+        .into_iter()
+        .map(|s| ParamsLayout::of::<MoeBackParams>(Kernel::MoeBackward(s)))
+        .collect();
+    v.extend(ExpertBackwardStage::ALL.into_iter().map(|stage| {
+        ParamsLayout::of::<ExpertBackParams>(Kernel::ExpertBackward(ExpertBackwardSpec {
+            stage,
+            core: MatmulSpec::BLOCKED_SQUARE,
+        }))
+    }));
+    v
+}
+
+/// Shape and rule of one layer's backward.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct MoeBackwardShape {
+    pub layout: RoutingLayout,
+    pub d: usize,
+    pub f: usize,
+    /// A one-expert token's weight is the raw p1 (it carries a gradient).
+    pub raw_single: bool,
+    /// Load-balancing coefficient (0.01).
+    pub balance: f32,
+    /// Router z-loss coefficient (0 = off).
+    pub z_loss: f32,
+    /// K chunks of each expert's rows in the weight GEMMs (>= 1).
+    pub split: usize,
+}
+
+/// What the backward reads (from the forward) and writes.
+pub struct MoeBackwardBuffers<'a> {
+    /// x [T, D]: the layer input
+    pub x: &'a Tensor<f32>,
+    /// dy [T, D]: gradient of the layer output
+    pub dy: &'a Tensor<f32>,
+    /// probs [T, E], topk_ids / topk_weights [T, K], lse [T] (gate outputs)
+    pub probs: &'a Tensor<f32>,
+    pub topk_ids: &'a Tensor<u32>,
+    pub topk_weights: &'a Tensor<f32>,
+    pub lse: &'a Tensor<f32>,
+    /// routing, token_of_slot [R], slot_of_token [T, K] (route outputs)
+    pub routing: &'a Tensor<u32>,
+    pub token_of_slot: &'a Tensor<u32>,
+    pub slot_of_token: &'a Tensor<u32>,
+    /// u, h [R, F]; y_expert [R, D] (expert forward)
+    pub u: &'a Tensor<f32>,
+    pub h: &'a Tensor<f32>,
+    pub y_expert: &'a Tensor<f32>,
+    /// weights: w_router [D, E], w1 [E, D, F], w2 [E, F, D]
+    pub w_router: &'a Tensor<f32>,
+    pub w1: &'a Tensor<f32>,
+    pub w2: &'a Tensor<f32>,
+    /// outputs: dx [T, D], dw_router [D, E], dw1 [E, D, F], dw2 [E, F, D]
+    pub dx: &'a Tensor<f32>,
+    pub dw_router: &'a Tensor<f32>,
+    pub dw1: &'a Tensor<f32>,
+    pub dw2: &'a Tensor<f32>,
+}
+
+/// Scratch tensors of the backward (allocated once per shape).
+pub struct MoeBackwardScratch {
+    /// dys [R, D]
+    pub dys: Tensor<f32>,
+    /// dw [T, K]
+    pub dw: Tensor<f32>,
+    /// stats [2E + 2]: f, P, balance loss, z loss
+    pub stats: Tensor<f32>,
+    /// dz [T, E]
+    pub dz: Tensor<f32>,
+    /// da [R, F]
+    pub da: Tensor<f32>,
+    /// dxs [R, D]
+    pub dxs: Tensor<f32>,
+    /// ones [T, K]: the dispatch backward is a combine with unit weights
+    pub ones: Tensor<f32>,
+    /// split-K partials [split, E, max(D F)] (split > 1 only)
+    pub partial: Option<Tensor<f32>>,
+}
+
+/// Every dispatch of one layer's backward, ready to record.
+pub struct MoeBackward {
+    pub shape: MoeBackwardShape,
+    pub scratch: MoeBackwardScratch,
+    slots: Dispatch,
+    weights: Dispatch,
+    stats: Dispatch,
+    gate: Dispatch,
+    gemm2: Dispatch,
+    gemm1: Dispatch,
+    dispatch_back: Combine,
+    wgrad2: Dispatch,
+    reduce2: Option<Dispatch>,
+    wgrad1: Dispatch,
+    reduce1: Option<Dispatch>,
+    router_dx: Matmul,
+    router_dw: Matmul,
+    _params: Vec<wgpu::Buffer>,
+}
+
+impl MoeBackward {
+    /// `core` must be the forward expert FFN's GEMM core (its row tile is the
+    /// routing layout's `tile_m`; its column tile sets the indirect grids).
+    pub fn new(
+        ctx: &GpuContext,
+        shape: &MoeBackwardShape,
+        core: MatmulSpec,
+        b: &MoeBackwardBuffers<'_>,
+    ) -> Result<Self> {
+        let l = shape.layout;
+        let (t, k, e, d, f) = (l.t, l.k, l.e, shape.d, shape.f);
+        if t == 0 || k == 0 || e == 0 || d == 0 || f == 0 || shape.split == 0 {
+            return Err(Error::invalid(
+                "moe_backward",
+                format!(
+                    "T = {t}, K = {k}, E = {e}, D = {d}, F = {f}, split = {}: all must be >= 1",
+                    shape.split
+                ),
+            ));
+        }
+        if core.tile_rows() as usize != l.tile_m {
+            return Err(Error::invalid(
+                "moe_backward",
+                format!(
+                    "GEMM core row tile {} != routing tile_m {}",
+                    core.tile_rows(),
+                    l.tile_m
+                ),
+            ));
+        }
+        let rows = l.max_rows();
+        let checks: [(&str, &Tensor<f32>, Vec<usize>); 14] = [
+            ("x", b.x, vec![t, d]),
+            ("dy", b.dy, vec![t, d]),
+            ("probs", b.probs, vec![t, e]),
+            ("topk_weights", b.topk_weights, vec![t, k]),
+            ("lse", b.lse, vec![t]),
+            ("u", b.u, vec![rows, f]),
+            ("h", b.h, vec![rows, f]),
+            ("y_expert", b.y_expert, vec![rows, d]),
+            ("w_router", b.w_router, vec![d, e]),
+            ("w1", b.w1, vec![e, d, f]),
+            ("w2", b.w2, vec![e, f, d]),
+            ("dx", b.dx, vec![t, d]),
+            ("dw_router", b.dw_router, vec![d, e]),
+            ("dw1", b.dw1, vec![e, d, f]),
+        ];
+        for (name, tensor, want) in &checks {
+            tensor.expect_shape("moe_backward", name, want)?;
+        }
+        b.dw2.expect_shape("moe_backward", "dw2", &[e, f, d])?;
+        b.topk_ids
+            .expect_shape("moe_backward", "topk_ids", &[t, k])?;
+        b.slot_of_token
+            .expect_shape("moe_backward", "slot_of_token", &[t, k])?;
+        b.token_of_slot
+            .expect_shape("moe_backward", "token_of_slot", &[rows])?;
+        b.routing
+            .expect_shape("moe_backward", "routing", &[l.len()])?;
+        let wsize = (e * d * f) as u64;
+        let split_elems = shape.split as u64 * wsize;
+        if (rows * f.max(d)) as u64 > u32::MAX as u64 || split_elems > u32::MAX as u64 {
+            return Err(Error::Limit {
+                what: "moe_backward: elements of the slot tensors / split-K partials (u32 indices)"
+                    .into(),
+                needed: ((rows * f.max(d)) as u64).max(split_elems),
+                max: u32::MAX as u64,
+            });
+        }
+
+        let scratch = MoeBackwardScratch {
+            dys: Tensor::zeros(ctx, "dys", &[rows, d])?,
+            dw: Tensor::zeros(ctx, "dw", &[t, k])?,
+            stats: Tensor::zeros(ctx, "gate_stats", &[2 * e + 2])?,
+            dz: Tensor::zeros(ctx, "dz", &[t, e])?,
+            da: Tensor::zeros(ctx, "da", &[rows, f])?,
+            dxs: Tensor::zeros(ctx, "dxs", &[rows, d])?,
+            ones: Tensor::from_slice(ctx, "ones", &[t, k], &vec![1.0f32; t * k])?,
+            partial: if shape.split > 1 {
+                ctx.check_binding("moe_backward: split-K partials bytes", 4 * split_elems)?;
+                Some(Tensor::zeros(
+                    ctx,
+                    "wgrad_partial",
+                    &[shape.split, e, d * f],
+                )?)
+            } else {
+                None
+            },
+        };
+        let max_x = ctx.limits.max_compute_workgroups_per_dimension;
+        let mut params = Vec::new();
+        let mk = |n_items: usize, n: usize| -> (wgpu::Buffer, (u32, u32)) {
+            let grid = grid_1d((n_items as u32).div_ceil(MOE_BACKWARD_WG), max_x);
+            let p = MoeBackParams {
+                t: t as u32,
+                k: k as u32,
+                e: e as u32,
+                d: d as u32,
+                rows: rows as u32,
+                nx: grid.0,
+                raw_single: shape.raw_single as u32,
+                n: n as u32,
+                split: shape.split as u32,
+                balance: shape.balance,
+                z_loss: shape.z_loss,
+                padded_rows_word: RoutingLayout::PADDED_ROWS as u32,
+            };
+            (uniform(ctx, &p), grid)
+        };
+        let pipe = |s: MoeBackwardSpec| ctx.pipeline(&Kernel::MoeBackward(s));
+        let direct = |g: (u32, u32)| Grid::Direct(g.0, g.1, 1);
+
+        let (p_slots, g_slots) = mk(rows * d, 0);
+        let slots = Dispatch::new(
+            ctx,
+            pipe(MoeBackwardSpec::CombineSlots)?,
+            &[
+                &p_slots,
+                &b.dy.buffer,
+                &b.topk_weights.buffer,
+                &b.slot_of_token.buffer,
+                &b.token_of_slot.buffer,
+                &b.routing.buffer,
+                &scratch.dys.buffer,
+            ],
+            direct(g_slots),
+        )?;
+        let (p_w, g_w) = mk(t * k, 0);
+        let weights = Dispatch::new(
+            ctx,
+            pipe(MoeBackwardSpec::CombineWeights)?,
+            &[
+                &p_w,
+                &b.dy.buffer,
+                &b.slot_of_token.buffer,
+                &b.y_expert.buffer,
+                &scratch.dw.buffer,
+            ],
+            direct(g_w),
+        )?;
+        let (p_s, _) = mk(1, 0);
+        let stats = Dispatch::new(
+            ctx,
+            pipe(MoeBackwardSpec::GateStats)?,
+            &[
+                &p_s,
+                &b.probs.buffer,
+                &b.topk_ids.buffer,
+                &b.lse.buffer,
+                &scratch.stats.buffer,
+            ],
+            Grid::Direct(1, 1, 1),
+        )?;
+        let (p_g, g_g) = mk(t, 0);
+        let gate = Dispatch::new(
+            ctx,
+            pipe(MoeBackwardSpec::GateBackward)?,
+            &[
+                &p_g,
+                &b.probs.buffer,
+                &b.topk_ids.buffer,
+                &b.topk_weights.buffer,
+                &scratch.dw.buffer,
+                &b.lse.buffer,
+                &scratch.stats.buffer,
+                &scratch.dz.buffer,
+            ],
+            direct(g_g),
+        )?;
+
+        // Expert GEMMs.
+        let m_tiles = |m: usize| m.div_ceil(core.tile_rows() as usize);
+        let ep = |m: usize| ExpertBackParams {
+            t: t as u32,
+            e: e as u32,
+            d: d as u32,
+            f: f as u32,
+            rows: rows as u32,
+            tile_expert: l.tile_expert() as u32,
+            max_tiles: l.max_tiles() as u32,
+            offsets: l.offsets() as u32,
+            m_tiles: m_tiles(m) as u32,
+            split: shape.split as u32,
+            _pad0: 0,
+            _pad1: 0,
+        };
+        let epipe =
+            |stage| ctx.pipeline(&Kernel::ExpertBackward(ExpertBackwardSpec { stage, core }));
+        let indirect = |word: usize| Grid::Indirect {
+            buffer: b.routing.buffer.clone(),
+            offset: (word * 4) as u64,
+        };
+        let p_rows = uniform(ctx, &ep(1));
+        let gemm2 = Dispatch::new(
+            ctx,
+            epipe(ExpertBackwardStage::Gemm2Gelu)?,
+            &[
+                &p_rows,
+                &scratch.dys.buffer,
+                &b.routing.buffer,
+                &b.w2.buffer,
+                &b.u.buffer,
+                &scratch.da.buffer,
+            ],
+            indirect(RoutingLayout::ARGS1),
+        )?;
+        let gemm1 = Dispatch::new(
+            ctx,
+            epipe(ExpertBackwardStage::Gemm1)?,
+            &[
+                &p_rows,
+                &scratch.da.buffer,
+                &b.routing.buffer,
+                &b.w1.buffer,
+                &scratch.dxs.buffer,
+            ],
+            indirect(RoutingLayout::ARGS2),
+        )?;
+        let dispatch_back = Combine::new(
+            ctx,
+            &CombineBuffers {
+                topk_weights: &scratch.ones,
+                slot_of_token: b.slot_of_token,
+                y_expert: &scratch.dxs,
+                y: b.dx,
+            },
+        )?;
+        let tn = core.tile_cols() as usize;
+        let wgrid = |m: usize, n: usize| -> Result<Grid> {
+            let x = (e * m_tiles(m)) as u64;
+            ctx.check_workgroups("moe_backward: weight-gradient tiles", x)?;
+            Ok(Grid::Direct(
+                x as u32,
+                n.div_ceil(tn) as u32,
+                shape.split as u32,
+            ))
+        };
+        let p_w2 = uniform(ctx, &ep(f));
+        let p_w1 = uniform(ctx, &ep(d));
+        let target = |out: &Tensor<f32>| -> wgpu::Buffer {
+            match &scratch.partial {
+                Some(p) => p.buffer.clone(),
+                None => out.buffer.clone(),
+            }
+        };
+        let wgrad2 = Dispatch::new(
+            ctx,
+            epipe(ExpertBackwardStage::WeightW2)?,
+            &[
+                &p_w2,
+                &b.h.buffer,
+                &b.routing.buffer,
+                &scratch.dys.buffer,
+                &target(b.dw2),
+            ],
+            wgrid(f, d)?,
+        )?;
+        let wgrad1 = Dispatch::new(
+            ctx,
+            epipe(ExpertBackwardStage::WeightW1)?,
+            &[
+                &p_w1,
+                &b.x.buffer,
+                &b.token_of_slot.buffer,
+                &b.routing.buffer,
+                &scratch.da.buffer,
+                &target(b.dw1),
+            ],
+            wgrid(d, f)?,
+        )?;
+        let (p_red, g_red) = mk(e * d * f, e * d * f);
+        let reduce = |out: &Tensor<f32>| -> Result<Option<Dispatch>> {
+            match &scratch.partial {
+                Some(p) => Ok(Some(Dispatch::new(
+                    ctx,
+                    pipe(MoeBackwardSpec::WeightGradReduce)?,
+                    &[&p_red, &p.buffer, &out.buffer],
+                    direct(g_red),
+                )?)),
+                None => Ok(None),
+            }
+        };
+        let reduce2 = reduce(b.dw2)?;
+        let reduce1 = reduce(b.dw1)?;
+
+        // Router: dx += dz · W_r^T ; dW_r = x^T · dz.
+        let dx_shape = MatmulShape {
+            m: t,
+            n: d,
+            k: e,
+            trans: Trans::NT,
+            alpha: 1.0,
+            beta: 1.0,
+        };
+        let router_dx = Matmul::new(
+            ctx,
+            &dx_shape,
+            MatmulSpec::choose(ctx, t, d, e, Trans::NT).with_beta(true),
+            &scratch.dz,
+            b.w_router,
+            b.dx,
+        )?;
+        let dw_shape = MatmulShape {
+            m: d,
+            n: e,
+            k: t,
+            trans: Trans::TN,
+            alpha: 1.0,
+            beta: 0.0,
+        };
+        let router_dw = Matmul::new(
+            ctx,
+            &dw_shape,
+            MatmulSpec::choose(ctx, d, e, t, Trans::TN),
+            b.x,
+            &scratch.dz,
+            b.dw_router,
+        )?;
+        params.extend([p_slots, p_w, p_s, p_g, p_rows, p_w2, p_w1, p_red]);
+        Ok(MoeBackward {
+            shape: *shape,
+            scratch,
+            slots,
+            weights,
+            stats,
+            gate,
+            gemm2,
+            gemm1,
+            dispatch_back,
+            wgrad2,
+            reduce2,
+            wgrad1,
+            reduce1,
+            router_dx,
+            router_dw,
+            _params: params,
+        })
+    }
+
+    /// Record the whole backward of the layer (the forward of the same plan
+    /// must have been recorded before, in this or an earlier submit).
+    pub fn record(&self, pass: &mut wgpu::ComputePass<'_>) {
+        self.slots.record(pass);
+        self.weights.record(pass);
+        self.stats.record(pass);
+        self.gate.record(pass);
+        self.gemm2.record(pass);
+        self.gemm1.record(pass);
+        self.dispatch_back.record(pass);
+        self.wgrad2.record(pass);
+        if let Some(r) = &self.reduce2 {
+            r.record(pass);
+        }
+        self.wgrad1.record(pass);
+        if let Some(r) = &self.reduce1 {
+            r.record(pass);
+        }
+        self.router_dx.record(pass);
+        self.router_dw.record(pass);
+    }
+}

@@ -1,0 +1,515 @@
+//! Training twin of one MoE layer, per token (no slot plan): forward with
+//! what backward needs, the auxiliary losses, and the exact backward. Generic
+//! over the float type so that the tests check the backward against central
+//! finite differences in f64; the GPU training step (grouped kernels over the
+//! slot plan) is checked against it in f32.
+//!
+//! Gradient rules (DESIGN.md section 3, "Backward"):
+//! - two selected experts, weights renormalized over them:
+//!   `dz_e = w_e (g_e - sum_j w_j g_j)` for the selected e, 0 elsewhere;
+//! - one expert with the raw `p1` weight: `dz_i = p_i (delta_{i,e1} - p_e1) g_1`;
+//! - one expert with weight 1: no gradient;
+//! - load balancing `a E sum_e f_e P_e` (f_e: first choices, no gradient) and
+//!   the optional z-loss `b mean_t lse_t^2`, through the softmax.
+//!
+//! Experts use GELU; SwiGLU training is not supported yet (typed error).
+
+// Index loops mirror the kernels' (and the math's) subscripts.
+#![allow(clippy::needless_range_loop)]
+
+use crate::error::{Error, Result};
+use crate::kernels::{Activation, GapMode, Gating, SingleWeight, UNUSED};
+use crate::moe::MoeConfig;
+use num_traits::Float;
+use serde::{Deserialize, Serialize};
+
+/// Coefficients of the router's auxiliary losses.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct AuxConfig {
+    /// Load-balancing coefficient `a` (0.01 in the paper).
+    pub balance: f32,
+    /// Router z-loss coefficient `b` (0 = off).
+    pub z_loss: f32,
+}
+
+impl Default for AuxConfig {
+    fn default() -> Self {
+        AuxConfig {
+            balance: 0.01,
+            z_loss: 0.0,
+        }
+    }
+}
+
+/// A layer's parameters in any float type (row-major).
+#[derive(Clone, Debug, PartialEq)]
+pub struct MoeParams<F> {
+    /// w_router [D, E]
+    pub w_router: Vec<F>,
+    /// w1 [E, D, F]
+    pub w1: Vec<F>,
+    /// w2 [E, F, D]
+    pub w2: Vec<F>,
+}
+
+/// Gradients of one layer: parameters and input.
+#[derive(Clone, Debug, PartialEq)]
+pub struct MoeGrads<F> {
+    /// dx [T, D]
+    pub dx: Vec<F>,
+    /// dw_router [D, E]
+    pub dw_router: Vec<F>,
+    /// dw1 [E, D, F]
+    pub dw1: Vec<F>,
+    /// dw2 [E, F, D]
+    pub dw2: Vec<F>,
+}
+
+/// What the forward keeps for the backward.
+#[derive(Clone, Debug)]
+pub struct MoeCache<F> {
+    pub t: usize,
+    /// probs [T, E]
+    pub probs: Vec<F>,
+    /// lse [T]
+    pub lse: Vec<F>,
+    /// topk_ids [T, K]
+    pub topk_ids: Vec<u32>,
+    /// topk_weights [T, K]
+    pub topk_weights: Vec<F>,
+    /// u [T, K, F]: pre-activation of each used (token, slot)
+    pub u: Vec<F>,
+    /// h [T, K, F]
+    pub h: Vec<F>,
+    /// y_expert [T, K, D]
+    pub y_expert: Vec<F>,
+    /// y [T, D]
+    pub y: Vec<F>,
+}
+
+fn c<F: Float>(v: f64) -> F {
+    F::from(v).unwrap_or_else(F::zero)
+}
+
+/// GELU, tanh approximation, and its derivative.
+pub fn gelu<F: Float>(x: F) -> F {
+    let k = c::<F>(0.797_884_560_802_865_4);
+    let half = c::<F>(0.5);
+    half * x * (F::one() + (k * (x + c::<F>(0.044715) * x * x * x)).tanh())
+}
+
+pub fn gelu_grad<F: Float>(x: F) -> F {
+    let k = c::<F>(0.797_884_560_802_865_4);
+    let half = c::<F>(0.5);
+    let a = c::<F>(0.044715);
+    let th = (k * (x + a * x * x * x)).tanh();
+    half * (F::one() + th)
+        + half * x * (F::one() - th * th) * k * (F::one() + c::<F>(3.0) * a * x * x)
+}
+
+/// The selection of one token from its router logits: (ids, weights) with
+/// the gate kernel's rules (ties to the lower index, gap mode, threshold,
+/// single-expert weight policy).
+pub fn select<F: Float>(cfg: &MoeConfig, row: &[F], probs: &[F]) -> ([u32; 2], [F; 2]) {
+    let mut i1 = 0usize;
+    let mut i2 = usize::MAX;
+    for i in 1..row.len() {
+        if row[i] > row[i1] {
+            i2 = i1;
+            i1 = i;
+        } else if i2 == usize::MAX || row[i] > row[i2] {
+            i2 = i;
+        }
+    }
+    let p1 = probs[i1];
+    let p2 = if i2 == usize::MAX {
+        F::zero()
+    } else {
+        probs[i2]
+    };
+    let g = &cfg.gate;
+    let two = i2 != usize::MAX
+        && match g.gating {
+            Gating::Top1 => false,
+            Gating::Top2 => true,
+            Gating::Adaptive => {
+                let gap = match g.gap {
+                    GapMode::Softmax => p1 - p2,
+                    GapMode::Top2 => (p1 - p2) / (p1 + p2),
+                };
+                gap.max(F::zero()).min(F::one()) <= c::<F>(g.threshold as f64)
+            }
+        };
+    if two {
+        let s = p1 + p2;
+        ([i1 as u32, i2 as u32], [p1 / s, p2 / s])
+    } else {
+        let w = match g.single_weight {
+            SingleWeight::RawP1 => p1,
+            SingleWeight::One => F::one(),
+        };
+        ([i1 as u32, UNUSED], [w, F::zero()])
+    }
+}
+
+fn check(cfg: &MoeConfig) -> Result<()> {
+    cfg.validate()?;
+    if cfg.activation != Activation::Gelu {
+        return Err(Error::invalid(
+            "moe_train",
+            "training supports GELU experts only (SwiGLU is inference-only for now)",
+        ));
+    }
+    Ok(())
+}
+
+/// Forward of one layer on `x [T, D]`, keeping what backward needs.
+pub fn moe_layer_forward<F: Float>(
+    cfg: &MoeConfig,
+    w: &MoeParams<F>,
+    x: &[F],
+    t: usize,
+) -> Result<MoeCache<F>> {
+    check(cfg)?;
+    let (d, f, e, k) = (cfg.d, cfg.f, cfg.e, cfg.k());
+    if x.len() != t * d {
+        return Err(Error::shape("moe_train", format!("x [{t}, {d}]"), x.len()));
+    }
+    let mut cache = MoeCache {
+        t,
+        probs: vec![F::zero(); t * e],
+        lse: vec![F::zero(); t],
+        topk_ids: vec![UNUSED; t * k],
+        topk_weights: vec![F::zero(); t * k],
+        u: vec![F::zero(); t * k * f],
+        h: vec![F::zero(); t * k * f],
+        y_expert: vec![F::zero(); t * k * d],
+        y: vec![F::zero(); t * d],
+    };
+    for tok in 0..t {
+        let xr = &x[tok * d..(tok + 1) * d];
+        let logits: Vec<F> = (0..e)
+            .map(|j| (0..d).fold(F::zero(), |a, i| a + xr[i] * w.w_router[i * e + j]))
+            .collect();
+        let m = logits.iter().fold(F::neg_infinity(), |a, &b| a.max(b));
+        let s = logits.iter().fold(F::zero(), |a, &l| a + (l - m).exp());
+        cache.lse[tok] = m + s.ln();
+        for j in 0..e {
+            cache.probs[tok * e + j] = (logits[j] - m).exp() / s;
+        }
+        let (ids, ws) = select(cfg, &logits, &cache.probs[tok * e..(tok + 1) * e]);
+        for j in 0..k {
+            cache.topk_ids[tok * k + j] = ids[j];
+            cache.topk_weights[tok * k + j] = ws[j];
+            if ids[j] == UNUSED {
+                continue;
+            }
+            let ex = ids[j] as usize;
+            let slot = tok * k + j;
+            for n in 0..f {
+                let mut acc = F::zero();
+                for i in 0..d {
+                    acc = acc + xr[i] * w.w1[(ex * d + i) * f + n];
+                }
+                cache.u[slot * f + n] = acc;
+                cache.h[slot * f + n] = gelu(acc);
+            }
+            for o in 0..d {
+                let mut acc = F::zero();
+                for n in 0..f {
+                    acc = acc + cache.h[slot * f + n] * w.w2[(ex * f + n) * d + o];
+                }
+                cache.y_expert[slot * d + o] = acc;
+                cache.y[tok * d + o] = cache.y[tok * d + o] + ws[j] * acc;
+            }
+        }
+    }
+    Ok(cache)
+}
+
+/// Router statistics of one forward: `(f [E], p_mean [E], balance_loss,
+/// z_loss)`, the losses already multiplied by their coefficients.
+pub fn aux_losses<F: Float>(
+    cache: &MoeCache<F>,
+    e: usize,
+    k: usize,
+    aux: &AuxConfig,
+) -> (Vec<F>, Vec<F>, F, F) {
+    let t = cache.t;
+    let tf = c::<F>(t as f64);
+    let mut frac = vec![F::zero(); e];
+    let mut pmean = vec![F::zero(); e];
+    for tok in 0..t {
+        let first = cache.topk_ids[tok * k] as usize;
+        if first < e {
+            frac[first] = frac[first] + F::one();
+        }
+        for j in 0..e {
+            pmean[j] = pmean[j] + cache.probs[tok * e + j];
+        }
+    }
+    let mut bal = F::zero();
+    for j in 0..e {
+        frac[j] = frac[j] / tf;
+        pmean[j] = pmean[j] / tf;
+        bal = bal + frac[j] * pmean[j];
+    }
+    let bal = bal * c::<F>(aux.balance as f64 * e as f64);
+    let z = cache.lse.iter().fold(F::zero(), |a, &l| a + l * l) / tf * c::<F>(aux.z_loss as f64);
+    (frac, pmean, bal, z)
+}
+
+/// Gradient of `dot(y, dy) + balance_loss + z_loss` with respect to the
+/// layer's input and parameters.
+pub fn moe_layer_backward<F: Float>(
+    cfg: &MoeConfig,
+    w: &MoeParams<F>,
+    x: &[F],
+    cache: &MoeCache<F>,
+    dy: &[F],
+    aux: &AuxConfig,
+) -> MoeGrads<F> {
+    let (d, f, e, k) = (cfg.d, cfg.f, cfg.e, cfg.k());
+    let t = cache.t;
+    let tf = c::<F>(t as f64);
+    let mut g = MoeGrads {
+        dx: vec![F::zero(); t * d],
+        dw_router: vec![F::zero(); d * e],
+        dw1: vec![F::zero(); e * d * f],
+        dw2: vec![F::zero(); e * f * d],
+    };
+    let (frac, _, _, _) = aux_losses(cache, e, k, aux);
+    let bal_scale = c::<F>(aux.balance as f64 * e as f64) / tf;
+    let z_scale = c::<F>(2.0 * aux.z_loss as f64) / tf;
+    for tok in 0..t {
+        let xr = &x[tok * d..(tok + 1) * d];
+        let dyr = &dy[tok * d..(tok + 1) * d];
+        let p = &cache.probs[tok * e..(tok + 1) * e];
+        let mut dz = vec![F::zero(); e];
+        // Gradient of each used slot's weight, and the expert backward.
+        let mut dws = [F::zero(); 2];
+        for j in 0..k {
+            let ex = cache.topk_ids[tok * k + j];
+            if ex == UNUSED {
+                continue;
+            }
+            let ex = ex as usize;
+            let slot = tok * k + j;
+            let wj = cache.topk_weights[slot];
+            let ye = &cache.y_expert[slot * d..(slot + 1) * d];
+            dws[j] = (0..d).fold(F::zero(), |a, o| a + dyr[o] * ye[o]);
+            let mut du = vec![F::zero(); f];
+            for n in 0..f {
+                let mut dh = F::zero();
+                for o in 0..d {
+                    let dye = wj * dyr[o];
+                    dh = dh + dye * w.w2[(ex * f + n) * d + o];
+                    let i2 = (ex * f + n) * d + o;
+                    g.dw2[i2] = g.dw2[i2] + cache.h[slot * f + n] * dye;
+                }
+                du[n] = dh * gelu_grad(cache.u[slot * f + n]);
+            }
+            for i in 0..d {
+                let mut acc = F::zero();
+                for n in 0..f {
+                    let i1 = (ex * d + i) * f + n;
+                    acc = acc + du[n] * w.w1[i1];
+                    g.dw1[i1] = g.dw1[i1] + xr[i] * du[n];
+                }
+                g.dx[tok * d + i] = g.dx[tok * d + i] + acc;
+            }
+        }
+        // Router: through the combine weights.
+        let ids = &cache.topk_ids[tok * k..(tok + 1) * k];
+        let ws = &cache.topk_weights[tok * k..(tok + 1) * k];
+        if k == 2 && ids[1] != UNUSED {
+            let mean = ws[0] * dws[0] + ws[1] * dws[1];
+            for j in 0..2 {
+                let ex = ids[j] as usize;
+                dz[ex] = dz[ex] + ws[j] * (dws[j] - mean);
+            }
+        } else if cfg.gate.single_weight == SingleWeight::RawP1 {
+            let e1 = ids[0] as usize;
+            for i in 0..e {
+                let delta = if i == e1 { F::one() } else { F::zero() };
+                dz[i] = dz[i] + p[i] * (delta - p[e1]) * dws[0];
+            }
+        }
+        // Load balancing and z-loss, through the softmax.
+        let dot = (0..e).fold(F::zero(), |a, i| a + frac[i] * p[i]);
+        for i in 0..e {
+            dz[i] = dz[i] + bal_scale * p[i] * (frac[i] - dot) + z_scale * cache.lse[tok] * p[i];
+        }
+        for i in 0..d {
+            let mut acc = F::zero();
+            for j in 0..e {
+                acc = acc + dz[j] * w.w_router[i * e + j];
+                g.dw_router[i * e + j] = g.dw_router[i * e + j] + xr[i] * dz[j];
+            }
+            g.dx[tok * d + i] = g.dx[tok * d + i] + acc;
+        }
+    }
+    g
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::conformance::Rng;
+    use crate::kernels::GateConfig;
+
+    fn config(gating: Gating, single: SingleWeight, threshold: f32) -> MoeConfig {
+        MoeConfig {
+            d: 5,
+            f: 6,
+            e: 4,
+            activation: Activation::Gelu,
+            gate: GateConfig {
+                gating,
+                threshold,
+                gap: GapMode::Top2,
+                single_weight: single,
+            },
+        }
+    }
+
+    fn loss(
+        cfg: &MoeConfig,
+        w: &MoeParams<f64>,
+        x: &[f64],
+        t: usize,
+        r: &[f64],
+        aux: &AuxConfig,
+    ) -> f64 {
+        let cache = moe_layer_forward(cfg, w, x, t).unwrap();
+        let (_, _, bal, z) = aux_losses(&cache, cfg.e, cfg.k(), aux);
+        cache.y.iter().zip(r).map(|(a, b)| a * b).sum::<f64>() + bal + z
+    }
+
+    /// Central differences of every input and parameter, on a layer whose
+    /// routing does not change under the perturbation.
+    fn check_fd(cfg: &MoeConfig, seed: u64) {
+        let t = 7;
+        let aux = AuxConfig {
+            balance: 0.3,
+            z_loss: 0.05,
+        };
+        let mut rng = Rng::new(seed);
+        let mut v = |n: usize, a: f32| -> Vec<f64> {
+            rng.vec_sym(n, a).into_iter().map(f64::from).collect()
+        };
+        let (d, f, e) = (cfg.d, cfg.f, cfg.e);
+        let mut w = MoeParams {
+            w_router: v(d * e, 1.5),
+            w1: v(e * d * f, 0.7),
+            w2: v(e * f * d, 0.7),
+        };
+        let mut x = v(t * d, 1.0);
+        let r = v(t * d, 1.0);
+        let cache = moe_layer_forward(cfg, &w, &x, t).unwrap();
+        let grads = moe_layer_backward(cfg, &w, &x, &cache, &r, &aux);
+        let h = 1e-6;
+        let fd = |vals: &mut Vec<f64>, i: usize, eval: &dyn Fn(&[f64]) -> f64| -> f64 {
+            let keep = vals[i];
+            vals[i] = keep + h;
+            let up = eval(vals);
+            vals[i] = keep - h;
+            let down = eval(vals);
+            vals[i] = keep;
+            (up - down) / (2.0 * h)
+        };
+        let close = |a: f64, b: f64, what: &str| {
+            assert!(
+                (a - b).abs() <= 1e-6 + 1e-5 * b.abs(),
+                "{what}: analytic {a} vs fd {b}"
+            );
+        };
+        for i in 0..x.len() {
+            let wc = w.clone();
+            let num = fd(&mut x, i, &|xx| loss(cfg, &wc, xx, t, &r, &aux));
+            close(grads.dx[i], num, &format!("dx[{i}]"));
+        }
+        for i in 0..w.w_router.len() {
+            let mut p = w.w_router.clone();
+            let num = fd(&mut p, i, &|pp| {
+                let ww = MoeParams {
+                    w_router: pp.to_vec(),
+                    ..w.clone()
+                };
+                loss(cfg, &ww, &x, t, &r, &aux)
+            });
+            close(grads.dw_router[i], num, &format!("dw_router[{i}]"));
+        }
+        for i in (0..w.w1.len()).step_by(7) {
+            let mut p = w.w1.clone();
+            let num = fd(&mut p, i, &|pp| {
+                let ww = MoeParams {
+                    w1: pp.to_vec(),
+                    ..w.clone()
+                };
+                loss(cfg, &ww, &x, t, &r, &aux)
+            });
+            close(grads.dw1[i], num, &format!("dw1[{i}]"));
+        }
+        for i in (0..w.w2.len()).step_by(5) {
+            let keep = w.w2[i];
+            w.w2[i] = keep + h;
+            let up = loss(cfg, &w, &x, t, &r, &aux);
+            w.w2[i] = keep - h;
+            let down = loss(cfg, &w, &x, t, &r, &aux);
+            w.w2[i] = keep;
+            close(grads.dw2[i], (up - down) / (2.0 * h), &format!("dw2[{i}]"));
+        }
+    }
+
+    #[test]
+    fn backward_matches_finite_differences_top1() {
+        check_fd(&config(Gating::Top1, SingleWeight::RawP1, 0.1), 11);
+    }
+
+    #[test]
+    fn backward_matches_finite_differences_top2() {
+        check_fd(&config(Gating::Top2, SingleWeight::RawP1, 0.1), 12);
+    }
+
+    #[test]
+    fn backward_matches_finite_differences_adaptive() {
+        // A threshold between 0 and 1 that mixes one- and two-expert tokens.
+        check_fd(&config(Gating::Adaptive, SingleWeight::RawP1, 0.3), 13);
+    }
+
+    #[test]
+    fn backward_matches_finite_differences_single_weight_one() {
+        check_fd(&config(Gating::Adaptive, SingleWeight::One, 0.3), 14);
+    }
+
+    #[test]
+    fn adaptive_mixes_one_and_two_expert_tokens() {
+        let cfg = config(Gating::Adaptive, SingleWeight::RawP1, 0.3);
+        let mut rng = Rng::new(13);
+        let w = MoeParams {
+            w_router: rng.vec_sym(20, 1.5).into_iter().map(f64::from).collect(),
+            w1: vec![0.1; 4 * 5 * 6],
+            w2: vec![0.1; 4 * 6 * 5],
+        };
+        let x: Vec<f64> = rng.vec_sym(7 * 5, 1.0).into_iter().map(f64::from).collect();
+        let cache = moe_layer_forward(&cfg, &w, &x, 7).unwrap();
+        let two = cache.topk_ids.chunks(2).filter(|r| r[1] != UNUSED).count();
+        assert!(two > 0 && two < 7, "two-expert tokens: {two} of 7");
+    }
+
+    #[test]
+    fn swiglu_training_is_a_typed_error() {
+        let mut cfg = config(Gating::Top1, SingleWeight::RawP1, 0.1);
+        cfg.activation = Activation::SwiGlu;
+        let w = MoeParams::<f32> {
+            w_router: vec![0.0; 20],
+            w1: vec![0.0; 120],
+            w2: vec![0.0; 120],
+        };
+        assert!(matches!(
+            moe_layer_forward(&cfg, &w, &[0.0; 5], 1),
+            Err(Error::InvalidArgument { .. })
+        ));
+    }
+}
