@@ -2,11 +2,13 @@
 //! that cover the edge cases (DESIGN.md section 4). Used by `cargo test`, by
 //! `amoe conformance` on a user's own GPU, and by the browser page.
 
+pub mod add;
 pub mod combine;
 pub mod decode;
 pub mod expert;
 pub mod gate;
 pub mod matmul;
+pub mod moe_backward;
 pub mod route;
 
 use crate::error::{Error, Result};
@@ -86,10 +88,21 @@ pub enum Case {
     Expert(expert::Case),
     Combine(combine::Case),
     Decode(decode::Case),
+    Add(add::Case),
+    MoeBackward(moe_backward::Case),
 }
 
 /// Kernel families, as `--kernel` filters name them.
-pub const FAMILIES: &[&str] = &["matmul", "gate", "route", "expert", "combine", "decode"];
+pub const FAMILIES: &[&str] = &[
+    "matmul",
+    "gate",
+    "route",
+    "expert",
+    "combine",
+    "decode",
+    "add",
+    "moe_backward",
+];
 
 impl Case {
     pub fn family(&self) -> &'static str {
@@ -100,6 +113,8 @@ impl Case {
             Case::Expert(_) => "expert",
             Case::Combine(_) => "combine",
             Case::Decode(_) => "decode",
+            Case::Add(_) => "add",
+            Case::MoeBackward(_) => "moe_backward",
         }
     }
 
@@ -112,6 +127,8 @@ impl Case {
             Case::Expert(c) => c.names(),
             Case::Combine(c) => c.names(),
             Case::Decode(c) => c.names(),
+            Case::Add(c) => c.names(),
+            Case::MoeBackward(c) => c.names(),
         }
     }
 
@@ -136,6 +153,8 @@ impl Case {
             Case::Expert(c) => expert::run(ctx, c).await,
             Case::Combine(c) => combine::run(ctx, c).await,
             Case::Decode(c) => decode::run(ctx, c).await,
+            Case::Add(c) => add::run(ctx, c).await,
+            Case::MoeBackward(c) => moe_backward::run(ctx, c).await,
         };
         r.unwrap_or_else(|e| {
             let (k, c) = self.names();
@@ -153,6 +172,8 @@ pub fn cases(family: Option<&str>) -> Vec<Case> {
     v.extend(expert::cases().into_iter().map(Case::Expert));
     v.extend(combine::cases().into_iter().map(Case::Combine));
     v.extend(decode::cases().into_iter().map(Case::Decode));
+    v.extend(add::cases().into_iter().map(Case::Add));
+    v.extend(moe_backward::cases().into_iter().map(Case::MoeBackward));
     v.retain(|c| family.is_none_or(|f| c.family() == f));
     v
 }

@@ -5,6 +5,7 @@
 //! `Kernel` is the typed pipeline-cache key: one variant per family, each
 //! holding that family's small spec (tile sizes, mode...).
 
+pub mod add;
 pub mod combine;
 pub mod common;
 pub mod decode;
@@ -31,6 +32,7 @@ pub enum Kernel {
     Roofline(roofline::RooflineSpec),
     MoeBackward(moe_backward::MoeBackwardSpec),
     ExpertBackward(moe_backward::ExpertBackwardSpec),
+    Add(add::AddSpec),
 }
 
 impl Kernel {
@@ -45,6 +47,7 @@ impl Kernel {
             Kernel::Roofline(s) => s.def(),
             Kernel::MoeBackward(s) => s.def(),
             Kernel::ExpertBackward(s) => s.def(),
+            Kernel::Add(s) => s.def(),
         }
     }
 
@@ -73,6 +76,7 @@ impl Kernel {
                 .into_iter()
                 .map(Kernel::ExpertBackward),
         );
+        v.extend(add::AddSpec::all().into_iter().map(Kernel::Add));
         v
     }
 }
@@ -110,6 +114,7 @@ pub fn params_layouts() -> Vec<ParamsLayout> {
     v.extend(decode::params_layouts());
     v.extend(roofline::params_layouts());
     v.extend(moe_backward::params_layouts());
+    v.extend(add::params_layouts());
     v
 }
 

@@ -1,0 +1,77 @@
+//! Conformance of `add_forward` against `reference::add::add_forward`
+//! (exact: one rounding, as in the twin).
+
+use super::{bad_inputs_result, expect_error, is_invalid, is_shape, submit_pass, CheckResult, Rng};
+use crate::error::Result;
+use crate::gpu::{GpuContext, Tensor};
+use crate::kernels::add::{Add, AddSpec};
+use crate::reference::add::add_forward;
+use crate::tol::compare_exact;
+
+#[derive(Clone, Debug)]
+pub enum Case {
+    Twin { n: usize, seed: u64 },
+    BadInputs,
+}
+
+impl Case {
+    pub fn names(&self) -> (String, String) {
+        let kernel = AddSpec.name().to_string();
+        match self {
+            Case::Twin { n, .. } => (kernel, format!("N={n}")),
+            Case::BadInputs => (kernel, "bad inputs: shape mismatch, aliasing".into()),
+        }
+    }
+}
+
+pub fn cases() -> Vec<Case> {
+    vec![
+        Case::Twin { n: 1, seed: 1 },
+        Case::Twin { n: 1000, seed: 2 },
+        Case::Twin { n: 70_001, seed: 3 },
+        Case::BadInputs,
+    ]
+}
+
+pub async fn run(ctx: &GpuContext, case: &Case) -> Result<CheckResult> {
+    let (kernel, name) = case.names();
+    let Case::Twin { n, seed } = *case else {
+        return Ok(bad_inputs(ctx, &kernel, &name));
+    };
+    let mut rng = Rng::new(seed);
+    let a = rng.vec_sym(n, 3.0);
+    let b = rng.vec_sym(n, 3.0);
+    let want = add_forward(&a, &b);
+    let ta = Tensor::from_slice(ctx, "a", &[n], &a)?;
+    let tb = Tensor::from_slice(ctx, "b", &[n], &b)?;
+    let out = Tensor::<f32>::zeros(ctx, "out", &[n])?;
+    let add = Add::new(ctx, &ta, &tb, &out)?;
+    submit_pass(ctx, |pass| add.record(pass))?;
+    let got = out.read(ctx).await?;
+    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+    Ok(CheckResult::from_comparisons(
+        kernel,
+        name,
+        &[("out", compare_exact(&bits(&got), &bits(&want)))],
+    ))
+}
+
+fn bad_inputs(ctx: &GpuContext, kernel: &str, case: &str) -> CheckResult {
+    let mut checks = Vec::new();
+    ctx.capture_errors();
+    let r = (|| -> Result<Add> {
+        let a = Tensor::<f32>::zeros(ctx, "a", &[4, 3])?;
+        let b = Tensor::<f32>::zeros(ctx, "b", &[3, 4])?;
+        let out = Tensor::<f32>::zeros(ctx, "out", &[4, 3])?;
+        Add::new(ctx, &a, &b, &out)
+    })();
+    checks.push(expect_error(ctx, "b of another shape", r, is_shape));
+    ctx.capture_errors();
+    let r = (|| -> Result<Add> {
+        let a = Tensor::<f32>::zeros(ctx, "a", &[8])?;
+        let b = Tensor::<f32>::zeros(ctx, "b", &[8])?;
+        Add::new(ctx, &a, &b, &a)
+    })();
+    checks.push(expect_error(ctx, "out aliases a", r, is_invalid));
+    bad_inputs_result(kernel, case, checks)
+}

@@ -1,0 +1,120 @@
+//! Conformance of one MoE layer's training forward and backward
+//! (`MoeLayer::plan_train`: `expert_gemm1_gelu_train`, the
+//! `shaders/moe_backward.wgsl` kernels, the expert backward GEMMs, the
+//! router GEMMs) against the slot-plan twins composed in
+//! `reference::moe_backward::compose`, which the unit tests check against
+//! the per-token backward and finite differences.
+
+use super::{CheckResult, Rng};
+use crate::error::Result;
+use crate::gpu::GpuContext;
+use crate::kernels::{Activation, GateConfig, Gating};
+use crate::moe::{MoeConfig, MoeLayer, MoeWeights};
+use crate::reference::moe_backward::compose;
+use crate::reference::moe_train::AuxConfig;
+use crate::tol::{compare_exact, Tol};
+
+#[derive(Clone, Debug)]
+pub struct Case {
+    pub gating: Gating,
+    pub t: usize,
+    pub split: usize,
+    pub seed: u64,
+}
+
+impl Case {
+    pub fn names(&self) -> (String, String) {
+        (
+            "moe_layer_backward".into(),
+            format!(
+                "{} T={} D=24 F=40 E=6 split-K {}",
+                self.gating.name(),
+                self.t,
+                self.split
+            ),
+        )
+    }
+}
+
+pub fn cases() -> Vec<Case> {
+    let c = |gating, t, split, seed| Case {
+        gating,
+        t,
+        split,
+        seed,
+    };
+    vec![
+        c(Gating::Top1, 50, 1, 1),
+        c(Gating::Top2, 50, 1, 2),
+        c(Gating::Adaptive, 50, 1, 3),
+        c(Gating::Adaptive, 130, 3, 4),
+        c(Gating::Top2, 1, 1, 5),
+    ]
+}
+
+pub async fn run(ctx: &GpuContext, case: &Case) -> Result<CheckResult> {
+    let (kernel, name) = case.names();
+    let t = case.t;
+    let cfg = MoeConfig {
+        d: 24,
+        f: 40,
+        e: 6,
+        activation: Activation::Gelu,
+        gate: GateConfig {
+            threshold: 0.4,
+            ..GateConfig::new(case.gating)
+        },
+    };
+    let w = MoeWeights::random(&cfg, case.seed);
+    let mut rng = Rng::new(case.seed + 100);
+    let x = rng.vec_sym(t * cfg.d, 1.0);
+    let dy = rng.vec_sym(t * cfg.d, 1.0);
+    let aux = AuxConfig {
+        balance: 0.2,
+        z_loss: 0.01,
+    };
+    let layer = MoeLayer::new(ctx, cfg, &w)?;
+    let plan = layer.plan_train(ctx, t, &aux, case.split)?;
+    plan.fwd.x.write(ctx, &x)?;
+    plan.dy.write(ctx, &dy)?;
+    let mut enc = ctx
+        .device
+        .create_command_encoder(&wgpu::CommandEncoderDescriptor {
+            label: Some("moe_layer_backward conformance"),
+        });
+    plan.fwd.clear(&mut enc);
+    {
+        let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor {
+            label: Some("moe_layer_backward conformance"),
+            timestamp_writes: None,
+        });
+        plan.fwd.record_pass(&mut pass);
+        plan.record_backward(&mut pass);
+    }
+    ctx.submit_and_wait(enc)?;
+    let (fw, layout) = compose::forward(&cfg, &w, &x, t, plan.backward.shape.layout.tile_m)?;
+    let want = compose::backward(&cfg, &w, &x, &fw, &layout, &dy, &aux);
+    let ids = plan.fwd.topk_ids.read(ctx).await?;
+    let y = plan.fwd.y.read(ctx).await?;
+    let dx = plan.dx.read(ctx).await?;
+    let dwr = plan.dw_router.read(ctx).await?;
+    let dw1 = plan.dw1.read(ctx).await?;
+    let dw2 = plan.dw2.read(ctx).await?;
+    let stats = plan.stats().read(ctx).await?;
+    Ok(CheckResult::from_comparisons(
+        kernel,
+        name,
+        &[
+            ("topk_ids", compare_exact(&ids, &fw.topk_ids)),
+            ("y", Tol::reduction(cfg.f).compare(&y, &fw.y)),
+            ("dx", Tol::reduction(cfg.f).compare(&dx, &want.dx)),
+            (
+                "dw_router",
+                Tol::reduction(t).compare(&dwr, &want.dw_router),
+            ),
+            ("dw1", Tol::reduction(t).compare(&dw1, &want.dw1)),
+            ("dw2", Tol::reduction(t).compare(&dw2, &want.dw2)),
+            ("stats", Tol::reduction(t).compare(&stats, &want.stats)),
+        ],
+    ))
+}
