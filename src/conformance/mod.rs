@@ -4,6 +4,7 @@
 
 pub mod combine;
 pub mod decode;
+pub mod embedding;
 pub mod expert;
 pub mod gate;
 pub mod matmul;
@@ -86,10 +87,19 @@ pub enum Case {
     Expert(expert::Case),
     Combine(combine::Case),
     Decode(decode::Case),
+    Embedding(embedding::Case),
 }
 
 /// Kernel families, as `--kernel` filters name them.
-pub const FAMILIES: &[&str] = &["matmul", "gate", "route", "expert", "combine", "decode"];
+pub const FAMILIES: &[&str] = &[
+    "matmul",
+    "gate",
+    "route",
+    "expert",
+    "combine",
+    "decode",
+    "embedding",
+];
 
 impl Case {
     pub fn family(&self) -> &'static str {
@@ -100,6 +110,7 @@ impl Case {
             Case::Expert(_) => "expert",
             Case::Combine(_) => "combine",
             Case::Decode(_) => "decode",
+            Case::Embedding(_) => "embedding",
         }
     }
 
@@ -112,6 +123,7 @@ impl Case {
             Case::Expert(c) => c.names(),
             Case::Combine(c) => c.names(),
             Case::Decode(c) => c.names(),
+            Case::Embedding(c) => c.names(),
         }
     }
 
@@ -136,6 +148,7 @@ impl Case {
             Case::Expert(c) => expert::run(ctx, c).await,
             Case::Combine(c) => combine::run(ctx, c).await,
             Case::Decode(c) => decode::run(ctx, c).await,
+            Case::Embedding(c) => embedding::run(ctx, c).await,
         };
         r.unwrap_or_else(|e| {
             let (k, c) = self.names();
@@ -153,6 +166,7 @@ pub fn cases(family: Option<&str>) -> Vec<Case> {
     v.extend(expert::cases().into_iter().map(Case::Expert));
     v.extend(combine::cases().into_iter().map(Case::Combine));
     v.extend(decode::cases().into_iter().map(Case::Decode));
+    v.extend(embedding::cases().into_iter().map(Case::Embedding));
     v.retain(|c| family.is_none_or(|f| c.family() == f));
     v
 }

@@ -8,6 +8,7 @@
 pub mod combine;
 pub mod common;
 pub mod decode;
+pub mod embedding;
 pub mod expert;
 pub mod gate;
 pub mod matmul;
@@ -28,6 +29,7 @@ pub enum Kernel {
     Combine(combine::CombineSpec),
     Decode(decode::DecodeSpec),
     Roofline(roofline::RooflineSpec),
+    Embedding(embedding::EmbeddingSpec),
 }
 
 impl Kernel {
@@ -40,6 +42,7 @@ impl Kernel {
             Kernel::Combine(s) => s.def(),
             Kernel::Decode(s) => s.def(),
             Kernel::Roofline(s) => s.def(),
+            Kernel::Embedding(s) => s.def(),
         }
     }
 
@@ -57,6 +60,11 @@ impl Kernel {
             roofline::RooflineSpec::all()
                 .into_iter()
                 .map(Kernel::Roofline),
+        );
+        v.extend(
+            embedding::EmbeddingSpec::all()
+                .into_iter()
+                .map(Kernel::Embedding),
         );
         v
     }
@@ -94,6 +102,7 @@ pub fn params_layouts() -> Vec<ParamsLayout> {
     v.extend(combine::params_layouts());
     v.extend(decode::params_layouts());
     v.extend(roofline::params_layouts());
+    v.extend(embedding::params_layouts());
     v
 }
 

@@ -4,6 +4,7 @@
 pub mod activation;
 pub mod combine;
 pub mod decode;
+pub mod embedding;
 pub mod expert;
 pub mod gate;
 pub mod matmul;
