@@ -36,3 +36,8 @@ fn decode_matches_twin() {
 fn embedding_matches_twin() {
     common::conformance_family("embedding");
 }
+
+#[test]
+fn rmsnorm_matches_twin() {
+    common::conformance_family("rmsnorm");
+}

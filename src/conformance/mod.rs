@@ -8,6 +8,7 @@ pub mod embedding;
 pub mod expert;
 pub mod gate;
 pub mod matmul;
+pub mod rmsnorm;
 pub mod route;
 
 use crate::error::{Error, Result};
@@ -88,6 +89,7 @@ pub enum Case {
     Combine(combine::Case),
     Decode(decode::Case),
     Embedding(embedding::Case),
+    RmsNorm(rmsnorm::Case),
 }
 
 /// Kernel families, as `--kernel` filters name them.
@@ -99,6 +101,7 @@ pub const FAMILIES: &[&str] = &[
     "combine",
     "decode",
     "embedding",
+    "rmsnorm",
 ];
 
 impl Case {
@@ -111,6 +114,7 @@ impl Case {
             Case::Combine(_) => "combine",
             Case::Decode(_) => "decode",
             Case::Embedding(_) => "embedding",
+            Case::RmsNorm(_) => "rmsnorm",
         }
     }
 
@@ -124,6 +128,7 @@ impl Case {
             Case::Combine(c) => c.names(),
             Case::Decode(c) => c.names(),
             Case::Embedding(c) => c.names(),
+            Case::RmsNorm(c) => c.names(),
         }
     }
 
@@ -149,6 +154,7 @@ impl Case {
             Case::Combine(c) => combine::run(ctx, c).await,
             Case::Decode(c) => decode::run(ctx, c).await,
             Case::Embedding(c) => embedding::run(ctx, c).await,
+            Case::RmsNorm(c) => rmsnorm::run(ctx, c).await,
         };
         r.unwrap_or_else(|e| {
             let (k, c) = self.names();
@@ -167,6 +173,7 @@ pub fn cases(family: Option<&str>) -> Vec<Case> {
     v.extend(combine::cases().into_iter().map(Case::Combine));
     v.extend(decode::cases().into_iter().map(Case::Decode));
     v.extend(embedding::cases().into_iter().map(Case::Embedding));
+    v.extend(rmsnorm::cases().into_iter().map(Case::RmsNorm));
     v.retain(|c| family.is_none_or(|f| c.family() == f));
     v
 }

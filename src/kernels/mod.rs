@@ -12,6 +12,7 @@ pub mod embedding;
 pub mod expert;
 pub mod gate;
 pub mod matmul;
+pub mod rmsnorm;
 pub mod roofline;
 pub mod route;
 
@@ -30,6 +31,7 @@ pub enum Kernel {
     Decode(decode::DecodeSpec),
     Roofline(roofline::RooflineSpec),
     Embedding(embedding::EmbeddingSpec),
+    RmsNorm(rmsnorm::RmsNormSpec),
 }
 
 impl Kernel {
@@ -43,6 +45,7 @@ impl Kernel {
             Kernel::Decode(s) => s.def(),
             Kernel::Roofline(s) => s.def(),
             Kernel::Embedding(s) => s.def(),
+            Kernel::RmsNorm(s) => s.def(),
         }
     }
 
@@ -66,6 +69,7 @@ impl Kernel {
                 .into_iter()
                 .map(Kernel::Embedding),
         );
+        v.extend(rmsnorm::RmsNormSpec::all().into_iter().map(Kernel::RmsNorm));
         v
     }
 }
@@ -103,6 +107,7 @@ pub fn params_layouts() -> Vec<ParamsLayout> {
     v.extend(decode::params_layouts());
     v.extend(roofline::params_layouts());
     v.extend(embedding::params_layouts());
+    v.extend(rmsnorm::params_layouts());
     v
 }
 

@@ -64,43 +64,10 @@ pub fn embedding_backward_wpe<F: Float>(dx: &[F], t: usize, n: usize, d: usize) 
 
 #[cfg(test)]
 mod tests {
+    use super::super::finite_diff::{assert_close, dot, fd, rand64};
     use super::*;
     use crate::conformance::Rng;
     use crate::kernels::embedding::token_order;
-
-    fn rand64(rng: &mut Rng, n: usize) -> Vec<f64> {
-        (0..n).map(|_| rng.sym(1.0) as f64).collect()
-    }
-
-    fn dot(a: &[f64], b: &[f64]) -> f64 {
-        a.iter().zip(b).map(|(x, y)| x * y).sum()
-    }
-
-    /// Central differences of `loss` at `p`, element by element.
-    fn fd(p: &[f64], loss: impl Fn(&[f64]) -> f64) -> Vec<f64> {
-        let h = 1e-6;
-        let mut q = p.to_vec();
-        (0..p.len())
-            .map(|i| {
-                q[i] = p[i] + h;
-                let up = loss(&q);
-                q[i] = p[i] - h;
-                let down = loss(&q);
-                q[i] = p[i];
-                (up - down) / (2.0 * h)
-            })
-            .collect()
-    }
-
-    fn assert_close(got: &[f64], want: &[f64]) {
-        assert_eq!(got.len(), want.len());
-        for (i, (g, w)) in got.iter().zip(want).enumerate() {
-            assert!(
-                (g - w).abs() <= 1e-6 * (1.0 + w.abs()),
-                "element {i}: analytic {g} vs finite difference {w}"
-            );
-        }
-    }
 
     #[test]
     fn backward_twins_match_finite_differences() {

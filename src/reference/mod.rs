@@ -6,7 +6,10 @@ pub mod combine;
 pub mod decode;
 pub mod embedding;
 pub mod expert;
+#[cfg(test)]
+pub(crate) mod finite_diff;
 pub mod gate;
 pub mod matmul;
 pub mod moe;
+pub mod rmsnorm;
 pub mod route;
