@@ -41,3 +41,8 @@ fn embedding_matches_twin() {
 fn rmsnorm_matches_twin() {
     common::conformance_family("rmsnorm");
 }
+
+#[test]
+fn cross_entropy_matches_twin() {
+    common::conformance_family("cross_entropy");
+}

@@ -3,6 +3,7 @@
 //! `amoe conformance` on a user's own GPU, and by the browser page.
 
 pub mod combine;
+pub mod cross_entropy;
 pub mod decode;
 pub mod embedding;
 pub mod expert;
@@ -89,6 +90,7 @@ pub enum Case {
     Combine(combine::Case),
     Decode(decode::Case),
     Embedding(embedding::Case),
+    CrossEntropy(cross_entropy::Case),
     RmsNorm(rmsnorm::Case),
 }
 
@@ -101,6 +103,7 @@ pub const FAMILIES: &[&str] = &[
     "combine",
     "decode",
     "embedding",
+    "cross_entropy",
     "rmsnorm",
 ];
 
@@ -114,6 +117,7 @@ impl Case {
             Case::Combine(_) => "combine",
             Case::Decode(_) => "decode",
             Case::Embedding(_) => "embedding",
+            Case::CrossEntropy(_) => "cross_entropy",
             Case::RmsNorm(_) => "rmsnorm",
         }
     }
@@ -128,6 +132,7 @@ impl Case {
             Case::Combine(c) => c.names(),
             Case::Decode(c) => c.names(),
             Case::Embedding(c) => c.names(),
+            Case::CrossEntropy(c) => c.names(),
             Case::RmsNorm(c) => c.names(),
         }
     }
@@ -154,6 +159,7 @@ impl Case {
             Case::Combine(c) => combine::run(ctx, c).await,
             Case::Decode(c) => decode::run(ctx, c).await,
             Case::Embedding(c) => embedding::run(ctx, c).await,
+            Case::CrossEntropy(c) => cross_entropy::run(ctx, c).await,
             Case::RmsNorm(c) => rmsnorm::run(ctx, c).await,
         };
         r.unwrap_or_else(|e| {
@@ -173,6 +179,7 @@ pub fn cases(family: Option<&str>) -> Vec<Case> {
     v.extend(combine::cases().into_iter().map(Case::Combine));
     v.extend(decode::cases().into_iter().map(Case::Decode));
     v.extend(embedding::cases().into_iter().map(Case::Embedding));
+    v.extend(cross_entropy::cases().into_iter().map(Case::CrossEntropy));
     v.extend(rmsnorm::cases().into_iter().map(Case::RmsNorm));
     v.retain(|c| family.is_none_or(|f| c.family() == f));
     v

@@ -7,6 +7,7 @@
 
 pub mod combine;
 pub mod common;
+pub mod cross_entropy;
 pub mod decode;
 pub mod embedding;
 pub mod expert;
@@ -31,6 +32,7 @@ pub enum Kernel {
     Decode(decode::DecodeSpec),
     Roofline(roofline::RooflineSpec),
     Embedding(embedding::EmbeddingSpec),
+    CrossEntropy(cross_entropy::CrossEntropySpec),
     RmsNorm(rmsnorm::RmsNormSpec),
 }
 
@@ -45,6 +47,7 @@ impl Kernel {
             Kernel::Decode(s) => s.def(),
             Kernel::Roofline(s) => s.def(),
             Kernel::Embedding(s) => s.def(),
+            Kernel::CrossEntropy(s) => s.def(),
             Kernel::RmsNorm(s) => s.def(),
         }
     }
@@ -68,6 +71,11 @@ impl Kernel {
             embedding::EmbeddingSpec::all()
                 .into_iter()
                 .map(Kernel::Embedding),
+        );
+        v.extend(
+            cross_entropy::CrossEntropySpec::all()
+                .into_iter()
+                .map(Kernel::CrossEntropy),
         );
         v.extend(rmsnorm::RmsNormSpec::all().into_iter().map(Kernel::RmsNorm));
         v
@@ -107,6 +115,7 @@ pub fn params_layouts() -> Vec<ParamsLayout> {
     v.extend(decode::params_layouts());
     v.extend(roofline::params_layouts());
     v.extend(embedding::params_layouts());
+    v.extend(cross_entropy::params_layouts());
     v.extend(rmsnorm::params_layouts());
     v
 }

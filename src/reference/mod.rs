@@ -3,6 +3,7 @@
 
 pub mod activation;
 pub mod combine;
+pub mod cross_entropy;
 pub mod decode;
 pub mod embedding;
 pub mod expert;
