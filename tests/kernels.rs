@@ -46,3 +46,8 @@ fn rmsnorm_matches_twin() {
 fn cross_entropy_matches_twin() {
     common::conformance_family("cross_entropy");
 }
+
+#[test]
+fn adamw_matches_twin() {
+    common::conformance_family("adamw");
+}

@@ -2,6 +2,7 @@
 //! that cover the edge cases (DESIGN.md section 4). Used by `cargo test`, by
 //! `amoe conformance` on a user's own GPU, and by the browser page.
 
+pub mod adamw;
 pub mod combine;
 pub mod cross_entropy;
 pub mod decode;
@@ -90,6 +91,7 @@ pub enum Case {
     Combine(combine::Case),
     Decode(decode::Case),
     Embedding(embedding::Case),
+    AdamW(adamw::Case),
     CrossEntropy(cross_entropy::Case),
     RmsNorm(rmsnorm::Case),
 }
@@ -103,6 +105,7 @@ pub const FAMILIES: &[&str] = &[
     "combine",
     "decode",
     "embedding",
+    "adamw",
     "cross_entropy",
     "rmsnorm",
 ];
@@ -117,6 +120,7 @@ impl Case {
             Case::Combine(_) => "combine",
             Case::Decode(_) => "decode",
             Case::Embedding(_) => "embedding",
+            Case::AdamW(_) => "adamw",
             Case::CrossEntropy(_) => "cross_entropy",
             Case::RmsNorm(_) => "rmsnorm",
         }
@@ -132,6 +136,7 @@ impl Case {
             Case::Combine(c) => c.names(),
             Case::Decode(c) => c.names(),
             Case::Embedding(c) => c.names(),
+            Case::AdamW(c) => c.names(),
             Case::CrossEntropy(c) => c.names(),
             Case::RmsNorm(c) => c.names(),
         }
@@ -159,6 +164,7 @@ impl Case {
             Case::Combine(c) => combine::run(ctx, c).await,
             Case::Decode(c) => decode::run(ctx, c).await,
             Case::Embedding(c) => embedding::run(ctx, c).await,
+            Case::AdamW(c) => adamw::run(ctx, c).await,
             Case::CrossEntropy(c) => cross_entropy::run(ctx, c).await,
             Case::RmsNorm(c) => rmsnorm::run(ctx, c).await,
         };
@@ -179,6 +185,7 @@ pub fn cases(family: Option<&str>) -> Vec<Case> {
     v.extend(combine::cases().into_iter().map(Case::Combine));
     v.extend(decode::cases().into_iter().map(Case::Decode));
     v.extend(embedding::cases().into_iter().map(Case::Embedding));
+    v.extend(adamw::cases().into_iter().map(Case::AdamW));
     v.extend(cross_entropy::cases().into_iter().map(Case::CrossEntropy));
     v.extend(rmsnorm::cases().into_iter().map(Case::RmsNorm));
     v.retain(|c| family.is_none_or(|f| c.family() == f));

@@ -5,6 +5,7 @@
 //! `Kernel` is the typed pipeline-cache key: one variant per family, each
 //! holding that family's small spec (tile sizes, mode...).
 
+pub mod adamw;
 pub mod combine;
 pub mod common;
 pub mod cross_entropy;
@@ -32,6 +33,7 @@ pub enum Kernel {
     Decode(decode::DecodeSpec),
     Roofline(roofline::RooflineSpec),
     Embedding(embedding::EmbeddingSpec),
+    AdamW(adamw::AdamWSpec),
     CrossEntropy(cross_entropy::CrossEntropySpec),
     RmsNorm(rmsnorm::RmsNormSpec),
 }
@@ -47,6 +49,7 @@ impl Kernel {
             Kernel::Decode(s) => s.def(),
             Kernel::Roofline(s) => s.def(),
             Kernel::Embedding(s) => s.def(),
+            Kernel::AdamW(s) => s.def(),
             Kernel::CrossEntropy(s) => s.def(),
             Kernel::RmsNorm(s) => s.def(),
         }
@@ -72,6 +75,7 @@ impl Kernel {
                 .into_iter()
                 .map(Kernel::Embedding),
         );
+        v.extend(adamw::AdamWSpec::all().into_iter().map(Kernel::AdamW));
         v.extend(
             cross_entropy::CrossEntropySpec::all()
                 .into_iter()
@@ -115,6 +119,7 @@ pub fn params_layouts() -> Vec<ParamsLayout> {
     v.extend(decode::params_layouts());
     v.extend(roofline::params_layouts());
     v.extend(embedding::params_layouts());
+    v.extend(adamw::params_layouts());
     v.extend(cross_entropy::params_layouts());
     v.extend(rmsnorm::params_layouts());
     v

@@ -2,6 +2,7 @@
 //! They are the oracle of the GPU tests and of `amoe conformance`.
 
 pub mod activation;
+pub mod adamw;
 pub mod combine;
 pub mod cross_entropy;
 pub mod decode;
