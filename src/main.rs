@@ -46,7 +46,8 @@ enum Command {
     Conformance {
         #[command(flatten)]
         adapter: AdapterArgs,
-        /// Only this kernel family (matmul, gate, route, expert, combine, decode).
+        /// Only this kernel family (matmul, gate, route, expert, combine, decode,
+        /// embedding, rmsnorm, cross_entropy, adamw).
         #[arg(long)]
         kernel: Option<String>,
         /// Also write the results as JSON to this file ("-" for stdout).

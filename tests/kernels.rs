@@ -36,3 +36,23 @@ fn decode_matches_twin() {
 fn add_matches_twin() {
     common::conformance_family("add");
 }
+
+#[test]
+fn embedding_matches_twin() {
+    common::conformance_family("embedding");
+}
+
+#[test]
+fn rmsnorm_matches_twin() {
+    common::conformance_family("rmsnorm");
+}
+
+#[test]
+fn cross_entropy_matches_twin() {
+    common::conformance_family("cross_entropy");
+}
+
+#[test]
+fn adamw_matches_twin() {
+    common::conformance_family("adamw");
+}

@@ -3,12 +3,16 @@
 //! `amoe conformance` on a user's own GPU, and by the browser page.
 
 pub mod add;
+pub mod adamw;
 pub mod combine;
+pub mod cross_entropy;
 pub mod decode;
+pub mod embedding;
 pub mod expert;
 pub mod gate;
 pub mod matmul;
 pub mod moe_backward;
+pub mod rmsnorm;
 pub mod route;
 
 use crate::error::{Error, Result};
@@ -90,6 +94,10 @@ pub enum Case {
     Decode(decode::Case),
     Add(add::Case),
     MoeBackward(moe_backward::Case),
+    Embedding(embedding::Case),
+    AdamW(adamw::Case),
+    CrossEntropy(cross_entropy::Case),
+    RmsNorm(rmsnorm::Case),
 }
 
 /// Kernel families, as `--kernel` filters name them.
@@ -102,6 +110,10 @@ pub const FAMILIES: &[&str] = &[
     "decode",
     "add",
     "moe_backward",
+    "embedding",
+    "adamw",
+    "cross_entropy",
+    "rmsnorm",
 ];
 
 impl Case {
@@ -115,6 +127,10 @@ impl Case {
             Case::Decode(_) => "decode",
             Case::Add(_) => "add",
             Case::MoeBackward(_) => "moe_backward",
+            Case::Embedding(_) => "embedding",
+            Case::AdamW(_) => "adamw",
+            Case::CrossEntropy(_) => "cross_entropy",
+            Case::RmsNorm(_) => "rmsnorm",
         }
     }
 
@@ -129,6 +145,10 @@ impl Case {
             Case::Decode(c) => c.names(),
             Case::Add(c) => c.names(),
             Case::MoeBackward(c) => c.names(),
+            Case::Embedding(c) => c.names(),
+            Case::AdamW(c) => c.names(),
+            Case::CrossEntropy(c) => c.names(),
+            Case::RmsNorm(c) => c.names(),
         }
     }
 
@@ -155,6 +175,10 @@ impl Case {
             Case::Decode(c) => decode::run(ctx, c).await,
             Case::Add(c) => add::run(ctx, c).await,
             Case::MoeBackward(c) => moe_backward::run(ctx, c).await,
+            Case::Embedding(c) => embedding::run(ctx, c).await,
+            Case::AdamW(c) => adamw::run(ctx, c).await,
+            Case::CrossEntropy(c) => cross_entropy::run(ctx, c).await,
+            Case::RmsNorm(c) => rmsnorm::run(ctx, c).await,
         };
         r.unwrap_or_else(|e| {
             let (k, c) = self.names();
@@ -174,6 +198,10 @@ pub fn cases(family: Option<&str>) -> Vec<Case> {
     v.extend(decode::cases().into_iter().map(Case::Decode));
     v.extend(add::cases().into_iter().map(Case::Add));
     v.extend(moe_backward::cases().into_iter().map(Case::MoeBackward));
+    v.extend(embedding::cases().into_iter().map(Case::Embedding));
+    v.extend(adamw::cases().into_iter().map(Case::AdamW));
+    v.extend(cross_entropy::cases().into_iter().map(Case::CrossEntropy));
+    v.extend(rmsnorm::cases().into_iter().map(Case::RmsNorm));
     v.retain(|c| family.is_none_or(|f| c.family() == f));
     v
 }

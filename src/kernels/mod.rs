@@ -6,13 +6,17 @@
 //! holding that family's small spec (tile sizes, mode...).
 
 pub mod add;
+pub mod adamw;
 pub mod combine;
 pub mod common;
+pub mod cross_entropy;
 pub mod decode;
+pub mod embedding;
 pub mod expert;
 pub mod gate;
 pub mod matmul;
 pub mod moe_backward;
+pub mod rmsnorm;
 pub mod roofline;
 pub mod route;
 
@@ -33,6 +37,10 @@ pub enum Kernel {
     MoeBackward(moe_backward::MoeBackwardSpec),
     ExpertBackward(moe_backward::ExpertBackwardSpec),
     Add(add::AddSpec),
+    Embedding(embedding::EmbeddingSpec),
+    AdamW(adamw::AdamWSpec),
+    CrossEntropy(cross_entropy::CrossEntropySpec),
+    RmsNorm(rmsnorm::RmsNormSpec),
 }
 
 impl Kernel {
@@ -48,6 +56,10 @@ impl Kernel {
             Kernel::MoeBackward(s) => s.def(),
             Kernel::ExpertBackward(s) => s.def(),
             Kernel::Add(s) => s.def(),
+            Kernel::Embedding(s) => s.def(),
+            Kernel::AdamW(s) => s.def(),
+            Kernel::CrossEntropy(s) => s.def(),
+            Kernel::RmsNorm(s) => s.def(),
         }
     }
 
@@ -77,6 +89,18 @@ impl Kernel {
                 .map(Kernel::ExpertBackward),
         );
         v.extend(add::AddSpec::all().into_iter().map(Kernel::Add));
+        v.extend(
+            embedding::EmbeddingSpec::all()
+                .into_iter()
+                .map(Kernel::Embedding),
+        );
+        v.extend(adamw::AdamWSpec::all().into_iter().map(Kernel::AdamW));
+        v.extend(
+            cross_entropy::CrossEntropySpec::all()
+                .into_iter()
+                .map(Kernel::CrossEntropy),
+        );
+        v.extend(rmsnorm::RmsNormSpec::all().into_iter().map(Kernel::RmsNorm));
         v
     }
 }
@@ -115,6 +139,10 @@ pub fn params_layouts() -> Vec<ParamsLayout> {
     v.extend(roofline::params_layouts());
     v.extend(moe_backward::params_layouts());
     v.extend(add::params_layouts());
+    v.extend(embedding::params_layouts());
+    v.extend(adamw::params_layouts());
+    v.extend(cross_entropy::params_layouts());
+    v.extend(rmsnorm::params_layouts());
     v
 }
 

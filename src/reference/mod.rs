@@ -3,12 +3,18 @@
 
 pub mod activation;
 pub mod add;
+pub mod adamw;
 pub mod combine;
+pub mod cross_entropy;
 pub mod decode;
+pub mod embedding;
 pub mod expert;
+#[cfg(test)]
+pub(crate) mod finite_diff;
 pub mod gate;
 pub mod matmul;
 pub mod moe;
 pub mod moe_backward;
 pub mod moe_train;
+pub mod rmsnorm;
 pub mod route;

@@ -1,0 +1,266 @@
+//! Conformance cases of the embedding kernels against their twins
+//! (`reference::embedding`): the forward within `Tol::ELEMENTWISE`, the two
+//! backward gathers within `Tol::reduction` of the longest sum.
+//!
+//! Outputs start as NaN, so an element a kernel fails to write (a row of an
+//! unseen id must become zeros) shows up as a failure.
+
+use super::{bad_inputs_result, expect_error, is_invalid, is_shape, submit_pass};
+use super::{CheckResult, Rng};
+use crate::error::{Error, Result};
+use crate::gpu::{GpuContext, Tensor};
+use crate::kernels::embedding::{
+    token_order, EmbeddingBackwardWpe, EmbeddingBackwardWpeBuffers, EmbeddingBackwardWte,
+    EmbeddingBackwardWteBuffers, EmbeddingForward, EmbeddingForwardBuffers, EmbeddingSpec,
+};
+use crate::reference::embedding::{
+    embedding_backward_wpe, embedding_backward_wte, embedding_forward,
+};
+use crate::tol::Tol;
+
+/// How the case draws its token ids.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Ids {
+    /// Uniform over the vocabulary.
+    Uniform,
+    /// Every token the same id (the longest gather).
+    Same,
+    /// Uniform over the first 8 ids, so most rows of dwte are zeros.
+    Few,
+    /// Uniform, with every 5th id past V (forward only: the shader clamps
+    /// them to V - 1, where the host would have refused them).
+    PastV,
+}
+
+/// An embedding conformance case.
+#[derive(Clone, Debug)]
+pub enum Case {
+    Twin {
+        spec: EmbeddingSpec,
+        t: usize,
+        v: usize,
+        n: usize,
+        d: usize,
+        ids: Ids,
+        seed: u64,
+    },
+    BadInputs,
+}
+
+impl Case {
+    pub fn names(&self) -> (String, String) {
+        match self {
+            Case::Twin {
+                spec,
+                t,
+                v,
+                n,
+                d,
+                ids,
+                ..
+            } => (
+                spec.name().to_string(),
+                format!("T={t} V={v} N={n} D={d} ids {ids:?}"),
+            ),
+            Case::BadInputs => (
+                EmbeddingSpec::Forward.name().to_string(),
+                "bad inputs: T = 0, shape mismatch, id >= V".into(),
+            ),
+        }
+    }
+}
+
+pub fn cases() -> Vec<Case> {
+    let mut v = Vec::new();
+    for spec in EmbeddingSpec::all() {
+        let c = |t, vv, n, d, ids, seed| Case::Twin {
+            spec,
+            t,
+            v: vv,
+            n,
+            d,
+            ids,
+            seed,
+        };
+        v.extend([
+            c(1, 4, 1, 8, Ids::Uniform, 1),
+            c(37, 50, 8, 33, Ids::Uniform, 2),
+            c(96, 300, 32, 64, Ids::Few, 3),
+            c(64, 16, 16, 7, Ids::Same, 4),
+            c(512, 4096, 128, 64, Ids::Uniform, 5),
+        ]);
+    }
+    v.push(Case::Twin {
+        spec: EmbeddingSpec::Forward,
+        t: 40,
+        v: 30,
+        n: 16,
+        d: 12,
+        ids: Ids::PastV,
+        seed: 6,
+    });
+    v.push(Case::BadInputs);
+    v
+}
+
+fn make_ids(t: usize, v: usize, ids: Ids, rng: &mut Rng) -> Vec<u32> {
+    (0..t)
+        .map(|i| match ids {
+            Ids::Uniform => rng.below(v) as u32,
+            Ids::Same => (v / 2) as u32,
+            Ids::Few => rng.below(v.min(8)) as u32,
+            Ids::PastV if i % 5 == 0 => (v + i) as u32,
+            Ids::PastV => rng.below(v) as u32,
+        })
+        .collect()
+}
+
+pub async fn run(ctx: &GpuContext, case: &Case) -> Result<CheckResult> {
+    let (kernel, name) = case.names();
+    let Case::Twin {
+        spec,
+        t,
+        v,
+        n,
+        d,
+        ids,
+        seed,
+    } = *case
+    else {
+        return Ok(bad_inputs(ctx, &kernel, &name));
+    };
+    let mut rng = Rng::new(seed ^ 0xE3B0);
+    let ids_host = make_ids(t, v, ids, &mut rng);
+    let (got, want, tol) = match spec {
+        EmbeddingSpec::Forward => {
+            let wte_h = rng.vec_sym(v * d, 1.0);
+            let wpe_h = rng.vec_sym(n * d, 1.0);
+            let want = embedding_forward(&ids_host, &wte_h, &wpe_h, t, v, n, d);
+            let ids_t = Tensor::from_slice(ctx, "ids", &[t], &ids_host)?;
+            let wte = Tensor::from_slice(ctx, "wte", &[v, d], &wte_h)?;
+            let wpe = Tensor::from_slice(ctx, "wpe", &[n, d], &wpe_h)?;
+            let x = Tensor::from_slice(ctx, "x", &[t, d], &vec![f32::NAN; t * d])?;
+            let k = EmbeddingForward::new(
+                ctx,
+                &EmbeddingForwardBuffers {
+                    ids: &ids_t,
+                    wte: &wte,
+                    wpe: &wpe,
+                    x: &x,
+                },
+            )?;
+            submit_pass(ctx, |pass| k.record(pass))?;
+            (x.read(ctx).await?, want, Tol::ELEMENTWISE)
+        }
+        EmbeddingSpec::BackwardWte => {
+            let dx_h = rng.vec_sym(t * d, 1.0);
+            let (offsets_h, order_h) = token_order(&ids_host, v)?;
+            let want = embedding_backward_wte(&dx_h, &offsets_h, &order_h, v, d);
+            let longest = offsets_h.windows(2).map(|w| w[1] - w[0]).max();
+            let dx = Tensor::from_slice(ctx, "dx", &[t, d], &dx_h)?;
+            let offsets = Tensor::from_slice(ctx, "offsets", &[v + 1], &offsets_h)?;
+            let order = Tensor::from_slice(ctx, "order", &[t], &order_h)?;
+            let dwte = Tensor::from_slice(ctx, "dwte", &[v, d], &vec![f32::NAN; v * d])?;
+            let k = EmbeddingBackwardWte::new(
+                ctx,
+                &EmbeddingBackwardWteBuffers {
+                    dx: &dx,
+                    offsets: &offsets,
+                    order: &order,
+                    dwte: &dwte,
+                },
+            )?;
+            submit_pass(ctx, |pass| k.record(pass))?;
+            let tol = Tol::reduction(longest.unwrap_or(1) as usize);
+            (dwte.read(ctx).await?, want, tol)
+        }
+        EmbeddingSpec::BackwardWpe => {
+            let dx_h = rng.vec_sym(t * d, 1.0);
+            let want = embedding_backward_wpe(&dx_h, t, n, d);
+            let dx = Tensor::from_slice(ctx, "dx", &[t, d], &dx_h)?;
+            let dwpe = Tensor::from_slice(ctx, "dwpe", &[n, d], &vec![f32::NAN; n * d])?;
+            let k = EmbeddingBackwardWpe::new(
+                ctx,
+                &EmbeddingBackwardWpeBuffers {
+                    dx: &dx,
+                    dwpe: &dwpe,
+                },
+            )?;
+            submit_pass(ctx, |pass| k.record(pass))?;
+            (dwpe.read(ctx).await?, want, Tol::reduction(t.div_ceil(n)))
+        }
+    };
+    Ok(CheckResult::from_comparisons(
+        kernel,
+        name,
+        &[("out", tol.compare(&got, &want))],
+    ))
+}
+
+fn bad_inputs(ctx: &GpuContext, kernel: &str, case: &str) -> CheckResult {
+    let mut checks = Vec::new();
+    let mut try_forward = |what: &str, ids: &[usize], wte, wpe, x, want| {
+        ctx.capture_errors();
+        let r = (|| -> Result<EmbeddingForward> {
+            let ids = Tensor::<u32>::zeros(ctx, "ids", ids)?;
+            let wte = Tensor::<f32>::zeros(ctx, "wte", wte)?;
+            let wpe = Tensor::<f32>::zeros(ctx, "wpe", wpe)?;
+            let x = Tensor::<f32>::zeros(ctx, "x", x)?;
+            EmbeddingForward::new(
+                ctx,
+                &EmbeddingForwardBuffers {
+                    ids: &ids,
+                    wte: &wte,
+                    wpe: &wpe,
+                    x: &x,
+                },
+            )
+        })();
+        checks.push(expect_error(ctx, what, r, want));
+    };
+    try_forward("T = 0", &[0], &[8, 4], &[2, 4], &[0, 4], is_invalid);
+    try_forward("wpe [N, D+1]", &[6], &[8, 4], &[2, 5], &[6, 4], is_shape);
+    try_forward("x [T+1, D]", &[6], &[8, 4], &[2, 4], &[7, 4], is_shape);
+    try_forward("ids [T, 1]", &[6, 1], &[8, 4], &[2, 4], &[6, 4], is_shape);
+
+    ctx.capture_errors();
+    let r = (|| -> Result<EmbeddingBackwardWte> {
+        let dx = Tensor::<f32>::zeros(ctx, "dx", &[6, 4])?;
+        let offsets = Tensor::<u32>::zeros(ctx, "offsets", &[8])?;
+        let order = Tensor::<u32>::zeros(ctx, "order", &[6])?;
+        let dwte = Tensor::<f32>::zeros(ctx, "dwte", &[8, 4])?;
+        EmbeddingBackwardWte::new(
+            ctx,
+            &EmbeddingBackwardWteBuffers {
+                dx: &dx,
+                offsets: &offsets,
+                order: &order,
+                dwte: &dwte,
+            },
+        )
+    })();
+    checks.push(expect_error(ctx, "offsets [V]", r, is_shape));
+
+    ctx.capture_errors();
+    let r = (|| -> Result<EmbeddingBackwardWpe> {
+        let dx = Tensor::<f32>::zeros(ctx, "dx", &[6, 4])?;
+        let dwpe = Tensor::<f32>::zeros(ctx, "dwpe", &[2, 3])?;
+        EmbeddingBackwardWpe::new(
+            ctx,
+            &EmbeddingBackwardWpeBuffers {
+                dx: &dx,
+                dwpe: &dwpe,
+            },
+        )
+    })();
+    checks.push(expect_error(ctx, "dwpe [N, D-1]", r, is_shape));
+
+    ctx.capture_errors();
+    checks.push(expect_error(
+        ctx,
+        "token id >= V",
+        token_order(&[0, 3, 8, 1], 8),
+        |e: &Error| matches!(e, Error::InvalidArgument { .. }),
+    ));
+    bad_inputs_result(kernel, case, checks)
+}
