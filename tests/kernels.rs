@@ -31,3 +31,8 @@ fn combine_matches_twin() {
 fn decode_matches_twin() {
     common::conformance_family("decode");
 }
+
+#[test]
+fn attention_matches_twin() {
+    common::conformance_family("attention");
+}

@@ -2,6 +2,7 @@
 //! that cover the edge cases (DESIGN.md section 4). Used by `cargo test`, by
 //! `amoe conformance` on a user's own GPU, and by the browser page.
 
+pub mod attention;
 pub mod combine;
 pub mod decode;
 pub mod expert;
@@ -86,10 +87,19 @@ pub enum Case {
     Expert(expert::Case),
     Combine(combine::Case),
     Decode(decode::Case),
+    Attention(attention::Case),
 }
 
 /// Kernel families, as `--kernel` filters name them.
-pub const FAMILIES: &[&str] = &["matmul", "gate", "route", "expert", "combine", "decode"];
+pub const FAMILIES: &[&str] = &[
+    "matmul",
+    "gate",
+    "route",
+    "expert",
+    "combine",
+    "decode",
+    "attention",
+];
 
 impl Case {
     pub fn family(&self) -> &'static str {
@@ -100,6 +110,7 @@ impl Case {
             Case::Expert(_) => "expert",
             Case::Combine(_) => "combine",
             Case::Decode(_) => "decode",
+            Case::Attention(_) => "attention",
         }
     }
 
@@ -112,6 +123,7 @@ impl Case {
             Case::Expert(c) => c.names(),
             Case::Combine(c) => c.names(),
             Case::Decode(c) => c.names(),
+            Case::Attention(c) => c.names(),
         }
     }
 
@@ -136,6 +148,7 @@ impl Case {
             Case::Expert(c) => expert::run(ctx, c).await,
             Case::Combine(c) => combine::run(ctx, c).await,
             Case::Decode(c) => decode::run(ctx, c).await,
+            Case::Attention(c) => attention::run(ctx, c).await,
         };
         r.unwrap_or_else(|e| {
             let (k, c) = self.names();
@@ -153,6 +166,7 @@ pub fn cases(family: Option<&str>) -> Vec<Case> {
     v.extend(expert::cases().into_iter().map(Case::Expert));
     v.extend(combine::cases().into_iter().map(Case::Combine));
     v.extend(decode::cases().into_iter().map(Case::Decode));
+    v.extend(attention::cases().into_iter().map(Case::Attention));
     v.retain(|c| family.is_none_or(|f| c.family() == f));
     v
 }

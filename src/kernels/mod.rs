@@ -5,6 +5,7 @@
 //! `Kernel` is the typed pipeline-cache key: one variant per family, each
 //! holding that family's small spec (tile sizes, mode...).
 
+pub mod attention;
 pub mod combine;
 pub mod common;
 pub mod decode;
@@ -28,6 +29,7 @@ pub enum Kernel {
     Combine(combine::CombineSpec),
     Decode(decode::DecodeSpec),
     Roofline(roofline::RooflineSpec),
+    Attention(attention::AttentionSpec),
 }
 
 impl Kernel {
@@ -40,6 +42,7 @@ impl Kernel {
             Kernel::Combine(s) => s.def(),
             Kernel::Decode(s) => s.def(),
             Kernel::Roofline(s) => s.def(),
+            Kernel::Attention(s) => s.def(),
         }
     }
 
@@ -57,6 +60,11 @@ impl Kernel {
             roofline::RooflineSpec::all()
                 .into_iter()
                 .map(Kernel::Roofline),
+        );
+        v.extend(
+            attention::AttentionSpec::all()
+                .into_iter()
+                .map(Kernel::Attention),
         );
         v
     }
@@ -94,6 +102,7 @@ pub fn params_layouts() -> Vec<ParamsLayout> {
     v.extend(combine::params_layouts());
     v.extend(decode::params_layouts());
     v.extend(roofline::params_layouts());
+    v.extend(attention::params_layouts());
     v
 }
 

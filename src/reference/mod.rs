@@ -2,6 +2,7 @@
 //! They are the oracle of the GPU tests and of `amoe conformance`.
 
 pub mod activation;
+pub mod attention;
 pub mod combine;
 pub mod decode;
 pub mod expert;
