@@ -56,3 +56,8 @@ fn cross_entropy_matches_twin() {
 fn adamw_matches_twin() {
     common::conformance_family("adamw");
 }
+
+#[test]
+fn attention_matches_twin() {
+    common::conformance_family("attention");
+}

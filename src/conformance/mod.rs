@@ -4,6 +4,7 @@
 
 pub mod add;
 pub mod adamw;
+pub mod attention;
 pub mod combine;
 pub mod cross_entropy;
 pub mod decode;
@@ -98,6 +99,7 @@ pub enum Case {
     AdamW(adamw::Case),
     CrossEntropy(cross_entropy::Case),
     RmsNorm(rmsnorm::Case),
+    Attention(attention::Case),
 }
 
 /// Kernel families, as `--kernel` filters name them.
@@ -114,6 +116,7 @@ pub const FAMILIES: &[&str] = &[
     "adamw",
     "cross_entropy",
     "rmsnorm",
+    "attention",
 ];
 
 impl Case {
@@ -131,6 +134,7 @@ impl Case {
             Case::AdamW(_) => "adamw",
             Case::CrossEntropy(_) => "cross_entropy",
             Case::RmsNorm(_) => "rmsnorm",
+            Case::Attention(_) => "attention",
         }
     }
 
@@ -149,6 +153,7 @@ impl Case {
             Case::AdamW(c) => c.names(),
             Case::CrossEntropy(c) => c.names(),
             Case::RmsNorm(c) => c.names(),
+            Case::Attention(c) => c.names(),
         }
     }
 
@@ -179,6 +184,7 @@ impl Case {
             Case::AdamW(c) => adamw::run(ctx, c).await,
             Case::CrossEntropy(c) => cross_entropy::run(ctx, c).await,
             Case::RmsNorm(c) => rmsnorm::run(ctx, c).await,
+            Case::Attention(c) => attention::run(ctx, c).await,
         };
         r.unwrap_or_else(|e| {
             let (k, c) = self.names();
@@ -202,6 +208,7 @@ pub fn cases(family: Option<&str>) -> Vec<Case> {
     v.extend(adamw::cases().into_iter().map(Case::AdamW));
     v.extend(cross_entropy::cases().into_iter().map(Case::CrossEntropy));
     v.extend(rmsnorm::cases().into_iter().map(Case::RmsNorm));
+    v.extend(attention::cases().into_iter().map(Case::Attention));
     v.retain(|c| family.is_none_or(|f| c.family() == f));
     v
 }

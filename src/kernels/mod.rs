@@ -7,6 +7,7 @@
 
 pub mod add;
 pub mod adamw;
+pub mod attention;
 pub mod combine;
 pub mod common;
 pub mod cross_entropy;
@@ -41,6 +42,7 @@ pub enum Kernel {
     AdamW(adamw::AdamWSpec),
     CrossEntropy(cross_entropy::CrossEntropySpec),
     RmsNorm(rmsnorm::RmsNormSpec),
+    Attention(attention::AttentionSpec),
 }
 
 impl Kernel {
@@ -60,6 +62,7 @@ impl Kernel {
             Kernel::AdamW(s) => s.def(),
             Kernel::CrossEntropy(s) => s.def(),
             Kernel::RmsNorm(s) => s.def(),
+            Kernel::Attention(s) => s.def(),
         }
     }
 
@@ -101,6 +104,11 @@ impl Kernel {
                 .map(Kernel::CrossEntropy),
         );
         v.extend(rmsnorm::RmsNormSpec::all().into_iter().map(Kernel::RmsNorm));
+        v.extend(
+            attention::AttentionSpec::all()
+                .into_iter()
+                .map(Kernel::Attention),
+        );
         v
     }
 }
@@ -143,6 +151,7 @@ pub fn params_layouts() -> Vec<ParamsLayout> {
     v.extend(adamw::params_layouts());
     v.extend(cross_entropy::params_layouts());
     v.extend(rmsnorm::params_layouts());
+    v.extend(attention::params_layouts());
     v
 }
 

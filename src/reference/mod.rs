@@ -4,6 +4,7 @@
 pub mod activation;
 pub mod add;
 pub mod adamw;
+pub mod attention;
 pub mod combine;
 pub mod cross_entropy;
 pub mod decode;

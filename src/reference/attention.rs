@@ -1,0 +1,245 @@
+//! CPU twins of `shaders/attention.wgsl`: causal multi-head self-attention,
+//! forward (`attention_forward`) and backward (`attention_backward`, which the
+//! GPU splits into `attention_backward_delta`, `attention_backward_dq` and
+//! `attention_backward_dkv`). Naive O(N^2) per head, generic over the float
+//! type so the backward can be checked against finite differences in f64.
+//!
+//! Layout: B sequences of N tokens, T = B*N rows (token t = b*N + n), width
+//! D = H * Dh. `qkv [T, 3D]` holds q in columns [0, D), k in [D, 2D), v in
+//! [2D, 3D); head h uses columns h*Dh .. (h+1)*Dh of each third.
+
+use num_traits::Float;
+
+/// Shape of one attention call: B sequences of N tokens, H heads of width Dh.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AttnShape {
+    pub b: usize,
+    pub n: usize,
+    pub h: usize,
+    pub dh: usize,
+}
+
+impl AttnShape {
+    /// Rows T = B*N.
+    pub fn t(&self) -> usize {
+        self.b * self.n
+    }
+    /// Model width D = H*Dh.
+    pub fn d(&self) -> usize {
+        self.h * self.dh
+    }
+}
+
+fn cast<F: Float>(x: f64) -> F {
+    F::from(x).unwrap_or_else(F::nan)
+}
+
+/// Scaled causal scores of query `n` of sequence `b`, head `h`, against keys
+/// 0..=n: `s[j] = scale * q_n . k_j`.
+fn scores<F: Float>(qkv: &[F], s: AttnShape, b: usize, h: usize, n: usize) -> Vec<F> {
+    let d = s.d();
+    let scale = cast::<F>(1.0 / (s.dh as f64).sqrt());
+    let q = &qkv[(b * s.n + n) * 3 * d + h * s.dh..][..s.dh];
+    (0..=n)
+        .map(|j| {
+            let k = &qkv[(b * s.n + j) * 3 * d + d + h * s.dh..][..s.dh];
+            q.iter().zip(k).fold(F::zero(), |a, (&x, &y)| a + x * y) * scale
+        })
+        .collect()
+}
+
+/// Causal attention forward. Returns `o [T, D]` (head h in columns
+/// h*Dh..) and `lse [B, H, N]`: the log-sum-exp of each query row's scaled
+/// scores, which the backward uses to recompute the probabilities.
+pub fn attention_forward<F: Float>(qkv: &[F], s: AttnShape) -> (Vec<F>, Vec<F>) {
+    let d = s.d();
+    let mut o = vec![F::zero(); s.t() * d];
+    let mut lse = vec![F::zero(); s.b * s.h * s.n];
+    for b in 0..s.b {
+        for h in 0..s.h {
+            for n in 0..s.n {
+                let sc = scores(qkv, s, b, h, n);
+                let m = sc.iter().fold(F::neg_infinity(), |a, &x| a.max(x));
+                let l = sc.iter().fold(F::zero(), |a, &x| a + (x - m).exp());
+                lse[(b * s.h + h) * s.n + n] = m + l.ln();
+                let out = &mut o[(b * s.n + n) * d + h * s.dh..][..s.dh];
+                for (j, &x) in sc.iter().enumerate() {
+                    let p = (x - m).exp() / l;
+                    let v = &qkv[(b * s.n + j) * 3 * d + 2 * d + h * s.dh..][..s.dh];
+                    for (a, &vv) in out.iter_mut().zip(v) {
+                        *a = *a + p * vv;
+                    }
+                }
+            }
+        }
+    }
+    (o, lse)
+}
+
+/// Causal attention backward: from `qkv [T, 3D]`, the forward's `o [T, D]`
+/// and `lse [B, H, N]`, and the output gradient `do_ [T, D]`, the gradient
+/// `dqkv [T, 3D]` (same column layout as `qkv`).
+///
+/// With `P = exp(S - lse)` (S the scaled causal scores), `delta_n = sum_d
+/// do*o` of row n: `dV = P^T dO`, `dS = P * (dO V^T - delta)`, `dQ = scale dS
+/// K`, `dK = scale dS^T Q`.
+pub fn attention_backward<F: Float>(
+    qkv: &[F],
+    o: &[F],
+    do_: &[F],
+    lse: &[F],
+    s: AttnShape,
+) -> Vec<F> {
+    let d = s.d();
+    let dh = s.dh;
+    let scale = cast::<F>(1.0 / (dh as f64).sqrt());
+    let mut dqkv = vec![F::zero(); s.t() * 3 * d];
+    for b in 0..s.b {
+        for h in 0..s.h {
+            for n in 0..s.n {
+                let row = b * s.n + n;
+                let dor = &do_[row * d + h * dh..][..dh];
+                let or = &o[row * d + h * dh..][..dh];
+                let delta = dor.iter().zip(or).fold(F::zero(), |a, (&x, &y)| a + x * y);
+                let l = lse[(b * s.h + h) * s.n + n];
+                let sc = scores(qkv, s, b, h, n);
+                for (j, &x) in sc.iter().enumerate() {
+                    let p = (x - l).exp();
+                    let krow = (b * s.n + j) * 3 * d;
+                    let dp = (0..dh).fold(F::zero(), |a, c| {
+                        a + dor[c] * qkv[krow + 2 * d + h * dh + c]
+                    });
+                    let ds = p * (dp - delta);
+                    for c in 0..dh {
+                        // dQ_n += scale ds k_j; dK_j += scale ds q_n; dV_j += p do_n
+                        let kc = qkv[krow + d + h * dh + c];
+                        let qc = qkv[row * 3 * d + h * dh + c];
+                        dqkv[row * 3 * d + h * dh + c] =
+                            dqkv[row * 3 * d + h * dh + c] + scale * ds * kc;
+                        dqkv[krow + d + h * dh + c] = dqkv[krow + d + h * dh + c] + scale * ds * qc;
+                        dqkv[krow + 2 * d + h * dh + c] =
+                            dqkv[krow + 2 * d + h * dh + c] + p * dor[c];
+                    }
+                }
+            }
+        }
+    }
+    dqkv
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::conformance::Rng;
+
+    fn rand(rng: &mut Rng, n: usize, a: f32) -> Vec<f64> {
+        rng.vec_sym(n, a).into_iter().map(f64::from).collect()
+    }
+
+    #[test]
+    fn one_token_copies_its_value_row() {
+        let s = AttnShape {
+            b: 1,
+            n: 1,
+            h: 2,
+            dh: 2,
+        };
+        let qkv = [
+            1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0, 10.0, 11.0, 12.0,
+        ];
+        let (o, lse) = attention_forward(&qkv, s);
+        assert_eq!(o, vec![9.0, 10.0, 11.0, 12.0]);
+        let sc0 = (1.0 * 5.0 + 2.0 * 6.0) / 2f64.sqrt();
+        let sc1 = (3.0 * 7.0 + 4.0 * 8.0) / 2f64.sqrt();
+        assert!((lse[0] - sc0).abs() < 1e-12 && (lse[1] - sc1).abs() < 1e-12);
+    }
+
+    #[test]
+    fn later_tokens_never_change_earlier_outputs() {
+        let s = AttnShape {
+            b: 2,
+            n: 5,
+            h: 2,
+            dh: 4,
+        };
+        let mut rng = Rng::new(11);
+        let qkv = rand(&mut rng, s.t() * 3 * s.d(), 1.0);
+        let (o, lse) = attention_forward(&qkv, s);
+        let mut qkv2 = qkv.clone();
+        // Perturb the last token of each sequence.
+        for b in 0..s.b {
+            let row = b * s.n + s.n - 1;
+            for x in &mut qkv2[row * 3 * s.d()..(row + 1) * 3 * s.d()] {
+                *x += 0.5;
+            }
+        }
+        let (o2, lse2) = attention_forward(&qkv2, s);
+        for b in 0..s.b {
+            for n in 0..s.n - 1 {
+                let row = b * s.n + n;
+                assert_eq!(
+                    o[row * s.d()..(row + 1) * s.d()],
+                    o2[row * s.d()..(row + 1) * s.d()]
+                );
+                for h in 0..s.h {
+                    let i = (b * s.h + h) * s.n + n;
+                    assert_eq!(lse[i], lse2[i]);
+                }
+            }
+        }
+    }
+
+    /// The backward twin against central finite differences of the scalar
+    /// loss `sum(o * R)` for random R, in f64.
+    #[test]
+    fn backward_matches_finite_differences() {
+        for (si, s) in [
+            AttnShape {
+                b: 1,
+                n: 1,
+                h: 1,
+                dh: 3,
+            },
+            AttnShape {
+                b: 2,
+                n: 4,
+                h: 2,
+                dh: 3,
+            },
+            AttnShape {
+                b: 1,
+                n: 6,
+                h: 1,
+                dh: 4,
+            },
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let mut rng = Rng::new(100 + si as u64);
+            let qkv = rand(&mut rng, s.t() * 3 * s.d(), 1.5);
+            let r = rand(&mut rng, s.t() * s.d(), 1.0);
+            let loss = |x: &[f64]| -> f64 {
+                let (o, _) = attention_forward(x, s);
+                o.iter().zip(&r).map(|(a, b)| a * b).sum()
+            };
+            let (o, lse) = attention_forward(&qkv, s);
+            let grad = attention_backward(&qkv, &o, &r, &lse, s);
+            let eps = 1e-6;
+            let mut x = qkv.clone();
+            for i in 0..qkv.len() {
+                x[i] = qkv[i] + eps;
+                let up = loss(&x);
+                x[i] = qkv[i] - eps;
+                let down = loss(&x);
+                x[i] = qkv[i];
+                let fd = (up - down) / (2.0 * eps);
+                assert!(
+                    (fd - grad[i]).abs() <= 1e-8 + 1e-6 * fd.abs(),
+                    "{s:?} element {i}: finite difference {fd}, backward {}",
+                    grad[i]
+                );
+            }
+        }
+    }
+}
