@@ -11,6 +11,7 @@ pub mod conformance;
 pub mod error;
 pub mod gpu;
 pub mod kernels;
+pub mod model;
 pub mod moe;
 pub mod reference;
 pub mod tol;

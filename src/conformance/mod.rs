@@ -2,8 +2,8 @@
 //! that cover the edge cases (DESIGN.md section 4). Used by `cargo test`, by
 //! `amoe conformance` on a user's own GPU, and by the browser page.
 
-pub mod add;
 pub mod adamw;
+pub mod add;
 pub mod attention;
 pub mod combine;
 pub mod cross_entropy;

@@ -24,6 +24,18 @@ pub struct Tensor<T> {
     _t: PhantomData<T>,
 }
 
+/// A second handle to the same buffer (wgpu buffers are reference counted):
+/// the model's parameter list and a layer's launchers share tensors this way.
+impl<T> Clone for Tensor<T> {
+    fn clone(&self) -> Self {
+        Tensor {
+            buffer: self.buffer.clone(),
+            shape: self.shape.clone(),
+            _t: PhantomData,
+        }
+    }
+}
+
 impl<T: Pod> Tensor<T> {
     pub fn numel(&self) -> usize {
         self.shape.iter().product()

@@ -136,7 +136,7 @@ pub fn params_layouts() -> Vec<ParamsLayout> {
 }
 
 /// Hyperparameters of one parameter tensor's AdamW.
-#[derive(Clone, Copy, Debug, PartialEq)]
+#[derive(Clone, Copy, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct AdamWConfig {
     /// Learning rate of step 1 (`set_step` changes it per step).
     pub lr: f32,

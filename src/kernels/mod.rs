@@ -5,8 +5,8 @@
 //! `Kernel` is the typed pipeline-cache key: one variant per family, each
 //! holding that family's small spec (tile sizes, mode...).
 
-pub mod add;
 pub mod adamw;
+pub mod add;
 pub mod attention;
 pub mod combine;
 pub mod common;

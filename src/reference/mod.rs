@@ -2,8 +2,8 @@
 //! They are the oracle of the GPU tests and of `amoe conformance`.
 
 pub mod activation;
-pub mod add;
 pub mod adamw;
+pub mod add;
 pub mod attention;
 pub mod combine;
 pub mod cross_entropy;

@@ -1,0 +1,247 @@
+//! The transformer's configuration, saved as `config.json` with every
+//! checkpoint.
+
+use crate::error::{Error, Result};
+use crate::kernels::{Activation, GateConfig, Gating, SingleWeight};
+use crate::moe::MoeConfig;
+use crate::reference::moe_train::AuxConfig;
+use serde::{Deserialize, Serialize};
+
+/// Which FFN a layer has.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FfnKind {
+    /// A dense FFN (the baseline): run as a one-expert MoE whose weight is 1.
+    Dense,
+    /// E experts under the model's gating rule.
+    Moe,
+}
+
+/// Decoder-only LM: token + learned position embeddings, L pre-norm blocks
+/// (RMSNorm, causal attention, RMSNorm, FFN or MoE), final norm, unembedding.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ModelConfig {
+    /// Vocabulary V.
+    pub vocab: usize,
+    /// Width D.
+    pub d: usize,
+    /// Layers L.
+    pub layers: usize,
+    /// Attention heads H (D / H in 16..=64, a multiple of 4).
+    pub heads: usize,
+    /// Context N (tokens per sequence).
+    pub context: usize,
+    /// Hidden width of each expert (and of a dense FFN) F.
+    pub ffn: usize,
+    /// Experts E of an MoE layer.
+    pub experts: usize,
+    /// Every n-th FFN is an MoE (1 = every layer); the others are dense.
+    pub moe_every: usize,
+    /// Dense model: every FFN dense (the `--gating dense` baseline).
+    pub dense: bool,
+    /// Gating rule of the MoE layers during training.
+    pub gate: GateConfig,
+    pub aux: AuxConfig,
+    /// RMSNorm epsilon.
+    pub eps: f32,
+}
+
+impl Default for ModelConfig {
+    /// The default small model of `amoe train`.
+    fn default() -> Self {
+        ModelConfig {
+            vocab: 4096,
+            d: 128,
+            layers: 4,
+            heads: 4,
+            context: 128,
+            ffn: 256,
+            experts: 16,
+            moe_every: 1,
+            dense: false,
+            gate: GateConfig::default(),
+            aux: AuxConfig::default(),
+            eps: 1e-5,
+        }
+    }
+}
+
+impl ModelConfig {
+    pub fn validate(&self) -> Result<()> {
+        let pos = [
+            ("vocab", self.vocab),
+            ("d", self.d),
+            ("layers", self.layers),
+            ("heads", self.heads),
+            ("context", self.context),
+            ("ffn", self.ffn),
+            ("experts", self.experts),
+            ("moe_every", self.moe_every),
+        ];
+        for (name, v) in pos {
+            if v == 0 {
+                return Err(Error::invalid("model config", format!("{name} = 0")));
+            }
+        }
+        if self.d % self.heads != 0 {
+            return Err(Error::invalid(
+                "model config",
+                format!("d = {} is not a multiple of heads = {}", self.d, self.heads),
+            ));
+        }
+        if !self.eps.is_finite() || self.eps <= 0.0 {
+            return Err(Error::invalid(
+                "model config",
+                format!("eps = {}", self.eps),
+            ));
+        }
+        self.gate.validate(self.experts)?;
+        for l in 0..self.layers {
+            self.ffn_config(l).validate()?;
+        }
+        Ok(())
+    }
+
+    /// Whether layer `l`'s FFN is an MoE.
+    pub fn kind(&self, l: usize) -> FfnKind {
+        if self.dense || (l + 1) % self.moe_every != 0 {
+            FfnKind::Dense
+        } else {
+            FfnKind::Moe
+        }
+    }
+
+    /// The FFN of layer `l` as an MoE layer (a dense FFN is one expert,
+    /// top-1, weight 1: no router gradient, and no balancing loss).
+    pub fn ffn_config(&self, l: usize) -> MoeConfig {
+        match self.kind(l) {
+            FfnKind::Moe => MoeConfig {
+                d: self.d,
+                f: self.ffn,
+                e: self.experts,
+                activation: Activation::Gelu,
+                gate: self.gate,
+            },
+            FfnKind::Dense => MoeConfig {
+                d: self.d,
+                f: self.ffn,
+                e: 1,
+                activation: Activation::Gelu,
+                gate: GateConfig {
+                    gating: Gating::Top1,
+                    single_weight: SingleWeight::One,
+                    ..self.gate
+                },
+            },
+        }
+    }
+
+    /// Auxiliary loss coefficients of layer `l` (none for a dense FFN).
+    pub fn aux_config(&self, l: usize) -> AuxConfig {
+        match self.kind(l) {
+            FfnKind::Moe => self.aux,
+            FfnKind::Dense => AuxConfig {
+                balance: 0.0,
+                z_loss: 0.0,
+            },
+        }
+    }
+
+    /// Indices of the MoE layers.
+    pub fn moe_layers(&self) -> Vec<usize> {
+        (0..self.layers)
+            .filter(|&l| self.kind(l) == FfnKind::Moe)
+            .collect()
+    }
+
+    /// Every parameter: (name, shape, weight decay applies), in a fixed order.
+    pub fn param_shapes(&self) -> Vec<(String, Vec<usize>, bool)> {
+        let (v, d, n) = (self.vocab, self.d, self.context);
+        let mut p = vec![
+            ("wte".to_string(), vec![v, d], false),
+            ("wpe".to_string(), vec![n, d], false),
+        ];
+        for l in 0..self.layers {
+            let c = self.ffn_config(l);
+            let pre = format!("layers.{l}.");
+            p.push((format!("{pre}norm1"), vec![d], false));
+            p.push((format!("{pre}wqkv"), vec![d, 3 * d], true));
+            p.push((format!("{pre}wo"), vec![d, d], true));
+            p.push((format!("{pre}norm2"), vec![d], false));
+            p.push((format!("{pre}ffn.w_router"), vec![d, c.e], false));
+            p.push((format!("{pre}ffn.w1"), vec![c.e, d, c.f], true));
+            p.push((format!("{pre}ffn.w2"), vec![c.e, c.f, d], true));
+        }
+        p.push(("norm_f".to_string(), vec![d], false));
+        p.push(("w_out".to_string(), vec![d, v], true));
+        p
+    }
+
+    /// Parameters in total.
+    pub fn num_params(&self) -> usize {
+        self.param_shapes()
+            .iter()
+            .map(|(_, s, _)| s.iter().product::<usize>())
+            .sum()
+    }
+
+    /// Forward FLOPs per token with `slots_per_token` routed experts per MoE
+    /// layer (1 for top-1, 2 for top-2, 1 + two-expert fraction for
+    /// adaptive); training costs about three times this.
+    pub fn forward_flops_per_token(&self, slots_per_token: f64) -> f64 {
+        let (d, n, f, v) = (
+            self.d as f64,
+            self.context as f64,
+            self.ffn as f64,
+            self.vocab as f64,
+        );
+        let mut fl = 2.0 * d * v;
+        for l in 0..self.layers {
+            // QKV, output projection, attention (causal: half of N^2 on average).
+            fl += 2.0 * d * 3.0 * d + 2.0 * d * d + 2.0 * d * n;
+            let c = self.ffn_config(l);
+            let slots = if c.e == 1 { 1.0 } else { slots_per_token };
+            fl += 2.0 * d * c.e as f64 + slots * 4.0 * d * f;
+        }
+        fl
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_is_valid_and_every_layer_is_moe() {
+        let c = ModelConfig::default();
+        c.validate().unwrap();
+        assert_eq!(c.moe_layers(), vec![0, 1, 2, 3]);
+        let every2 = ModelConfig {
+            moe_every: 2,
+            ..ModelConfig::default()
+        };
+        assert_eq!(every2.moe_layers(), vec![1, 3]);
+        assert_eq!(every2.ffn_config(0).e, 1);
+    }
+
+    #[test]
+    fn bad_configs_are_typed_errors() {
+        let bad = ModelConfig {
+            heads: 3,
+            ..ModelConfig::default()
+        };
+        assert!(matches!(bad.validate(), Err(Error::InvalidArgument { .. })));
+        let bad = ModelConfig {
+            experts: 1,
+            ..ModelConfig::default()
+        };
+        assert!(bad.validate().is_err());
+    }
+
+    #[test]
+    fn config_round_trips_through_json() {
+        let c = ModelConfig::default();
+        let s = serde_json::to_string(&c).unwrap();
+        assert_eq!(serde_json::from_str::<ModelConfig>(&s).unwrap(), c);
+    }
+}
