@@ -257,7 +257,10 @@ fn save_with<C: Serialize, S: Serialize>(
     std::fs::create_dir_all(&tmp).map_err(|e| io(&tmp, e))?;
 
     write_synced(&tmp.join(MODEL_FILE), &safetensors_bytes(data.model)?)?;
-    write_synced(&tmp.join(OPTIMIZER_FILE), &safetensors_bytes(data.optimizer)?)?;
+    write_synced(
+        &tmp.join(OPTIMIZER_FILE),
+        &safetensors_bytes(data.optimizer)?,
+    )?;
     write_synced(
         &tmp.join(CONFIG_FILE),
         serde_json::to_string_pretty(data.config)?.as_bytes(),
@@ -360,7 +363,10 @@ pub fn load<C: DeserializeOwned, S: DeserializeOwned>(
     } else if dir.is_dir() {
         dir.to_path_buf()
     } else {
-        return Err(Error::checkpoint(dir.display(), "no checkpoint directory here"));
+        return Err(Error::checkpoint(
+            dir.display(),
+            "no checkpoint directory here",
+        ));
     };
     let tokenizer_path = dir.join(TOKENIZER_FILE);
     let tokenizer_json = String::from_utf8(read_file(&tokenizer_path)?)
@@ -507,7 +513,11 @@ mod tests {
         .unwrap_err();
         assert!(matches!(err, Error::Checkpoint { .. }));
         assert!(!dir.exists());
-        assert_eq!(step_of(&dir), 1, "load falls back to the previous checkpoint");
+        assert_eq!(
+            step_of(&dir),
+            1,
+            "load falls back to the previous checkpoint"
+        );
         // The next save restores and then replaces it, cleaning up.
         save_step(&dir, 4).unwrap();
         assert_eq!(step_of(&dir), 4);
@@ -545,7 +555,10 @@ mod tests {
             }
             other => panic!("expected a checkpoint error for {file}, got {other:?}"),
         };
-        assert!(matches!(load::<Cfg, State>(&dir), Err(Error::Checkpoint { .. })));
+        assert!(matches!(
+            load::<Cfg, State>(&dir),
+            Err(Error::Checkpoint { .. })
+        ));
 
         save_step(&dir, 1).unwrap();
         std::fs::remove_file(dir.join(STATE_FILE)).unwrap();
@@ -586,7 +599,10 @@ mod tests {
         .unwrap_err();
         let msg = err.to_string();
         assert!(msg.contains("model.safetensors"), "{msg}");
-        assert!(msg.contains("layer0.w: expected shape [3, 2], found [2, 3]"), "{msg}");
+        assert!(
+            msg.contains("layer0.w: expected shape [3, 2], found [2, 3]"),
+            "{msg}"
+        );
         assert!(msg.contains("missing tensor layer1.w [4]"), "{msg}");
         assert!(msg.contains("unexpected tensor layer0.b [3]"), "{msg}");
         assert!(NamedTensor::new("x", vec![2], vec![1.0]).is_err());

@@ -296,7 +296,9 @@ mod files {
 
     /// The shipped corpus folder of this source tree (`<crate>/data/corpus`).
     pub fn shipped_dir() -> PathBuf {
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("data").join("corpus")
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("data")
+            .join("corpus")
     }
 
     fn io_data(path: &Path, e: std::io::Error) -> Error {
@@ -790,8 +792,10 @@ impl Batcher {
     /// Starts the next epoch with a fresh shuffle (no curriculum), drawn from the seed and
     /// the epoch number, so a resumed run draws the same one.
     pub fn start_epoch_shuffled(&mut self) -> Result<()> {
-        let seed = SplitMix64(self.state.seed ^ (self.state.epoch + 1).wrapping_mul(0xA24B_AED4_963E_E407))
-            .next_u64();
+        let seed = SplitMix64(
+            self.state.seed ^ (self.state.epoch + 1).wrapping_mul(0xA24B_AED4_963E_E407),
+        )
+        .next_u64();
         let order = shuffled(self.state.order.len(), seed);
         self.start_epoch(order)
     }
@@ -858,7 +862,10 @@ mod tests {
         b.start_epoch(vec![4, 3, 2, 1, 0]).unwrap();
         assert_eq!(b.epoch(), 1);
         assert_eq!(b.next_indices().unwrap(), vec![4, 3]);
-        assert!(b.start_epoch(vec![0, 1, 2, 3, 4]).is_err(), "epoch not done");
+        assert!(
+            b.start_epoch(vec![0, 1, 2, 3, 4]).is_err(),
+            "epoch not done"
+        );
         // Same seed, same shuffle; another seed, another one.
         assert_eq!(Batcher::new(5, 2, 7).unwrap().state().order, order);
         assert_ne!(shuffled(50, 1), shuffled(50, 2));
@@ -937,7 +944,10 @@ mod tests {
         let docs: Vec<Document> = (0..25)
             .map(|i| doc(&format!("d{i:02}"), "some text"))
             .collect();
-        let s = Corpus::from_documents("mem", docs).unwrap().split().unwrap();
+        let s = Corpus::from_documents("mem", docs)
+            .unwrap()
+            .split()
+            .unwrap();
         let names: Vec<&str> = s.val.iter().map(|d| d.name.as_str()).collect();
         assert_eq!(names, ["d09", "d19"]);
         assert_eq!(s.train.len(), 23);
@@ -966,8 +976,12 @@ mod tests {
         assert!(matches!(c.split(), Err(Error::Data { .. })));
         let err = Corpus::parse_jsonl("f.jsonl", "f", "{\"text\": \"a\"}\n{bad\n").unwrap_err();
         assert!(matches!(err, Error::Data { path, .. } if path == "f.jsonl:2"));
-        let docs = Corpus::parse_jsonl("f", "f", "{\"text\":\"a\"}\n\n{\"id\":\"z\",\"text\":\"b\"}")
-            .unwrap();
+        let docs = Corpus::parse_jsonl(
+            "f",
+            "f",
+            "{\"text\":\"a\"}\n\n{\"id\":\"z\",\"text\":\"b\"}",
+        )
+        .unwrap();
         assert_eq!(docs[0].name, "f/line1");
         assert_eq!(docs[1].name, "f/z");
         assert_eq!("kjv".parse::<Domain>().unwrap(), Domain::Kjv);
@@ -979,7 +993,10 @@ mod tests {
         let docs: Vec<Document> = (0..10)
             .map(|i| doc(&format!("d{i}"), &"the cat sat on the mat. ".repeat(20 + i)))
             .collect();
-        let split = Corpus::from_documents("mem", docs).unwrap().split().unwrap();
+        let split = Corpus::from_documents("mem", docs)
+            .unwrap()
+            .split()
+            .unwrap();
         let tk = Tokenizer::train(split.train.iter().map(|d| d.text.as_str()), 300).unwrap();
         let ds = Dataset::build(&split, &tk, 8).unwrap();
         assert_eq!(ds.train.len(), (ds.train_tokens - 1) / 8);
@@ -1059,7 +1076,10 @@ mod tests {
             std::fs::write(d.join("bad.txt"), b"ok \xff\xfe").unwrap();
             assert!(matches!(Corpus::load(d.join("bad.txt")),
                 Err(Error::Data { path, msg }) if path.ends_with("bad.txt") && msg.contains("UTF-8")));
-            assert!(matches!(Corpus::load(d.join("notes.csv")), Err(Error::Data { .. })));
+            assert!(matches!(
+                Corpus::load(d.join("notes.csv")),
+                Err(Error::Data { .. })
+            ));
             std::fs::remove_file(d.join("bad.txt")).unwrap();
             std::fs::write(d.join("sub/broken.jsonl.gz"), b"not gzip").unwrap();
             assert!(matches!(Corpus::load(&d),

@@ -50,8 +50,7 @@ impl JsonlWriter {
         if keep < len {
             file.set_len(keep).map_err(|e| io(&path, e))?;
         }
-        file.seek(SeekFrom::Start(keep))
-            .map_err(|e| io(&path, e))?;
+        file.seek(SeekFrom::Start(keep)).map_err(|e| io(&path, e))?;
         Ok(JsonlWriter { path, file })
     }
 
@@ -122,7 +121,10 @@ mod tests {
         let mut w = JsonlWriter::create(&path).unwrap();
         w.write(&Rec { step: 1, loss: 2.5 }).unwrap();
         // Flushed per line: visible before the writer is dropped.
-        assert_eq!(std::fs::read_to_string(&path).unwrap(), "{\"step\":1,\"loss\":2.5}\n");
+        assert_eq!(
+            std::fs::read_to_string(&path).unwrap(),
+            "{\"step\":1,\"loss\":2.5}\n"
+        );
         w.write(&Rec { step: 2, loss: 2.0 }).unwrap();
         drop(w);
         // A run killed mid-line.
@@ -135,7 +137,10 @@ mod tests {
         assert_eq!(recs.iter().map(|r| r.step).collect::<Vec<_>>(), [1, 2, 3]);
         // Appending to a missing file creates it; create truncates.
         let p2 = dir.join("new.jsonl");
-        JsonlWriter::append(&p2).unwrap().write(&Rec { step: 9, loss: 0.0 }).unwrap();
+        JsonlWriter::append(&p2)
+            .unwrap()
+            .write(&Rec { step: 9, loss: 0.0 })
+            .unwrap();
         assert_eq!(read_jsonl::<Rec>(&p2).unwrap().len(), 1);
         JsonlWriter::create(&p2).unwrap();
         assert!(read_jsonl::<Rec>(&p2).unwrap().is_empty());

@@ -73,7 +73,11 @@ pub fn plot_series(path: impl AsRef<Path>, labels: &PlotLabels, series: &[Series
     }
     // A flat or single-point curve still needs a non-empty range.
     let pad = |lo: f64, hi: f64| {
-        let m = if hi > lo { (hi - lo) * 0.05 } else { lo.abs().max(1.0) * 0.05 };
+        let m = if hi > lo {
+            (hi - lo) * 0.05
+        } else {
+            lo.abs().max(1.0) * 0.05
+        };
         (lo - m, hi + m)
     };
     let (x0, x1) = pad(x0, x1);
@@ -100,7 +104,9 @@ pub fn plot_series(path: impl AsRef<Path>, labels: &PlotLabels, series: &[Series
             .draw_series(LineSeries::new(pts, color.stroke_width(2)))
             .map_err(|e| plot_err(path, e))?
             .label(s.name.as_str())
-            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2)));
+            .legend(move |(x, y)| {
+                PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2))
+            });
     }
     chart
         .configure_series_labels()
@@ -129,7 +135,9 @@ mod tests {
         let path = dir.join("loss.svg");
         let top2 = Series::new(
             "top-2",
-            (0..50).map(|i| (i as f64, 5.0 / (1.0 + i as f64 * 0.1))).collect(),
+            (0..50)
+                .map(|i| (i as f64, 5.0 / (1.0 + i as f64 * 0.1)))
+                .collect(),
         );
         let adaptive = Series::new(
             "adaptive T=0.1",
@@ -141,7 +149,13 @@ mod tests {
         plot_loss(&path, &[top2, adaptive]).unwrap();
         let svg = std::fs::read_to_string(&path).unwrap();
         assert!(svg.starts_with("<svg"), "{}", &svg[..80.min(svg.len())]);
-        for text in ["top-2", "adaptive T=0.1", "wall time (s)", "loss", "<polyline"] {
+        for text in [
+            "top-2",
+            "adaptive T=0.1",
+            "wall time (s)",
+            "loss",
+            "<polyline",
+        ] {
             assert!(svg.contains(text), "missing {text}");
         }
         // One point, flat curve: still a valid plot.

@@ -26,8 +26,7 @@ use tokenizers::normalizers::NormalizerWrapper;
 use tokenizers::pre_tokenizers::byte_level::ByteLevel;
 use tokenizers::processors::PostProcessorWrapper;
 use tokenizers::{
-    AddedToken, DecoderWrapper, Model, ModelWrapper, PreTokenizerWrapper, Trainer,
-    TokenizerBuilder,
+    AddedToken, DecoderWrapper, Model, ModelWrapper, PreTokenizerWrapper, TokenizerBuilder, Trainer,
 };
 
 /// The end-of-text token: joins documents in the training stream, id [`Tokenizer::eot_id`].
@@ -316,8 +315,9 @@ impl Tokenizer {
     /// Reads a `tokenizer.json` text written by [`Tokenizer::to_json`] (or any byte-level
     /// BPE with an [`EOT`] token).
     pub fn from_json(json: &str) -> Result<Self> {
-        let inner: tokenizers::Tokenizer =
-            json.parse().map_err(|e| tok_err("reading tokenizer.json", e))?;
+        let inner: tokenizers::Tokenizer = json
+            .parse()
+            .map_err(|e| tok_err("reading tokenizer.json", e))?;
         Self::wrap(inner)
     }
 
@@ -339,8 +339,7 @@ impl Tokenizer {
             path: path.display().to_string(),
             source,
         })?;
-        Self::from_json(&json)
-            .map_err(|e| Error::Tokenizer(format!("{}: {e}", path.display())))
+        Self::from_json(&json).map_err(|e| Error::Tokenizer(format!("{}: {e}", path.display())))
     }
 }
 
@@ -460,7 +459,9 @@ mod tests {
             .map(|_| {
                 (0..40)
                     .map(|_| {
-                        x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                        x = x
+                            .wrapping_mul(6364136223846793005)
+                            .wrapping_add(1442695040888963407);
                         alphabet[(x >> 33) as usize % alphabet.len()]
                     })
                     .collect()
@@ -471,7 +472,9 @@ mod tests {
     fn slow_pieces(text: &str) -> Vec<String> {
         use tokenizers::{OffsetReferential, OffsetType, PreTokenizedString, PreTokenizer};
         let mut p = PreTokenizedString::from(text);
-        ByteLevel::new(false, true, true).pre_tokenize(&mut p).unwrap();
+        ByteLevel::new(false, true, true)
+            .pre_tokenize(&mut p)
+            .unwrap();
         p.get_splits(OffsetReferential::Original, OffsetType::Byte)
             .into_iter()
             .map(|(s, _, _)| s.to_string())
@@ -531,7 +534,11 @@ mod tests {
         assert_eq!(tk.to_json(), train_slow(&docs, 1000));
         let fuzz = fuzz_strings(200);
         for text in docs.iter().copied().chain(fuzz.iter().map(String::as_str)) {
-            assert_eq!(tk.encode(text).unwrap(), tk.encode_slow(text).unwrap(), "{text:?}");
+            assert_eq!(
+                tk.encode(text).unwrap(),
+                tk.encode_slow(text).unwrap(),
+                "{text:?}"
+            );
         }
     }
 
