@@ -13,7 +13,7 @@
 //! Speed: the crate's byte-level pre-tokenizer runs GPT-2's pattern with fancy-regex (its
 //! `\s+(?!\S)` lookahead needs a backtracking engine), under 1 MB/s here, which made
 //! training and encoding the 10 MB corpus take ~30 s. [`split_words`] gives the same
-//! pieces with the `regex` crate's automaton and one fix-up for the lookahead, ~10x faster;
+//! pieces with the `regex` crate's automaton and one fix-up for the lookahead (~7.5 s);
 //! training feeds the BPE trainer those pieces and encoding runs the BPE model on them.
 //! The `tokenizer.json` still names the standard byte-level pre-tokenizer, so other
 //! tools read it unchanged, and tests check both paths give identical pieces, ids and
