@@ -47,6 +47,17 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+    /// Training or using the BPE tokenizer failed (also: a bad tokenizer.json, an id outside
+    /// the vocabulary).
+    #[error("tokenizer: {0}")]
+    Tokenizer(String),
+    /// Training data that cannot be used: a missing path, an empty corpus, text that is not
+    /// UTF-8, a malformed JSON line, a split too small for the context.
+    #[error("data {path}: {msg}")]
+    Data { path: String, msg: String },
+    /// A checkpoint file that is missing, truncated, corrupt or does not fit the model.
+    #[error("checkpoint {path}: {msg}")]
+    Checkpoint { path: String, msg: String },
     /// JSON (de)serialization errors.
     #[error("json: {0}")]
     Json(#[from] serde_json::Error),
@@ -59,6 +70,22 @@ impl Error {
             op,
             expected: expected.to_string(),
             got: got.to_string(),
+        }
+    }
+
+    /// Shorthand for a data error naming the path (or the source) it came from.
+    pub fn data(path: impl fmt::Display, msg: impl Into<String>) -> Self {
+        Error::Data {
+            path: path.to_string(),
+            msg: msg.into(),
+        }
+    }
+
+    /// Shorthand for a checkpoint error naming the file.
+    pub fn checkpoint(path: impl fmt::Display, msg: impl Into<String>) -> Self {
+        Error::Checkpoint {
+            path: path.to_string(),
+            msg: msg.into(),
         }
     }
 

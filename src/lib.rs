@@ -7,6 +7,8 @@
 
 #[cfg(not(target_arch = "wasm32"))]
 pub mod bench;
+#[cfg(not(target_arch = "wasm32"))]
+pub mod checkpoint;
 pub mod conformance;
 pub mod error;
 pub mod gpu;
@@ -15,6 +17,7 @@ pub mod model;
 pub mod moe;
 pub mod reference;
 pub mod tol;
+pub mod train;
 
 pub use error::{Error, Result};
 pub use gpu::{AdapterFilter, GpuContext};

@@ -1,0 +1,612 @@
+//! Training checkpoints: a directory of five files, written atomically.
+//!
+//! ```text
+//! <dir>/model.safetensors      named f32 tensors (the model's parameters)
+//! <dir>/optimizer.safetensors  named f32 tensors (AdamW state, e.g. m.<name>, v.<name>)
+//! <dir>/config.json            the caller's model/training config (any Serialize)
+//! <dir>/tokenizer.json         the tokenizer (train::Tokenizer::to_json)
+//! <dir>/state.json             the caller's run state: step, data position, RNG, ...
+//! ```
+//!
+//! Atomic save: everything is written into the sibling `.<name>.tmp`, each file and the
+//! folder fsynced, then the old checkpoint is renamed to `.<name>.old`, the new one renamed
+//! into place, and the old one deleted. An interrupted save therefore leaves either the
+//! previous checkpoint or the new one, complete; in the one window where `<dir>` is absent
+//! (between the two renames), [`load`] reads `.<name>.old` and the next [`save`] puts it back
+//! first. Two processes saving to one path at once are not supported.
+//!
+//! safetensors is the Hugging Face format (little-endian, header with name/dtype/shape), so
+//! other tools can read the weights. Load errors name the file: missing, truncated or
+//! corrupt safetensors, a non-f32 tensor, bad JSON; [`check_tensors`] compares tensors with
+//! the names and shapes a model expects. Native only (the browser loads weights from bytes).
+
+use crate::error::{Error, Result};
+use safetensors::tensor::{Dtype, SafeTensors, TensorView};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use std::collections::BTreeSet;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+pub const MODEL_FILE: &str = "model.safetensors";
+pub const OPTIMIZER_FILE: &str = "optimizer.safetensors";
+pub const CONFIG_FILE: &str = "config.json";
+pub const TOKENIZER_FILE: &str = "tokenizer.json";
+pub const STATE_FILE: &str = "state.json";
+
+/// One named f32 tensor, row-major.
+#[derive(Clone, Debug, PartialEq)]
+pub struct NamedTensor {
+    pub name: String,
+    pub shape: Vec<usize>,
+    pub data: Vec<f32>,
+}
+
+impl NamedTensor {
+    /// A tensor; `data.len()` must equal the product of `shape`.
+    pub fn new(name: impl Into<String>, shape: Vec<usize>, data: Vec<f32>) -> Result<Self> {
+        let t = NamedTensor {
+            name: name.into(),
+            shape,
+            data,
+        };
+        t.check_len()?;
+        Ok(t)
+    }
+
+    fn check_len(&self) -> Result<()> {
+        let n: usize = self.shape.iter().product();
+        if n != self.data.len() {
+            return Err(Error::shape(
+                "checkpoint tensor",
+                format!("{n} values for {} of shape {:?}", self.name, self.shape),
+                self.data.len(),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// The tensor called `name`, if any.
+pub fn find<'a>(tensors: &'a [NamedTensor], name: &str) -> Option<&'a NamedTensor> {
+    tensors.iter().find(|t| t.name == name)
+}
+
+/// Checks that `tensors` (read from `file`) are exactly the `expected` names with those
+/// shapes: reports every missing tensor, unexpected tensor and shape mismatch in one
+/// [`Error::Checkpoint`] naming `file`.
+pub fn check_tensors(
+    file: impl std::fmt::Display,
+    tensors: &[NamedTensor],
+    expected: &[(&str, &[usize])],
+) -> Result<()> {
+    let mut problems = Vec::new();
+    for (name, shape) in expected {
+        match find(tensors, name) {
+            None => problems.push(format!("missing tensor {name} {shape:?}")),
+            Some(t) if t.shape.as_slice() != *shape => problems.push(format!(
+                "tensor {name}: expected shape {shape:?}, found {:?}",
+                t.shape
+            )),
+            Some(_) => {}
+        }
+    }
+    let wanted: BTreeSet<&str> = expected.iter().map(|(n, _)| *n).collect();
+    for t in tensors {
+        if !wanted.contains(t.name.as_str()) {
+            problems.push(format!("unexpected tensor {} {:?}", t.name, t.shape));
+        }
+    }
+    if problems.is_empty() {
+        Ok(())
+    } else {
+        Err(Error::checkpoint(
+            file,
+            format!(
+                "does not match the model ({} problem(s)): {}",
+                problems.len(),
+                problems.join("; ")
+            ),
+        ))
+    }
+}
+
+/// What [`save`] writes; borrows everything.
+pub struct CheckpointData<'a, C: Serialize, S: Serialize> {
+    pub model: &'a [NamedTensor],
+    pub optimizer: &'a [NamedTensor],
+    pub config: &'a C,
+    pub tokenizer_json: &'a str,
+    pub state: &'a S,
+}
+
+/// What [`load`] reads. Tensors are in the file's order (sorted by name).
+#[derive(Clone, Debug)]
+pub struct LoadedCheckpoint<C, S> {
+    /// The directory actually read (`.<name>.old` after an interrupted save).
+    pub dir: PathBuf,
+    pub model: Vec<NamedTensor>,
+    pub optimizer: Vec<NamedTensor>,
+    pub config: C,
+    pub tokenizer_json: String,
+    pub state: S,
+}
+
+impl<C, S> LoadedCheckpoint<C, S> {
+    /// [`check_tensors`] on `model.safetensors`.
+    pub fn check_model(&self, expected: &[(&str, &[usize])]) -> Result<()> {
+        check_tensors(self.dir.join(MODEL_FILE).display(), &self.model, expected)
+    }
+
+    /// [`check_tensors`] on `optimizer.safetensors`.
+    pub fn check_optimizer(&self, expected: &[(&str, &[usize])]) -> Result<()> {
+        check_tensors(
+            self.dir.join(OPTIMIZER_FILE).display(),
+            &self.optimizer,
+            expected,
+        )
+    }
+}
+
+fn io(path: &Path, source: std::io::Error) -> Error {
+    Error::Io {
+        path: path.display().to_string(),
+        source,
+    }
+}
+
+/// `.<name>.tmp` and `.<name>.old` next to `dir`.
+fn siblings(dir: &Path) -> Result<(PathBuf, PathBuf)> {
+    let name = dir
+        .file_name()
+        .ok_or_else(|| Error::checkpoint(dir.display(), "not a directory name"))?
+        .to_string_lossy()
+        .into_owned();
+    let parent = match dir.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    Ok((
+        parent.join(format!(".{name}.tmp")),
+        parent.join(format!(".{name}.old")),
+    ))
+}
+
+fn sync_dir(dir: &Path) -> Result<()> {
+    // Makes renames and new entries durable. Windows cannot open a folder as a file; there
+    // the renames are as durable as the filesystem makes them.
+    #[cfg(unix)]
+    std::fs::File::open(dir)
+        .and_then(|f| f.sync_all())
+        .map_err(|e| io(dir, e))?;
+    #[cfg(not(unix))]
+    let _ = dir;
+    Ok(())
+}
+
+fn write_synced(path: &Path, bytes: &[u8]) -> Result<()> {
+    let mut f = std::fs::File::create(path).map_err(|e| io(path, e))?;
+    f.write_all(bytes).map_err(|e| io(path, e))?;
+    f.sync_all().map_err(|e| io(path, e))
+}
+
+fn remove_dir_if_present(path: &Path) -> Result<()> {
+    match std::fs::remove_dir_all(path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(io(path, e)),
+        _ => Ok(()),
+    }
+}
+
+fn safetensors_bytes(tensors: &[NamedTensor]) -> Result<Vec<u8>> {
+    let mut names = BTreeSet::new();
+    for t in tensors {
+        t.check_len()?;
+        if !names.insert(t.name.as_str()) {
+            return Err(Error::invalid(
+                "checkpoint save",
+                format!("two tensors named {:?}", t.name),
+            ));
+        }
+    }
+    let bytes: Vec<std::borrow::Cow<[u8]>> = tensors
+        .iter()
+        .map(|t| {
+            if cfg!(target_endian = "little") {
+                std::borrow::Cow::Borrowed(bytemuck::cast_slice(&t.data))
+            } else {
+                std::borrow::Cow::Owned(t.data.iter().flat_map(|v| v.to_le_bytes()).collect())
+            }
+        })
+        .collect();
+    let views = tensors
+        .iter()
+        .zip(&bytes)
+        .map(|(t, b)| {
+            TensorView::new(Dtype::F32, t.shape.clone(), b)
+                .map(|v| (t.name.as_str(), v))
+                .map_err(|e| Error::invalid("checkpoint save", format!("{}: {e}", t.name)))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    safetensors::serialize(views, None)
+        .map_err(|e| Error::invalid("checkpoint save", format!("safetensors: {e}")))
+}
+
+/// Where a save is, for the fault-injection hook of the tests.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Step {
+    Written,
+    OldMovedAside,
+}
+
+/// Writes the checkpoint to `dir` atomically (see the module docs).
+pub fn save<C: Serialize, S: Serialize>(
+    dir: impl AsRef<Path>,
+    data: &CheckpointData<C, S>,
+) -> Result<()> {
+    save_with(dir.as_ref(), data, &mut |_| Ok(()))
+}
+
+fn save_with<C: Serialize, S: Serialize>(
+    dir: &Path,
+    data: &CheckpointData<C, S>,
+    hook: &mut dyn FnMut(Step) -> Result<()>,
+) -> Result<()> {
+    let (tmp, old) = siblings(dir)?;
+    recover(dir)?;
+    remove_dir_if_present(&tmp)?;
+    std::fs::create_dir_all(&tmp).map_err(|e| io(&tmp, e))?;
+
+    write_synced(&tmp.join(MODEL_FILE), &safetensors_bytes(data.model)?)?;
+    write_synced(
+        &tmp.join(OPTIMIZER_FILE),
+        &safetensors_bytes(data.optimizer)?,
+    )?;
+    write_synced(
+        &tmp.join(CONFIG_FILE),
+        serde_json::to_string_pretty(data.config)?.as_bytes(),
+    )?;
+    write_synced(&tmp.join(TOKENIZER_FILE), data.tokenizer_json.as_bytes())?;
+    write_synced(
+        &tmp.join(STATE_FILE),
+        serde_json::to_string_pretty(data.state)?.as_bytes(),
+    )?;
+    sync_dir(&tmp)?;
+    hook(Step::Written)?;
+
+    let had_old = dir.exists();
+    if had_old {
+        remove_dir_if_present(&old)?;
+        std::fs::rename(dir, &old).map_err(|e| io(dir, e))?;
+        hook(Step::OldMovedAside)?;
+    }
+    std::fs::rename(&tmp, dir).map_err(|e| io(&tmp, e))?;
+    if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
+        sync_dir(parent)?;
+    }
+    if had_old {
+        remove_dir_if_present(&old)?;
+    }
+    Ok(())
+}
+
+/// After a save interrupted between its two renames, `dir` is missing and `.<name>.old`
+/// holds the previous checkpoint: put it back. Does nothing otherwise.
+pub fn recover(dir: impl AsRef<Path>) -> Result<()> {
+    let dir = dir.as_ref();
+    let (_, old) = siblings(dir)?;
+    if !dir.exists() && old.is_dir() {
+        std::fs::rename(&old, dir).map_err(|e| io(&old, e))?;
+    }
+    Ok(())
+}
+
+fn read_file(path: &Path) -> Result<Vec<u8>> {
+    std::fs::read(path).map_err(|e| {
+        let msg = if e.kind() == std::io::ErrorKind::NotFound {
+            "missing".to_string()
+        } else {
+            e.to_string()
+        };
+        Error::checkpoint(path.display(), msg)
+    })
+}
+
+/// The tensors of one safetensors file (f32 only), in the file's order.
+pub fn read_tensors(path: impl AsRef<Path>) -> Result<Vec<NamedTensor>> {
+    let path = path.as_ref();
+    let bytes = read_file(path)?;
+    let st = SafeTensors::deserialize(&bytes).map_err(|e| {
+        Error::checkpoint(
+            path.display(),
+            format!("not a valid safetensors file (truncated or corrupt?): {e}"),
+        )
+    })?;
+    let mut out = Vec::with_capacity(st.len());
+    let mut tensors = st.tensors();
+    tensors.sort_by(|a, b| a.0.cmp(&b.0));
+    for (name, view) in tensors {
+        if view.dtype() != Dtype::F32 {
+            return Err(Error::checkpoint(
+                path.display(),
+                format!("tensor {name} is {:?}, expected F32", view.dtype()),
+            ));
+        }
+        let data = view
+            .data()
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect();
+        out.push(NamedTensor {
+            name,
+            shape: view.shape().to_vec(),
+            data,
+        });
+    }
+    Ok(out)
+}
+
+fn read_json<T: DeserializeOwned>(path: &Path) -> Result<T> {
+    let bytes = read_file(path)?;
+    serde_json::from_slice(&bytes).map_err(|e| Error::checkpoint(path.display(), e.to_string()))
+}
+
+/// Reads the checkpoint in `dir` (or, after a save interrupted between its renames, the
+/// previous one kept in `.<name>.old`). `config.json` and `state.json` are parsed into `C`
+/// and `S` (use `serde_json::Value` to read them untyped).
+pub fn load<C: DeserializeOwned, S: DeserializeOwned>(
+    dir: impl AsRef<Path>,
+) -> Result<LoadedCheckpoint<C, S>> {
+    let dir = dir.as_ref();
+    let (_, old) = siblings(dir)?;
+    let dir = if !dir.exists() && old.is_dir() {
+        old
+    } else if dir.is_dir() {
+        dir.to_path_buf()
+    } else {
+        return Err(Error::checkpoint(
+            dir.display(),
+            "no checkpoint directory here",
+        ));
+    };
+    let tokenizer_path = dir.join(TOKENIZER_FILE);
+    let tokenizer_json = String::from_utf8(read_file(&tokenizer_path)?)
+        .map_err(|_| Error::checkpoint(tokenizer_path.display(), "not UTF-8"))?;
+    Ok(LoadedCheckpoint {
+        model: read_tensors(dir.join(MODEL_FILE))?,
+        optimizer: read_tensors(dir.join(OPTIMIZER_FILE))?,
+        config: read_json(&dir.join(CONFIG_FILE))?,
+        tokenizer_json,
+        state: read_json(&dir.join(STATE_FILE))?,
+        dir,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde::Deserialize;
+    use std::collections::HashMap;
+
+    #[derive(Serialize, Deserialize, Debug, PartialEq)]
+    struct Cfg {
+        d: usize,
+        layers: usize,
+    }
+
+    #[derive(Serialize, Deserialize, Debug, PartialEq)]
+    struct State {
+        step: u64,
+        order: Vec<usize>,
+    }
+
+    fn tmp(name: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!("amoe_ckpt_{}_{name}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).unwrap();
+        d
+    }
+
+    fn tensors(step: u64) -> (Vec<NamedTensor>, Vec<NamedTensor>) {
+        let w = NamedTensor::new(
+            "layer0.w",
+            vec![2, 3],
+            (0..6).map(|i| i as f32 + step as f32).collect(),
+        )
+        .unwrap();
+        let b = NamedTensor::new("layer0.b", vec![3], vec![-1.5, f32::MIN_POSITIVE, 1e30]).unwrap();
+        let m = NamedTensor::new("m.layer0.w", vec![2, 3], vec![0.25; 6]).unwrap();
+        let v = NamedTensor::new("v.layer0.w", vec![2, 3], vec![0.5; 6]).unwrap();
+        (vec![w, b], vec![m, v])
+    }
+
+    fn save_step(dir: &Path, step: u64) -> Result<()> {
+        let (model, opt) = tensors(step);
+        save(
+            dir,
+            &CheckpointData {
+                model: &model,
+                optimizer: &opt,
+                config: &Cfg { d: 8, layers: 2 },
+                tokenizer_json: "{\"tok\": 1}",
+                state: &State {
+                    step,
+                    order: vec![2, 0, 1],
+                },
+            },
+        )
+    }
+
+    fn step_of(dir: &Path) -> u64 {
+        load::<Cfg, State>(dir).unwrap().state.step
+    }
+
+    #[test]
+    fn roundtrip() {
+        let root = tmp("roundtrip");
+        let dir = root.join("ckpt");
+        save_step(&dir, 7).unwrap();
+        let ck: LoadedCheckpoint<Cfg, State> = load(&dir).unwrap();
+        let (model, opt) = tensors(7);
+        let mut sorted = model.clone();
+        sorted.sort_by(|a, b| a.name.cmp(&b.name));
+        assert_eq!(ck.model, sorted);
+        assert_eq!(ck.optimizer, opt);
+        assert_eq!(ck.config, Cfg { d: 8, layers: 2 });
+        assert_eq!(ck.state.order, vec![2, 0, 1]);
+        assert_eq!(ck.tokenizer_json, "{\"tok\": 1}");
+        ck.check_model(&[("layer0.w", &[2, 3]), ("layer0.b", &[3])])
+            .unwrap();
+        // Untyped read and overwrite in place.
+        save_step(&dir, 8).unwrap();
+        let raw: LoadedCheckpoint<serde_json::Value, serde_json::Value> = load(&dir).unwrap();
+        assert_eq!(raw.state["step"], 8);
+        let names: Vec<_> = std::fs::read_dir(&root)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        assert_eq!(names, ["ckpt"], "no temporary folder left behind");
+        std::fs::remove_dir_all(&root).unwrap();
+    }
+
+    #[test]
+    fn failed_save_keeps_previous() {
+        let root = tmp("fail");
+        let dir = root.join("ckpt");
+        save_step(&dir, 1).unwrap();
+        // A config that serde_json cannot write (non-string map keys) fails the save after
+        // both safetensors files were written.
+        let bad: HashMap<(u8, u8), u8> = [((1, 2), 3)].into();
+        let (model, opt) = tensors(2);
+        let err = save(
+            &dir,
+            &CheckpointData {
+                model: &model,
+                optimizer: &opt,
+                config: &bad,
+                tokenizer_json: "{}",
+                state: &0,
+            },
+        )
+        .unwrap_err();
+        assert!(matches!(err, Error::Json(_)));
+        assert!(root.join(".ckpt.tmp").join(MODEL_FILE).exists());
+        assert_eq!(step_of(&dir), 1);
+        // Interrupted between the renames: the checkpoint folder is gone for a moment.
+        let (model, opt) = tensors(3);
+        let data = CheckpointData {
+            model: &model,
+            optimizer: &opt,
+            config: &Cfg { d: 8, layers: 2 },
+            tokenizer_json: "{}",
+            state: &State {
+                step: 3,
+                order: vec![],
+            },
+        };
+        let err = save_with(&dir, &data, &mut |s| {
+            if s == Step::OldMovedAside {
+                Err(Error::checkpoint("test", "crash"))
+            } else {
+                Ok(())
+            }
+        })
+        .unwrap_err();
+        assert!(matches!(err, Error::Checkpoint { .. }));
+        assert!(!dir.exists());
+        assert_eq!(
+            step_of(&dir),
+            1,
+            "load falls back to the previous checkpoint"
+        );
+        // The next save restores and then replaces it, cleaning up.
+        save_step(&dir, 4).unwrap();
+        assert_eq!(step_of(&dir), 4);
+        assert!(!root.join(".ckpt.old").exists() && !root.join(".ckpt.tmp").exists());
+        // A bad tensor is refused before anything is touched.
+        let bad_t = vec![NamedTensor {
+            name: "x".into(),
+            shape: vec![2, 2],
+            data: vec![0.0; 3],
+        }];
+        let err = save(
+            &dir,
+            &CheckpointData {
+                model: &bad_t,
+                optimizer: &[],
+                config: &0,
+                tokenizer_json: "",
+                state: &0,
+            },
+        )
+        .unwrap_err();
+        assert!(matches!(err, Error::Shape { .. }));
+        assert_eq!(step_of(&dir), 4);
+        std::fs::remove_dir_all(&root).unwrap();
+    }
+
+    #[test]
+    fn load_errors_name_the_file() {
+        let root = tmp("errors");
+        let dir = root.join("ckpt");
+        let file_err = |dir: &Path, file: &str| match load::<Cfg, State>(dir) {
+            Err(Error::Checkpoint { path, msg }) => {
+                assert!(path.ends_with(file), "{path} should name {file} ({msg})");
+                msg
+            }
+            other => panic!("expected a checkpoint error for {file}, got {other:?}"),
+        };
+        assert!(matches!(
+            load::<Cfg, State>(&dir),
+            Err(Error::Checkpoint { .. })
+        ));
+
+        save_step(&dir, 1).unwrap();
+        std::fs::remove_file(dir.join(STATE_FILE)).unwrap();
+        assert_eq!(file_err(&dir, STATE_FILE), "missing");
+
+        save_step(&dir, 1).unwrap();
+        let p = dir.join(MODEL_FILE);
+        let bytes = std::fs::read(&p).unwrap();
+        std::fs::write(&p, &bytes[..bytes.len() - 5]).unwrap();
+        assert!(file_err(&dir, MODEL_FILE).contains("safetensors"));
+        std::fs::write(&p, b"garbage").unwrap();
+        file_err(&dir, MODEL_FILE);
+
+        save_step(&dir, 1).unwrap();
+        std::fs::write(dir.join(CONFIG_FILE), "{\"d\": 8,").unwrap();
+        file_err(&dir, CONFIG_FILE);
+        std::fs::write(dir.join(CONFIG_FILE), "{\"d\": \"eight\", \"layers\": 2}").unwrap();
+        file_err(&dir, CONFIG_FILE);
+
+        // A non-f32 tensor.
+        save_step(&dir, 1).unwrap();
+        let raw = [0u8; 4];
+        let view = TensorView::new(Dtype::I32, vec![1], &raw).unwrap();
+        let st = safetensors::serialize([("ids", view)], None).unwrap();
+        std::fs::write(dir.join(OPTIMIZER_FILE), st).unwrap();
+        assert!(file_err(&dir, OPTIMIZER_FILE).contains("I32"));
+        std::fs::remove_dir_all(&root).unwrap();
+    }
+
+    #[test]
+    fn shape_check_reports_all_problems() {
+        let (model, _) = tensors(0);
+        let err = check_tensors(
+            "model.safetensors",
+            &model,
+            &[("layer0.w", &[3, 2]), ("layer1.w", &[4])],
+        )
+        .unwrap_err();
+        let msg = err.to_string();
+        assert!(msg.contains("model.safetensors"), "{msg}");
+        assert!(
+            msg.contains("layer0.w: expected shape [3, 2], found [2, 3]"),
+            "{msg}"
+        );
+        assert!(msg.contains("missing tensor layer1.w [4]"), "{msg}");
+        assert!(msg.contains("unexpected tensor layer0.b [3]"), "{msg}");
+        assert!(NamedTensor::new("x", vec![2], vec![1.0]).is_err());
+        let dup = vec![model[0].clone(), model[0].clone()];
+        assert!(safetensors_bytes(&dup).is_err());
+    }
+}

@@ -1,0 +1,16 @@
+//! Host-side pieces of training: tokenizer, corpus and batches, the curriculum order,
+//! metrics logs and plots. The GPU model and the optimizer live elsewhere; these modules
+//! only produce the token ids and targets the model consumes and record what it reports.
+//!
+//! `tokenizer`, `data` and `curriculum` compile for wasm32 (a browser page can tokenize and
+//! batch); reading files, metrics logs and plots are native only.
+
+pub mod curriculum;
+pub mod data;
+#[cfg(not(target_arch = "wasm32"))]
+pub mod metrics;
+#[cfg(not(target_arch = "wasm32"))]
+pub mod plot;
+pub mod tokenizer;
+
+pub use tokenizer::Tokenizer;
