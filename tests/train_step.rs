@@ -5,7 +5,7 @@ mod common;
 
 use amoe::conformance::Rng;
 use amoe::kernels::{GateConfig, Gating};
-use amoe::model::{HostParams, Model, ModelConfig, OptConfig, TrainStep};
+use amoe::model::{HostParams, Model, ModelConfig, OptConfig, StepArgs, TrainStep};
 
 fn tiny(gating: Gating, dense: bool) -> ModelConfig {
     ModelConfig {
@@ -39,9 +39,14 @@ fn overfit(cfg: ModelConfig) {
         let mut first = None;
         let mut last = 0.0;
         for s in 1..=80u64 {
-            let st =
-                pollster::block_on(step.step(ctx, &model, &ids, &targets, opt.adamw.lr, s, true))
-                    .unwrap();
+            let args = StepArgs {
+                ids: &ids,
+                targets: &targets,
+                lr: opt.adamw.lr,
+                step: s,
+                complexity: true,
+            };
+            let st = pollster::block_on(step.step(ctx, &model, &args)).unwrap();
             first.get_or_insert(st.loss);
             last = st.loss;
             assert_eq!(st.complexity.len(), b);

@@ -83,7 +83,7 @@ impl ModelConfig {
                 return Err(Error::invalid("model config", format!("{name} = 0")));
             }
         }
-        if self.d % self.heads != 0 {
+        if !self.d.is_multiple_of(self.heads) {
             return Err(Error::invalid(
                 "model config",
                 format!("d = {} is not a multiple of heads = {}", self.d, self.heads),
@@ -104,7 +104,7 @@ impl ModelConfig {
 
     /// Whether layer `l`'s FFN is an MoE.
     pub fn kind(&self, l: usize) -> FfnKind {
-        if self.dense || (l + 1) % self.moe_every != 0 {
+        if self.dense || !(l + 1).is_multiple_of(self.moe_every) {
             FfnKind::Dense
         } else {
             FfnKind::Moe

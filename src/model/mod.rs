@@ -5,4 +5,4 @@ pub mod config;
 pub mod transformer;
 
 pub use config::{FfnKind, ModelConfig};
-pub use transformer::{EvalStep, HostParams, Model, OptConfig, StepStats, TrainStep};
+pub use transformer::{EvalStep, HostParams, Model, OptConfig, StepArgs, StepStats, TrainStep};

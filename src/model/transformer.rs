@@ -51,7 +51,11 @@ impl HostParams {
         let mut tensors = Vec::new();
         for (name, shape, _) in cfg.param_shapes() {
             let n: usize = shape.iter().product();
-            let fan_in = if shape.len() >= 2 { shape[shape.len() - 2] } else { 1 } as f32;
+            let fan_in = if shape.len() >= 2 {
+                shape[shape.len() - 2]
+            } else {
+                1
+            } as f32;
             let v = if name.ends_with("norm1") || name.ends_with("norm2") || name == "norm_f" {
                 vec![1.0; n]
             } else if name == "wte" || name == "wpe" {
@@ -593,6 +597,21 @@ pub struct StepStats {
     pub complexity: Vec<Vec<f32>>,
 }
 
+/// One training step's inputs.
+#[derive(Clone, Copy, Debug)]
+pub struct StepArgs<'a> {
+    /// ids [B N]
+    pub ids: &'a [u32],
+    /// targets [B N] (the next token of each)
+    pub targets: &'a [u32],
+    /// Learning rate of this step.
+    pub lr: f32,
+    /// Optimizer step, 1-based.
+    pub step: u64,
+    /// Also read back each sequence's two-expert fractions (curriculum).
+    pub complexity: bool,
+}
+
 /// Everything a training step of batch size B needs, built once.
 // Some tensors are held only so that they live as long as the launchers
 // that bind them (and for inspection in tests).
@@ -924,12 +943,15 @@ impl TrainStep {
         &self,
         ctx: &GpuContext,
         model: &Model,
-        ids: &[u32],
-        targets: &[u32],
-        lr: f32,
-        step: u64,
-        complexity: bool,
+        args: &StepArgs<'_>,
     ) -> Result<StepStats> {
+        let StepArgs {
+            ids,
+            targets,
+            lr,
+            step,
+            complexity,
+        } = *args;
         self.fwd.upload(ctx, &model.cfg, ids, targets)?;
         let (offsets, order) = token_order(ids, self.vocab)?;
         self.emb_offsets.write(ctx, &offsets)?;
