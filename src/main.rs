@@ -1,4 +1,6 @@
-//! The `amoe` command line: devices, conformance, benchmarks.
+//! The `amoe` command line: devices, conformance, benchmarks, training.
+
+mod train_cmd;
 
 use amoe::conformance::{self, AdapterReport};
 use amoe::gpu::{self, AdapterFilter, GpuContext};
@@ -54,6 +56,13 @@ enum Command {
         #[arg(long)]
         json: Option<String>,
     },
+    /// Train an MoE language model (defaults: the small adaptive-gating model on the shipped corpus).
+    Train {
+        #[command(flatten)]
+        adapter: AdapterArgs,
+        #[command(flatten)]
+        args: Box<train_cmd::TrainArgs>,
+    },
     /// Benchmarks that print numbers (JSON).
     Bench {
         #[command(subcommand)]
@@ -85,6 +94,7 @@ fn main() -> ExitCode {
             kernel,
             json,
         } => conformance_cmd(&adapter, kernel.as_deref(), json.as_deref()),
+        Command::Train { adapter, args } => train(&adapter, &args),
         Command::Bench { what } => match what {
             BenchWhat::Kernels {
                 adapter,
@@ -100,6 +110,32 @@ fn main() -> ExitCode {
             ExitCode::from(2)
         }
     }
+}
+
+fn train(adapter: &AdapterArgs, args: &train_cmd::TrainArgs) -> Result<ExitCode> {
+    let ctx = pollster::block_on(GpuContext::new(&adapter.filter()?))?;
+    let s = train_cmd::train(&ctx, args)?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&s)?);
+    } else {
+        println!(
+            "{} steps in {:.1} s ({:.3} s/step), final train loss {:.4}, validation loss {}, two-expert fraction {:.1}%{}",
+            s.steps,
+            s.wall_s,
+            s.mean_step_s,
+            s.final_train_loss,
+            s.val_loss
+                .map(|v| format!("{v:.4} (perplexity {:.2})", v.exp()))
+                .unwrap_or_else(|| "n/a".into()),
+            100.0 * s.two_expert_fraction,
+            if s.interrupted { ", interrupted" } else { "" }
+        );
+        println!(
+            "run directory {}: metrics.jsonl, loss.svg, checkpoint/",
+            s.out.display()
+        );
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 fn write_file(path: &str, text: &str) -> Result<()> {

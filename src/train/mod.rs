@@ -12,5 +12,7 @@ pub mod metrics;
 #[cfg(not(target_arch = "wasm32"))]
 pub mod plot;
 pub mod tokenizer;
+#[cfg(not(target_arch = "wasm32"))]
+pub mod trainer;
 
 pub use tokenizer::Tokenizer;
