@@ -4,8 +4,8 @@
 //!
 //! The forward compares `o` and `lse`; the backward takes `o` and `lse` from
 //! the twin (not from the GPU forward, so a forward bug cannot hide a
-//! backward one) and compares `dqkv`. Shapes cross the 64-row workgroup and
-//! the staged tile sizes, and N = 300 crosses 256.
+//! backward one) and compares `dqkv`. Shapes cross the 128-row workgroup
+//! block and the staged tile sizes, and N = 300 crosses 256.
 
 use super::{bad_inputs_result, expect_error, is_invalid, is_shape, submit_pass};
 use super::{CheckResult, Rng};
@@ -59,9 +59,9 @@ pub fn cases() -> Vec<Case> {
     let shapes = [
         (1, 1, 1, 16),
         (2, 7, 2, 16),
-        (3, 20, 3, 8),
+        (3, 20, 3, 16),
         (1, 65, 4, 32),
-        (1, 40, 2, 48),
+        (1, 40, 2, 64),
         (2, 130, 2, 64),
         (1, 300, 1, 32),
     ];

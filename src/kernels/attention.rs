@@ -20,12 +20,20 @@ use crate::error::{Error, Result};
 use crate::gpu::{uniform, Binding, Dispatch, GpuContext, Grid, KernelDef, Tensor};
 use crate::gpu_params;
 
-/// Rows (queries, or keys for dK/dV) per workgroup: one invocation each.
-pub const ATTENTION_WG: u32 = 64;
+/// Invocations per workgroup.
+pub const ATTENTION_WG: u32 = 32;
 
-/// Head widths with a compiled specialization (registers are arrays of
-/// Dh / 4 vec4s, sized at compile time).
-pub const ATTENTION_DH: [u32; 5] = [8, 16, 32, 48, 64];
+/// Rows (queries, or keys for dK/dV) per invocation: each staged vec4 feeds
+/// this many FMAs, which is what counts on CPU adapters.
+pub const ATTENTION_RQ: u32 = 4;
+
+/// Rows per workgroup.
+pub const ATTENTION_ROWS: u32 = ATTENTION_WG * ATTENTION_RQ;
+
+/// Head widths with a compiled specialization (a row lives in Dh / 4
+/// registers, its code unrolled at compile time; each width costs three
+/// pipelines whose driver compilation takes seconds on CPU adapters).
+pub const ATTENTION_DH: [u32; 3] = [16, 32, 64];
 
 /// Workgroup memory every pass stays within (the WebGPU default limit).
 const WG_MEMORY: u32 = 16384;
@@ -117,6 +125,7 @@ impl AttentionSpec {
             self.name(),
             &[
                 ("WG", ATTENTION_WG),
+                ("RQ", ATTENTION_RQ),
                 ("DH4", self.dh / 4),
                 ("TILE", self.tile()),
             ],
@@ -271,7 +280,7 @@ fn expect(name: &str, got: &[usize], want: &[usize]) -> Result<()> {
 
 impl AttentionDims {
     fn params(&self, ctx: &GpuContext, what: &str) -> Result<(AttentionParams, Grid)> {
-        let blocks = (self.n as u32).div_ceil(ATTENTION_WG);
+        let blocks = (self.n as u32).div_ceil(ATTENTION_ROWS);
         let groups = (self.b as u64) * (self.h as u64) * blocks as u64;
         let max = ctx.limits.max_compute_workgroups_per_dimension;
         if groups > u32::MAX as u64 {
