@@ -550,8 +550,8 @@ impl Run {
             };
             metrics.write(&m)?;
             progress.step(&m);
-            let eval_now =
-                (self.cfg.eval_every > 0 && s.is_multiple_of(self.cfg.eval_every)) || s == self.cfg.steps;
+            let eval_now = (self.cfg.eval_every > 0 && s.is_multiple_of(self.cfg.eval_every))
+                || s == self.cfg.steps;
             if eval_now {
                 if let Some(v) = self.validate(ctx).await? {
                     last_val = Some(v);

@@ -1,0 +1,171 @@
+//! A whole training run on the GPU with a tiny model and a small text file:
+//! checkpoints round-trip exactly, a resumed run ends with the parameters of
+//! an uninterrupted one (data order, optimizer state and curriculum
+//! included), and bad checkpoints or data give typed errors.
+
+mod common;
+
+use amoe::gpu::GpuContext;
+use amoe::kernels::Gating;
+use amoe::train::trainer::{DataSource, Quiet, Run, TrainConfig};
+use amoe::Error;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicBool;
+
+fn tmp(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("amoe-train-run-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+fn text_file(dir: &Path) -> PathBuf {
+    let lines = [
+        "The quick brown fox jumps over the lazy dog.",
+        "A journey of a thousand miles begins with a single step.",
+        "All that glitters is not gold; all who wander are not lost.",
+        "To be, or not to be: that is the question.",
+        "In the beginning was the word, and the word was with God.",
+    ];
+    let mut s = String::new();
+    for i in 0..2 {
+        for l in &lines {
+            s.push_str(&format!("{l} ({i})\n"));
+        }
+    }
+    let p = dir.join("corpus.txt");
+    std::fs::write(&p, s).unwrap();
+    p
+}
+
+fn tiny(data: PathBuf, steps: u64) -> TrainConfig {
+    let mut c = TrainConfig::default();
+    c.model.d = 32;
+    c.model.layers = 2;
+    c.model.heads = 2;
+    c.model.context = 16;
+    c.model.ffn = 32;
+    c.model.experts = 4;
+    c.model.gate.gating = Gating::Adaptive;
+    c.model.gate.threshold = 0.5;
+    c.vocab_size = 300;
+    c.batch = 4;
+    c.steps = steps;
+    c.warmup = 2;
+    c.eval_every = 3;
+    c.eval_batches = 2;
+    c.checkpoint_every = 0;
+    c.data = DataSource::Path(data);
+    c
+}
+
+fn train(ctx: &GpuContext, run: &mut Run) {
+    let stop = AtomicBool::new(false);
+    pollster::block_on(run.train(ctx, &mut Quiet, &stop)).unwrap();
+}
+
+#[test]
+fn resumed_run_equals_uninterrupted_run() {
+    let dir = tmp("resume");
+    let data = text_file(&dir);
+    common::for_each_adapter(|ctx| {
+        let a_dir = dir.join(format!("a-{}", ctx.backend()));
+        let b_dir = dir.join(format!("b-{}", ctx.backend()));
+        let mut a = Run::new(ctx, tiny(data.clone(), 8), &a_dir).unwrap();
+        let per_epoch = a.data.dataset.train.len().div_ceil(4);
+        assert!(
+            per_epoch < 8,
+            "the run must cross an epoch (curriculum order): {per_epoch} batches per epoch"
+        );
+        train(ctx, &mut a);
+        let want = pollster::block_on(a.model.download(ctx)).unwrap();
+
+        let mut b = Run::new(ctx, tiny(data.clone(), 4), &b_dir).unwrap();
+        train(ctx, &mut b);
+        drop(b);
+        let mut b = Run::resume(ctx, &b_dir, Some(8)).unwrap();
+        assert_eq!(b.done, 4);
+        train(ctx, &mut b);
+        let got = pollster::block_on(b.model.download(ctx)).unwrap();
+        assert_eq!(
+            got, want,
+            "resumed parameters differ from the uninterrupted run"
+        );
+    });
+}
+
+#[test]
+fn checkpoint_round_trip_is_exact_and_bad_checkpoints_are_typed_errors() {
+    let dir = tmp("ckpt");
+    let data = text_file(&dir);
+    common::for_each_adapter(|ctx| {
+        let out = dir.join(format!("run-{}", ctx.backend()));
+        let mut run = Run::new(ctx, tiny(data.clone(), 2), &out).unwrap();
+        train(ctx, &mut run);
+        let saved = pollster::block_on(run.model.download(ctx)).unwrap();
+        let m_saved = pollster::block_on(run.step.m[3].read(ctx)).unwrap();
+        let back = Run::resume(ctx, &out, None).unwrap();
+        assert_eq!(pollster::block_on(back.model.download(ctx)).unwrap(), saved);
+        assert_eq!(
+            pollster::block_on(back.step.m[3].read(ctx)).unwrap(),
+            m_saved
+        );
+        assert!(out.join("metrics.jsonl").exists() && out.join("loss.svg").exists());
+
+        // A truncated tensor file.
+        let ck = out.join("checkpoint");
+        let bad = dir.join(format!("bad-{}", ctx.backend()));
+        copy_dir(&ck, &bad.join("checkpoint"));
+        let f = bad.join("checkpoint/model.safetensors");
+        let bytes = std::fs::read(&f).unwrap();
+        std::fs::write(&f, &bytes[..bytes.len() / 2]).unwrap();
+        assert!(matches!(
+            Run::resume(ctx, &bad, None),
+            Err(Error::Checkpoint { .. })
+        ));
+
+        // A config whose shapes do not match the tensors.
+        copy_dir(&ck, &bad.join("checkpoint"));
+        let cfg_path = bad.join("checkpoint/config.json");
+        let mut cfg: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&cfg_path).unwrap()).unwrap();
+        cfg["d"] = serde_json::json!(64);
+        std::fs::write(&cfg_path, cfg.to_string()).unwrap();
+        assert!(Run::resume(ctx, &bad, None).is_err());
+
+        // A tokenizer of another vocabulary.
+        copy_dir(&ck, &bad.join("checkpoint"));
+        let other = amoe::train::Tokenizer::train(["abc def ghi"].iter(), 257).unwrap();
+        std::fs::write(bad.join("checkpoint/tokenizer.json"), other.to_json()).unwrap();
+        assert!(matches!(
+            Run::resume(ctx, &bad, None),
+            Err(Error::Checkpoint { .. })
+        ));
+    });
+}
+
+#[test]
+fn missing_or_empty_corpus_is_a_typed_error() {
+    let dir = tmp("data");
+    common::for_each_adapter(|ctx| {
+        let missing = tiny(dir.join("nope.txt"), 1);
+        assert!(matches!(
+            Run::new(ctx, missing, &dir.join("o1")),
+            Err(Error::Data { .. } | Error::Io { .. })
+        ));
+        let empty = dir.join("empty.txt");
+        std::fs::write(&empty, "  \n").unwrap();
+        assert!(Run::new(ctx, tiny(empty, 1), &dir.join("o2")).is_err());
+    });
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    let _ = std::fs::remove_dir_all(to);
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        if e.file_type().unwrap().is_file() {
+            std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
+        }
+    }
+}
