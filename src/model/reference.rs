@@ -105,10 +105,7 @@ impl AdamState {
             .iter()
             .map(|(_, s, _)| vec![0.0; s.iter().product()])
             .collect();
-        AdamState {
-            m: z.clone(),
-            v: z,
-        }
+        AdamState { m: z.clone(), v: z }
     }
 }
 
@@ -209,7 +206,11 @@ fn check_batch(cfg: &ModelConfig, ids: &[u32], targets: Option<&[u32]>, b: usize
 pub fn to_float<F: Float>(p: &HostParams) -> Vec<Vec<F>> {
     p.tensors
         .iter()
-        .map(|(_, _, v)| v.iter().map(|&x| F::from(x).unwrap_or_else(F::nan)).collect())
+        .map(|(_, _, v)| {
+            v.iter()
+                .map(|&x| F::from(x).unwrap_or_else(F::nan))
+                .collect()
+        })
         .collect()
 }
 
@@ -230,12 +231,7 @@ pub fn forward<F: Float>(
     let (v, d, n, h) = (cfg.vocab, cfg.d, cfg.context, cfg.heads);
     let t = b * n;
     let eps = cast::<F>(cfg.eps as f64);
-    let shape = AttnShape {
-        b,
-        n,
-        h,
-        dh: d / h,
-    };
+    let shape = AttnShape { b, n, h, dh: d / h };
     let (one, zero) = (F::one(), F::zero());
     let mut x = embedding_forward(
         ids,
@@ -390,9 +386,7 @@ pub fn loss_and_grads<F: Float>(
     grads[ix.get("wpe")?] = embedding_backward_wpe(&gy, t, n, d);
 
     let ce_sum = tr.ce.iter().fold(zero, |a, &x| a + x);
-    let objective = aux
-        .iter()
-        .fold(ce_sum * scale, |a, &(bal, z)| a + bal + z);
+    let objective = aux.iter().fold(ce_sum * scale, |a, &(bal, z)| a + bal + z);
     Ok(Grads {
         objective,
         aux,
