@@ -1,36 +1,38 @@
 //! CPU twin of `shaders/matmul.wgsl` (`matmul`, launcher
 //! `kernels::matmul::Matmul`): `C[M, N] = alpha * op(A) · op(B) + beta * C`,
 //! row-major, accumulated in f32 with one fused multiply-add per K step in K
-//! order, as the kernel does.
+//! order, as the kernel does. Generic over the float type so that the model
+//! twin (`model::reference`) can run in f64 for its gradient check.
 
 use crate::kernels::matmul::Trans;
+use num_traits::Float;
 
 /// `alpha * op(A) · op(B) + beta * C`. `a` is `[M, K]` (`[K, M]` for TN), `b`
 /// is `[K, N]` (`[N, K]` for NT), `c` the initial `C [M, N]`: read only when
 /// beta != 0 (None counts as zeros). K = 0 gives `beta * C`.
 #[allow(clippy::too_many_arguments)]
-pub fn matmul(
-    a: &[f32],
-    b: &[f32],
+pub fn matmul<F: Float>(
+    a: &[F],
+    b: &[F],
     m: usize,
     n: usize,
     k: usize,
     trans: Trans,
-    alpha: f32,
-    beta: f32,
-    c: Option<&[f32]>,
-) -> Vec<f32> {
+    alpha: F,
+    beta: F,
+    c: Option<&[F]>,
+) -> Vec<F> {
     let (a_sm, a_sk, b_sk, b_sn) = trans.strides(m, n, k);
-    let mut out = vec![0.0f32; m * n];
+    let mut out = vec![F::zero(); m * n];
     for i in 0..m {
         for j in 0..n {
-            let mut acc = 0.0f32;
+            let mut acc = F::zero();
             for p in 0..k {
                 acc = a[i * a_sm + p * a_sk].mul_add(b[p * b_sk + j * b_sn], acc);
             }
             let mut v = alpha * acc;
-            if beta != 0.0 {
-                v += beta * c.map_or(0.0, |c| c[i * n + j]);
+            if beta != F::zero() {
+                v = v + beta * c.map_or(F::zero(), |c| c[i * n + j]);
             }
             out[i * n + j] = v;
         }
@@ -39,8 +41,8 @@ pub fn matmul(
 }
 
 /// Transpose a row-major `[rows, cols]` matrix.
-pub fn transpose(x: &[f32], rows: usize, cols: usize) -> Vec<f32> {
-    let mut t = vec![0.0f32; rows * cols];
+pub fn transpose<F: Float>(x: &[F], rows: usize, cols: usize) -> Vec<F> {
+    let mut t = vec![F::zero(); rows * cols];
     for r in 0..rows {
         for c in 0..cols {
             t[c * rows + r] = x[r * cols + c];
