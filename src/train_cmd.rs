@@ -137,7 +137,8 @@ pub struct TrainArgs {
     /// Run directory (metrics.jsonl, loss.svg, checkpoint/).
     #[arg(long, default_value = "runs/train")]
     pub out: PathBuf,
-    /// Continue the run in this directory (same data order and optimizer state).
+    /// Continue the run in this directory (same data order and optimizer state;
+    /// with --steps the run is extended and the learning-rate schedule follows the new total).
     #[arg(long)]
     pub resume: Option<PathBuf>,
     /// Print the summary as JSON.

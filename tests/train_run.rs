@@ -80,10 +80,12 @@ fn resumed_run_equals_uninterrupted_run() {
         train(ctx, &mut a);
         let want = pollster::block_on(a.model.download(ctx)).unwrap();
 
-        let mut b = Run::new(ctx, tiny(data.clone(), 4), &b_dir).unwrap();
+        // Interrupted after 4 of the 8 steps (as Ctrl-C does), then resumed.
+        let mut b = Run::new(ctx, tiny(data.clone(), 8), &b_dir).unwrap();
+        b.pause_at = Some(4);
         train(ctx, &mut b);
         drop(b);
-        let mut b = Run::resume(ctx, &b_dir, Some(8)).unwrap();
+        let mut b = Run::resume(ctx, &b_dir, None).unwrap();
         assert_eq!(b.done, 4);
         train(ctx, &mut b);
         let got = pollster::block_on(b.model.download(ctx)).unwrap();

@@ -237,6 +237,8 @@ pub struct Run {
     wall_s: f64,
     best_val: Option<f32>,
     pub out: PathBuf,
+    /// Stop (save, as on Ctrl-C) once this many steps are done.
+    pub pause_at: Option<u64>,
 }
 
 fn checkpoint_dir(out: &Path) -> PathBuf {
@@ -370,6 +372,7 @@ impl Run {
             wall_s: 0.0,
             best_val: None,
             out: out.to_path_buf(),
+            pause_at: None,
         })
     }
 
@@ -481,7 +484,7 @@ impl Run {
         let mut two_sum = 0.0f64;
         let mut interrupted = false;
         while self.done < self.cfg.steps {
-            if stop.load(Ordering::SeqCst) {
+            if stop.load(Ordering::SeqCst) || self.pause_at.is_some_and(|p| self.done >= p) {
                 interrupted = true;
                 break;
             }
