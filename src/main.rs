@@ -49,7 +49,7 @@ enum Command {
         #[command(flatten)]
         adapter: AdapterArgs,
         /// Only this kernel family (matmul, gate, route, expert, combine, decode,
-        /// embedding, rmsnorm, cross_entropy, adamw).
+        /// embedding, rmsnorm, attention, cross_entropy, adamw, add, moe_backward).
         #[arg(long)]
         kernel: Option<String>,
         /// Also write the results as JSON to this file ("-" for stdout).
