@@ -63,6 +63,14 @@ enum Command {
         #[command(flatten)]
         args: Box<train_cmd::TrainArgs>,
     },
+    /// The paper's comparison: dense, top1, top2, adaptive, adaptive without curriculum,
+    /// fine-tuned from a dense model to top2's validation loss (Table 3 layout).
+    Reproduce {
+        #[command(flatten)]
+        adapter: AdapterArgs,
+        #[command(flatten)]
+        args: Box<train_cmd::ReproduceArgs>,
+    },
     /// Benchmarks that print numbers (JSON).
     Bench {
         #[command(subcommand)]
@@ -95,6 +103,7 @@ fn main() -> ExitCode {
             json,
         } => conformance_cmd(&adapter, kernel.as_deref(), json.as_deref()),
         Command::Train { adapter, args } => train(&adapter, &args),
+        Command::Reproduce { adapter, args } => reproduce(&adapter, &args),
         Command::Bench { what } => match what {
             BenchWhat::Kernels {
                 adapter,
@@ -135,6 +144,12 @@ fn train(adapter: &AdapterArgs, args: &train_cmd::TrainArgs) -> Result<ExitCode>
             s.out.display()
         );
     }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn reproduce(adapter: &AdapterArgs, args: &train_cmd::ReproduceArgs) -> Result<ExitCode> {
+    let ctx = pollster::block_on(GpuContext::new(&adapter.filter()?))?;
+    train_cmd::reproduce(&ctx, args)?;
     Ok(ExitCode::SUCCESS)
 }
 

@@ -108,3 +108,92 @@ fn bad_arguments_give_clear_errors_not_panics() {
         "{err}"
     );
 }
+
+/// `amoe reproduce` end to end at toy scale: pretraining, conversion, five
+/// schemes, the table, the JSON of the issue and the plot.
+#[test]
+fn reproduce_runs_every_scheme_and_writes_the_report() {
+    if !std::env::var("CI").is_ok_and(|v| v == "true")
+        && std::env::var("AMOE_REQUIRE_ADAPTERS").is_err()
+    {
+        // Needs an adapter; the CI run has one (lavapipe).
+        if amoe(&["devices", "--json"]).stdout.len() < 10 {
+            return;
+        }
+    }
+    let dir = std::env::temp_dir().join(format!("amoe-cli-reproduce-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let json = dir.join("report.json");
+    let out = amoe(&[
+        "reproduce",
+        "--backend",
+        "vulkan",
+        "--d",
+        "32",
+        "--layers",
+        "1",
+        "--heads",
+        "2",
+        "--experts",
+        "4",
+        "--ffn",
+        "32",
+        "--context",
+        "16",
+        "--batch",
+        "4",
+        "--vocab",
+        "512",
+        "--pretrain-steps",
+        "3",
+        "--budget",
+        "4",
+        "--cap",
+        "4",
+        "--eval-every",
+        "2",
+        "--eval-batches",
+        "2",
+        "--json",
+        json.to_str().unwrap(),
+        "--out",
+        dir.to_str().unwrap(),
+    ]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "reproduce failed: {}\n{stdout}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for scheme in [
+        "dense",
+        "top1",
+        "top2",
+        "adaptive",
+        "adaptive_no_curriculum",
+    ] {
+        assert!(stdout.contains(scheme), "table lacks {scheme}:\n{stdout}");
+    }
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let rows = report["rows"].as_array().unwrap();
+    assert_eq!(rows.len(), 5);
+    for key in [
+        "scheme",
+        "time_to_target_s",
+        "normalized_time",
+        "steps_to_target",
+        "mean_step_s",
+        "flops_per_token",
+        "two_expert_fraction",
+        "val_ppl",
+        "reached_target",
+    ] {
+        assert!(rows[0].get(key).is_some(), "row lacks {key}");
+    }
+    let top2 = rows.iter().find(|r| r["scheme"] == "top2").unwrap();
+    assert_eq!(top2["reached_target"], true);
+    assert!((top2["normalized_time"].as_f64().unwrap() - 1.0).abs() < 1e-9);
+    assert!(report.get("step_time_over_flops").is_some());
+    assert!(dir.join("reproduce.svg").exists());
+}

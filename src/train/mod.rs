@@ -11,6 +11,8 @@ pub mod data;
 pub mod metrics;
 #[cfg(not(target_arch = "wasm32"))]
 pub mod plot;
+#[cfg(not(target_arch = "wasm32"))]
+pub mod reproduce;
 pub mod tokenizer;
 #[cfg(not(target_arch = "wasm32"))]
 pub mod trainer;

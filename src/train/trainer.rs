@@ -255,6 +255,21 @@ impl Run {
         Self::assemble(ctx, cfg, data, host, None, out)
     }
 
+    /// A fresh run from given parameters and tokenizer (fine-tuning a
+    /// converted model, comparisons that share one tokenizer).
+    pub fn from_parts(
+        ctx: &GpuContext,
+        mut cfg: TrainConfig,
+        tokenizer: Tokenizer,
+        host: HostParams,
+        out: &Path,
+    ) -> Result<Run> {
+        cfg.model.vocab = tokenizer.vocab_size();
+        cfg.validate()?;
+        let data = prepare(&cfg, Some(tokenizer))?;
+        Self::assemble(ctx, cfg, data, host, None, out)
+    }
+
     /// Continue the run saved in `dir` (a run directory or its checkpoint).
     pub fn resume(ctx: &GpuContext, dir: &Path, steps: Option<u64>) -> Result<Run> {
         let ck_dir = if dir.join("state.json").exists() || dir.join(".checkpoint.old").exists() {
@@ -355,7 +370,11 @@ impl Run {
             Some(EvalStep::new(ctx, &model, cfg.batch, cfg.eval_gate())?)
         };
         let batcher = Batcher::new(data.dataset.train.len(), cfg.batch, cfg.seed)?;
-        let curriculum = Curriculum::new(data.dataset.train.len(), cfg.model.moe_layers().len())?;
+        // A model without MoE layers keeps a one-layer curriculum it never uses.
+        let curriculum = Curriculum::new(
+            data.dataset.train.len(),
+            cfg.model.moe_layers().len().max(1),
+        )?;
         std::fs::create_dir_all(out).map_err(|e| Error::Io {
             path: out.display().to_string(),
             source: e,
@@ -474,7 +493,9 @@ impl Run {
         } else {
             JsonlWriter::create(&metrics_path)?
         };
-        let complexity = self.cfg.curriculum && self.cfg.model.gate.gating == Gating::Adaptive;
+        let complexity = self.cfg.curriculum
+            && self.cfg.model.gate.gating == Gating::Adaptive
+            && !self.cfg.model.moe_layers().is_empty();
         progress.start(self.cfg.steps, self.done);
         let (_, t) = self.step.batch();
         let mut last_loss = f32::NAN;
