@@ -117,6 +117,8 @@ fn scheme_config(rc: &ReproduceConfig, s: &Scheme, vocab: usize) -> TrainConfig 
         c.model.gate.single_weight = SingleWeight::One;
     }
     c.curriculum = s.curriculum;
+    // One learning-rate schedule for every scheme: top2's budget.
+    c.schedule_steps = Some(rc.budget);
     c.data = DataSource::Shipped(Domain::Kjv);
     c.eval_gating = Gating::Top1;
     c

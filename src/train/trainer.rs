@@ -49,6 +49,10 @@ pub struct TrainConfig {
     pub steps: u64,
     /// Linear warm-up steps, then cosine decay to 10% of the peak rate.
     pub warmup: u64,
+    /// Length of the cosine decay (default: `steps`); past it the rate stays
+    /// at its floor. Comparisons give every scheme the same schedule.
+    #[serde(default)]
+    pub schedule_steps: Option<u64>,
     /// Validate every this many steps (0: only at the end).
     pub eval_every: u64,
     /// At most this many validation batches per validation.
@@ -76,6 +80,7 @@ impl Default for TrainConfig {
             batch: 16,
             steps: 400,
             warmup: 40,
+            schedule_steps: None,
             eval_every: 100,
             eval_batches: 8,
             eval_gating: Gating::Top1,
@@ -94,7 +99,11 @@ impl TrainConfig {
         if s <= self.warmup {
             return peak * s as f32 / self.warmup.max(1) as f32;
         }
-        let span = self.steps.saturating_sub(self.warmup).max(1) as f32;
+        let span = self
+            .schedule_steps
+            .unwrap_or(self.steps)
+            .saturating_sub(self.warmup)
+            .max(1) as f32;
         let p = ((s - self.warmup) as f32 / span).min(1.0);
         peak * (0.1 + 0.9 * 0.5 * (1.0 + (std::f32::consts::PI * p).cos()))
     }
