@@ -50,8 +50,72 @@ pub enum OnOff {
     Off,
 }
 
+/// Model shape and run sizes shared by `train` and `reproduce`.
+#[derive(clap::Args, Clone, Debug)]
+pub struct ModelArgs {
+    /// Sequences per batch.
+    #[arg(long)]
+    pub batch: Option<usize>,
+    /// Context length N.
+    #[arg(long)]
+    pub context: Option<usize>,
+    /// Model width D.
+    #[arg(long)]
+    pub d: Option<usize>,
+    #[arg(long)]
+    pub layers: Option<usize>,
+    #[arg(long)]
+    pub heads: Option<usize>,
+    /// Experts per MoE layer E.
+    #[arg(long)]
+    pub experts: Option<usize>,
+    /// Hidden width of each expert F.
+    #[arg(long)]
+    pub ffn: Option<usize>,
+    /// Every n-th FFN is an MoE layer.
+    #[arg(long)]
+    pub moe_every: Option<usize>,
+    /// BPE vocabulary size.
+    #[arg(long)]
+    pub vocab: Option<usize>,
+    /// Peak learning rate.
+    #[arg(long)]
+    pub lr: Option<f32>,
+    /// Validation batches per validation.
+    #[arg(long)]
+    pub eval_batches: Option<usize>,
+    #[arg(long)]
+    pub seed: Option<u64>,
+}
+
+impl ModelArgs {
+    /// Overwrite what was given.
+    pub fn apply(&self, c: &mut TrainConfig) {
+        let m = &mut c.model;
+        macro_rules! set {
+            ($($field:expr => $arg:expr),* $(,)?) => { $(if let Some(v) = $arg { $field = v; })* };
+        }
+        set!(
+            m.context => self.context,
+            m.d => self.d,
+            m.layers => self.layers,
+            m.heads => self.heads,
+            m.experts => self.experts,
+            m.ffn => self.ffn,
+            m.moe_every => self.moe_every,
+            c.batch => self.batch,
+            c.vocab_size => self.vocab,
+            c.opt.adamw.lr => self.lr,
+            c.eval_batches => self.eval_batches,
+            c.seed => self.seed,
+        );
+    }
+}
+
 #[derive(clap::Args, Clone, Debug)]
 pub struct TrainArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
     /// Gating rule of the FFN layers.
     #[arg(long, value_enum, default_value = "adaptive")]
     pub gating: GatingArg,
@@ -85,34 +149,6 @@ pub struct TrainArgs {
     /// Optimizer steps.
     #[arg(long)]
     pub steps: Option<u64>,
-    /// Sequences per batch.
-    #[arg(long)]
-    pub batch: Option<usize>,
-    /// Context length N.
-    #[arg(long)]
-    pub context: Option<usize>,
-    /// Model width D.
-    #[arg(long)]
-    pub d: Option<usize>,
-    #[arg(long)]
-    pub layers: Option<usize>,
-    #[arg(long)]
-    pub heads: Option<usize>,
-    /// Experts per MoE layer E.
-    #[arg(long)]
-    pub experts: Option<usize>,
-    /// Hidden width of each expert F.
-    #[arg(long)]
-    pub ffn: Option<usize>,
-    /// Every n-th FFN is an MoE layer.
-    #[arg(long)]
-    pub moe_every: Option<usize>,
-    /// BPE vocabulary size.
-    #[arg(long)]
-    pub vocab: Option<usize>,
-    /// Peak learning rate.
-    #[arg(long)]
-    pub lr: Option<f32>,
     #[arg(long)]
     pub warmup: Option<u64>,
     /// Global gradient-norm clip (0 = off).
@@ -123,17 +159,12 @@ pub struct TrainArgs {
     /// Validate every this many steps.
     #[arg(long)]
     pub eval_every: Option<u64>,
-    /// Validation batches per validation.
-    #[arg(long)]
-    pub eval_batches: Option<usize>,
     /// Save a checkpoint every this many steps.
     #[arg(long)]
     pub checkpoint_every: Option<u64>,
     /// Stop at this validation loss.
     #[arg(long)]
     pub target_loss: Option<f32>,
-    #[arg(long)]
-    pub seed: Option<u64>,
     /// Run directory (metrics.jsonl, loss.svg, checkpoint/).
     #[arg(long, default_value = "runs/train")]
     pub out: PathBuf,
@@ -167,28 +198,20 @@ impl TrainArgs {
         };
         m.aux.balance = self.balance;
         m.aux.z_loss = self.z_loss;
-        macro_rules! set {
-            ($($field:expr => $arg:expr),* $(,)?) => { $(if let Some(v) = $arg { $field = v; })* };
+        self.model.apply(&mut c);
+        for (field, arg) in [
+            (&mut c.steps, self.steps),
+            (&mut c.warmup, self.warmup),
+            (&mut c.eval_every, self.eval_every),
+            (&mut c.checkpoint_every, self.checkpoint_every),
+        ] {
+            if let Some(v) = arg {
+                *field = v;
+            }
         }
-        set!(
-            m.context => self.context,
-            m.d => self.d,
-            m.layers => self.layers,
-            m.heads => self.heads,
-            m.experts => self.experts,
-            m.ffn => self.ffn,
-            m.moe_every => self.moe_every,
-            c.steps => self.steps,
-            c.batch => self.batch,
-            c.vocab_size => self.vocab,
-            c.opt.adamw.lr => self.lr,
-            c.warmup => self.warmup,
-            c.opt.adamw.weight_decay => self.weight_decay,
-            c.eval_every => self.eval_every,
-            c.eval_batches => self.eval_batches,
-            c.checkpoint_every => self.checkpoint_every,
-            c.seed => self.seed,
-        );
+        if let Some(v) = self.weight_decay {
+            c.opt.adamw.weight_decay = v;
+        }
         if let Some(clip) = self.clip {
             c.opt.clip = (clip > 0.0).then_some(clip);
         }
@@ -315,6 +338,8 @@ pub fn train(ctx: &GpuContext, args: &TrainArgs) -> Result<RunSummary> {
 
 #[derive(clap::Args, Clone, Debug)]
 pub struct ReproduceArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
     /// Steps of dense pretraining on Shakespeare.
     #[arg(long, default_value_t = 300)]
     pub pretrain_steps: u64,
@@ -339,31 +364,9 @@ pub struct ReproduceArgs {
     /// Directory of the runs, the table and the plot.
     #[arg(long, default_value = "runs/reproduce")]
     pub out: PathBuf,
-    #[arg(long)]
-    pub d: Option<usize>,
-    #[arg(long)]
-    pub layers: Option<usize>,
-    #[arg(long)]
-    pub heads: Option<usize>,
-    #[arg(long)]
-    pub experts: Option<usize>,
-    #[arg(long)]
-    pub ffn: Option<usize>,
-    #[arg(long)]
-    pub batch: Option<usize>,
-    #[arg(long)]
-    pub context: Option<usize>,
-    /// BPE vocabulary size.
-    #[arg(long)]
-    pub vocab: Option<usize>,
-    /// Validation batches per validation.
-    #[arg(long)]
-    pub eval_batches: Option<usize>,
     /// Adaptive threshold.
     #[arg(long, default_value_t = 0.1)]
     pub threshold: f32,
-    #[arg(long)]
-    pub lr: Option<f32>,
     #[arg(long)]
     pub seed: Option<u64>,
 }
@@ -372,41 +375,8 @@ pub fn reproduce(ctx: &GpuContext, a: &ReproduceArgs) -> Result<amoe::train::rep
     use amoe::train::reproduce::{check_out, reproduce, table, ReproduceConfig};
     check_out(&a.out)?;
     let mut base = TrainConfig::default();
-    let m = &mut base.model;
-    if let Some(v) = a.d {
-        m.d = v;
-    }
-    if let Some(v) = a.layers {
-        m.layers = v;
-    }
-    if let Some(v) = a.heads {
-        m.heads = v;
-    }
-    if let Some(v) = a.experts {
-        m.experts = v;
-    }
-    if let Some(v) = a.ffn {
-        m.ffn = v;
-    }
-    if let Some(v) = a.context {
-        m.context = v;
-    }
-    m.gate.threshold = a.threshold;
-    if let Some(v) = a.batch {
-        base.batch = v;
-    }
-    if let Some(v) = a.vocab {
-        base.vocab_size = v;
-    }
-    if let Some(v) = a.eval_batches {
-        base.eval_batches = v;
-    }
-    if let Some(v) = a.lr {
-        base.opt.adamw.lr = v;
-    }
-    if let Some(v) = a.seed {
-        base.seed = v;
-    }
+    a.model.apply(&mut base);
+    base.model.gate.threshold = a.threshold;
     base.eval_every = a.eval_every;
     base.checkpoint_every = 0;
     base.warmup = (a.budget / 10).max(1);
