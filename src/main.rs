@@ -318,3 +318,13 @@ fn bench_kernels(args: &AdapterArgs, json: Option<&str>, quick: bool) -> Result<
     }
     Ok(ExitCode::SUCCESS)
 }
+
+#[cfg(test)]
+mod tests {
+    /// clap checks flag names only when a subcommand is parsed: check them all here.
+    #[test]
+    fn every_subcommand_is_well_formed() {
+        use clap::CommandFactory;
+        super::Cli::command().debug_assert();
+    }
+}

@@ -367,8 +367,6 @@ pub struct ReproduceArgs {
     /// Adaptive threshold.
     #[arg(long, default_value_t = 0.1)]
     pub threshold: f32,
-    #[arg(long)]
-    pub seed: Option<u64>,
 }
 
 pub fn reproduce(ctx: &GpuContext, a: &ReproduceArgs) -> Result<amoe::train::reproduce::Report> {
