@@ -171,3 +171,35 @@ fn copy_dir(from: &Path, to: &Path) {
         }
     }
 }
+
+#[test]
+fn non_finite_loss_stops_the_run_and_keeps_the_last_checkpoint() {
+    let dir = tmp("nan");
+    let data = text_file(&dir);
+    common::for_each_adapter(|ctx| {
+        let out = dir.join(format!("run-{}", ctx.backend()));
+        let mut run = Run::new(ctx, tiny(data.clone(), 4), &out).unwrap();
+        run.pause_at = Some(2);
+        train(ctx, &mut run);
+        // Poison the unembedding: the next loss is NaN.
+        run.pause_at = None;
+        let w_out = run.model.param("w_out").unwrap();
+        w_out.write(ctx, &vec![f32::NAN; w_out.numel()]).unwrap();
+        let stop = AtomicBool::new(false);
+        let r = pollster::block_on(run.train(ctx, &mut Quiet, &stop));
+        match r {
+            Err(Error::NonFinite { msg, .. }) => assert!(msg.contains("step 3"), "{msg}"),
+            other => panic!(
+                "expected a NonFinite error, got {:?}",
+                other.map(|s| s.steps)
+            ),
+        }
+        let back = Run::resume(ctx, &out, None).unwrap();
+        assert_eq!(back.done, 2);
+        let host = pollster::block_on(back.model.download(ctx)).unwrap();
+        assert!(host
+            .tensors
+            .iter()
+            .all(|(_, _, v)| v.iter().all(|x| x.is_finite())));
+    });
+}
