@@ -562,7 +562,9 @@ struct BlockBackward {
     /// Gradient of the block's input x.
     gx: Tensor<f32>,
     gxm: Tensor<f32>,
-    tmp: Tensor<f32>,
+    /// Gradients of the block input through the second and first norm.
+    norm2_grad: Tensor<f32>,
+    norm1_grad: Tensor<f32>,
     dout: Tensor<f32>,
     dqkv: Tensor<f32>,
     da: Tensor<f32>,
@@ -831,7 +833,8 @@ impl TrainStep {
             back.push(BlockBackward {
                 gx,
                 gxm,
-                tmp: tmp1,
+                norm2_grad: tmp,
+                norm1_grad: tmp1,
                 dout,
                 dqkv,
                 da,
@@ -847,7 +850,6 @@ impl TrainStep {
                 norm1_gain,
                 add_in,
             });
-            let _ = tmp;
         }
         let emb_offsets = Tensor::<u32>::zeros(ctx, "emb_offsets", &[v + 1])?;
         let emb_order = Tensor::<u32>::zeros(ctx, "emb_order", &[t])?;
