@@ -902,7 +902,7 @@ impl TrainStep {
         let readback = Tensor::<u32>::with_usage(
             ctx,
             "step readback",
-            &[readback_len(cfg, t, moe_layers.len())],
+            &[readback_len(cfg, t)],
             crate::gpu::STORAGE_USAGE,
         )?;
         Ok(TrainStep {
@@ -1090,7 +1090,7 @@ impl TrainStep {
     }
 }
 
-fn readback_len(cfg: &ModelConfig, t: usize, _moe: usize) -> usize {
+fn readback_len(cfg: &ModelConfig, t: usize) -> usize {
     let mut n = 4;
     for l in cfg.moe_layers() {
         let c = cfg.ffn_config(l);
