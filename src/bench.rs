@@ -344,3 +344,98 @@ pub async fn bench_kernels(
         dense_equal_flops_gflops: dense,
     })
 }
+
+/// One gating rule's inference figures (`amoe bench infer`).
+#[derive(Clone, Debug, Serialize)]
+pub struct InferFigure {
+    pub gating: String,
+    pub threshold: f32,
+    /// Prompt tokens per second of one prefill call (median of `samples`).
+    pub prefill_tps: f64,
+    /// Tokens per second of the decode loop (one submit and readback per
+    /// token; host-side sampling included).
+    pub decode_tps: f64,
+    /// Parameters plus K/V caches on the GPU.
+    pub gpu_bytes: u64,
+    pub prompt_tokens: usize,
+    pub decode_tokens: usize,
+    /// Fraction of (token, MoE layer) routes that used two experts during decode.
+    pub two_expert_fraction: f64,
+}
+
+/// What `amoe bench infer` prints.
+#[derive(Clone, Debug, Serialize)]
+pub struct InferBench {
+    pub adapter: String,
+    pub backend: String,
+    pub checkpoint: String,
+    pub results: Vec<InferFigure>,
+}
+
+/// Prefill `prompt` and decode `decode_tokens` greedy tokens under each
+/// gating rule in `gatings`, after a warm-up that builds every pipeline.
+pub async fn bench_infer(
+    ctx: &GpuContext,
+    ck: &crate::infer::InferCheckpoint,
+    prompt: &[u32],
+    decode_tokens: usize,
+    gatings: &[Gating],
+    mut log: impl FnMut(&str),
+) -> Result<InferBench> {
+    use crate::infer::sampling::argmax;
+    use crate::infer::Engine;
+    let samples = 3;
+    let n = ck.cfg.context;
+    let decode_tokens = decode_tokens.min(n.saturating_sub(prompt.len())).max(1);
+    let mut engine = Engine::new(ctx, ck, ck.gate(Some(gatings[0]), None)?)?;
+    let mut results = Vec::new();
+    for &g in gatings {
+        let gate = ck.gate(Some(g), None)?;
+        engine.set_gate(ctx, gate)?;
+        // Warm-up: every pipeline and the prefill pass of this length.
+        let out = engine.prefill(ctx, prompt, false).await?;
+        engine.decode(ctx, argmax(out.last())?).await?;
+        let mut times = Vec::new();
+        for _ in 0..samples {
+            let sw = Stopwatch::start();
+            engine.prefill(ctx, prompt, false).await?;
+            times.push(sw.seconds());
+        }
+        times.sort_by(f64::total_cmp);
+        let prefill_s = times[times.len() / 2];
+        let out = engine.prefill(ctx, prompt, false).await?;
+        let mut next = argmax(out.last())?;
+        let (mut two, mut routes) = (0usize, 0usize);
+        let sw = Stopwatch::start();
+        for _ in 0..decode_tokens {
+            let out = engine.decode(ctx, next).await?;
+            for r in &out.routes[0] {
+                routes += 1;
+                two += (r.experts.len() > 1) as usize;
+            }
+            next = argmax(out.last())?;
+        }
+        let decode_s = sw.seconds();
+        let f = InferFigure {
+            gating: format!("{g:?}").to_lowercase(),
+            threshold: gate.threshold,
+            prefill_tps: prompt.len() as f64 / prefill_s,
+            decode_tps: decode_tokens as f64 / decode_s,
+            gpu_bytes: engine.gpu_bytes(),
+            prompt_tokens: prompt.len(),
+            decode_tokens,
+            two_expert_fraction: two as f64 / routes.max(1) as f64,
+        };
+        log(&format!(
+            "{}: prefill {:.0} tok/s, decode {:.1} tok/s",
+            f.gating, f.prefill_tps, f.decode_tps
+        ));
+        results.push(f);
+    }
+    Ok(InferBench {
+        adapter: ctx.info.name.clone(),
+        backend: ctx.backend(),
+        checkpoint: ck.source.clone(),
+        results,
+    })
+}

@@ -12,6 +12,7 @@ pub mod checkpoint;
 pub mod conformance;
 pub mod error;
 pub mod gpu;
+pub mod infer;
 pub mod kernels;
 pub mod model;
 pub mod moe;

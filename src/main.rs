@@ -1,5 +1,6 @@
 //! The `amoe` command line: devices, conformance, benchmarks, training.
 
+mod infer_cmd;
 mod train_cmd;
 
 use amoe::conformance::{self, AdapterReport};
@@ -49,7 +50,7 @@ enum Command {
         #[command(flatten)]
         adapter: AdapterArgs,
         /// Only this kernel family (matmul, gate, route, expert, combine, decode,
-        /// embedding, rmsnorm, attention, cross_entropy, adamw, add, moe_backward).
+        /// embedding, rmsnorm, attention, cross_entropy, adamw, add, moe_backward, kv_cache).
         #[arg(long)]
         kernel: Option<String>,
         /// Also write the results as JSON to this file ("-" for stdout).
@@ -71,6 +72,22 @@ enum Command {
         #[command(flatten)]
         args: Box<train_cmd::ReproduceArgs>,
     },
+    /// Continue a prompt with a trained checkpoint (default: the demo checkpoint),
+    /// streaming tokens; optionally colored by one vs two experts.
+    Generate {
+        #[command(flatten)]
+        adapter: AdapterArgs,
+        #[command(flatten)]
+        args: Box<infer_cmd::GenerateArgs>,
+    },
+    /// Routing analysis over a text: per MoE layer the two-expert fraction and the
+    /// load per expert; the words that most often take two experts and those that never do.
+    Routes {
+        #[command(flatten)]
+        adapter: AdapterArgs,
+        #[command(flatten)]
+        args: Box<infer_cmd::RoutesArgs>,
+    },
     /// Benchmarks that print numbers (JSON).
     Bench {
         #[command(subcommand)]
@@ -91,6 +108,14 @@ enum BenchWhat {
         #[arg(long)]
         quick: bool,
     },
+    /// Prefill and decode tokens/s for top1, top2 and adaptive, and GPU bytes
+    /// (default checkpoint: the demo).
+    Infer {
+        #[command(flatten)]
+        adapter: AdapterArgs,
+        #[command(flatten)]
+        args: infer_cmd::BenchInferArgs,
+    },
 }
 
 fn main() -> ExitCode {
@@ -104,7 +129,22 @@ fn main() -> ExitCode {
         } => conformance_cmd(&adapter, kernel.as_deref(), json.as_deref()),
         Command::Train { adapter, args } => train(&adapter, &args),
         Command::Reproduce { adapter, args } => reproduce(&adapter, &args),
+        Command::Generate { adapter, args } => {
+            with_ctx(&adapter, |ctx| infer_cmd::generate(ctx, &args))
+        }
+        Command::Routes { adapter, args } => {
+            with_ctx(&adapter, |ctx| infer_cmd::routes(ctx, &args))
+        }
         Command::Bench { what } => match what {
+            BenchWhat::Infer { adapter, args } => with_ctx(&adapter, |ctx| {
+                eprintln!("== bench infer on {}", ctx.adapter_label());
+                let text = infer_cmd::bench_infer(ctx, &args)?;
+                println!("{text}");
+                if let Some(path) = &args.json {
+                    write_file(path, &text)?;
+                }
+                Ok(())
+            }),
             BenchWhat::Kernels {
                 adapter,
                 json,
@@ -119,6 +159,12 @@ fn main() -> ExitCode {
             ExitCode::from(2)
         }
     }
+}
+
+fn with_ctx(adapter: &AdapterArgs, f: impl FnOnce(&GpuContext) -> Result<()>) -> Result<ExitCode> {
+    let ctx = pollster::block_on(GpuContext::new(&adapter.filter()?))?;
+    f(&ctx)?;
+    Ok(ExitCode::SUCCESS)
 }
 
 fn train(adapter: &AdapterArgs, args: &train_cmd::TrainArgs) -> Result<ExitCode> {

@@ -61,3 +61,8 @@ fn adamw_matches_twin() {
 fn attention_matches_twin() {
     common::conformance_family("attention");
 }
+
+#[test]
+fn kv_cache_matches_twin() {
+    common::conformance_family("kv_cache");
+}

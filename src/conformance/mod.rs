@@ -11,6 +11,7 @@ pub mod decode;
 pub mod embedding;
 pub mod expert;
 pub mod gate;
+pub mod kv_cache;
 pub mod matmul;
 pub mod moe_backward;
 pub mod rmsnorm;
@@ -100,6 +101,7 @@ pub enum Case {
     CrossEntropy(cross_entropy::Case),
     RmsNorm(rmsnorm::Case),
     Attention(attention::Case),
+    KvCache(kv_cache::Case),
 }
 
 /// Kernel families, as `--kernel` filters name them.
@@ -117,6 +119,7 @@ pub const FAMILIES: &[&str] = &[
     "cross_entropy",
     "rmsnorm",
     "attention",
+    "kv_cache",
 ];
 
 impl Case {
@@ -135,6 +138,7 @@ impl Case {
             Case::CrossEntropy(_) => "cross_entropy",
             Case::RmsNorm(_) => "rmsnorm",
             Case::Attention(_) => "attention",
+            Case::KvCache(_) => "kv_cache",
         }
     }
 
@@ -154,6 +158,7 @@ impl Case {
             Case::CrossEntropy(c) => c.names(),
             Case::RmsNorm(c) => c.names(),
             Case::Attention(c) => c.names(),
+            Case::KvCache(c) => c.names(),
         }
     }
 
@@ -185,6 +190,7 @@ impl Case {
             Case::CrossEntropy(c) => cross_entropy::run(ctx, c).await,
             Case::RmsNorm(c) => rmsnorm::run(ctx, c).await,
             Case::Attention(c) => attention::run(ctx, c).await,
+            Case::KvCache(c) => kv_cache::run(ctx, c).await,
         };
         r.unwrap_or_else(|e| {
             let (k, c) = self.names();
@@ -209,6 +215,7 @@ pub fn cases(family: Option<&str>) -> Vec<Case> {
     v.extend(cross_entropy::cases().into_iter().map(Case::CrossEntropy));
     v.extend(rmsnorm::cases().into_iter().map(Case::RmsNorm));
     v.extend(attention::cases().into_iter().map(Case::Attention));
+    v.extend(kv_cache::cases().into_iter().map(Case::KvCache));
     v.retain(|c| family.is_none_or(|f| c.family() == f));
     v
 }

@@ -15,6 +15,7 @@ pub mod decode;
 pub mod embedding;
 pub mod expert;
 pub mod gate;
+pub mod kv_cache;
 pub mod matmul;
 pub mod moe_backward;
 pub mod rmsnorm;
@@ -43,6 +44,7 @@ pub enum Kernel {
     CrossEntropy(cross_entropy::CrossEntropySpec),
     RmsNorm(rmsnorm::RmsNormSpec),
     Attention(attention::AttentionSpec),
+    KvCache(kv_cache::KvSpec),
 }
 
 impl Kernel {
@@ -63,6 +65,7 @@ impl Kernel {
             Kernel::CrossEntropy(s) => s.def(),
             Kernel::RmsNorm(s) => s.def(),
             Kernel::Attention(s) => s.def(),
+            Kernel::KvCache(s) => s.def(),
         }
     }
 
@@ -109,6 +112,7 @@ impl Kernel {
                 .into_iter()
                 .map(Kernel::Attention),
         );
+        v.extend(kv_cache::KvSpec::all().into_iter().map(Kernel::KvCache));
         v
     }
 }
@@ -152,6 +156,7 @@ pub fn params_layouts() -> Vec<ParamsLayout> {
     v.extend(cross_entropy::params_layouts());
     v.extend(rmsnorm::params_layouts());
     v.extend(attention::params_layouts());
+    v.extend(kv_cache::params_layouts());
     v
 }
 

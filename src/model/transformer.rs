@@ -206,7 +206,7 @@ impl Model {
 
     /// The FFN layers with another gating rule (for evaluation), sharing
     /// the weights.
-    fn ffn_with_gate(&self, gate: Option<GateConfig>) -> Vec<MoeLayer> {
+    pub(crate) fn ffn_with_gate(&self, gate: Option<GateConfig>) -> Vec<MoeLayer> {
         self.ffn
             .iter()
             .map(|m| {
@@ -291,7 +291,7 @@ struct Forward {
     _layers: Vec<MoeLayer>,
 }
 
-fn mm(
+pub(crate) fn mm(
     ctx: &GpuContext,
     (m, n, k): (usize, usize, usize),
     trans: Trans,

@@ -13,6 +13,7 @@ pub mod expert;
 #[cfg(test)]
 pub(crate) mod finite_diff;
 pub mod gate;
+pub mod kv_cache;
 pub mod matmul;
 pub mod moe;
 pub mod moe_backward;

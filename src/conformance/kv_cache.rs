@@ -1,0 +1,213 @@
+//! Conformance of the KV-cache kernels against `reference::kv_cache`:
+//! `kv_embed` and `kv_append` exactly (copies and one add), `kv_attention`
+//! within a reduction tolerance, over calls that start at position 0, in the
+//! middle of a chunk of keys and across chunk boundaries.
+
+use super::{bad_inputs_result, expect_error, is_invalid, is_shape, submit_pass, CheckResult, Rng};
+use crate::error::{Error, Result};
+use crate::gpu::{GpuContext, Tensor};
+use crate::kernels::kv_cache::{
+    KvAppend, KvAttention, KvCache, KvEmbed, KvEmbedBuffers, KvShape, KvSpec, KvStep,
+};
+use crate::reference::kv_cache::{kv_append, kv_attention, kv_embed, KvDims};
+use crate::tol::{compare_exact, Tol};
+
+#[derive(Clone, Debug)]
+pub enum Case {
+    Embed {
+        t: usize,
+        pos0: usize,
+        v: usize,
+        d: usize,
+        n: usize,
+        seed: u64,
+    },
+    Attention {
+        dims: KvDims,
+        seed: u64,
+    },
+    BadInputs,
+}
+
+impl Case {
+    pub fn names(&self) -> (String, String) {
+        match self {
+            Case::Embed {
+                t, pos0, v, d, n, ..
+            } => (
+                KvSpec::Embed.name().into(),
+                format!("T={t} pos0={pos0} V={v} D={d} N={n}"),
+            ),
+            Case::Attention { dims: s, .. } => (
+                format!("{}+{}", KvSpec::Append.name(), KvSpec::Attention.name()),
+                format!("T={} pos0={} H={} Dh={} N={}", s.t, s.pos0, s.h, s.dh, s.n),
+            ),
+            Case::BadInputs => (
+                KvSpec::Attention.name().into(),
+                "bad inputs: Dh > 64, qkv shape, span past the cache".into(),
+            ),
+        }
+    }
+}
+
+pub fn cases() -> Vec<Case> {
+    let att = |t, pos0, h, dh, n, seed| Case::Attention {
+        dims: KvDims { t, h, dh, n, pos0 },
+        seed,
+    };
+    vec![
+        Case::Embed {
+            t: 1,
+            pos0: 0,
+            v: 11,
+            d: 8,
+            n: 4,
+            seed: 1,
+        },
+        Case::Embed {
+            t: 5,
+            pos0: 27,
+            v: 300,
+            d: 36,
+            n: 32,
+            seed: 2,
+        },
+        // Decode: one token, first position and deep into the cache.
+        att(1, 0, 1, 16, 8, 3),
+        att(1, 77, 4, 32, 128, 4),
+        // A few tokens across the 64-key chunk boundary; Dh = 64.
+        att(5, 60, 2, 64, 70, 5),
+        // A prefill from 0 longer than one chunk; odd head width.
+        att(130, 0, 2, 12, 130, 6),
+        // The cache exactly full.
+        att(3, 0, 3, 8, 3, 7),
+        Case::BadInputs,
+    ]
+}
+
+pub async fn run(ctx: &GpuContext, case: &Case) -> Result<CheckResult> {
+    let (kernel, name) = case.names();
+    match *case {
+        Case::Embed {
+            t,
+            pos0,
+            v,
+            d,
+            n,
+            seed,
+        } => {
+            let mut rng = Rng::new(seed);
+            let ids: Vec<u32> = (0..t).map(|_| rng.below(v) as u32).collect();
+            let wte = rng.vec_sym(v * d, 1.0);
+            let wpe = rng.vec_sym(n * d, 1.0);
+            let want = kv_embed(&ids, &wte, &wpe, pos0, d);
+            let step = KvStep::new(ctx, n)?;
+            step.set(ctx, pos0, t)?;
+            let tids = Tensor::from_slice(ctx, "ids", &[t], &ids)?;
+            let twte = Tensor::from_slice(ctx, "wte", &[v, d], &wte)?;
+            let twpe = Tensor::from_slice(ctx, "wpe", &[n, d], &wpe)?;
+            let x = Tensor::<f32>::zeros(ctx, "x", &[t, d])?;
+            let k = KvEmbed::new(
+                ctx,
+                &KvEmbedBuffers {
+                    step: &step,
+                    ids: &tids,
+                    wte: &twte,
+                    wpe: &twpe,
+                    x: &x,
+                },
+            )?;
+            submit_pass(ctx, |p| k.record(p))?;
+            let got = x.read(ctx).await?;
+            Ok(CheckResult::from_comparisons(
+                kernel,
+                name,
+                &[("x", compare_exact(&bits(&got), &bits(&want)))],
+            ))
+        }
+        Case::Attention { dims: s, seed } => {
+            let mut rng = Rng::new(seed);
+            let d = s.h * s.dh;
+            let qkv = rng.vec_sym(s.t * 3 * d, 2.0);
+            // Earlier positions hold earlier keys; later ones garbage that
+            // must not be read.
+            let mut kc = rng.vec_sym(s.h * s.n * s.dh, 2.0);
+            let mut vc = rng.vec_sym(s.h * s.n * s.dh, 2.0);
+            let shape = KvShape {
+                t: s.t,
+                h: s.h,
+                dh: s.dh,
+                n: s.n,
+            };
+            let step = KvStep::new(ctx, s.n)?;
+            step.set(ctx, s.pos0, s.t)?;
+            let tqkv = Tensor::from_slice(ctx, "qkv", &[s.t, 3 * d], &qkv)?;
+            let cache = KvCache {
+                k: Tensor::from_slice(ctx, "k_cache", &shape.cache(), &kc)?,
+                v: Tensor::from_slice(ctx, "v_cache", &shape.cache(), &vc)?,
+            };
+            let o = Tensor::<f32>::zeros(ctx, "o", &[s.t, d])?;
+            let append = KvAppend::new(ctx, &shape, &step, &tqkv, &cache)?;
+            let attend = KvAttention::new(ctx, &shape, &step, &tqkv, &cache, &o)?;
+            submit_pass(ctx, |p| {
+                append.record(p);
+                attend.record(p);
+            })?;
+            kv_append(&qkv, &mut kc, &mut vc, s);
+            let want = kv_attention(&qkv, &kc, &vc, s);
+            let got_k = cache.k.read(ctx).await?;
+            let got_v = cache.v.read(ctx).await?;
+            let got_o = o.read(ctx).await?;
+            let tol = Tol {
+                atol: 2e-5,
+                rtol: 1e-4,
+            };
+            Ok(CheckResult::from_comparisons(
+                kernel,
+                name,
+                &[
+                    ("k_cache", compare_exact(&bits(&got_k), &bits(&kc))),
+                    ("v_cache", compare_exact(&bits(&got_v), &bits(&vc))),
+                    ("o", tol.compare(&got_o, &want)),
+                ],
+            ))
+        }
+        Case::BadInputs => Ok(bad_inputs(ctx, &kernel, &name)),
+    }
+}
+
+fn bits(v: &[f32]) -> Vec<u32> {
+    v.iter().map(|x| x.to_bits()).collect()
+}
+
+fn bad_inputs(ctx: &GpuContext, kernel: &str, case: &str) -> CheckResult {
+    let mut checks = Vec::new();
+    let attention = |t: usize, h: usize, dh: usize, qkv_rows: usize| -> Result<KvAttention> {
+        let shape = KvShape { t, h, dh, n: 8 };
+        let step = KvStep::new(ctx, 8)?;
+        let qkv = Tensor::<f32>::zeros(ctx, "qkv", &[qkv_rows, 3 * h * dh])?;
+        let cache = KvCache::new(ctx, h, 8, dh)?;
+        let o = Tensor::<f32>::zeros(ctx, "o", &[t, h * dh])?;
+        KvAttention::new(ctx, &shape, &step, &qkv, &cache, &o)
+    };
+    ctx.capture_errors();
+    checks.push(expect_error(
+        ctx,
+        "Dh = 128",
+        attention(1, 1, 128, 1),
+        is_invalid,
+    ));
+    ctx.capture_errors();
+    checks.push(expect_error(
+        ctx,
+        "qkv with 2 rows for T = 1",
+        attention(1, 2, 16, 2),
+        is_shape,
+    ));
+    ctx.capture_errors();
+    let r = KvStep::new(ctx, 8).and_then(|s| s.set(ctx, 6, 3));
+    checks.push(expect_error(ctx, "positions 6..9 of 8", r, |e| {
+        matches!(e, Error::Limit { .. })
+    }));
+    bad_inputs_result(kernel, case, checks)
+}

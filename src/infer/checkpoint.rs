@@ -1,0 +1,185 @@
+//! What inference needs of a checkpoint: `config.json`, `model.safetensors`,
+//! `tokenizer.json` and, if present, `state.json` (for the gating rule the run
+//! was evaluated with). `optimizer.safetensors` is not read, so a published
+//! checkpoint can leave it out.
+
+use crate::error::{Error, Result};
+use crate::kernels::{GateConfig, Gating};
+use crate::model::{HostParams, ModelConfig};
+use crate::train::tokenizer::Tokenizer;
+
+/// A model ready to upload: config, weights, tokenizer.
+#[derive(Clone)]
+pub struct InferCheckpoint {
+    pub cfg: ModelConfig,
+    pub host: HostParams,
+    pub tokenizer: Tokenizer,
+    /// The gating rule the run validated with (`state.json`), else top-1
+    /// (what the paper evaluates with).
+    pub eval_gating: Gating,
+    /// Where it came from, for messages.
+    pub source: String,
+}
+
+impl InferCheckpoint {
+    /// From the files' contents. `tensors`: (name, shape, values) in any
+    /// order; every tensor of the config must be there with its shape.
+    pub fn from_parts(
+        source: &str,
+        config_json: &[u8],
+        tensors: Vec<(String, Vec<usize>, Vec<f32>)>,
+        tokenizer_json: &str,
+        state_json: Option<&[u8]>,
+    ) -> Result<Self> {
+        let cfg: ModelConfig = serde_json::from_slice(config_json)
+            .map_err(|e| Error::checkpoint(format!("{source}/config.json"), e.to_string()))?;
+        cfg.validate()
+            .map_err(|e| Error::checkpoint(format!("{source}/config.json"), e.to_string()))?;
+        let mut problems = Vec::new();
+        let mut ordered = Vec::with_capacity(tensors.len());
+        let want = cfg.param_shapes();
+        for (name, shape, _) in &want {
+            match tensors.iter().find(|(n, _, _)| n == name) {
+                None => problems.push(format!("missing tensor {name} {shape:?}")),
+                Some((_, s, v)) if s != shape || v.len() != shape.iter().product::<usize>() => {
+                    problems.push(format!(
+                        "tensor {name}: expected shape {shape:?}, found {s:?}"
+                    ))
+                }
+                Some(t) => ordered.push(t.clone()),
+            }
+        }
+        for (n, s, _) in &tensors {
+            if !want.iter().any(|(w, _, _)| w == n) {
+                problems.push(format!("unexpected tensor {n} {s:?}"));
+            }
+        }
+        if !problems.is_empty() {
+            return Err(Error::checkpoint(
+                format!("{source}/model.safetensors"),
+                format!(
+                    "does not match config.json ({} problem(s)): {}",
+                    problems.len(),
+                    problems.join("; ")
+                ),
+            ));
+        }
+        if let Some((n, _, _)) = ordered
+            .iter()
+            .find(|(_, _, v)| v.iter().any(|x| !x.is_finite()))
+        {
+            return Err(Error::checkpoint(
+                format!("{source}/model.safetensors"),
+                format!("tensor {n} holds NaN or infinite values"),
+            ));
+        }
+        let tokenizer = Tokenizer::from_json(tokenizer_json)
+            .map_err(|e| Error::checkpoint(format!("{source}/tokenizer.json"), e.to_string()))?;
+        if tokenizer.vocab_size() != cfg.vocab {
+            return Err(Error::checkpoint(
+                format!("{source}/tokenizer.json"),
+                format!(
+                    "tokenizer has {} tokens but the model's vocabulary is {}",
+                    tokenizer.vocab_size(),
+                    cfg.vocab
+                ),
+            ));
+        }
+        let eval_gating = match state_json {
+            None => Gating::Top1,
+            Some(bytes) => {
+                let v: serde_json::Value = serde_json::from_slice(bytes).map_err(|e| {
+                    Error::checkpoint(format!("{source}/state.json"), e.to_string())
+                })?;
+                match v.pointer("/train/eval_gating") {
+                    Some(g) => serde_json::from_value(g.clone()).map_err(|e| {
+                        Error::checkpoint(format!("{source}/state.json"), e.to_string())
+                    })?,
+                    None => Gating::Top1,
+                }
+            }
+        };
+        Ok(InferCheckpoint {
+            cfg,
+            host: HostParams { tensors: ordered },
+            tokenizer,
+            eval_gating,
+            source: source.to_string(),
+        })
+    }
+
+    /// Read a checkpoint directory (or a run directory holding `checkpoint/`).
+    #[cfg(not(target_arch = "wasm32"))]
+    pub fn load(dir: impl AsRef<std::path::Path>) -> Result<Self> {
+        use crate::checkpoint::{CONFIG_FILE, MODEL_FILE, STATE_FILE, TOKENIZER_FILE};
+        let mut dir = dir.as_ref().to_path_buf();
+        if !dir.join(CONFIG_FILE).exists() && dir.join("checkpoint").join(CONFIG_FILE).exists() {
+            dir = dir.join("checkpoint");
+        }
+        if !dir.is_dir() {
+            return Err(Error::checkpoint(
+                dir.display(),
+                "no such checkpoint directory",
+            ));
+        }
+        let read = |name: &str| -> Result<Vec<u8>> {
+            let p = dir.join(name);
+            std::fs::read(&p).map_err(|e| {
+                let msg = if e.kind() == std::io::ErrorKind::NotFound {
+                    "missing (a checkpoint holds config.json, model.safetensors and tokenizer.json)"
+                        .to_string()
+                } else {
+                    e.to_string()
+                };
+                Error::checkpoint(p.display(), msg)
+            })
+        };
+        let config = read(CONFIG_FILE)?;
+        let tokenizer = read(TOKENIZER_FILE)?;
+        let tokenizer = String::from_utf8(tokenizer)
+            .map_err(|_| Error::checkpoint(dir.join(TOKENIZER_FILE).display(), "not UTF-8"))?;
+        let tensors = crate::checkpoint::read_tensors(dir.join(MODEL_FILE))?
+            .into_iter()
+            .map(|t| (t.name, t.shape, t.data))
+            .collect();
+        let state = dir.join(STATE_FILE);
+        let state = if state.exists() {
+            Some(read(STATE_FILE)?)
+        } else {
+            None
+        };
+        Self::from_parts(
+            &dir.display().to_string(),
+            &config,
+            tensors,
+            &tokenizer,
+            state.as_deref(),
+        )
+    }
+
+    /// The MoE layers' rule at inference: `gating` (default: what the run was
+    /// evaluated with) and `threshold` (default: training's), keeping the
+    /// training's gap measure and one-expert weight (a top-2-trained model
+    /// weighs a lone expert 1, as in training).
+    pub fn gate(&self, gating: Option<Gating>, threshold: Option<f32>) -> Result<GateConfig> {
+        let g = GateConfig {
+            gating: gating.unwrap_or(self.eval_gating),
+            threshold: threshold.unwrap_or(self.cfg.gate.threshold),
+            ..self.cfg.gate
+        };
+        if self.cfg.moe_layers().is_empty() {
+            return Ok(g);
+        }
+        g.validate(self.cfg.experts)?;
+        Ok(g)
+    }
+}
+
+/// The demo checkpoint shipped with the source tree (`<crate>/data/demo`),
+/// what `amoe generate` uses without `--checkpoint`.
+#[cfg(not(target_arch = "wasm32"))]
+pub fn demo_dir() -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("data")
+        .join("demo")
+}

@@ -1,0 +1,126 @@
+//! CPU twins of `shaders/kv_cache.wgsl` (same names, same argument order):
+//! the embedding of tokens that start at `pos0`, appending to a layer's
+//! K/V cache, and causal attention of a call's queries over the cache.
+//!
+//! Layout: qkv [T, 3D] (q, k, v thirds; head h at h*Dh of each), caches
+//! [H, N, Dh], o [T, D]. The attention twin is the plain two-pass softmax in
+//! f64, not the GPU's online one.
+
+/// `x[i, :] = wte[ids[i], :] + wpe[pos0 + i, :]`; x [T, D].
+pub fn kv_embed(ids: &[u32], wte: &[f32], wpe: &[f32], pos0: usize, d: usize) -> Vec<f32> {
+    let mut x = vec![0.0; ids.len() * d];
+    for (i, &id) in ids.iter().enumerate() {
+        let (p, id) = (pos0 + i, id as usize);
+        for c in 0..d {
+            x[i * d + c] = wte[id * d + c] + wpe[p * d + c];
+        }
+    }
+    x
+}
+
+/// Shape of a KV call: T tokens from `pos0`, H heads of width Dh, capacity N.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct KvDims {
+    pub t: usize,
+    pub h: usize,
+    pub dh: usize,
+    pub n: usize,
+    pub pos0: usize,
+}
+
+/// Copy each row's k and v (head by head) to positions `pos0 + i` of the
+/// caches. Positions past N are dropped, as on the GPU.
+pub fn kv_append(qkv: &[f32], k_cache: &mut [f32], v_cache: &mut [f32], s: KvDims) {
+    let d = s.h * s.dh;
+    for i in 0..s.t {
+        let p = s.pos0 + i;
+        if p >= s.n {
+            continue;
+        }
+        for h in 0..s.h {
+            for e in 0..s.dh {
+                let dst = (h * s.n + p) * s.dh + e;
+                k_cache[dst] = qkv[i * 3 * d + d + h * s.dh + e];
+                v_cache[dst] = qkv[i * 3 * d + 2 * d + h * s.dh + e];
+            }
+        }
+    }
+}
+
+/// `o[i, head h] = sum_j softmax_j(q_i . k_j / sqrt(Dh)) v_j` over the
+/// cached positions `j <= pos0 + i`.
+pub fn kv_attention(qkv: &[f32], k_cache: &[f32], v_cache: &[f32], s: KvDims) -> Vec<f32> {
+    let d = s.h * s.dh;
+    let scale = 1.0 / (s.dh as f64).sqrt();
+    let mut o = vec![0.0f32; s.t * d];
+    for i in 0..s.t {
+        let len = (s.pos0 + i + 1).min(s.n);
+        for h in 0..s.h {
+            let q = &qkv[i * 3 * d + h * s.dh..][..s.dh];
+            let base = h * s.n * s.dh;
+            let scores: Vec<f64> = (0..len)
+                .map(|j| {
+                    let k = &k_cache[base + j * s.dh..][..s.dh];
+                    q.iter()
+                        .zip(k)
+                        .map(|(&a, &b)| a as f64 * b as f64)
+                        .sum::<f64>()
+                        * scale
+                })
+                .collect();
+            let m = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+            let w: Vec<f64> = scores.iter().map(|s| (s - m).exp()).collect();
+            let z: f64 = w.iter().sum();
+            for e in 0..s.dh {
+                let acc: f64 = (0..len)
+                    .map(|j| w[j] * v_cache[base + j * s.dh + e] as f64)
+                    .sum();
+                o[i * d + h * s.dh + e] = (acc / z) as f32;
+            }
+        }
+    }
+    o
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::reference::attention::{attention_forward, AttnShape};
+
+    /// Appending a whole sequence and attending from position 0 is causal
+    /// self-attention (the training twin).
+    #[test]
+    fn cache_attention_equals_self_attention() {
+        let (n, h, dh) = (7, 2, 4);
+        let d = h * dh;
+        let mut rng = crate::conformance::Rng::new(5);
+        let qkv = rng.vec_sym(n * 3 * d, 1.0);
+        let s = KvDims {
+            t: n,
+            h,
+            dh,
+            n,
+            pos0: 0,
+        };
+        let mut kc = vec![0.0; h * n * dh];
+        let mut vc = vec![0.0; h * n * dh];
+        kv_append(&qkv, &mut kc, &mut vc, s);
+        let o = kv_attention(&qkv, &kc, &vc, s);
+        let (want, _) = attention_forward(&qkv, AttnShape { b: 1, n, h, dh });
+        for (a, b) in o.iter().zip(&want) {
+            assert!((a - b).abs() < 1e-5, "{a} vs {b}");
+        }
+        // One token at a time gives the same rows.
+        let mut kc2 = vec![0.0; h * n * dh];
+        let mut vc2 = vec![0.0; h * n * dh];
+        for i in 0..n {
+            let row = &qkv[i * 3 * d..(i + 1) * 3 * d];
+            let si = KvDims { t: 1, pos0: i, ..s };
+            kv_append(row, &mut kc2, &mut vc2, si);
+            let oi = kv_attention(row, &kc2, &vc2, si);
+            for (a, b) in oi.iter().zip(&want[i * d..(i + 1) * d]) {
+                assert!((a - b).abs() < 1e-5, "row {i}: {a} vs {b}");
+            }
+        }
+    }
+}

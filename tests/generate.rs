@@ -1,0 +1,288 @@
+//! Generation on the GPU against the CPU twin, the KV cache against full
+//! recomputation, gating limits, seeded sampling and bad input, on every
+//! adapter. Most tests use the shipped demo checkpoint (data/demo).
+
+mod common;
+
+use amoe::error::Error;
+use amoe::infer::checkpoint::demo_dir;
+use amoe::infer::reference::generate_greedy;
+use amoe::infer::sampling::argmax;
+use amoe::infer::{Engine, GenConfig, InferCheckpoint, Sampling};
+use amoe::kernels::{GateConfig, Gating};
+use amoe::model::{HostParams, ModelConfig};
+use amoe::tol::Tol;
+use std::sync::OnceLock;
+
+fn demo() -> &'static InferCheckpoint {
+    static CK: OnceLock<InferCheckpoint> = OnceLock::new();
+    CK.get_or_init(|| InferCheckpoint::load(demo_dir()).expect("the demo checkpoint loads"))
+}
+
+const PROMPT: &str = "And God said unto Noah,";
+
+fn greedy(max_tokens: usize) -> GenConfig {
+    GenConfig {
+        max_tokens,
+        sampling: Sampling::greedy(),
+        stop_at_eot: false,
+    }
+}
+
+#[test]
+fn greedy_generation_equals_the_cpu_twin_on_the_demo_checkpoint() {
+    let ck = demo();
+    let prompt = ck.tokenizer.encode(PROMPT).unwrap();
+    let steps = 12;
+    for gating in [ck.eval_gating, Gating::Adaptive] {
+        let gate = ck.gate(Some(gating), None).unwrap();
+        let want = generate_greedy(&ck.cfg, &ck.host, &prompt, steps, gate, None).unwrap();
+        assert_eq!(want.len(), steps);
+        common::for_each_adapter(|ctx| {
+            let mut engine = Engine::new(ctx, ck, gate).unwrap();
+            let g = pollster::block_on(engine.generate(
+                ctx,
+                &ck.tokenizer,
+                &prompt,
+                &greedy(steps),
+                |_| {},
+            ))
+            .unwrap();
+            assert_eq!(
+                g.ids(),
+                want,
+                "{gating:?}: GPU {:?} vs twin {:?}",
+                g.text,
+                ck.tokenizer.decode(&want).unwrap()
+            );
+        });
+    }
+}
+
+/// Decode logits with the cache equal a prefill of the whole sequence.
+#[test]
+fn cached_decode_equals_full_recomputation() {
+    let ck = demo();
+    let prompt = ck.tokenizer.encode(PROMPT).unwrap();
+    let v = ck.cfg.vocab;
+    let tol = Tol {
+        atol: 2e-4,
+        rtol: 1e-4,
+    };
+    common::for_each_adapter(|ctx| {
+        let gate = ck.gate(None, None).unwrap();
+        let mut engine = Engine::new(ctx, ck, gate).unwrap();
+        let mut seq = prompt.clone();
+        let out = pollster::block_on(engine.prefill(ctx, &seq, true)).unwrap();
+        assert_eq!(out.rows, seq.len());
+        assert_eq!(out.routes.len(), seq.len());
+        let mut next = argmax(out.last()).unwrap();
+        let mut cached = Vec::new();
+        for _ in 0..6 {
+            let o = pollster::block_on(engine.decode(ctx, next)).unwrap();
+            seq.push(next);
+            next = argmax(o.last()).unwrap();
+            cached.push(o);
+        }
+        // One prefill of the whole sequence gives every row.
+        let full = pollster::block_on(engine.prefill(ctx, &seq, true)).unwrap();
+        for (i, o) in cached.iter().enumerate() {
+            let row = prompt.len() + i;
+            let want = &full.logits[row * v..(row + 1) * v];
+            let c = tol.compare(o.last(), want);
+            assert!(
+                c.pass,
+                "position {row}: cached decode differs from recomputation by {:e}",
+                c.max_abs_err
+            );
+            for (a, b) in o.routes[0].iter().zip(&full.routes[row]) {
+                assert_eq!(a.experts, b.experts, "experts at position {row}");
+                assert!(Tol::SOFTMAX.compare(&a.weights, &b.weights).pass);
+            }
+        }
+    });
+}
+
+#[test]
+fn adaptive_threshold_zero_is_top1_and_one_is_top2() {
+    let ck = demo();
+    let prompt = ck.tokenizer.encode(PROMPT).unwrap();
+    let run = |ctx: &amoe::GpuContext, gating: Gating, threshold: f32| {
+        let gate = ck.gate(Some(gating), Some(threshold)).unwrap();
+        let mut engine = Engine::new(ctx, ck, gate).unwrap();
+        let mut logits = Vec::new();
+        let g =
+            pollster::block_on(engine.generate(ctx, &ck.tokenizer, &prompt, &greedy(10), |_| {}))
+                .unwrap();
+        // Logits along the generated tokens, teacher-forced.
+        let mut seq = prompt.clone();
+        seq.extend(g.ids());
+        let full = pollster::block_on(engine.prefill(ctx, &seq, true)).unwrap();
+        logits.extend(full.logits);
+        (g, full.routes, logits)
+    };
+    common::for_each_adapter(|ctx| {
+        for (threshold, base) in [(0.0, Gating::Top1), (1.0, Gating::Top2)] {
+            let (a, ra, la) = run(ctx, Gating::Adaptive, threshold);
+            let (b, rb, lb) = run(ctx, base, threshold);
+            assert_eq!(a.ids(), b.ids(), "adaptive T={threshold} vs {base:?}");
+            let k = if base == Gating::Top1 { 1 } else { 2 };
+            for (x, y) in ra.iter().zip(&rb) {
+                for (p, q) in x.iter().zip(y) {
+                    assert_eq!(p.experts, q.experts);
+                    assert_eq!(p.experts.len(), k);
+                }
+            }
+            assert_eq!(la, lb, "adaptive T={threshold} logits vs {base:?}");
+        }
+    });
+}
+
+#[test]
+fn sampling_with_a_seed_repeats() {
+    let ck = demo();
+    let prompt = ck.tokenizer.encode(PROMPT).unwrap();
+    let cfg = GenConfig {
+        max_tokens: 16,
+        sampling: Sampling {
+            temperature: 0.9,
+            top_k: 40,
+            top_p: 0.95,
+            seed: 7,
+        },
+        stop_at_eot: false,
+    };
+    common::for_each_adapter(|ctx| {
+        let gate = ck.gate(None, None).unwrap();
+        let mut engine = Engine::new(ctx, ck, gate).unwrap();
+        let mut gen =
+            || pollster::block_on(engine.generate(ctx, &ck.tokenizer, &prompt, &cfg, |_| {}));
+        let a = gen().unwrap();
+        let b = gen().unwrap();
+        assert_eq!(a.ids(), b.ids());
+        assert_eq!(a.tokens.len(), 16);
+    });
+}
+
+/// A tiny random model with a short context (and a byte-level tokenizer,
+/// only needed for the text of tokens).
+fn tiny(context: usize) -> InferCheckpoint {
+    let tokenizer =
+        amoe::train::tokenizer::Tokenizer::train(["a b c d e f g h"].into_iter(), 300).unwrap();
+    let cfg = ModelConfig {
+        vocab: tokenizer.vocab_size(),
+        d: 32,
+        layers: 2,
+        heads: 2,
+        context,
+        ffn: 32,
+        experts: 4,
+        gate: GateConfig::new(Gating::Adaptive),
+        ..ModelConfig::default()
+    };
+    InferCheckpoint {
+        host: HostParams::init(&cfg, 11),
+        cfg,
+        tokenizer,
+        eval_gating: Gating::Top1,
+        source: "tiny".into(),
+    }
+}
+
+/// Past the context the window slides (the last half is prefilled again);
+/// the twin slides the same way.
+#[test]
+fn sliding_window_matches_the_twin() {
+    let ck = tiny(8);
+    let gate = ck.gate(Some(Gating::Adaptive), Some(0.3)).unwrap();
+    let prompt = [1u32, 2, 3, 4, 5];
+    let steps = 20;
+    let want = generate_greedy(&ck.cfg, &ck.host, &prompt, steps, gate, None).unwrap();
+    common::for_each_adapter(|ctx| {
+        let mut engine = Engine::new(ctx, &ck, gate).unwrap();
+        let g = pollster::block_on(engine.generate(
+            ctx,
+            &ck.tokenizer,
+            &prompt,
+            &greedy(steps),
+            |_| {},
+        ))
+        .unwrap();
+        assert!(g.slides >= 3, "slides {}", g.slides);
+        assert_eq!(g.ids(), want);
+    });
+}
+
+#[test]
+fn bad_input_is_a_typed_error() {
+    let ck = demo();
+    let n = ck.cfg.context;
+    common::for_each_adapter(|ctx| {
+        let gate = ck.gate(None, None).unwrap();
+        let mut engine = Engine::new(ctx, ck, gate).unwrap();
+        let tk = &ck.tokenizer;
+        let gen = |e: &mut Engine, p: &[u32], max: usize| {
+            pollster::block_on(e.generate(ctx, tk, p, &greedy(max), |_| {}))
+        };
+        assert!(matches!(
+            gen(&mut engine, &[], 4),
+            Err(Error::InvalidArgument { .. })
+        ));
+        let long = vec![1u32; n + 1];
+        assert!(matches!(
+            gen(&mut engine, &long, 4),
+            Err(Error::Limit { .. })
+        ));
+        assert!(matches!(
+            gen(&mut engine, &[1, 2], 0),
+            Err(Error::InvalidArgument { .. })
+        ));
+        let v = ck.cfg.vocab as u32;
+        assert!(gen(&mut engine, &[v], 4).is_err());
+        // The engine still works after the errors.
+        assert_eq!(gen(&mut engine, &[1, 2], 3).unwrap().tokens.len(), 3);
+    });
+    for t in [-0.1, 1.5, f32::NAN] {
+        assert!(matches!(
+            ck.gate(Some(Gating::Adaptive), Some(t)),
+            Err(Error::InvalidArgument { .. })
+        ));
+    }
+}
+
+#[test]
+fn broken_checkpoints_are_typed_errors() {
+    let dir = std::env::temp_dir().join(format!("amoe_gen_bad_{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let copy = |name: &str| std::fs::copy(demo_dir().join(name), dir.join(name)).unwrap();
+    let is_ck = |r: amoe::Result<InferCheckpoint>| match r {
+        Err(Error::Checkpoint { path, msg }) => format!("{path}: {msg}"),
+        Err(e) => panic!("wrong error {e}"),
+        Ok(_) => panic!("accepted"),
+    };
+    // Missing files.
+    let m = is_ck(InferCheckpoint::load(&dir));
+    assert!(m.contains("config.json") && m.contains("missing"), "{m}");
+    copy("config.json");
+    copy("tokenizer.json");
+    let m = is_ck(InferCheckpoint::load(&dir));
+    assert!(m.contains("model.safetensors"), "{m}");
+    // Truncated weights.
+    let bytes = std::fs::read(demo_dir().join("model.safetensors")).unwrap();
+    std::fs::write(dir.join("model.safetensors"), &bytes[..bytes.len() / 2]).unwrap();
+    let m = is_ck(InferCheckpoint::load(&dir));
+    assert!(m.contains("safetensors"), "{m}");
+    // Another model's shapes: the config says a wider model.
+    copy("model.safetensors");
+    let mut cfg: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join("config.json")).unwrap()).unwrap();
+    cfg["ffn"] = serde_json::json!(cfg["ffn"].as_u64().unwrap() * 2);
+    std::fs::write(dir.join("config.json"), cfg.to_string()).unwrap();
+    let m = is_ck(InferCheckpoint::load(&dir));
+    assert!(m.contains("expected shape"), "{m}");
+    // Not JSON.
+    std::fs::write(dir.join("config.json"), "not json").unwrap();
+    is_ck(InferCheckpoint::load(&dir));
+    let _ = std::fs::remove_dir_all(&dir);
+}
