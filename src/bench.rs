@@ -353,7 +353,7 @@ pub struct InferFigure {
     /// Prompt tokens per second of one prefill call (median of `samples`).
     pub prefill_tps: f64,
     /// Tokens per second of the decode loop (one submit and readback per
-    /// token; host-side sampling included).
+    /// token; host-side sampling included), median of `samples` loops.
     pub decode_tps: f64,
     /// Parameters plus K/V caches on the GPU.
     pub gpu_bytes: u64,
@@ -403,19 +403,25 @@ pub async fn bench_infer(
         }
         times.sort_by(f64::total_cmp);
         let prefill_s = times[times.len() / 2];
-        let out = engine.prefill(ctx, prompt, false).await?;
-        let mut next = argmax(out.last())?;
+        // The decode loop, `samples` times from the same prompt; the median.
         let (mut two, mut routes) = (0usize, 0usize);
-        let sw = Stopwatch::start();
-        for _ in 0..decode_tokens {
-            let out = engine.decode(ctx, next).await?;
-            for r in &out.routes[0] {
-                routes += 1;
-                two += (r.experts.len() > 1) as usize;
+        let mut times = Vec::new();
+        for _ in 0..samples {
+            let out = engine.prefill(ctx, prompt, false).await?;
+            let mut next = argmax(out.last())?;
+            let sw = Stopwatch::start();
+            for _ in 0..decode_tokens {
+                let out = engine.decode(ctx, next).await?;
+                for r in &out.routes[0] {
+                    routes += 1;
+                    two += (r.experts.len() > 1) as usize;
+                }
+                next = argmax(out.last())?;
             }
-            next = argmax(out.last())?;
+            times.push(sw.seconds());
         }
-        let decode_s = sw.seconds();
+        times.sort_by(f64::total_cmp);
+        let decode_s = times[times.len() / 2];
         let f = InferFigure {
             gating: format!("{g:?}").to_lowercase(),
             threshold: gate.threshold,

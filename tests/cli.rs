@@ -197,3 +197,94 @@ fn reproduce_runs_every_scheme_and_writes_the_report() {
     assert!(report.get("step_time_over_flops").is_some());
     assert!(dir.join("reproduce.svg").exists());
 }
+
+#[test]
+fn generate_json_gives_tokens_ids_and_routes_for_every_adapter() {
+    let mut backends = Vec::new();
+    common::for_each_adapter(|ctx| backends.push(ctx.backend()));
+    for backend in &backends {
+        let out = amoe(&[
+            "generate",
+            "--backend",
+            backend,
+            "--prompt",
+            "And the LORD said",
+            "--max-tokens",
+            "6",
+            "--gating",
+            "adaptive",
+            "--json",
+        ]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("valid JSON");
+        assert_eq!(v["gating"], "adaptive");
+        let tokens = v["tokens"].as_array().expect("tokens");
+        assert!(!tokens.is_empty() && tokens.len() <= 6);
+        assert_eq!(v["ids"].as_array().unwrap().len(), tokens.len());
+        for t in tokens {
+            let routes = t["routes"].as_array().expect("routes per token");
+            assert!(!routes.is_empty());
+            for r in routes {
+                let k = r["experts"].as_array().unwrap().len();
+                assert!(k == 1 || k == 2, "{r}");
+                assert_eq!(r["weights"].as_array().unwrap().len(), k);
+            }
+        }
+        assert!(v["decode_tps"].as_f64().unwrap() > 0.0);
+    }
+}
+
+#[test]
+fn generate_and_routes_reject_bad_input_with_a_message() {
+    let missing = std::env::temp_dir().join("amoe-no-such-checkpoint");
+    let long = "word ".repeat(400);
+    let cases: Vec<(Vec<&str>, &str)> = vec![
+        (vec!["generate", "--prompt", ""], "empty prompt"),
+        (
+            vec!["generate", "--prompt", "x", "--max-tokens", "0"],
+            "max-tokens",
+        ),
+        (
+            vec![
+                "generate",
+                "--prompt",
+                "x",
+                "--gating",
+                "adaptive",
+                "--threshold",
+                "1.5",
+            ],
+            "threshold 1.5",
+        ),
+        (
+            vec!["generate", "--prompt", "x", "--temperature=-1"],
+            "temperature",
+        ),
+        (vec!["generate", "--prompt", &long], "context window"),
+        (
+            vec![
+                "generate",
+                "--prompt",
+                "x",
+                "--checkpoint",
+                missing.to_str().unwrap(),
+            ],
+            "no such checkpoint",
+        ),
+        (
+            vec!["routes", "--checkpoint", missing.to_str().unwrap()],
+            "no such checkpoint",
+        ),
+    ];
+    for (args, want) in cases {
+        let out = amoe(&args);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
+        assert!(err.contains(want), "{args:?}: {err}");
+        assert!(!err.contains("panicked"), "{args:?}: {err}");
+    }
+}

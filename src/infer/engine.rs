@@ -2,8 +2,8 @@
 //! pass (T = 1) built once and prefill passes (T = prompt length) built per
 //! length and kept, and the generation loop.
 //!
-//! Prefill runs the training forward's kernels (flash attention, grouped
-//! experts when T > `moe::DECODE_MAX_T`) and appends every token's keys and
+//! Prefill runs the training forward's kernels (flash attention, the grouped
+//! expert path) and appends every token's keys and
 //! values to the caches; decode embeds one token at the position held in a
 //! GPU `step` buffer, appends its K/V and attends over the cache
 //! (`kv_attention`), and runs the experts as mat-vecs. Both end in one
@@ -150,7 +150,10 @@ impl Pass {
             let xm = z("xm", &[t, d])?;
             let rstd2 = z("rstd2", &[t])?;
             let x_next = z("x", &[t, d])?;
-            let plan = moe.plan(ctx, t, Path::Auto)?;
+            // Prefill: the grouped path (route, permute, grouped GEMMs);
+            // decode: a mat-vec per selected expert.
+            let path = if prefill { Path::Grouped } else { Path::Decode };
+            let plan = moe.plan(ctx, t, path)?;
             let norm1 = RmsNormForward::new(
                 ctx,
                 cfg.eps,
@@ -538,6 +541,20 @@ impl Engine {
         params + self.caches.iter().map(KvCache::bytes).sum::<u64>()
     }
 
+    /// The index of the prefill pass for `t` tokens, built (pipelines
+    /// compiled, buffers allocated) if it is not kept yet.
+    fn prefill_pass(&mut self, ctx: &GpuContext, t: usize) -> Result<usize> {
+        if let Some(i) = self.prefill.iter().position(|p| p.t == t) {
+            return Ok(i);
+        }
+        if self.prefill.len() >= PREFILL_KEEP {
+            self.prefill.remove(0);
+        }
+        let p = Pass::new(ctx, &self.shared(), t, true)?;
+        self.prefill.push(p);
+        Ok(self.prefill.len() - 1)
+    }
+
     /// Start a sequence: run `ids` from position 0, filling the caches.
     /// Returns the last token's logits, or every token's with `all_logits`.
     pub async fn prefill(
@@ -548,17 +565,7 @@ impl Engine {
     ) -> Result<StepOut> {
         check_prompt(&self.cfg, ids)?;
         let t = ids.len();
-        let i = match self.prefill.iter().position(|p| p.t == t) {
-            Some(i) => i,
-            None => {
-                if self.prefill.len() >= PREFILL_KEEP {
-                    self.prefill.remove(0);
-                }
-                let p = Pass::new(ctx, &self.shared(), t, true)?;
-                self.prefill.push(p);
-                self.prefill.len() - 1
-            }
-        };
+        let i = self.prefill_pass(ctx, t)?;
         self.step.set(ctx, 0, t)?;
         let pass = &self.prefill[i];
         pass.ids.write(ctx, ids)?;
@@ -594,6 +601,9 @@ impl Engine {
         }
         let mut sampler = Sampler::new(cfg.sampling)?;
         let n = self.cfg.context;
+        // Build the prefill pass first: the timing is the GPU's, not the
+        // shader compiler's.
+        self.prefill_pass(ctx, prompt.len())?;
         let clock = Stopwatch::start();
         let first = self.prefill(ctx, prompt, false).await?;
         let prefill_s = clock.seconds();
