@@ -214,10 +214,12 @@ pub fn generate(ctx: &GpuContext, args: &GenerateArgs) -> Result<()> {
         ids.push(t.id);
         // Print whole characters only: a token can end mid-character.
         if let Ok(text) = tk.decode(&ids) {
-            if !text.ends_with('\u{FFFD}') && text.len() >= printed {
-                let _ = write!(out, "{}", &text[printed..]);
-                let _ = out.flush();
-                printed = text.len();
+            if !text.ends_with('\u{FFFD}') {
+                if let Some(new) = text.get(printed..) {
+                    let _ = write!(out, "{new}");
+                    let _ = out.flush();
+                    printed = text.len();
+                }
             }
         }
     }))?;
@@ -252,8 +254,8 @@ pub fn generate(ctx: &GpuContext, args: &GenerateArgs) -> Result<()> {
         for t in &g.tokens {
             let _ = write!(out, "{}", painter.paint(&t.text, &t.routes));
         }
-    } else if printed < g.text.len() {
-        let _ = write!(out, "{}", &g.text[printed..]);
+    } else if let Some(rest) = g.text.get(printed..) {
+        let _ = write!(out, "{rest}");
     }
     let _ = writeln!(out);
     if args.show_routing {
