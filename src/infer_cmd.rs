@@ -447,7 +447,11 @@ pub struct BenchInferArgs {
 pub fn bench_infer(ctx: &GpuContext, args: &BenchInferArgs) -> Result<String> {
     let ck = args.model.load()?;
     let n = ck.cfg.context;
-    let p = args.prompt_tokens.unwrap_or(n / 2).clamp(1, n - 1);
+    // Leave room to decode after the prompt (a context of 1 leaves none).
+    let p = args
+        .prompt_tokens
+        .unwrap_or(n / 2)
+        .clamp(1, n.saturating_sub(1).max(1));
     let val = Corpus::shipped(shipped_dir(), Domain::Both)?.split()?.val;
     let mut ids = Vec::new();
     for d in &val {

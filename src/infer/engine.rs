@@ -299,8 +299,10 @@ impl Pass {
         let moe = s.cfg.moe_layers();
         for &l in &moe {
             let plan = &self.layers[l].plan;
-            for b in [&plan.topk_ids.buffer, &plan.topk_weights.buffer] {
-                let bytes = plan.topk_ids.bytes();
+            for (b, bytes) in [
+                (&plan.topk_ids.buffer, plan.topk_ids.bytes()),
+                (&plan.topk_weights.buffer, plan.topk_weights.bytes()),
+            ] {
                 enc.copy_buffer_to_buffer(b, 0, rb, off, bytes);
                 off += bytes;
             }

@@ -343,8 +343,15 @@ impl KvCache {
     }
 }
 
-fn check_qkv(shape: &KvShape, qkv: &Tensor<f32>, cache: &KvCache) -> Result<()> {
+fn check_qkv(shape: &KvShape, step: &KvStep, qkv: &Tensor<f32>, cache: &KvCache) -> Result<()> {
     shape.check()?;
+    if step.n != shape.n {
+        return Err(Error::shape(
+            "kv_cache",
+            format!("step of N = {}", shape.n),
+            step.n,
+        ));
+    }
     expect("qkv", &qkv.shape, &[shape.t, 3 * shape.d()])?;
     expect("k_cache", &cache.k.shape, &shape.cache())?;
     expect("v_cache", &cache.v.shape, &shape.cache())
@@ -364,14 +371,7 @@ impl KvAppend {
         qkv: &Tensor<f32>,
         cache: &KvCache,
     ) -> Result<Self> {
-        check_qkv(shape, qkv, cache)?;
-        if step.n != shape.n {
-            return Err(Error::shape(
-                "kv_cache",
-                format!("step of N = {}", shape.n),
-                step.n,
-            ));
-        }
+        check_qkv(shape, step, qkv, cache)?;
         let (dispatch, params) = build(
             ctx,
             KvSpec::Append,
@@ -412,15 +412,8 @@ impl KvAttention {
         cache: &KvCache,
         o: &Tensor<f32>,
     ) -> Result<Self> {
-        check_qkv(shape, qkv, cache)?;
+        check_qkv(shape, step, qkv, cache)?;
         expect("o", &o.shape, &[shape.t, shape.d()])?;
-        if step.n != shape.n {
-            return Err(Error::shape(
-                "kv_cache",
-                format!("step of N = {}", shape.n),
-                step.n,
-            ));
-        }
         let (dispatch, params) = build(
             ctx,
             KvSpec::Attention,
