@@ -21,7 +21,7 @@
 //! the names and shapes a model expects. Native only (the browser loads weights from bytes).
 
 use crate::error::{Error, Result};
-use safetensors::tensor::{Dtype, SafeTensors, TensorView};
+use safetensors::tensor::{Dtype, TensorView};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use std::collections::BTreeSet;
@@ -315,34 +315,12 @@ fn read_file(path: &Path) -> Result<Vec<u8>> {
 pub fn read_tensors(path: impl AsRef<Path>) -> Result<Vec<NamedTensor>> {
     let path = path.as_ref();
     let bytes = read_file(path)?;
-    let st = SafeTensors::deserialize(&bytes).map_err(|e| {
-        Error::checkpoint(
-            path.display(),
-            format!("not a valid safetensors file (truncated or corrupt?): {e}"),
-        )
-    })?;
-    let mut out = Vec::with_capacity(st.len());
-    let mut tensors = st.tensors();
-    tensors.sort_by(|a, b| a.0.cmp(&b.0));
-    for (name, view) in tensors {
-        if view.dtype() != Dtype::F32 {
-            return Err(Error::checkpoint(
-                path.display(),
-                format!("tensor {name} is {:?}, expected F32", view.dtype()),
-            ));
-        }
-        let data = view
-            .data()
-            .chunks_exact(4)
-            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-            .collect();
-        out.push(NamedTensor {
-            name,
-            shape: view.shape().to_vec(),
-            data,
-        });
-    }
-    Ok(out)
+    Ok(
+        crate::infer::checkpoint::parse_safetensors(&path.display().to_string(), &bytes)?
+            .into_iter()
+            .map(|(name, shape, data)| NamedTensor { name, shape, data })
+            .collect(),
+    )
 }
 
 fn read_json<T: DeserializeOwned>(path: &Path) -> Result<T> {

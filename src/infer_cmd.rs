@@ -93,6 +93,10 @@ pub struct GenerateArgs {
     /// Print JSON (tokens, ids, per-token routing) instead of text.
     #[arg(long)]
     pub json: bool,
+    /// With --json: each token's logits too (the row it was chosen from), for
+    /// comparing two runtimes, e.g. the browser build against this one.
+    #[arg(long, requires = "json")]
+    pub logits: bool,
 }
 
 /// ANSI colors for 0 / some / most MoE layers using two experts.
@@ -192,6 +196,7 @@ pub fn generate(ctx: &GpuContext, args: &GenerateArgs) -> Result<()> {
         max_tokens: args.max_tokens,
         sampling,
         stop_at_eot: !args.no_stop,
+        logits: args.logits,
     };
     let painter = Painter::new();
     let stream = !args.json;

@@ -19,6 +19,8 @@ pub mod moe;
 pub mod reference;
 pub mod tol;
 pub mod train;
+#[cfg(target_arch = "wasm32")]
+pub mod web;
 
 pub use error::{Error, Result};
 pub use gpu::{AdapterFilter, GpuContext};

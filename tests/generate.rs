@@ -26,6 +26,7 @@ fn greedy(max_tokens: usize) -> GenConfig {
         max_tokens,
         sampling: Sampling::greedy(),
         stop_at_eot: false,
+        logits: false,
     }
 }
 
@@ -151,6 +152,7 @@ fn sampling_with_a_seed_repeats() {
             seed: 7,
         },
         stop_at_eot: false,
+        logits: false,
     };
     common::for_each_adapter(|ctx| {
         let gate = ck.gate(None, None).unwrap();

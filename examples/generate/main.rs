@@ -31,6 +31,7 @@ fn main() -> amoe::Result<()> {
             seed: 1,
         },
         stop_at_eot: true,
+        logits: false,
     };
     print!("{prompt}");
     let g = pollster::block_on(engine.generate(&ctx, &ck.tokenizer, &ids, &cfg, |tok| {

@@ -264,6 +264,9 @@ pub struct GpuContext {
     /// Errors wgpu reported outside an error scope, collected instead of the
     /// default handler's panic, and turned into `Error::Gpu` by `check_errors`.
     errors: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+    /// Why the device was lost, once it is (a driver reset, a browser tab
+    /// whose GPU process restarted): every later call fails with it.
+    lost: std::sync::Arc<std::sync::Mutex<Option<String>>>,
 }
 
 impl fmt::Debug for GpuContext {
@@ -303,6 +306,13 @@ impl GpuContext {
                 v.push(e.to_string());
             }
         }));
+        let lost = std::sync::Arc::new(std::sync::Mutex::new(None));
+        let lost_sink = lost.clone();
+        device.set_device_lost_callback(move |reason, msg| {
+            if let Ok(mut l) = lost_sink.lock() {
+                *l = Some(format!("{reason:?}: {msg}"));
+            }
+        });
         Ok(GpuContext {
             device,
             queue,
@@ -311,6 +321,7 @@ impl GpuContext {
             limits,
             pipelines: PipelineCache::default(),
             errors,
+            lost,
         })
     }
 
@@ -389,8 +400,20 @@ impl GpuContext {
         }
     }
 
-    /// Turn errors wgpu reported since `capture_errors` into `Error::Gpu`.
+    /// Why the device was lost, if it was.
+    pub fn lost(&self) -> Option<String> {
+        self.lost.lock().ok().and_then(|l| l.clone())
+    }
+
+    /// Turn errors wgpu reported since `capture_errors` into `Error::Gpu`
+    /// (a lost device is one too).
     pub fn check_errors(&self, op: &str) -> Result<()> {
+        if let Some(why) = self.lost() {
+            return Err(Error::Gpu {
+                op: op.into(),
+                msg: format!("the GPU device was lost ({why})"),
+            });
+        }
         let mut v = self.errors.lock().map_err(|_| Error::Gpu {
             op: op.into(),
             msg: "error sink poisoned".into(),

@@ -138,10 +138,8 @@ impl InferCheckpoint {
         let tokenizer = read(TOKENIZER_FILE)?;
         let tokenizer = String::from_utf8(tokenizer)
             .map_err(|_| Error::checkpoint(dir.join(TOKENIZER_FILE).display(), "not UTF-8"))?;
-        let tensors = crate::checkpoint::read_tensors(dir.join(MODEL_FILE))?
-            .into_iter()
-            .map(|t| (t.name, t.shape, t.data))
-            .collect();
+        let model = dir.join(MODEL_FILE);
+        let tensors = parse_safetensors(&model.display().to_string(), &read(MODEL_FILE)?)?;
         let state = dir.join(STATE_FILE);
         let state = if state.exists() {
             Some(read(STATE_FILE)?)
@@ -173,6 +171,39 @@ impl InferCheckpoint {
         g.validate(self.cfg.experts)?;
         Ok(g)
     }
+}
+
+/// The f32 tensors of a safetensors file's bytes, sorted by name: (name,
+/// shape, values). `source` names the file in errors.
+pub fn parse_safetensors(
+    source: &str,
+    bytes: &[u8],
+) -> Result<Vec<(String, Vec<usize>, Vec<f32>)>> {
+    use safetensors::tensor::{Dtype, SafeTensors};
+    let st = SafeTensors::deserialize(bytes).map_err(|e| {
+        Error::checkpoint(
+            source,
+            format!("not a valid safetensors file (truncated or corrupt?): {e}"),
+        )
+    })?;
+    let mut tensors = st.tensors();
+    tensors.sort_by(|a, b| a.0.cmp(&b.0));
+    let mut out = Vec::with_capacity(tensors.len());
+    for (name, view) in tensors {
+        if view.dtype() != Dtype::F32 {
+            return Err(Error::checkpoint(
+                source,
+                format!("tensor {name} is {:?}, expected F32", view.dtype()),
+            ));
+        }
+        let data = view
+            .data()
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect();
+        out.push((name, view.shape().to_vec(), data));
+    }
+    Ok(out)
 }
 
 /// The demo checkpoint shipped with the source tree (`<crate>/data/demo`),

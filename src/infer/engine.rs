@@ -365,6 +365,8 @@ pub struct GenConfig {
     pub sampling: Sampling,
     /// Stop when the model writes the end-of-text token.
     pub stop_at_eot: bool,
+    /// Keep each token's logits (the row it was chosen from) in `GenToken`.
+    pub logits: bool,
 }
 
 impl Default for GenConfig {
@@ -373,6 +375,7 @@ impl Default for GenConfig {
             max_tokens: 64,
             sampling: Sampling::greedy(),
             stop_at_eot: true,
+            logits: false,
         }
     }
 }
@@ -385,6 +388,9 @@ pub struct GenToken {
     pub text: String,
     /// Each MoE layer's experts and weights for this token.
     pub routes: Vec<LayerRoute>,
+    /// The logits the token was chosen from (with `GenConfig::logits`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub logits: Option<Vec<f32>>,
 }
 
 impl GenToken {
@@ -638,6 +644,7 @@ impl Engine {
                 id,
                 text: tokenizer.decode(&[id])?,
                 routes: out.routes.into_iter().next().unwrap_or_default(),
+                logits: cfg.logits.then(|| logits.clone()),
             };
             on_token(&tok);
             tokens.push(tok);

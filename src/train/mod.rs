@@ -13,6 +13,7 @@ pub mod metrics;
 pub mod plot;
 #[cfg(not(target_arch = "wasm32"))]
 pub mod reproduce;
+pub mod session;
 pub mod tokenizer;
 #[cfg(not(target_arch = "wasm32"))]
 pub mod trainer;

@@ -11,118 +11,19 @@
 use crate::checkpoint::{self, CheckpointData, NamedTensor};
 use crate::error::{Error, Result};
 use crate::gpu::GpuContext;
-use crate::kernels::{GateConfig, Gating};
-use crate::model::{EvalStep, HostParams, Model, ModelConfig, OptConfig, StepArgs, TrainStep};
+use crate::model::{HostParams, ModelConfig};
 use crate::train::curriculum::Curriculum;
-use crate::train::data::{
-    eval_batches, shipped_dir, Batcher, BatcherState, Corpus, Dataset, Domain,
-};
+use crate::train::data::{shipped_dir, Batcher, BatcherState, Corpus};
 use crate::train::metrics::JsonlWriter;
 use crate::train::plot::{plot_loss, Series};
+pub use crate::train::session::{
+    prepare_split, DataSource, Metric, Prepared, Session, TrainConfig,
+};
 use crate::train::Tokenizer;
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-
-/// Where the text comes from.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub enum DataSource {
-    /// The shipped corpus (data/corpus), one domain or both.
-    Shipped(Domain),
-    /// The user's text: a file or a directory.
-    Path(PathBuf),
-}
-
-/// Everything a run needs besides the GPU.
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct TrainConfig {
-    /// The model (its `vocab` is set from the tokenizer).
-    pub model: ModelConfig,
-    pub opt: OptConfig,
-    pub data: DataSource,
-    /// Requested BPE vocabulary (the tokenizer may end smaller on tiny data).
-    pub vocab_size: usize,
-    /// Sequences per batch B.
-    pub batch: usize,
-    /// Optimizer steps in total.
-    pub steps: u64,
-    /// Linear warm-up steps, then cosine decay to 10% of the peak rate.
-    pub warmup: u64,
-    /// Length of the cosine decay (default: `steps`); past it the rate stays
-    /// at its floor. Comparisons give every scheme the same schedule.
-    #[serde(default)]
-    pub schedule_steps: Option<u64>,
-    /// Validate every this many steps (0: only at the end).
-    pub eval_every: u64,
-    /// At most this many validation batches per validation.
-    pub eval_batches: usize,
-    /// Gating rule of the MoE layers at validation (the paper: top-1).
-    pub eval_gating: Gating,
-    /// Reorder sequences before each epoch by complexity (adaptive gating).
-    pub curriculum: bool,
-    /// Save a checkpoint every this many steps (0: only at the end).
-    pub checkpoint_every: u64,
-    /// Stop once the validation loss is at or below this.
-    pub target_loss: Option<f32>,
-    pub seed: u64,
-}
-
-impl Default for TrainConfig {
-    /// `amoe train` with no arguments: the small adaptive-gating model on the
-    /// shipped corpus (both domains).
-    fn default() -> Self {
-        TrainConfig {
-            model: ModelConfig::default(),
-            opt: OptConfig::default(),
-            data: DataSource::Shipped(Domain::Both),
-            vocab_size: 4096,
-            batch: 16,
-            steps: 400,
-            warmup: 40,
-            schedule_steps: None,
-            eval_every: 100,
-            eval_batches: 8,
-            eval_gating: Gating::Top1,
-            curriculum: true,
-            checkpoint_every: 100,
-            target_loss: None,
-            seed: 1,
-        }
-    }
-}
-
-impl TrainConfig {
-    /// Learning rate of step `s` (1-based).
-    pub fn lr(&self, s: u64) -> f32 {
-        let peak = self.opt.adamw.lr;
-        if s <= self.warmup {
-            return peak * s as f32 / self.warmup.max(1) as f32;
-        }
-        let span = self
-            .schedule_steps
-            .unwrap_or(self.steps)
-            .saturating_sub(self.warmup)
-            .max(1) as f32;
-        let p = ((s - self.warmup) as f32 / span).min(1.0);
-        peak * (0.1 + 0.9 * 0.5 * (1.0 + (std::f32::consts::PI * p).cos()))
-    }
-
-    pub fn validate(&self) -> Result<()> {
-        if self.batch == 0 || self.steps == 0 {
-            return Err(Error::invalid("train", "batch and steps must be >= 1"));
-        }
-        self.opt.adamw.validate()?;
-        self.model.validate()
-    }
-
-    fn eval_gate(&self) -> GateConfig {
-        GateConfig {
-            gating: self.eval_gating,
-            ..self.model.gate
-        }
-    }
-}
 
 /// What `state.json` keeps for an exact resume.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -134,32 +35,6 @@ pub struct RunState {
     pub wall_s: f64,
     pub train: TrainConfig,
     pub best_val: Option<f32>,
-}
-
-/// One metrics line.
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct Metric {
-    /// "train" or "val"
-    pub kind: String,
-    pub step: u64,
-    pub wall_s: f64,
-    pub loss: f32,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub ppl: Option<f32>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub lr: Option<f32>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub grad_norm: Option<f32>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub tokens_per_s: Option<f64>,
-    /// Mean over MoE layers of the two-expert token fraction.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub two_expert_fraction: Option<f32>,
-    /// max / mean of the per-expert token counts, mean over MoE layers.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub expert_imbalance: Option<f32>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub step_s: Option<f64>,
 }
 
 /// How a run ended.
@@ -198,56 +73,37 @@ impl Progress for Quiet {
     fn finish(&mut self) {}
 }
 
-/// Data ready to train on: the tokenizer and the packed sequences.
-pub struct Prepared {
-    pub tokenizer: Tokenizer,
-    pub dataset: Dataset,
-    pub split_description: String,
-}
-
 /// Load the corpus, train (or reuse) the tokenizer, pack sequences.
 pub fn prepare(cfg: &TrainConfig, tokenizer: Option<Tokenizer>) -> Result<Prepared> {
     let corpus = match &cfg.data {
         DataSource::Shipped(domain) => Corpus::shipped(shipped_dir(), *domain)?,
         DataSource::Path(p) => Corpus::load(p)?,
     };
-    let split = corpus.split()?;
-    let tokenizer = match tokenizer {
-        Some(t) => t,
-        None => Tokenizer::train(split.train.iter().map(|d| d.text.as_str()), cfg.vocab_size)?,
-    };
-    let dataset = Dataset::build(&split, &tokenizer, cfg.model.context)?;
-    if dataset.train.is_empty() {
-        return Err(Error::data(
-            split.source.clone(),
-            format!(
-                "too little training text for one sequence of {} tokens",
-                cfg.model.context + 1
-            ),
-        ));
-    }
-    Ok(Prepared {
-        tokenizer,
-        dataset,
-        split_description: split.description,
-    })
+    prepare_split(&corpus.split()?, cfg, tokenizer)
 }
 
 /// A run in progress: model, steps, data position.
+/// The session (model, optimizer, data position) is reached through `Deref`:
+/// `run.model`, `run.done`, ...
 pub struct Run {
-    pub cfg: TrainConfig,
-    pub model: Model,
-    pub step: TrainStep,
-    eval: Option<EvalStep>,
-    pub data: Prepared,
-    batcher: Batcher,
-    pub curriculum: Curriculum,
-    pub done: u64,
-    wall_s: f64,
+    pub session: Session,
     best_val: Option<f32>,
     pub out: PathBuf,
     /// Stop (save, as on Ctrl-C) once this many steps are done.
     pub pause_at: Option<u64>,
+}
+
+impl std::ops::Deref for Run {
+    type Target = Session;
+    fn deref(&self) -> &Session {
+        &self.session
+    }
+}
+
+impl std::ops::DerefMut for Run {
+    fn deref_mut(&mut self) -> &mut Session {
+        &mut self.session
+    }
 }
 
 fn checkpoint_dir(out: &Path) -> PathBuf {
@@ -354,11 +210,10 @@ impl Run {
         optimizer: Option<&[NamedTensor]>,
         out: &Path,
     ) -> Result<Run> {
-        let model = Model::new(ctx, &cfg.model, &host)?;
-        let step = TrainStep::new(ctx, &model, cfg.batch, &cfg.opt)?;
+        let session = Session::new(ctx, cfg, data, host)?;
         if let Some(opt) = optimizer {
-            for (i, p) in model.params.iter().enumerate() {
-                for (prefix, t) in [("m.", &step.m[i]), ("v.", &step.v[i])] {
+            for (i, p) in session.model.params.iter().enumerate() {
+                for (prefix, t) in [("m.", &session.step.m[i]), ("v.", &session.step.v[i])] {
                     let name = format!("{prefix}{}", p.name);
                     let nt = checkpoint::find(opt, &name).ok_or_else(|| {
                         Error::checkpoint("optimizer.safetensors", format!("missing {name}"))
@@ -373,31 +228,12 @@ impl Run {
                 }
             }
         }
-        let eval = if data.dataset.val.is_empty() {
-            None
-        } else {
-            Some(EvalStep::new(ctx, &model, cfg.batch, cfg.eval_gate())?)
-        };
-        let batcher = Batcher::new(data.dataset.train.len(), cfg.batch, cfg.seed)?;
-        // A model without MoE layers keeps a one-layer curriculum it never uses.
-        let curriculum = Curriculum::new(
-            data.dataset.train.len(),
-            cfg.model.moe_layers().len().max(1),
-        )?;
         std::fs::create_dir_all(out).map_err(|e| Error::Io {
             path: out.display().to_string(),
             source: e,
         })?;
         Ok(Run {
-            cfg,
-            model,
-            step,
-            eval,
-            data,
-            batcher,
-            curriculum,
-            done: 0,
-            wall_s: 0.0,
+            session,
             best_val: None,
             out: out.to_path_buf(),
             pause_at: None,
@@ -406,24 +242,7 @@ impl Run {
 
     /// Mean validation loss under the evaluation gating rule.
     pub async fn validate(&self, ctx: &GpuContext) -> Result<Option<f32>> {
-        let Some(eval) = &self.eval else {
-            return Ok(None);
-        };
-        let batches = eval_batches(&self.data.dataset.val, self.cfg.batch)?;
-        let mut sum = 0.0f64;
-        let mut count = 0.0f64;
-        for b in batches.iter().take(self.cfg.eval_batches.max(1)) {
-            let (s, c) = eval.loss(ctx, &self.model, &b.ids, &b.targets).await?;
-            sum += s;
-            count += c;
-        }
-        if !(sum / count.max(1.0)).is_finite() {
-            return Err(Error::NonFinite {
-                op: "validation",
-                msg: "validation loss is NaN or infinite".into(),
-            });
-        }
-        Ok(Some((sum / count.max(1.0)) as f32))
+        self.session.validate(ctx).await
     }
 
     /// Save the checkpoint atomically.
@@ -469,25 +288,6 @@ impl Run {
         Ok(dir)
     }
 
-    /// The next batch, starting a new epoch (curriculum order or shuffle)
-    /// when the current one is done.
-    fn next_batch(&mut self) -> Result<crate::train::data::Batch> {
-        if let Some(b) = self.batcher.next_batch(&self.data.dataset.train)? {
-            return Ok(b);
-        }
-        let use_curriculum = self.cfg.curriculum
-            && self.cfg.model.gate.gating == Gating::Adaptive
-            && !self.cfg.model.moe_layers().is_empty();
-        if use_curriculum {
-            self.batcher.start_epoch(self.curriculum.order())?;
-        } else {
-            self.batcher.start_epoch_shuffled()?;
-        }
-        self.batcher
-            .next_batch(&self.data.dataset.train)?
-            .ok_or_else(|| Error::invalid("train", "an epoch without batches"))
-    }
-
     /// Train until `cfg.steps` (or the target loss, or `stop`), logging to
     /// `out/metrics.jsonl` and saving checkpoints.
     pub async fn train(
@@ -502,11 +302,7 @@ impl Run {
         } else {
             JsonlWriter::create(&metrics_path)?
         };
-        let complexity = self.cfg.curriculum
-            && self.cfg.model.gate.gating == Gating::Adaptive
-            && !self.cfg.model.moe_layers().is_empty();
         progress.start(self.cfg.steps, self.done);
-        let (_, t) = self.step.batch();
         let mut last_loss = f32::NAN;
         let mut last_val = None;
         let mut target_reached = None;
@@ -518,19 +314,9 @@ impl Run {
                 interrupted = true;
                 break;
             }
-            let batch = self.next_batch()?;
             let s = self.done + 1;
-            let lr = self.cfg.lr(s);
-            let clock = web_time::Instant::now();
-            let args = StepArgs {
-                ids: &batch.ids,
-                targets: &batch.targets,
-                lr,
-                step: s,
-                complexity,
-            };
-            let stats = match self.step.step(ctx, &self.model, &args).await {
-                Ok(st) => st,
+            let m = match self.session.step(ctx).await {
+                Ok(m) => m,
                 Err(e @ Error::NonFinite { .. }) => {
                     progress.finish();
                     return Err(Error::NonFinite {
@@ -543,44 +329,9 @@ impl Run {
                 }
                 Err(e) => return Err(e),
             };
-            let dt = clock.elapsed().as_secs_f64();
-            self.wall_s += dt;
-            step_times.push(dt);
-            self.done = s;
-            if complexity {
-                for (i, &seq) in batch.seq_index.iter().enumerate() {
-                    if let Some(c) = stats.complexity.get(i) {
-                        self.curriculum.record(seq, c)?;
-                    }
-                }
-            }
-            let two = mean(&stats.two_expert_fraction);
-            two_sum += two as f64;
-            let imbalance = mean(
-                &stats
-                    .expert_counts
-                    .iter()
-                    .map(|c| {
-                        let total: u32 = c.iter().sum();
-                        let m = total as f32 / c.len().max(1) as f32;
-                        c.iter().copied().max().unwrap_or(0) as f32 / m.max(1e-9)
-                    })
-                    .collect::<Vec<_>>(),
-            );
-            last_loss = stats.loss;
-            let m = Metric {
-                kind: "train".into(),
-                step: s,
-                wall_s: self.wall_s,
-                loss: stats.loss,
-                ppl: None,
-                lr: Some(lr),
-                grad_norm: Some(stats.grad_norm),
-                tokens_per_s: Some(t as f64 / dt.max(1e-9)),
-                two_expert_fraction: (!stats.two_expert_fraction.is_empty()).then_some(two),
-                expert_imbalance: (!stats.expert_counts.is_empty()).then_some(imbalance),
-                step_s: Some(dt),
-            };
+            step_times.push(m.step_s.unwrap_or(0.0));
+            two_sum += m.two_expert_fraction.unwrap_or(0.0) as f64;
+            last_loss = m.loss;
             metrics.write(&m)?;
             progress.step(&m);
             let eval_now = (self.cfg.eval_every > 0 && s.is_multiple_of(self.cfg.eval_every))
@@ -657,14 +408,6 @@ impl Run {
                 Series::new("validation", series("val")),
             ],
         )
-    }
-}
-
-fn mean(v: &[f32]) -> f32 {
-    if v.is_empty() {
-        0.0
-    } else {
-        v.iter().sum::<f32>() / v.len() as f32
     }
 }
 

@@ -1,0 +1,473 @@
+//! A training session without files: the configuration, the data ready to
+//! train on, the model and its optimizer on the GPU, and the step (batch
+//! order, learning-rate schedule, curriculum). `amoe train` (`trainer::Run`)
+//! adds metrics files, checkpoints and the plot around it; the browser
+//! (`web::Trainer`) runs it on a text from the page. Both take the same step,
+//! so a browser step and a native step on the same batch give the same loss.
+
+use crate::error::{Error, Result};
+use crate::gpu::GpuContext;
+use crate::infer::InferCheckpoint;
+use crate::kernels::{GateConfig, Gating};
+use crate::model::{EvalStep, HostParams, Model, ModelConfig, OptConfig, StepArgs, TrainStep};
+use crate::train::curriculum::Curriculum;
+use crate::train::data::{eval_batches, Batch, Batcher, Corpus, Dataset, Document, Domain, Split};
+use crate::train::Tokenizer;
+use serde::{Deserialize, Serialize};
+use std::path::PathBuf;
+
+/// Where the text comes from.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum DataSource {
+    /// The shipped corpus (data/corpus), one domain or both.
+    Shipped(Domain),
+    /// The user's text: a file or a directory.
+    Path(PathBuf),
+}
+
+/// Everything a run needs besides the GPU.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct TrainConfig {
+    /// The model (its `vocab` is set from the tokenizer).
+    pub model: ModelConfig,
+    pub opt: OptConfig,
+    pub data: DataSource,
+    /// Requested BPE vocabulary (the tokenizer may end smaller on tiny data).
+    pub vocab_size: usize,
+    /// Sequences per batch B.
+    pub batch: usize,
+    /// Optimizer steps in total.
+    pub steps: u64,
+    /// Linear warm-up steps, then cosine decay to 10% of the peak rate.
+    pub warmup: u64,
+    /// Length of the cosine decay (default: `steps`); past it the rate stays
+    /// at its floor. Comparisons give every scheme the same schedule.
+    #[serde(default)]
+    pub schedule_steps: Option<u64>,
+    /// Validate every this many steps (0: only at the end).
+    pub eval_every: u64,
+    /// At most this many validation batches per validation.
+    pub eval_batches: usize,
+    /// Gating rule of the MoE layers at validation (the paper: top-1).
+    pub eval_gating: Gating,
+    /// Reorder sequences before each epoch by complexity (adaptive gating).
+    pub curriculum: bool,
+    /// Save a checkpoint every this many steps (0: only at the end).
+    pub checkpoint_every: u64,
+    /// Stop once the validation loss is at or below this.
+    pub target_loss: Option<f32>,
+    pub seed: u64,
+}
+
+impl Default for TrainConfig {
+    /// `amoe train` with no arguments: the small adaptive-gating model on the
+    /// shipped corpus (both domains).
+    fn default() -> Self {
+        TrainConfig {
+            model: ModelConfig::default(),
+            opt: OptConfig::default(),
+            data: DataSource::Shipped(Domain::Both),
+            vocab_size: 4096,
+            batch: 16,
+            steps: 400,
+            warmup: 40,
+            schedule_steps: None,
+            eval_every: 100,
+            eval_batches: 8,
+            eval_gating: Gating::Top1,
+            curriculum: true,
+            checkpoint_every: 100,
+            target_loss: None,
+            seed: 1,
+        }
+    }
+}
+
+impl TrainConfig {
+    /// Learning rate of step `s` (1-based).
+    pub fn lr(&self, s: u64) -> f32 {
+        let peak = self.opt.adamw.lr;
+        if s <= self.warmup {
+            return peak * s as f32 / self.warmup.max(1) as f32;
+        }
+        let span = self
+            .schedule_steps
+            .unwrap_or(self.steps)
+            .saturating_sub(self.warmup)
+            .max(1) as f32;
+        let p = ((s - self.warmup) as f32 / span).min(1.0);
+        peak * (0.1 + 0.9 * 0.5 * (1.0 + (std::f32::consts::PI * p).cos()))
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        if self.batch == 0 || self.steps == 0 {
+            return Err(Error::invalid("train", "batch and steps must be >= 1"));
+        }
+        self.opt.adamw.validate()?;
+        self.model.validate()
+    }
+
+    fn eval_gate(&self) -> GateConfig {
+        GateConfig {
+            gating: self.eval_gating,
+            ..self.model.gate
+        }
+    }
+}
+
+/// One metrics line.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Metric {
+    /// "train" or "val"
+    pub kind: String,
+    pub step: u64,
+    pub wall_s: f64,
+    pub loss: f32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ppl: Option<f32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lr: Option<f32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub grad_norm: Option<f32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tokens_per_s: Option<f64>,
+    /// Mean over MoE layers of the two-expert token fraction.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub two_expert_fraction: Option<f32>,
+    /// max / mean of the per-expert token counts, mean over MoE layers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expert_imbalance: Option<f32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub step_s: Option<f64>,
+}
+
+/// Data ready to train on: the tokenizer and the packed sequences.
+pub struct Prepared {
+    pub tokenizer: Tokenizer,
+    pub dataset: Dataset,
+    pub split_description: String,
+}
+
+/// Train (or reuse) the tokenizer on the training documents and pack both
+/// splits into sequences of the model's context.
+pub fn prepare_split(
+    split: &Split,
+    cfg: &TrainConfig,
+    tokenizer: Option<Tokenizer>,
+) -> Result<Prepared> {
+    let tokenizer = match tokenizer {
+        Some(t) => t,
+        None => Tokenizer::train(split.train.iter().map(|d| d.text.as_str()), cfg.vocab_size)?,
+    };
+    let dataset = Dataset::build(split, &tokenizer, cfg.model.context)?;
+    if dataset.train.is_empty() {
+        return Err(Error::data(
+            split.source.clone(),
+            format!(
+                "too little training text for one sequence of {} tokens",
+                cfg.model.context + 1
+            ),
+        ));
+    }
+    Ok(Prepared {
+        tokenizer,
+        dataset,
+        split_description: split.description.clone(),
+    })
+}
+
+/// The model, its optimizer state and the data position of a run.
+pub struct Session {
+    pub cfg: TrainConfig,
+    pub model: Model,
+    pub step: TrainStep,
+    pub eval: Option<EvalStep>,
+    pub data: Prepared,
+    pub batcher: Batcher,
+    pub curriculum: Curriculum,
+    /// Optimizer steps taken.
+    pub done: u64,
+    /// Seconds spent in steps so far.
+    pub wall_s: f64,
+}
+
+impl Session {
+    /// Upload `host` and build the training (and validation) step for `cfg`.
+    pub fn new(
+        ctx: &GpuContext,
+        cfg: TrainConfig,
+        data: Prepared,
+        host: HostParams,
+    ) -> Result<Session> {
+        let model = Model::new(ctx, &cfg.model, &host)?;
+        let step = TrainStep::new(ctx, &model, cfg.batch, &cfg.opt)?;
+        let eval = if data.dataset.val.is_empty() {
+            None
+        } else {
+            Some(EvalStep::new(ctx, &model, cfg.batch, cfg.eval_gate())?)
+        };
+        let batcher = Batcher::new(data.dataset.train.len(), cfg.batch, cfg.seed)?;
+        // A model without MoE layers keeps a one-layer curriculum it never uses.
+        let curriculum = Curriculum::new(
+            data.dataset.train.len(),
+            cfg.model.moe_layers().len().max(1),
+        )?;
+        Ok(Session {
+            cfg,
+            model,
+            step,
+            eval,
+            data,
+            batcher,
+            curriculum,
+            done: 0,
+            wall_s: 0.0,
+        })
+    }
+
+    /// A fresh session on one text, as `amoe train --data FILE` reads a
+    /// `.txt` file named `name`: the same split, tokenizer and packing, the
+    /// parameters initialized from the seed.
+    pub fn from_text(
+        ctx: &GpuContext,
+        cfg: SessionConfig,
+        name: &str,
+        text: &str,
+    ) -> Result<Session> {
+        let mut cfg = cfg.train_config()?;
+        let corpus = Corpus::from_documents(
+            name,
+            vec![Document {
+                name: name.to_string(),
+                text: text.to_string(),
+            }],
+        )?;
+        let data = prepare_split(&corpus.split()?, &cfg, None)?;
+        cfg.model.vocab = data.tokenizer.vocab_size();
+        cfg.validate()?;
+        let host = HostParams::init(&cfg.model, cfg.seed);
+        Session::new(ctx, cfg, data, host)
+    }
+
+    /// Whether sequences are reordered by complexity before each epoch.
+    pub fn uses_curriculum(&self) -> bool {
+        self.cfg.curriculum
+            && self.cfg.model.gate.gating == Gating::Adaptive
+            && !self.cfg.model.moe_layers().is_empty()
+    }
+
+    /// The next batch, starting a new epoch (curriculum order or shuffle)
+    /// when the current one is done.
+    fn next_batch(&mut self) -> Result<Batch> {
+        if let Some(b) = self.batcher.next_batch(&self.data.dataset.train)? {
+            return Ok(b);
+        }
+        if self.uses_curriculum() {
+            self.batcher.start_epoch(self.curriculum.order())?;
+        } else {
+            self.batcher.start_epoch_shuffled()?;
+        }
+        self.batcher
+            .next_batch(&self.data.dataset.train)?
+            .ok_or_else(|| Error::invalid("train", "an epoch without batches"))
+    }
+
+    /// One optimizer step on the next batch; its metric line.
+    pub async fn step(&mut self, ctx: &GpuContext) -> Result<Metric> {
+        let batch = self.next_batch()?;
+        let s = self.done + 1;
+        let lr = self.cfg.lr(s);
+        let complexity = self.uses_curriculum();
+        let clock = web_time::Instant::now();
+        let args = StepArgs {
+            ids: &batch.ids,
+            targets: &batch.targets,
+            lr,
+            step: s,
+            complexity,
+        };
+        let stats = self.step.step(ctx, &self.model, &args).await?;
+        let dt = clock.elapsed().as_secs_f64();
+        self.wall_s += dt;
+        self.done = s;
+        if complexity {
+            for (i, &seq) in batch.seq_index.iter().enumerate() {
+                if let Some(c) = stats.complexity.get(i) {
+                    self.curriculum.record(seq, c)?;
+                }
+            }
+        }
+        let two = mean(&stats.two_expert_fraction);
+        let imbalance = mean(
+            &stats
+                .expert_counts
+                .iter()
+                .map(|c| {
+                    let total: u32 = c.iter().sum();
+                    let m = total as f32 / c.len().max(1) as f32;
+                    c.iter().copied().max().unwrap_or(0) as f32 / m.max(1e-9)
+                })
+                .collect::<Vec<_>>(),
+        );
+        Ok(Metric {
+            kind: "train".into(),
+            step: s,
+            wall_s: self.wall_s,
+            loss: stats.loss,
+            ppl: None,
+            lr: Some(lr),
+            grad_norm: Some(stats.grad_norm),
+            tokens_per_s: Some(batch.ids.len() as f64 / dt.max(1e-9)),
+            two_expert_fraction: (!stats.two_expert_fraction.is_empty()).then_some(two),
+            expert_imbalance: (!stats.expert_counts.is_empty()).then_some(imbalance),
+            step_s: Some(dt),
+        })
+    }
+
+    /// Mean validation loss under the evaluation gating rule (`None` without
+    /// validation data).
+    pub async fn validate(&self, ctx: &GpuContext) -> Result<Option<f32>> {
+        let Some(eval) = &self.eval else {
+            return Ok(None);
+        };
+        let batches = eval_batches(&self.data.dataset.val, self.cfg.batch)?;
+        let mut sum = 0.0f64;
+        let mut count = 0.0f64;
+        for b in batches.iter().take(self.cfg.eval_batches.max(1)) {
+            let (s, c) = eval.loss(ctx, &self.model, &b.ids, &b.targets).await?;
+            sum += s;
+            count += c;
+        }
+        if !(sum / count.max(1.0)).is_finite() {
+            return Err(Error::NonFinite {
+                op: "validation",
+                msg: "validation loss is NaN or infinite".into(),
+            });
+        }
+        Ok(Some((sum / count.max(1.0)) as f32))
+    }
+
+    /// The current parameters with the tokenizer, ready for inference.
+    pub async fn to_checkpoint(&self, ctx: &GpuContext, source: &str) -> Result<InferCheckpoint> {
+        let host = self.model.download(ctx).await?;
+        Ok(InferCheckpoint {
+            cfg: self.cfg.model.clone(),
+            host,
+            tokenizer: self.data.tokenizer.clone(),
+            eval_gating: self.cfg.eval_gating,
+            source: source.to_string(),
+        })
+    }
+
+    /// What the session trains: for the browser page's header.
+    pub fn describe(&self) -> serde_json::Value {
+        let params: usize = self.model.params.iter().map(|p| p.value.numel()).sum();
+        serde_json::json!({
+            "model": self.cfg.model,
+            "params": params,
+            "batch": self.cfg.batch,
+            "steps": self.cfg.steps,
+            "done": self.done,
+            "vocab": self.data.tokenizer.vocab_size(),
+            "train_sequences": self.data.dataset.train.len(),
+            "val_sequences": self.data.dataset.val.len(),
+            "train_tokens": self.data.dataset.train_tokens,
+            "val_tokens": self.data.dataset.val_tokens,
+            "split": self.data.split_description,
+        })
+    }
+}
+
+/// What the browser page may set for a session on its text; the rest is
+/// `amoe train`'s default. Field names follow the CLI flags.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SessionConfig {
+    pub d: usize,
+    pub layers: usize,
+    pub heads: usize,
+    pub context: usize,
+    pub ffn: usize,
+    pub experts: usize,
+    pub vocab: usize,
+    pub batch: usize,
+    pub steps: u64,
+    pub warmup: u64,
+    pub lr: f32,
+    pub seed: u64,
+    /// "dense" | "top1" | "top2" | "adaptive", as `--gating`.
+    pub gating: String,
+    pub threshold: f32,
+    pub curriculum: bool,
+}
+
+impl Default for SessionConfig {
+    /// A model small enough to train in a tab on a software adapter.
+    fn default() -> Self {
+        let t = TrainConfig::default();
+        SessionConfig {
+            d: 32,
+            layers: 2,
+            heads: 2,
+            context: 32,
+            ffn: 64,
+            experts: 4,
+            vocab: 512,
+            batch: 8,
+            steps: 200,
+            warmup: 20,
+            lr: t.opt.adamw.lr,
+            seed: t.seed,
+            gating: "adaptive".into(),
+            threshold: t.model.gate.threshold,
+            curriculum: t.curriculum,
+        }
+    }
+}
+
+impl SessionConfig {
+    /// `amoe train`'s defaults with these settings.
+    pub fn train_config(&self) -> Result<TrainConfig> {
+        let mut t = TrainConfig::default();
+        t.model.d = self.d;
+        t.model.layers = self.layers;
+        t.model.heads = self.heads;
+        t.model.context = self.context;
+        t.model.ffn = self.ffn;
+        t.model.experts = self.experts;
+        t.model.dense = self.gating == "dense";
+        t.model.gate.gating = match self.gating.as_str() {
+            "dense" | "top1" => Gating::Top1,
+            "top2" => Gating::Top2,
+            "adaptive" => Gating::Adaptive,
+            other => {
+                return Err(Error::invalid(
+                    "train",
+                    format!("gating {other:?}: expected dense, top1, top2 or adaptive"),
+                ))
+            }
+        };
+        // As `amoe train`: a top-2 model weighs a lone expert 1.
+        if t.model.gate.gating == Gating::Top2 {
+            t.model.gate.single_weight = crate::kernels::SingleWeight::One;
+        }
+        t.model.gate.threshold = self.threshold;
+        t.vocab_size = self.vocab;
+        t.batch = self.batch;
+        t.steps = self.steps;
+        t.warmup = self.warmup;
+        t.opt.adamw.lr = self.lr;
+        t.seed = self.seed;
+        t.curriculum = self.curriculum;
+        t.model.validate()?;
+        Ok(t)
+    }
+}
+
+fn mean(v: &[f32]) -> f32 {
+    if v.is_empty() {
+        0.0
+    } else {
+        v.iter().sum::<f32>() / v.len() as f32
+    }
+}

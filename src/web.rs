@@ -1,0 +1,482 @@
+//! The browser API (wasm-bindgen), compiled for wasm32 only: the same crate,
+//! kernels and pipeline as the native CLI, on the browser's WebGPU adapter.
+//!
+//! JavaScript sees three classes (see web/app.js for a user):
+//! - `Gpu`: `await Gpu.request()` asks for an adapter and a device with the
+//!   adapter's limits; `conformance()` runs the kernel checks.
+//! - `Generator`: a checkpoint from its files' bytes; `generate()` streams
+//!   tokens with their routing, `score()` gives teacher-forced logits.
+//! - `Trainer`: a model trained in the tab on a text, step by step.
+//!
+//! Results cross the boundary as JSON strings (the page parses them) or typed
+//! arrays. Every error is a JavaScript exception with the message of the
+//! crate's typed `Error`; a method called while the same object is busy with
+//! an earlier call rejects with a message instead of aliasing its state.
+
+use crate::error::Error;
+use crate::gpu::{AdapterFilter, GpuContext};
+use crate::infer::{Engine, GenConfig, InferCheckpoint, Sampling};
+use crate::kernels::Gating;
+use crate::train::session::{Session, SessionConfig};
+use serde::Deserialize;
+use std::cell::RefCell;
+use std::rc::Rc;
+use wasm_bindgen::prelude::*;
+
+#[wasm_bindgen]
+extern "C" {
+    #[wasm_bindgen(js_namespace = console, js_name = error)]
+    fn console_error(s: &str);
+}
+
+/// Runs when the module is instantiated: a panic (a bug) is written to the
+/// console with its message before the trap, so that it can be reported.
+#[wasm_bindgen(start)]
+pub fn start() {
+    std::panic::set_hook(Box::new(|info| {
+        console_error(&format!("amoe panicked (a bug, please report): {info}"));
+    }));
+}
+
+fn js(e: Error) -> JsValue {
+    JsError::new(&e.to_string()).into()
+}
+
+fn js_msg(msg: impl AsRef<str>) -> JsValue {
+    JsError::new(msg.as_ref()).into()
+}
+
+fn json<T: serde::Serialize>(v: &T) -> Result<String, JsValue> {
+    serde_json::to_string(v).map_err(|e| js(e.into()))
+}
+
+fn busy(what: &str) -> JsValue {
+    js_msg(format!(
+        "{what} is busy with an earlier call: wait for it to finish"
+    ))
+}
+
+/// The browser's WebGPU adapter and a device on it.
+#[wasm_bindgen]
+pub struct Gpu {
+    ctx: Rc<GpuContext>,
+}
+
+#[wasm_bindgen]
+impl Gpu {
+    /// Request an adapter and a device with the adapter's limits and the
+    /// optional features it has (shader-f16, subgroups, timestamps).
+    /// Rejects with a message when the browser has no WebGPU adapter.
+    pub async fn request() -> Result<Gpu, JsValue> {
+        let ctx = GpuContext::new(&AdapterFilter::default())
+            .await
+            .map_err(js)?;
+        Ok(Gpu { ctx: Rc::new(ctx) })
+    }
+
+    /// "webgpu/<adapter name>", as results name the adapter.
+    #[wasm_bindgen(getter)]
+    pub fn adapter(&self) -> String {
+        let name = if self.ctx.info.name.is_empty() {
+            "(the browser does not tell the adapter's name)".to_string()
+        } else {
+            self.ctx.info.name.clone()
+        };
+        format!("{}/{}", self.ctx.backend(), name)
+    }
+
+    /// Why the device was lost (`undefined` while it works). After a loss,
+    /// request a new `Gpu` and load the model again.
+    #[wasm_bindgen(getter)]
+    pub fn lost(&self) -> Option<String> {
+        self.ctx.lost()
+    }
+
+    /// Destroy the device, as a driver reset would: for testing how a page
+    /// recovers from a lost device.
+    #[wasm_bindgen(js_name = destroyDevice)]
+    pub fn destroy_device(&self) {
+        self.ctx.device.destroy();
+    }
+
+    /// JSON: the adapter's description, features and the limits that matter.
+    pub fn info(&self) -> Result<String, JsValue> {
+        let c = &self.ctx;
+        json(&serde_json::json!({
+            "adapter": self.adapter(),
+            "vendor": c.info.vendor,
+            "driver": c.info.driver,
+            "driver_info": c.info.driver_info,
+            "shader_f16": c.has_f16(),
+            "subgroups": c.has_subgroups(),
+            "max_storage_buffer_binding_size": c.limits.max_storage_buffer_binding_size,
+            "max_buffer_size": c.limits.max_buffer_size,
+            "max_compute_invocations_per_workgroup": c.limits.max_compute_invocations_per_workgroup,
+            "max_compute_workgroup_storage_size": c.limits.max_compute_workgroup_storage_size,
+        }))
+    }
+
+    /// The kernel families, in the order `conformance` runs them.
+    pub fn families() -> Vec<String> {
+        crate::conformance::FAMILIES
+            .iter()
+            .map(|s| s.to_string())
+            .collect()
+    }
+
+    /// Run the kernel conformance checks (every family, or one), calling
+    /// `on_row(json)` after each case; resolves to the report's JSON (the
+    /// same fields as `amoe conformance --json`).
+    pub fn conformance(
+        &self,
+        family: Option<String>,
+        on_row: Option<js_sys::Function>,
+    ) -> js_sys::Promise {
+        let ctx = self.ctx.clone();
+        wasm_bindgen_futures::future_to_promise(async move {
+            if let Some(f) = &family {
+                if !crate::conformance::FAMILIES.contains(&f.as_str()) {
+                    return Err(js_msg(format!(
+                        "no kernel family {f:?} (families: {})",
+                        crate::conformance::FAMILIES.join(", ")
+                    )));
+                }
+            }
+            let cases = crate::conformance::cases(family.as_deref());
+            let report = crate::conformance::run_cases(&ctx, &cases, |r| {
+                if let (Some(f), Ok(s)) = (&on_row, serde_json::to_string(r)) {
+                    let _ = f.call1(&JsValue::NULL, &JsValue::from_str(&s));
+                }
+            })
+            .await;
+            Ok(JsValue::from_str(&json(&serde_json::json!({
+                "adapter": format!("{}/{}", report.backend, report.name),
+                "pass": report.pass(),
+                "report": report,
+            }))?))
+        })
+    }
+}
+
+/// Generation options from the page (JSON); missing fields take defaults.
+#[derive(Deserialize)]
+#[serde(default, deny_unknown_fields)]
+struct GenOptions {
+    max_tokens: usize,
+    temperature: f32,
+    top_k: usize,
+    top_p: f32,
+    seed: u64,
+    /// "top1" | "top2" | "adaptive" (default: the run's evaluation gating).
+    gating: Option<String>,
+    threshold: Option<f32>,
+    stop_at_eot: bool,
+}
+
+impl Default for GenOptions {
+    fn default() -> Self {
+        GenOptions {
+            max_tokens: 64,
+            temperature: 0.0,
+            top_k: 0,
+            top_p: 1.0,
+            seed: 0,
+            gating: None,
+            threshold: None,
+            stop_at_eot: true,
+        }
+    }
+}
+
+fn parse_gating(s: &str) -> Result<Gating, JsValue> {
+    match s {
+        "top1" => Ok(Gating::Top1),
+        "top2" => Ok(Gating::Top2),
+        "adaptive" => Ok(Gating::Adaptive),
+        other => Err(js_msg(format!(
+            "gating {other:?}: expected top1, top2 or adaptive"
+        ))),
+    }
+}
+
+struct GenState {
+    ck: InferCheckpoint,
+    engine: Engine,
+}
+
+/// A checkpoint on the GPU, ready to generate.
+#[wasm_bindgen]
+pub struct Generator {
+    ctx: Rc<GpuContext>,
+    state: Rc<RefCell<GenState>>,
+}
+
+impl Generator {
+    fn from_checkpoint(ctx: Rc<GpuContext>, ck: InferCheckpoint) -> Result<Generator, JsValue> {
+        let gate = ck.gate(None, None).map_err(js)?;
+        let engine = Engine::new(&ctx, &ck, gate).map_err(js)?;
+        ctx.check_errors("loading the checkpoint").map_err(js)?;
+        Ok(Generator {
+            ctx,
+            state: Rc::new(RefCell::new(GenState { ck, engine })),
+        })
+    }
+}
+
+#[wasm_bindgen]
+impl Generator {
+    /// Upload a checkpoint from its files: config.json, model.safetensors,
+    /// tokenizer.json and, optionally, state.json. `source` names it in
+    /// messages. Every mismatch or corruption is an exception.
+    pub fn load(
+        gpu: &Gpu,
+        source: &str,
+        config: &[u8],
+        model: &[u8],
+        tokenizer: &[u8],
+        state: Option<Vec<u8>>,
+    ) -> Result<Generator, JsValue> {
+        let tokenizer = std::str::from_utf8(tokenizer).map_err(|_| {
+            js(Error::checkpoint(
+                format!("{source}/tokenizer.json"),
+                "not UTF-8 text",
+            ))
+        })?;
+        let tensors = crate::infer::checkpoint::parse_safetensors(
+            &format!("{source}/model.safetensors"),
+            model,
+        )
+        .map_err(js)?;
+        let ck = InferCheckpoint::from_parts(source, config, tensors, tokenizer, state.as_deref())
+            .map_err(js)?;
+        Self::from_checkpoint(gpu.ctx.clone(), ck)
+    }
+
+    /// JSON: the model's config, parameter count, GPU bytes and default gating.
+    pub fn info(&self) -> Result<String, JsValue> {
+        let st = self.state.try_borrow().map_err(|_| busy("the model"))?;
+        let params: usize = st.ck.host.tensors.iter().map(|(_, _, v)| v.len()).sum();
+        json(&serde_json::json!({
+            "source": st.ck.source,
+            "config": st.ck.cfg,
+            "params": params,
+            "gpu_bytes": st.engine.gpu_bytes(),
+            "eval_gating": st.ck.eval_gating,
+            "threshold": st.ck.cfg.gate.threshold,
+        }))
+    }
+
+    /// Token ids of `text`.
+    pub fn encode(&self, text: &str) -> Result<Vec<u32>, JsValue> {
+        let st = self.state.try_borrow().map_err(|_| busy("the model"))?;
+        st.ck.tokenizer.encode(text).map_err(js)
+    }
+
+    /// Text of `ids`.
+    pub fn decode(&self, ids: Vec<u32>) -> Result<String, JsValue> {
+        let st = self.state.try_borrow().map_err(|_| busy("the model"))?;
+        st.ck.tokenizer.decode(&ids).map_err(js)
+    }
+
+    /// Generate from `prompt` with `options` (JSON: max_tokens, temperature,
+    /// top_k, top_p, seed, gating, threshold, stop_at_eot), calling
+    /// `on_token(json)` with each token (id, text, routes) as it is ready.
+    /// Resolves to the generation's JSON with prefill and decode tokens/s.
+    pub fn generate(
+        &self,
+        prompt: String,
+        options: &str,
+        on_token: Option<js_sys::Function>,
+    ) -> js_sys::Promise {
+        let ctx = self.ctx.clone();
+        let state = self.state.clone();
+        let options = options.to_string();
+        wasm_bindgen_futures::future_to_promise(async move {
+            let o: GenOptions = if options.trim().is_empty() {
+                GenOptions::default()
+            } else {
+                serde_json::from_str(&options)
+                    .map_err(|e| js_msg(format!("generation options: {e}")))?
+            };
+            let mut st = state.try_borrow_mut().map_err(|_| busy("the model"))?;
+            let st = &mut *st;
+            let sampling = Sampling {
+                temperature: o.temperature,
+                top_k: o.top_k,
+                top_p: o.top_p,
+                seed: o.seed,
+            };
+            sampling.validate().map_err(js)?;
+            let gating = o.gating.as_deref().map(parse_gating).transpose()?;
+            let gate = st.ck.gate(gating, o.threshold).map_err(js)?;
+            if gate != st.engine.gate {
+                st.engine.set_gate(&ctx, gate).map_err(js)?;
+            }
+            if prompt.trim().is_empty() {
+                return Err(js_msg("empty prompt: type some text to start from"));
+            }
+            let ids = st.ck.tokenizer.encode(&prompt).map_err(js)?;
+            let cfg = GenConfig {
+                max_tokens: o.max_tokens,
+                sampling,
+                stop_at_eot: o.stop_at_eot,
+                logits: false,
+            };
+            let g = st
+                .engine
+                .generate(&ctx, &st.ck.tokenizer, &ids, &cfg, |t| {
+                    if let (Some(f), Ok(s)) = (&on_token, serde_json::to_string(t)) {
+                        let _ = f.call1(&JsValue::NULL, &JsValue::from_str(&s));
+                    }
+                })
+                .await
+                .map_err(js)?;
+            ctx.check_errors("generate").map_err(js)?;
+            let prompt_text: Vec<String> = ids
+                .iter()
+                .map(|&i| st.ck.tokenizer.decode(&[i]).unwrap_or_default())
+                .collect();
+            Ok(JsValue::from_str(&json(&serde_json::json!({
+                "gating": gate.gating,
+                "threshold": gate.threshold,
+                "prompt_ids": g.prompt_ids,
+                "prompt_text": prompt_text,
+                "prompt_routes": g.prompt_routes,
+                "tokens": g.tokens,
+                "ids": g.ids(),
+                "text": g.text,
+                "stop": g.stop,
+                "slides": g.slides,
+                "prefill_tps": g.prompt_ids.len() as f64 / g.prefill_s.max(1e-9),
+                "decode_tps": g.tokens.len() as f64 / g.decode_s.max(1e-9),
+            }))?))
+        })
+    }
+
+    /// Teacher-forced logits: prefill `prompt`, then decode `ids` one by one;
+    /// resolves to a Float32Array of `ids.length` rows of V logits, row i
+    /// being the logits the model gives before `ids[i]` (what greedy
+    /// generation would pick from). Gating as in `options` (JSON or "").
+    pub fn score(&self, prompt: String, ids: Vec<u32>, options: &str) -> js_sys::Promise {
+        let ctx = self.ctx.clone();
+        let state = self.state.clone();
+        let options = options.to_string();
+        wasm_bindgen_futures::future_to_promise(async move {
+            let o: GenOptions = if options.trim().is_empty() {
+                GenOptions::default()
+            } else {
+                serde_json::from_str(&options)
+                    .map_err(|e| js_msg(format!("scoring options: {e}")))?
+            };
+            let mut st = state.try_borrow_mut().map_err(|_| busy("the model"))?;
+            let st = &mut *st;
+            let gating = o.gating.as_deref().map(parse_gating).transpose()?;
+            let gate = st.ck.gate(gating, o.threshold).map_err(js)?;
+            if gate != st.engine.gate {
+                st.engine.set_gate(&ctx, gate).map_err(js)?;
+            }
+            let prompt_ids = st.ck.tokenizer.encode(&prompt).map_err(js)?;
+            let n = st.engine.cfg.context;
+            if prompt_ids.len() + ids.len() > n {
+                return Err(js(Error::Limit {
+                    what: "prompt plus scored tokens (the model's context window)".into(),
+                    needed: (prompt_ids.len() + ids.len()) as u64,
+                    max: n as u64,
+                }));
+            }
+            let mut out = Vec::with_capacity(ids.len() * st.engine.cfg.vocab);
+            let mut logits = st
+                .engine
+                .prefill(&ctx, &prompt_ids, false)
+                .await
+                .map_err(js)?
+                .logits;
+            for (i, &id) in ids.iter().enumerate() {
+                out.extend_from_slice(&logits);
+                if i + 1 < ids.len() {
+                    logits = st.engine.decode(&ctx, id).await.map_err(js)?.logits;
+                }
+            }
+            ctx.check_errors("score").map_err(js)?;
+            Ok(js_sys::Float32Array::from(&out[..]).into())
+        })
+    }
+}
+
+/// A model trained in the tab: the same training step as `amoe train`.
+#[wasm_bindgen]
+pub struct Trainer {
+    ctx: Rc<GpuContext>,
+    session: Rc<RefCell<Session>>,
+}
+
+#[wasm_bindgen]
+impl Trainer {
+    /// Tokenize `text` (a BPE trained on it), pack sequences, initialize a
+    /// model and its optimizer from `config` (JSON; see `SessionConfig`:
+    /// model, batch, steps, warmup, lr, seed, vocab_size, gating,
+    /// threshold, curriculum). `name` is the document's name (the split
+    /// and messages use it), as a file name is natively.
+    pub fn create(gpu: &Gpu, name: &str, text: &str, config: &str) -> Result<Trainer, JsValue> {
+        let cfg: SessionConfig = if config.trim().is_empty() {
+            SessionConfig::default()
+        } else {
+            serde_json::from_str(config).map_err(|e| js_msg(format!("training options: {e}")))?
+        };
+        let session = Session::from_text(&gpu.ctx, cfg, name, text).map_err(js)?;
+        gpu.ctx
+            .check_errors("building the training step")
+            .map_err(js)?;
+        Ok(Trainer {
+            ctx: gpu.ctx.clone(),
+            session: Rc::new(RefCell::new(session)),
+        })
+    }
+
+    /// JSON: the training setup (model config, parameter count, tokens,
+    /// sequences, vocabulary).
+    pub fn info(&self) -> Result<String, JsValue> {
+        let s = self.session.try_borrow().map_err(|_| busy("the trainer"))?;
+        json(&s.describe())
+    }
+
+    /// One optimizer step; resolves to its metric's JSON (step, loss, lr,
+    /// grad_norm, tokens_per_s, two_expert_fraction, expert_imbalance, step_s).
+    pub fn step(&self) -> js_sys::Promise {
+        let ctx = self.ctx.clone();
+        let session = self.session.clone();
+        wasm_bindgen_futures::future_to_promise(async move {
+            let mut s = session.try_borrow_mut().map_err(|_| busy("the trainer"))?;
+            let m = s.step(&ctx).await.map_err(js)?;
+            ctx.check_errors("training step").map_err(js)?;
+            Ok(JsValue::from_str(&json(&m)?))
+        })
+    }
+
+    /// Mean validation loss on the held-out tail of the text.
+    pub fn validate(&self) -> js_sys::Promise {
+        let ctx = self.ctx.clone();
+        let session = self.session.clone();
+        wasm_bindgen_futures::future_to_promise(async move {
+            let s = session.try_borrow().map_err(|_| busy("the trainer"))?;
+            let v = s.validate(&ctx).await.map_err(js)?;
+            Ok(v.map(|x| JsValue::from_f64(x as f64))
+                .unwrap_or(JsValue::NULL))
+        })
+    }
+
+    /// The trained model as a `Generator` (weights copied from the GPU).
+    pub fn generator(&self) -> js_sys::Promise {
+        let ctx = self.ctx.clone();
+        let session = self.session.clone();
+        wasm_bindgen_futures::future_to_promise(async move {
+            let ck = {
+                let s = session.try_borrow().map_err(|_| busy("the trainer"))?;
+                s.to_checkpoint(&ctx, "trained in this tab")
+                    .await
+                    .map_err(js)?
+            };
+            Ok(Generator::from_checkpoint(ctx, ck)?.into())
+        })
+    }
+}

@@ -1,0 +1,469 @@
+// The amoe page: loads the wasm build of the crate (web/pkg, made by
+// scripts/web.sh), checks for WebGPU, then offers generation, training and the
+// kernel conformance checks. Everything the page computes runs in the crate's
+// WGSL kernels on the browser's WebGPU adapter.
+//
+// `window.amoeApp` exposes the state (the GPU, the loaded generator, the last
+// generation and conformance report) for the browser test and for debugging.
+import init, { Gpu, Generator, Trainer } from "./pkg/amoe.js";
+
+const $ = (id) => document.getElementById(id);
+
+const app = {
+  ready: null,
+  state: "starting",
+  gpu: null,
+  generator: null,
+  source: null, // how the current generator was loaded: { kind: "demo" } | { kind: "files", files } | { kind: "trained" }
+  trainer: null,
+  lastGeneration: null,
+  lastConformance: null,
+  trainLog: [],
+  errors: [],
+  wasm: { Gpu, Generator, Trainer },
+};
+window.amoeApp = app;
+
+function setStatus(text, state) {
+  $("status").textContent = text;
+  if (state) $("status").dataset.state = state;
+}
+
+function message(e) {
+  return (e && e.message) || String(e);
+}
+
+/** Show an error under a panel; if the device is gone, offer a restart. */
+function showError(id, e) {
+  const msg = message(e);
+  app.errors.push(msg);
+  const el = $(id);
+  el.textContent = msg;
+  el.hidden = false;
+  if (app.gpu && app.gpu.lost) {
+    $("gpu-lost-why").textContent = app.gpu.lost;
+    $("gpu-lost").hidden = false;
+  }
+}
+
+function clearError(id) {
+  $(id).hidden = true;
+  $(id).textContent = "";
+}
+
+function setBusy(busy) {
+  for (const id of ["generate", "load-demo", "train", "conformance", "ckpt-files"]) {
+    $(id).disabled = busy || !app.gpu;
+  }
+  $("use-trained").disabled = busy || !app.trainer;
+}
+
+// ---------------------------------------------------------------- start
+
+function showNoGpu(why) {
+  $("nogpu-why").textContent = why;
+  $("nogpu").hidden = false;
+  $("panels").dataset.disabled = "true";
+  setStatus("WebGPU is not available: see below.", "no-webgpu");
+}
+
+async function startGpu() {
+  if (!("gpu" in navigator)) {
+    showNoGpu("This browser exposes no WebGPU API here (navigator.gpu is missing).");
+    return false;
+  }
+  try {
+    app.gpu = await Gpu.request();
+  } catch (e) {
+    showNoGpu(`The browser has WebGPU but gave no usable adapter: ${message(e)}`);
+    return false;
+  }
+  $("nogpu").hidden = true;
+  $("gpu-lost").hidden = true;
+  $("panels").dataset.disabled = "false";
+  $("adapter").textContent = app.gpu.adapter;
+  return true;
+}
+
+async function main() {
+  await init();
+  for (const f of Gpu.families()) {
+    const o = document.createElement("option");
+    o.value = o.textContent = f;
+    $("conf-family").append(o);
+  }
+  if (!(await startGpu())) return "no-webgpu";
+  setBusy(false);
+  setStatus("Loading the demo checkpoint…", "loading");
+  await loadDemo();
+  return app.state;
+}
+
+// ---------------------------------------------------------------- model
+
+async function fetchBytes(url, optional = false) {
+  const r = await fetch(url);
+  if (!r.ok) {
+    if (optional) return undefined;
+    throw new Error(`${url}: HTTP ${r.status}`);
+  }
+  return new Uint8Array(await r.arrayBuffer());
+}
+
+function describeModel(g) {
+  const i = JSON.parse(g.info());
+  const c = i.config;
+  const moe = c.dense ? "dense FFN" : `${c.experts} experts per MoE layer`;
+  $("model-info").textContent =
+    `${i.source}: ${(i.params / 1e6).toFixed(2)}M parameters, d=${c.d}, ${c.layers} layers, ` +
+    `${moe}, context ${c.context}, vocabulary ${c.vocab}; trained with ${c.gate.gating} gating ` +
+    `(threshold ${c.gate.threshold}), evaluated with ${i.eval_gating}; ${(i.gpu_bytes / 2 ** 20).toFixed(1)} MiB on the GPU.`;
+  return i;
+}
+
+/** Replace the generator only once the new one loaded: a bad file keeps the old model. */
+function useGenerator(g, source) {
+  if (app.generator && app.generator !== g) app.generator.free();
+  app.generator = g;
+  app.source = source;
+  app.modelInfo = describeModel(g);
+}
+
+async function loadDemo() {
+  clearError("model-error");
+  setBusy(true);
+  try {
+    const [config, model, tokenizer, state] = await Promise.all([
+      fetchBytes("demo/config.json"),
+      fetchBytes("demo/model.safetensors"),
+      fetchBytes("demo/tokenizer.json"),
+      fetchBytes("demo/state.json", true),
+    ]);
+    useGenerator(Generator.load(app.gpu, "demo", config, model, tokenizer, state), { kind: "demo" });
+    app.state = "ready";
+    setStatus("Ready.", "ready");
+  } catch (e) {
+    showError("model-error", `The demo checkpoint did not load: ${message(e)}`);
+    app.state = "ready-without-model";
+    setStatus("Ready, without a model: load a checkpoint.", "ready");
+  } finally {
+    setBusy(false);
+  }
+}
+
+const CKPT_FILES = ["config.json", "model.safetensors", "tokenizer.json"];
+
+async function loadFiles(fileList) {
+  clearError("model-error");
+  const files = {};
+  for (const f of fileList) files[f.name] = f;
+  const missing = CKPT_FILES.filter((n) => !files[n]);
+  if (missing.length) {
+    const got = Object.keys(files).join(", ") || "nothing";
+    showError(
+      "model-error",
+      `Not a checkpoint: missing ${missing.join(", ")} (got ${got}). Pick config.json, ` +
+        `model.safetensors and tokenizer.json from one checkpoint folder (state.json is optional).`,
+    );
+    return false;
+  }
+  setBusy(true);
+  try {
+    const bytes = async (n) => (files[n] ? new Uint8Array(await files[n].arrayBuffer()) : undefined);
+    const name = files["model.safetensors"].webkitRelativePath?.split("/")[0] || "picked files";
+    const g = Generator.load(
+      app.gpu,
+      name,
+      await bytes("config.json"),
+      await bytes("model.safetensors"),
+      await bytes("tokenizer.json"),
+      await bytes("state.json"),
+    );
+    useGenerator(g, { kind: "files", files: fileList });
+    return true;
+  } catch (e) {
+    showError("model-error", `That checkpoint did not load; the previous model stays. ${message(e)}`);
+    return false;
+  } finally {
+    setBusy(false);
+  }
+}
+
+// ---------------------------------------------------------------- generate
+
+function routeTitle(t) {
+  const layers = t.routes
+    .map((r) => `layer ${r.layer}: ` + r.experts.map((e, j) => `expert ${e} (${r.weights[j].toFixed(3)})`).join(" + "))
+    .join("\n");
+  return `token ${t.id} ${JSON.stringify(t.text)}\n${layers}`;
+}
+
+function tokenSpan(t, prompt) {
+  const s = document.createElement("span");
+  const two = t.routes.some((r) => r.experts.length > 1);
+  s.className = `tok ${two ? "two" : "one"}${prompt ? " prompt" : ""}`;
+  s.textContent = t.text;
+  s.title = routeTitle(t);
+  s.dataset.id = t.id;
+  return s;
+}
+
+function genOptions() {
+  const num = (id) => Number($(id).value);
+  const o = {
+    max_tokens: num("max-tokens"),
+    temperature: num("temperature"),
+    top_k: num("top-k"),
+    top_p: num("top-p"),
+    seed: num("seed"),
+  };
+  if ($("gating").value) o.gating = $("gating").value;
+  if ($("threshold").value !== "") o.threshold = num("threshold");
+  return o;
+}
+
+async function generate() {
+  clearError("gen-error");
+  if (!app.generator) {
+    showError("gen-error", "No model: load the demo checkpoint or pick a checkpoint first.");
+    return null;
+  }
+  const out = $("output");
+  out.textContent = "";
+  out.dataset.state = "running";
+  $("gen-stats").textContent = "";
+  const prompt = $("prompt").value;
+  const head = document.createElement("span");
+  head.className = "tok prompt";
+  head.textContent = prompt;
+  out.append(head);
+  setBusy(true);
+  let n = 0;
+  try {
+    const json = await app.generator.generate(prompt, JSON.stringify(genOptions()), (tj) => {
+      out.append(tokenSpan(JSON.parse(tj), false));
+      n += 1;
+      $("gen-stats").textContent = `${n} tokens…`;
+    });
+    const g = JSON.parse(json);
+    // The prompt, now with its routing.
+    const spans = g.prompt_ids.map((id, i) =>
+      tokenSpan({ id, text: g.prompt_text[i], routes: g.prompt_routes[i] || [] }, true),
+    );
+    head.replaceWith(...spans);
+    const two = g.tokens.filter((t) => t.routes.some((r) => r.experts.length > 1)).length;
+    $("gen-stats").textContent =
+      `${g.tokens.length} tokens (${g.stop === "end_of_text" ? "end of text" : "max tokens"}), ` +
+      `${g.gating} gating, ${two} of ${g.tokens.length} took two experts in some layer · ` +
+      `prefill ${g.prefill_tps.toFixed(1)} tok/s · decode ${g.decode_tps.toFixed(1)} tok/s · ${app.gpu.adapter}`;
+    app.lastGeneration = g;
+    out.dataset.state = "done";
+    return g;
+  } catch (e) {
+    out.dataset.state = "error";
+    showError("gen-error", message(e));
+    return null;
+  } finally {
+    setBusy(false);
+  }
+}
+
+// ---------------------------------------------------------------- train
+
+let stopTraining = false;
+
+function drawChart(log) {
+  const c = $("loss-chart");
+  const ctx = c.getContext("2d");
+  const W = c.width, H = c.height, L = 48, R = 48, T = 12, B = 26;
+  ctx.clearRect(0, 0, W, H);
+  ctx.font = "11px sans-serif";
+  ctx.strokeStyle = "#ccd";
+  ctx.strokeRect(L, T, W - L - R, H - T - B);
+  if (!log.length) return;
+  const steps = log[log.length - 1].step;
+  const losses = log.map((m) => m.loss);
+  const lo = Math.min(...losses), hi = Math.max(...losses);
+  const x = (s) => L + ((W - L - R) * (s - 1)) / Math.max(1, steps - 1);
+  const y = (v) => T + (H - T - B) * (1 - (v - lo) / Math.max(1e-6, hi - lo));
+  const yf = (f) => T + (H - T - B) * (1 - f);
+  const line = (color, pts) => {
+    ctx.strokeStyle = color;
+    ctx.beginPath();
+    pts.forEach(([px, py], i) => (i ? ctx.lineTo(px, py) : ctx.moveTo(px, py)));
+    ctx.stroke();
+  };
+  line("#1f5fbf", log.map((m) => [x(m.step), y(m.loss)]));
+  const two = log.filter((m) => m.two_expert_fraction != null);
+  if (two.length) line("#e08a00", two.map((m) => [x(m.step), yf(m.two_expert_fraction)]));
+  ctx.fillStyle = "#1f5fbf";
+  ctx.fillText(hi.toFixed(2), 4, T + 8);
+  ctx.fillText(lo.toFixed(2), 4, H - B);
+  ctx.fillText("loss", 4, H / 2);
+  ctx.fillStyle = "#e08a00";
+  ctx.fillText("1.0", W - R + 6, T + 8);
+  ctx.fillText("0", W - R + 6, H - B);
+  ctx.fillText("2-expert", W - R + 2, H / 2);
+  ctx.fillStyle = "#555";
+  ctx.fillText(`step ${steps}`, W - R - 50, H - 8);
+}
+
+async function trainText() {
+  if ($("train-source").value === "pasted") {
+    const t = $("train-text").value;
+    if (!t.trim()) throw new Error("The text box is empty: paste some text, or pick the bundled sonnets.");
+    return { name: "pasted.txt", text: t };
+  }
+  const r = await fetch("assets/sonnets.txt");
+  if (!r.ok) throw new Error(`assets/sonnets.txt: HTTP ${r.status}`);
+  return { name: "sonnets.txt", text: await r.text() };
+}
+
+async function train() {
+  clearError("train-error");
+  stopTraining = false;
+  setBusy(true);
+  $("train-stop").disabled = false;
+  app.trainLog = [];
+  drawChart([]);
+  try {
+    const { name, text } = await trainText();
+    const steps = Number($("train-steps").value);
+    $("train-stats").textContent = "Training the tokenizer and building the model…";
+    await new Promise((r) => setTimeout(r, 0));
+    if (app.trainer) app.trainer.free();
+    app.trainer = null;
+    const t = Trainer.create(app.gpu, name, text, JSON.stringify({ steps, gating: $("train-gating").value }));
+    app.trainer = t;
+    const info = JSON.parse(t.info());
+    for (let s = 0; s < steps && !stopTraining; s++) {
+      const m = JSON.parse(await t.step());
+      app.trainLog.push(m);
+      drawChart(app.trainLog);
+      const two = m.two_expert_fraction == null ? "" : `, two-expert fraction ${m.two_expert_fraction.toFixed(3)}`;
+      $("train-stats").textContent =
+        `step ${m.step}/${steps}: loss ${m.loss.toFixed(3)}${two}, ${m.tokens_per_s.toFixed(0)} tokens/s ` +
+        `(${(info.params / 1e3).toFixed(0)}k parameters, ${info.train_tokens} training tokens, vocabulary ${info.vocab})`;
+    }
+    const val = await t.validate();
+    if (val != null) $("train-stats").textContent += ` · validation loss ${val.toFixed(3)} (perplexity ${Math.exp(val).toFixed(1)})`;
+    app.trainDone = { steps: app.trainLog.length, val };
+  } catch (e) {
+    showError("train-error", message(e));
+  } finally {
+    $("train-stop").disabled = true;
+    setBusy(false);
+  }
+}
+
+async function useTrained() {
+  clearError("train-error");
+  setBusy(true);
+  try {
+    useGenerator(await app.trainer.generator(), { kind: "trained" });
+    $("gating").value = "";
+    $("prompt").value = "Shall I compare thee";
+    document.getElementById("generate-panel").scrollIntoView();
+  } catch (e) {
+    showError("train-error", message(e));
+  } finally {
+    setBusy(false);
+  }
+  return generate();
+}
+
+// ---------------------------------------------------------------- conformance
+
+function fmtErr(x) {
+  if (x == null || Number.isNaN(x)) return "-";
+  return x.toExponential(2).replace("e+", "e");
+}
+
+async function conformance() {
+  clearError("conf-error");
+  const body = $("conf-table").querySelector("tbody");
+  body.textContent = "";
+  setBusy(true);
+  let n = 0, failed = 0;
+  $("conf-summary").textContent = "Running…";
+  try {
+    const fam = $("conf-family").value || undefined;
+    const json = await app.gpu.conformance(fam, (rj) => {
+      const r = JSON.parse(rj);
+      n += 1;
+      if (!r.pass) failed += 1;
+      const tr = document.createElement("tr");
+      if (!r.pass) tr.className = "fail";
+      const cells = [r.kernel, r.case, fmtErr(r.max_abs_err), fmtErr(r.max_rel_err),
+        r.gflops == null ? "" : r.gflops.toFixed(2), r.pass ? "pass" : "FAIL"];
+      cells.forEach((c, i) => {
+        const td = document.createElement("td");
+        td.textContent = c;
+        if (i >= 2 && i <= 4) td.className = "num";
+        tr.append(td);
+      });
+      if (!r.pass && r.note) tr.title = r.note;
+      body.append(tr);
+      $("conf-summary").textContent = `${n} checked, ${failed} failed…`;
+    });
+    const rep = JSON.parse(json);
+    app.lastConformance = rep;
+    const na = rep.report.not_applicable.length;
+    $("conf-summary").textContent =
+      `${rep.adapter}: ${rep.report.kernels.length - failed} passed, ${failed} failed, ${na} not applicable on this adapter` +
+      (na ? ` (${[...new Set(rep.report.not_applicable.map((w) => w.split("]: ").pop()))].join("; ")})` : "");
+    return rep;
+  } catch (e) {
+    showError("conf-error", message(e));
+    return null;
+  } finally {
+    setBusy(false);
+  }
+}
+
+// ---------------------------------------------------------------- wiring
+
+async function restartGpu() {
+  $("gpu-lost").hidden = true;
+  app.generator = null;
+  app.trainer = null;
+  if (!(await startGpu())) return;
+  const src = app.source;
+  if (src && src.kind === "files") await loadFiles(src.files);
+  else await loadDemo();
+}
+
+$("gen-form").addEventListener("submit", (ev) => {
+  ev.preventDefault();
+  generate();
+});
+$("load-demo").addEventListener("click", loadDemo);
+$("ckpt-files").addEventListener("change", (ev) => {
+  if (ev.target.files.length) loadFiles([...ev.target.files]);
+  ev.target.value = "";
+});
+const dz = $("dropzone");
+dz.addEventListener("dragover", (ev) => {
+  ev.preventDefault();
+  dz.classList.add("over");
+});
+dz.addEventListener("dragleave", () => dz.classList.remove("over"));
+dz.addEventListener("drop", (ev) => {
+  ev.preventDefault();
+  dz.classList.remove("over");
+  if (app.gpu) loadFiles([...ev.dataTransfer.files]);
+});
+$("train").addEventListener("click", train);
+$("train-stop").addEventListener("click", () => (stopTraining = true));
+$("use-trained").addEventListener("click", useTrained);
+$("conformance").addEventListener("click", conformance);
+$("retry-gpu").addEventListener("click", () => main().catch(() => {}));
+$("restart-gpu").addEventListener("click", restartGpu);
+
+Object.assign(app, { generate, train, useTrained, conformance, loadFiles, loadDemo, restartGpu });
+
+app.ready = main().catch((e) => {
+  setStatus(`The page failed to start: ${message(e)}`, "error");
+  app.errors.push(message(e));
+  return "error";
+});
