@@ -6,6 +6,12 @@
 # through EGL) are the adapters; they are installed only when wgpu finds no
 # adapter of that backend. The GPU tests then must run on both: under CI a
 # missing adapter is a failure, not a skip.
+#
+# The browser test (tests/browser) builds the wasm package (scripts/web.sh:
+# the wasm32 target and a pinned wasm-bindgen-cli), installs Debian's chromium
+# and Node.js if missing and playwright-core from tests/browser's lock file,
+# and drives the page against the native binary. AMOE_SKIP_BROWSER=1 skips it
+# on a developer's machine (it says so); under CI it cannot be skipped.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -62,5 +68,30 @@ log "fmt"
 cargo fmt --all -- --check
 log "clippy"
 cargo clippy --locked --all-targets -- -D warnings
+log "clippy (wasm32: the browser build)"
+if ! rustup target list --installed 2>/dev/null | grep -qx wasm32-unknown-unknown; then
+    rustup target add wasm32-unknown-unknown
+fi
+cargo clippy --locked --lib --target wasm32-unknown-unknown -- -D warnings
 log "tests (adapters required: ${AMOE_REQUIRE_BACKENDS:-any})"
 cargo test --locked -- --test-threads="${AMOE_TEST_THREADS:-2}"
+
+log "browser test"
+if [ -n "${AMOE_SKIP_BROWSER:-}" ]; then
+    if [ "${CI:-}" = true ]; then
+        echo "AMOE_SKIP_BROWSER is set under CI: the browser test is required" >&2
+        exit 1
+    fi
+    echo "SKIPPED: AMOE_SKIP_BROWSER is set (this run did not test the browser build)"
+    exit 0
+fi
+need=()
+command -v node >/dev/null && command -v npm >/dev/null || need+=(nodejs npm)
+[ -x "${CHROMIUM:-/usr/bin/chromium}" ] || need+=(chromium)
+if [ ${#need[@]} -gt 0 ]; then
+    log "installing ${need[*]}"
+    apt_install "${need[@]}"
+fi
+(cd tests/browser && npm ci --no-audit --no-fund --loglevel=error)
+bash scripts/web.sh --build-only
+node tests/browser/browser.mjs

@@ -13,6 +13,11 @@
 //! crate's typed `Error`; a method called while the same object is busy with
 //! an earlier call rejects with a message instead of aliasing its state.
 
+// Each object's state sits in a RefCell that an async method borrows for its
+// whole run, on purpose: a second call while the first runs finds it borrowed
+// (`try_borrow*`) and rejects with "busy" instead of interleaving GPU work.
+#![allow(clippy::await_holding_refcell_ref)]
+
 use crate::error::Error;
 use crate::gpu::{AdapterFilter, GpuContext};
 use crate::infer::{Engine, GenConfig, InferCheckpoint, Sampling};
@@ -60,29 +65,36 @@ fn busy(what: &str) -> JsValue {
 #[wasm_bindgen]
 pub struct Gpu {
     ctx: Rc<GpuContext>,
+    /// How the page names the adapter (wgpu does not read the browser's
+    /// adapter info; the page does, from `GPUAdapter.info`).
+    label: Option<String>,
 }
 
 #[wasm_bindgen]
 impl Gpu {
     /// Request an adapter and a device with the adapter's limits and the
     /// optional features it has (shader-f16, subgroups, timestamps).
+    /// `label` names the adapter in results (e.g. from `GPUAdapter.info`).
     /// Rejects with a message when the browser has no WebGPU adapter.
-    pub async fn request() -> Result<Gpu, JsValue> {
+    pub async fn request(label: Option<String>) -> Result<Gpu, JsValue> {
         let ctx = GpuContext::new(&AdapterFilter::default())
             .await
             .map_err(js)?;
-        Ok(Gpu { ctx: Rc::new(ctx) })
+        Ok(Gpu {
+            ctx: Rc::new(ctx),
+            label: label.filter(|l| !l.trim().is_empty()),
+        })
     }
 
-    /// "webgpu/<adapter name>", as results name the adapter.
+    /// "webgpu/<adapter>", as results name the adapter.
     #[wasm_bindgen(getter)]
     pub fn adapter(&self) -> String {
-        let name = if self.ctx.info.name.is_empty() {
-            "(the browser does not tell the adapter's name)".to_string()
-        } else {
-            self.ctx.info.name.clone()
+        let name = match (&self.label, self.ctx.info.name.as_str()) {
+            (Some(l), _) => l.clone(),
+            (None, "") => "unnamed browser adapter".to_string(),
+            (None, n) => n.to_string(),
         };
-        format!("{}/{}", self.ctx.backend(), name)
+        format!("webgpu/{name}")
     }
 
     /// Why the device was lost (`undefined` while it works). After a loss,
@@ -133,6 +145,7 @@ impl Gpu {
         on_row: Option<js_sys::Function>,
     ) -> js_sys::Promise {
         let ctx = self.ctx.clone();
+        let adapter = self.adapter();
         wasm_bindgen_futures::future_to_promise(async move {
             if let Some(f) = &family {
                 if !crate::conformance::FAMILIES.contains(&f.as_str()) {
@@ -150,7 +163,7 @@ impl Gpu {
             })
             .await;
             Ok(JsValue::from_str(&json(&serde_json::json!({
-                "adapter": format!("{}/{}", report.backend, report.name),
+                "adapter": adapter,
                 "pass": report.pass(),
                 "report": report,
             }))?))

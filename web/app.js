@@ -40,10 +40,20 @@ function showError(id, e) {
   const el = $(id);
   el.textContent = msg;
   el.hidden = false;
-  if (app.gpu && app.gpu.lost) {
-    $("gpu-lost-why").textContent = app.gpu.lost;
-    $("gpu-lost").hidden = false;
-  }
+  // The browser tells of a lost device asynchronously, often after the
+  // failed call that ran into it: look now and a little later.
+  checkLost();
+  setTimeout(checkLost, 250);
+  setTimeout(checkLost, 1000);
+}
+
+function checkLost() {
+  const why = app.gpu && app.gpu.lost;
+  if (!why || !$("gpu-lost").hidden) return;
+  $("gpu-lost-why").textContent =
+    `${why.replace(/\.+$/, "")}. The page cannot use the GPU until it gets a new device; your settings and text stay.`;
+  $("gpu-lost").hidden = false;
+  setStatus("The GPU device was lost: restart it below.", "lost");
 }
 
 function clearError(id) {
@@ -67,13 +77,25 @@ function showNoGpu(why) {
   setStatus("WebGPU is not available: see below.", "no-webgpu");
 }
 
+/** The adapter's name as the browser tells it (wgpu does not read it). */
+async function adapterLabel() {
+  try {
+    const a = await navigator.gpu.requestAdapter({ powerPreference: "high-performance" });
+    const i = a && a.info;
+    if (!i) return undefined;
+    return [i.vendor, i.architecture, i.device, i.description].filter((x) => x).join(" ") || undefined;
+  } catch {
+    return undefined;
+  }
+}
+
 async function startGpu() {
   if (!("gpu" in navigator)) {
     showNoGpu("This browser exposes no WebGPU API here (navigator.gpu is missing).");
     return false;
   }
   try {
-    app.gpu = await Gpu.request();
+    app.gpu = await Gpu.request(await adapterLabel());
   } catch (e) {
     showNoGpu(`The browser has WebGPU but gave no usable adapter: ${message(e)}`);
     return false;
@@ -117,7 +139,7 @@ function describeModel(g) {
   $("model-info").textContent =
     `${i.source}: ${(i.params / 1e6).toFixed(2)}M parameters, d=${c.d}, ${c.layers} layers, ` +
     `${moe}, context ${c.context}, vocabulary ${c.vocab}; trained with ${c.gate.gating} gating ` +
-    `(threshold ${c.gate.threshold}), evaluated with ${i.eval_gating}; ${(i.gpu_bytes / 2 ** 20).toFixed(1)} MiB on the GPU.`;
+    `(threshold ${Number(c.gate.threshold.toPrecision(6))}), evaluated with ${i.eval_gating}; ${(i.gpu_bytes / 2 ** 20).toFixed(1)} MiB on the GPU.`;
   return i;
 }
 
@@ -358,6 +380,7 @@ async function train() {
 
 async function useTrained() {
   clearError("train-error");
+  $("output").dataset.state = "loading";
   setBusy(true);
   try {
     useGenerator(await app.trainer.generator(), { kind: "trained" });
@@ -365,7 +388,9 @@ async function useTrained() {
     $("prompt").value = "Shall I compare thee";
     document.getElementById("generate-panel").scrollIntoView();
   } catch (e) {
+    $("output").dataset.state = "error";
     showError("train-error", message(e));
+    return null;
   } finally {
     setBusy(false);
   }
@@ -428,9 +453,14 @@ async function restartGpu() {
   app.generator = null;
   app.trainer = null;
   if (!(await startGpu())) return;
+  setStatus("Reloading the model…", "loading");
   const src = app.source;
-  if (src && src.kind === "files") await loadFiles(src.files);
-  else await loadDemo();
+  if (src && src.kind === "files" && (await loadFiles(src.files))) {
+    setStatus("Ready.", "ready");
+  } else {
+    // A model trained in the tab lived on the lost device: the demo replaces it.
+    await loadDemo();
+  }
 }
 
 $("gen-form").addEventListener("submit", (ev) => {

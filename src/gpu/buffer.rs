@@ -197,7 +197,10 @@ pub async fn read_buffer<T: Pod>(
         })?
         .map_err(|e| Error::Readback {
             what: what(),
-            msg: e.to_string(),
+            msg: match ctx.lost() {
+                Some(why) => format!("the GPU device was lost ({why})"),
+                None => e.to_string(),
+            },
         })?;
     ctx.check_errors("readback")?;
     let out = {

@@ -173,12 +173,12 @@ impl InferCheckpoint {
     }
 }
 
-/// The f32 tensors of a safetensors file's bytes, sorted by name: (name,
-/// shape, values). `source` names the file in errors.
-pub fn parse_safetensors(
-    source: &str,
-    bytes: &[u8],
-) -> Result<Vec<(String, Vec<usize>, Vec<f32>)>> {
+/// Named tensors as (name, shape, values).
+pub type Tensors = Vec<(String, Vec<usize>, Vec<f32>)>;
+
+/// The f32 tensors of a safetensors file's bytes, sorted by name. `source`
+/// names the file in errors.
+pub fn parse_safetensors(source: &str, bytes: &[u8]) -> Result<Tensors> {
     use safetensors::tensor::{Dtype, SafeTensors};
     let st = SafeTensors::deserialize(bytes).map_err(|e| {
         Error::checkpoint(

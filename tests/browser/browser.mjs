@@ -1,0 +1,412 @@
+// The browser test: the page in web/ (with the wasm build in web/pkg) in
+// Debian's headless Chromium, driven by playwright-core, against the native
+// `amoe` binary on the same machine.
+//
+//   node tests/browser/browser.mjs        (after scripts/web.sh --build-only
+//                                          and cargo build; scripts/test.sh does both)
+//
+// Checks:
+//  (a) greedy tokens of the page == native `amoe generate --json` (a token may
+//      differ only where native's top two logits are a near-tie), and the page's
+//      teacher-forced logits along native's tokens == native's within tolerance,
+//      for the checkpoint's own gating and for adaptive gating;
+//  (b) the in-browser kernel conformance passes;
+//  (c) one training step's loss in the page == `amoe train`'s first step for the
+//      same text, config and seed (and the next two steps within tolerance);
+//      the page's training panel trains and generates from what it trained;
+//  (d) without WebGPU the page says so and what to do;
+//  plus bad input (not a checkpoint, a truncated safetensors file), a lost
+//  device (the page recovers), a screenshot after generation, and the decode
+//  tokens/s of the page next to native's (printed, and written to
+//  target/browser/numbers.json).
+//
+// Environment: AMOE_BIN (default target/debug/amoe), CHROMIUM (default
+// /usr/bin/chromium), AMOE_BROWSER_OUT (default target/browser).
+import { chromium } from "playwright-core";
+import { execFileSync } from "node:child_process";
+import fs from "node:fs";
+import os from "node:os";
+import path from "node:path";
+import { fileURLToPath } from "node:url";
+import { startServer } from "../../web/serve.mjs";
+
+const repo = path.resolve(path.dirname(fileURLToPath(import.meta.url)), "..", "..");
+const amoe = process.env.AMOE_BIN || path.join(repo, "target", "debug", "amoe");
+const chromiumPath = process.env.CHROMIUM || "/usr/bin/chromium";
+const outDir = process.env.AMOE_BROWSER_OUT || path.join(repo, "target", "browser");
+fs.mkdirSync(outDir, { recursive: true });
+
+// Chromium flags: headless as root in a container, no network chatter; WebGPU
+// on Chromium's software adapter (SwiftShader) needs --enable-unsafe-webgpu.
+const BASE_FLAGS = [
+  "--no-sandbox",
+  "--disable-gpu-sandbox",
+  "--no-first-run",
+  "--disable-background-networking",
+  "--disable-component-update",
+  "--disable-sync",
+  "--disable-quic",
+];
+const WEBGPU_FLAGS = [...BASE_FLAGS, "--enable-unsafe-webgpu"];
+
+// Float tolerance between the page (SwiftShader) and native (lavapipe): the
+// same kernels, compiled by different drivers, differ in the last bits.
+const LOGIT_ATOL = 1e-4;
+const LOGIT_RTOL = 1e-4;
+// A greedy token may differ from native's only where native's best two logits
+// are closer than this.
+const NEAR_TIE = 1e-2;
+const LOSS_RTOL = 1e-3;
+
+const PROMPT = "And God said unto Noah,";
+const GEN_TOKENS = 24;
+const BENCH_TOKENS = 64;
+
+const results = [];
+function check(name, ok, detail = "") {
+  results.push({ name, ok: !!ok, detail });
+  console.log(`${ok ? "ok  " : "FAIL"} ${name}${detail ? ` -- ${detail}` : ""}`);
+}
+
+function native(args) {
+  return execFileSync(amoe, args, {
+    cwd: repo,
+    encoding: "utf8",
+    maxBuffer: 256 << 20,
+    stdio: ["ignore", "pipe", "pipe"],
+    env: { ...process.env, NO_COLOR: "1" },
+  });
+}
+
+function nativeGenerate(gating, tokens, logits, stopAtEot = false) {
+  const args = ["generate", "--prompt", PROMPT, "--max-tokens", String(tokens), "--json"];
+  if (!stopAtEot) args.push("--no-stop");
+  if (gating) args.push("--gating", gating);
+  if (logits) args.push("--logits");
+  return JSON.parse(native(args));
+}
+
+function argmaxGap(row) {
+  let a = -Infinity, b = -Infinity, ia = -1;
+  row.forEach((v, i) => {
+    if (v > a) { b = a; a = v; ia = i; } else if (v > b) { b = v; }
+  });
+  return { id: ia, gap: a - b };
+}
+
+async function launch(flags) {
+  return chromium.launch({ executablePath: chromiumPath, headless: true, args: flags });
+}
+
+async function openPage(browser, url) {
+  const page = await browser.newPage({ viewport: { width: 1100, height: 900 } });
+  const pageErrors = [];
+  page.on("pageerror", (e) => pageErrors.push(e.message));
+  page.on("console", (m) => {
+    if (m.type() === "error" && /panicked|unreachable/.test(m.text())) pageErrors.push(m.text());
+  });
+  await page.goto(url);
+  const state = await page.evaluate(() => window.amoeApp.ready);
+  return { page, state, pageErrors };
+}
+
+/** Click `selector` and wait for the generation it starts to end. */
+async function clickAndGenerate(page, selector, timeout = 300_000) {
+  await page.evaluate(() => (window.amoeApp.lastGeneration = null));
+  const errors = await page.evaluate(() => window.amoeApp.errors.length);
+  await page.click(selector);
+  await page.waitForFunction(
+    (n) => window.amoeApp.lastGeneration || window.amoeApp.errors.length > n,
+    errors,
+    { timeout },
+  );
+  return page.evaluate(() => window.amoeApp.lastGeneration);
+}
+
+/** (a) for one gating: UI or API generation vs native, then teacher-forced logits. */
+async function compareGeneration(page, gating, viaUi) {
+  // The page's form stops at the end-of-text token, as native does by default.
+  const nat = nativeGenerate(gating, GEN_TOKENS, true, viaUi);
+  let web;
+  if (viaUi) {
+    await page.fill("#prompt", PROMPT);
+    await page.fill("#max-tokens", String(GEN_TOKENS));
+    await page.selectOption("#gating", gating || "");
+    await page.fill("#threshold", "");
+    web = await clickAndGenerate(page, "#generate");
+    const err = await page.textContent("#gen-error");
+    check(`generate via the page (${gating || "checkpoint's gating"}) finishes`, web && !err, err || "");
+    if (!web) return null;
+  } else {
+    web = JSON.parse(
+      await page.evaluate(
+        ([p, n, g]) =>
+          window.amoeApp.generator.generate(p, JSON.stringify({ max_tokens: n, gating: g, stop_at_eot: false }), null),
+        [PROMPT, GEN_TOKENS, gating],
+      ),
+    );
+  }
+  const label = gating || nat.gating;
+  check(`(a) ${label}: prompt tokens equal`, JSON.stringify(web.prompt_ids) === JSON.stringify(nat.prompt_ids));
+  // Greedy tokens: equal, or the first difference sits on a near-tie of native's logits.
+  let same = 0;
+  while (same < nat.ids.length && web.ids[same] === nat.ids[same]) same++;
+  if (same === nat.ids.length && web.ids.length === nat.ids.length) {
+    check(`(a) ${label}: greedy tokens equal native's`, true, `${same} tokens: ${JSON.stringify(nat.text)}`);
+  } else {
+    const row = nat.tokens[same].logits;
+    const { gap } = argmaxGap(row);
+    const webPick = web.ids[same];
+    const close = Math.abs(row[webPick] - row[nat.ids[same]]) <= NEAR_TIE;
+    check(
+      `(a) ${label}: greedy tokens equal native's up to a near-tie`,
+      close,
+      `first difference at token ${same}: native ${nat.ids[same]}, page ${webPick}, native's top-2 gap ${gap.toExponential(2)}`,
+    );
+  }
+  // Teacher forcing along native's tokens.
+  const flat = await page.evaluate(
+    async ([p, ids, g]) => Array.from(await window.amoeApp.generator.score(p, ids, JSON.stringify(g ? { gating: g } : {}))),
+    [PROMPT, nat.ids, gating],
+  );
+  const V = flat.length / nat.ids.length;
+  let worstAbs = 0, worstExcess = -Infinity, where = "";
+  nat.tokens.forEach((t, i) => {
+    t.logits.forEach((want, j) => {
+      const got = flat[i * V + j];
+      const d = Math.abs(got - want);
+      const excess = d - (LOGIT_ATOL + LOGIT_RTOL * Math.abs(want));
+      if (d > worstAbs) worstAbs = d;
+      if (excess > worstExcess) { worstExcess = excess; where = `token ${i}, logit ${j}: page ${got}, native ${want}`; }
+    });
+  });
+  check(
+    `(a) ${label}: teacher-forced logits within ${LOGIT_ATOL} + ${LOGIT_RTOL}|x| of native's`,
+    V === nat.tokens[0].logits.length && worstExcess <= 0 && Number.isFinite(worstAbs),
+    `${nat.ids.length} x ${V} logits, max |diff| ${worstAbs.toExponential(2)} (worst at ${where})`,
+  );
+  return { nat, web, maxAbs: worstAbs };
+}
+
+async function speed(page) {
+  // Warm: the first call compiles the prefill pipelines.
+  const opts = JSON.stringify({ max_tokens: BENCH_TOKENS, stop_at_eot: false });
+  const runs = [];
+  for (let i = 0; i < 3; i++) {
+    runs.push(JSON.parse(await page.evaluate(([p, o]) => window.amoeApp.generator.generate(p, o, null), [PROMPT, opts])));
+  }
+  const webTps = runs.map((r) => r.decode_tps).sort((a, b) => a - b)[1];
+  const nat = [0, 1, 2].map(() => nativeGenerate(null, BENCH_TOKENS, false));
+  const natTps = nat.map((r) => r.decode_tps).sort((a, b) => a - b)[1];
+  return { webTps, natTps, natAdapter: nat[0].adapter };
+}
+
+async function training(page) {
+  const text = fs.readFileSync(path.join(repo, "web", "assets", "sonnets.txt"), "utf8");
+  const cfg = { d: 32, layers: 2, heads: 2, context: 32, ffn: 64, experts: 4, vocab: 512, batch: 8, warmup: 20, seed: 1, gating: "adaptive" };
+  const steps = 3;
+  const tmp = fs.mkdtempSync(path.join(os.tmpdir(), "amoe-browser-"));
+  const data = path.join(tmp, "sonnets.txt");
+  fs.writeFileSync(data, text);
+  native([
+    "train", "--data", data, "--out", path.join(tmp, "run"),
+    "--d", String(cfg.d), "--layers", String(cfg.layers), "--heads", String(cfg.heads),
+    "--context", String(cfg.context), "--ffn", String(cfg.ffn), "--experts", String(cfg.experts),
+    "--vocab", String(cfg.vocab), "--batch", String(cfg.batch), "--warmup", String(cfg.warmup),
+    "--seed", String(cfg.seed), "--gating", cfg.gating, "--steps", String(steps),
+    "--eval-every", "0", "--checkpoint-every", "0",
+  ]);
+  const natLoss = fs
+    .readFileSync(path.join(tmp, "run", "metrics.jsonl"), "utf8")
+    .trim()
+    .split("\n")
+    .map((l) => JSON.parse(l))
+    .filter((m) => m.kind === "train")
+    .map((m) => m.loss);
+  fs.rmSync(tmp, { recursive: true, force: true });
+  const webRun = await page.evaluate(
+    async ([t, c, n]) => {
+      const app = window.amoeApp;
+      const tr = app.wasm.Trainer.create(app.gpu, "sonnets.txt", t, JSON.stringify({ ...c, steps: n }));
+      const out = [];
+      for (let i = 0; i < n; i++) out.push(JSON.parse(await tr.step()));
+      const info = JSON.parse(tr.info());
+      tr.free();
+      return { losses: out.map((m) => m.loss), info };
+    },
+    [text, cfg, steps],
+  );
+  const rel = (a, b) => Math.abs(a - b) / Math.abs(b);
+  check(
+    "(c) first training step's loss equals native's",
+    natLoss.length === steps && rel(webRun.losses[0], natLoss[0]) <= LOSS_RTOL,
+    `page ${webRun.losses[0]}, native ${natLoss[0]} (vocabulary ${webRun.info.vocab}, ${webRun.info.params} parameters)`,
+  );
+  check(
+    `(c) steps 2..${steps} follow native's`,
+    webRun.losses.slice(1).every((l, i) => rel(l, natLoss[i + 1]) <= 2 * LOSS_RTOL),
+    `page ${JSON.stringify(webRun.losses)}, native ${JSON.stringify(natLoss)}`,
+  );
+  return { web: webRun.losses, native: natLoss };
+}
+
+async function trainingPanel(page) {
+  await page.fill("#train-steps", "4");
+  await page.click("#train");
+  await page.waitForFunction(() => window.amoeApp.trainDone || !document.getElementById("train-error").hidden, null, {
+    timeout: 600_000,
+  });
+  const err = await page.textContent("#train-error");
+  const log = await page.evaluate(() => window.amoeApp.trainLog);
+  check(
+    "training panel: 4 steps with finite losses and a validation loss",
+    !err && log.length === 4 && log.every((m) => Number.isFinite(m.loss)) &&
+      Number.isFinite(await page.evaluate(() => window.amoeApp.trainDone.val)),
+    err || `losses ${JSON.stringify(log.map((m) => m.loss))}`,
+  );
+  const g = await clickAndGenerate(page, "#use-trained");
+  const src = await page.evaluate(() => window.amoeApp.source && window.amoeApp.source.kind);
+  const prompt = await page.inputValue("#prompt");
+  check("generate with the model trained in the page", src === "trained" && g && g.tokens.length > 0 &&
+    g.prompt_text.join("") === prompt,
+    g ? JSON.stringify(prompt + g.text.slice(0, 60)) : await page.textContent("#gen-error"));
+}
+
+async function conformance(page) {
+  await page.click("#conformance");
+  await page.waitForFunction(() => window.amoeApp.lastConformance || !document.getElementById("conf-error").hidden, null, {
+    timeout: 900_000,
+  });
+  const rep = await page.evaluate(() => window.amoeApp.lastConformance);
+  const rows = await page.$$eval("#conf-table tbody tr", (trs) => trs.length);
+  const failed = rep ? rep.report.kernels.filter((k) => !k.pass) : [];
+  check(
+    "(b) in-browser conformance passes",
+    rep && rep.pass && failed.length === 0 && rows === rep.report.kernels.length && rows > 100,
+    rep ? `${rows} cases pass, ${rep.report.not_applicable.length} not applicable on ${rep.adapter}` +
+      (failed.length ? `; failed: ${failed.map((k) => `${k.kernel} [${k.case}] ${k.note || ""}`).join("; ")}` : "")
+      : await page.textContent("#conf-error"),
+  );
+  return rep;
+}
+
+async function badInput(page) {
+  const demo = path.join(repo, "data", "demo");
+  const stillWorks = async (what) => {
+    const g = JSON.parse(
+      await page.evaluate(() => window.amoeApp.generator.generate("And", JSON.stringify({ max_tokens: 2 }), null)),
+    );
+    check(`page still generates after ${what}`, g.tokens.length > 0 || g.stop === "end_of_text");
+  };
+  // Not a checkpoint at all.
+  await page.setInputFiles("#ckpt-files", {
+    name: "notes.txt",
+    mimeType: "text/plain",
+    buffer: Buffer.from("not a model"),
+  });
+  await page.waitForSelector("#model-error:not([hidden])");
+  let msg = await page.textContent("#model-error");
+  check("a file that is not a checkpoint: a message on the page", /not a checkpoint/i.test(msg), msg);
+  await stillWorks("a file that is not a checkpoint");
+  // A truncated safetensors file.
+  const model = fs.readFileSync(path.join(demo, "model.safetensors"));
+  await page.setInputFiles("#ckpt-files", [
+    { name: "config.json", mimeType: "application/json", buffer: fs.readFileSync(path.join(demo, "config.json")) },
+    { name: "tokenizer.json", mimeType: "application/json", buffer: fs.readFileSync(path.join(demo, "tokenizer.json")) },
+    { name: "model.safetensors", mimeType: "application/octet-stream", buffer: model.subarray(0, model.length >> 1) },
+  ]);
+  await page.waitForFunction(() => /safetensors/.test(document.getElementById("model-error").textContent));
+  msg = await page.textContent("#model-error");
+  check("a truncated safetensors file: a message naming it", /truncated or corrupt/.test(msg), msg);
+  await stillWorks("a truncated checkpoint");
+  // The demo's own files through the file input load.
+  await page.setInputFiles(
+    "#ckpt-files",
+    ["config.json", "tokenizer.json", "model.safetensors", "state.json"].map((n) => path.join(demo, n)),
+  );
+  await page.waitForFunction(() => window.amoeApp.source && window.amoeApp.source.kind === "files");
+  check("a checkpoint picked with the file input loads", (await page.textContent("#model-error")) === "");
+}
+
+async function deviceLost(page) {
+  await page.evaluate(() => window.amoeApp.gpu.destroyDevice());
+  const g = await clickAndGenerate(page, "#generate", 120_000);
+  const msg = await page.textContent("#gen-error");
+  await page.waitForSelector("#gpu-lost", { state: "visible", timeout: 10_000 }).catch(() => {});
+  const notice = await page.isVisible("#gpu-lost") ? await page.textContent("#gpu-lost") : "(no notice)";
+  check("a lost device: a message and a restart button on the page", !g && /lost/i.test(notice),
+    `${msg} | ${notice.replace(/\s+/g, " ").trim()}`);
+  await page.click("#restart-gpu");
+  await page.waitForFunction(() => window.amoeApp.generator && !window.amoeApp.gpu.lost &&
+    document.getElementById("status").dataset.state === "ready", null, { timeout: 120_000 });
+  const again = await clickAndGenerate(page, "#generate");
+  check("after a restart the page generates again", again && again.tokens.length > 0, await page.textContent("#gen-error"));
+}
+
+async function main() {
+  for (const [what, p] of [["amoe binary", amoe], ["chromium", chromiumPath], ["web/pkg", path.join(repo, "web", "pkg", "amoe.js")]]) {
+    if (!fs.existsSync(p)) {
+      console.error(`${what} not found at ${p}`);
+      process.exit(1);
+    }
+  }
+  const { server, url } = await startServer(0);
+  const numbers = { native_adapter: null, browser_adapter: null };
+  let browser;
+  try {
+    // (d) WebGPU unavailable: Chromium without --enable-unsafe-webgpu on Linux.
+    browser = await launch(BASE_FLAGS);
+    {
+      const { page, state } = await openPage(browser, url);
+      const shown = await page.isVisible("#nogpu");
+      const why = await page.textContent("#nogpu");
+      check("(d) without WebGPU the page explains what to do", state === "no-webgpu" && shown && /enable-unsafe-webgpu/.test(why),
+        `state ${state}`);
+    }
+    await browser.close();
+
+    browser = await launch(WEBGPU_FLAGS);
+    const { page, state, pageErrors } = await openPage(browser, url);
+    const adapter = await page.evaluate(() => window.amoeApp.gpu && window.amoeApp.gpu.adapter);
+    numbers.browser_adapter = adapter;
+    check("the page starts on a WebGPU adapter and loads the demo checkpoint", state === "ready", `${adapter}; state ${state}`);
+    if (state !== "ready") throw new Error("the page did not start");
+
+    const a1 = await compareGeneration(page, null, true);
+    await page.screenshot({ path: path.join(outDir, "generate.png"), fullPage: true });
+    const a2 = await compareGeneration(page, "adaptive", false);
+    numbers.logits_max_abs_diff = Math.max(a1 ? a1.maxAbs : NaN, a2 ? a2.maxAbs : NaN);
+
+    const sp = await speed(page);
+    numbers.native_adapter = sp.natAdapter;
+    numbers.browser_decode_tps = sp.webTps;
+    numbers.native_decode_tps = sp.natTps;
+    numbers.browser_over_native = sp.webTps / sp.natTps;
+    console.log(
+      `decode: page ${sp.webTps.toFixed(1)} tok/s on ${adapter}, native ${sp.natTps.toFixed(1)} tok/s on ${sp.natAdapter} ` +
+        `(ratio ${(sp.webTps / sp.natTps).toFixed(2)}; demo checkpoint, ${BENCH_TOKENS} tokens, median of 3)`,
+    );
+
+    numbers.train_loss = await training(page);
+    await trainingPanel(page);
+    const rep = await conformance(page);
+    numbers.conformance = rep && { pass: rep.pass, cases: rep.report.kernels.length, not_applicable: rep.report.not_applicable.length };
+    await badInput(page);
+    await deviceLost(page);
+    check("no panic, trap or uncaught error on the page", pageErrors.length === 0, pageErrors.join(" | "));
+    await page.screenshot({ path: path.join(outDir, "final.png"), fullPage: true });
+  } catch (e) {
+    check("the browser test ran to the end", false, e.stack || String(e));
+  } finally {
+    if (browser) await browser.close();
+    server.close();
+  }
+  numbers.checks = results;
+  fs.writeFileSync(path.join(outDir, "numbers.json"), JSON.stringify(numbers, null, 2));
+  const failed = results.filter((r) => !r.ok);
+  console.log(`\nbrowser test: ${results.length - failed.length} passed, ${failed.length} failed ` +
+    `(screenshots and numbers.json in ${path.relative(repo, outDir)})`);
+  process.exit(failed.length ? 1 : 0);
+}
+
+main();
