@@ -92,6 +92,11 @@ if [ ${#need[@]} -gt 0 ]; then
     log "installing ${need[*]}"
     apt_install "${need[@]}"
 fi
+node_major="$(node -p 'process.versions.node.split(".")[0]')"
+if [ "$node_major" -lt 20 ]; then
+    echo "Node.js $(node --version) is too old for playwright-core (it needs 20 or later)" >&2
+    exit 1
+fi
 (cd tests/browser && npm ci --no-audit --no-fund --loglevel=error)
 bash scripts/web.sh --build-only
 node tests/browser/browser.mjs

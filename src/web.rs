@@ -279,6 +279,29 @@ impl Generator {
         }))
     }
 
+    /// Run a two-token prefill and one decode step so that the browser
+    /// compiles every pipeline now, not inside the first generation's
+    /// timing (on a software adapter that takes seconds).
+    pub fn warm(&self) -> js_sys::Promise {
+        let ctx = self.ctx.clone();
+        let state = self.state.clone();
+        wasm_bindgen_futures::future_to_promise(async move {
+            let mut st = state.try_borrow_mut().map_err(|_| busy("the model"))?;
+            let st = &mut *st;
+            let eot = st.ck.tokenizer.eot_id();
+            let n = st.engine.cfg.context.min(2);
+            st.engine
+                .prefill(&ctx, &vec![eot; n], false)
+                .await
+                .map_err(js)?;
+            if st.engine.cfg.context > n {
+                st.engine.decode(&ctx, eot).await.map_err(js)?;
+            }
+            ctx.check_errors("warm-up").map_err(js)?;
+            Ok(JsValue::UNDEFINED)
+        })
+    }
+
     /// Token ids of `text`.
     pub fn encode(&self, text: &str) -> Result<Vec<u32>, JsValue> {
         let st = self.state.try_borrow().map_err(|_| busy("the model"))?;

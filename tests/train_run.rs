@@ -203,3 +203,67 @@ fn non_finite_loss_stops_the_run_and_keeps_the_last_checkpoint() {
             .all(|(_, _, v)| v.iter().all(|x| x.is_finite())));
     });
 }
+
+/// The browser's training session on a text equals `amoe train --data FILE`
+/// on a file of that name: same split, tokenizer, batches, parameters and
+/// steps (the browser test then compares the page against the binary).
+#[test]
+fn session_on_text_equals_run_on_file() {
+    use amoe::train::session::{Session, SessionConfig};
+    let dir = tmp("session");
+    let data = text_file(&dir);
+    let text = std::fs::read_to_string(&data).unwrap();
+    let sc = SessionConfig {
+        d: 32,
+        layers: 2,
+        heads: 2,
+        context: 16,
+        ffn: 32,
+        experts: 4,
+        vocab: 300,
+        batch: 4,
+        steps: 3,
+        warmup: 2,
+        threshold: 0.5,
+        ..SessionConfig::default()
+    };
+    let mut cfg = sc.train_config().unwrap();
+    cfg.data = DataSource::Path(data.clone());
+    cfg.eval_every = 0;
+    common::for_each_adapter(|ctx| {
+        let mut run = Run::new(ctx, cfg.clone(), &dir.join(ctx.backend())).unwrap();
+        let mut s = Session::from_text(ctx, sc.clone(), "corpus.txt", &text).unwrap();
+        assert_eq!(s.data.tokenizer.to_json(), run.data.tokenizer.to_json());
+        assert_eq!(s.data.dataset.train, run.data.dataset.train);
+        for _ in 0..3 {
+            let a = pollster::block_on(run.session.step(ctx)).unwrap();
+            let b = pollster::block_on(s.step(ctx)).unwrap();
+            assert_eq!((a.step, a.loss, a.lr), (b.step, b.loss, b.lr));
+            assert_eq!(a.two_expert_fraction, b.two_expert_fraction);
+        }
+        let ha = pollster::block_on(run.model.download(ctx)).unwrap();
+        let hb = pollster::block_on(s.model.download(ctx)).unwrap();
+        assert_eq!(ha, hb);
+    });
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn session_config_errors_are_typed() {
+    use amoe::train::session::SessionConfig;
+    let bad = SessionConfig {
+        gating: "top3".into(),
+        ..SessionConfig::default()
+    };
+    assert!(matches!(
+        bad.train_config(),
+        Err(Error::InvalidArgument { .. })
+    ));
+    let bad = SessionConfig {
+        heads: 3,
+        ..SessionConfig::default()
+    };
+    assert!(bad.train_config().is_err());
+    let parsed: Result<SessionConfig, _> = serde_json::from_str(r#"{"stepz": 3}"#);
+    assert!(parsed.is_err(), "unknown fields are refused");
+}

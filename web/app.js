@@ -143,8 +143,19 @@ function describeModel(g) {
   return i;
 }
 
-/** Replace the generator only once the new one loaded: a bad file keeps the old model. */
-function useGenerator(g, source) {
+/** Replace the generator only once the new one loaded: a bad file keeps the
+ *  old model. The shaders compile first, so that generation times the GPU. */
+async function useGenerator(g, source) {
+  const before = $("status").textContent;
+  setStatus("Compiling the kernels for this model…", "loading");
+  try {
+    await g.warm();
+  } catch (e) {
+    g.free();
+    throw e;
+  } finally {
+    setStatus(before);
+  }
   if (app.generator && app.generator !== g) app.generator.free();
   app.generator = g;
   app.source = source;
@@ -161,7 +172,7 @@ async function loadDemo() {
       fetchBytes("demo/tokenizer.json"),
       fetchBytes("demo/state.json", true),
     ]);
-    useGenerator(Generator.load(app.gpu, "demo", config, model, tokenizer, state), { kind: "demo" });
+    await useGenerator(Generator.load(app.gpu, "demo", config, model, tokenizer, state), { kind: "demo" });
     app.state = "ready";
     setStatus("Ready.", "ready");
   } catch (e) {
@@ -201,7 +212,7 @@ async function loadFiles(fileList) {
       await bytes("tokenizer.json"),
       await bytes("state.json"),
     );
-    useGenerator(g, { kind: "files", files: fileList });
+    await useGenerator(g, { kind: "files", files: fileList });
     return true;
   } catch (e) {
     showError("model-error", `That checkpoint did not load; the previous model stays. ${message(e)}`);
@@ -383,7 +394,7 @@ async function useTrained() {
   $("output").dataset.state = "loading";
   setBusy(true);
   try {
-    useGenerator(await app.trainer.generator(), { kind: "trained" });
+    await useGenerator(await app.trainer.generator(), { kind: "trained" });
     $("gating").value = "";
     $("prompt").value = "Shall I compare thee";
     document.getElementById("generate-panel").scrollIntoView();
