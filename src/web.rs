@@ -212,9 +212,35 @@ fn parse_gating(s: &str) -> Result<Gating, JsValue> {
     }
 }
 
+impl GenOptions {
+    /// Options from the page's JSON ("" = every default).
+    fn parse(json: &str) -> Result<GenOptions, JsValue> {
+        if json.trim().is_empty() {
+            return Ok(GenOptions::default());
+        }
+        serde_json::from_str(json).map_err(|e| js_msg(format!("generation options: {e}")))
+    }
+}
+
 struct GenState {
     ck: InferCheckpoint,
     engine: Engine,
+}
+
+impl GenState {
+    /// Switch the engine to the options' gating rule (if it differs).
+    fn use_gate(
+        &mut self,
+        ctx: &GpuContext,
+        o: &GenOptions,
+    ) -> Result<crate::kernels::GateConfig, JsValue> {
+        let gating = o.gating.as_deref().map(parse_gating).transpose()?;
+        let gate = self.ck.gate(gating, o.threshold).map_err(js)?;
+        if gate != self.engine.gate {
+            self.engine.set_gate(ctx, gate).map_err(js)?;
+        }
+        Ok(gate)
+    }
 }
 
 /// A checkpoint on the GPU, ready to generate.
@@ -328,12 +354,7 @@ impl Generator {
         let state = self.state.clone();
         let options = options.to_string();
         wasm_bindgen_futures::future_to_promise(async move {
-            let o: GenOptions = if options.trim().is_empty() {
-                GenOptions::default()
-            } else {
-                serde_json::from_str(&options)
-                    .map_err(|e| js_msg(format!("generation options: {e}")))?
-            };
+            let o = GenOptions::parse(&options)?;
             let mut st = state.try_borrow_mut().map_err(|_| busy("the model"))?;
             let st = &mut *st;
             let sampling = Sampling {
@@ -343,11 +364,7 @@ impl Generator {
                 seed: o.seed,
             };
             sampling.validate().map_err(js)?;
-            let gating = o.gating.as_deref().map(parse_gating).transpose()?;
-            let gate = st.ck.gate(gating, o.threshold).map_err(js)?;
-            if gate != st.engine.gate {
-                st.engine.set_gate(&ctx, gate).map_err(js)?;
-            }
+            let gate = st.use_gate(&ctx, &o)?;
             if prompt.trim().is_empty() {
                 return Err(js_msg("empty prompt: type some text to start from"));
             }
@@ -398,19 +415,10 @@ impl Generator {
         let state = self.state.clone();
         let options = options.to_string();
         wasm_bindgen_futures::future_to_promise(async move {
-            let o: GenOptions = if options.trim().is_empty() {
-                GenOptions::default()
-            } else {
-                serde_json::from_str(&options)
-                    .map_err(|e| js_msg(format!("scoring options: {e}")))?
-            };
+            let o = GenOptions::parse(&options)?;
             let mut st = state.try_borrow_mut().map_err(|_| busy("the model"))?;
             let st = &mut *st;
-            let gating = o.gating.as_deref().map(parse_gating).transpose()?;
-            let gate = st.ck.gate(gating, o.threshold).map_err(js)?;
-            if gate != st.engine.gate {
-                st.engine.set_gate(&ctx, gate).map_err(js)?;
-            }
+            st.use_gate(&ctx, &o)?;
             let prompt_ids = st.ck.tokenizer.encode(&prompt).map_err(js)?;
             let n = st.engine.cfg.context;
             if prompt_ids.len() + ids.len() > n {

@@ -329,16 +329,37 @@ async function badInput(page) {
 }
 
 async function deviceLost(page) {
-  await page.evaluate(() => window.amoeApp.gpu.destroyDevice());
-  const g = await clickAndGenerate(page, "#generate", 120_000);
+  // Lose the device in the middle of a generation: after its third token.
+  await page.fill("#max-tokens", "400");
+  await page.evaluate(() => (window.amoeApp.lastGeneration = null));
+  const errors = await page.evaluate(() => window.amoeApp.errors.length);
+  await page.click("#generate");
+  await page.waitForFunction(() => document.querySelectorAll("#output .tok:not(.prompt)").length >= 3, null, {
+    timeout: 120_000,
+    polling: 5,
+  });
+  const streamed = await page.evaluate(() => {
+    window.amoeApp.gpu.destroyDevice();
+    return document.querySelectorAll("#output .tok:not(.prompt)").length;
+  });
+  await page.waitForFunction(
+    (n) => window.amoeApp.lastGeneration || window.amoeApp.errors.length > n,
+    errors,
+    { timeout: 120_000 },
+  );
+  const g = await page.evaluate(() => window.amoeApp.lastGeneration);
   const msg = await page.textContent("#gen-error");
   await page.waitForSelector("#gpu-lost", { state: "visible", timeout: 10_000 }).catch(() => {});
-  const notice = await page.isVisible("#gpu-lost") ? await page.textContent("#gpu-lost") : "(no notice)";
-  check("a lost device: a message and a restart button on the page", !g && /lost/i.test(notice),
-    `${msg} | ${notice.replace(/\s+/g, " ").trim()}`);
+  const notice = (await page.isVisible("#gpu-lost")) ? await page.textContent("#gpu-lost") : "(no notice)";
+  check(
+    "a device lost mid-generation: a message and a restart button on the page",
+    !g && /lost/i.test(notice),
+    `destroyed after ${streamed} streamed tokens; ${msg} | ${notice.replace(/\s+/g, " ").trim()}`,
+  );
   await page.click("#restart-gpu");
   await page.waitForFunction(() => window.amoeApp.generator && !window.amoeApp.gpu.lost &&
     document.getElementById("status").dataset.state === "ready", null, { timeout: 120_000 });
+  await page.fill("#max-tokens", "8");
   const again = await clickAndGenerate(page, "#generate");
   check("after a restart the page generates again", again && again.tokens.length > 0, await page.textContent("#gen-error"));
 }
