@@ -235,6 +235,43 @@ fn generate_json_gives_tokens_ids_and_routes_for_every_adapter() {
             }
         }
         assert!(v["decode_tps"].as_f64().unwrap() > 0.0);
+        assert!(tokens.iter().all(|t| t.get("logits").is_none()));
+    }
+}
+
+/// `--logits` adds the row each token was chosen from: greedy picks its argmax.
+#[test]
+fn generate_json_logits_are_the_rows_greedy_picked_from() {
+    let out = amoe(&[
+        "generate",
+        "--prompt",
+        "And the LORD said",
+        "--max-tokens",
+        "4",
+        "--no-stop",
+        "--json",
+        "--logits",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("valid JSON");
+    let tokens = v["tokens"].as_array().expect("tokens");
+    assert_eq!(tokens.len(), 4);
+    for t in tokens {
+        let row: Vec<f64> = t["logits"]
+            .as_array()
+            .expect("logits per token")
+            .iter()
+            .map(|x| x.as_f64().unwrap())
+            .collect();
+        assert_eq!(row.len(), 2048, "the demo's vocabulary");
+        let best = (0..row.len())
+            .max_by(|&a, &b| row[a].total_cmp(&row[b]).then(b.cmp(&a)))
+            .unwrap();
+        assert_eq!(t["id"].as_u64().unwrap() as usize, best);
     }
 }
 
@@ -265,6 +302,7 @@ fn generate_and_routes_reject_bad_input_with_a_message() {
             "temperature",
         ),
         (vec!["generate", "--prompt", &long], "context window"),
+        (vec!["generate", "--prompt", "x", "--logits"], "--json"),
         (
             vec![
                 "generate",
