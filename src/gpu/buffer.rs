@@ -160,7 +160,8 @@ pub fn uniform<P: super::GpuParams>(ctx: &GpuContext, params: &P) -> wgpu::Buffe
         })
 }
 
-/// Read `count` elements of `T` from the start of `buffer`.
+/// Read `count` elements of `T` from the start of `buffer` (a staging buffer
+/// made for this one read: for a read per step, keep a [`Staging`]).
 pub async fn read_buffer<T: Pod>(
     ctx: &GpuContext,
     buffer: &wgpu::Buffer,
@@ -170,51 +171,96 @@ pub async fn read_buffer<T: Pod>(
     if count == 0 {
         return Ok(Vec::new());
     }
-    let size = bytes.div_ceil(4) * 4;
-    let staging = ctx.device.create_buffer(&wgpu::BufferDescriptor {
-        label: Some("readback"),
-        size,
-        usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
-        mapped_at_creation: false,
-    });
+    let staging = Staging::new(ctx, "readback", bytes)?;
     let mut enc = ctx
         .device
         .create_command_encoder(&wgpu::CommandEncoderDescriptor {
             label: Some("readback"),
         });
-    enc.copy_buffer_to_buffer(buffer, 0, &staging, 0, size);
+    staging.copy_from(&mut enc, buffer, 0, 0, bytes.div_ceil(4) * 4);
     ctx.queue.submit(Some(enc.finish()));
-    let (tx, rx) = futures_channel::oneshot::channel();
-    staging.map_async(wgpu::MapMode::Read, .., move |r| {
-        let _ = tx.send(r);
-    });
-    ctx.wait()?;
-    let what = || buffer_label(buffer);
-    rx.await
-        .map_err(|_| Error::Readback {
-            what: what(),
-            msg: "map callback dropped (device lost?)".into(),
-        })?
-        .map_err(|e| Error::Readback {
-            what: what(),
-            msg: match ctx.lost() {
-                Some(why) => format!("the GPU device was lost ({why})"),
-                None => e.to_string(),
-            },
-        })?;
-    ctx.check_errors("readback")?;
-    let out = {
-        let view = staging
-            .slice(..bytes)
-            .get_mapped_range()
-            .map_err(|e| Error::Readback {
-                what: what(),
-                msg: e.to_string(),
+    staging.read(ctx, count, &buffer_label(buffer)).await
+}
+
+/// A host-readable buffer, made once and read many times: the copies into it
+/// are recorded in the step's own encoder, so a step that reads results back
+/// (a decode step) is still one submit and creates nothing.
+#[derive(Debug)]
+pub struct Staging {
+    pub buffer: wgpu::Buffer,
+}
+
+impl Staging {
+    /// `bytes` (rounded up to 4) of mappable memory.
+    pub fn new(ctx: &GpuContext, label: &str, bytes: u64) -> Result<Staging> {
+        let size = bytes.div_ceil(4).max(1) * 4;
+        check_buffer(ctx, label, size)?;
+        Ok(Staging {
+            buffer: ctx.device.create_buffer(&wgpu::BufferDescriptor {
+                label: Some(label),
+                size,
+                usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+                mapped_at_creation: false,
+            }),
+        })
+    }
+
+    /// Record a copy of `bytes` (a multiple of 4) from `src` at `src_offset`
+    /// to `dst_offset` here.
+    pub fn copy_from(
+        &self,
+        enc: &mut wgpu::CommandEncoder,
+        src: &wgpu::Buffer,
+        src_offset: u64,
+        dst_offset: u64,
+        bytes: u64,
+    ) {
+        enc.copy_buffer_to_buffer(src, src_offset, &self.buffer, dst_offset, bytes);
+    }
+
+    /// Once the submitted work is done: the first `count` elements of `T`.
+    /// `what` names the data in errors.
+    pub async fn read<T: Pod>(&self, ctx: &GpuContext, count: usize, what: &str) -> Result<Vec<T>> {
+        let bytes = (count * std::mem::size_of::<T>()) as u64;
+        if bytes > self.buffer.size() {
+            return Err(Error::shape(
+                "readback",
+                format!("at most {} bytes", self.buffer.size()),
+                bytes,
+            ));
+        }
+        if count == 0 {
+            return Ok(Vec::new());
+        }
+        let (tx, rx) = futures_channel::oneshot::channel();
+        self.buffer.map_async(wgpu::MapMode::Read, .., move |r| {
+            let _ = tx.send(r);
+        });
+        ctx.wait()?;
+        let fail = |msg: String| Error::Readback {
+            what: what.to_string(),
+            msg,
+        };
+        rx.await
+            .map_err(|_| fail("map callback dropped (device lost?)".into()))?
+            .map_err(|e| {
+                fail(match ctx.lost() {
+                    Some(why) => format!("the GPU device was lost ({why})"),
+                    None => e.to_string(),
+                })
             })?;
-        bytemuck::cast_slice::<u8, T>(&view).to_vec()
-    };
-    staging.unmap();
-    Ok(out)
+        ctx.check_errors("readback")?;
+        let out = {
+            let view = self
+                .buffer
+                .slice(..bytes)
+                .get_mapped_range()
+                .map_err(|e| fail(e.to_string()))?;
+            bytemuck::cast_slice::<u8, T>(&view).to_vec()
+        };
+        self.buffer.unmap();
+        Ok(out)
+    }
 }
 
 fn buffer_label(b: &wgpu::Buffer) -> String {

@@ -17,7 +17,7 @@
 
 use crate::conformance::Stopwatch;
 use crate::error::{Error, Result};
-use crate::gpu::{GpuContext, Tensor};
+use crate::gpu::{GpuContext, Staging, Tensor};
 use crate::infer::checkpoint::InferCheckpoint;
 use crate::infer::sampling::{Sampler, Sampling};
 use crate::kernels::add::Add;
@@ -108,7 +108,7 @@ struct Pass {
     logits: Tensor<f32>,
     out_mm: Matmul,
     /// [routing of every MoE layer: ids [T, K], weights [T, K]][logits]
-    readback: Tensor<u32>,
+    readback: Staging,
 }
 
 struct Shared<'a> {
@@ -244,7 +244,7 @@ impl Pass {
             .iter()
             .map(|&l| 2 * t * s.layers[l].cfg.k())
             .sum();
-        let readback = Tensor::<u32>::zeros(ctx, "infer_readback", &[routing + t * v])?;
+        let readback = Staging::new(ctx, "infer_readback", ((routing + t * v) * 4) as u64)?;
         Ok(Pass {
             t,
             ids,
@@ -294,7 +294,7 @@ impl Pass {
             self.norm_f.record(&mut pass);
             self.out_mm.record(&mut pass);
         }
-        let rb = &self.readback.buffer;
+        let rb = &self.readback;
         let mut off = 0u64;
         let moe = s.cfg.moe_layers();
         for &l in &moe {
@@ -303,21 +303,23 @@ impl Pass {
                 (&plan.topk_ids.buffer, plan.topk_ids.bytes()),
                 (&plan.topk_weights.buffer, plan.topk_weights.bytes()),
             ] {
-                enc.copy_buffer_to_buffer(b, 0, rb, off, bytes);
+                rb.copy_from(&mut enc, b, 0, off, bytes);
                 off += bytes;
             }
         }
         let rows = if all_logits { t } else { 1 };
         let row_bytes = (v * 4) as u64;
-        enc.copy_buffer_to_buffer(
+        rb.copy_from(
+            &mut enc,
             &self.logits.buffer,
             (t - rows) as u64 * row_bytes,
-            rb,
             off,
             rows as u64 * row_bytes,
         );
         ctx.queue.submit(Some(enc.finish()));
-        let words = crate::gpu::read_buffer::<u32>(ctx, rb, off as usize / 4 + rows * v).await?;
+        let words = rb
+            .read::<u32>(ctx, off as usize / 4 + rows * v, "routes and logits")
+            .await?;
         ctx.check_errors("infer_step")?;
         let mut routes = vec![Vec::with_capacity(moe.len()); t];
         let mut w = 0usize;

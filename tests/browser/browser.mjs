@@ -400,11 +400,13 @@ async function main() {
 
     const sp = await speed(page);
     numbers.native_adapter = sp.natAdapter;
+    numbers.native_binary = path.relative(repo, amoe);
     numbers.browser_decode_tps = sp.webTps;
     numbers.native_decode_tps = sp.natTps;
     numbers.browser_over_native = sp.webTps / sp.natTps;
     console.log(
       `decode: page ${sp.webTps.toFixed(1)} tok/s on ${adapter}, native ${sp.natTps.toFixed(1)} tok/s on ${sp.natAdapter} ` +
+        `(${path.relative(repo, amoe)}) ` +
         `(ratio ${(sp.webTps / sp.natTps).toFixed(2)}; demo checkpoint, ${BENCH_TOKENS} tokens, median of 3)`,
     );
 
