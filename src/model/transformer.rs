@@ -638,8 +638,8 @@ pub struct TrainStep {
     adamw: Vec<AdamW>,
     grad_norm: GradNorm,
     clip: Tensor<f32>,
-    /// What the host reads back: see `readback_layout`.
-    readback: Tensor<u32>,
+    /// What the host reads back (see `record_readback`), made once.
+    readback: crate::gpu::Staging,
     moe_layers: Vec<usize>,
     vocab: usize,
 }
@@ -899,12 +899,8 @@ impl TrainStep {
             vv.push(vt);
         }
         let moe_layers = cfg.moe_layers();
-        let readback = Tensor::<u32>::with_usage(
-            ctx,
-            "step readback",
-            &[readback_len(cfg, t)],
-            crate::gpu::STORAGE_USAGE,
-        )?;
+        let readback =
+            crate::gpu::Staging::new(ctx, "step readback", readback_len(cfg, t) as u64 * 4)?;
         Ok(TrainStep {
             fwd,
             back,
@@ -981,7 +977,14 @@ impl TrainStep {
         }
         self.record_readback(&mut enc, complexity);
         ctx.queue.submit(Some(enc.finish()));
-        let words = self.readback.read(ctx).await?;
+        let words = self
+            .readback
+            .read::<u32>(
+                ctx,
+                (self.readback.buffer.size() / 4) as usize,
+                "training step results",
+            )
+            .await?;
         ctx.check_errors("train_step")?;
         self.parse(&model.cfg, &words, complexity)
     }
@@ -1012,9 +1015,9 @@ impl TrainStep {
     }
 
     fn record_readback(&self, enc: &mut wgpu::CommandEncoder, complexity: bool) {
-        let rb = &self.readback.buffer;
-        enc.copy_buffer_to_buffer(&self.fwd.loss_out.buffer, 0, rb, 0, 8);
-        enc.copy_buffer_to_buffer(&self.clip.buffer, 0, rb, 8, 8);
+        let rb = &self.readback;
+        rb.copy_from(enc, &self.fwd.loss_out.buffer, 0, 0, 8);
+        rb.copy_from(enc, &self.clip.buffer, 0, 8, 8);
         let mut off = 16u64;
         for &l in &self.moe_layers {
             let plan = match &self.fwd.blocks[l].ffn {
@@ -1023,14 +1026,14 @@ impl TrainStep {
             };
             let e = plan.fwd.logits.shape[1];
             let head = (RoutingLayout::HEADER + e) as u64 * 4;
-            enc.copy_buffer_to_buffer(&plan.fwd.routing.buffer, 0, rb, off, head);
+            rb.copy_from(enc, &plan.fwd.routing.buffer, 0, off, head);
             off += head;
             let stats = plan.stats();
-            enc.copy_buffer_to_buffer(&stats.buffer, 0, rb, off, stats.bytes());
+            rb.copy_from(enc, &stats.buffer, 0, off, stats.bytes());
             off += stats.bytes();
             if complexity {
                 let ids = &plan.fwd.topk_ids;
-                enc.copy_buffer_to_buffer(&ids.buffer, 0, rb, off, ids.bytes());
+                rb.copy_from(enc, &ids.buffer, 0, off, ids.bytes());
                 off += ids.bytes();
             }
         }
