@@ -328,6 +328,26 @@ async function badInput(page) {
   check("a checkpoint picked with the file input loads", (await page.textContent("#model-error")) === "");
 }
 
+/** Two calls at once on one model: the second is refused with a message. */
+async function busy(page) {
+  const r = await page.evaluate(async () => {
+    const g = window.amoeApp.generator;
+    const opts = JSON.stringify({ max_tokens: 4 });
+    const first = g.generate("And", opts, null);
+    let second;
+    try {
+      await g.generate("And", opts, null);
+      second = "accepted";
+    } catch (e) {
+      second = e.message;
+    }
+    const a = JSON.parse(await first);
+    return { first: a.tokens.length, second };
+  });
+  check("a second call while the model is busy is refused with a message", r.first > 0 && /busy/.test(r.second),
+    JSON.stringify(r));
+}
+
 async function deviceLost(page) {
   // Lose the device in the middle of a generation: after its third token.
   await page.fill("#max-tokens", "400");
@@ -415,6 +435,7 @@ async function main() {
     const rep = await conformance(page);
     numbers.conformance = rep && { pass: rep.pass, cases: rep.report.kernels.length, not_applicable: rep.report.not_applicable.length };
     await badInput(page);
+    await busy(page);
     await deviceLost(page);
     check("no panic, trap or uncaught error on the page", pageErrors.length === 0, pageErrors.join(" | "));
     await page.screenshot({ path: path.join(outDir, "final.png"), fullPage: true });
