@@ -32,7 +32,7 @@ use amoe::conformance::Rng;
 use amoe::gpu::{AdapterFilter, GpuContext, Tensor};
 use amoe::kernels::expert::{ExpertBuffers, ExpertFfn, ExpertShape, ExpertSpec};
 use amoe::kernels::matmul::{Matmul, MatmulShape, MatmulSpec, MatmulVariant, Trans};
-use amoe::kernels::route::routing_tensor;
+use amoe::kernels::route::{routing_tensor, RouteConfig};
 use amoe::kernels::{Activation, RoutingLayout, UNUSED};
 use amoe::reference::activation::{act_gelu, act_silu};
 use amoe::reference::matmul::matmul as matmul_twin;
@@ -126,7 +126,12 @@ async fn bench_expert(ctx: &GpuContext, shape: &ExpertShape, peak: f64) -> Resul
     }
     let gy1 = f.div_ceil(spec.tile_n()) as u32;
     let gy2 = d.div_ceil(spec.tile_n()) as u32;
-    let (words, tos, _) = route(&ids, t, k, e, layout.tile_m, gy1, gy2);
+    let config = RouteConfig {
+        grid_y1: gy1,
+        grid_y2: gy2,
+        ..RouteConfig::new(layout)
+    };
+    let (words, tos, _) = route(&ids, &config);
     let slots = words[RoutingLayout::USED_SLOTS] as usize;
     let x = rng.vec_sym(t * d, 1.0);
     let w1 = rng.vec_sym(e * d * f, (3.0 / d as f32).sqrt());

@@ -3,6 +3,11 @@
 // Shapes: T tokens, K slots per token, S = T*K slots, E experts, C = CHUNK
 // slots per chunk, NC = ceil(S / C) chunks. Twin: src/reference/route.rs (route).
 //
+// Slots are taken in priority order: position i < S is slot
+// (i mod T) * K + i / T, so every first choice (by token) comes before every
+// second choice. An expert keeps the first `capacity` slots of that order;
+// later ones are dropped (slot_of_token = UNUSED, no row).
+//
 // Three passes, recorded in this order by src/kernels/route.rs:
 // 1. route_count (NC workgroups): per chunk, the rank of every slot among the
 //    earlier slots of the chunk with the same expert (kept in slot_of_token
@@ -10,13 +15,15 @@
 // 2. route_scan (one workgroup): hist becomes, per expert, the exclusive
 //    prefix over chunks; expert_counts, tile-padded expert_offsets, the header
 //    words, tile_expert, and UNUSED in the padding rows of token_of_slot.
-// 3. route_scatter (NC workgroups): row = offsets[e] + hist[chunk, e] + rank,
-//    so the slots of one expert keep their (token, k) order.
+// 3. route_scatter (NC workgroups): rank = hist[chunk, e] + chunk rank; a
+//    slot below capacity takes row offsets[e] + rank, so the slots of one
+//    expert keep the priority order.
+// counts are the kept slots; the header's dropped word counts the others.
 // Ids that are UNUSED (or not below E) take no row.
 //
 // Spec constants prepended by the launcher: CHUNK (invocations per workgroup
 // = slots per chunk), UNUSED, HEADER, ARGS1, ARGS2, USED_SLOTS, NUM_TILES,
-// PADDED_ROWS (word indices of RoutingLayout). Every entry point shares one
+// PADDED_ROWS, DROPPED_SLOTS (word indices of RoutingLayout). Every entry point shares one
 // binding table, so one layout serves the three pipelines.
 
 struct RouteParams {
@@ -32,7 +39,8 @@ struct RouteParams {
     grid_y2: u32,
     // workgroups along x of the (possibly folded) grid of passes 1 and 3
     nx: u32,
-    _pad0: u32,
+    // slots an expert takes at most (UNUSED: no limit)
+    capacity: u32,
     _pad1: u32,
 }
 
@@ -46,10 +54,17 @@ struct RouteParams {
 var<workgroup> ids_wg: array<u32, CHUNK>;
 var<workgroup> part_pad: array<u32, CHUNK>;
 var<workgroup> part_used: array<u32, CHUNK>;
-var<workgroup> totals: vec2<u32>;
+var<workgroup> part_dropped: array<u32, CHUNK>;
+var<workgroup> totals: vec3<u32>;
 
 fn chunk_index(wid: vec3<u32>) -> u32 {
     return wid.x + wid.y * params.nx;
+}
+
+// The slot at position i of the priority order.
+fn slot_at(i: u32) -> u32 {
+    let t = i % params.t;
+    return t * params.k + i / params.t;
 }
 
 fn padded(count: u32) -> u32 {
@@ -68,8 +83,10 @@ fn route_count(
     let e_n = params.e;
     let i = chunk * CHUNK + lid;
     var id = UNUSED;
+    var slot = 0u;
     if i < params.s {
-        let v = topk_ids[i];
+        slot = slot_at(i);
+        let v = topk_ids[slot];
         if v < e_n {
             id = v;
         }
@@ -94,7 +111,7 @@ fn route_count(
                 break;
             }
         }
-        slot_of_token[i] = rank;
+        slot_of_token[slot] = rank;
         // The chunk's last slot of an expert knows the chunk's count.
         if last {
             hist[chunk * e_n + id] = rank + 1u;
@@ -116,6 +133,7 @@ fn route_scan(@builtin(local_invocation_index) lid: u32) {
     let e1 = min(e0 + per, e_n);
     var pad_sum = 0u;
     var used = 0u;
+    var dropped = 0u;
     for (var x = e0; x < e1; x++) {
         var running = 0u;
         for (var c = 0u; c < nc; c++) {
@@ -124,23 +142,28 @@ fn route_scan(@builtin(local_invocation_index) lid: u32) {
             hist[at] = running;
             running += v;
         }
-        routing[counts + x] = running;
-        used += running;
-        pad_sum += padded(running);
+        let kept = min(running, params.capacity);
+        routing[counts + x] = kept;
+        used += kept;
+        dropped += running - kept;
+        pad_sum += padded(kept);
     }
     part_pad[lid] = pad_sum;
     part_used[lid] = used;
+    part_dropped[lid] = dropped;
     workgroupBarrier();
     if lid == 0u {
         var acc = 0u;
         var u = 0u;
+        var dr = 0u;
         for (var j = 0u; j < CHUNK; j++) {
             let v = part_pad[j];
             part_pad[j] = acc;
             acc += v;
             u += part_used[j];
+            dr += part_dropped[j];
         }
-        totals = vec2<u32>(acc, u);
+        totals = vec3<u32>(acc, u, dr);
     }
     workgroupBarrier();
 
@@ -167,6 +190,7 @@ fn route_scan(@builtin(local_invocation_index) lid: u32) {
         routing[USED_SLOTS] = totals.y;
         routing[NUM_TILES] = num_tiles;
         routing[PADDED_ROWS] = padded_rows;
+        routing[DROPPED_SLOTS] = totals.z;
     }
     // Every offset written before any invocation searches them.
     storageBarrier();
@@ -204,12 +228,18 @@ fn route_scatter(
         return;
     }
     let e_n = params.e;
-    let id = topk_ids[i];
+    let slot = slot_at(i);
+    let id = topk_ids[slot];
     if id >= e_n {
-        slot_of_token[i] = UNUSED;
+        slot_of_token[slot] = UNUSED;
         return;
     }
-    let row = routing[HEADER + e_n + id] + hist[chunk * e_n + id] + slot_of_token[i];
-    token_of_slot[row] = i / params.k;
-    slot_of_token[i] = row;
+    let rank = hist[chunk * e_n + id] + slot_of_token[slot];
+    if rank >= params.capacity {
+        slot_of_token[slot] = UNUSED;
+        return;
+    }
+    let row = routing[HEADER + e_n + id] + rank;
+    token_of_slot[row] = slot / params.k;
+    slot_of_token[slot] = row;
 }

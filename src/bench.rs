@@ -171,6 +171,7 @@ pub fn bench_layer_config(gating: Gating, quick: bool) -> (usize, MoeConfig) {
             e: 16,
             activation: Activation::Gelu,
             gate: GateConfig::new(gating),
+            capacity_factor: None,
         },
     )
 }

@@ -37,6 +37,12 @@ pub struct MoeConfig {
     pub e: usize,
     pub activation: Activation,
     pub gate: GateConfig,
+    /// Switch-style capacity factor of training plans: each expert takes at
+    /// most `ceil(factor T K / E)` slots of a batch, first choices first,
+    /// and drops the rest (the token keeps its residual). None: dropless
+    /// (the default). Inference plans are always dropless.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub capacity_factor: Option<f32>,
 }
 
 impl MoeConfig {
@@ -46,7 +52,22 @@ impl MoeConfig {
                 return Err(Error::invalid("moe_layer", format!("{name} = 0")));
             }
         }
+        if let Some(c) = self.capacity_factor {
+            if !c.is_finite() || c <= 0.0 {
+                return Err(Error::invalid(
+                    "moe_layer",
+                    format!("capacity factor {c} (need a finite number > 0)"),
+                ));
+            }
+        }
         self.gate.validate(self.e)
+    }
+
+    /// Slots an expert takes at most in a training batch of `t` tokens
+    /// (None: dropless).
+    pub fn capacity(&self, t: usize) -> Option<u32> {
+        self.capacity_factor
+            .map(|c| crate::kernels::route::expert_capacity(c, t, self.k(), self.e))
     }
 
     /// K: the most experts a token can use under this gating rule.
@@ -335,6 +356,7 @@ impl MoeLayer {
                     layout,
                     grid_y1: ffn.grid_y1(),
                     grid_y2: ffn.grid_y2(),
+                    capacity: if train { cfg.capacity(t) } else { None },
                 },
                 &RouteBuffers {
                     topk_ids: &topk_ids,
@@ -390,7 +412,8 @@ impl MoeLayer {
     }
 
     /// Allocate a training plan for `t` tokens: the grouped forward keeping
-    /// what the backward needs, the backward and the gradients.
+    /// what the backward needs (and dropping past the capacity, when the
+    /// config sets a factor), the backward and the gradients.
     /// `split`: K chunks of the expert weight-gradient GEMMs (1 on CPU adapters).
     pub fn plan_train(
         &self,

@@ -6,26 +6,12 @@
 mod common;
 
 use amoe::conformance::Rng;
-use amoe::kernels::{GateConfig, Gating};
+use amoe::kernels::Gating;
 use amoe::model::reference::{train_step, AdamState, CpuStepStats};
 use amoe::model::{HostParams, Model, ModelConfig, OptConfig, StepArgs, TrainStep};
 use amoe::tol::Tol;
 
-fn tiny(gating: Gating, dense: bool) -> ModelConfig {
-    ModelConfig {
-        vocab: 64,
-        d: 32,
-        layers: 2,
-        heads: 2,
-        context: 16,
-        ffn: 32,
-        experts: 4,
-        moe_every: 1,
-        dense,
-        gate: GateConfig::new(gating),
-        ..ModelConfig::default()
-    }
-}
+use common::tiny_model as tiny;
 
 /// Learning rate of the step: large enough that weight decay (lr * 0.1 *
 /// |p|) is well above the parameter tolerance.
@@ -174,7 +160,19 @@ fn check_step(
         got.expert_counts == want.expert_counts,
         format!("gpu {:?} cpu {:?}", got.expert_counts, want.expert_counts),
     );
-    if cfg.gate.gating == Gating::Adaptive && !cfg.dense {
+    r.check(
+        "dropped slots",
+        got.dropped_slots == want.dropped_slots,
+        format!("gpu {:?} cpu {:?}", got.dropped_slots, want.dropped_slots),
+    );
+    if cfg.capacity_factor.is_some() {
+        r.check(
+            "capacity drops slots",
+            want.dropped_slots.iter().all(|&n| n > 0),
+            format!("dropped per layer {:?}", want.dropped_slots),
+        );
+    }
+    if cfg.gate.gating == Gating::Adaptive && !cfg.dense && cfg.capacity_factor.is_none() {
         // Otherwise adaptive degenerates to top-1 or top-2 here.
         let slots: Vec<u32> = want.expert_counts.iter().map(|c| c.iter().sum()).collect();
         r.check(
@@ -331,6 +329,15 @@ fn step_matches_twin_top2() {
 #[test]
 fn step_matches_twin_adaptive() {
     compare(&tiny(Gating::Adaptive, false), 13);
+}
+
+#[test]
+fn step_matches_twin_top2_with_capacity() {
+    let cfg = ModelConfig {
+        capacity_factor: Some(0.75),
+        ..tiny(Gating::Top2, false)
+    };
+    compare(&cfg, 15);
 }
 
 #[test]

@@ -18,6 +18,7 @@ fn config(gating: Gating, activation: Activation, d: usize, f: usize, e: usize) 
         e,
         activation,
         gate: GateConfig::new(gating),
+        capacity_factor: None,
     }
 }
 

@@ -4,24 +4,10 @@
 mod common;
 
 use amoe::conformance::Rng;
-use amoe::kernels::{GateConfig, Gating};
+use amoe::kernels::Gating;
 use amoe::model::{HostParams, Model, ModelConfig, OptConfig, StepArgs, TrainStep};
 
-fn tiny(gating: Gating, dense: bool) -> ModelConfig {
-    ModelConfig {
-        vocab: 64,
-        d: 32,
-        layers: 2,
-        heads: 2,
-        context: 16,
-        ffn: 32,
-        experts: 4,
-        moe_every: 1,
-        dense,
-        gate: GateConfig::new(gating),
-        ..ModelConfig::default()
-    }
-}
+use common::tiny_model as tiny;
 
 fn overfit(cfg: ModelConfig) {
     let b = 4;

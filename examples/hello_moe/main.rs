@@ -25,6 +25,7 @@ fn main() -> amoe::Result<()> {
                 threshold: 0.2,
                 ..GateConfig::new(gating)
             },
+            capacity_factor: None,
         };
         let layer = MoeLayer::new(&ctx, cfg, &MoeWeights::random(&cfg, 7))?;
         let plan = layer.plan(&ctx, t, Path::Grouped)?;

@@ -11,6 +11,7 @@ use super::{CheckResult, Rng};
 use crate::error::Result;
 use crate::gpu::{GpuContext, Tensor};
 use crate::kernels::combine::{Combine, CombineBuffers, CombineSpec};
+use crate::kernels::route::RouteConfig;
 use crate::kernels::{RoutingLayout, UNUSED};
 use crate::reference::combine::combine_forward;
 use crate::reference::route::route;
@@ -79,7 +80,7 @@ pub async fn run(ctx: &GpuContext, case: &Case) -> Result<CheckResult> {
     let tile_m = 16;
     let layout = RoutingLayout { t, k, e, tile_m };
     let ids_host = make_ids(t, k, e, ids, seed);
-    let (_, token_of_slot, slots) = route(&ids_host, t, k, e, tile_m, 1, 1);
+    let (_, token_of_slot, slots) = route(&ids_host, &RouteConfig::new(layout));
     let mut rng = Rng::new(seed ^ 0xC0B1);
     let rows = layout.max_rows();
     let mut y_expert = rng.vec_sym(rows * d, 2.0);

@@ -13,7 +13,7 @@ use crate::error::{Error, Result};
 use crate::gpu::{GpuContext, Tensor};
 use crate::kernels::expert::{ExpertBuffers, ExpertFfn, ExpertShape, ExpertSpec, ExpertStage};
 use crate::kernels::matmul::MatmulSpec;
-use crate::kernels::route::routing_tensor;
+use crate::kernels::route::{routing_tensor, RouteConfig};
 use crate::kernels::{Activation, UNUSED};
 use crate::reference::expert::{expert_ffn, ExpertWeights};
 use crate::reference::route::route;
@@ -162,12 +162,19 @@ async fn run_ffn(
         stage: ExpertStage::gemm1(s.act),
         core: c.core,
     };
-    let (t, k, e, d, f) = (s.t, s.k, s.e, s.d, s.f);
+    let (t, e, d, f) = (s.t, s.e, s.d, s.f);
     let layout = s.layout(&spec);
     let rows = layout.max_rows();
     let grid_y1 = f.div_ceil(spec.tile_n()) as u32;
     let grid_y2 = d.div_ceil(spec.tile_n()) as u32;
-    let (words, token_of_slot, _) = route(&c.ids, t, k, e, layout.tile_m, grid_y1, grid_y2);
+    let (words, token_of_slot, _) = route(
+        &c.ids,
+        &RouteConfig {
+            grid_y1,
+            grid_y2,
+            ..RouteConfig::new(layout)
+        },
+    );
 
     let mut rng = Rng::new(c.seed);
     let x = rng.vec_sym(t * d, 1.0);

@@ -19,6 +19,8 @@ pub struct Case {
     pub gating: Gating,
     pub t: usize,
     pub split: usize,
+    /// Capacity factor of the training plan (None: dropless).
+    pub capacity_factor: Option<f32>,
     pub seed: u64,
 }
 
@@ -27,10 +29,14 @@ impl Case {
         (
             "moe_layer_backward".into(),
             format!(
-                "{} T={} D=24 F=40 E=6 split-K {}",
+                "{} T={} D=24 F=40 E=6 split-K {}{}",
                 self.gating.name(),
                 self.t,
-                self.split
+                self.split,
+                match self.capacity_factor {
+                    Some(c) => format!(" capacity factor {c}"),
+                    None => String::new(),
+                }
             ),
         )
     }
@@ -41,6 +47,14 @@ pub fn cases() -> Vec<Case> {
         gating,
         t,
         split,
+        capacity_factor: None,
+        seed,
+    };
+    let cap = |gating, t, split, factor, seed| Case {
+        gating,
+        t,
+        split,
+        capacity_factor: Some(factor),
         seed,
     };
     vec![
@@ -49,6 +63,10 @@ pub fn cases() -> Vec<Case> {
         c(Gating::Adaptive, 50, 1, 3),
         c(Gating::Adaptive, 130, 3, 4),
         c(Gating::Top2, 1, 1, 5),
+        // Slots past capacity dropped: no expert output, no weight gradient.
+        cap(Gating::Top1, 50, 1, 0.5, 6),
+        cap(Gating::Top2, 50, 1, 0.75, 7),
+        cap(Gating::Adaptive, 130, 3, 0.5, 8),
     ]
 }
 
@@ -64,6 +82,7 @@ pub async fn run(ctx: &GpuContext, case: &Case) -> Result<CheckResult> {
             threshold: 0.4,
             ..GateConfig::new(case.gating)
         },
+        capacity_factor: case.capacity_factor,
     };
     let w = MoeWeights::random(&cfg, case.seed);
     let mut rng = Rng::new(case.seed + 100);
@@ -95,6 +114,8 @@ pub async fn run(ctx: &GpuContext, case: &Case) -> Result<CheckResult> {
     let (fw, layout) = compose::forward(&cfg, &w, &x, t, plan.backward.shape.layout.tile_m)?;
     let want = compose::backward(&cfg, &w, &x, &fw, &layout, &dy, &aux);
     let ids = plan.fwd.topk_ids.read(ctx).await?;
+    let routing = plan.fwd.routing.read(ctx).await?;
+    let head = crate::kernels::RoutingLayout::HEADER;
     let y = plan.fwd.y.read(ctx).await?;
     let dx = plan.dx.read(ctx).await?;
     let dwr = plan.dw_router.read(ctx).await?;
@@ -106,6 +127,10 @@ pub async fn run(ctx: &GpuContext, case: &Case) -> Result<CheckResult> {
         name,
         &[
             ("topk_ids", compare_exact(&ids, &fw.topk_ids)),
+            (
+                "routing header",
+                compare_exact(&routing[..head], &fw.routing[..head]),
+            ),
             ("y", Tol::reduction(cfg.f).compare(&y, &fw.y)),
             ("dx", Tol::reduction(cfg.f).compare(&dx, &want.dx)),
             (

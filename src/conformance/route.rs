@@ -1,7 +1,8 @@
 //! Conformance cases of the route kernels (`route_count`, `route_scan`,
 //! `route_scatter`, recorded by `kernels::route::Route`) against the twin
 //! `reference::route::route`: the whole routing buffer, `token_of_slot` up to
-//! the padded rows and `slot_of_token`, all compared exactly.
+//! the padded rows and `slot_of_token`, all compared exactly, dropless and
+//! with a capacity that drops slots.
 //!
 //! The GPU buffers start dirty where the route must overwrite them
 //! (`token_of_slot`, `slot_of_token`) and with the status bit set (which the
@@ -60,6 +61,8 @@ pub enum Case {
         ids: Ids,
         /// Record the route this many times in one pass.
         repeat: usize,
+        /// Slots an expert takes at most (None: dropless).
+        capacity: Option<u32>,
         seed: u64,
     },
     BadInputs,
@@ -75,12 +78,17 @@ impl Case {
                 tile_m,
                 ids,
                 repeat,
+                capacity,
                 ..
             } => (
                 "route".into(),
                 format!(
-                    "T={t} K={k} E={e} tile_m={tile_m} {}{}",
+                    "T={t} K={k} E={e} tile_m={tile_m} {}{}{}",
                     ids.label(),
+                    match capacity {
+                        Some(c) => format!(", capacity {c}"),
+                        None => String::new(),
+                    },
                     if *repeat > 1 {
                         format!(" x{repeat}")
                     } else {
@@ -90,7 +98,7 @@ impl Case {
             ),
             Case::BadInputs => (
                 "route".into(),
-                "bad inputs: K > E, K = 0, T = 0, tile_m = 0, shape mismatch".into(),
+                "bad inputs: K > E, K = 0, T = 0, tile_m = 0, capacity 0, shape mismatch".into(),
             ),
         }
     }
@@ -104,6 +112,18 @@ pub fn cases() -> Vec<Case> {
         tile_m,
         ids,
         repeat,
+        capacity: None,
+        seed,
+    };
+    // With a capacity: ceil(factor T K / E) slots per expert.
+    let cap = |t, k, e, tile_m, ids, factor, repeat, seed| Case::Twin {
+        t,
+        k,
+        e,
+        tile_m,
+        ids,
+        repeat,
+        capacity: Some(crate::kernels::route::expert_capacity(factor, t, k, e)),
         seed,
     };
     let random = Ids::Random { unused_pct: 0 };
@@ -121,6 +141,14 @@ pub fn cases() -> Vec<Case> {
         c(5000, 2, 300, 32, Ids::Skewed, 1, 11),
         c(500, 2, 16, 16, Ids::OutOfRange, 1, 12),
         c(700, 2, 2, 16, Ids::Adaptive { two_pct: 50 }, 1, 13),
+        // Dropping: skewed loads past capacity, across chunks, and an expert
+        // whose capacity is taken by first choices only.
+        cap(1, 2, 4, 4, random, 0.5, 1, 14),
+        cap(300, 1, 8, 16, Ids::Skewed, 1.0, 1, 15),
+        cap(1000, 2, 16, 32, Ids::Skewed, 1.25, 2, 16),
+        cap(4096, 2, 64, 64, Ids::Adaptive { two_pct: 20 }, 0.5, 1, 17),
+        cap(600, 2, 8, 16, Ids::OneExpert(2), 1.0, 1, 18),
+        cap(2000, 2, 16, 8, Ids::Random { unused_pct: 5 }, 0.25, 1, 19),
         Case::BadInputs,
     ]
 }
@@ -171,6 +199,7 @@ pub async fn run(ctx: &GpuContext, case: &Case) -> Result<CheckResult> {
         tile_m,
         ids,
         repeat,
+        capacity,
         seed,
     } = *case
     else {
@@ -181,10 +210,10 @@ pub async fn run(ctx: &GpuContext, case: &Case) -> Result<CheckResult> {
         layout,
         grid_y1: 3,
         grid_y2: 5,
+        capacity,
     };
     let ids_host = make_ids(t, k, e, ids, seed);
-    let (mut want_words, want_tos, want_sot) =
-        route(&ids_host, t, k, e, tile_m, config.grid_y1, config.grid_y2);
+    let (mut want_words, want_tos, want_sot) = route(&ids_host, &config);
     want_words[RoutingLayout::STATUS] = STATUS_NONFINITE;
 
     let topk_ids = Tensor::from_slice(ctx, "topk_ids", &[t, k], &ids_host)?;
@@ -235,7 +264,12 @@ pub async fn run(ctx: &GpuContext, case: &Case) -> Result<CheckResult> {
 
 fn bad_inputs(ctx: &GpuContext, kernel: &str, case: &str) -> CheckResult {
     let mut checks = Vec::new();
-    let mut try_route = |what: &str, layout: RoutingLayout, ids_k: usize, rows: usize, want| {
+    let mut try_route = |what: &str,
+                         layout: RoutingLayout,
+                         capacity: Option<u32>,
+                         ids_k: usize,
+                         rows: usize,
+                         want| {
         ctx.capture_errors();
         let r = (|| -> Result<Route> {
             let l = layout;
@@ -248,9 +282,8 @@ fn bad_inputs(ctx: &GpuContext, kernel: &str, case: &str) -> CheckResult {
             Route::new(
                 ctx,
                 &RouteConfig {
-                    layout: l,
-                    grid_y1: 1,
-                    grid_y2: 1,
+                    capacity,
+                    ..RouteConfig::new(l)
                 },
                 &RouteBuffers {
                     topk_ids: &topk_ids,
@@ -267,6 +300,7 @@ fn bad_inputs(ctx: &GpuContext, kernel: &str, case: &str) -> CheckResult {
     try_route(
         "K > E",
         l(8, 2, 1, 4),
+        None,
         2,
         l(8, 2, 1, 4).max_rows(),
         is_invalid,
@@ -274,16 +308,26 @@ fn bad_inputs(ctx: &GpuContext, kernel: &str, case: &str) -> CheckResult {
     try_route(
         "K = 0",
         l(8, 0, 4, 4),
+        None,
         0,
         l(8, 0, 4, 4).max_rows(),
         is_invalid,
     );
-    try_route("T = 0", l(0, 2, 4, 4), 2, 16, is_invalid);
-    try_route("tile_m = 0", l(8, 2, 4, 0), 2, 16, is_invalid);
-    try_route("topk_ids [T, 1] for K = 2", ok, 1, ok.max_rows(), is_shape);
+    try_route("T = 0", l(0, 2, 4, 4), None, 2, 16, is_invalid);
+    try_route("tile_m = 0", l(8, 2, 4, 0), None, 2, 16, is_invalid);
+    try_route("capacity 0", ok, Some(0), 2, ok.max_rows(), is_invalid);
+    try_route(
+        "topk_ids [T, 1] for K = 2",
+        ok,
+        None,
+        1,
+        ok.max_rows(),
+        is_shape,
+    );
     try_route(
         "token_of_slot too short",
         ok,
+        None,
         2,
         ok.max_rows() - 1,
         is_shape,

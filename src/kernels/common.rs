@@ -127,7 +127,8 @@ pub enum Activation {
 /// | 7 | num_tiles (row tiles of `tile_m` over the padded slot space) |
 /// | 8 | status flags (`STATUS_NONFINITE`: a token had NaN/inf logits) |
 /// | 9 | padded rows = num_tiles * tile_m |
-/// | 10..16 | reserved (zero) |
+/// | 10 | dropped slots (routed slots past their expert's capacity) |
+/// | 11..16 | reserved (zero) |
 /// | 16..16+E | expert_counts [E] |
 /// | 16+E..17+2E | expert_offsets [E+1], padded to `tile_m` (start row of each expert) |
 /// | 17+2E..17+2E+max_tiles | tile_expert [max_tiles]: expert of each row tile |
@@ -149,6 +150,7 @@ impl RoutingLayout {
     pub const NUM_TILES: usize = 7;
     pub const STATUS: usize = 8;
     pub const PADDED_ROWS: usize = 9;
+    pub const DROPPED_SLOTS: usize = 10;
     pub const HEADER: usize = 16;
 
     pub fn counts(&self) -> usize {

@@ -9,9 +9,13 @@
 //! `tile_expert [max_tiles]` (`UNUSED` past num_tiles); the status word and the
 //! reserved words are left as they are. Also writes `token_of_slot [max_rows]`
 //! (every row below the padded rows: a token, or `UNUSED` for padding) and
-//! `slot_of_token [T, K]`. The slots of one expert keep their (token, k) order,
-//! and nothing depends on the order in which atomics land: run to run, and
-//! GPU to CPU, the plan is bit-identical.
+//! `slot_of_token [T, K]`. The slots of one expert are in priority order:
+//! every first choice by token, then every second choice by token. With a
+//! capacity C (Switch style, `expert_capacity`), an expert takes its first C
+//! slots in that order and the rest are dropped (`slot_of_token` = `UNUSED`,
+//! counted in the header's dropped word), so a second choice is dropped
+//! before any first choice. Nothing depends on the order in which atomics
+//! land: run to run, and GPU to CPU, the plan is bit-identical.
 
 use super::{grid_1d, Kernel, ParamsLayout, RoutingLayout, UNUSED};
 use crate::error::{Error, Result};
@@ -58,6 +62,7 @@ impl RouteSpec {
                 ("USED_SLOTS", RoutingLayout::USED_SLOTS as u32),
                 ("NUM_TILES", RoutingLayout::NUM_TILES as u32),
                 ("PADDED_ROWS", RoutingLayout::PADDED_ROWS as u32),
+                ("DROPPED_SLOTS", RoutingLayout::DROPPED_SLOTS as u32),
             ],
             // One binding table for the three passes.
             &[
@@ -89,7 +94,8 @@ gpu_params! {
         pub grid_y1: u32,
         pub grid_y2: u32,
         pub nx: u32,
-        pub _pad0: u32,
+        // slots an expert takes at most (UNUSED: no limit)
+        pub capacity: u32,
         pub _pad1: u32,
     }
 }
@@ -101,13 +107,35 @@ pub fn params_layouts() -> Vec<ParamsLayout> {
 }
 
 /// What the route needs to know besides the tensors: the routing layout
-/// (T, K, E, tile_m) and the y workgroup counts that go into the two indirect
-/// dispatch triples (the expert GEMMs' column grids).
+/// (T, K, E, tile_m), the y workgroup counts that go into the two indirect
+/// dispatch triples (the expert GEMMs' column grids) and the capacity.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct RouteConfig {
     pub layout: RoutingLayout,
     pub grid_y1: u32,
     pub grid_y2: u32,
+    /// Slots an expert takes at most; None: dropless (the default).
+    pub capacity: Option<u32>,
+}
+
+impl RouteConfig {
+    /// Dropless, with y grids of 1.
+    pub fn new(layout: RoutingLayout) -> Self {
+        RouteConfig {
+            layout,
+            grid_y1: 1,
+            grid_y2: 1,
+            capacity: None,
+        }
+    }
+}
+
+/// Switch-style expert capacity: `ceil(factor * T * K / E)` slots per expert
+/// (GShard's `2T/E` for top-2; K is the rule's most experts per token, so
+/// adaptive gating gets top-2's capacity), at least 1.
+pub fn expert_capacity(factor: f32, t: usize, k: usize, e: usize) -> u32 {
+    let c = (factor as f64 * (t * k) as f64 / e.max(1) as f64).ceil();
+    c.clamp(1.0, u32::MAX as f64 - 1.0) as u32
 }
 
 /// The tensors the route reads and writes.
@@ -156,6 +184,12 @@ pub fn check(
     }
     if l.tile_m == 0 {
         return Err(Error::invalid("route", "tile_m = 0"));
+    }
+    if config.capacity == Some(0) || config.capacity == Some(UNUSED) {
+        return Err(Error::invalid(
+            "route",
+            format!("capacity {:?} (need 1 <= C < 2^32 - 1)", config.capacity),
+        ));
     }
     let want = |name: &str, got: &[usize], want: &[usize]| -> Result<()> {
         if got != want {
@@ -222,7 +256,7 @@ impl Route {
             grid_y1: config.grid_y1,
             grid_y2: config.grid_y2,
             nx: grid.0,
-            _pad0: 0,
+            capacity: config.capacity.unwrap_or(UNUSED),
             _pad1: 0,
         };
         let params_buf = uniform(ctx, &params);
@@ -260,11 +294,7 @@ mod tests {
     use super::*;
 
     fn cfg(t: usize, k: usize, e: usize, tile_m: usize) -> RouteConfig {
-        RouteConfig {
-            layout: RoutingLayout { t, k, e, tile_m },
-            grid_y1: 1,
-            grid_y2: 1,
-        }
+        RouteConfig::new(RoutingLayout { t, k, e, tile_m })
     }
 
     fn shapes(c: &RouteConfig) -> Result<usize> {
@@ -276,6 +306,17 @@ mod tests {
             (l.len(), l.max_rows())
         };
         check(c, &[l.t, l.k], &[len], &[rows], &[l.t, l.k])
+    }
+
+    #[test]
+    fn capacity_follows_switch() {
+        // 128 tokens, top-1, 16 experts: 8 per expert at factor 1.
+        assert_eq!(expert_capacity(1.0, 128, 1, 16), 8);
+        assert_eq!(expert_capacity(1.25, 128, 1, 16), 10);
+        // Top-2 doubles it; a tiny factor still leaves one slot.
+        assert_eq!(expert_capacity(1.0, 128, 2, 16), 16);
+        assert_eq!(expert_capacity(1e-9, 128, 2, 16), 1);
+        assert_eq!(expert_capacity(1.1, 10, 1, 3), 4);
     }
 
     #[test]
@@ -304,6 +345,11 @@ mod tests {
             shapes(&cfg(4, 2, 4, 0)),
             Err(Error::InvalidArgument { .. })
         ));
+        let zero = RouteConfig {
+            capacity: Some(0),
+            ..cfg(4, 2, 4, 4)
+        };
+        assert!(matches!(shapes(&zero), Err(Error::InvalidArgument { .. })));
         let c = cfg(4, 2, 8, 4);
         let l = c.layout;
         assert!(matches!(

@@ -42,6 +42,10 @@ pub struct ModelConfig {
     /// Gating rule of the MoE layers during training.
     pub gate: GateConfig,
     pub aux: AuxConfig,
+    /// Capacity factor of the MoE layers during training (Switch style,
+    /// `MoeConfig::capacity_factor`); None: dropless (the default).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub capacity_factor: Option<f32>,
     /// RMSNorm epsilon.
     pub eps: f32,
 }
@@ -61,6 +65,7 @@ impl Default for ModelConfig {
             dense: false,
             gate: GateConfig::default(),
             aux: AuxConfig::default(),
+            capacity_factor: None,
             eps: 1e-5,
         }
     }
@@ -121,6 +126,7 @@ impl ModelConfig {
                 e: self.experts,
                 activation: Activation::Gelu,
                 gate: self.gate,
+                capacity_factor: self.capacity_factor,
             },
             FfnKind::Dense => MoeConfig {
                 d: self.d,
@@ -132,6 +138,7 @@ impl ModelConfig {
                     single_weight: SingleWeight::One,
                     ..self.gate
                 },
+                capacity_factor: None,
             },
         }
     }
@@ -236,6 +243,38 @@ mod tests {
             ..ModelConfig::default()
         };
         assert!(bad.validate().is_err());
+        for factor in [0.0, -1.0, f32::NAN, f32::INFINITY] {
+            let bad = ModelConfig {
+                capacity_factor: Some(factor),
+                ..ModelConfig::default()
+            };
+            assert!(
+                matches!(bad.validate(), Err(Error::InvalidArgument { .. })),
+                "capacity factor {factor}"
+            );
+        }
+    }
+
+    #[test]
+    fn capacity_applies_to_moe_layers_only_and_old_configs_read() {
+        let c = ModelConfig {
+            capacity_factor: Some(1.25),
+            moe_every: 2,
+            ..ModelConfig::default()
+        };
+        c.validate().unwrap();
+        assert_eq!(c.ffn_config(1).capacity_factor, Some(1.25));
+        assert_eq!(c.ffn_config(0).capacity_factor, None);
+        // 128 tokens, K = 2, E = 16: ceil(1.25 * 256 / 16) = 20.
+        assert_eq!(c.ffn_config(1).capacity(128), Some(20));
+        // A config.json written before the field existed reads as dropless.
+        let mut v = serde_json::to_value(ModelConfig::default()).unwrap();
+        assert!(v.get("capacity_factor").is_none());
+        v.as_object_mut().unwrap().remove("capacity_factor");
+        let back: ModelConfig = serde_json::from_value(v).unwrap();
+        assert_eq!(back.capacity_factor, None);
+        let s = serde_json::to_string(&c).unwrap();
+        assert_eq!(serde_json::from_str::<ModelConfig>(&s).unwrap(), c);
     }
 
     #[test]

@@ -120,8 +120,10 @@ pub struct CpuStepStats {
     pub clip_scale: f32,
     /// Per MoE layer: the load-balancing loss (coefficient applied).
     pub balance_loss: Vec<f32>,
-    /// Per MoE layer: tokens whose first choice was each expert.
+    /// Per MoE layer: slots each expert processed (within its capacity).
     pub expert_counts: Vec<Vec<u32>>,
+    /// Per MoE layer: slots dropped past their expert's capacity.
+    pub dropped_slots: Vec<u32>,
     /// Gradients before clipping, in `param_shapes` order.
     pub grads: HostParams,
 }
@@ -247,7 +249,9 @@ pub fn forward<F: Float>(
         let p = |s: &str| -> Result<&[F]> { Ok(&params[ix.layer(l, s)?]) };
         let mut ffn_cfg = cfg.ffn_config(l);
         if let Some(g) = eval_gate.filter(|_| ffn_cfg.e > 1) {
+            // Evaluation is dropless, as on the GPU.
             ffn_cfg.gate = g;
+            ffn_cfg.capacity_factor = None;
         }
         let (a, rstd1) = rmsnorm_forward(&x, p("norm1")?, eps, t, d);
         let qkv = matmul(&a, p("wqkv")?, t, 3 * d, d, Trans::NN, one, zero, None);
@@ -478,17 +482,22 @@ pub fn train_step(
 
     let mut balance_loss = Vec::new();
     let mut expert_counts = Vec::new();
+    let mut dropped_slots = Vec::new();
     for l in cfg.moe_layers() {
         let blk = &g.trace.blocks[l];
-        let (e, k) = (blk.ffn_cfg.e, blk.ffn_cfg.k());
+        let e = blk.ffn_cfg.e;
         balance_loss.push(g.aux[l].0);
         let mut counts = vec![0u32; e];
-        for row in blk.ffn.topk_ids.chunks(k) {
-            for &i in row.iter().filter(|&&i| (i as usize) < e) {
+        let mut dropped = 0u32;
+        for (&i, &kept) in blk.ffn.topk_ids.iter().zip(&blk.ffn.kept) {
+            if kept {
                 counts[i as usize] += 1;
+            } else if (i as usize) < e {
+                dropped += 1;
             }
         }
         expert_counts.push(counts);
+        dropped_slots.push(dropped);
     }
     let grads = HostParams {
         tensors: shapes
@@ -503,6 +512,7 @@ pub fn train_step(
         clip_scale: clip[1],
         balance_loss,
         expert_counts,
+        dropped_slots,
         grads,
     })
 }
@@ -534,6 +544,7 @@ mod tests {
                 balance: 0.3,
                 z_loss: 0.05,
             },
+            capacity_factor: None,
             eps: 1e-5,
         }
     }
@@ -587,6 +598,16 @@ mod tests {
             let all = base_routing.len() * b * cfg.context;
             assert!(two > 0 && two < all, "two-expert tokens: {two} of {all}");
         }
+        if cfg.capacity_factor.is_some() {
+            let dropped = g.trace.blocks.iter().all(|blk| {
+                let f = &blk.ffn;
+                f.topk_ids
+                    .iter()
+                    .zip(&f.kept)
+                    .any(|(&i, &k)| i != UNUSED && !k)
+            });
+            assert!(dropped, "the capacity drops no slot in some layer");
+        }
         let h = 1e-6;
         let eval = |p: &[Vec<f64>]| -> (f64, Vec<Vec<u32>>) {
             let g = loss_and_grads::<f64>(cfg, p, &ids, &targets, b).unwrap();
@@ -633,6 +654,17 @@ mod tests {
     #[test]
     fn gradient_matches_finite_differences_adaptive() {
         check_fd(&tiny(Gating::Adaptive, false), 3);
+    }
+
+    #[test]
+    fn gradient_matches_finite_differences_top2_with_capacity() {
+        // 2 sequences of 5 tokens, K = 2, E = 3: ceil(0.5 * 20 / 3) = 4
+        // slots per expert, so some are dropped.
+        let cfg = ModelConfig {
+            capacity_factor: Some(0.5),
+            ..tiny(Gating::Top2, false)
+        };
+        check_fd(&cfg, 5);
     }
 
     #[test]

@@ -211,7 +211,12 @@ impl Model {
             .iter()
             .map(|m| {
                 let cfg = match gate {
-                    Some(g) if m.cfg.e > 1 => MoeConfig { gate: g, ..m.cfg },
+                    // Evaluation and inference are dropless.
+                    Some(g) if m.cfg.e > 1 => MoeConfig {
+                        gate: g,
+                        capacity_factor: None,
+                        ..m.cfg
+                    },
                     _ => m.cfg,
                 };
                 MoeLayer {
@@ -590,10 +595,14 @@ pub struct StepStats {
     pub grad_norm: f32,
     /// Per MoE layer: load-balancing loss (coefficient applied).
     pub balance_loss: Vec<f32>,
-    /// Per MoE layer: fraction of tokens that took two experts.
+    /// Per MoE layer: fraction of tokens that took two experts (the
+    /// router's decisions, before any capacity drop).
     pub two_expert_fraction: Vec<f32>,
-    /// Per MoE layer: tokens routed to each expert.
+    /// Per MoE layer: slots each expert processed (within its capacity).
     pub expert_counts: Vec<Vec<u32>>,
+    /// Per MoE layer: slots dropped past their expert's capacity (0
+    /// without a capacity factor).
+    pub dropped_slots: Vec<u32>,
     /// Per sequence of the batch: two-expert fraction in each MoE layer
     /// (the curriculum's complexity vectors); empty unless requested.
     pub complexity: Vec<Vec<f32>>,
@@ -1051,6 +1060,7 @@ impl TrainStep {
             balance_loss: Vec::new(),
             two_expert_fraction: Vec::new(),
             expert_counts: Vec::new(),
+            dropped_slots: Vec::new(),
             complexity: Vec::new(),
         };
         let (b, t) = self.batch();
@@ -1060,9 +1070,11 @@ impl TrainStep {
         for (li, &l) in self.moe_layers.iter().enumerate() {
             let c = cfg.ffn_config(l);
             let (e, k) = (c.e, c.k());
-            let used = w[off + RoutingLayout::USED_SLOTS] as f32;
+            let dropped = w[off + RoutingLayout::DROPPED_SLOTS];
+            let routed = (w[off + RoutingLayout::USED_SLOTS] + dropped) as f32;
             s.two_expert_fraction
-                .push((used - t as f32).max(0.0) / t as f32);
+                .push((routed - t as f32).max(0.0) / t as f32);
+            s.dropped_slots.push(dropped);
             s.expert_counts
                 .push(w[off + RoutingLayout::HEADER..off + RoutingLayout::HEADER + e].to_vec());
             off += RoutingLayout::HEADER + e;

@@ -88,6 +88,7 @@ pub fn expert_ffn(
 mod tests {
     use super::*;
     use crate::kernels::matmul::Trans;
+    use crate::kernels::route::RouteConfig;
     use crate::reference::matmul::matmul;
     use crate::reference::route::route;
 
@@ -188,7 +189,7 @@ mod tests {
             w2: &w2,
         };
         let layout = RoutingLayout { t, k, e, tile_m };
-        let (words, tos, _) = route(&ids, t, k, e, tile_m, 1, 1);
+        let (words, tos, _) = route(&ids, &RouteConfig::new(layout));
         let (h, y) = expert_ffn(&x, &tos, &words, &layout, &w, d, f, act);
         let (hc, yc) = composed(&x, &ids, t, k, &layout, &w, d, f, act);
         let close = |a: &[f32], b: &[f32]| {
@@ -230,7 +231,7 @@ mod tests {
             w2: &w2,
         };
         let layout = RoutingLayout { t, k, e, tile_m };
-        let (words, tos, _) = route(&[1, 1, 1], t, k, e, tile_m, 1, 1);
+        let (words, tos, _) = route(&[1, 1, 1], &RouteConfig::new(layout));
         let (h, y) = expert_ffn(&x, &tos, &words, &layout, &w, d, f, Activation::Gelu);
         // Rows 0..3 are expert 1's three tokens, row 3 pads the tile.
         assert!(h[..3 * f].iter().all(|&v| (v - act_gelu(2.0)).abs() < 1e-6));

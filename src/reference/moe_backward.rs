@@ -268,6 +268,7 @@ pub fn expert_weight_grad_w2(
 pub mod compose {
     use super::*;
     use crate::kernels::matmul::Trans;
+    use crate::kernels::route::RouteConfig;
     use crate::moe::{MoeConfig, MoeWeights};
     use crate::reference::combine::combine_forward;
     use crate::reference::matmul::matmul;
@@ -297,7 +298,8 @@ pub mod compose {
         pub stats: Vec<f32>,
     }
 
-    /// Forward over the slot plan (GELU), keeping `u`.
+    /// Forward over the slot plan (GELU), keeping `u`; a training plan, so
+    /// slots past the config's capacity are dropped.
     pub fn forward(
         cfg: &MoeConfig,
         w: &MoeWeights,
@@ -309,7 +311,11 @@ pub mod compose {
         let logits = matmul(x, &w.w_router, t, e, d, Trans::NN, 1.0, 0.0, None);
         let g = crate::reference::gate::gate_forward(&cfg.gate, &logits, t, e)?;
         let layout = RoutingLayout { t, k, e, tile_m };
-        let (routing, token_of_slot, slot_of_token) = route(&g.topk_ids, t, k, e, tile_m, 1, 1);
+        let config = RouteConfig {
+            capacity: cfg.capacity(t),
+            ..RouteConfig::new(layout)
+        };
+        let (routing, token_of_slot, slot_of_token) = route(&g.topk_ids, &config);
         let rows = layout.max_rows();
         let mut u = vec![0.0f32; rows * f];
         let mut h = vec![0.0f32; rows * f];
@@ -421,7 +427,14 @@ mod tests {
 
     #[test]
     fn slot_twins_compose_to_the_per_token_backward() {
-        for (gating, seed) in [(Gating::Top1, 1), (Gating::Top2, 2), (Gating::Adaptive, 3)] {
+        for (gating, seed, capacity_factor) in [
+            (Gating::Top1, 1, None),
+            (Gating::Top2, 2, None),
+            (Gating::Adaptive, 3, None),
+            (Gating::Top1, 4, Some(0.6)),
+            (Gating::Top2, 5, Some(0.6)),
+            (Gating::Adaptive, 6, Some(0.5)),
+        ] {
             let cfg = MoeConfig {
                 d: 12,
                 f: 20,
@@ -431,6 +444,7 @@ mod tests {
                     threshold: 0.4,
                     ..GateConfig::new(gating)
                 },
+                capacity_factor,
             };
             let t = 23;
             let w = MoeWeights::random(&cfg, seed);
@@ -442,6 +456,12 @@ mod tests {
                 z_loss: 0.01,
             };
             let (fw, layout) = compose::forward(&cfg, &w, &x, t, 8).unwrap();
+            let dropped = fw.routing[crate::kernels::RoutingLayout::DROPPED_SLOTS];
+            assert_eq!(
+                dropped > 0,
+                capacity_factor.is_some(),
+                "{gating:?}: {dropped} dropped"
+            );
             let g = compose::backward(&cfg, &w, &x, &fw, &layout, &dy, &aux);
             let p = MoeParams {
                 w_router: w.w_router.clone(),

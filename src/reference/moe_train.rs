@@ -12,6 +12,11 @@
 //! - load balancing `a E sum_e f_e P_e` (f_e: first choices, no gradient) and
 //!   the optional z-loss `b mean_t lse_t^2`, through the softmax.
 //!
+//! With a capacity factor, slots past their expert's capacity are dropped
+//! as the route drops them (`reference::route::kept_slots`): a dropped slot
+//! adds nothing to `y`, and its weight gets no gradient (the other slot's
+//! weight still depends on both probabilities).
+//!
 //! Experts use GELU; SwiGLU training is not supported yet (typed error).
 
 // Index loops mirror the kernels' (and the math's) subscripts.
@@ -77,6 +82,8 @@ pub struct MoeCache<F> {
     pub topk_ids: Vec<u32>,
     /// topk_weights [T, K]
     pub topk_weights: Vec<F>,
+    /// kept [T, K]: the slot is used and within its expert's capacity
+    pub kept: Vec<bool>,
     /// u [T, K, F]: pre-activation of each used (token, slot)
     pub u: Vec<F>,
     /// h [T, K, F]
@@ -181,6 +188,7 @@ pub fn moe_layer_forward<F: Float>(
         lse: vec![F::zero(); t],
         topk_ids: vec![UNUSED; t * k],
         topk_weights: vec![F::zero(); t * k],
+        kept: Vec::new(),
         u: vec![F::zero(); t * k * f],
         h: vec![F::zero(); t * k * f],
         y_expert: vec![F::zero(); t * k * d],
@@ -201,11 +209,18 @@ pub fn moe_layer_forward<F: Float>(
         for j in 0..k {
             cache.topk_ids[tok * k + j] = ids[j];
             cache.topk_weights[tok * k + j] = ws[j];
-            if ids[j] == UNUSED {
+        }
+    }
+    cache.kept = crate::reference::route::kept_slots(&cache.topk_ids, t, k, e, cfg.capacity(t));
+    for tok in 0..t {
+        let xr = &x[tok * d..(tok + 1) * d];
+        for j in 0..k {
+            let slot = tok * k + j;
+            if !cache.kept[slot] {
                 continue;
             }
-            let ex = ids[j] as usize;
-            let slot = tok * k + j;
+            let ex = cache.topk_ids[slot] as usize;
+            let wj = cache.topk_weights[slot];
             for n in 0..f {
                 let mut acc = F::zero();
                 for i in 0..d {
@@ -220,7 +235,7 @@ pub fn moe_layer_forward<F: Float>(
                     acc = acc + cache.h[slot * f + n] * w.w2[(ex * f + n) * d + o];
                 }
                 cache.y_expert[slot * d + o] = acc;
-                cache.y[tok * d + o] = cache.y[tok * d + o] + ws[j] * acc;
+                cache.y[tok * d + o] = cache.y[tok * d + o] + wj * acc;
             }
         }
     }
@@ -289,12 +304,11 @@ pub fn moe_layer_backward<F: Float>(
         // Gradient of each used slot's weight, and the expert backward.
         let mut dws = [F::zero(); 2];
         for j in 0..k {
-            let ex = cache.topk_ids[tok * k + j];
-            if ex == UNUSED {
+            let slot = tok * k + j;
+            if !cache.kept[slot] {
                 continue;
             }
-            let ex = ex as usize;
-            let slot = tok * k + j;
+            let ex = cache.topk_ids[slot] as usize;
             let wj = cache.topk_weights[slot];
             let ye = &cache.y_expert[slot * d..(slot + 1) * d];
             dws[j] = (0..d).fold(F::zero(), |a, o| a + dyr[o] * ye[o]);
@@ -370,6 +384,7 @@ mod tests {
                 gap: GapMode::Top2,
                 single_weight: single,
             },
+            capacity_factor: None,
         }
     }
 
@@ -387,8 +402,9 @@ mod tests {
     }
 
     /// Central differences of every input and parameter, on a layer whose
-    /// routing does not change under the perturbation.
-    fn check_fd(cfg: &MoeConfig, seed: u64) {
+    /// routing does not change under the perturbation. Returns the used
+    /// and the kept slots of the forward.
+    fn check_fd(cfg: &MoeConfig, seed: u64) -> (usize, usize) {
         let t = 7;
         let aux = AuxConfig {
             balance: 0.3,
@@ -460,6 +476,8 @@ mod tests {
             w.w2[i] = keep;
             close(grads.dw2[i], (up - down) / (2.0 * h), &format!("dw2[{i}]"));
         }
+        let used = cache.topk_ids.iter().filter(|&&i| i != UNUSED).count();
+        (used, cache.kept.iter().filter(|&&k| k).count())
     }
 
     #[test]
@@ -481,6 +499,25 @@ mod tests {
     #[test]
     fn backward_matches_finite_differences_single_weight_one() {
         check_fd(&config(Gating::Adaptive, SingleWeight::One, 0.3), 14);
+    }
+
+    #[test]
+    fn backward_matches_finite_differences_with_capacity() {
+        // T = 7, K = 2, E = 4: ceil(0.6 * 14 / 4) = 3 slots per expert, so
+        // some first and second choices are dropped.
+        for (gating, seed) in [
+            (Gating::Top2, 15),
+            (Gating::Top1, 16),
+            (Gating::Adaptive, 17),
+        ] {
+            let mut cfg = config(gating, SingleWeight::RawP1, 0.3);
+            cfg.capacity_factor = Some(if gating == Gating::Top1 { 0.5 } else { 0.6 });
+            let (used, kept) = check_fd(&cfg, seed);
+            assert!(
+                kept < used,
+                "{gating:?}: nothing dropped ({kept} of {used})"
+            );
+        }
     }
 
     #[test]

@@ -8,6 +8,8 @@
 #![allow(dead_code)]
 
 use amoe::gpu::{AdapterFilter, GpuContext};
+use amoe::kernels::{GateConfig, Gating};
+use amoe::model::ModelConfig;
 use std::sync::OnceLock;
 
 fn contexts() -> &'static [GpuContext] {
@@ -96,4 +98,22 @@ pub fn conformance_family(family: &str) {
             report.not_applicable.len()
         );
     });
+}
+
+/// The tiny transformer of the training-step tests (V 64, D 32, 2 layers,
+/// 2 heads, context 16, F 32, E 4) under `gating`, or dense.
+pub fn tiny_model(gating: Gating, dense: bool) -> ModelConfig {
+    ModelConfig {
+        vocab: 64,
+        d: 32,
+        layers: 2,
+        heads: 2,
+        context: 16,
+        ffn: 32,
+        experts: 4,
+        moe_every: 1,
+        dense,
+        gate: GateConfig::new(gating),
+        ..ModelConfig::default()
+    }
 }
