@@ -168,6 +168,10 @@ fn with_ctx(adapter: &AdapterArgs, f: impl FnOnce(&GpuContext) -> Result<()>) ->
 }
 
 fn train(adapter: &AdapterArgs, args: &train_cmd::TrainArgs) -> Result<ExitCode> {
+    // A bad flag is reported before any adapter or data is touched.
+    if args.resume.is_none() {
+        args.config()?;
+    }
     let ctx = pollster::block_on(GpuContext::new(&adapter.filter()?))?;
     let s = train_cmd::train(&ctx, args)?;
     if args.json {

@@ -140,6 +140,11 @@ pub struct TrainArgs {
     /// Router z-loss coefficient (0 = off).
     #[arg(long, default_value_t = 0.0)]
     pub z_loss: f32,
+    /// Switch-style expert capacity while training: each expert takes at most
+    /// ceil(F * tokens * K / experts) slots of a batch (K = 2 for top2 and adaptive),
+    /// first choices first; the rest are dropped. Default: no limit (dropless).
+    #[arg(long, value_name = "F")]
+    pub capacity_factor: Option<f32>,
     /// Training text: a file or directory (.txt, .md, .jsonl, .jsonl.gz). Default: the shipped corpus.
     #[arg(long)]
     pub data: Option<PathBuf>,
@@ -198,6 +203,7 @@ impl TrainArgs {
         };
         m.aux.balance = self.balance;
         m.aux.z_loss = self.z_loss;
+        m.capacity_factor = self.capacity_factor;
         self.model.apply(&mut c);
         for (field, arg) in [
             (&mut c.steps, self.steps),
@@ -230,6 +236,7 @@ impl TrainArgs {
         if c.model.gate.gating == Gating::Top2 && self.weight == WeightArg::Raw {
             c.model.gate.single_weight = SingleWeight::One;
         }
+        c.model.validate()?;
         Ok(c)
     }
 }
@@ -257,6 +264,9 @@ impl Progress for Bar {
         }
         if let Some(i) = m.expert_imbalance {
             msg.push_str(&format!("  load max/mean {i:.2}"));
+        }
+        if let Some(d) = m.dropped_fraction {
+            msg.push_str(&format!("  dropped {:.1}%", 100.0 * d));
         }
         if let Some(v) = self.val {
             msg.push_str(&format!("  val {v:.3} (ppl {:.1})", v.exp()));
@@ -300,6 +310,9 @@ pub fn train(ctx: &GpuContext, args: &TrainArgs) -> Result<RunSummary> {
             format!(" (threshold {}, curriculum {})", c.model.gate.threshold, if c.curriculum { "on" } else { "off" })
         } else {
             String::new()
+        } + &match c.model.capacity_factor {
+            Some(f) if !c.model.dense => format!(", capacity factor {f}"),
+            _ => String::new(),
         },
         c.batch,
         c.model.context,

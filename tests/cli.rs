@@ -109,6 +109,93 @@ fn bad_arguments_give_clear_errors_not_panics() {
     );
 }
 
+/// `amoe train --capacity-factor`: slots are dropped and reported in the
+/// metrics, the factor is saved with the checkpoint, and a bad factor is a
+/// clear error.
+#[test]
+fn train_with_a_capacity_factor_drops_and_reports_it() {
+    let out = amoe(&["train", "--capacity-factor", "0", "--steps", "1"]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("capacity factor 0") && !err.contains("panicked"),
+        "{err}"
+    );
+    if !std::env::var("CI").is_ok_and(|v| v == "true")
+        && std::env::var("AMOE_REQUIRE_ADAPTERS").is_err()
+        && amoe(&["devices", "--json"]).stdout.len() < 10
+    {
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("amoe-cli-capacity-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let data = concat!(env!("CARGO_MANIFEST_DIR"), "/web/assets/sonnets.txt");
+    let out = amoe(&[
+        "train",
+        "--backend",
+        "vulkan",
+        "--data",
+        data,
+        "--gating",
+        "top2",
+        "--capacity-factor",
+        "0.5",
+        "--d",
+        "32",
+        "--layers",
+        "1",
+        "--heads",
+        "2",
+        "--experts",
+        "4",
+        "--ffn",
+        "32",
+        "--context",
+        "16",
+        "--batch",
+        "4",
+        "--vocab",
+        "300",
+        "--steps",
+        "3",
+        "--warmup",
+        "1",
+        "--eval-every",
+        "3",
+        "--eval-batches",
+        "1",
+        "--json",
+        "--out",
+        dir.to_str().unwrap(),
+    ]);
+    assert!(
+        out.status.success(),
+        "train failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let metrics = std::fs::read_to_string(dir.join("metrics.jsonl")).unwrap();
+    let train: Vec<serde_json::Value> = metrics
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|m| m["kind"] == "train")
+        .collect();
+    assert_eq!(train.len(), 3);
+    for m in &train {
+        // Top-2 at half the slots a balanced router needs: at least half of
+        // the routed slots find their expert full.
+        let d = m["dropped_fraction"].as_f64().unwrap();
+        assert!((0.5..1.0).contains(&d), "dropped fraction {d}: {m}");
+    }
+    let cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("checkpoint/config.json")).unwrap())
+            .unwrap();
+    let saved = cfg["model"]["capacity_factor"]
+        .as_f64()
+        .or_else(|| cfg["capacity_factor"].as_f64());
+    assert_eq!(saved, Some(0.5), "{cfg}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 /// `amoe reproduce` end to end at toy scale: pretraining, conversion, five
 /// schemes, the table, the JSON of the issue and the plot.
 #[test]

@@ -66,6 +66,14 @@ fn tiny_model_overfits_one_batch_top2() {
 }
 
 #[test]
+fn tiny_model_overfits_one_batch_top2_with_capacity() {
+    overfit(ModelConfig {
+        capacity_factor: Some(1.0),
+        ..tiny(Gating::Top2, false)
+    });
+}
+
+#[test]
 fn tiny_dense_model_overfits_one_batch() {
     overfit(tiny(Gating::Top1, true));
 }

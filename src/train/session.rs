@@ -134,9 +134,14 @@ pub struct Metric {
     /// Mean over MoE layers of the two-expert token fraction.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub two_expert_fraction: Option<f32>,
-    /// max / mean of the per-expert token counts, mean over MoE layers.
+    /// max / mean of the per-expert slot counts (slots the experts
+    /// processed), mean over MoE layers.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub expert_imbalance: Option<f32>,
+    /// With a capacity factor: the fraction of routed slots dropped past
+    /// their expert's capacity, mean over MoE layers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dropped_fraction: Option<f32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub step_s: Option<f64>,
 }
@@ -309,6 +314,18 @@ impl Session {
                 })
                 .collect::<Vec<_>>(),
         );
+        let dropped = mean(
+            &stats
+                .expert_counts
+                .iter()
+                .zip(&stats.dropped_slots)
+                .map(|(c, &dropped)| {
+                    let routed = c.iter().sum::<u32>() + dropped;
+                    dropped as f32 / routed.max(1) as f32
+                })
+                .collect::<Vec<_>>(),
+        );
+        let capped = self.cfg.model.capacity_factor.is_some() && !self.cfg.model.dense;
         Ok(Metric {
             kind: "train".into(),
             step: s,
@@ -320,6 +337,7 @@ impl Session {
             tokens_per_s: Some(batch.ids.len() as f64 / dt.max(1e-9)),
             two_expert_fraction: (!stats.two_expert_fraction.is_empty()).then_some(two),
             expert_imbalance: (!stats.expert_counts.is_empty()).then_some(imbalance),
+            dropped_fraction: capped.then_some(dropped),
             step_s: Some(dt),
         })
     }
@@ -399,6 +417,8 @@ pub struct SessionConfig {
     pub gating: String,
     pub threshold: f32,
     pub curriculum: bool,
+    /// As `--capacity-factor` (absent or null: dropless).
+    pub capacity_factor: Option<f32>,
 }
 
 impl Default for SessionConfig {
@@ -421,6 +441,7 @@ impl Default for SessionConfig {
             gating: "adaptive".into(),
             threshold: t.model.gate.threshold,
             curriculum: t.curriculum,
+            capacity_factor: None,
         }
     }
 }
@@ -459,6 +480,7 @@ impl SessionConfig {
         t.opt.adamw.lr = self.lr;
         t.seed = self.seed;
         t.curriculum = self.curriculum;
+        t.model.capacity_factor = self.capacity_factor;
         t.model.validate()?;
         Ok(t)
     }

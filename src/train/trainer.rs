@@ -351,6 +351,7 @@ impl Run {
                         tokens_per_s: None,
                         two_expert_fraction: None,
                         expert_imbalance: None,
+                        dropped_fraction: None,
                         step_s: None,
                     };
                     metrics.write(&vm)?;
