@@ -50,7 +50,8 @@ enum Command {
         #[command(flatten)]
         adapter: AdapterArgs,
         /// Only this kernel family (matmul, gate, route, expert, combine, decode,
-        /// embedding, rmsnorm, attention, cross_entropy, adamw, add, moe_backward, kv_cache).
+        /// embedding, rmsnorm, attention, cross_entropy, adamw, add, moe_backward, kv_cache,
+        /// complexity).
         #[arg(long)]
         kernel: Option<String>,
         /// Also write the results as JSON to this file ("-" for stdout).

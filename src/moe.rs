@@ -18,9 +18,8 @@ use crate::kernels::matmul::{Matmul, MatmulShape, MatmulSpec, Trans};
 use crate::kernels::moe_backward::{MoeBackward, MoeBackwardBuffers, MoeBackwardShape};
 use crate::kernels::route::{routing_tensor, Route, RouteBuffers, RouteConfig};
 use crate::kernels::{
-    Activation, GateConfig, RoutingLayout, SingleWeight, STATUS_NONFINITE, UNUSED,
+    Activation, AuxConfig, GateConfig, RoutingLayout, SingleWeight, STATUS_NONFINITE, UNUSED,
 };
-use crate::reference::moe_train::AuxConfig;
 use serde::{Deserialize, Serialize};
 
 /// Up to this many tokens, `Path::Auto` takes the decode path.

@@ -66,3 +66,8 @@ fn attention_matches_twin() {
 fn kv_cache_matches_twin() {
     common::conformance_family("kv_cache");
 }
+
+#[test]
+fn complexity_matches_twin() {
+    common::conformance_family("complexity");
+}

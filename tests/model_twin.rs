@@ -89,7 +89,7 @@ fn compare(cfg: &ModelConfig, seed: u64) {
             targets: &targets,
             lr: LR,
             step: 1,
-            complexity: false,
+            complexity: true,
         };
         let got = pollster::block_on(step.step(ctx, &model, &args)).unwrap();
         let read = |x: &amoe::gpu::Tensor<f32>| pollster::block_on(x.read(ctx)).unwrap();
@@ -159,6 +159,12 @@ fn check_step(
         "expert counts",
         got.expert_counts == want.expert_counts,
         format!("gpu {:?} cpu {:?}", got.expert_counts, want.expert_counts),
+    );
+    let bits = |v: &[Vec<f32>]| -> Vec<u32> { v.iter().flatten().map(|x| x.to_bits()).collect() };
+    r.check(
+        "complexity vectors",
+        bits(&got.complexity) == bits(&want.complexity),
+        format!("gpu {:?} cpu {:?}", got.complexity, want.complexity),
     );
     r.check(
         "dropped slots",

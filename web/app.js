@@ -459,10 +459,24 @@ async function conformance() {
 
 // ---------------------------------------------------------------- wiring
 
+// Frees a wasm object's memory now; one still borrowed by a call in flight
+// on the lost device refuses, and is then left to the garbage collector.
+function release(obj) {
+  try {
+    obj?.free();
+  } catch {
+    /* busy: dropped with its last reference */
+  }
+}
+
 async function restartGpu() {
   $("gpu-lost").hidden = true;
+  release(app.generator);
+  release(app.trainer);
+  release(app.gpu);
   app.generator = null;
   app.trainer = null;
+  app.gpu = null;
   if (!(await startGpu())) return;
   setStatus("Reloading the model…", "loading");
   const src = app.source;

@@ -6,6 +6,7 @@ pub mod adamw;
 pub mod add;
 pub mod attention;
 pub mod combine;
+pub mod complexity;
 pub mod cross_entropy;
 pub mod decode;
 pub mod embedding;
@@ -102,6 +103,7 @@ pub enum Case {
     RmsNorm(rmsnorm::Case),
     Attention(attention::Case),
     KvCache(kv_cache::Case),
+    Complexity(complexity::Case),
 }
 
 /// Kernel families, as `--kernel` filters name them.
@@ -120,6 +122,7 @@ pub const FAMILIES: &[&str] = &[
     "rmsnorm",
     "attention",
     "kv_cache",
+    "complexity",
 ];
 
 impl Case {
@@ -139,6 +142,7 @@ impl Case {
             Case::RmsNorm(_) => "rmsnorm",
             Case::Attention(_) => "attention",
             Case::KvCache(_) => "kv_cache",
+            Case::Complexity(_) => "complexity",
         }
     }
 
@@ -159,6 +163,7 @@ impl Case {
             Case::RmsNorm(c) => c.names(),
             Case::Attention(c) => c.names(),
             Case::KvCache(c) => c.names(),
+            Case::Complexity(c) => c.names(),
         }
     }
 
@@ -191,6 +196,7 @@ impl Case {
             Case::RmsNorm(c) => rmsnorm::run(ctx, c).await,
             Case::Attention(c) => attention::run(ctx, c).await,
             Case::KvCache(c) => kv_cache::run(ctx, c).await,
+            Case::Complexity(c) => complexity::run(ctx, c).await,
         };
         r.unwrap_or_else(|e| {
             let (k, c) = self.names();
@@ -216,6 +222,7 @@ pub fn cases(family: Option<&str>) -> Vec<Case> {
     v.extend(rmsnorm::cases().into_iter().map(Case::RmsNorm));
     v.extend(attention::cases().into_iter().map(Case::Attention));
     v.extend(kv_cache::cases().into_iter().map(Case::KvCache));
+    v.extend(complexity::cases().into_iter().map(Case::Complexity));
     v.retain(|c| family.is_none_or(|f| c.family() == f));
     v
 }

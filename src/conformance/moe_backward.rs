@@ -8,10 +8,9 @@
 use super::{CheckResult, Rng};
 use crate::error::Result;
 use crate::gpu::GpuContext;
-use crate::kernels::{Activation, GateConfig, Gating};
+use crate::kernels::{Activation, AuxConfig, GateConfig, Gating};
 use crate::moe::{MoeConfig, MoeLayer, MoeWeights};
 use crate::reference::moe_backward::compose;
-use crate::reference::moe_train::AuxConfig;
 use crate::tol::{compare_exact, Tol};
 
 #[derive(Clone, Debug)]

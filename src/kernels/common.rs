@@ -1,5 +1,6 @@
 //! Types shared by several kernel families: the gating configuration, the
-//! activation, and the layout of the packed routing metadata buffer.
+//! router's auxiliary-loss coefficients, the activation, and the layout of
+//! the packed routing metadata buffer.
 
 use crate::error::{Error, Result};
 use serde::{Deserialize, Serialize};
@@ -103,6 +104,24 @@ impl GateConfig {
             ));
         }
         Ok(())
+    }
+}
+
+/// Coefficients of the router's auxiliary losses.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct AuxConfig {
+    /// Load-balancing coefficient `a` (0.01 in the paper).
+    pub balance: f32,
+    /// Router z-loss coefficient `b` (0 = off).
+    pub z_loss: f32,
+}
+
+impl Default for AuxConfig {
+    fn default() -> Self {
+        AuxConfig {
+            balance: 0.01,
+            z_loss: 0.0,
+        }
     }
 }
 

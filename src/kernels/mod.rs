@@ -10,6 +10,7 @@ pub mod add;
 pub mod attention;
 pub mod combine;
 pub mod common;
+pub mod complexity;
 pub mod cross_entropy;
 pub mod decode;
 pub mod embedding;
@@ -45,6 +46,7 @@ pub enum Kernel {
     RmsNorm(rmsnorm::RmsNormSpec),
     Attention(attention::AttentionSpec),
     KvCache(kv_cache::KvSpec),
+    Complexity(complexity::ComplexitySpec),
 }
 
 impl Kernel {
@@ -66,6 +68,7 @@ impl Kernel {
             Kernel::RmsNorm(s) => s.def(),
             Kernel::Attention(s) => s.def(),
             Kernel::KvCache(s) => s.def(),
+            Kernel::Complexity(s) => s.def(),
         }
     }
 
@@ -113,6 +116,11 @@ impl Kernel {
                 .map(Kernel::Attention),
         );
         v.extend(kv_cache::KvSpec::all().into_iter().map(Kernel::KvCache));
+        v.extend(
+            complexity::ComplexitySpec::all()
+                .into_iter()
+                .map(Kernel::Complexity),
+        );
         v
     }
 }
@@ -151,6 +159,7 @@ pub fn params_layouts() -> Vec<ParamsLayout> {
     v.extend(roofline::params_layouts());
     v.extend(moe_backward::params_layouts());
     v.extend(add::params_layouts());
+    v.extend(complexity::params_layouts());
     v.extend(embedding::params_layouts());
     v.extend(adamw::params_layouts());
     v.extend(cross_entropy::params_layouts());

@@ -2,9 +2,8 @@
 //! checkpoint.
 
 use crate::error::{Error, Result};
-use crate::kernels::{Activation, GateConfig, Gating, SingleWeight};
+use crate::kernels::{Activation, AuxConfig, GateConfig, Gating, SingleWeight};
 use crate::moe::MoeConfig;
-use crate::reference::moe_train::AuxConfig;
 use serde::{Deserialize, Serialize};
 
 /// Which FFN a layer has.

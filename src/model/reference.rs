@@ -124,6 +124,9 @@ pub struct CpuStepStats {
     pub expert_counts: Vec<Vec<u32>>,
     /// Per MoE layer: slots dropped past their expert's capacity.
     pub dropped_slots: Vec<u32>,
+    /// Per sequence: its two-expert fraction in each MoE layer (the
+    /// curriculum's complexity vectors).
+    pub complexity: Vec<Vec<f32>>,
     /// Gradients before clipping, in `param_shapes` order.
     pub grads: HostParams,
 }
@@ -483,8 +486,18 @@ pub fn train_step(
     let mut balance_loss = Vec::new();
     let mut expert_counts = Vec::new();
     let mut dropped_slots = Vec::new();
+    let mut complexity = vec![Vec::new(); b];
     for l in cfg.moe_layers() {
         let blk = &g.trace.blocks[l];
+        let per_seq = crate::reference::complexity::sequence_complexity(
+            &blk.ffn.topk_ids,
+            b,
+            cfg.context,
+            blk.ffn_cfg.k(),
+        );
+        for (row, v) in complexity.iter_mut().zip(per_seq) {
+            row.push(v);
+        }
         let e = blk.ffn_cfg.e;
         balance_loss.push(g.aux[l].0);
         let mut counts = vec![0u32; e];
@@ -513,6 +526,7 @@ pub fn train_step(
         balance_loss,
         expert_counts,
         dropped_slots,
+        complexity,
         grads,
     })
 }

@@ -2,7 +2,8 @@
 //! training step (forward, backward, gradient clipping, AdamW) recorded into
 //! one command encoder with one submit. The host uploads the batch and reads
 //! back one small buffer: the loss, the gradient norm and each MoE layer's
-//! routing counts (plus the routing ids when the curriculum needs them).
+//! routing counts (plus, when the curriculum needs them, each sequence's
+//! two-expert fraction per MoE layer, computed by `sequence_complexity`).
 //!
 //! Per block (pre-norm, T = B N rows):
 //! ```text
@@ -21,6 +22,7 @@ use crate::kernels::attention::{
     AttentionBackward, AttentionBackwardBuffers, AttentionConfig, AttentionForward,
     AttentionForwardBuffers,
 };
+use crate::kernels::complexity::SequenceComplexity;
 use crate::kernels::cross_entropy::{CrossEntropy, CrossEntropyBuffers, LossSum, LossSumBuffers};
 use crate::kernels::embedding::{
     token_order, EmbeddingBackwardWpe, EmbeddingBackwardWpeBuffers, EmbeddingBackwardWte,
@@ -640,6 +642,10 @@ pub struct TrainStep {
     normf_gain: RmsNormBackwardGain,
     emb_wte: EmbeddingBackwardWte,
     emb_wpe: EmbeddingBackwardWpe,
+    /// complexity [B, MoE layers]: each sequence's two-expert fraction per
+    /// MoE layer, computed on the GPU when the curriculum asks for it.
+    complexity: Tensor<f32>,
+    complexity_kernels: Vec<SequenceComplexity>,
     /// Gradients, AdamW moments, in `Model::params` order.
     pub grads: Vec<Tensor<f32>>,
     pub m: Vec<Tensor<f32>>,
@@ -908,6 +914,19 @@ impl TrainStep {
             vv.push(vt);
         }
         let moe_layers = cfg.moe_layers();
+        let complexity = z("complexity", &[b, moe_layers.len().max(1)])?;
+        let mut complexity_kernels = Vec::with_capacity(moe_layers.len());
+        for (col, &l) in moe_layers.iter().enumerate() {
+            if let FfnPlan::Train(plan) = &fwd.blocks[l].ffn {
+                complexity_kernels.push(SequenceComplexity::new(
+                    ctx,
+                    b,
+                    &plan.fwd.topk_ids,
+                    &complexity,
+                    col,
+                )?);
+            }
+        }
         let readback =
             crate::gpu::Staging::new(ctx, "step readback", readback_len(cfg, t) as u64 * 4)?;
         Ok(TrainStep {
@@ -923,6 +942,8 @@ impl TrainStep {
             normf_gain,
             emb_wte,
             emb_wpe,
+            complexity,
+            complexity_kernels,
             grads,
             m,
             v: vv,
@@ -978,6 +999,11 @@ impl TrainStep {
                 timestamp_writes: None,
             });
             self.fwd.record(&mut pass);
+            if complexity {
+                for c in &self.complexity_kernels {
+                    c.record(&mut pass);
+                }
+            }
             self.record_backward(&mut pass);
             self.grad_norm.record(&mut pass);
             for a in &self.adamw {
@@ -1040,11 +1066,15 @@ impl TrainStep {
             let stats = plan.stats();
             rb.copy_from(enc, &stats.buffer, 0, off, stats.bytes());
             off += stats.bytes();
-            if complexity {
-                let ids = &plan.fwd.topk_ids;
-                rb.copy_from(enc, &ids.buffer, 0, off, ids.bytes());
-                off += ids.bytes();
-            }
+        }
+        if complexity && !self.moe_layers.is_empty() {
+            rb.copy_from(
+                enc,
+                &self.complexity.buffer,
+                0,
+                off,
+                self.complexity.bytes(),
+            );
         }
     }
 
@@ -1064,12 +1094,9 @@ impl TrainStep {
             complexity: Vec::new(),
         };
         let (b, t) = self.batch();
-        let n = t / b.max(1);
-        let mut per_seq = vec![vec![0.0f32; self.moe_layers.len()]; b];
         let mut off = 4usize;
-        for (li, &l) in self.moe_layers.iter().enumerate() {
-            let c = cfg.ffn_config(l);
-            let (e, k) = (c.e, c.k());
+        for &l in &self.moe_layers {
+            let e = cfg.ffn_config(l).e;
             let dropped = w[off + RoutingLayout::DROPPED_SLOTS];
             let routed = (w[off + RoutingLayout::USED_SLOTS] + dropped) as f32;
             s.two_expert_fraction
@@ -1080,20 +1107,12 @@ impl TrainStep {
             off += RoutingLayout::HEADER + e;
             s.balance_loss.push(f(off + 2 * e));
             off += 2 * e + 2;
-            if complexity {
-                let ids = &w[off..off + t * k];
-                if k == 2 {
-                    for (tok, row) in ids.chunks(2).enumerate() {
-                        if row[1] != UNUSED {
-                            per_seq[tok / n][li] += 1.0 / n as f32;
-                        }
-                    }
-                }
-                off += t * k;
-            }
         }
         if complexity {
-            s.complexity = per_seq;
+            let cols = self.moe_layers.len();
+            s.complexity = (0..b)
+                .map(|seq| (0..cols).map(|c| f(off + seq * cols + c)).collect())
+                .collect();
         }
         if !loss.is_finite() || !grad_norm.is_finite() {
             return Err(Error::NonFinite {
@@ -1107,11 +1126,13 @@ impl TrainStep {
 
 fn readback_len(cfg: &ModelConfig, t: usize) -> usize {
     let mut n = 4;
-    for l in cfg.moe_layers() {
+    let moe = cfg.moe_layers();
+    for &l in &moe {
         let c = cfg.ffn_config(l);
-        n += RoutingLayout::HEADER + c.e + 2 * c.e + 2 + t * c.k();
+        n += RoutingLayout::HEADER + c.e + 2 * c.e + 2;
     }
-    n
+    // The complexity matrix [B, MoE layers] (B = T / N).
+    n + t / cfg.context * moe.len()
 }
 
 /// Forward-only evaluation of batches under an inference gating rule.

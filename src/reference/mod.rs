@@ -6,6 +6,7 @@ pub mod adamw;
 pub mod add;
 pub mod attention;
 pub mod combine;
+pub mod complexity;
 pub mod cross_entropy;
 pub mod decode;
 pub mod embedding;

@@ -269,10 +269,10 @@ pub mod compose {
     use super::*;
     use crate::kernels::matmul::Trans;
     use crate::kernels::route::RouteConfig;
+    use crate::kernels::AuxConfig;
     use crate::moe::{MoeConfig, MoeWeights};
     use crate::reference::combine::combine_forward;
     use crate::reference::matmul::matmul;
-    use crate::reference::moe_train::AuxConfig;
     use crate::reference::route::route;
 
     /// What the training forward of the twins produced.

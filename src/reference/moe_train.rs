@@ -23,28 +23,10 @@
 #![allow(clippy::needless_range_loop)]
 
 use crate::error::{Error, Result};
+pub use crate::kernels::AuxConfig;
 use crate::kernels::{Activation, GapMode, Gating, SingleWeight, UNUSED};
 use crate::moe::MoeConfig;
 use num_traits::Float;
-use serde::{Deserialize, Serialize};
-
-/// Coefficients of the router's auxiliary losses.
-#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
-pub struct AuxConfig {
-    /// Load-balancing coefficient `a` (0.01 in the paper).
-    pub balance: f32,
-    /// Router z-loss coefficient `b` (0 = off).
-    pub z_loss: f32,
-}
-
-impl Default for AuxConfig {
-    fn default() -> Self {
-        AuxConfig {
-            balance: 0.01,
-            z_loss: 0.0,
-        }
-    }
-}
 
 /// A layer's parameters in any float type (row-major).
 #[derive(Clone, Debug, PartialEq)]
