@@ -184,22 +184,12 @@ impl ExpertSpec {
     }
 
     pub fn def(&self) -> KernelDef {
-        let core = self.core.with_beta(false);
-        KernelDef::new(
-            format!("{}[{}]", self.stage.name(), core.label()),
-            &[
-                ACTIVATION_WGSL,
-                &wgsl_select(gemm_core(), &core.flags()),
-                &wgsl_select(EXPERT_WGSL, &self.stage.flags()),
-            ],
+        grouped_gemm_def(
             self.stage.name(),
-            &[
-                ("WX", core.wx),
-                ("WY", core.wy),
-                ("NG", core.ng),
-                ("CV", core.cv),
-                ("DUAL", (self.stage == ExpertStage::Gemm1SwiGlu) as u32),
-            ],
+            self.core,
+            EXPERT_WGSL,
+            &self.stage.flags(),
+            self.stage == ExpertStage::Gemm1SwiGlu,
             &self.stage.bindings(),
         )
     }
@@ -215,6 +205,39 @@ impl ExpertSpec {
             })
             .collect()
     }
+}
+
+/// A grouped GEMM on the shared GEMM core (`shaders/matmul.wgsl`, beta off)
+/// whose stage source (`shaders/expert.wgsl` or `expert_backward.wgsl`,
+/// sections chosen by `flags`) supplies the loads and the epilogue: the
+/// forward's and the backward's expert kernels differ only in those.
+/// `dual`: the core computes two products (SwiGLU's gate and up).
+pub(crate) fn grouped_gemm_def(
+    entry: &'static str,
+    core: MatmulSpec,
+    stage_wgsl: &str,
+    flags: &[&str],
+    dual: bool,
+    bindings: &[Binding],
+) -> KernelDef {
+    let core = core.with_beta(false);
+    KernelDef::new(
+        format!("{entry}[{}]", core.label()),
+        &[
+            ACTIVATION_WGSL,
+            &wgsl_select(gemm_core(), &core.flags()),
+            &wgsl_select(stage_wgsl, flags),
+        ],
+        entry,
+        &[
+            ("WX", core.wx),
+            ("WY", core.wy),
+            ("NG", core.ng),
+            ("CV", core.cv),
+            ("DUAL", dual as u32),
+        ],
+        bindings,
+    )
 }
 
 /// Row tile of `spec` (the routing layout's `tile_m`).

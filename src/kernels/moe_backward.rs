@@ -18,13 +18,12 @@
 //! 6. the router's two dense GEMMs: dx += dz · W_r^T, dW_r = x^T · dz.
 
 use super::combine::{Combine, CombineBuffers};
-use super::matmul::{gemm_core, wgsl_select, Matmul, MatmulShape, MatmulSpec, Trans};
+use super::matmul::{wgsl_select, Matmul, MatmulShape, MatmulSpec, Trans};
 use super::{grid_1d, Kernel, ParamsLayout, RoutingLayout, UNUSED};
 use crate::error::{Error, Result};
 use crate::gpu::{uniform, Binding, Dispatch, GpuContext, Grid, KernelDef, Tensor};
 use crate::gpu_params;
 
-const ACTIVATION_WGSL: &str = include_str!("../../shaders/activation.wgsl");
 const EXPERT_BACKWARD_WGSL: &str = include_str!("../../shaders/expert_backward.wgsl");
 const MOE_BACKWARD_WGSL: &str = include_str!("../../shaders/moe_backward.wgsl");
 
@@ -171,22 +170,12 @@ impl ExpertBackwardSpec {
     }
 
     pub fn def(&self) -> KernelDef {
-        let core = self.core.with_beta(false);
-        KernelDef::new(
-            format!("{}[{}]", self.stage.name(), core.label()),
-            &[
-                ACTIVATION_WGSL,
-                &wgsl_select(gemm_core(), &core.flags()),
-                &wgsl_select(EXPERT_BACKWARD_WGSL, &self.stage.flags()),
-            ],
+        super::expert::grouped_gemm_def(
             self.stage.name(),
-            &[
-                ("WX", core.wx),
-                ("WY", core.wy),
-                ("NG", core.ng),
-                ("CV", core.cv),
-                ("DUAL", 0),
-            ],
+            self.core,
+            EXPERT_BACKWARD_WGSL,
+            &self.stage.flags(),
+            false,
             &self.stage.bindings(),
         )
     }

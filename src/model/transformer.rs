@@ -37,6 +37,10 @@ use crate::kernels::{GateConfig, RoutingLayout, UNUSED};
 use crate::model::config::ModelConfig;
 use crate::moe::{MoeConfig, MoeLayer, MoePlan, MoeTrainPlan, MoeWeights, Path};
 
+/// Scale of the unembedding's init relative to 1/sqrt(D): the logits of a
+/// fresh model have a standard deviation of about this.
+pub const W_OUT_SCALE: f32 = 0.1;
+
 /// Parameter values on the host, in `ModelConfig::param_shapes` order.
 #[derive(Clone, Debug, PartialEq)]
 pub struct HostParams {
@@ -46,7 +50,9 @@ pub struct HostParams {
 impl HostParams {
     /// Seeded initialization: embeddings and projections uniform with the
     /// variance of 1/fan_in (embeddings 0.02-ish), gains 1; the output
-    /// projection of each block scaled by 1/sqrt(2L) (GPT-2's residual rule).
+    /// projection of each block scaled by 1/sqrt(2L) (GPT-2's residual rule),
+    /// and the unembedding `w_out` by `W_OUT_SCALE`, so that the first
+    /// logits are nearly uniform (loss ln V instead of about ln V + 0.5).
     pub fn init(cfg: &ModelConfig, seed: u64) -> HostParams {
         let mut rng = crate::conformance::Rng::new(seed);
         let resid = 1.0 / (2.0 * cfg.layers as f32).sqrt();
@@ -68,7 +74,14 @@ impl HostParams {
                 let a = (3.0 / fan).sqrt() * if name.ends_with("w2") { resid } else { 1.0 };
                 rng.vec_sym(n, a)
             } else {
-                let a = (3.0 / fan_in).sqrt() * if name.ends_with(".wo") { resid } else { 1.0 };
+                let scale = if name.ends_with(".wo") {
+                    resid
+                } else if name == "w_out" {
+                    W_OUT_SCALE
+                } else {
+                    1.0
+                };
+                let a = (3.0 / fan_in).sqrt() * scale;
                 rng.vec_sym(n, a)
             };
             tensors.push((name, shape, v));
