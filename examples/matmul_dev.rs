@@ -165,6 +165,7 @@ async fn bench_expert(ctx: &GpuContext, shape: &ExpertShape, peak: f64) -> Resul
             h: &h,
             y_expert: &y,
             u: None,
+            u3: None,
         },
     )?;
     let s_grouped = time_dispatches(ctx, 1, 3, |enc| {

@@ -19,6 +19,12 @@ fn act_silu(x: f32) -> f32 {
     return x / (1.0 + exp(-x));
 }
 
+// d silu(x) / dx = s (1 + x (1 - s)), s = sigmoid(x) (SwiGLU backward).
+fn act_silu_grad(x: f32) -> f32 {
+    let s = 1.0 / (1.0 + exp(-x));
+    return s * (1.0 + x * (1.0 - s));
+}
+
 // d gelu(x) / dx for the tanh approximation (training backward).
 fn act_gelu_grad(x: f32) -> f32 {
     let c = 0.7978845608028654;

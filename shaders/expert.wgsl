@@ -3,6 +3,8 @@
 //   expert_gemm1_gelu:   h[r, :] = gelu(x[token_of_slot[r], :] · W1[e])
 //   expert_gemm1_gelu_train: the same, also keeping u = x[tok] · W1[e] [R, F]
 //   expert_gemm1_swiglu: h[r, :] = silu(x[tok, :] · W1[e]) * (x[tok, :] · W3[e])
+//   expert_gemm1_swiglu_train: the same, also keeping u = x[tok] · W1[e] and
+//                        u3 = x[tok] · W3[e] [R, F]
 //   expert_gemm2:        y_expert[r, :] = h[r, :] · W2[e]
 // with e = tile_expert[r / tile_m] from the routing buffer (RoutingLayout).
 // Padding rows (token UNUSED) read zeros; what they write is never read.
@@ -44,6 +46,11 @@ struct ExpertParams {
 @group(0) @binding(5) var<storage, read> w3: array<f32>;
 // h [R, F]
 @group(0) @binding(6) var<storage, read_write> h: array<f32>;
+//#if train
+// u, u3 [R, F]: the two products, kept for the backward (training)
+@group(0) @binding(7) var<storage, read_write> u: array<f32>;
+@group(0) @binding(8) var<storage, read_write> u3: array<f32>;
+//#endif
 //#else
 // h [R, F]
 @group(0) @binding(5) var<storage, read_write> h: array<f32>;
@@ -107,6 +114,24 @@ fn gemm_store4(m: u32, n: u32, v: vec4<f32>, v2: vec4<f32>) {
     let i = m * p.f + n;
 //#if swiglu
     let o = vec4<f32>(act_silu(v.x) * v2.x, act_silu(v.y) * v2.y, act_silu(v.z) * v2.z, act_silu(v.w) * v2.w);
+//#if train
+    if (n < p.f) {
+        u[i] = v.x;
+        u3[i] = v2.x;
+    }
+    if (n + 1u < p.f) {
+        u[i + 1u] = v.y;
+        u3[i + 1u] = v2.y;
+    }
+    if (n + 2u < p.f) {
+        u[i + 2u] = v.z;
+        u3[i + 2u] = v2.z;
+    }
+    if (n + 3u < p.f) {
+        u[i + 3u] = v.w;
+        u3[i + 3u] = v2.w;
+    }
+//#endif
 //#else
     let o = vec4<f32>(act_gelu(v.x), act_gelu(v.y), act_gelu(v.z), act_gelu(v.w));
 //#if train
@@ -210,10 +235,17 @@ fn expert_main(lid: vec3<u32>, wid: vec3<u32>) {
 
 //#if gemm1
 //#if swiglu
+//#if train
+@compute @workgroup_size(WX, WY)
+fn expert_gemm1_swiglu_train(@builtin(local_invocation_id) lid: vec3<u32>, @builtin(workgroup_id) wid: vec3<u32>) {
+    expert_main(lid, wid);
+}
+//#else
 @compute @workgroup_size(WX, WY)
 fn expert_gemm1_swiglu(@builtin(local_invocation_id) lid: vec3<u32>, @builtin(workgroup_id) wid: vec3<u32>) {
     expert_main(lid, wid);
 }
+//#endif
 //#else
 //#if train
 @compute @workgroup_size(WX, WY)

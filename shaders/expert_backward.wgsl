@@ -1,9 +1,16 @@
-// Backward of the grouped expert FFN (GELU) over the forward's slot plan.
-// Rows r are the padded routed slots of the routing buffer (RoutingLayout);
-// padding rows carry zeros in dys / da, so they add nothing to any sum.
+// Backward of the grouped expert FFN (GELU or SwiGLU) over the forward's
+// slot plan. Rows r are the padded routed slots of the routing buffer
+// (RoutingLayout); padding rows carry zeros in dys / da, so they add nothing
+// to any sum.
 //   expert_gemm2_backward_gelu: da[r, :]  = (dys[r, :] · W2[e]^T) * gelu'(u[r, :])
+//   expert_gemm2_backward_swiglu: with dh = dys[r, :] · W2[e]^T,
+//                               da[r, :]  = dh * u3[r, :] * silu'(u[r, :]),
+//                               da3[r, :] = dh * silu(u[r, :])
 //   expert_gemm1_backward:      dxs[r, :] = da[r, :] · W1[e]^T
+//   expert_gemm1_backward_swiglu: dxs[r, :] = da[r, :] · W1[e]^T + da3[r, :] · W3[e]^T
+//                               (one GEMM over K = 2F)
 //   expert_weight_grad_w1:      dw1[z, e] = sum_{r in chunk z of e} x[tok(r)]^T da[r]
+//                               (with da3 bound as da: SwiGLU's dw3)
 //   expert_weight_grad_w2:      dw2[z, e] = sum_{r in chunk z of e} h[r]^T dys[r]
 // with e = tile_expert[r / tile_m] for the row GEMMs (indirect grid, like the
 // forward), and for the weight GEMMs a direct grid x = (expert, row tile of
@@ -11,10 +18,10 @@
 // SPLIT > 1 the partials [SPLIT, E, M, N] are summed in order by
 // `expert_weight_grad_reduce` (shaders/moe_backward.wgsl): no float atomics.
 // Shapes: x [T, D], token_of_slot [R], W1 [E, D, F], W2 [E, F, D],
-// u/h/da [R, F], dys/dxs [R, D]. Twins: src/reference/expert.rs.
+// u/u3/h/da/da3 [R, F], dys/dxs [R, D]. Twins: src/reference/moe_backward.rs.
 //
 // Prepended: shaders/activation.wgsl and the GEMM core of shaders/matmul.wgsl;
-// the section flag (dh, dx, dw1, dw2) picks the stage.
+// the section flag (dh, dx, dw1, dw2; swiglu) picks the stage.
 
 struct ExpertBackParams {
     t: u32,
@@ -48,27 +55,42 @@ var<private> a_row: array<u32, NG>;
 @group(0) @binding(2) var<storage, read> routing: array<u32>;
 // w2 [E, F, D]
 @group(0) @binding(3) var<storage, read> w2: array<f32>;
-// u [R, F]: GEMM 1's pre-activation
+// u [R, F]: GEMM 1's pre-activation (x · W1)
 @group(0) @binding(4) var<storage, read> u: array<f32>;
 // da [R, F]
 @group(0) @binding(5) var<storage, read_write> da: array<f32>;
+//#if swiglu
+// u3 [R, F]: x · W3
+@group(0) @binding(6) var<storage, read> u3: array<f32>;
+// da3 [R, F]
+@group(0) @binding(7) var<storage, read_write> da3: array<f32>;
+//#endif
 
 fn kdim() -> u32 { return p.d; }
 fn ndim() -> u32 { return p.f; }
 fn gemm_row_setup(g: u32, m: u32) { a_row[g] = m * p.d; }
-fn a_at(i: u32) -> f32 { return dys[i]; }
+fn a_load(g: u32, k: u32) -> f32 { return dys[a_row[g] + k]; }
 // B(k, n) = W2[e](n, k)
-fn b_index(k: u32, n: u32) -> u32 { return base + n * p.d + k; }
-fn b_at(i: u32) -> f32 { return w2[i]; }
+fn b_load(k: u32, n: u32) -> f32 { return w2[base + n * p.d + k]; }
+// One element of da (and da3) from dh = g.
+fn dh_store(i: u32, g: f32) {
+//#if swiglu
+    let a = u[i];
+    da[i] = g * u3[i] * act_silu_grad(a);
+    da3[i] = g * act_silu(a);
+//#else
+    da[i] = g * act_gelu_grad(u[i]);
+//#endif
+}
 fn gemm_store4(m: u32, n: u32, v: vec4<f32>, v2: vec4<f32>) {
     if (m >= p.rows) {
         return;
     }
     let i = m * p.f + n;
-    if (n < p.f) { da[i] = v.x * act_gelu_grad(u[i]); }
-    if (n + 1u < p.f) { da[i + 1u] = v.y * act_gelu_grad(u[i + 1u]); }
-    if (n + 2u < p.f) { da[i + 2u] = v.z * act_gelu_grad(u[i + 2u]); }
-    if (n + 3u < p.f) { da[i + 3u] = v.w * act_gelu_grad(u[i + 3u]); }
+    if (n < p.f) { dh_store(i, v.x); }
+    if (n + 1u < p.f) { dh_store(i + 1u, v.y); }
+    if (n + 2u < p.f) { dh_store(i + 2u, v.z); }
+    if (n + 3u < p.f) { dh_store(i + 3u, v.w); }
 }
 //#endif
 
@@ -81,14 +103,36 @@ fn gemm_store4(m: u32, n: u32, v: vec4<f32>, v2: vec4<f32>) {
 @group(0) @binding(3) var<storage, read> w1: array<f32>;
 // dxs [R, D]
 @group(0) @binding(4) var<storage, read_write> dxs: array<f32>;
+//#if swiglu
+// da3 [R, F]
+@group(0) @binding(5) var<storage, read> da3: array<f32>;
+// w3 [E, D, F]
+@group(0) @binding(6) var<storage, read> w3: array<f32>;
 
+// K = 2F: columns [0, F) of A are da (with W1), [F, 2F) da3 (with W3).
+fn kdim() -> u32 { return 2u * p.f; }
+// Branch-free: both halves are loaded at an index valid in each, and one is
+// selected (branches in the unrolled GEMM core cost CPU drivers minutes of
+// shader compilation).
+fn a_load(g: u32, k: u32) -> f32 {
+    let first = k < p.f;
+    let i = a_row[g] + select(k - p.f, k, first);
+    return select(da3[i], da[i], first);
+}
+// B(k, n) = W1[e](n, k), then W3[e](n, k - F)
+fn b_load(k: u32, n: u32) -> f32 {
+    let first = k < p.f;
+    let i = base + n * p.f + select(k - p.f, k, first);
+    return select(w3[i], w1[i], first);
+}
+//#else
 fn kdim() -> u32 { return p.f; }
+fn a_load(g: u32, k: u32) -> f32 { return da[a_row[g] + k]; }
+// B(k, n) = W1[e](n, k)
+fn b_load(k: u32, n: u32) -> f32 { return w1[base + n * p.f + k]; }
+//#endif
 fn ndim() -> u32 { return p.d; }
 fn gemm_row_setup(g: u32, m: u32) { a_row[g] = m * p.f; }
-fn a_at(i: u32) -> f32 { return da[i]; }
-// B(k, n) = W1[e](n, k)
-fn b_index(k: u32, n: u32) -> u32 { return base + n * p.f + k; }
-fn b_at(i: u32) -> f32 { return w1[i]; }
 fn gemm_store4(m: u32, n: u32, v: vec4<f32>, v2: vec4<f32>) {
     if (m >= p.rows) {
         return;
@@ -106,8 +150,8 @@ fn gemm_store4(m: u32, n: u32, v: vec4<f32>, v2: vec4<f32>) {
 fn gemm_load_a4(g: u32, k: u32) -> vec4<f32> {
     let kd = kdim();
     let ks = vec4<u32>(k) + vec4<u32>(0u, 1u, 2u, 3u);
-    let i = vec4<u32>(a_row[g]) + min(ks, vec4<u32>(kd - 1u));
-    let v = vec4<f32>(a_at(i.x), a_at(i.y), a_at(i.z), a_at(i.w));
+    let kc = min(ks, vec4<u32>(kd - 1u));
+    let v = vec4<f32>(a_load(g, kc.x), a_load(g, kc.y), a_load(g, kc.z), a_load(g, kc.w));
     return select(vec4<f32>(0.0), v, ks < vec4<u32>(kd));
 }
 
@@ -117,7 +161,7 @@ fn gemm_load_b4(w: u32, k: u32, n: u32) -> vec4<f32> {
     let nd = ndim();
     let kc = min(k, kd - 1u);
     let ns = min(vec4<u32>(n) + vec4<u32>(0u, 1u, 2u, 3u), vec4<u32>(nd - 1u));
-    let v = vec4<f32>(b_at(b_index(kc, ns.x)), b_at(b_index(kc, ns.y)), b_at(b_index(kc, ns.z)), b_at(b_index(kc, ns.w)));
+    let v = vec4<f32>(b_load(kc, ns.x), b_load(kc, ns.y), b_load(kc, ns.z), b_load(kc, ns.w));
     let live = (vec4<u32>(n) + vec4<u32>(0u, 1u, 2u, 3u) < vec4<u32>(nd)) & vec4<bool>(k < kd);
     return select(vec4<f32>(0.0), v, live);
 }
@@ -132,16 +176,30 @@ fn row_main(lid: vec3<u32>, wid: vec3<u32>) {
 //#endif
 
 //#if dh
+//#if swiglu
+@compute @workgroup_size(WX, WY)
+fn expert_gemm2_backward_swiglu(@builtin(local_invocation_id) lid: vec3<u32>, @builtin(workgroup_id) wid: vec3<u32>) {
+    row_main(lid, wid);
+}
+//#else
 @compute @workgroup_size(WX, WY)
 fn expert_gemm2_backward_gelu(@builtin(local_invocation_id) lid: vec3<u32>, @builtin(workgroup_id) wid: vec3<u32>) {
     row_main(lid, wid);
 }
 //#endif
+//#endif
 //#if dx
+//#if swiglu
+@compute @workgroup_size(WX, WY)
+fn expert_gemm1_backward_swiglu(@builtin(local_invocation_id) lid: vec3<u32>, @builtin(workgroup_id) wid: vec3<u32>) {
+    row_main(lid, wid);
+}
+//#else
 @compute @workgroup_size(WX, WY)
 fn expert_gemm1_backward(@builtin(local_invocation_id) lid: vec3<u32>, @builtin(workgroup_id) wid: vec3<u32>) {
     row_main(lid, wid);
 }
+//#endif
 //#endif
 
 //#if wgrad

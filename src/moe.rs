@@ -183,6 +183,8 @@ struct GroupedExperts {
     y_expert: Tensor<f32>,
     /// u [R, F]: GEMM 1's pre-activation (training plans only)
     u: Option<Tensor<f32>>,
+    /// u3 [R, F]: SwiGLU's second product (SwiGLU training plans only)
+    u3: Option<Tensor<f32>>,
 }
 
 /// Buffers, bind groups and launchers for one token count T: built once,
@@ -333,6 +335,11 @@ impl MoeLayer {
             } else {
                 None
             };
+            let u3 = if train && cfg.activation == Activation::SwiGlu {
+                Some(Tensor::zeros(ctx, "u3", &[rows, f])?)
+            } else {
+                None
+            };
             let ffn = ExpertFfn::new(
                 ctx,
                 &expert_shape,
@@ -347,6 +354,7 @@ impl MoeLayer {
                     h: &h,
                     y_expert: &y_expert,
                     u: u.as_ref(),
+                    u3: u3.as_ref(),
                 },
             )?;
             let route = Route::new(
@@ -382,6 +390,7 @@ impl MoeLayer {
                 h,
                 y_expert,
                 u,
+                u3,
             }))
         };
         Ok(MoePlan {
@@ -421,19 +430,19 @@ impl MoeLayer {
         aux: &AuxConfig,
         split: usize,
     ) -> Result<MoeTrainPlan> {
-        if self.cfg.activation != Activation::Gelu {
-            return Err(Error::invalid(
-                "moe_layer",
-                "training supports GELU experts only (SwiGLU is inference-only for now)",
-            ));
-        }
         let fwd = self.plan_with(ctx, t, Path::Grouped, true)?;
         let (d, f, e) = (self.cfg.d, self.cfg.f, self.cfg.e);
+        let swiglu = self.cfg.activation == Activation::SwiGlu;
         let dy = Tensor::zeros(ctx, "moe_dy", &[t, d])?;
         let dx = Tensor::zeros(ctx, "moe_dx", &[t, d])?;
         let dw_router = Tensor::zeros(ctx, "dw_router", &[d, e])?;
         let dw1 = Tensor::zeros(ctx, "dw1", &[e, d, f])?;
         let dw2 = Tensor::zeros(ctx, "dw2", &[e, f, d])?;
+        let dw3 = if swiglu {
+            Some(Tensor::zeros(ctx, "dw3", &[e, d, f])?)
+        } else {
+            None
+        };
         let Experts::Grouped(g) = &fwd.experts else {
             return Err(Error::invalid(
                 "moe_layer",
@@ -458,6 +467,7 @@ impl MoeLayer {
             balance: aux.balance,
             z_loss: aux.z_loss,
             split,
+            swiglu,
         };
         let backward = MoeBackward::new(
             ctx,
@@ -474,15 +484,18 @@ impl MoeLayer {
                 token_of_slot: &g.token_of_slot,
                 slot_of_token: &g.slot_of_token,
                 u,
+                u3: g.u3.as_ref(),
                 h: &g.h,
                 y_expert: &g.y_expert,
                 w_router: &self.w_router,
                 w1: &self.w1,
                 w2: &self.w2,
+                w3: self.w3.as_ref(),
                 dx: &dx,
                 dw_router: &dw_router,
                 dw1: &dw1,
                 dw2: &dw2,
+                dw3: dw3.as_ref(),
             },
         )?;
         Ok(MoeTrainPlan {
@@ -492,6 +505,7 @@ impl MoeLayer {
             dw_router,
             dw1,
             dw2,
+            dw3,
             backward,
         })
     }
@@ -524,6 +538,8 @@ pub struct MoeTrainPlan {
     pub dw1: Tensor<f32>,
     /// dw2 [E, F, D]
     pub dw2: Tensor<f32>,
+    /// dw3 [E, D, F] (SwiGLU)
+    pub dw3: Option<Tensor<f32>>,
     pub backward: MoeBackward,
 }
 

@@ -1,7 +1,7 @@
 //! `amoe train`: flags, the progress bar, Ctrl-C, the summary.
 
 use amoe::gpu::GpuContext;
-use amoe::kernels::{GapMode, Gating, SingleWeight};
+use amoe::kernels::{Activation, GapMode, Gating, SingleWeight};
 use amoe::train::data::Domain;
 use amoe::train::trainer::{
     interrupt_flag, DataSource, Metric, Progress, Run, RunSummary, TrainConfig,
@@ -19,6 +19,15 @@ pub enum GatingArg {
     Top1,
     Top2,
     Adaptive,
+}
+
+/// Activation of the FFNs (experts and dense).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum ActivationArg {
+    /// gelu(x W1) W2
+    Gelu,
+    /// (silu(x W1) * (x W3)) W2: a third weight matrix per expert
+    Swiglu,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -75,6 +84,9 @@ pub struct ModelArgs {
     /// Every n-th FFN is an MoE layer.
     #[arg(long)]
     pub moe_every: Option<usize>,
+    /// FFN activation [default: gelu].
+    #[arg(long, value_enum)]
+    pub activation: Option<ActivationArg>,
     /// BPE vocabulary size.
     #[arg(long)]
     pub vocab: Option<usize>,
@@ -108,6 +120,10 @@ impl ModelArgs {
             c.opt.adamw.lr => self.lr,
             c.eval_batches => self.eval_batches,
             c.seed => self.seed,
+            m.activation => self.activation.map(|a| match a {
+                ActivationArg::Gelu => Activation::Gelu,
+                ActivationArg::Swiglu => Activation::SwiGlu,
+            }),
         );
     }
 }

@@ -109,11 +109,12 @@ fn bad_arguments_give_clear_errors_not_panics() {
     );
 }
 
-/// `amoe train --capacity-factor`: slots are dropped and reported in the
-/// metrics, the factor is saved with the checkpoint, and a bad factor is a
-/// clear error.
+/// `amoe train --capacity-factor F --activation swiglu`: slots are dropped
+/// and reported in the metrics, the factor and the activation are saved with
+/// the checkpoint, `amoe generate` runs the SwiGLU model it wrote, and a bad
+/// factor is a clear error.
 #[test]
-fn train_with_a_capacity_factor_drops_and_reports_it() {
+fn train_with_a_capacity_factor_and_swiglu_then_generate() {
     let out = amoe(&["train", "--capacity-factor", "0", "--steps", "1"]);
     assert_eq!(out.status.code(), Some(2));
     let err = String::from_utf8_lossy(&out.stderr);
@@ -140,6 +141,8 @@ fn train_with_a_capacity_factor_drops_and_reports_it() {
         "top2",
         "--capacity-factor",
         "0.5",
+        "--activation",
+        "swiglu",
         "--d",
         "32",
         "--layers",
@@ -193,6 +196,31 @@ fn train_with_a_capacity_factor_drops_and_reports_it() {
         .as_f64()
         .or_else(|| cfg["capacity_factor"].as_f64());
     assert_eq!(saved, Some(0.5), "{cfg}");
+    let act = cfg["model"]["activation"].clone();
+    let act = if act.is_null() {
+        cfg["activation"].clone()
+    } else {
+        act
+    };
+    assert_eq!(act, "swiglu", "{cfg}");
+    let ckpt = dir.join("checkpoint");
+    let out = amoe(&[
+        "generate",
+        "--backend",
+        "vulkan",
+        "--checkpoint",
+        ckpt.to_str().unwrap(),
+        "--prompt",
+        "Shall I",
+        "--max-tokens",
+        "4",
+        "--json",
+    ]);
+    assert!(
+        out.status.success(),
+        "generate failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let _ = std::fs::remove_dir_all(&dir);
 }
 

@@ -169,6 +169,10 @@ fn sampling_with_a_seed_repeats() {
 /// A tiny random model with a short context (and a byte-level tokenizer,
 /// only needed for the text of tokens).
 fn tiny(context: usize) -> InferCheckpoint {
+    tiny_with(context, amoe::kernels::Activation::Gelu)
+}
+
+fn tiny_with(context: usize, activation: amoe::kernels::Activation) -> InferCheckpoint {
     let tokenizer =
         amoe::train::tokenizer::Tokenizer::train(["a b c d e f g h"].into_iter(), 300).unwrap();
     let cfg = ModelConfig {
@@ -179,6 +183,7 @@ fn tiny(context: usize) -> InferCheckpoint {
         context,
         ffn: 32,
         experts: 4,
+        activation,
         gate: GateConfig::new(Gating::Adaptive),
         ..ModelConfig::default()
     };
@@ -211,6 +216,30 @@ fn sliding_window_matches_the_twin() {
         ))
         .unwrap();
         assert!(g.slides >= 3, "slides {}", g.slides);
+        assert_eq!(g.ids(), want);
+    });
+}
+
+/// A SwiGLU model (w3 in every FFN): prefill through the grouped path,
+/// decode through the few-token path, the same tokens as the twin.
+#[test]
+fn swiglu_generation_matches_the_twin() {
+    let ck = tiny_with(32, amoe::kernels::Activation::SwiGlu);
+    assert!(ck.host.get("layers.0.ffn.w3").is_some());
+    let gate = ck.gate(Some(Gating::Adaptive), Some(0.3)).unwrap();
+    let prompt: Vec<u32> = (1..=20).collect();
+    let steps = 8;
+    let want = generate_greedy(&ck.cfg, &ck.host, &prompt, steps, gate, None).unwrap();
+    common::for_each_adapter(|ctx| {
+        let mut engine = Engine::new(ctx, &ck, gate).unwrap();
+        let g = pollster::block_on(engine.generate(
+            ctx,
+            &ck.tokenizer,
+            &prompt,
+            &greedy(steps),
+            |_| {},
+        ))
+        .unwrap();
         assert_eq!(g.ids(), want);
     });
 }

@@ -74,6 +74,14 @@ fn tiny_model_overfits_one_batch_top2_with_capacity() {
 }
 
 #[test]
+fn tiny_swiglu_model_overfits_one_batch_top2() {
+    overfit(ModelConfig {
+        activation: amoe::kernels::Activation::SwiGlu,
+        ..tiny(Gating::Top2, false)
+    });
+}
+
+#[test]
 fn tiny_dense_model_overfits_one_batch() {
     overfit(tiny(Gating::Top1, true));
 }

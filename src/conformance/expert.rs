@@ -211,6 +211,7 @@ async fn run_ffn(
             h: &h,
             y_expert: &y,
             u: None,
+            u3: None,
         },
     )?;
     let grids = compare_exact(&[ffn.grid_y1(), ffn.grid_y2()], &[grid_y1, grid_y2]);

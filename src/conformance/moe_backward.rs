@@ -20,6 +20,7 @@ pub struct Case {
     pub split: usize,
     /// Capacity factor of the training plan (None: dropless).
     pub capacity_factor: Option<f32>,
+    pub activation: Activation,
     pub seed: u64,
 }
 
@@ -28,8 +29,13 @@ impl Case {
         (
             "moe_layer_backward".into(),
             format!(
-                "{} T={} D=24 F=40 E=6 split-K {}{}",
+                "{}{} T={} D=24 F=40 E=6 split-K {}{}",
                 self.gating.name(),
+                if self.activation == Activation::SwiGlu {
+                    " swiglu"
+                } else {
+                    ""
+                },
                 self.t,
                 self.split,
                 match self.capacity_factor {
@@ -47,6 +53,7 @@ pub fn cases() -> Vec<Case> {
         t,
         split,
         capacity_factor: None,
+        activation: Activation::Gelu,
         seed,
     };
     let cap = |gating, t, split, factor, seed| Case {
@@ -54,6 +61,15 @@ pub fn cases() -> Vec<Case> {
         t,
         split,
         capacity_factor: Some(factor),
+        activation: Activation::Gelu,
+        seed,
+    };
+    let swiglu = |gating, t, split, capacity_factor, seed| Case {
+        gating,
+        t,
+        split,
+        capacity_factor,
+        activation: Activation::SwiGlu,
         seed,
     };
     vec![
@@ -66,6 +82,10 @@ pub fn cases() -> Vec<Case> {
         cap(Gating::Top1, 50, 1, 0.5, 6),
         cap(Gating::Top2, 50, 1, 0.75, 7),
         cap(Gating::Adaptive, 130, 3, 0.5, 8),
+        // SwiGLU experts: da and da3, dx over K = 2F, dW3.
+        swiglu(Gating::Top1, 50, 1, None, 9),
+        swiglu(Gating::Adaptive, 130, 3, None, 10),
+        swiglu(Gating::Top2, 50, 2, Some(0.75), 11),
     ]
 }
 
@@ -76,7 +96,7 @@ pub async fn run(ctx: &GpuContext, case: &Case) -> Result<CheckResult> {
         d: 24,
         f: 40,
         e: 6,
-        activation: Activation::Gelu,
+        activation: case.activation,
         gate: GateConfig {
             threshold: 0.4,
             ..GateConfig::new(case.gating)
@@ -120,6 +140,10 @@ pub async fn run(ctx: &GpuContext, case: &Case) -> Result<CheckResult> {
     let dwr = plan.dw_router.read(ctx).await?;
     let dw1 = plan.dw1.read(ctx).await?;
     let dw2 = plan.dw2.read(ctx).await?;
+    let dw3 = match &plan.dw3 {
+        Some(t) => t.read(ctx).await?,
+        None => Vec::new(),
+    };
     let stats = plan.stats().read(ctx).await?;
     Ok(CheckResult::from_comparisons(
         kernel,
@@ -138,6 +162,7 @@ pub async fn run(ctx: &GpuContext, case: &Case) -> Result<CheckResult> {
             ),
             ("dw1", Tol::reduction(t).compare(&dw1, &want.dw1)),
             ("dw2", Tol::reduction(t).compare(&dw2, &want.dw2)),
+            ("dw3", Tol::reduction(t).compare(&dw3, &want.dw3)),
             ("stats", Tol::reduction(t).compare(&stats, &want.stats)),
         ],
     ))

@@ -27,15 +27,18 @@ pub enum ExpertStage {
     Gemm1GeluTrain,
     /// `h = silu(x[tok] · W1[e]) * (x[tok] · W3[e])`
     Gemm1SwiGlu,
+    /// GEMM 1 with SwiGLU for training: also keeps both products `u`, `u3`.
+    Gemm1SwiGluTrain,
     /// `y_expert = h · W2[e]`
     Gemm2,
 }
 
 impl ExpertStage {
-    pub const ALL: [ExpertStage; 4] = [
+    pub const ALL: [ExpertStage; 5] = [
         ExpertStage::Gemm1Gelu,
         ExpertStage::Gemm1GeluTrain,
         ExpertStage::Gemm1SwiGlu,
+        ExpertStage::Gemm1SwiGluTrain,
         ExpertStage::Gemm2,
     ];
 
@@ -45,6 +48,7 @@ impl ExpertStage {
             ExpertStage::Gemm1Gelu => "expert_gemm1_gelu",
             ExpertStage::Gemm1GeluTrain => "expert_gemm1_gelu_train",
             ExpertStage::Gemm1SwiGlu => "expert_gemm1_swiglu",
+            ExpertStage::Gemm1SwiGluTrain => "expert_gemm1_swiglu_train",
             ExpertStage::Gemm2 => "expert_gemm2",
         }
     }
@@ -62,6 +66,7 @@ impl ExpertStage {
             ExpertStage::Gemm1Gelu => vec!["gemm1"],
             ExpertStage::Gemm1GeluTrain => vec!["gemm1", "train"],
             ExpertStage::Gemm1SwiGlu => vec!["gemm1", "swiglu"],
+            ExpertStage::Gemm1SwiGluTrain => vec!["gemm1", "swiglu", "train"],
             ExpertStage::Gemm2 => vec![],
         }
     }
@@ -93,6 +98,17 @@ impl ExpertStage {
                 Binding::Read,      // w1 [E, D, F]
                 Binding::Read,      // w3 [E, D, F]
                 Binding::ReadWrite, // h [R, F]
+            ],
+            ExpertStage::Gemm1SwiGluTrain => vec![
+                Binding::Uniform,
+                Binding::Read,      // x [T, D]
+                Binding::Read,      // token_of_slot [R]
+                Binding::Read,      // routing [L]
+                Binding::Read,      // w1 [E, D, F]
+                Binding::Read,      // w3 [E, D, F]
+                Binding::ReadWrite, // h [R, F]
+                Binding::ReadWrite, // u [R, F]
+                Binding::ReadWrite, // u3 [R, F]
             ],
             ExpertStage::Gemm2 => vec![
                 Binding::Uniform,
@@ -189,7 +205,10 @@ impl ExpertSpec {
             self.core,
             EXPERT_WGSL,
             &self.stage.flags(),
-            self.stage == ExpertStage::Gemm1SwiGlu,
+            matches!(
+                self.stage,
+                ExpertStage::Gemm1SwiGlu | ExpertStage::Gemm1SwiGluTrain
+            ),
             &self.stage.bindings(),
         )
     }
@@ -361,9 +380,11 @@ pub struct ExpertBuffers<'a> {
     pub h: &'a Tensor<f32>,
     /// y_expert [R, D]
     pub y_expert: &'a Tensor<f32>,
-    /// u [R, F]: when given (training, GELU), GEMM 1 also keeps its
-    /// pre-activation here for the backward.
+    /// u [R, F]: when given (training), GEMM 1 also keeps its
+    /// pre-activation `x · W1` here for the backward.
     pub u: Option<&'a Tensor<f32>>,
+    /// u3 [R, F]: with `u` under SwiGLU, the second product `x · W3`.
+    pub u3: Option<&'a Tensor<f32>>,
 }
 
 /// The expert FFN of one shape on fixed tensors, ready to record.
@@ -384,23 +405,28 @@ impl ExpertFfn {
         spec: ExpertSpec,
         bufs: ExpertBuffers<'_>,
     ) -> Result<Self> {
-        let spec = match (bufs.u, shape.act) {
-            (Some(_), Activation::Gelu) => spec.with_stage(ExpertStage::Gemm1GeluTrain),
-            (Some(_), Activation::SwiGlu) => {
+        let spec = match (bufs.u, bufs.u3, shape.act) {
+            (Some(_), None, Activation::Gelu) => spec.with_stage(ExpertStage::Gemm1GeluTrain),
+            (Some(_), Some(_), Activation::SwiGlu) => {
+                spec.with_stage(ExpertStage::Gemm1SwiGluTrain)
+            }
+            (None, None, act) => spec.with_stage(ExpertStage::gemm1(act)),
+            _ => {
                 return Err(Error::invalid(
                     "expert_ffn",
-                    "training (keeping u) supports GELU experts only",
+                    "training keeps u (GELU) or u and u3 (SwiGLU); u3 without u, or with GELU, is not a plan",
                 ))
             }
-            (None, act) => spec.with_stage(ExpertStage::gemm1(act)),
         };
         shape.check_limits(ctx, &spec)?;
-        if let Some(u) = bufs.u {
-            u.expect_shape(
-                "expert_ffn",
-                "u",
-                &[shape.layout(&spec).max_rows(), shape.f],
-            )?;
+        for (name, kept) in [("u", bufs.u), ("u3", bufs.u3)] {
+            if let Some(t) = kept {
+                t.expect_shape(
+                    "expert_ffn",
+                    name,
+                    &[shape.layout(&spec).max_rows(), shape.f],
+                )?;
+            }
         }
         let (t, e, d, f) = (shape.t, shape.e, shape.d, shape.f);
         let layout = shape.layout(&spec);
@@ -466,7 +492,28 @@ impl ExpertFfn {
             &bufs.h.buffer,
         );
         let gemm1 = match (bufs.w3, bufs.u) {
-            (_, Some(u)) => Dispatch::new(
+            (Some(w3), Some(u)) => {
+                let u3 = bufs
+                    .u3
+                    .ok_or_else(|| Error::invalid("expert_ffn", "SwiGLU training needs u3"))?;
+                Dispatch::new(
+                    ctx,
+                    gemm1,
+                    &[
+                        &params_buf,
+                        x,
+                        tos,
+                        routing,
+                        w1,
+                        &w3.buffer,
+                        h,
+                        &u.buffer,
+                        &u3.buffer,
+                    ],
+                    indirect(RoutingLayout::ARGS1),
+                )?
+            }
+            (None, Some(u)) => Dispatch::new(
                 ctx,
                 gemm1,
                 &[&params_buf, x, tos, routing, w1, h, &u.buffer],
@@ -546,7 +593,10 @@ mod tests {
             assert!(def.source.contains(&format!("fn {}(", spec.name())));
             assert_eq!(
                 def.source.contains("w3"),
-                spec.stage == ExpertStage::Gemm1SwiGlu
+                matches!(
+                    spec.stage,
+                    ExpertStage::Gemm1SwiGlu | ExpertStage::Gemm1SwiGluTrain
+                )
             );
         }
     }

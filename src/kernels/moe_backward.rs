@@ -10,11 +10,14 @@
 //!    `combine_backward_weights` (dw = <dy, y_expert>);
 //! 2. `gate_stats` (f_e, P_e, losses) and `gate_backward` (dz);
 //! 3. `expert_gemm2_backward_gelu` (da) and `expert_gemm1_backward` (dxs),
-//!    dispatched indirectly like the forward GEMMs;
+//!    dispatched indirectly like the forward GEMMs (SwiGLU:
+//!    `expert_gemm2_backward_swiglu` gives da and da3, and
+//!    `expert_gemm1_backward_swiglu` sums both paths over K = 2F);
 //! 4. the dispatch backward: dx = sum_j dxs[slot_of_token[t, j]] (the combine
 //!    kernel with unit weights);
 //! 5. `expert_weight_grad_w2` / `_w1` (split-K, then
-//!    `expert_weight_grad_reduce` when split > 1);
+//!    `expert_weight_grad_reduce` when split > 1; SwiGLU's dW3 is `_w1` on
+//!    da3);
 //! 6. the router's two dense GEMMs: dx += dz · W_r^T, dW_r = x^T · dz.
 
 use super::combine::{Combine, CombineBuffers};
@@ -107,8 +110,12 @@ impl MoeBackwardSpec {
 pub enum ExpertBackwardStage {
     /// `da = (dys · W2[e]^T) * gelu'(u)`
     Gemm2Gelu,
+    /// SwiGLU: `dh = dys · W2[e]^T`, `da = dh * u3 * silu'(u)`, `da3 = dh * silu(u)`
+    Gemm2SwiGlu,
     /// `dxs = da · W1[e]^T`
     Gemm1,
+    /// SwiGLU: `dxs = da · W1[e]^T + da3 · W3[e]^T`
+    Gemm1SwiGlu,
     /// `dW1[e] = x[tok]^T · da` over the expert's rows
     WeightW1,
     /// `dW2[e] = h^T · dys` over the expert's rows
@@ -116,9 +123,11 @@ pub enum ExpertBackwardStage {
 }
 
 impl ExpertBackwardStage {
-    pub const ALL: [ExpertBackwardStage; 4] = [
+    pub const ALL: [ExpertBackwardStage; 6] = [
         ExpertBackwardStage::Gemm2Gelu,
+        ExpertBackwardStage::Gemm2SwiGlu,
         ExpertBackwardStage::Gemm1,
+        ExpertBackwardStage::Gemm1SwiGlu,
         ExpertBackwardStage::WeightW1,
         ExpertBackwardStage::WeightW2,
     ];
@@ -126,7 +135,9 @@ impl ExpertBackwardStage {
     pub fn name(self) -> &'static str {
         match self {
             ExpertBackwardStage::Gemm2Gelu => "expert_gemm2_backward_gelu",
+            ExpertBackwardStage::Gemm2SwiGlu => "expert_gemm2_backward_swiglu",
             ExpertBackwardStage::Gemm1 => "expert_gemm1_backward",
+            ExpertBackwardStage::Gemm1SwiGlu => "expert_gemm1_backward_swiglu",
             ExpertBackwardStage::WeightW1 => "expert_weight_grad_w1",
             ExpertBackwardStage::WeightW2 => "expert_weight_grad_w2",
         }
@@ -135,7 +146,9 @@ impl ExpertBackwardStage {
     fn flags(self) -> Vec<&'static str> {
         match self {
             ExpertBackwardStage::Gemm2Gelu => vec!["dh", "rowgemm"],
+            ExpertBackwardStage::Gemm2SwiGlu => vec!["dh", "swiglu", "rowgemm"],
             ExpertBackwardStage::Gemm1 => vec!["dx", "rowgemm"],
+            ExpertBackwardStage::Gemm1SwiGlu => vec!["dx", "swiglu", "rowgemm"],
             ExpertBackwardStage::WeightW1 => vec!["dw1", "wgrad"],
             ExpertBackwardStage::WeightW2 => vec!["dw2", "wgrad"],
         }
@@ -146,8 +159,16 @@ impl ExpertBackwardStage {
         match self {
             // dys, routing, w2, u -> da
             ExpertBackwardStage::Gemm2Gelu => vec![Uniform, Read, Read, Read, Read, ReadWrite],
+            // dys, routing, w2, u -> da; u3 -> da3
+            ExpertBackwardStage::Gemm2SwiGlu => {
+                vec![Uniform, Read, Read, Read, Read, ReadWrite, Read, ReadWrite]
+            }
             // da, routing, w1 -> dxs
             ExpertBackwardStage::Gemm1 => vec![Uniform, Read, Read, Read, ReadWrite],
+            // da, routing, w1 -> dxs; da3, w3
+            ExpertBackwardStage::Gemm1SwiGlu => {
+                vec![Uniform, Read, Read, Read, ReadWrite, Read, Read]
+            }
             // x, token_of_slot, routing, da -> dw1
             ExpertBackwardStage::WeightW1 => vec![Uniform, Read, Read, Read, Read, ReadWrite],
             // h, routing, dys -> dw2
@@ -256,6 +277,8 @@ pub struct MoeBackwardShape {
     pub z_loss: f32,
     /// K chunks of each expert's rows in the weight GEMMs (>= 1).
     pub split: usize,
+    /// SwiGLU experts (w3, u3, dw3); GELU otherwise.
+    pub swiglu: bool,
 }
 
 /// What the backward reads (from the forward) and writes.
@@ -273,19 +296,24 @@ pub struct MoeBackwardBuffers<'a> {
     pub routing: &'a Tensor<u32>,
     pub token_of_slot: &'a Tensor<u32>,
     pub slot_of_token: &'a Tensor<u32>,
-    /// u, h [R, F]; y_expert [R, D] (expert forward)
+    /// u, h [R, F]; y_expert [R, D] (expert forward); u3 [R, F] (SwiGLU)
     pub u: &'a Tensor<f32>,
+    pub u3: Option<&'a Tensor<f32>>,
     pub h: &'a Tensor<f32>,
     pub y_expert: &'a Tensor<f32>,
     /// weights: w_router [D, E], w1 [E, D, F], w2 [E, F, D]
     pub w_router: &'a Tensor<f32>,
     pub w1: &'a Tensor<f32>,
     pub w2: &'a Tensor<f32>,
-    /// outputs: dx [T, D], dw_router [D, E], dw1 [E, D, F], dw2 [E, F, D]
+    /// w3 [E, D, F] (SwiGLU)
+    pub w3: Option<&'a Tensor<f32>>,
+    /// outputs: dx [T, D], dw_router [D, E], dw1 [E, D, F], dw2 [E, F, D],
+    /// dw3 [E, D, F] (SwiGLU)
     pub dx: &'a Tensor<f32>,
     pub dw_router: &'a Tensor<f32>,
     pub dw1: &'a Tensor<f32>,
     pub dw2: &'a Tensor<f32>,
+    pub dw3: Option<&'a Tensor<f32>>,
 }
 
 /// Scratch tensors of the backward (allocated once per shape).
@@ -300,6 +328,8 @@ pub struct MoeBackwardScratch {
     pub dz: Tensor<f32>,
     /// da [R, F]
     pub da: Tensor<f32>,
+    /// da3 [R, F] (SwiGLU)
+    pub da3: Option<Tensor<f32>>,
     /// dxs [R, D]
     pub dxs: Tensor<f32>,
     /// ones [T, K]: the dispatch backward is a combine with unit weights
@@ -323,6 +353,8 @@ pub struct MoeBackward {
     reduce2: Option<Dispatch>,
     wgrad1: Dispatch,
     reduce1: Option<Dispatch>,
+    /// SwiGLU: dW3 (the dW1 kernel on da3) and its split-K reduction.
+    wgrad3: Option<(Dispatch, Option<Dispatch>)>,
     router_dx: Matmul,
     router_dw: Matmul,
     _params: Vec<wgpu::Buffer>,
@@ -379,6 +411,21 @@ impl MoeBackward {
             tensor.expect_shape("moe_backward", name, want)?;
         }
         b.dw2.expect_shape("moe_backward", "dw2", &[e, f, d])?;
+        let swiglu = match (shape.swiglu, b.u3, b.w3, b.dw3) {
+            (true, Some(u3), Some(w3), Some(dw3)) => {
+                u3.expect_shape("moe_backward", "u3", &[rows, f])?;
+                w3.expect_shape("moe_backward", "w3", &[e, d, f])?;
+                dw3.expect_shape("moe_backward", "dw3", &[e, d, f])?;
+                Some((u3, w3, dw3))
+            }
+            (false, None, None, None) => None,
+            _ => {
+                return Err(Error::invalid(
+                    "moe_backward",
+                    "SwiGLU needs u3, w3 and dw3; GELU takes none of them",
+                ))
+            }
+        };
         b.topk_ids
             .expect_shape("moe_backward", "topk_ids", &[t, k])?;
         b.slot_of_token
@@ -404,6 +451,10 @@ impl MoeBackward {
             stats: Tensor::zeros(ctx, "gate_stats", &[2 * e + 2])?,
             dz: Tensor::zeros(ctx, "dz", &[t, e])?,
             da: Tensor::zeros(ctx, "da", &[rows, f])?,
+            da3: match swiglu {
+                Some(_) => Some(Tensor::zeros(ctx, "da3", &[rows, f])?),
+                None => None,
+            },
             dxs: Tensor::zeros(ctx, "dxs", &[rows, d])?,
             ones: Tensor::from_slice(ctx, "ones", &[t, k], &vec![1.0f32; t * k])?,
             partial: if shape.split > 1 {
@@ -521,29 +572,42 @@ impl MoeBackward {
             offset: (word * 4) as u64,
         };
         let p_rows = uniform(ctx, &ep(1));
+        let mut gemm2_bufs = vec![
+            &p_rows,
+            &scratch.dys.buffer,
+            &b.routing.buffer,
+            &b.w2.buffer,
+            &b.u.buffer,
+            &scratch.da.buffer,
+        ];
+        let mut gemm1_bufs = vec![
+            &p_rows,
+            &scratch.da.buffer,
+            &b.routing.buffer,
+            &b.w1.buffer,
+            &scratch.dxs.buffer,
+        ];
+        let (stage2, stage1) = match (swiglu, &scratch.da3) {
+            (Some((u3, w3, _)), Some(da3)) => {
+                gemm2_bufs.extend([&u3.buffer, &da3.buffer]);
+                gemm1_bufs.extend([&da3.buffer, &w3.buffer]);
+                (
+                    ExpertBackwardStage::Gemm2SwiGlu,
+                    ExpertBackwardStage::Gemm1SwiGlu,
+                )
+            }
+            _ => (ExpertBackwardStage::Gemm2Gelu, ExpertBackwardStage::Gemm1),
+        };
         let gemm2 = Dispatch::new(
             ctx,
-            epipe(ExpertBackwardStage::Gemm2Gelu)?,
-            &[
-                &p_rows,
-                &scratch.dys.buffer,
-                &b.routing.buffer,
-                &b.w2.buffer,
-                &b.u.buffer,
-                &scratch.da.buffer,
-            ],
+            epipe(stage2)?,
+            &gemm2_bufs,
             indirect(RoutingLayout::ARGS1),
         )?;
         let gemm1 = Dispatch::new(
             ctx,
-            epipe(ExpertBackwardStage::Gemm1)?,
-            &[
-                &p_rows,
-                &scratch.da.buffer,
-                &b.routing.buffer,
-                &b.w1.buffer,
-                &scratch.dxs.buffer,
-            ],
+            epipe(stage1)?,
+            &gemm1_bufs,
             indirect(RoutingLayout::ARGS2),
         )?;
         let dispatch_back = Combine::new(
@@ -585,19 +649,22 @@ impl MoeBackward {
             ],
             wgrid(f, d)?,
         )?;
-        let wgrad1 = Dispatch::new(
-            ctx,
-            epipe(ExpertBackwardStage::WeightW1)?,
-            &[
-                &p_w1,
-                &b.x.buffer,
-                &b.token_of_slot.buffer,
-                &b.routing.buffer,
-                &scratch.da.buffer,
-                &target(b.dw1),
-            ],
-            wgrid(d, f)?,
-        )?;
+        let wgrad_x = |da: &Tensor<f32>, dw: &Tensor<f32>| -> Result<Dispatch> {
+            Dispatch::new(
+                ctx,
+                epipe(ExpertBackwardStage::WeightW1)?,
+                &[
+                    &p_w1,
+                    &b.x.buffer,
+                    &b.token_of_slot.buffer,
+                    &b.routing.buffer,
+                    &da.buffer,
+                    &target(dw),
+                ],
+                wgrid(d, f)?,
+            )
+        };
+        let wgrad1 = wgrad_x(&scratch.da, b.dw1)?;
         let (p_red, g_red) = mk(e * d * f, e * d * f);
         let reduce = |out: &Tensor<f32>| -> Result<Option<Dispatch>> {
             match &scratch.partial {
@@ -612,6 +679,10 @@ impl MoeBackward {
         };
         let reduce2 = reduce(b.dw2)?;
         let reduce1 = reduce(b.dw1)?;
+        let wgrad3 = match (swiglu, &scratch.da3) {
+            (Some((_, _, dw3)), Some(da3)) => Some((wgrad_x(da3, dw3)?, reduce(dw3)?)),
+            _ => None,
+        };
 
         // Router: dx += dz · W_r^T ; dW_r = x^T · dz.
         let dx_shape = MatmulShape {
@@ -661,6 +732,7 @@ impl MoeBackward {
             reduce2,
             wgrad1,
             reduce1,
+            wgrad3,
             router_dx,
             router_dw,
             _params: params,
@@ -684,6 +756,12 @@ impl MoeBackward {
         self.wgrad1.record(pass);
         if let Some(r) = &self.reduce1 {
             r.record(pass);
+        }
+        if let Some((w, r)) = &self.wgrad3 {
+            w.record(pass);
+            if let Some(r) = r {
+                r.record(pass);
+            }
         }
         self.router_dx.record(pass);
         self.router_dw.record(pass);

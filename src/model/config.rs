@@ -36,6 +36,10 @@ pub struct ModelConfig {
     pub experts: usize,
     /// Every n-th FFN is an MoE (1 = every layer); the others are dense.
     pub moe_every: usize,
+    /// Activation of every FFN (experts and dense): GELU (default) or
+    /// SwiGLU, which adds `w3 [E, D, F]` to each FFN.
+    #[serde(default = "gelu")]
+    pub activation: Activation,
     /// Dense model: every FFN dense (the `--gating dense` baseline).
     pub dense: bool,
     /// Gating rule of the MoE layers during training.
@@ -47,6 +51,10 @@ pub struct ModelConfig {
     pub capacity_factor: Option<f32>,
     /// RMSNorm epsilon.
     pub eps: f32,
+}
+
+fn gelu() -> Activation {
+    Activation::Gelu
 }
 
 impl Default for ModelConfig {
@@ -61,6 +69,7 @@ impl Default for ModelConfig {
             ffn: 256,
             experts: 16,
             moe_every: 1,
+            activation: Activation::Gelu,
             dense: false,
             gate: GateConfig::default(),
             aux: AuxConfig::default(),
@@ -123,7 +132,7 @@ impl ModelConfig {
                 d: self.d,
                 f: self.ffn,
                 e: self.experts,
-                activation: Activation::Gelu,
+                activation: self.activation,
                 gate: self.gate,
                 capacity_factor: self.capacity_factor,
             },
@@ -131,7 +140,7 @@ impl ModelConfig {
                 d: self.d,
                 f: self.ffn,
                 e: 1,
-                activation: Activation::Gelu,
+                activation: self.activation,
                 gate: GateConfig {
                     gating: Gating::Top1,
                     single_weight: SingleWeight::One,
@@ -176,6 +185,9 @@ impl ModelConfig {
             p.push((format!("{pre}norm2"), vec![d], false));
             p.push((format!("{pre}ffn.w_router"), vec![d, c.e], false));
             p.push((format!("{pre}ffn.w1"), vec![c.e, d, c.f], true));
+            if c.activation == Activation::SwiGlu {
+                p.push((format!("{pre}ffn.w3"), vec![c.e, d, c.f], true));
+            }
             p.push((format!("{pre}ffn.w2"), vec![c.e, c.f, d], true));
         }
         p.push(("norm_f".to_string(), vec![d], false));
@@ -195,19 +207,14 @@ impl ModelConfig {
     /// layer (1 for top-1, 2 for top-2, 1 + two-expert fraction for
     /// adaptive); training costs about three times this.
     pub fn forward_flops_per_token(&self, slots_per_token: f64) -> f64 {
-        let (d, n, f, v) = (
-            self.d as f64,
-            self.context as f64,
-            self.ffn as f64,
-            self.vocab as f64,
-        );
+        let (d, n, v) = (self.d as f64, self.context as f64, self.vocab as f64);
         let mut fl = 2.0 * d * v;
         for l in 0..self.layers {
             // QKV, output projection, attention (causal: half of N^2 on average).
             fl += 2.0 * d * 3.0 * d + 2.0 * d * d + 2.0 * d * n;
             let c = self.ffn_config(l);
             let slots = if c.e == 1 { 1.0 } else { slots_per_token };
-            fl += 2.0 * d * c.e as f64 + slots * 4.0 * d * f;
+            fl += 2.0 * d * c.e as f64 + slots * c.flops_per_slot();
         }
         fl
     }

@@ -16,7 +16,7 @@ use crate::error::{Error, Result};
 use crate::kernels::adamw::{AdamWConfig, GRAD_NORM_CHUNK};
 use crate::kernels::embedding::{check_ids, token_order};
 use crate::kernels::matmul::Trans;
-use crate::kernels::{GateConfig, UNUSED};
+use crate::kernels::{Activation, GateConfig, UNUSED};
 use crate::model::config::ModelConfig;
 use crate::model::transformer::{HostParams, OptConfig};
 use crate::moe::MoeConfig;
@@ -265,6 +265,10 @@ pub fn forward<F: Float>(
         let w = MoeParams {
             w_router: p("ffn.w_router")?.to_vec(),
             w1: p("ffn.w1")?.to_vec(),
+            w3: match cfg.activation {
+                Activation::SwiGlu => p("ffn.w3")?.to_vec(),
+                Activation::Gelu => Vec::new(),
+            },
             w2: p("ffn.w2")?.to_vec(),
         };
         let ffn = moe_layer_forward(&ffn_cfg, &w, &m, t)?;
@@ -365,6 +369,10 @@ pub fn loss_and_grads<F: Float>(
         let w = MoeParams {
             w_router: p("ffn.w_router")?.to_vec(),
             w1: p("ffn.w1")?.to_vec(),
+            w3: match cfg.activation {
+                Activation::SwiGlu => p("ffn.w3")?.to_vec(),
+                Activation::Gelu => Vec::new(),
+            },
             w2: p("ffn.w2")?.to_vec(),
         };
         let (_, _, bal, z) = aux_losses(&blk.ffn, blk.ffn_cfg.e, blk.ffn_cfg.k(), &blk.aux);
@@ -372,6 +380,9 @@ pub fn loss_and_grads<F: Float>(
         let fg = moe_layer_backward(&blk.ffn_cfg, &w, &blk.m, &blk.ffn, &gy, &blk.aux);
         grads[ix.layer(l, "ffn.w_router")?] = fg.dw_router;
         grads[ix.layer(l, "ffn.w1")?] = fg.dw1;
+        if cfg.activation == Activation::SwiGlu {
+            grads[ix.layer(l, "ffn.w3")?] = fg.dw3;
+        }
         grads[ix.layer(l, "ffn.w2")?] = fg.dw2;
         let g2 = p("norm2")?;
         let tmp = rmsnorm_backward(&blk.xm, g2, &fg.dx, &blk.rstd2, t, d);
@@ -547,6 +558,7 @@ mod tests {
             ffn: 6,
             experts: 3,
             moe_every: 1,
+            activation: crate::kernels::Activation::Gelu,
             dense,
             gate: GateConfig {
                 gating,
@@ -682,13 +694,31 @@ mod tests {
     }
 
     #[test]
+    fn gradient_matches_finite_differences_swiglu() {
+        let swiglu = |gating, dense| ModelConfig {
+            activation: crate::kernels::Activation::SwiGlu,
+            ..tiny(gating, dense)
+        };
+        check_fd(&swiglu(Gating::Adaptive, false), 6);
+        check_fd(&swiglu(Gating::Top1, true), 7);
+    }
+
+    #[test]
     fn gradient_matches_finite_differences_dense() {
         check_fd(&tiny(Gating::Top1, true), 4);
     }
 
     #[test]
     fn step_moves_every_parameter_and_clips() {
-        let cfg = tiny(Gating::Adaptive, false);
+        // Without the auxiliary losses, so that the step descends the
+        // cross-entropy that the check below measures.
+        let cfg = ModelConfig {
+            aux: AuxConfig {
+                balance: 0.0,
+                z_loss: 0.0,
+            },
+            ..tiny(Gating::Adaptive, false)
+        };
         let b = 2;
         let (ids, targets) = batch(&cfg, b, 9);
         let mut p = HostParams::init(&cfg, 9);
@@ -698,7 +728,9 @@ mod tests {
             clip: Some(1e-3),
             ..OptConfig::default()
         };
-        let s = train_step(&cfg, &mut p, &mut st, &ids, &targets, b, &opt, 1e-2, 1).unwrap();
+        // A step small enough that the first-order decrease dominates (Adam
+        // moves every parameter by about lr on its first step).
+        let s = train_step(&cfg, &mut p, &mut st, &ids, &targets, b, &opt, 1e-3, 1).unwrap();
         assert!(s.grad_norm > 1e-3 && (s.clip_scale - 1e-3 / s.grad_norm).abs() < 1e-6);
         assert!((s.loss - (cfg.vocab as f32).ln()).abs() < 0.5, "{}", s.loss);
         assert_eq!(s.balance_loss.len(), 2);

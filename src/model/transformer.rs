@@ -68,7 +68,10 @@ impl HostParams {
                 vec![1.0; n]
             } else if name == "wte" || name == "wpe" {
                 rng.vec_sym(n, 0.035)
-            } else if name.ends_with("ffn.w1") || name.ends_with("ffn.w2") {
+            } else if name.ends_with("ffn.w1")
+                || name.ends_with("ffn.w3")
+                || name.ends_with("ffn.w2")
+            {
                 // Per expert: [E, fan_in, fan_out].
                 let fan = shape[1] as f32;
                 let a = (3.0 / fan).sqrt() * if name.ends_with("w2") { resid } else { 1.0 };
@@ -127,10 +130,11 @@ impl HostParams {
                     Error::invalid("model parameters", format!("layers.{l}.ffn.{s} missing"))
                 })
         };
+        let swiglu = self.get(&format!("layers.{l}.ffn.w3")).map(<[f32]>::to_vec);
         Ok(MoeWeights {
             w_router: get("w_router")?,
             w1: get("w1")?,
-            w3: None,
+            w3: swiglu,
             w2: get("w2")?,
         })
     }
@@ -175,6 +179,9 @@ impl Model {
                     match w {
                         "w_router" => ffn[l].w_router.clone(),
                         "w1" => ffn[l].w1.clone(),
+                        "w3" => ffn[l].w3.clone().ok_or_else(|| {
+                            Error::invalid("model parameters", format!("{name}: no SwiGLU layer"))
+                        })?,
                         _ => ffn[l].w2.clone(),
                     }
                 }
@@ -238,7 +245,7 @@ impl Model {
                     cfg,
                     w_router: m.w_router.clone(),
                     w1: m.w1.clone(),
-                    w3: None,
+                    w3: m.w3.clone(),
                     w2: m.w2.clone(),
                 }
             })
@@ -697,6 +704,9 @@ impl TrainStep {
                     match w {
                         "w_router" => plan.dw_router.clone(),
                         "w1" => plan.dw1.clone(),
+                        "w3" => plan.dw3.clone().ok_or_else(|| {
+                            Error::invalid("model", format!("{}: no SwiGLU gradient", p.name))
+                        })?,
                         _ => plan.dw2.clone(),
                     }
                 }

@@ -112,7 +112,9 @@ mod tests {
         let mut y = vec![0.0f32; rows * d];
         let mut start = 0usize;
         for e in 0..layout.e {
+            // The route's priority order: first choices, then second choices.
             let toks: Vec<usize> = (0..t * k)
+                .map(|i| crate::reference::route::slot_at(i, t, k))
                 .filter(|&s| topk_ids[s] == e as u32)
                 .map(|s| s / k)
                 .collect();

@@ -7,7 +7,7 @@
 #![allow(clippy::needless_range_loop)]
 
 use crate::kernels::{RoutingLayout, UNUSED};
-use crate::reference::moe_train::gelu_grad;
+use crate::reference::moe_train::{gelu_grad, silu, silu_grad};
 
 /// `dys[r] = w[t, j] * dy[t]` for the slot r of (t, j); zeros elsewhere.
 /// Returns dys [R, D], R = `layout.max_rows()`.
@@ -180,6 +180,64 @@ pub fn expert_gemm2_backward_gelu(
     da
 }
 
+/// SwiGLU: with `dh = dys[r] · W2[e]^T`, `da = dh * u3 * silu'(u)` and
+/// `da3 = dh * silu(u)` on the routed row tiles. Returns (da, da3), [R, F] each.
+#[allow(clippy::too_many_arguments)]
+pub fn expert_gemm2_backward_swiglu(
+    dys: &[f32],
+    routing: &[u32],
+    layout: &RoutingLayout,
+    w2: &[f32],
+    u: &[f32],
+    u3: &[f32],
+    d: usize,
+    f: usize,
+) -> (Vec<f32>, Vec<f32>) {
+    let tm = layout.tile_m;
+    let mut da = vec![0.0f32; layout.max_rows() * f];
+    let mut da3 = vec![0.0f32; layout.max_rows() * f];
+    for (tile, e) in tiles(routing, layout) {
+        for r in tile * tm..(tile + 1) * tm {
+            for n in 0..f {
+                let dh = (0..d).fold(0.0f32, |a, o| {
+                    dys[r * d + o].mul_add(w2[(e * f + n) * d + o], a)
+                });
+                let i = r * f + n;
+                da[i] = dh * u3[i] * silu_grad(u[i]);
+                da3[i] = dh * silu(u[i]);
+            }
+        }
+    }
+    (da, da3)
+}
+
+/// SwiGLU: `dxs[r] = da[r] · W1[e]^T + da3[r] · W3[e]^T` (one sum over
+/// K = 2F, the W1 half first) on the routed row tiles.
+#[allow(clippy::too_many_arguments)]
+pub fn expert_gemm1_backward_swiglu(
+    da: &[f32],
+    da3: &[f32],
+    routing: &[u32],
+    layout: &RoutingLayout,
+    w1: &[f32],
+    w3: &[f32],
+    d: usize,
+    f: usize,
+) -> Vec<f32> {
+    let tm = layout.tile_m;
+    let mut dxs = vec![0.0f32; layout.max_rows() * d];
+    for (tile, e) in tiles(routing, layout) {
+        for r in tile * tm..(tile + 1) * tm {
+            for i in 0..d {
+                let w = |n: usize| (e * d + i) * f + n;
+                let a = (0..f).fold(0.0f32, |a, n| da[r * f + n].mul_add(w1[w(n)], a));
+                dxs[r * d + i] = (0..f).fold(a, |a, n| da3[r * f + n].mul_add(w3[w(n)], a));
+            }
+        }
+    }
+    dxs
+}
+
 /// `dxs[r] = da[r] · W1[e]^T` on the routed row tiles.
 pub fn expert_gemm1_backward(
     da: &[f32],
@@ -285,6 +343,8 @@ pub mod compose {
         pub token_of_slot: Vec<u32>,
         pub slot_of_token: Vec<u32>,
         pub u: Vec<f32>,
+        /// SwiGLU's `x W3` [R, F] (empty for GELU)
+        pub u3: Vec<f32>,
         pub h: Vec<f32>,
         pub y_expert: Vec<f32>,
         pub y: Vec<f32>,
@@ -295,11 +355,13 @@ pub mod compose {
         pub dw_router: Vec<f32>,
         pub dw1: Vec<f32>,
         pub dw2: Vec<f32>,
+        /// SwiGLU's dW3 (empty for GELU)
+        pub dw3: Vec<f32>,
         pub stats: Vec<f32>,
     }
 
-    /// Forward over the slot plan (GELU), keeping `u`; a training plan, so
-    /// slots past the config's capacity are dropped.
+    /// Forward over the slot plan (GELU or SwiGLU), keeping `u` (and `u3`);
+    /// a training plan, so slots past the config's capacity are dropped.
     pub fn forward(
         cfg: &MoeConfig,
         w: &MoeWeights,
@@ -317,7 +379,10 @@ pub mod compose {
         };
         let (routing, token_of_slot, slot_of_token) = route(&g.topk_ids, &config);
         let rows = layout.max_rows();
+        let swiglu = cfg.activation == crate::kernels::Activation::SwiGlu;
+        let w3: &[f32] = w.w3.as_deref().unwrap_or(&[]);
         let mut u = vec![0.0f32; rows * f];
+        let mut u3 = vec![0.0f32; if swiglu { rows * f } else { 0 }];
         let mut h = vec![0.0f32; rows * f];
         let mut ye = vec![0.0f32; rows * d];
         for (tile, ex) in tiles(&routing, &layout) {
@@ -331,7 +396,14 @@ pub mod compose {
                     let a =
                         (0..d).fold(0.0f32, |a, i| xr[i].mul_add(w.w1[(ex * d + i) * f + n], a));
                     u[r * f + n] = a;
-                    h[r * f + n] = crate::reference::activation::act_gelu(a);
+                    h[r * f + n] = if swiglu {
+                        let b =
+                            (0..d).fold(0.0f32, |b, i| xr[i].mul_add(w3[(ex * d + i) * f + n], b));
+                        u3[r * f + n] = b;
+                        crate::reference::activation::act_silu(a) * b
+                    } else {
+                        crate::reference::activation::act_gelu(a)
+                    };
                 }
                 for o in 0..d {
                     ye[r * d + o] = (0..f).fold(0.0f32, |a, n| {
@@ -351,6 +423,7 @@ pub mod compose {
                 token_of_slot,
                 slot_of_token,
                 u,
+                u3,
                 h,
                 y_expert: ye,
                 y,
@@ -396,19 +469,45 @@ pub mod compose {
             aux.balance,
             aux.z_loss,
         );
-        let da = expert_gemm2_backward_gelu(&dys, &fw.routing, layout, &w.w2, &fw.u, d, f);
-        let dxs = expert_gemm1_backward(&da, &fw.routing, layout, &w.w1, d, f);
+        let (da, da3, dxs) = match w.w3.as_deref() {
+            Some(w3) => {
+                let (da, da3) = expert_gemm2_backward_swiglu(
+                    &dys,
+                    &fw.routing,
+                    layout,
+                    &w.w2,
+                    &fw.u,
+                    &fw.u3,
+                    d,
+                    f,
+                );
+                let dxs =
+                    expert_gemm1_backward_swiglu(&da, &da3, &fw.routing, layout, &w.w1, w3, d, f);
+                (da, da3, dxs)
+            }
+            None => {
+                let da = expert_gemm2_backward_gelu(&dys, &fw.routing, layout, &w.w2, &fw.u, d, f);
+                let dxs = expert_gemm1_backward(&da, &fw.routing, layout, &w.w1, d, f);
+                (da, Vec::new(), dxs)
+            }
+        };
         let ones = vec![1.0f32; t * k];
         let dx0 = combine_forward(&ones, &fw.slot_of_token, &dxs, t, k, d);
         let dx = matmul(&dz, &w.w_router, t, d, e, Trans::NT, 1.0, 1.0, Some(&dx0));
         let dw_router = matmul(x, &dz, d, e, t, Trans::TN, 1.0, 0.0, None);
         let dw1 = expert_weight_grad_w1(x, &fw.token_of_slot, &fw.routing, layout, &da, d, f);
         let dw2 = expert_weight_grad_w2(&fw.h, &fw.routing, layout, &dys, d, f);
+        let dw3 = if da3.is_empty() {
+            Vec::new()
+        } else {
+            expert_weight_grad_w1(x, &fw.token_of_slot, &fw.routing, layout, &da3, d, f)
+        };
         Grads {
             dx,
             dw_router,
             dw1,
             dw2,
+            dw3,
             stats,
         }
     }
@@ -427,19 +526,25 @@ mod tests {
 
     #[test]
     fn slot_twins_compose_to_the_per_token_backward() {
-        for (gating, seed, capacity_factor) in [
+        for (gating, seed, capacity_factor, activation) in [
             (Gating::Top1, 1, None),
             (Gating::Top2, 2, None),
             (Gating::Adaptive, 3, None),
             (Gating::Top1, 4, Some(0.6)),
             (Gating::Top2, 5, Some(0.6)),
             (Gating::Adaptive, 6, Some(0.5)),
-        ] {
+        ]
+        .into_iter()
+        .map(|(g, s, c)| (g, s, c, Activation::Gelu))
+        .chain([
+            (Gating::Top2, 7, None, Activation::SwiGlu),
+            (Gating::Adaptive, 8, Some(0.5), Activation::SwiGlu),
+        ]) {
             let cfg = MoeConfig {
                 d: 12,
                 f: 20,
                 e: 5,
-                activation: Activation::Gelu,
+                activation,
                 gate: GateConfig {
                     threshold: 0.4,
                     ..GateConfig::new(gating)
@@ -466,6 +571,7 @@ mod tests {
             let p = MoeParams {
                 w_router: w.w_router.clone(),
                 w1: w.w1.clone(),
+                w3: w.w3.clone().unwrap_or_default(),
                 w2: w.w2.clone(),
             };
             let cache = moe_layer_forward(&cfg, &p, &x, t).unwrap();
@@ -478,6 +584,7 @@ mod tests {
                 ("dw_router", &g.dw_router, &want.dw_router),
                 ("dw1", &g.dw1, &want.dw1),
                 ("dw2", &g.dw2, &want.dw2),
+                ("dw3", &g.dw3, &want.dw3),
             ] {
                 let c = tol.compare(got, want);
                 assert!(c.pass, "{gating:?} {name}: {c:?}");

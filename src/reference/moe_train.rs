@@ -17,7 +17,10 @@
 //! adds nothing to `y`, and its weight gets no gradient (the other slot's
 //! weight still depends on both probabilities).
 //!
-//! Experts use GELU; SwiGLU training is not supported yet (typed error).
+//! Experts use GELU (`h = gelu(u)`, `u = x W1`) or SwiGLU
+//! (`h = silu(u) u3`, `u = x W1`, `u3 = x W3`); the SwiGLU backward is
+//! `du = dh u3 silu'(u)`, `du3 = dh silu(u)`, `dx = du W1^T + du3 W3^T`
+//! (the kernels' `da` and `da3`).
 
 // Index loops mirror the kernels' (and the math's) subscripts.
 #![allow(clippy::needless_range_loop)]
@@ -35,6 +38,8 @@ pub struct MoeParams<F> {
     pub w_router: Vec<F>,
     /// w1 [E, D, F]
     pub w1: Vec<F>,
+    /// w3 [E, D, F]: SwiGLU's up projection (empty for GELU)
+    pub w3: Vec<F>,
     /// w2 [E, F, D]
     pub w2: Vec<F>,
 }
@@ -48,6 +53,8 @@ pub struct MoeGrads<F> {
     pub dw_router: Vec<F>,
     /// dw1 [E, D, F]
     pub dw1: Vec<F>,
+    /// dw3 [E, D, F] (empty for GELU)
+    pub dw3: Vec<F>,
     /// dw2 [E, F, D]
     pub dw2: Vec<F>,
 }
@@ -66,8 +73,10 @@ pub struct MoeCache<F> {
     pub topk_weights: Vec<F>,
     /// kept [T, K]: the slot is used and within its expert's capacity
     pub kept: Vec<bool>,
-    /// u [T, K, F]: pre-activation of each used (token, slot)
+    /// u [T, K, F]: pre-activation `x W1` of each used (token, slot)
     pub u: Vec<F>,
+    /// u3 [T, K, F]: SwiGLU's `x W3` (empty for GELU)
+    pub u3: Vec<F>,
     /// h [T, K, F]
     pub h: Vec<F>,
     /// y_expert [T, K, D]
@@ -85,6 +94,16 @@ pub fn gelu<F: Float>(x: F) -> F {
     let k = c::<F>(0.797_884_560_802_865_4);
     let half = c::<F>(0.5);
     half * x * (F::one() + (k * (x + c::<F>(0.044715) * x * x * x)).tanh())
+}
+
+/// SiLU `x sigma(x)` and its derivative `sigma(x) (1 + x (1 - sigma(x)))`.
+pub fn silu<F: Float>(x: F) -> F {
+    x / (F::one() + (-x).exp())
+}
+
+pub fn silu_grad<F: Float>(x: F) -> F {
+    let s = F::one() / (F::one() + (-x).exp());
+    s * (F::one() + x * (F::one() - s))
 }
 
 pub fn gelu_grad<F: Float>(x: F) -> F {
@@ -141,13 +160,27 @@ pub fn select<F: Float>(cfg: &MoeConfig, row: &[F], probs: &[F]) -> ([u32; 2], [
     }
 }
 
-fn check(cfg: &MoeConfig) -> Result<()> {
+fn check<F>(cfg: &MoeConfig, w: &MoeParams<F>) -> Result<()> {
     cfg.validate()?;
-    if cfg.activation != Activation::Gelu {
-        return Err(Error::invalid(
-            "moe_train",
-            "training supports GELU experts only (SwiGLU is inference-only for now)",
-        ));
+    let (d, f, e) = (cfg.d, cfg.f, cfg.e);
+    let w3 = if cfg.activation == Activation::SwiGlu {
+        e * d * f
+    } else {
+        0
+    };
+    for (name, got, want) in [
+        ("w_router", w.w_router.len(), d * e),
+        ("w1", w.w1.len(), e * d * f),
+        ("w3", w.w3.len(), w3),
+        ("w2", w.w2.len(), e * f * d),
+    ] {
+        if got != want {
+            return Err(Error::shape(
+                "moe_train",
+                format!("{name}: {want} elements"),
+                got,
+            ));
+        }
     }
     Ok(())
 }
@@ -159,8 +192,9 @@ pub fn moe_layer_forward<F: Float>(
     x: &[F],
     t: usize,
 ) -> Result<MoeCache<F>> {
-    check(cfg)?;
+    check(cfg, w)?;
     let (d, f, e, k) = (cfg.d, cfg.f, cfg.e, cfg.k());
+    let swiglu = cfg.activation == Activation::SwiGlu;
     if x.len() != t * d {
         return Err(Error::shape("moe_train", format!("x [{t}, {d}]"), x.len()));
     }
@@ -172,6 +206,7 @@ pub fn moe_layer_forward<F: Float>(
         topk_weights: vec![F::zero(); t * k],
         kept: Vec::new(),
         u: vec![F::zero(); t * k * f],
+        u3: vec![F::zero(); if swiglu { t * k * f } else { 0 }],
         h: vec![F::zero(); t * k * f],
         y_expert: vec![F::zero(); t * k * d],
         y: vec![F::zero(); t * d],
@@ -209,7 +244,16 @@ pub fn moe_layer_forward<F: Float>(
                     acc = acc + xr[i] * w.w1[(ex * d + i) * f + n];
                 }
                 cache.u[slot * f + n] = acc;
-                cache.h[slot * f + n] = gelu(acc);
+                cache.h[slot * f + n] = if swiglu {
+                    let mut up = F::zero();
+                    for i in 0..d {
+                        up = up + xr[i] * w.w3[(ex * d + i) * f + n];
+                    }
+                    cache.u3[slot * f + n] = up;
+                    silu(acc) * up
+                } else {
+                    gelu(acc)
+                };
             }
             for o in 0..d {
                 let mut acc = F::zero();
@@ -267,12 +311,14 @@ pub fn moe_layer_backward<F: Float>(
     aux: &AuxConfig,
 ) -> MoeGrads<F> {
     let (d, f, e, k) = (cfg.d, cfg.f, cfg.e, cfg.k());
+    let swiglu = cfg.activation == Activation::SwiGlu;
     let t = cache.t;
     let tf = c::<F>(t as f64);
     let mut g = MoeGrads {
         dx: vec![F::zero(); t * d],
         dw_router: vec![F::zero(); d * e],
         dw1: vec![F::zero(); e * d * f],
+        dw3: vec![F::zero(); if swiglu { e * d * f } else { 0 }],
         dw2: vec![F::zero(); e * f * d],
     };
     let (frac, _, _, _) = aux_losses(cache, e, k, aux);
@@ -295,6 +341,7 @@ pub fn moe_layer_backward<F: Float>(
             let ye = &cache.y_expert[slot * d..(slot + 1) * d];
             dws[j] = (0..d).fold(F::zero(), |a, o| a + dyr[o] * ye[o]);
             let mut du = vec![F::zero(); f];
+            let mut du3 = vec![F::zero(); if swiglu { f } else { 0 }];
             for n in 0..f {
                 let mut dh = F::zero();
                 for o in 0..d {
@@ -303,7 +350,13 @@ pub fn moe_layer_backward<F: Float>(
                     let i2 = (ex * f + n) * d + o;
                     g.dw2[i2] = g.dw2[i2] + cache.h[slot * f + n] * dye;
                 }
-                du[n] = dh * gelu_grad(cache.u[slot * f + n]);
+                let u = cache.u[slot * f + n];
+                if swiglu {
+                    du[n] = dh * cache.u3[slot * f + n] * silu_grad(u);
+                    du3[n] = dh * silu(u);
+                } else {
+                    du[n] = dh * gelu_grad(u);
+                }
             }
             for i in 0..d {
                 let mut acc = F::zero();
@@ -311,6 +364,10 @@ pub fn moe_layer_backward<F: Float>(
                     let i1 = (ex * d + i) * f + n;
                     acc = acc + du[n] * w.w1[i1];
                     g.dw1[i1] = g.dw1[i1] + xr[i] * du[n];
+                    if swiglu {
+                        acc = acc + du3[n] * w.w3[i1];
+                        g.dw3[i1] = g.dw3[i1] + xr[i] * du3[n];
+                    }
                 }
                 g.dx[tok * d + i] = g.dx[tok * d + i] + acc;
             }
@@ -397,9 +454,15 @@ mod tests {
             rng.vec_sym(n, a).into_iter().map(f64::from).collect()
         };
         let (d, f, e) = (cfg.d, cfg.f, cfg.e);
+        let swiglu = cfg.activation == Activation::SwiGlu;
         let mut w = MoeParams {
             w_router: v(d * e, 1.5),
             w1: v(e * d * f, 0.7),
+            w3: if swiglu {
+                v(e * d * f, 0.7)
+            } else {
+                Vec::new()
+            },
             w2: v(e * f * d, 0.7),
         };
         let mut x = v(t * d, 1.0);
@@ -448,6 +511,17 @@ mod tests {
                 loss(cfg, &ww, &x, t, &r, &aux)
             });
             close(grads.dw1[i], num, &format!("dw1[{i}]"));
+        }
+        for i in (0..w.w3.len()).step_by(7) {
+            let mut p = w.w3.clone();
+            let num = fd(&mut p, i, &|pp| {
+                let ww = MoeParams {
+                    w3: pp.to_vec(),
+                    ..w.clone()
+                };
+                loss(cfg, &ww, &x, t, &r, &aux)
+            });
+            close(grads.dw3[i], num, &format!("dw3[{i}]"));
         }
         for i in (0..w.w2.len()).step_by(5) {
             let keep = w.w2[i];
@@ -509,6 +583,7 @@ mod tests {
         let w = MoeParams {
             w_router: rng.vec_sym(20, 1.5).into_iter().map(f64::from).collect(),
             w1: vec![0.1; 4 * 5 * 6],
+            w3: Vec::new(),
             w2: vec![0.1; 4 * 6 * 5],
         };
         let x: Vec<f64> = rng.vec_sym(7 * 5, 1.0).into_iter().map(f64::from).collect();
@@ -518,17 +593,40 @@ mod tests {
     }
 
     #[test]
-    fn swiglu_training_is_a_typed_error() {
-        let mut cfg = config(Gating::Top1, SingleWeight::RawP1, 0.1);
+    fn backward_matches_finite_differences_swiglu() {
+        for (gating, seed) in [(Gating::Top2, 18), (Gating::Adaptive, 19)] {
+            let mut cfg = config(gating, SingleWeight::RawP1, 0.3);
+            cfg.activation = Activation::SwiGlu;
+            check_fd(&cfg, seed);
+        }
+        // With a capacity that drops slots as well.
+        let mut cfg = config(Gating::Top2, SingleWeight::RawP1, 0.3);
         cfg.activation = Activation::SwiGlu;
-        let w = MoeParams::<f32> {
+        cfg.capacity_factor = Some(0.6);
+        let (used, kept) = check_fd(&cfg, 20);
+        assert!(kept < used);
+    }
+
+    #[test]
+    fn a_missing_or_extra_w3_is_a_shape_error() {
+        let mut cfg = config(Gating::Top1, SingleWeight::RawP1, 0.1);
+        let mut w = MoeParams::<f32> {
             w_router: vec![0.0; 20],
             w1: vec![0.0; 120],
+            w3: vec![0.0; 120],
             w2: vec![0.0; 120],
         };
+        // GELU takes no w3.
         assert!(matches!(
             moe_layer_forward(&cfg, &w, &[0.0; 5], 1),
-            Err(Error::InvalidArgument { .. })
+            Err(Error::Shape { .. })
+        ));
+        cfg.activation = Activation::SwiGlu;
+        assert!(moe_layer_forward(&cfg, &w, &[0.0; 5], 1).is_ok());
+        w.w3.clear();
+        assert!(matches!(
+            moe_layer_forward(&cfg, &w, &[0.0; 5], 1),
+            Err(Error::Shape { .. })
         ));
     }
 }
