@@ -11,6 +11,31 @@ fn amoe(args: &[&str]) -> std::process::Output {
         .expect("the amoe binary runs")
 }
 
+/// The toy model of the training tests: D 32, 1 layer, 2 heads, E 4, F 32,
+/// context 16, batch 4 (the vocabulary is each test's own).
+const TOY_MODEL: [&str; 14] = [
+    "--d",
+    "32",
+    "--layers",
+    "1",
+    "--heads",
+    "2",
+    "--experts",
+    "4",
+    "--ffn",
+    "32",
+    "--context",
+    "16",
+    "--batch",
+    "4",
+];
+
+/// `amoe` with `head`, the toy model's flags, then `tail`.
+fn amoe_toy(head: &[&str], tail: &[&str]) -> std::process::Output {
+    let args: Vec<&str> = head.iter().chain(&TOY_MODEL).chain(tail).copied().collect();
+    amoe(&args)
+}
+
 #[test]
 fn devices_json_lists_every_adapter_with_limits() {
     let out = amoe(&["devices", "--json"]);
@@ -131,46 +156,36 @@ fn train_with_a_capacity_factor_and_swiglu_then_generate() {
     let dir = std::env::temp_dir().join(format!("amoe-cli-capacity-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     let data = concat!(env!("CARGO_MANIFEST_DIR"), "/web/assets/sonnets.txt");
-    let out = amoe(&[
-        "train",
-        "--backend",
-        "vulkan",
-        "--data",
-        data,
-        "--gating",
-        "top2",
-        "--capacity-factor",
-        "0.5",
-        "--activation",
-        "swiglu",
-        "--d",
-        "32",
-        "--layers",
-        "1",
-        "--heads",
-        "2",
-        "--experts",
-        "4",
-        "--ffn",
-        "32",
-        "--context",
-        "16",
-        "--batch",
-        "4",
-        "--vocab",
-        "300",
-        "--steps",
-        "3",
-        "--warmup",
-        "1",
-        "--eval-every",
-        "3",
-        "--eval-batches",
-        "1",
-        "--json",
-        "--out",
-        dir.to_str().unwrap(),
-    ]);
+    let out = amoe_toy(
+        &[
+            "train",
+            "--backend",
+            "vulkan",
+            "--data",
+            data,
+            "--gating",
+            "top2",
+            "--capacity-factor",
+            "0.5",
+            "--activation",
+            "swiglu",
+        ],
+        &[
+            "--vocab",
+            "300",
+            "--steps",
+            "3",
+            "--warmup",
+            "1",
+            "--eval-every",
+            "3",
+            "--eval-batches",
+            "1",
+            "--json",
+            "--out",
+            dir.to_str().unwrap(),
+        ],
+    );
     assert!(
         out.status.success(),
         "train failed: {}",
@@ -239,41 +254,27 @@ fn reproduce_runs_every_scheme_and_writes_the_report() {
     let dir = std::env::temp_dir().join(format!("amoe-cli-reproduce-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     let json = dir.join("report.json");
-    let out = amoe(&[
-        "reproduce",
-        "--backend",
-        "vulkan",
-        "--d",
-        "32",
-        "--layers",
-        "1",
-        "--heads",
-        "2",
-        "--experts",
-        "4",
-        "--ffn",
-        "32",
-        "--context",
-        "16",
-        "--batch",
-        "4",
-        "--vocab",
-        "512",
-        "--pretrain-steps",
-        "3",
-        "--budget",
-        "4",
-        "--cap",
-        "4",
-        "--eval-every",
-        "2",
-        "--eval-batches",
-        "2",
-        "--json",
-        json.to_str().unwrap(),
-        "--out",
-        dir.to_str().unwrap(),
-    ]);
+    let out = amoe_toy(
+        &["reproduce", "--backend", "vulkan"],
+        &[
+            "--vocab",
+            "512",
+            "--pretrain-steps",
+            "3",
+            "--budget",
+            "4",
+            "--cap",
+            "4",
+            "--eval-every",
+            "2",
+            "--eval-batches",
+            "2",
+            "--json",
+            json.to_str().unwrap(),
+            "--out",
+            dir.to_str().unwrap(),
+        ],
+    );
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success(),
