@@ -7,7 +7,6 @@
 
 #[cfg(not(target_arch = "wasm32"))]
 pub mod bench;
-#[cfg(not(target_arch = "wasm32"))]
 pub mod checkpoint;
 pub mod conformance;
 pub mod error;

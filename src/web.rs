@@ -281,11 +281,9 @@ impl Generator {
                 "not UTF-8 text",
             ))
         })?;
-        let tensors = crate::infer::checkpoint::parse_safetensors(
-            &format!("{source}/model.safetensors"),
-            model,
-        )
-        .map_err(js)?;
+        let tensors =
+            crate::checkpoint::parse_safetensors(&format!("{source}/model.safetensors"), model)
+                .map_err(js)?;
         let ck = InferCheckpoint::from_parts(source, config, tensors, tokenizer, state.as_deref())
             .map_err(js)?;
         Self::from_checkpoint(gpu.ctx.clone(), ck)
@@ -294,7 +292,7 @@ impl Generator {
     /// JSON: the model's config, parameter count, GPU bytes and default gating.
     pub fn info(&self) -> Result<String, JsValue> {
         let st = self.state.try_borrow().map_err(|_| busy("the model"))?;
-        let params: usize = st.ck.host.tensors.iter().map(|(_, _, v)| v.len()).sum();
+        let params: usize = st.ck.host.numel();
         json(&serde_json::json!({
             "source": st.ck.source,
             "config": st.ck.cfg,

@@ -227,7 +227,7 @@ fn sliding_window_matches_the_twin() {
 #[test]
 fn swiglu_generation_matches_the_twin() {
     let ck = tiny_with(32, amoe::kernels::Activation::SwiGlu);
-    assert!(ck.host.get("layers.0.ffn.w3").is_some());
+    assert!(ck.host.blocks[0].ffn.w3.is_some());
     let prompt: Vec<u32> = (1..=20).collect();
     engine_matches_the_twin(&ck, &prompt, 8);
 }

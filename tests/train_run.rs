@@ -105,11 +105,11 @@ fn checkpoint_round_trip_is_exact_and_bad_checkpoints_are_typed_errors() {
         let mut run = Run::new(ctx, tiny(data.clone(), 2), &out).unwrap();
         train(ctx, &mut run);
         let saved = pollster::block_on(run.model.download(ctx)).unwrap();
-        let m_saved = pollster::block_on(run.step.m[3].read(ctx)).unwrap();
+        let m_saved = pollster::block_on(run.step.m.blocks[0].wqkv.read(ctx)).unwrap();
         let back = Run::resume(ctx, &out, None).unwrap();
         assert_eq!(pollster::block_on(back.model.download(ctx)).unwrap(), saved);
         assert_eq!(
-            pollster::block_on(back.step.m[3].read(ctx)).unwrap(),
+            pollster::block_on(back.step.m.blocks[0].wqkv.read(ctx)).unwrap(),
             m_saved
         );
         assert!(out.join("metrics.jsonl").exists() && out.join("loss.svg").exists());
@@ -183,7 +183,7 @@ fn non_finite_loss_stops_the_run_and_keeps_the_last_checkpoint() {
         train(ctx, &mut run);
         // Poison the unembedding: the next loss is NaN.
         run.pause_at = None;
-        let w_out = run.model.param("w_out").unwrap();
+        let w_out = &run.model.params.w_out;
         w_out.write(ctx, &vec![f32::NAN; w_out.numel()]).unwrap();
         let stop = AtomicBool::new(false);
         let r = pollster::block_on(run.train(ctx, &mut Quiet, &stop));
@@ -197,10 +197,7 @@ fn non_finite_loss_stops_the_run_and_keeps_the_last_checkpoint() {
         let back = Run::resume(ctx, &out, None).unwrap();
         assert_eq!(back.done, 2);
         let host = pollster::block_on(back.model.download(ctx)).unwrap();
-        assert!(host
-            .tensors
-            .iter()
-            .all(|(_, _, v)| v.iter().all(|x| x.is_finite())));
+        assert!(host.values().all(|t| t.data.iter().all(|x| x.is_finite())));
     });
 }
 

@@ -266,3 +266,138 @@ impl Staging {
 fn buffer_label(b: &wgpu::Buffer) -> String {
     format!("buffer of {} bytes", b.size())
 }
+
+/// Where one part of a [`Readback`] comes from and lands.
+#[derive(Debug)]
+struct ReadbackPart {
+    src: wgpu::Buffer,
+    src_offset: u64,
+    /// First word of the part in the staging buffer.
+    word: usize,
+    words: usize,
+}
+
+/// A part of a [`Readback`]: returned by [`ReadbackLayout::push`], it
+/// indexes the words that came back.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PartId(usize);
+
+/// The layout of a step's readback, defined once when the step is built:
+/// each `push` reserves the next words of one staging buffer for a range of
+/// a GPU buffer. Recording the copies and finding each part in the words
+/// that come back both follow this one list.
+#[derive(Debug, Default)]
+pub struct ReadbackLayout {
+    parts: Vec<ReadbackPart>,
+    words: usize,
+}
+
+impl ReadbackLayout {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Reserve `bytes` (a multiple of 4) of `src` from `src_offset`.
+    pub fn push(&mut self, src: &wgpu::Buffer, src_offset: u64, bytes: u64) -> PartId {
+        let words = (bytes / 4) as usize;
+        self.parts.push(ReadbackPart {
+            src: src.clone(),
+            src_offset,
+            word: self.words,
+            words,
+        });
+        self.words += words;
+        PartId(self.parts.len() - 1)
+    }
+
+    /// The whole of `t`.
+    pub fn push_tensor<T: Pod>(&mut self, t: &Tensor<T>) -> PartId {
+        self.push(&t.buffer, 0, t.bytes())
+    }
+
+    /// Make the staging buffer.
+    pub fn build(self, ctx: &GpuContext, label: &str) -> Result<Readback> {
+        let staging = Staging::new(ctx, label, self.words as u64 * 4)?;
+        Ok(Readback {
+            staging,
+            parts: self.parts,
+            words: self.words,
+            label: label.to_string(),
+        })
+    }
+}
+
+/// A staging buffer with its [`ReadbackLayout`]: made once per step shape.
+#[derive(Debug)]
+pub struct Readback {
+    staging: Staging,
+    parts: Vec<ReadbackPart>,
+    words: usize,
+    label: String,
+}
+
+impl Readback {
+    /// Record the copy of part `id` in the step's encoder.
+    pub fn record(&self, enc: &mut wgpu::CommandEncoder, id: PartId) {
+        let p = &self.parts[id.0];
+        self.record_range(enc, id, p.src_offset, p.words as u64 * 4);
+    }
+
+    /// Record the copy of every part.
+    pub fn record_all(&self, enc: &mut wgpu::CommandEncoder) {
+        for i in 0..self.parts.len() {
+            self.record(enc, PartId(i));
+        }
+    }
+
+    /// Record a copy of `bytes` of part `id`'s buffer from `src_offset` into
+    /// the start of the part's place (fewer bytes than reserved: the rest of
+    /// the part is left as it was).
+    pub fn record_range(
+        &self,
+        enc: &mut wgpu::CommandEncoder,
+        id: PartId,
+        src_offset: u64,
+        bytes: u64,
+    ) {
+        let p = &self.parts[id.0];
+        let bytes = bytes.min(p.words as u64 * 4);
+        if bytes > 0 {
+            self.staging
+                .copy_from(enc, &p.src, src_offset, p.word as u64 * 4, bytes);
+        }
+    }
+
+    /// Once the submitted work is done: every word of the readback.
+    pub async fn read(&self, ctx: &GpuContext) -> Result<ReadbackWords<'_>> {
+        let words = self
+            .staging
+            .read::<u32>(ctx, self.words, &self.label)
+            .await?;
+        Ok(ReadbackWords { rb: self, words })
+    }
+}
+
+/// The words of one [`Readback::read`].
+pub struct ReadbackWords<'a> {
+    rb: &'a Readback,
+    words: Vec<u32>,
+}
+
+impl ReadbackWords<'_> {
+    /// Part `id`'s words.
+    pub fn u32s(&self, id: PartId) -> &[u32] {
+        let p = &self.rb.parts[id.0];
+        &self.words[p.word..p.word + p.words]
+    }
+
+    /// Part `id`'s words as f32.
+    pub fn f32s(&self, id: PartId) -> Vec<f32> {
+        self.u32s(id).iter().map(|&w| f32::from_bits(w)).collect()
+    }
+
+    /// Word `i` of part `id` as f32.
+    pub fn f32_at(&self, id: PartId, i: usize) -> f32 {
+        f32::from_bits(self.u32s(id)[i])
+    }
+}

@@ -3,6 +3,7 @@
 //! was evaluated with). `optimizer.safetensors` is not read, so a published
 //! checkpoint can leave it out.
 
+use crate::checkpoint::NamedTensor;
 use crate::error::{Error, Result};
 use crate::kernels::{GateConfig, Gating};
 use crate::model::{HostParams, ModelConfig};
@@ -22,12 +23,12 @@ pub struct InferCheckpoint {
 }
 
 impl InferCheckpoint {
-    /// From the files' contents. `tensors`: (name, shape, values) in any
-    /// order; every tensor of the config must be there with its shape.
+    /// From the files' contents. `tensors`: in any order; every tensor of
+    /// the config must be there with its shape, and no other.
     pub fn from_parts(
         source: &str,
         config_json: &[u8],
-        tensors: Vec<(String, Vec<usize>, Vec<f32>)>,
+        tensors: Vec<NamedTensor>,
         tokenizer_json: &str,
         state_json: Option<&[u8]>,
     ) -> Result<Self> {
@@ -35,42 +36,14 @@ impl InferCheckpoint {
             .map_err(|e| Error::checkpoint(format!("{source}/config.json"), e.to_string()))?;
         cfg.validate()
             .map_err(|e| Error::checkpoint(format!("{source}/config.json"), e.to_string()))?;
-        let mut problems = Vec::new();
-        let mut ordered = Vec::with_capacity(tensors.len());
-        let want = cfg.param_shapes();
-        for (name, shape, _) in &want {
-            match tensors.iter().find(|(n, _, _)| n == name) {
-                None => problems.push(format!("missing tensor {name} {shape:?}")),
-                Some((_, s, v)) if s != shape || v.len() != shape.iter().product::<usize>() => {
-                    problems.push(format!(
-                        "tensor {name}: expected shape {shape:?}, found {s:?}"
-                    ))
-                }
-                Some(t) => ordered.push(t.clone()),
-            }
-        }
-        for (n, s, _) in &tensors {
-            if !want.iter().any(|(w, _, _)| w == n) {
-                problems.push(format!("unexpected tensor {n} {s:?}"));
-            }
-        }
-        if !problems.is_empty() {
-            return Err(Error::checkpoint(
-                format!("{source}/model.safetensors"),
-                format!(
-                    "does not match config.json ({} problem(s)): {}",
-                    problems.len(),
-                    problems.join("; ")
-                ),
-            ));
-        }
-        if let Some((n, _, _)) = ordered
+        let host = HostParams::from_named(&cfg, &format!("{source}/model.safetensors"), tensors)?;
+        if let Some((id, _)) = host
             .iter()
-            .find(|(_, _, v)| v.iter().any(|x| !x.is_finite()))
+            .find(|(_, t)| t.data.iter().any(|x| !x.is_finite()))
         {
             return Err(Error::checkpoint(
                 format!("{source}/model.safetensors"),
-                format!("tensor {n} holds NaN or infinite values"),
+                format!("tensor {id} holds NaN or infinite values"),
             ));
         }
         let tokenizer = Tokenizer::from_json(tokenizer_json)
@@ -101,7 +74,7 @@ impl InferCheckpoint {
         };
         Ok(InferCheckpoint {
             cfg,
-            host: HostParams { tensors: ordered },
+            host,
             tokenizer,
             eval_gating,
             source: source.to_string(),
@@ -111,7 +84,9 @@ impl InferCheckpoint {
     /// Read a checkpoint directory (or a run directory holding `checkpoint/`).
     #[cfg(not(target_arch = "wasm32"))]
     pub fn load(dir: impl AsRef<std::path::Path>) -> Result<Self> {
-        use crate::checkpoint::{CONFIG_FILE, MODEL_FILE, STATE_FILE, TOKENIZER_FILE};
+        use crate::checkpoint::{
+            parse_safetensors, CONFIG_FILE, MODEL_FILE, STATE_FILE, TOKENIZER_FILE,
+        };
         let mut dir = dir.as_ref().to_path_buf();
         if !dir.join(CONFIG_FILE).exists() && dir.join("checkpoint").join(CONFIG_FILE).exists() {
             dir = dir.join("checkpoint");
@@ -171,39 +146,6 @@ impl InferCheckpoint {
         g.validate(self.cfg.experts)?;
         Ok(g)
     }
-}
-
-/// Named tensors as (name, shape, values).
-pub type Tensors = Vec<(String, Vec<usize>, Vec<f32>)>;
-
-/// The f32 tensors of a safetensors file's bytes, sorted by name. `source`
-/// names the file in errors.
-pub fn parse_safetensors(source: &str, bytes: &[u8]) -> Result<Tensors> {
-    use safetensors::tensor::{Dtype, SafeTensors};
-    let st = SafeTensors::deserialize(bytes).map_err(|e| {
-        Error::checkpoint(
-            source,
-            format!("not a valid safetensors file (truncated or corrupt?): {e}"),
-        )
-    })?;
-    let mut tensors = st.tensors();
-    tensors.sort_by(|a, b| a.0.cmp(&b.0));
-    let mut out = Vec::with_capacity(tensors.len());
-    for (name, view) in tensors {
-        if view.dtype() != Dtype::F32 {
-            return Err(Error::checkpoint(
-                source,
-                format!("tensor {name} is {:?}, expected F32", view.dtype()),
-            ));
-        }
-        let data = view
-            .data()
-            .chunks_exact(4)
-            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-            .collect();
-        out.push((name, view.shape().to_vec(), data));
-    }
-    Ok(out)
 }
 
 /// The demo checkpoint shipped with the source tree (`<crate>/data/demo`),

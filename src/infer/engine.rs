@@ -17,21 +17,15 @@
 
 use crate::conformance::Stopwatch;
 use crate::error::{Error, Result};
-use crate::gpu::{GpuContext, Staging, Tensor};
+use crate::gpu::{GpuContext, PartId, Readback, ReadbackLayout};
 use crate::infer::checkpoint::InferCheckpoint;
 use crate::infer::sampling::{Sampler, Sampling};
-use crate::kernels::add::Add;
-use crate::kernels::attention::{AttentionConfig, AttentionForward, AttentionForwardBuffers};
 use crate::kernels::embedding::check_ids;
-use crate::kernels::kv_cache::{
-    check_span, KvAppend, KvAttention, KvCache, KvEmbed, KvEmbedBuffers, KvShape, KvStep,
-};
-use crate::kernels::matmul::{Matmul, Trans};
-use crate::kernels::rmsnorm::{RmsNormForward, RmsNormForwardBuffers};
+use crate::kernels::kv_cache::{check_span, KvCache, KvStep};
 use crate::kernels::{GateConfig, UNUSED};
-use crate::model::transformer::mm;
+use crate::model::graph::{Graph, KvRefs, Mode};
 use crate::model::{Model, ModelConfig};
-use crate::moe::{MoeLayer, MoePlan, Path};
+use crate::moe::MoeLayer;
 use crate::train::tokenizer::Tokenizer;
 use serde::Serialize;
 
@@ -64,273 +58,100 @@ impl StepOut {
     }
 }
 
-enum Attn {
-    /// Prefill from position 0: self-attention over the call's own rows.
-    Flash(AttentionForward),
-    /// Decode: the call's queries over the cache.
-    Cached(KvAttention),
+/// One MoE layer's part of a pass's readback.
+struct RouteParts {
+    layer: usize,
+    k: usize,
+    ids: PartId,
+    weights: PartId,
 }
 
-// Tensors are held so that they live as long as the launchers binding them.
-#[allow(dead_code)]
-struct Layer {
-    a: Tensor<f32>,
-    rstd1: Tensor<f32>,
-    qkv: Tensor<f32>,
-    o: Tensor<f32>,
-    lse: Option<Tensor<f32>>,
-    proj: Tensor<f32>,
-    xm: Tensor<f32>,
-    rstd2: Tensor<f32>,
-    x_next: Tensor<f32>,
-    plan: MoePlan,
-    norm1: RmsNormForward,
-    qkv_mm: Matmul,
-    append: KvAppend,
-    attn: Attn,
-    proj_mm: Matmul,
-    add1: Add,
-    norm2: RmsNormForward,
-    add2: Add,
-}
-
-/// Every buffer and launcher of one call shape (T tokens), built once.
-#[allow(dead_code)]
+/// Every buffer and launcher of one call shape (T tokens), built once: the
+/// model graph in prefill or decode mode, and its readback.
 struct Pass {
-    t: usize,
-    ids: Tensor<u32>,
-    x0: Tensor<f32>,
-    embed: KvEmbed,
-    layers: Vec<Layer>,
-    xf: Tensor<f32>,
-    rstdf: Tensor<f32>,
-    norm_f: RmsNormForward,
-    logits: Tensor<f32>,
-    out_mm: Matmul,
-    /// [routing of every MoE layer: ids [T, K], weights [T, K]][logits]
-    readback: Staging,
-}
-
-struct Shared<'a> {
-    cfg: &'a ModelConfig,
-    model: &'a Model,
-    layers: &'a [MoeLayer],
-    caches: &'a [KvCache],
-    step: &'a KvStep,
+    graph: Graph,
+    /// [routing of every MoE layer: ids [T, K], weights [T, K]][logits [T, V]]
+    readback: Readback,
+    routes: Vec<RouteParts>,
+    logits: PartId,
 }
 
 impl Pass {
-    fn new(ctx: &GpuContext, s: &Shared<'_>, t: usize, prefill: bool) -> Result<Pass> {
-        let cfg = s.cfg;
-        let (v, d, n, h) = (cfg.vocab, cfg.d, cfg.context, cfg.heads);
-        let dh = d / h;
-        let z = |name: &str, shape: &[usize]| Tensor::<f32>::zeros(ctx, name, shape);
-        let ids = Tensor::<u32>::zeros(ctx, "ids", &[t])?;
-        let x0 = z("x0", &[t, d])?;
-        let embed = KvEmbed::new(
-            ctx,
-            &KvEmbedBuffers {
-                step: s.step,
-                ids: &ids,
-                wte: s.model.param("wte")?,
-                wpe: s.model.param("wpe")?,
-                x: &x0,
-            },
-        )?;
-        let kv = KvShape { t, h, dh, n };
-        let mut layers = Vec::with_capacity(cfg.layers);
-        let mut x = x0.clone();
-        for (l, moe) in s.layers.iter().enumerate() {
-            let p = |name: &str| s.model.param(&format!("layers.{l}.{name}"));
-            let a = z("a", &[t, d])?;
-            let rstd1 = z("rstd1", &[t])?;
-            let qkv = z("qkv", &[t, 3 * d])?;
-            let o = z("o", &[t, d])?;
-            let proj = z("proj", &[t, d])?;
-            let xm = z("xm", &[t, d])?;
-            let rstd2 = z("rstd2", &[t])?;
-            let x_next = z("x", &[t, d])?;
-            // Prefill: the grouped path (route, permute, grouped GEMMs);
-            // decode: a mat-vec per selected expert.
-            let path = if prefill { Path::Grouped } else { Path::Decode };
-            let plan = moe.plan(ctx, t, path)?;
-            let norm1 = RmsNormForward::new(
-                ctx,
-                cfg.eps,
-                &RmsNormForwardBuffers {
-                    x: &x,
-                    g: p("norm1")?,
-                    y: &a,
-                    rstd: &rstd1,
-                },
-            )?;
-            let qkv_mm = mm(ctx, (t, 3 * d, d), Trans::NN, 0.0, &a, p("wqkv")?, &qkv)?;
-            let append = KvAppend::new(ctx, &kv, s.step, &qkv, &s.caches[l])?;
-            let (attn, lse) = if prefill {
-                let lse = z("attn_lse", &[1, h, t])?;
-                let f = AttentionForward::new(
-                    ctx,
-                    AttentionConfig { b: 1, n: t, h },
-                    &AttentionForwardBuffers {
-                        qkv: &qkv,
-                        o: &o,
-                        lse: &lse,
-                    },
-                )?;
-                (Attn::Flash(f), Some(lse))
-            } else {
-                let c = KvAttention::new(ctx, &kv, s.step, &qkv, &s.caches[l], &o)?;
-                (Attn::Cached(c), None)
-            };
-            let proj_mm = mm(ctx, (t, d, d), Trans::NN, 0.0, &o, p("wo")?, &proj)?;
-            let add1 = Add::new(ctx, &x, &proj, &xm)?;
-            let norm2 = RmsNormForward::new(
-                ctx,
-                cfg.eps,
-                &RmsNormForwardBuffers {
-                    x: &xm,
-                    g: p("norm2")?,
-                    y: &plan.x,
-                    rstd: &rstd2,
-                },
-            )?;
-            let add2 = Add::new(ctx, &xm, &plan.y, &x_next)?;
-            x = x_next.clone();
-            layers.push(Layer {
-                a,
-                rstd1,
-                qkv,
-                o,
-                lse,
-                proj,
-                xm,
-                rstd2,
-                x_next,
-                plan,
-                norm1,
-                qkv_mm,
-                append,
-                attn,
-                proj_mm,
-                add1,
-                norm2,
-                add2,
+    fn new(ctx: &GpuContext, engine: &EngineState, t: usize, prefill: bool) -> Result<Pass> {
+        let kv = KvRefs {
+            caches: &engine.caches,
+            step: &engine.step,
+        };
+        let mode = if prefill {
+            Mode::Prefill(kv)
+        } else {
+            Mode::Decode(kv)
+        };
+        let graph = Graph::new(ctx, &engine.model, &engine.layers, t, mode)?;
+        let mut layout = ReadbackLayout::new();
+        let mut routes = Vec::new();
+        for l in engine.cfg().moe_layers() {
+            let plan = graph.blocks[l].ffn.fwd();
+            routes.push(RouteParts {
+                layer: l,
+                k: plan.topk_ids.shape[1],
+                ids: layout.push_tensor(&plan.topk_ids),
+                weights: layout.push_tensor(&plan.topk_weights),
             });
         }
-        let xf = z("xf", &[t, d])?;
-        let rstdf = z("rstdf", &[t])?;
-        let norm_f = RmsNormForward::new(
-            ctx,
-            cfg.eps,
-            &RmsNormForwardBuffers {
-                x: &x,
-                g: s.model.param("norm_f")?,
-                y: &xf,
-                rstd: &rstdf,
-            },
-        )?;
-        let logits = z("logits", &[t, v])?;
-        let out_mm = mm(
-            ctx,
-            (t, v, d),
-            Trans::NN,
-            0.0,
-            &xf,
-            s.model.param("w_out")?,
-            &logits,
-        )?;
-        let routing: usize = cfg
-            .moe_layers()
-            .iter()
-            .map(|&l| 2 * t * s.layers[l].cfg.k())
-            .sum();
-        let readback = Staging::new(ctx, "infer_readback", ((routing + t * v) * 4) as u64)?;
+        let logits = layout.push_tensor(&graph.head.logits);
+        let readback = layout.build(ctx, "infer_readback")?;
         Ok(Pass {
-            t,
-            ids,
-            x0,
-            embed,
-            layers,
-            xf,
-            rstdf,
-            norm_f,
-            logits,
-            out_mm,
+            graph,
             readback,
+            routes,
+            logits,
         })
     }
 
+    fn t(&self) -> usize {
+        self.graph.t
+    }
+
     /// Record, submit, read back. The caller has written `ids` and the step.
-    async fn run(&self, ctx: &GpuContext, s: &Shared<'_>, all_logits: bool) -> Result<StepOut> {
-        let (t, v) = (self.t, s.cfg.vocab);
+    async fn run(&self, ctx: &GpuContext, v: usize, all_logits: bool) -> Result<StepOut> {
+        let t = self.t();
         let mut enc = ctx
             .device
             .create_command_encoder(&wgpu::CommandEncoderDescriptor {
                 label: Some("infer_step"),
             });
-        for l in &self.layers {
-            l.plan.clear(&mut enc);
-        }
+        self.graph.clear(&mut enc);
         {
             let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor {
                 label: Some("infer_step"),
                 timestamp_writes: None,
             });
-            self.embed.record(&mut pass);
-            for l in &self.layers {
-                l.norm1.record(&mut pass);
-                l.qkv_mm.record(&mut pass);
-                l.append.record(&mut pass);
-                match &l.attn {
-                    Attn::Flash(f) => f.record(&mut pass),
-                    Attn::Cached(c) => c.record(&mut pass),
-                }
-                l.proj_mm.record(&mut pass);
-                l.add1.record(&mut pass);
-                l.norm2.record(&mut pass);
-                l.plan.record_pass(&mut pass);
-                l.add2.record(&mut pass);
-            }
-            self.norm_f.record(&mut pass);
-            self.out_mm.record(&mut pass);
+            self.graph.record(&mut pass);
         }
         let rb = &self.readback;
-        let mut off = 0u64;
-        let moe = s.cfg.moe_layers();
-        for &l in &moe {
-            let plan = &self.layers[l].plan;
-            for (b, bytes) in [
-                (&plan.topk_ids.buffer, plan.topk_ids.bytes()),
-                (&plan.topk_weights.buffer, plan.topk_weights.bytes()),
-            ] {
-                rb.copy_from(&mut enc, b, 0, off, bytes);
-                off += bytes;
-            }
+        for r in &self.routes {
+            rb.record(&mut enc, r.ids);
+            rb.record(&mut enc, r.weights);
         }
+        // The last row, or every row.
         let rows = if all_logits { t } else { 1 };
         let row_bytes = (v * 4) as u64;
-        rb.copy_from(
+        rb.record_range(
             &mut enc,
-            &self.logits.buffer,
+            self.logits,
             (t - rows) as u64 * row_bytes,
-            off,
             rows as u64 * row_bytes,
         );
         ctx.queue.submit(Some(enc.finish()));
-        let words = rb
-            .read::<u32>(ctx, off as usize / 4 + rows * v, "routes and logits")
-            .await?;
+        let words = rb.read(ctx).await?;
         ctx.check_errors("infer_step")?;
-        let mut routes = vec![Vec::with_capacity(moe.len()); t];
-        let mut w = 0usize;
-        for &l in &moe {
-            let k = self.layers[l].plan.topk_ids.shape[1];
-            let ids = &words[w..w + t * k];
-            let wts = &words[w + t * k..w + 2 * t * k];
-            w += 2 * t * k;
-            for (i, r) in routes.iter_mut().enumerate() {
+        let mut routes = vec![Vec::with_capacity(self.routes.len()); t];
+        for r in &self.routes {
+            let (ids, wts, k) = (words.u32s(r.ids), words.u32s(r.weights), r.k);
+            for (i, out) in routes.iter_mut().enumerate() {
                 let mut lr = LayerRoute {
-                    layer: l,
+                    layer: r.layer,
                     experts: Vec::with_capacity(k),
                     weights: Vec::with_capacity(k),
                 };
@@ -341,10 +162,13 @@ impl Pass {
                         lr.weights.push(f32::from_bits(wts[i * k + j]));
                     }
                 }
-                r.push(lr);
+                out.push(lr);
             }
         }
-        let logits: Vec<f32> = words[w..].iter().map(|&b| f32::from_bits(b)).collect();
+        let logits: Vec<f32> = words.u32s(self.logits)[..rows * v]
+            .iter()
+            .map(|&b| f32::from_bits(b))
+            .collect();
         if let Some(i) = logits.iter().position(|x| !x.is_finite()) {
             return Err(Error::NonFinite {
                 op: "infer_step",
@@ -461,14 +285,27 @@ pub fn check_prompt(cfg: &ModelConfig, ids: &[u32]) -> Result<()> {
     check_ids(ids, cfg.vocab)
 }
 
-/// A checkpoint on the GPU, ready to generate.
-pub struct Engine {
-    pub cfg: ModelConfig,
-    pub gate: GateConfig,
+/// What every pass of an engine binds: the model, its FFN layers under the
+/// current gate, the K/V caches and the step buffer.
+struct EngineState {
     model: Model,
     layers: Vec<MoeLayer>,
     caches: Vec<KvCache>,
     step: KvStep,
+}
+
+impl EngineState {
+    fn cfg(&self) -> &ModelConfig {
+        &self.model.cfg
+    }
+}
+
+/// A checkpoint on the GPU, ready to generate: the caches, the passes per
+/// length, the readback and sampling.
+pub struct Engine {
+    pub cfg: ModelConfig,
+    pub gate: GateConfig,
+    state: EngineState,
     decode: Pass,
     /// Prefill passes by length, most recent last.
     prefill: Vec<Pass>,
@@ -492,25 +329,17 @@ impl Engine {
             gate.validate(cfg.experts)?;
         }
         let layers = model.ffn_with_gate(Some(gate));
-        let decode = Pass::new(
-            ctx,
-            &Shared {
-                cfg: &cfg,
-                model: &model,
-                layers: &layers,
-                caches: &caches,
-                step: &step,
-            },
-            1,
-            false,
-        )?;
-        Ok(Engine {
-            cfg,
-            gate,
+        let state = EngineState {
             model,
             layers,
             caches,
             step,
+        };
+        let decode = Pass::new(ctx, &state, 1, false)?;
+        Ok(Engine {
+            cfg,
+            gate,
+            state,
             decode,
             prefill: Vec::new(),
             pos: 0,
@@ -522,22 +351,12 @@ impl Engine {
         if !self.cfg.moe_layers().is_empty() {
             gate.validate(self.cfg.experts)?;
         }
-        self.layers = self.model.ffn_with_gate(Some(gate));
+        self.state.layers = self.state.model.ffn_with_gate(Some(gate));
         self.gate = gate;
         self.prefill.clear();
-        self.decode = Pass::new(ctx, &self.shared(), 1, false)?;
+        self.decode = Pass::new(ctx, &self.state, 1, false)?;
         self.pos = 0;
         Ok(())
-    }
-
-    fn shared(&self) -> Shared<'_> {
-        Shared {
-            cfg: &self.cfg,
-            model: &self.model,
-            layers: &self.layers,
-            caches: &self.caches,
-            step: &self.step,
-        }
     }
 
     /// Tokens in the cache (the position of the next decode).
@@ -547,20 +366,19 @@ impl Engine {
 
     /// Bytes of the parameters and of the K/V caches on the GPU.
     pub fn gpu_bytes(&self) -> u64 {
-        let params: u64 = self.model.params.iter().map(|p| p.value.bytes()).sum();
-        params + self.caches.iter().map(KvCache::bytes).sum::<u64>()
+        self.state.model.bytes() + self.state.caches.iter().map(KvCache::bytes).sum::<u64>()
     }
 
     /// The index of the prefill pass for `t` tokens, built (pipelines
     /// compiled, buffers allocated) if it is not kept yet.
     fn prefill_pass(&mut self, ctx: &GpuContext, t: usize) -> Result<usize> {
-        if let Some(i) = self.prefill.iter().position(|p| p.t == t) {
+        if let Some(i) = self.prefill.iter().position(|p| p.t() == t) {
             return Ok(i);
         }
         if self.prefill.len() >= PREFILL_KEEP {
             self.prefill.remove(0);
         }
-        let p = Pass::new(ctx, &self.shared(), t, true)?;
+        let p = Pass::new(ctx, &self.state, t, true)?;
         self.prefill.push(p);
         Ok(self.prefill.len() - 1)
     }
@@ -576,11 +394,11 @@ impl Engine {
         check_prompt(&self.cfg, ids)?;
         let t = ids.len();
         let i = self.prefill_pass(ctx, t)?;
-        self.step.set(ctx, 0, t)?;
+        self.state.step.set(ctx, 0, t)?;
         let pass = &self.prefill[i];
-        pass.ids.write(ctx, ids)?;
+        pass.graph.ids.write(ctx, ids)?;
         self.pos = 0;
-        let out = pass.run(ctx, &self.shared(), all_logits).await?;
+        let out = pass.run(ctx, self.cfg.vocab, all_logits).await?;
         self.pos = t;
         Ok(out)
     }
@@ -589,9 +407,9 @@ impl Engine {
     pub async fn decode(&mut self, ctx: &GpuContext, id: u32) -> Result<StepOut> {
         check_ids(&[id], self.cfg.vocab)?;
         check_span(self.pos, 1, self.cfg.context)?;
-        self.step.set(ctx, self.pos, 1)?;
-        self.decode.ids.write(ctx, &[id])?;
-        let out = self.decode.run(ctx, &self.shared(), false).await?;
+        self.state.step.set(ctx, self.pos, 1)?;
+        self.decode.graph.ids.write(ctx, &[id])?;
+        let out = self.decode.run(ctx, self.cfg.vocab, false).await?;
         self.pos += 1;
         Ok(out)
     }

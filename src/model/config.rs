@@ -3,6 +3,7 @@
 
 use crate::error::{Error, Result};
 use crate::kernels::{Activation, AuxConfig, GateConfig, Gating, SingleWeight};
+use crate::model::params::{BlockParams, FfnParams, ParamSpec, Params};
 use crate::moe::MoeConfig;
 use serde::{Deserialize, Serialize};
 
@@ -169,38 +170,39 @@ impl ModelConfig {
             .collect()
     }
 
-    /// Every parameter: (name, shape, weight decay applies), in a fixed order.
-    pub fn param_shapes(&self) -> Vec<(String, Vec<usize>, bool)> {
+    /// Every parameter's shape, as the typed tree (weight decay applies
+    /// where `ParamId::decay` says so).
+    pub fn param_specs(&self) -> Params<ParamSpec> {
         let (v, d, n) = (self.vocab, self.d, self.context);
-        let mut p = vec![
-            ("wte".to_string(), vec![v, d], false),
-            ("wpe".to_string(), vec![n, d], false),
-        ];
-        for l in 0..self.layers {
-            let c = self.ffn_config(l);
-            let pre = format!("layers.{l}.");
-            p.push((format!("{pre}norm1"), vec![d], false));
-            p.push((format!("{pre}wqkv"), vec![d, 3 * d], true));
-            p.push((format!("{pre}wo"), vec![d, d], true));
-            p.push((format!("{pre}norm2"), vec![d], false));
-            p.push((format!("{pre}ffn.w_router"), vec![d, c.e], false));
-            p.push((format!("{pre}ffn.w1"), vec![c.e, d, c.f], true));
-            if c.activation == Activation::SwiGlu {
-                p.push((format!("{pre}ffn.w3"), vec![c.e, d, c.f], true));
-            }
-            p.push((format!("{pre}ffn.w2"), vec![c.e, c.f, d], true));
+        let s = |shape: Vec<usize>| ParamSpec { shape };
+        Params {
+            wte: s(vec![v, d]),
+            wpe: s(vec![n, d]),
+            blocks: (0..self.layers)
+                .map(|l| {
+                    let c = self.ffn_config(l);
+                    BlockParams {
+                        norm1: s(vec![d]),
+                        wqkv: s(vec![d, 3 * d]),
+                        wo: s(vec![d, d]),
+                        norm2: s(vec![d]),
+                        ffn: FfnParams {
+                            w_router: s(vec![d, c.e]),
+                            w1: s(vec![c.e, d, c.f]),
+                            w3: (c.activation == Activation::SwiGlu).then(|| s(vec![c.e, d, c.f])),
+                            w2: s(vec![c.e, c.f, d]),
+                        },
+                    }
+                })
+                .collect(),
+            norm_f: s(vec![d]),
+            w_out: s(vec![d, v]),
         }
-        p.push(("norm_f".to_string(), vec![d], false));
-        p.push(("w_out".to_string(), vec![d, v], true));
-        p
     }
 
     /// Parameters in total.
     pub fn num_params(&self) -> usize {
-        self.param_shapes()
-            .iter()
-            .map(|(_, s, _)| s.iter().product::<usize>())
-            .sum()
+        self.param_specs().values().map(ParamSpec::numel).sum()
     }
 
     /// Forward FLOPs per token with `slots_per_token` routed experts per MoE

@@ -1,10 +1,14 @@
-//! The transformer language model: configuration, parameters on the GPU,
-//! and the training and evaluation steps recorded as one submit each;
+//! The transformer language model: configuration, the typed parameter tree,
+//! the model graph shared by training, evaluation, prefill and decode, and
+//! the training and evaluation steps recorded as one submit each;
 //! `reference` is their CPU twin.
 
 pub mod config;
+pub mod graph;
+pub mod params;
 pub mod reference;
 pub mod transformer;
 
 pub use config::{FfnKind, ModelConfig};
+pub use params::{BlockParam, BlockParams, FfnParams, HostTensor, ParamId, ParamSpec, Params};
 pub use transformer::{EvalStep, HostParams, Model, OptConfig, StepArgs, StepStats, TrainStep};

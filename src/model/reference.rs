@@ -18,6 +18,7 @@ use crate::kernels::embedding::{check_ids, token_order};
 use crate::kernels::matmul::Trans;
 use crate::kernels::{Activation, GateConfig, UNUSED};
 use crate::model::config::ModelConfig;
+use crate::model::params::{BlockParam, HostTensor, ParamId};
 use crate::model::transformer::{HostParams, OptConfig};
 use crate::moe::MoeConfig;
 use crate::reference::adamw::{adamw_step, grad_norm_finish, grad_norm_partial, AdamWStep};
@@ -85,12 +86,12 @@ pub struct Grads<F> {
     pub objective: F,
     /// Per layer: (balance loss, z loss), coefficients applied (0 for dense).
     pub aux: Vec<(F, F)>,
-    /// One gradient per parameter, in `ModelConfig::param_shapes` order.
+    /// One gradient per parameter, in canonical order (`Params::iter`).
     pub grads: Vec<Vec<F>>,
     pub trace: Trace<F>,
 }
 
-/// AdamW moments of every parameter, in `param_shapes` order.
+/// AdamW moments of every parameter, in canonical order.
 #[derive(Clone, Debug, PartialEq)]
 pub struct AdamState {
     pub m: Vec<Vec<f32>>,
@@ -101,9 +102,9 @@ impl AdamState {
     /// Zeros, as `TrainStep::new` allocates them.
     pub fn new(cfg: &ModelConfig) -> AdamState {
         let z: Vec<Vec<f32>> = cfg
-            .param_shapes()
-            .iter()
-            .map(|(_, s, _)| vec![0.0; s.iter().product()])
+            .param_specs()
+            .values()
+            .map(|s| vec![0.0; s.numel()])
             .collect();
         AdamState { m: z.clone(), v: z }
     }
@@ -127,7 +128,7 @@ pub struct CpuStepStats {
     /// Per sequence: its two-expert fraction in each MoE layer (the
     /// curriculum's complexity vectors).
     pub complexity: Vec<Vec<f32>>,
-    /// Gradients before clipping, in `param_shapes` order.
+    /// Gradients before clipping, in canonical order.
     pub grads: HostParams,
 }
 
@@ -135,32 +136,32 @@ fn cast<F: Float>(x: f64) -> F {
     F::from(x).unwrap_or_else(F::nan)
 }
 
-/// Position of each named parameter in `param_shapes` order.
+/// Position of each parameter in canonical order.
 struct Index {
-    names: Vec<String>,
+    ids: Vec<ParamId>,
 }
 
 impl Index {
     fn new(cfg: &ModelConfig) -> Index {
         Index {
-            names: cfg.param_shapes().into_iter().map(|(n, _, _)| n).collect(),
+            ids: cfg.param_specs().iter().map(|(id, _)| id).collect(),
         }
     }
 
-    fn get(&self, name: &str) -> Result<usize> {
-        self.names
+    fn get(&self, id: ParamId) -> Result<usize> {
+        self.ids
             .iter()
-            .position(|n| n == name)
-            .ok_or_else(|| Error::invalid("model twin", format!("no parameter {name}")))
+            .position(|&x| x == id)
+            .ok_or_else(|| Error::invalid("model twin", format!("no parameter {id}")))
     }
 
-    fn layer(&self, l: usize, s: &str) -> Result<usize> {
-        self.get(&format!("layers.{l}.{s}"))
+    fn layer(&self, l: usize, p: BlockParam) -> Result<usize> {
+        self.get(ParamId::Block(l, p))
     }
 }
 
 fn check_params<F>(cfg: &ModelConfig, params: &[Vec<F>]) -> Result<()> {
-    let want = cfg.param_shapes();
+    let want = cfg.param_specs();
     if want.len() != params.len() {
         return Err(Error::shape(
             "model twin parameters",
@@ -168,12 +169,11 @@ fn check_params<F>(cfg: &ModelConfig, params: &[Vec<F>]) -> Result<()> {
             format!("{} tensors", params.len()),
         ));
     }
-    for ((name, shape, _), p) in want.iter().zip(params) {
-        let n: usize = shape.iter().product();
-        if p.len() != n {
+    for ((id, spec), p) in want.iter().zip(params) {
+        if p.len() != spec.numel() {
             return Err(Error::shape(
                 "model twin parameters",
-                format!("{name} {shape:?}"),
+                format!("{id} {:?}", spec.shape),
                 format!("{} values", p.len()),
             ));
         }
@@ -209,10 +209,10 @@ fn check_batch(cfg: &ModelConfig, ids: &[u32], targets: Option<&[u32]>, b: usize
 
 /// The parameters as a plain list in another float type.
 pub fn to_float<F: Float>(p: &HostParams) -> Vec<Vec<F>> {
-    p.tensors
-        .iter()
-        .map(|(_, _, v)| {
-            v.iter()
+    p.values()
+        .map(|t| {
+            t.data
+                .iter()
                 .map(|&x| F::from(x).unwrap_or_else(F::nan))
                 .collect()
         })
@@ -240,8 +240,8 @@ pub fn forward<F: Float>(
     let (one, zero) = (F::one(), F::zero());
     let mut x = embedding_forward(
         ids,
-        &params[ix.get("wte")?],
-        &params[ix.get("wpe")?],
+        &params[ix.get(ParamId::Wte)?],
+        &params[ix.get(ParamId::Wpe)?],
         t,
         v,
         n,
@@ -249,27 +249,37 @@ pub fn forward<F: Float>(
     );
     let mut blocks = Vec::with_capacity(cfg.layers);
     for l in 0..cfg.layers {
-        let p = |s: &str| -> Result<&[F]> { Ok(&params[ix.layer(l, s)?]) };
+        let p = |s: BlockParam| -> Result<&[F]> { Ok(&params[ix.layer(l, s)?]) };
         let mut ffn_cfg = cfg.ffn_config(l);
         if let Some(g) = eval_gate.filter(|_| ffn_cfg.e > 1) {
             // Evaluation is dropless, as on the GPU.
             ffn_cfg.gate = g;
             ffn_cfg.capacity_factor = None;
         }
-        let (a, rstd1) = rmsnorm_forward(&x, p("norm1")?, eps, t, d);
-        let qkv = matmul(&a, p("wqkv")?, t, 3 * d, d, Trans::NN, one, zero, None);
+        let (a, rstd1) = rmsnorm_forward(&x, p(BlockParam::Norm1)?, eps, t, d);
+        let qkv = matmul(
+            &a,
+            p(BlockParam::Wqkv)?,
+            t,
+            3 * d,
+            d,
+            Trans::NN,
+            one,
+            zero,
+            None,
+        );
         let (o, lse) = attention_forward(&qkv, shape);
-        let proj = matmul(&o, p("wo")?, t, d, d, Trans::NN, one, zero, None);
+        let proj = matmul(&o, p(BlockParam::Wo)?, t, d, d, Trans::NN, one, zero, None);
         let xm = add_forward(&x, &proj);
-        let (m, rstd2) = rmsnorm_forward(&xm, p("norm2")?, eps, t, d);
+        let (m, rstd2) = rmsnorm_forward(&xm, p(BlockParam::Norm2)?, eps, t, d);
         let w = MoeParams {
-            w_router: p("ffn.w_router")?.to_vec(),
-            w1: p("ffn.w1")?.to_vec(),
+            w_router: p(BlockParam::Router)?.to_vec(),
+            w1: p(BlockParam::W1)?.to_vec(),
             w3: match cfg.activation {
-                Activation::SwiGlu => p("ffn.w3")?.to_vec(),
+                Activation::SwiGlu => p(BlockParam::W3)?.to_vec(),
                 Activation::Gelu => Vec::new(),
             },
-            w2: p("ffn.w2")?.to_vec(),
+            w2: p(BlockParam::W2)?.to_vec(),
         };
         let ffn = moe_layer_forward(&ffn_cfg, &w, &m, t)?;
         let x_next = add_forward(&xm, &ffn.y);
@@ -289,10 +299,10 @@ pub fn forward<F: Float>(
         });
         x = x_next;
     }
-    let (xf, rstdf) = rmsnorm_forward(&x, &params[ix.get("norm_f")?], eps, t, d);
+    let (xf, rstdf) = rmsnorm_forward(&x, &params[ix.get(ParamId::NormF)?], eps, t, d);
     let logits = matmul(
         &xf,
-        &params[ix.get("w_out")?],
+        &params[ix.get(ParamId::WOut)?],
         t,
         v,
         d,
@@ -356,52 +366,75 @@ pub fn loss_and_grads<F: Float>(
     // final norm.
     let mut dlogits = tr.logits.clone();
     cross_entropy_forward_backward(&mut dlogits, targets, t, v, scale);
-    let w_out = &params[ix.get("w_out")?];
+    let w_out = &params[ix.get(ParamId::WOut)?];
     let dxf = matmul(&dlogits, w_out, t, d, v, Trans::NT, one, zero, None);
-    grads[ix.get("w_out")?] = matmul(&tr.xf, &dlogits, d, v, t, Trans::TN, one, zero, None);
-    let gf = &params[ix.get("norm_f")?];
+    grads[ix.get(ParamId::WOut)?] = matmul(&tr.xf, &dlogits, d, v, t, Trans::TN, one, zero, None);
+    let gf = &params[ix.get(ParamId::NormF)?];
     let mut gy = rmsnorm_backward(&tr.x_out, gf, &dxf, &tr.rstdf, t, d);
-    grads[ix.get("norm_f")?] = rmsnorm_backward_gain(&tr.x_out, &dxf, &tr.rstdf, t, d);
+    grads[ix.get(ParamId::NormF)?] = rmsnorm_backward_gain(&tr.x_out, &dxf, &tr.rstdf, t, d);
 
     let mut aux = Vec::with_capacity(cfg.layers);
     for (l, blk) in tr.blocks.iter().enumerate().rev() {
-        let p = |s: &str| -> Result<&[F]> { Ok(&params[ix.layer(l, s)?]) };
+        let p = |s: BlockParam| -> Result<&[F]> { Ok(&params[ix.layer(l, s)?]) };
         let w = MoeParams {
-            w_router: p("ffn.w_router")?.to_vec(),
-            w1: p("ffn.w1")?.to_vec(),
+            w_router: p(BlockParam::Router)?.to_vec(),
+            w1: p(BlockParam::W1)?.to_vec(),
             w3: match cfg.activation {
-                Activation::SwiGlu => p("ffn.w3")?.to_vec(),
+                Activation::SwiGlu => p(BlockParam::W3)?.to_vec(),
                 Activation::Gelu => Vec::new(),
             },
-            w2: p("ffn.w2")?.to_vec(),
+            w2: p(BlockParam::W2)?.to_vec(),
         };
         let (_, _, bal, z) = aux_losses(&blk.ffn, blk.ffn_cfg.e, blk.ffn_cfg.k(), &blk.aux);
         aux.push((bal, z));
         let fg = moe_layer_backward(&blk.ffn_cfg, &w, &blk.m, &blk.ffn, &gy, &blk.aux);
-        grads[ix.layer(l, "ffn.w_router")?] = fg.dw_router;
-        grads[ix.layer(l, "ffn.w1")?] = fg.dw1;
+        grads[ix.layer(l, BlockParam::Router)?] = fg.dw_router;
+        grads[ix.layer(l, BlockParam::W1)?] = fg.dw1;
         if cfg.activation == Activation::SwiGlu {
-            grads[ix.layer(l, "ffn.w3")?] = fg.dw3;
+            grads[ix.layer(l, BlockParam::W3)?] = fg.dw3;
         }
-        grads[ix.layer(l, "ffn.w2")?] = fg.dw2;
-        let g2 = p("norm2")?;
+        grads[ix.layer(l, BlockParam::W2)?] = fg.dw2;
+        let g2 = p(BlockParam::Norm2)?;
         let tmp = rmsnorm_backward(&blk.xm, g2, &fg.dx, &blk.rstd2, t, d);
-        grads[ix.layer(l, "norm2")?] = rmsnorm_backward_gain(&blk.xm, &fg.dx, &blk.rstd2, t, d);
+        grads[ix.layer(l, BlockParam::Norm2)?] =
+            rmsnorm_backward_gain(&blk.xm, &fg.dx, &blk.rstd2, t, d);
         let gxm = add_forward(&gy, &tmp);
-        let dout = matmul(&gxm, p("wo")?, t, d, d, Trans::NT, one, zero, None);
-        grads[ix.layer(l, "wo")?] = matmul(&blk.o, &gxm, d, d, t, Trans::TN, one, zero, None);
+        let dout = matmul(
+            &gxm,
+            p(BlockParam::Wo)?,
+            t,
+            d,
+            d,
+            Trans::NT,
+            one,
+            zero,
+            None,
+        );
+        grads[ix.layer(l, BlockParam::Wo)?] =
+            matmul(&blk.o, &gxm, d, d, t, Trans::TN, one, zero, None);
         let dqkv = attention_backward(&blk.qkv, &blk.o, &dout, &blk.lse, shape);
-        let da = matmul(&dqkv, p("wqkv")?, t, d, 3 * d, Trans::NT, one, zero, None);
-        grads[ix.layer(l, "wqkv")?] =
+        let da = matmul(
+            &dqkv,
+            p(BlockParam::Wqkv)?,
+            t,
+            d,
+            3 * d,
+            Trans::NT,
+            one,
+            zero,
+            None,
+        );
+        grads[ix.layer(l, BlockParam::Wqkv)?] =
             matmul(&blk.a, &dqkv, d, 3 * d, t, Trans::TN, one, zero, None);
-        let tmp1 = rmsnorm_backward(&blk.x, p("norm1")?, &da, &blk.rstd1, t, d);
-        grads[ix.layer(l, "norm1")?] = rmsnorm_backward_gain(&blk.x, &da, &blk.rstd1, t, d);
+        let tmp1 = rmsnorm_backward(&blk.x, p(BlockParam::Norm1)?, &da, &blk.rstd1, t, d);
+        grads[ix.layer(l, BlockParam::Norm1)?] =
+            rmsnorm_backward_gain(&blk.x, &da, &blk.rstd1, t, d);
         gy = add_forward(&gxm, &tmp1);
     }
     aux.reverse();
     let (offsets, order) = token_order(ids, v)?;
-    grads[ix.get("wte")?] = embedding_backward_wte(&gy, &offsets, &order, v, d);
-    grads[ix.get("wpe")?] = embedding_backward_wpe(&gy, t, n, d);
+    grads[ix.get(ParamId::Wte)?] = embedding_backward_wte(&gy, &offsets, &order, v, d);
+    grads[ix.get(ParamId::Wpe)?] = embedding_backward_wpe(&gy, t, n, d);
 
     let ce_sum = tr.ce.iter().fold(zero, |a, &x| a + x);
     let objective = aux.iter().fold(ce_sum * scale, |a, &(bal, z)| a + bal + z);
@@ -415,7 +448,7 @@ pub fn loss_and_grads<F: Float>(
 
 /// One training step on the CPU, the twin of `TrainStep::step`: gradients,
 /// the global norm clipped to `opt.clip`, AdamW (weight decay only where
-/// `param_shapes` says so) at optimizer step `step` (1-based) with rate
+/// `ParamId::decay` says so) at optimizer step `step` (1-based) with rate
 /// `lr`, updating `params` and `state` in place. A non-finite loss or norm
 /// is `Error::NonFinite` and leaves both as they were.
 #[allow(clippy::too_many_arguments)]
@@ -441,11 +474,11 @@ pub fn train_step(
     if step == 0 {
         return Err(Error::invalid("adamw", "steps count from 1"));
     }
-    let shapes = cfg.param_shapes();
-    if state.m.len() != shapes.len() || state.v.len() != shapes.len() {
+    let specs = cfg.param_specs();
+    if state.m.len() != specs.len() || state.v.len() != specs.len() {
         return Err(Error::shape(
             "model twin optimizer state",
-            format!("{} tensors", shapes.len()),
+            format!("{} tensors", specs.len()),
             format!("{} and {}", state.m.len(), state.v.len()),
         ));
     }
@@ -467,9 +500,18 @@ pub fn train_step(
             ),
         });
     }
-    for (i, ((_, _, decay), gr)) in shapes.iter().zip(&g.grads).enumerate() {
+    for (i, (((id, _), gr), p)) in specs
+        .iter()
+        .zip(&g.grads)
+        .zip(params.values_mut())
+        .enumerate()
+    {
         let c = AdamWConfig {
-            weight_decay: if *decay { opt.adamw.weight_decay } else { 0.0 },
+            weight_decay: if id.decay() {
+                opt.adamw.weight_decay
+            } else {
+                0.0
+            },
             ..opt.adamw
         };
         // The GPU's per-step constants (bias corrections in f64, cast).
@@ -491,7 +533,7 @@ pub fn train_step(
                 format!("{} and {}", m.len(), v.len()),
             ));
         }
-        adamw_step(&mut params.tensors[i].2, gr, m, v, &clip, &s);
+        adamw_step(&mut p.data, gr, m, v, &clip, &s);
     }
 
     let mut balance_loss = Vec::new();
@@ -523,13 +565,15 @@ pub fn train_step(
         expert_counts.push(counts);
         dropped_slots.push(dropped);
     }
-    let grads = HostParams {
-        tensors: shapes
-            .into_iter()
-            .zip(g.grads)
-            .map(|((name, shape, _), v)| (name, shape, v))
-            .collect(),
-    };
+    let mut values = g.grads.into_iter();
+    let grads = specs.try_map(|id, spec| {
+        Ok(HostTensor {
+            shape: spec.shape.clone(),
+            data: values
+                .next()
+                .ok_or_else(|| Error::invalid("model twin", format!("no gradient for {id}")))?,
+        })
+    })?;
     Ok(CpuStepStats {
         loss,
         grad_norm: clip[0],
@@ -599,15 +643,18 @@ mod tests {
         let mut host = HostParams::init(cfg, seed);
         // Gains away from 1 so that their gradients are generic.
         let mut rng = Rng::new(seed + 100);
-        for (name, _, v) in &mut host.tensors {
-            if name.contains("norm") {
-                for x in v.iter_mut() {
+        for (id, t) in host.iter_mut() {
+            if matches!(
+                id,
+                ParamId::NormF | ParamId::Block(_, BlockParam::Norm1 | BlockParam::Norm2)
+            ) {
+                for x in t.data.iter_mut() {
                     *x = 0.7 + 0.6 * rng.uniform();
                 }
             }
-            if name.ends_with("w_router") {
+            if matches!(id, ParamId::Block(_, BlockParam::Router)) {
                 // Spread router logits so that routing is not near a tie.
-                for x in v.iter_mut() {
+                for x in t.data.iter_mut() {
                     *x *= 6.0;
                 }
             }
@@ -641,7 +688,7 @@ mod tests {
         };
         let mut checked = 0;
         let mut q = params.clone();
-        for (pi, (name, _, _)) in cfg.param_shapes().iter().enumerate() {
+        for (pi, (name, _)) in cfg.param_specs().iter().enumerate() {
             let len = params[pi].len();
             // About 9 elements per tensor, spread over it.
             let stride = (len / 9).max(1);
@@ -735,10 +782,9 @@ mod tests {
         assert!((s.loss - (cfg.vocab as f32).ln()).abs() < 0.5, "{}", s.loss);
         assert_eq!(s.balance_loss.len(), 2);
         let moved = p
-            .tensors
-            .iter()
-            .zip(&before.tensors)
-            .flat_map(|(a, b)| a.2.iter().zip(&b.2))
+            .values()
+            .zip(before.values())
+            .flat_map(|(a, b)| a.data.iter().zip(&b.data))
             .filter(|(x, y)| x != y)
             .count();
         assert!(moved > cfg.num_params() / 2, "{moved} moved");

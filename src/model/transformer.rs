@@ -5,154 +5,150 @@
 //! routing counts (plus, when the curriculum needs them, each sequence's
 //! two-expert fraction per MoE layer, computed by `sequence_complexity`).
 //!
-//! Per block (pre-norm, T = B N rows):
-//! ```text
-//! a  = rmsnorm(x, g1)        qkv = a Wqkv        o = attention(qkv)
-//! xm = x + o Wo              m = rmsnorm(xm, g2)  y = ffn(m)   x' = xm + y
-//! ```
-//! then `logits = rmsnorm(x_L, g_f) W_out` and the cross-entropy. The FFN is
-//! an MoE layer (`moe::MoeLayer`); a dense FFN is the same layer with one
-//! expert and weight 1. Twin: `model::reference` (the same step on the CPU).
+//! The forward is the shared [`Graph`](crate::model::graph::Graph) in batch
+//! mode, followed by the cross-entropy; the backward mirrors it block by
+//! block. The FFN is an MoE layer (`moe::MoeLayer`); a dense FFN is the same
+//! layer with one expert and weight 1. Twin: `model::reference` (the same
+//! step on the CPU).
 
+use crate::checkpoint::NamedTensor;
 use crate::error::{Error, Result};
-use crate::gpu::{GpuContext, Tensor};
+use crate::gpu::{GpuContext, PartId, Readback, ReadbackLayout, ReadbackWords, Tensor};
 use crate::kernels::adamw::{AdamW, AdamWBuffers, AdamWConfig, GradNorm};
 use crate::kernels::add::Add;
-use crate::kernels::attention::{
-    AttentionBackward, AttentionBackwardBuffers, AttentionConfig, AttentionForward,
-    AttentionForwardBuffers,
-};
+use crate::kernels::attention::{AttentionBackward, AttentionBackwardBuffers, AttentionConfig};
 use crate::kernels::complexity::SequenceComplexity;
 use crate::kernels::cross_entropy::{CrossEntropy, CrossEntropyBuffers, LossSum, LossSumBuffers};
 use crate::kernels::embedding::{
     token_order, EmbeddingBackwardWpe, EmbeddingBackwardWpeBuffers, EmbeddingBackwardWte,
-    EmbeddingBackwardWteBuffers, EmbeddingForward, EmbeddingForwardBuffers,
+    EmbeddingBackwardWteBuffers,
 };
-use crate::kernels::matmul::{Matmul, MatmulShape, MatmulSpec, Trans};
+use crate::kernels::matmul::{Matmul, Trans};
 use crate::kernels::rmsnorm::{
     RmsNormBackward, RmsNormBackwardBuffers, RmsNormBackwardGain, RmsNormBackwardGainBuffers,
-    RmsNormForward, RmsNormForwardBuffers,
 };
 use crate::kernels::{GateConfig, RoutingLayout, UNUSED};
 use crate::model::config::ModelConfig;
-use crate::moe::{MoeConfig, MoeLayer, MoePlan, MoeTrainPlan, MoeWeights, Path};
+use crate::model::graph::{mm, Block, Graph, Mode};
+use crate::model::params::{BlockParam, HostTensor, ParamId, Params};
+use crate::moe::{MoeConfig, MoeLayer, MoeWeights};
 
 /// Scale of the unembedding's init relative to 1/sqrt(D): the logits of a
 /// fresh model have a standard deviation of about this.
 pub const W_OUT_SCALE: f32 = 0.1;
 
-/// Parameter values on the host, in `ModelConfig::param_shapes` order.
-#[derive(Clone, Debug, PartialEq)]
-pub struct HostParams {
-    pub tensors: Vec<(String, Vec<usize>, Vec<f32>)>,
-}
+/// Parameter values on the host.
+pub type HostParams = Params<HostTensor>;
 
-impl HostParams {
-    /// Seeded initialization: embeddings and projections uniform with the
-    /// variance of 1/fan_in (embeddings 0.02-ish), gains 1; the output
-    /// projection of each block scaled by 1/sqrt(2L) (GPT-2's residual rule),
-    /// and the unembedding `w_out` by `W_OUT_SCALE`, so that the first
-    /// logits are nearly uniform (loss ln V instead of about ln V + 0.5).
+impl Params<HostTensor> {
+    /// Seeded initialization, drawn in canonical order: embeddings and
+    /// projections uniform with the variance of 1/fan_in (embeddings
+    /// 0.02-ish), gains 1; the output projection of each block scaled by
+    /// 1/sqrt(2L) (GPT-2's residual rule), and the unembedding `w_out` by
+    /// `W_OUT_SCALE`, so that the first logits are nearly uniform (loss ln V
+    /// instead of about ln V + 0.5).
     pub fn init(cfg: &ModelConfig, seed: u64) -> HostParams {
         let mut rng = crate::conformance::Rng::new(seed);
         let resid = 1.0 / (2.0 * cfg.layers as f32).sqrt();
-        let mut tensors = Vec::new();
-        for (name, shape, _) in cfg.param_shapes() {
-            let n: usize = shape.iter().product();
+        cfg.param_specs().map(|id, spec| {
+            let shape = &spec.shape;
+            let n = spec.numel();
             let fan_in = if shape.len() >= 2 {
                 shape[shape.len() - 2]
             } else {
                 1
             } as f32;
-            let v = if name.ends_with("norm1") || name.ends_with("norm2") || name == "norm_f" {
-                vec![1.0; n]
-            } else if name == "wte" || name == "wpe" {
-                rng.vec_sym(n, 0.035)
-            } else if name.ends_with("ffn.w1")
-                || name.ends_with("ffn.w3")
-                || name.ends_with("ffn.w2")
-            {
-                // Per expert: [E, fan_in, fan_out].
-                let fan = shape[1] as f32;
-                let a = (3.0 / fan).sqrt() * if name.ends_with("w2") { resid } else { 1.0 };
-                rng.vec_sym(n, a)
-            } else {
-                let scale = if name.ends_with(".wo") {
-                    resid
-                } else if name == "w_out" {
-                    W_OUT_SCALE
-                } else {
-                    1.0
-                };
-                let a = (3.0 / fan_in).sqrt() * scale;
-                rng.vec_sym(n, a)
+            let data = match id {
+                ParamId::NormF | ParamId::Block(_, BlockParam::Norm1 | BlockParam::Norm2) => {
+                    vec![1.0; n]
+                }
+                ParamId::Wte | ParamId::Wpe => rng.vec_sym(n, 0.035),
+                ParamId::Block(_, p) if p.is_expert() => {
+                    // Per expert: [E, fan_in, fan_out].
+                    let fan = shape[1] as f32;
+                    let scale = if p == BlockParam::W2 { resid } else { 1.0 };
+                    rng.vec_sym(n, (3.0 / fan).sqrt() * scale)
+                }
+                _ => {
+                    let scale = match id {
+                        ParamId::Block(_, BlockParam::Wo) => resid,
+                        ParamId::WOut => W_OUT_SCALE,
+                        _ => 1.0,
+                    };
+                    rng.vec_sym(n, (3.0 / fan_in).sqrt() * scale)
+                }
             };
-            tensors.push((name, shape, v));
-        }
-        HostParams { tensors }
+            HostTensor {
+                shape: shape.clone(),
+                data,
+            }
+        })
     }
 
-    pub fn get(&self, name: &str) -> Option<&[f32]> {
-        self.tensors
-            .iter()
-            .find(|(n, _, _)| n == name)
-            .map(|(_, _, v)| v.as_slice())
-    }
-
-    /// Check names and shapes against `cfg` (a checkpoint of another model
-    /// is a shape error naming the tensor).
+    /// Check the tree against `cfg` (a checkpoint of another model is a
+    /// shape error naming the tensor).
     pub fn validate(&self, cfg: &ModelConfig) -> Result<()> {
-        let want = cfg.param_shapes();
-        if want.len() != self.tensors.len() {
+        let want = cfg.param_specs();
+        if want.len() != self.len() {
             return Err(Error::shape(
                 "model parameters",
                 format!("{} tensors", want.len()),
-                format!("{} tensors", self.tensors.len()),
+                format!("{} tensors", self.len()),
             ));
         }
-        for ((wn, ws, _), (n, s, v)) in want.iter().zip(&self.tensors) {
-            if wn != n || ws != s || v.len() != ws.iter().product::<usize>() {
+        for ((wid, ws), (id, t)) in want.iter().zip(self.iter()) {
+            if wid != id || ws.shape != t.shape || t.data.len() != ws.numel() {
                 return Err(Error::shape(
                     "model parameters",
-                    format!("{wn} {ws:?}"),
-                    format!("{n} {s:?} ({} values)", v.len()),
+                    format!("{wid} {:?}", ws.shape),
+                    format!("{id} {:?} ({} values)", t.shape, t.data.len()),
                 ));
             }
         }
         Ok(())
     }
 
+    /// Named tensors of amoe's own files (any order) onto the tree of
+    /// `cfg`: every parameter exactly once with its shape and no other name,
+    /// or one error naming `file` that lists every problem.
+    pub fn from_named(
+        cfg: &ModelConfig,
+        file: &str,
+        tensors: Vec<NamedTensor>,
+    ) -> Result<HostParams> {
+        let tensors = tensors
+            .into_iter()
+            .map(|t| (t.name, t.shape, t.data))
+            .collect();
+        let tree = cfg.param_specs().assign(file, tensors, ParamId::name)?;
+        Ok(tree.into_map(|_, (shape, data)| HostTensor { shape, data }))
+    }
+
+    /// Values in total.
+    pub fn numel(&self) -> usize {
+        self.values().map(|t| t.data.len()).sum()
+    }
+
     fn moe_weights(&self, l: usize) -> Result<MoeWeights> {
-        let get = |s: &str| -> Result<Vec<f32>> {
-            self.get(&format!("layers.{l}.ffn.{s}"))
-                .map(<[f32]>::to_vec)
-                .ok_or_else(|| {
-                    Error::invalid("model parameters", format!("layers.{l}.ffn.{s} missing"))
-                })
-        };
-        let swiglu = self.get(&format!("layers.{l}.ffn.w3")).map(<[f32]>::to_vec);
+        let f = &self
+            .blocks
+            .get(l)
+            .ok_or_else(|| Error::invalid("model parameters", format!("no block {l}")))?
+            .ffn;
         Ok(MoeWeights {
-            w_router: get("w_router")?,
-            w1: get("w1")?,
-            w3: swiglu,
-            w2: get("w2")?,
+            w_router: f.w_router.data.clone(),
+            w1: f.w1.data.clone(),
+            w3: f.w3.as_ref().map(|t| t.data.clone()),
+            w2: f.w2.data.clone(),
         })
     }
-}
-
-/// One parameter on the GPU.
-pub struct Param {
-    pub name: String,
-    pub value: Tensor<f32>,
-    /// AdamW's decoupled weight decay applies (matrices, not gains/embeddings).
-    pub decay: bool,
 }
 
 /// The model's parameters on the GPU. The FFN weights belong to the MoE
 /// layers; `params` holds second handles to them.
 pub struct Model {
     pub cfg: ModelConfig,
-    pub params: Vec<Param>,
+    pub params: Params<Tensor<f32>>,
     pub ffn: Vec<MoeLayer>,
 }
 
@@ -168,27 +164,18 @@ impl Model {
                 &host.moe_weights(l)?,
             )?);
         }
-        let mut params = Vec::new();
-        for ((name, shape, decay), (_, _, v)) in cfg.param_shapes().into_iter().zip(&host.tensors) {
-            let value = match name.rsplit_once(".ffn.") {
-                Some((pre, w)) => {
-                    let l: usize = pre
-                        .strip_prefix("layers.")
-                        .and_then(|s| s.parse().ok())
-                        .ok_or_else(|| Error::invalid("model parameters", name.clone()))?;
-                    match w {
-                        "w_router" => ffn[l].w_router.clone(),
-                        "w1" => ffn[l].w1.clone(),
-                        "w3" => ffn[l].w3.clone().ok_or_else(|| {
-                            Error::invalid("model parameters", format!("{name}: no SwiGLU layer"))
-                        })?,
-                        _ => ffn[l].w2.clone(),
-                    }
-                }
-                None => Tensor::from_slice(ctx, &name, &shape, v)?,
-            };
-            params.push(Param { name, value, decay });
-        }
+        let params = host.try_map(|id, t| {
+            let layer = |l: usize| &ffn[l];
+            Ok(match id {
+                ParamId::Block(l, BlockParam::Router) => layer(l).w_router.clone(),
+                ParamId::Block(l, BlockParam::W1) => layer(l).w1.clone(),
+                ParamId::Block(l, BlockParam::W3) => layer(l).w3.clone().ok_or_else(|| {
+                    Error::invalid("model parameters", format!("{id}: no SwiGLU layer"))
+                })?,
+                ParamId::Block(l, BlockParam::W2) => layer(l).w2.clone(),
+                _ => Tensor::from_slice(ctx, &id.name(), &t.shape, &t.data)?,
+            })
+        })?;
         Ok(Model {
             cfg: cfg.clone(),
             params,
@@ -196,34 +183,35 @@ impl Model {
         })
     }
 
-    pub fn param(&self, name: &str) -> Result<&Tensor<f32>> {
-        self.params
-            .iter()
-            .find(|p| p.name == name)
-            .map(|p| &p.value)
-            .ok_or_else(|| Error::invalid("model", format!("no parameter {name}")))
-    }
-
     /// Every parameter back on the host.
     pub async fn download(&self, ctx: &GpuContext) -> Result<HostParams> {
-        let mut tensors = Vec::with_capacity(self.params.len());
-        for p in &self.params {
-            tensors.push((
-                p.name.clone(),
-                p.value.shape.clone(),
-                p.value.read(ctx).await?,
-            ));
+        let mut values = Vec::with_capacity(self.params.len());
+        for t in self.params.values() {
+            values.push(t.read(ctx).await?);
         }
-        Ok(HostParams { tensors })
+        let mut values = values.into_iter();
+        self.params.try_map(|id, t| {
+            Ok(HostTensor {
+                shape: t.shape.clone(),
+                data: values
+                    .next()
+                    .ok_or_else(|| Error::invalid("model download", id.name()))?,
+            })
+        })
     }
 
     /// Overwrite every parameter from the host (same config).
     pub fn upload(&self, ctx: &GpuContext, host: &HostParams) -> Result<()> {
         host.validate(&self.cfg)?;
-        for (p, (_, _, v)) in self.params.iter().zip(&host.tensors) {
-            p.value.write(ctx, v)?;
+        for (p, h) in self.params.values().zip(host.values()) {
+            p.write(ctx, &h.data)?;
         }
         Ok(())
+    }
+
+    /// Bytes of the parameters on the GPU.
+    pub fn bytes(&self) -> u64 {
+        self.params.values().map(Tensor::bytes).sum()
     }
 
     /// The FFN layers with another gating rule (for evaluation), sharing
@@ -253,90 +241,20 @@ impl Model {
     }
 }
 
-enum FfnPlan {
-    Train(Box<MoeTrainPlan>),
-    Eval(Box<MoePlan>),
-}
-
-impl FfnPlan {
-    fn fwd(&self) -> &MoePlan {
-        match self {
-            FfnPlan::Train(p) => &p.fwd,
-            FfnPlan::Eval(p) => p,
-        }
-    }
-}
-
-// Some tensors are held only so that they live as long as the launchers
-// that bind them (and for inspection in tests).
-#[allow(dead_code)]
-struct Block {
-    /// x [T, D]: the block's input (the residual stream)
-    x: Tensor<f32>,
-    /// a [T, D] = rmsnorm(x), rstd1 [T]
-    a: Tensor<f32>,
-    rstd1: Tensor<f32>,
-    qkv: Tensor<f32>,
-    o: Tensor<f32>,
-    lse: Tensor<f32>,
-    proj: Tensor<f32>,
-    /// xm [T, D] = x + o Wo
-    xm: Tensor<f32>,
-    rstd2: Tensor<f32>,
-    ffn: FfnPlan,
-    norm1: RmsNormForward,
-    qkv_mm: Matmul,
-    attn: AttentionForward,
-    proj_mm: Matmul,
-    add1: Add,
-    norm2: RmsNormForward,
-    add2: Add,
-}
-
-/// The forward of one batch shape: every buffer and launcher, built once.
+/// The forward of one batch shape (the shared graph, then the loss):
+/// every buffer and launcher, built once.
 // Some tensors are held only so that they live as long as the launchers
 // that bind them (and for inspection in tests).
 #[allow(dead_code)]
 struct Forward {
     b: usize,
-    t: usize,
-    ids: Tensor<u32>,
+    graph: Graph,
     targets: Tensor<u32>,
-    embed: EmbeddingForward,
-    blocks: Vec<Block>,
-    /// x_L [T, D]: the last block's output
-    x_out: Tensor<f32>,
-    xf: Tensor<f32>,
-    rstdf: Tensor<f32>,
-    norm_f: RmsNormForward,
-    logits: Tensor<f32>,
-    out_mm: Matmul,
     loss: Tensor<f32>,
     ce: CrossEntropy,
     loss_out: Tensor<f32>,
     loss_sum: LossSum,
     _layers: Vec<MoeLayer>,
-}
-
-pub(crate) fn mm(
-    ctx: &GpuContext,
-    (m, n, k): (usize, usize, usize),
-    trans: Trans,
-    beta: f32,
-    a: &Tensor<f32>,
-    b: &Tensor<f32>,
-    c: &Tensor<f32>,
-) -> Result<Matmul> {
-    let shape = MatmulShape {
-        m,
-        n,
-        k,
-        trans,
-        alpha: 1.0,
-        beta,
-    };
-    let spec = MatmulSpec::choose(ctx, m, n, k, trans).with_beta(beta != 0.0);
-    Matmul::new(ctx, &shape, spec, a, b, c)
 }
 
 impl Forward {
@@ -350,123 +268,16 @@ impl Forward {
         gate: Option<GateConfig>,
     ) -> Result<Forward> {
         let cfg = &model.cfg;
-        let (v, d, n, h) = (cfg.vocab, cfg.d, cfg.context, cfg.heads);
-        let t = b * n;
         if b == 0 {
             return Err(Error::invalid("model", "batch of 0 sequences"));
         }
-        let z = |name: &str, shape: &[usize]| Tensor::<f32>::zeros(ctx, name, shape);
-        let ids = Tensor::<u32>::zeros(ctx, "ids", &[t])?;
-        let targets = Tensor::<u32>::zeros(ctx, "targets", &[t])?;
-        let x0 = z("x0", &[t, d])?;
-        let embed = EmbeddingForward::new(
-            ctx,
-            &EmbeddingForwardBuffers {
-                ids: &ids,
-                wte: model.param("wte")?,
-                wpe: model.param("wpe")?,
-                x: &x0,
-            },
-        )?;
+        let t = b * cfg.context;
         let layers = model.ffn_with_gate(if train { None } else { gate });
-        let acfg = AttentionConfig { b, n, h };
-        let mut blocks: Vec<Block> = Vec::with_capacity(cfg.layers);
-        let mut x = x0;
-        for (l, layer) in layers.iter().enumerate() {
-            let p = |s: &str| model.param(&format!("layers.{l}.{s}"));
-            let a = z("a", &[t, d])?;
-            let rstd1 = z("rstd1", &[t])?;
-            let qkv = z("qkv", &[t, 3 * d])?;
-            let o = z("o", &[t, d])?;
-            let lse = z("attn_lse", &[b, h, n])?;
-            let proj = z("proj", &[t, d])?;
-            let xm = z("xm", &[t, d])?;
-            let rstd2 = z("rstd2", &[t])?;
-            let ffn = if train {
-                FfnPlan::Train(Box::new(layer.plan_train(ctx, t, &cfg.aux_config(l), 1)?))
-            } else {
-                FfnPlan::Eval(Box::new(layer.plan(ctx, t, Path::Grouped)?))
-            };
-            let x_next = z("x", &[t, d])?;
-            let norm1 = RmsNormForward::new(
-                ctx,
-                cfg.eps,
-                &RmsNormForwardBuffers {
-                    x: &x,
-                    g: p("norm1")?,
-                    y: &a,
-                    rstd: &rstd1,
-                },
-            )?;
-            let qkv_mm = mm(ctx, (t, 3 * d, d), Trans::NN, 0.0, &a, p("wqkv")?, &qkv)?;
-            let attn = AttentionForward::new(
-                ctx,
-                acfg,
-                &AttentionForwardBuffers {
-                    qkv: &qkv,
-                    o: &o,
-                    lse: &lse,
-                },
-            )?;
-            let proj_mm = mm(ctx, (t, d, d), Trans::NN, 0.0, &o, p("wo")?, &proj)?;
-            let add1 = Add::new(ctx, &x, &proj, &xm)?;
-            let norm2 = RmsNormForward::new(
-                ctx,
-                cfg.eps,
-                &RmsNormForwardBuffers {
-                    x: &xm,
-                    g: p("norm2")?,
-                    y: &ffn.fwd().x,
-                    rstd: &rstd2,
-                },
-            )?;
-            let add2 = Add::new(ctx, &xm, &ffn.fwd().y, &x_next)?;
-            blocks.push(Block {
-                x: x.clone(),
-                a,
-                rstd1,
-                qkv,
-                o,
-                lse,
-                proj,
-                xm,
-                rstd2,
-                ffn,
-                norm1,
-                qkv_mm,
-                attn,
-                proj_mm,
-                add1,
-                norm2,
-                add2,
-            });
-            x = x_next;
-        }
-        let xf = z("xf", &[t, d])?;
-        let rstdf = z("rstdf", &[t])?;
-        let norm_f = RmsNormForward::new(
-            ctx,
-            cfg.eps,
-            &RmsNormForwardBuffers {
-                x: &x,
-                g: model.param("norm_f")?,
-                y: &xf,
-                rstd: &rstdf,
-            },
-        )?;
-        let logits = z("logits", &[t, v])?;
-        let out_mm = mm(
-            ctx,
-            (t, v, d),
-            Trans::NN,
-            0.0,
-            &xf,
-            model.param("w_out")?,
-            &logits,
-        )?;
-        let loss = z("loss", &[t])?;
+        let graph = Graph::new(ctx, model, &layers, t, Mode::Batch { b, train })?;
+        let targets = Tensor::<u32>::zeros(ctx, "targets", &[t])?;
+        let loss = Tensor::zeros(ctx, "loss", &[t])?;
         let ce_bufs = CrossEntropyBuffers {
-            logits: &logits,
+            logits: &graph.head.logits,
             targets: &targets,
             loss: &loss,
         };
@@ -475,10 +286,10 @@ impl Forward {
         } else {
             CrossEntropy::forward(ctx, &ce_bufs)?
         };
-        let loss_out = z("loss_out", &[2])?;
+        let loss_out = Tensor::zeros(ctx, "loss_out", &[2])?;
         let loss_sum = LossSum::new(
             ctx,
-            v,
+            cfg.vocab,
             &LossSumBuffers {
                 loss: &loss,
                 targets: &targets,
@@ -487,23 +298,18 @@ impl Forward {
         )?;
         Ok(Forward {
             b,
-            t,
-            ids,
+            graph,
             targets,
-            embed,
-            blocks,
-            x_out: x,
-            xf,
-            rstdf,
-            norm_f,
-            logits,
-            out_mm,
             loss,
             ce,
             loss_out,
             loss_sum,
             _layers: layers,
         })
+    }
+
+    fn t(&self) -> usize {
+        self.graph.t
     }
 
     fn upload(
@@ -513,10 +319,11 @@ impl Forward {
         ids: &[u32],
         targets: &[u32],
     ) -> Result<()> {
-        if ids.len() != self.t || targets.len() != self.t {
+        let t = self.t();
+        if ids.len() != t || targets.len() != t {
             return Err(Error::shape(
                 "model batch",
-                format!("ids and targets of B N = {} tokens", self.t),
+                format!("ids and targets of B N = {t} tokens"),
                 format!("{} ids, {} targets", ids.len(), targets.len()),
             ));
         }
@@ -530,30 +337,16 @@ impl Forward {
                 format!("target id {bad} >= vocabulary {}", cfg.vocab),
             ));
         }
-        self.ids.write(ctx, ids)?;
+        self.graph.ids.write(ctx, ids)?;
         self.targets.write(ctx, targets)
     }
 
     fn clear(&self, encoder: &mut wgpu::CommandEncoder) {
-        for blk in &self.blocks {
-            blk.ffn.fwd().clear(encoder);
-        }
+        self.graph.clear(encoder);
     }
 
     fn record(&self, pass: &mut wgpu::ComputePass<'_>) {
-        self.embed.record(pass);
-        for blk in &self.blocks {
-            blk.norm1.record(pass);
-            blk.qkv_mm.record(pass);
-            blk.attn.record(pass);
-            blk.proj_mm.record(pass);
-            blk.add1.record(pass);
-            blk.norm2.record(pass);
-            blk.ffn.fwd().record_pass(pass);
-            blk.add2.record(pass);
-        }
-        self.norm_f.record(pass);
-        self.out_mm.record(pass);
+        self.graph.record(pass);
         self.ce.record(pass);
         self.loss_sum.record(pass);
     }
@@ -582,6 +375,8 @@ impl Default for OptConfig {
     }
 }
 
+/// The backward of one block: the gradient of its output `gy` (its FFN's
+/// `dy`) to the gradient of its input `gx` and of its parameters.
 // Some tensors are held only so that they live as long as the launchers
 // that bind them (and for inspection in tests).
 #[allow(dead_code)]
@@ -606,6 +401,244 @@ struct BlockBackward {
     norm1_back: RmsNormBackward,
     norm1_gain: RmsNormBackwardGain,
     add_in: Add,
+}
+
+impl BlockBackward {
+    /// `p`, `g`: the block's parameters and their gradients; `gx`: where
+    /// the gradient of the block's input goes (the previous block's FFN
+    /// `dy`, or the embedding's).
+    fn new(
+        ctx: &GpuContext,
+        acfg: AttentionConfig,
+        blk: &Block,
+        p: &crate::model::params::BlockParams<Tensor<f32>>,
+        g: &crate::model::params::BlockParams<Tensor<f32>>,
+        gx: Tensor<f32>,
+    ) -> Result<BlockBackward> {
+        let plan = blk.ffn.train()?;
+        let [t, d] = [blk.x.shape[0], blk.x.shape[1]];
+        let z = |name: &str, shape: &[usize]| Tensor::<f32>::zeros(ctx, name, shape);
+        let lse = blk
+            .lse
+            .as_ref()
+            .ok_or_else(|| Error::invalid("model", "training step without attention statistics"))?;
+        let gxm = z("gxm", &[t, d])?;
+        let norm2_grad = z("norm_grad", &[t, d])?;
+        let norm1_grad = z("norm1_grad", &[t, d])?;
+        let dout = z("dout", &[t, d])?;
+        let dqkv = z("dqkv", &[t, 3 * d])?;
+        let da = z("da", &[t, d])?;
+        let norm2_back = RmsNormBackward::new(
+            ctx,
+            &RmsNormBackwardBuffers {
+                x: &blk.xm,
+                g: &p.norm2,
+                dy: &plan.dx,
+                rstd: &blk.rstd2,
+                dx: &norm2_grad,
+            },
+        )?;
+        let norm2_gain = RmsNormBackwardGain::new(
+            ctx,
+            &RmsNormBackwardGainBuffers {
+                x: &blk.xm,
+                dy: &plan.dx,
+                rstd: &blk.rstd2,
+                dg: &g.norm2,
+            },
+        )?;
+        // The gradient of the block's output is its FFN's dy.
+        let add_mid = Add::new(ctx, &plan.dy, &norm2_grad, &gxm)?;
+        let dout_mm = mm(ctx, (t, d, d), Trans::NT, 0.0, &gxm, &p.wo, &dout)?;
+        let dwo_mm = mm(ctx, (d, d, t), Trans::TN, 0.0, &blk.o, &gxm, &g.wo)?;
+        let attn_back = AttentionBackward::new(
+            ctx,
+            acfg,
+            &AttentionBackwardBuffers {
+                qkv: &blk.qkv,
+                o: &blk.o,
+                dout: &dout,
+                lse,
+                dqkv: &dqkv,
+            },
+        )?;
+        let da_mm = mm(ctx, (t, d, 3 * d), Trans::NT, 0.0, &dqkv, &p.wqkv, &da)?;
+        let dwqkv_mm = mm(ctx, (d, 3 * d, t), Trans::TN, 0.0, &blk.a, &dqkv, &g.wqkv)?;
+        let norm1_back = RmsNormBackward::new(
+            ctx,
+            &RmsNormBackwardBuffers {
+                x: &blk.x,
+                g: &p.norm1,
+                dy: &da,
+                rstd: &blk.rstd1,
+                dx: &norm1_grad,
+            },
+        )?;
+        let norm1_gain = RmsNormBackwardGain::new(
+            ctx,
+            &RmsNormBackwardGainBuffers {
+                x: &blk.x,
+                dy: &da,
+                rstd: &blk.rstd1,
+                dg: &g.norm1,
+            },
+        )?;
+        let add_in = Add::new(ctx, &gxm, &norm1_grad, &gx)?;
+        Ok(BlockBackward {
+            gx,
+            gxm,
+            norm2_grad,
+            norm1_grad,
+            dout,
+            dqkv,
+            da,
+            norm2_back,
+            norm2_gain,
+            add_mid,
+            dout_mm,
+            dwo_mm,
+            attn_back,
+            da_mm,
+            dwqkv_mm,
+            norm1_back,
+            norm1_gain,
+            add_in,
+        })
+    }
+
+    /// After the block's FFN backward (which writes `plan.dx`).
+    fn record(&self, pass: &mut wgpu::ComputePass<'_>) {
+        self.norm2_back.record(pass);
+        self.norm2_gain.record(pass);
+        self.add_mid.record(pass);
+        self.dout_mm.record(pass);
+        self.dwo_mm.record(pass);
+        self.attn_back.record(pass);
+        self.da_mm.record(pass);
+        self.dwqkv_mm.record(pass);
+        self.norm1_back.record(pass);
+        self.norm1_gain.record(pass);
+        self.add_in.record(pass);
+    }
+}
+
+/// The head's and the embedding's backward: logits gradient (in place of
+/// the logits) -> final norm -> last block's `dy`; the first block's input
+/// gradient -> the embeddings' gradients (gathers in the host's token order).
+// Tensors are held so that they live as long as the launchers binding them.
+#[allow(dead_code)]
+struct EdgeBackward {
+    dxf: Tensor<f32>,
+    dxf_mm: Matmul,
+    dwout_mm: Matmul,
+    normf_back: RmsNormBackward,
+    normf_gain: RmsNormBackwardGain,
+    /// The gradient of the embedding's output.
+    gx0: Tensor<f32>,
+    emb_offsets: Tensor<u32>,
+    emb_order: Tensor<u32>,
+    emb_wte: EmbeddingBackwardWte,
+    emb_wpe: EmbeddingBackwardWpe,
+}
+
+impl EdgeBackward {
+    fn new(
+        ctx: &GpuContext,
+        model: &Model,
+        graph: &Graph,
+        grads: &Params<Tensor<f32>>,
+    ) -> Result<EdgeBackward> {
+        let (t, d, v) = (graph.t, model.cfg.d, model.cfg.vocab);
+        let head = &graph.head;
+        let last = graph
+            .blocks
+            .last()
+            .ok_or_else(|| Error::invalid("model", "no layers"))?;
+        // Head: dxf = dlogits W_out^T, dW_out = xf^T dlogits, final norm.
+        let dxf = Tensor::zeros(ctx, "dxf", &[t, d])?;
+        let dxf_mm = mm(
+            ctx,
+            (t, d, v),
+            Trans::NT,
+            0.0,
+            &head.logits,
+            &model.params.w_out,
+            &dxf,
+        )?;
+        let dwout_mm = mm(
+            ctx,
+            (d, v, t),
+            Trans::TN,
+            0.0,
+            &head.xf,
+            &head.logits,
+            &grads.w_out,
+        )?;
+        let normf_back = RmsNormBackward::new(
+            ctx,
+            &RmsNormBackwardBuffers {
+                x: &head.x,
+                g: &model.params.norm_f,
+                dy: &dxf,
+                rstd: &head.rstdf,
+                dx: &last.ffn.train()?.dy,
+            },
+        )?;
+        let normf_gain = RmsNormBackwardGain::new(
+            ctx,
+            &RmsNormBackwardGainBuffers {
+                x: &head.x,
+                dy: &dxf,
+                rstd: &head.rstdf,
+                dg: &grads.norm_f,
+            },
+        )?;
+        let gx0 = Tensor::zeros(ctx, "gx0", &[t, d])?;
+        let emb_offsets = Tensor::<u32>::zeros(ctx, "emb_offsets", &[v + 1])?;
+        let emb_order = Tensor::<u32>::zeros(ctx, "emb_order", &[t])?;
+        let emb_wte = EmbeddingBackwardWte::new(
+            ctx,
+            &EmbeddingBackwardWteBuffers {
+                dx: &gx0,
+                offsets: &emb_offsets,
+                order: &emb_order,
+                dwte: &grads.wte,
+            },
+        )?;
+        let emb_wpe = EmbeddingBackwardWpe::new(
+            ctx,
+            &EmbeddingBackwardWpeBuffers {
+                dx: &gx0,
+                dwpe: &grads.wpe,
+            },
+        )?;
+        Ok(EdgeBackward {
+            dxf,
+            dxf_mm,
+            dwout_mm,
+            normf_back,
+            normf_gain,
+            gx0,
+            emb_offsets,
+            emb_order,
+            emb_wte,
+            emb_wpe,
+        })
+    }
+
+    /// Before the blocks' backward.
+    fn record_head(&self, pass: &mut wgpu::ComputePass<'_>) {
+        self.dxf_mm.record(pass);
+        self.dwout_mm.record(pass);
+        self.normf_back.record(pass);
+        self.normf_gain.record(pass);
+    }
+
+    /// After the blocks' backward.
+    fn record_embedding(&self, pass: &mut wgpu::ComputePass<'_>) {
+        self.emb_wte.record(pass);
+        self.emb_wpe.record(pass);
+    }
 }
 
 /// Per-step numbers read back after the submit.
@@ -645,37 +678,132 @@ pub struct StepArgs<'a> {
     pub complexity: bool,
 }
 
-/// Everything a training step of batch size B needs, built once.
+/// One MoE layer's part of the step readback.
+struct MoeReadback {
+    e: usize,
+    /// The routing header and the per-expert counts.
+    routing: PartId,
+    /// The gate statistics (first-choice fractions, mean probabilities,
+    /// balancing and z losses).
+    stats: PartId,
+}
+
+/// What a training step reads back, laid out once: the loss (sum, count),
+/// the clip pair (norm, scale), per MoE layer its routing header + counts
+/// and its gate statistics, and (on request) the complexity matrix.
+struct StepReadback {
+    rb: Readback,
+    loss: PartId,
+    clip: PartId,
+    moe: Vec<MoeReadback>,
+    complexity: Option<PartId>,
+}
+
+impl StepReadback {
+    fn new(
+        ctx: &GpuContext,
+        fwd: &Forward,
+        clip: &Tensor<f32>,
+        moe_layers: &[usize],
+        complexity: &Tensor<f32>,
+    ) -> Result<StepReadback> {
+        let mut layout = ReadbackLayout::new();
+        let loss = layout.push_tensor(&fwd.loss_out);
+        let clip = layout.push_tensor(clip);
+        let mut moe = Vec::with_capacity(moe_layers.len());
+        for &l in moe_layers {
+            let plan = fwd.graph.blocks[l].ffn.train()?;
+            let e = plan.fwd.logits.shape[1];
+            moe.push(MoeReadback {
+                e,
+                routing: layout.push(
+                    &plan.fwd.routing.buffer,
+                    0,
+                    (RoutingLayout::HEADER + e) as u64 * 4,
+                ),
+                stats: layout.push_tensor(plan.stats()),
+            });
+        }
+        let complexity = (!moe_layers.is_empty()).then(|| layout.push_tensor(complexity));
+        Ok(StepReadback {
+            rb: layout.build(ctx, "step readback")?,
+            loss,
+            clip,
+            moe,
+            complexity,
+        })
+    }
+
+    fn record(&self, enc: &mut wgpu::CommandEncoder, complexity: bool) {
+        self.rb.record(enc, self.loss);
+        self.rb.record(enc, self.clip);
+        for m in &self.moe {
+            self.rb.record(enc, m.routing);
+            self.rb.record(enc, m.stats);
+        }
+        if let (true, Some(c)) = (complexity, self.complexity) {
+            self.rb.record(enc, c);
+        }
+    }
+
+    fn parse(&self, w: &ReadbackWords, b: usize, t: usize, complexity: bool) -> StepStats {
+        let loss = w.f32_at(self.loss, 0) / w.f32_at(self.loss, 1).max(1.0);
+        let grad_norm = w.f32_at(self.clip, 0);
+        let mut s = StepStats {
+            loss,
+            grad_norm,
+            balance_loss: Vec::new(),
+            two_expert_fraction: Vec::new(),
+            expert_counts: Vec::new(),
+            dropped_slots: Vec::new(),
+            complexity: Vec::new(),
+        };
+        for m in &self.moe {
+            let r = w.u32s(m.routing);
+            let dropped = r[RoutingLayout::DROPPED_SLOTS];
+            let routed = (r[RoutingLayout::USED_SLOTS] + dropped) as f32;
+            s.two_expert_fraction
+                .push((routed - t as f32).max(0.0) / t as f32);
+            s.dropped_slots.push(dropped);
+            s.expert_counts
+                .push(r[RoutingLayout::HEADER..RoutingLayout::HEADER + m.e].to_vec());
+            s.balance_loss.push(w.f32_at(m.stats, 2 * m.e));
+        }
+        if let (true, Some(c)) = (complexity, self.complexity) {
+            let cols = self.moe.len();
+            let v = w.f32s(c);
+            s.complexity = (0..b)
+                .map(|seq| v[seq * cols..(seq + 1) * cols].to_vec())
+                .collect();
+        }
+        s
+    }
+}
+
+/// Everything a training step of batch size B needs, built once, in the
+/// order it runs: the forward, the head's backward, the blocks' backward in
+/// reverse, the embedding's backward, the gradient norm and AdamW.
 // Some tensors are held only so that they live as long as the launchers
 // that bind them (and for inspection in tests).
 #[allow(dead_code)]
 pub struct TrainStep {
     fwd: Forward,
+    edge: EdgeBackward,
     back: Vec<BlockBackward>,
-    gx0: Tensor<f32>,
-    emb_offsets: Tensor<u32>,
-    emb_order: Tensor<u32>,
-    dxf: Tensor<f32>,
-    dxf_mm: Matmul,
-    dwout_mm: Matmul,
-    normf_back: RmsNormBackward,
-    normf_gain: RmsNormBackwardGain,
-    emb_wte: EmbeddingBackwardWte,
-    emb_wpe: EmbeddingBackwardWpe,
     /// complexity [B, MoE layers]: each sequence's two-expert fraction per
     /// MoE layer, computed on the GPU when the curriculum asks for it.
     complexity: Tensor<f32>,
     complexity_kernels: Vec<SequenceComplexity>,
-    /// Gradients, AdamW moments, in `Model::params` order.
-    pub grads: Vec<Tensor<f32>>,
-    pub m: Vec<Tensor<f32>>,
-    pub v: Vec<Tensor<f32>>,
-    adamw: Vec<AdamW>,
+    /// Gradients and AdamW moments of every parameter. The FFN's gradients
+    /// live in its training plan; these are second handles.
+    pub grads: Params<Tensor<f32>>,
+    pub m: Params<Tensor<f32>>,
+    pub v: Params<Tensor<f32>>,
     grad_norm: GradNorm,
     clip: Tensor<f32>,
-    /// What the host reads back (see `record_readback`), made once.
-    readback: crate::gpu::Staging,
-    moe_layers: Vec<usize>,
+    /// One per parameter, in canonical order.
+    adamw: Vec<AdamW>,
+    readback: StepReadback,
     vocab: usize,
 }
 
@@ -684,304 +812,141 @@ impl TrainStep {
         let cfg = &model.cfg;
         opt.adamw.validate()?;
         let fwd = Forward::new(ctx, model, b, true, None)?;
-        let (t, d, v, n, h) = (fwd.t, cfg.d, cfg.vocab, cfg.context, cfg.heads);
+        let blocks = &fwd.graph.blocks;
         let z = |name: &str, shape: &[usize]| Tensor::<f32>::zeros(ctx, name, shape);
+
         // Gradients: the FFN's live in its training plan.
-        let mut grads = Vec::with_capacity(model.params.len());
-        for p in &model.params {
-            let g = match p.name.rsplit_once(".ffn.") {
-                Some((pre, w)) => {
-                    let l: usize = pre
-                        .strip_prefix("layers.")
-                        .and_then(|s| s.parse().ok())
-                        .ok_or_else(|| Error::invalid("model parameters", p.name.clone()))?;
-                    let FfnPlan::Train(plan) = &fwd.blocks[l].ffn else {
-                        return Err(Error::invalid(
-                            "model",
-                            "training step without a training plan",
-                        ));
-                    };
-                    match w {
-                        "w_router" => plan.dw_router.clone(),
-                        "w1" => plan.dw1.clone(),
-                        "w3" => plan.dw3.clone().ok_or_else(|| {
-                            Error::invalid("model", format!("{}: no SwiGLU gradient", p.name))
-                        })?,
-                        _ => plan.dw2.clone(),
-                    }
-                }
-                None => z(&format!("grad {}", p.name), &p.value.shape)?,
-            };
-            grads.push(g);
-        }
-        let grad = |name: &str| -> Result<&Tensor<f32>> {
-            model
-                .params
-                .iter()
-                .position(|p| p.name == name)
-                .map(|i| &grads[i])
-                .ok_or_else(|| Error::invalid("model", format!("no parameter {name}")))
-        };
+        let grads = model.params.try_map(|id, p| {
+            let plan = |l: usize| blocks[l].ffn.train();
+            Ok(match id {
+                ParamId::Block(l, BlockParam::Router) => plan(l)?.dw_router.clone(),
+                ParamId::Block(l, BlockParam::W1) => plan(l)?.dw1.clone(),
+                ParamId::Block(l, BlockParam::W3) => plan(l)?
+                    .dw3
+                    .clone()
+                    .ok_or_else(|| Error::invalid("model", format!("{id}: no SwiGLU gradient")))?,
+                ParamId::Block(l, BlockParam::W2) => plan(l)?.dw2.clone(),
+                _ => z(&format!("grad {id}"), &p.shape)?,
+            })
+        })?;
 
-        // Head: dxf = dlogits W_out^T, dW_out = xf^T dlogits, final norm.
-        let dxf = z("dxf", &[t, d])?;
-        let dxf_mm = mm(
-            ctx,
-            (t, d, v),
-            Trans::NT,
-            0.0,
-            &fwd.logits,
-            model.param("w_out")?,
-            &dxf,
-        )?;
-        let dwout_mm = mm(
-            ctx,
-            (d, v, t),
-            Trans::TN,
-            0.0,
-            &fwd.xf,
-            &fwd.logits,
-            grad("w_out")?,
-        )?;
-        let last_dy = match &fwd.blocks.last().map(|b| &b.ffn) {
-            Some(FfnPlan::Train(p)) => p.dy.clone(),
-            _ => return Err(Error::invalid("model", "no layers")),
+        // Backward: the head and the embedding, then each block; the
+        // gradient of a block's input is the previous block's FFN dy (or
+        // the embedding's gx0).
+        let edge = EdgeBackward::new(ctx, model, &fwd.graph, &grads)?;
+        let acfg = AttentionConfig {
+            b,
+            n: cfg.context,
+            h: cfg.heads,
         };
-        let normf_back = RmsNormBackward::new(
-            ctx,
-            &RmsNormBackwardBuffers {
-                x: &fwd.x_out,
-                g: model.param("norm_f")?,
-                dy: &dxf,
-                rstd: &fwd.rstdf,
-                dx: &last_dy,
-            },
-        )?;
-        let normf_gain = RmsNormBackwardGain::new(
-            ctx,
-            &RmsNormBackwardGainBuffers {
-                x: &fwd.x_out,
-                dy: &dxf,
-                rstd: &fwd.rstdf,
-                dg: grad("norm_f")?,
-            },
-        )?;
-
-        let gx0 = z("gx0", &[t, d])?;
-        let acfg = AttentionConfig { b, n, h };
         let mut back = Vec::with_capacity(cfg.layers);
-        for (l, blk) in fwd.blocks.iter().enumerate() {
-            let p = |s: &str| model.param(&format!("layers.{l}.{s}"));
-            let gname = |s: &str| format!("layers.{l}.{s}");
-            let FfnPlan::Train(plan) = &blk.ffn else {
-                return Err(Error::invalid(
-                    "model",
-                    "training step without a training plan",
-                ));
+        for (l, blk) in blocks.iter().enumerate() {
+            let gx = match l {
+                0 => edge.gx0.clone(),
+                _ => blocks[l - 1].ffn.train()?.dy.clone(),
             };
-            // The gradient of this block's output is the next block's FFN dy
-            // (or the final norm's output); of its input, the previous
-            // block's FFN dy (or gx0 for the embedding).
-            let gy = plan.dy.clone();
-            let gx = if l == 0 {
-                gx0.clone()
-            } else {
-                match &fwd.blocks[l - 1].ffn {
-                    FfnPlan::Train(prev) => prev.dy.clone(),
-                    FfnPlan::Eval(_) => return Err(Error::invalid("model", "mixed plans")),
-                }
-            };
-            let gxm = z("gxm", &[t, d])?;
-            let tmp = z("norm_grad", &[t, d])?;
-            let tmp1 = z("norm1_grad", &[t, d])?;
-            let dout = z("dout", &[t, d])?;
-            let dqkv = z("dqkv", &[t, 3 * d])?;
-            let da = z("da", &[t, d])?;
-            let norm2_back = RmsNormBackward::new(
-                ctx,
-                &RmsNormBackwardBuffers {
-                    x: &blk.xm,
-                    g: p("norm2")?,
-                    dy: &plan.dx,
-                    rstd: &blk.rstd2,
-                    dx: &tmp,
-                },
-            )?;
-            let norm2_gain = RmsNormBackwardGain::new(
-                ctx,
-                &RmsNormBackwardGainBuffers {
-                    x: &blk.xm,
-                    dy: &plan.dx,
-                    rstd: &blk.rstd2,
-                    dg: grad(&gname("norm2"))?,
-                },
-            )?;
-            let add_mid = Add::new(ctx, &gy, &tmp, &gxm)?;
-            let dout_mm = mm(ctx, (t, d, d), Trans::NT, 0.0, &gxm, p("wo")?, &dout)?;
-            let dwo_mm = mm(
-                ctx,
-                (d, d, t),
-                Trans::TN,
-                0.0,
-                &blk.o,
-                &gxm,
-                grad(&gname("wo"))?,
-            )?;
-            let attn_back = AttentionBackward::new(
+            back.push(BlockBackward::new(
                 ctx,
                 acfg,
-                &AttentionBackwardBuffers {
-                    qkv: &blk.qkv,
-                    o: &blk.o,
-                    dout: &dout,
-                    lse: &blk.lse,
-                    dqkv: &dqkv,
-                },
-            )?;
-            let da_mm = mm(ctx, (t, d, 3 * d), Trans::NT, 0.0, &dqkv, p("wqkv")?, &da)?;
-            let dwqkv_mm = mm(
-                ctx,
-                (d, 3 * d, t),
-                Trans::TN,
-                0.0,
-                &blk.a,
-                &dqkv,
-                grad(&gname("wqkv"))?,
-            )?;
-            let norm1_back = RmsNormBackward::new(
-                ctx,
-                &RmsNormBackwardBuffers {
-                    x: &blk.x,
-                    g: p("norm1")?,
-                    dy: &da,
-                    rstd: &blk.rstd1,
-                    dx: &tmp1,
-                },
-            )?;
-            let norm1_gain = RmsNormBackwardGain::new(
-                ctx,
-                &RmsNormBackwardGainBuffers {
-                    x: &blk.x,
-                    dy: &da,
-                    rstd: &blk.rstd1,
-                    dg: grad(&gname("norm1"))?,
-                },
-            )?;
-            let add_in = Add::new(ctx, &gxm, &tmp1, &gx)?;
-            back.push(BlockBackward {
+                blk,
+                &model.params.blocks[l],
+                &grads.blocks[l],
                 gx,
-                gxm,
-                norm2_grad: tmp,
-                norm1_grad: tmp1,
-                dout,
-                dqkv,
-                da,
-                norm2_back,
-                norm2_gain,
-                add_mid,
-                dout_mm,
-                dwo_mm,
-                attn_back,
-                da_mm,
-                dwqkv_mm,
-                norm1_back,
-                norm1_gain,
-                add_in,
-            });
+            )?);
         }
-        let emb_offsets = Tensor::<u32>::zeros(ctx, "emb_offsets", &[v + 1])?;
-        let emb_order = Tensor::<u32>::zeros(ctx, "emb_order", &[t])?;
-        let emb_wte = EmbeddingBackwardWte::new(
-            ctx,
-            &EmbeddingBackwardWteBuffers {
-                dx: &gx0,
-                offsets: &emb_offsets,
-                order: &emb_order,
-                dwte: grad("wte")?,
-            },
-        )?;
-        let emb_wpe = EmbeddingBackwardWpe::new(
-            ctx,
-            &EmbeddingBackwardWpeBuffers {
-                dx: &gx0,
-                dwpe: grad("wpe")?,
-            },
-        )?;
 
-        // Optimizer.
+        // Curriculum: each sequence's two-expert fraction per MoE layer.
+        let moe_layers = cfg.moe_layers();
+        let complexity = z("complexity", &[b, moe_layers.len().max(1)])?;
+        let mut complexity_kernels = Vec::with_capacity(moe_layers.len());
+        for (col, &l) in moe_layers.iter().enumerate() {
+            complexity_kernels.push(SequenceComplexity::new(
+                ctx,
+                b,
+                &blocks[l].ffn.train()?.fwd.topk_ids,
+                &complexity,
+                col,
+            )?);
+        }
+
+        // Optimizer: global norm and clip, then AdamW per parameter.
         let clip = z("clip", &[2])?;
-        let grad_refs: Vec<&Tensor<f32>> = grads.iter().collect();
+        let grad_refs: Vec<&Tensor<f32>> = grads.values().collect();
         let grad_norm = GradNorm::new(ctx, &grad_refs, &clip, opt.clip)?;
-        let mut m = Vec::with_capacity(grads.len());
-        let mut vv = Vec::with_capacity(grads.len());
+        let m = model
+            .params
+            .try_map(|id, p| z(&format!("m {id}"), &p.shape))?;
+        let v = model
+            .params
+            .try_map(|id, p| z(&format!("v {id}"), &p.shape))?;
         let mut adamw = Vec::with_capacity(grads.len());
-        for (p, g) in model.params.iter().zip(&grads) {
-            let mt = z(&format!("m {}", p.name), &p.value.shape)?;
-            let vt = z(&format!("v {}", p.name), &p.value.shape)?;
+        for ((id, p), ((g, mt), vt)) in model
+            .params
+            .iter()
+            .zip(grads.values().zip(m.values()).zip(v.values()))
+        {
             let c = AdamWConfig {
-                weight_decay: if p.decay { opt.adamw.weight_decay } else { 0.0 },
+                weight_decay: if id.decay() {
+                    opt.adamw.weight_decay
+                } else {
+                    0.0
+                },
                 ..opt.adamw
             };
             adamw.push(AdamW::new(
                 ctx,
                 &c,
                 &AdamWBuffers {
-                    p: &p.value,
+                    p,
                     g,
-                    m: &mt,
-                    v: &vt,
+                    m: mt,
+                    v: vt,
                     clip: &clip,
                 },
             )?);
-            m.push(mt);
-            vv.push(vt);
         }
-        let moe_layers = cfg.moe_layers();
-        let complexity = z("complexity", &[b, moe_layers.len().max(1)])?;
-        let mut complexity_kernels = Vec::with_capacity(moe_layers.len());
-        for (col, &l) in moe_layers.iter().enumerate() {
-            if let FfnPlan::Train(plan) = &fwd.blocks[l].ffn {
-                complexity_kernels.push(SequenceComplexity::new(
-                    ctx,
-                    b,
-                    &plan.fwd.topk_ids,
-                    &complexity,
-                    col,
-                )?);
-            }
-        }
-        let readback =
-            crate::gpu::Staging::new(ctx, "step readback", readback_len(cfg, t) as u64 * 4)?;
+        let readback = StepReadback::new(ctx, &fwd, &clip, &moe_layers, &complexity)?;
         Ok(TrainStep {
             fwd,
+            edge,
             back,
-            gx0,
-            emb_offsets,
-            emb_order,
-            dxf,
-            dxf_mm,
-            dwout_mm,
-            normf_back,
-            normf_gain,
-            emb_wte,
-            emb_wpe,
             complexity,
             complexity_kernels,
             grads,
             m,
-            v: vv,
-            adamw,
+            v,
             grad_norm,
             clip,
+            adamw,
             readback,
-            moe_layers,
-            vocab: v,
+            vocab: cfg.vocab,
         })
+    }
+
+    fn record(&self, pass: &mut wgpu::ComputePass<'_>, complexity: bool) {
+        self.fwd.record(pass);
+        if complexity {
+            for c in &self.complexity_kernels {
+                c.record(pass);
+            }
+        }
+        self.edge.record_head(pass);
+        for (blk, bb) in self.fwd.graph.blocks.iter().zip(&self.back).rev() {
+            if let Ok(plan) = blk.ffn.train() {
+                plan.record_backward(pass);
+            }
+            bb.record(pass);
+        }
+        self.edge.record_embedding(pass);
+        self.grad_norm.record(pass);
+        for a in &self.adamw {
+            a.record(pass);
+        }
     }
 
     /// Sequences per batch B and tokens per batch T = B N.
     pub fn batch(&self) -> (usize, usize) {
-        (self.fwd.b, self.fwd.t)
+        (self.fwd.b, self.fwd.t())
     }
 
     /// Run one training step on `ids`/`targets` ([B N] each) with learning
@@ -1005,8 +970,8 @@ impl TrainStep {
         } = *args;
         self.fwd.upload(ctx, &model.cfg, ids, targets)?;
         let (offsets, order) = token_order(ids, self.vocab)?;
-        self.emb_offsets.write(ctx, &offsets)?;
-        self.emb_order.write(ctx, &order)?;
+        self.edge.emb_offsets.write(ctx, &offsets)?;
+        self.edge.emb_order.write(ctx, &order)?;
         for a in &self.adamw {
             a.set_step(ctx, lr, step)?;
         }
@@ -1021,141 +986,25 @@ impl TrainStep {
                 label: Some("train_step"),
                 timestamp_writes: None,
             });
-            self.fwd.record(&mut pass);
-            if complexity {
-                for c in &self.complexity_kernels {
-                    c.record(&mut pass);
-                }
-            }
-            self.record_backward(&mut pass);
-            self.grad_norm.record(&mut pass);
-            for a in &self.adamw {
-                a.record(&mut pass);
-            }
+            self.record(&mut pass, complexity);
         }
-        self.record_readback(&mut enc, complexity);
+        self.readback.record(&mut enc, complexity);
         ctx.queue.submit(Some(enc.finish()));
-        let words = self
-            .readback
-            .read::<u32>(
-                ctx,
-                (self.readback.buffer.size() / 4) as usize,
-                "training step results",
-            )
-            .await?;
+        let words = self.readback.rb.read(ctx).await?;
         ctx.check_errors("train_step")?;
-        self.parse(&model.cfg, &words, complexity)
-    }
-
-    fn record_backward(&self, pass: &mut wgpu::ComputePass<'_>) {
-        self.dxf_mm.record(pass);
-        self.dwout_mm.record(pass);
-        self.normf_back.record(pass);
-        self.normf_gain.record(pass);
-        for (blk, bb) in self.fwd.blocks.iter().zip(&self.back).rev() {
-            if let FfnPlan::Train(plan) = &blk.ffn {
-                plan.record_backward(pass);
-            }
-            bb.norm2_back.record(pass);
-            bb.norm2_gain.record(pass);
-            bb.add_mid.record(pass);
-            bb.dout_mm.record(pass);
-            bb.dwo_mm.record(pass);
-            bb.attn_back.record(pass);
-            bb.da_mm.record(pass);
-            bb.dwqkv_mm.record(pass);
-            bb.norm1_back.record(pass);
-            bb.norm1_gain.record(pass);
-            bb.add_in.record(pass);
-        }
-        self.emb_wte.record(pass);
-        self.emb_wpe.record(pass);
-    }
-
-    fn record_readback(&self, enc: &mut wgpu::CommandEncoder, complexity: bool) {
-        let rb = &self.readback;
-        rb.copy_from(enc, &self.fwd.loss_out.buffer, 0, 0, 8);
-        rb.copy_from(enc, &self.clip.buffer, 0, 8, 8);
-        let mut off = 16u64;
-        for &l in &self.moe_layers {
-            let plan = match &self.fwd.blocks[l].ffn {
-                FfnPlan::Train(p) => p,
-                FfnPlan::Eval(_) => continue,
-            };
-            let e = plan.fwd.logits.shape[1];
-            let head = (RoutingLayout::HEADER + e) as u64 * 4;
-            rb.copy_from(enc, &plan.fwd.routing.buffer, 0, off, head);
-            off += head;
-            let stats = plan.stats();
-            rb.copy_from(enc, &stats.buffer, 0, off, stats.bytes());
-            off += stats.bytes();
-        }
-        if complexity && !self.moe_layers.is_empty() {
-            rb.copy_from(
-                enc,
-                &self.complexity.buffer,
-                0,
-                off,
-                self.complexity.bytes(),
-            );
-        }
-    }
-
-    fn parse(&self, cfg: &ModelConfig, w: &[u32], complexity: bool) -> Result<StepStats> {
-        let f = |i: usize| f32::from_bits(w[i]);
-        let loss_sum = f(0);
-        let count = f(1).max(1.0);
-        let loss = loss_sum / count;
-        let grad_norm = f(2);
-        let mut s = StepStats {
-            loss,
-            grad_norm,
-            balance_loss: Vec::new(),
-            two_expert_fraction: Vec::new(),
-            expert_counts: Vec::new(),
-            dropped_slots: Vec::new(),
-            complexity: Vec::new(),
-        };
         let (b, t) = self.batch();
-        let mut off = 4usize;
-        for &l in &self.moe_layers {
-            let e = cfg.ffn_config(l).e;
-            let dropped = w[off + RoutingLayout::DROPPED_SLOTS];
-            let routed = (w[off + RoutingLayout::USED_SLOTS] + dropped) as f32;
-            s.two_expert_fraction
-                .push((routed - t as f32).max(0.0) / t as f32);
-            s.dropped_slots.push(dropped);
-            s.expert_counts
-                .push(w[off + RoutingLayout::HEADER..off + RoutingLayout::HEADER + e].to_vec());
-            off += RoutingLayout::HEADER + e;
-            s.balance_loss.push(f(off + 2 * e));
-            off += 2 * e + 2;
-        }
-        if complexity {
-            let cols = self.moe_layers.len();
-            s.complexity = (0..b)
-                .map(|seq| (0..cols).map(|c| f(off + seq * cols + c)).collect())
-                .collect();
-        }
-        if !loss.is_finite() || !grad_norm.is_finite() {
+        let s = self.readback.parse(&words, b, t, complexity);
+        if !s.loss.is_finite() || !s.grad_norm.is_finite() {
             return Err(Error::NonFinite {
                 op: "train_step",
-                msg: format!("loss {loss}, gradient norm {grad_norm}: the step was skipped"),
+                msg: format!(
+                    "loss {}, gradient norm {}: the step was skipped",
+                    s.loss, s.grad_norm
+                ),
             });
         }
         Ok(s)
     }
-}
-
-fn readback_len(cfg: &ModelConfig, t: usize) -> usize {
-    let mut n = 4;
-    let moe = cfg.moe_layers();
-    for &l in &moe {
-        let c = cfg.ffn_config(l);
-        n += RoutingLayout::HEADER + c.e + 2 * c.e + 2;
-    }
-    // The complexity matrix [B, MoE layers] (B = T / N).
-    n + t / cfg.context * moe.len()
 }
 
 /// Forward-only evaluation of batches under an inference gating rule.
@@ -1172,7 +1021,7 @@ impl EvalStep {
     }
 
     pub fn batch(&self) -> (usize, usize) {
-        (self.fwd.b, self.fwd.t)
+        (self.fwd.b, self.fwd.t())
     }
 
     /// (sum of token losses, counted tokens) of one batch.

@@ -15,7 +15,7 @@
 use crate::error::{Error, Result};
 use crate::gpu::GpuContext;
 use crate::kernels::{Gating, SingleWeight};
-use crate::model::{HostParams, ModelConfig};
+use crate::model::{BlockParam, HostParams, ModelConfig, ParamId};
 use crate::train::data::{shipped_dir, Corpus, Domain};
 use crate::train::metrics::read_jsonl;
 use crate::train::plot::{plot_series, PlotLabels, Series};
@@ -129,28 +129,22 @@ fn scheme_config(rc: &ReproduceConfig, s: &Scheme, vocab: usize) -> TrainConfig 
 /// initialization (the paper's conversion).
 fn convert(base: &HostParams, base_cfg: &ModelConfig, cfg: &ModelConfig, seed: u64) -> HostParams {
     let fresh = HostParams::init(cfg, seed);
-    let tensors = fresh
-        .tensors
-        .into_iter()
-        .map(|(name, shape, v)| {
-            let is_moe_ffn = name.contains(".ffn.")
-                && name
-                    .split('.')
-                    .nth(1)
-                    .and_then(|l| l.parse::<usize>().ok())
-                    .is_some_and(|l| cfg.kind(l) == crate::model::FfnKind::Moe);
-            let keep = !is_moe_ffn || base_cfg.dense == cfg.dense;
-            match base
-                .tensors
-                .iter()
-                .find(|(n, s, _)| *n == name && *s == shape)
-            {
-                Some((_, _, bv)) if keep => (name, shape, bv.clone()),
-                _ => (name, shape, v),
+    fresh.into_map(|id, t| {
+        let is_moe_ffn = match id {
+            ParamId::Block(l, p) => {
+                !matches!(
+                    p,
+                    BlockParam::Norm1 | BlockParam::Wqkv | BlockParam::Wo | BlockParam::Norm2
+                ) && cfg.kind(l) == crate::model::FfnKind::Moe
             }
-        })
-        .collect();
-    HostParams { tensors }
+            _ => false,
+        };
+        let keep = !is_moe_ffn || base_cfg.dense == cfg.dense;
+        match base.get(id) {
+            Some(b) if keep && b.shape == t.shape => b.clone(),
+            _ => t,
+        }
+    })
 }
 
 /// Run the comparison; `progress` is made per run by `make_progress(name)`.
@@ -380,13 +374,10 @@ mod tests {
         let base = HostParams::init(&dense, 5);
         let conv = convert(&base, &dense, &moe, 9);
         conv.validate(&moe).unwrap();
-        assert_eq!(conv.get("layers.0.wqkv"), base.get("layers.0.wqkv"));
-        assert_eq!(conv.get("wte"), base.get("wte"));
-        assert_eq!(
-            conv.get("layers.1.ffn.w1").map(<[f32]>::len),
-            Some(4 * 32 * 32)
-        );
-        assert_ne!(conv.get("layers.1.ffn.w1"), base.get("layers.1.ffn.w1"));
+        assert_eq!(conv.blocks[0].wqkv, base.blocks[0].wqkv);
+        assert_eq!(conv.wte, base.wte);
+        assert_eq!(conv.blocks[1].ffn.w1.data.len(), 4 * 32 * 32);
+        assert_ne!(conv.blocks[1].ffn.w1, base.blocks[1].ffn.w1);
         // The dense scheme keeps its pretrained FFN.
         let same = convert(&base, &dense, &dense, 9);
         assert_eq!(same, base);

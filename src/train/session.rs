@@ -379,7 +379,7 @@ impl Session {
 
     /// What the session trains: for the browser page's header.
     pub fn describe(&self) -> serde_json::Value {
-        let params: usize = self.model.params.iter().map(|p| p.value.numel()).sum();
+        let params: usize = self.model.params.values().map(|p| p.numel()).sum();
         serde_json::json!({
             "model": self.cfg.model,
             "params": params,

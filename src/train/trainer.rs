@@ -173,25 +173,11 @@ impl Run {
             ));
         }
         cfg.model = ck.config.clone();
-        let expected: Vec<(String, Vec<usize>)> = cfg
-            .model
-            .param_shapes()
-            .into_iter()
-            .map(|(n, s, _)| (n, s))
-            .collect();
-        let exp: Vec<(&str, &[usize])> = expected
-            .iter()
-            .map(|(n, s)| (n.as_str(), s.as_slice()))
-            .collect();
-        ck.check_model(&exp)?;
-        let host = HostParams {
-            tensors: ck
-                .model
-                .iter()
-                .map(|t| (t.name.clone(), t.shape.clone(), t.data.clone()))
-                .collect(),
-        };
-        let host = reorder(&cfg.model, host)?;
+        let host = HostParams::from_named(
+            &cfg.model,
+            &ck.dir.join(checkpoint::MODEL_FILE).display().to_string(),
+            ck.model.clone(),
+        )?;
         let data = prepare(&cfg, Some(tokenizer))?;
         let mut run = Self::assemble(ctx, cfg, data, host, Some(&ck.optimizer), &out)?;
         run.batcher = Batcher::from_state(state.batcher, run.data.dataset.train.len())?;
@@ -212,16 +198,22 @@ impl Run {
     ) -> Result<Run> {
         let session = Session::new(ctx, cfg, data, host)?;
         if let Some(opt) = optimizer {
-            for (i, p) in session.model.params.iter().enumerate() {
-                for (prefix, t) in [("m.", &session.step.m[i]), ("v.", &session.step.v[i])] {
-                    let name = format!("{prefix}{}", p.name);
+            let step = &session.step;
+            for ((id, p), (m, v)) in session
+                .model
+                .params
+                .iter()
+                .zip(step.m.values().zip(step.v.values()))
+            {
+                for (prefix, t) in [("m.", m), ("v.", v)] {
+                    let name = format!("{prefix}{id}");
                     let nt = checkpoint::find(opt, &name).ok_or_else(|| {
                         Error::checkpoint("optimizer.safetensors", format!("missing {name}"))
                     })?;
-                    if nt.shape != p.value.shape {
+                    if nt.shape != p.shape {
                         return Err(Error::checkpoint(
                             "optimizer.safetensors",
-                            format!("{name}: shape {:?}, expected {:?}", nt.shape, p.value.shape),
+                            format!("{name}: shape {:?}, expected {:?}", nt.shape, p.shape),
                         ));
                     }
                     t.write(ctx, &nt.data)?;
@@ -249,21 +241,25 @@ impl Run {
     pub async fn save(&self, ctx: &GpuContext) -> Result<PathBuf> {
         let host = self.model.download(ctx).await?;
         let model: Vec<NamedTensor> = host
-            .tensors
-            .into_iter()
-            .map(|(n, s, d)| NamedTensor::new(n, s, d))
+            .iter()
+            .map(|(id, t)| NamedTensor::new(id.name(), t.shape.clone(), t.data.clone()))
             .collect::<Result<_>>()?;
         let mut optimizer = Vec::with_capacity(2 * self.model.params.len());
-        for (i, p) in self.model.params.iter().enumerate() {
+        for ((id, p), (m, v)) in self
+            .model
+            .params
+            .iter()
+            .zip(self.step.m.values().zip(self.step.v.values()))
+        {
             optimizer.push(NamedTensor::new(
-                format!("m.{}", p.name),
-                p.value.shape.clone(),
-                self.step.m[i].read(ctx).await?,
+                format!("m.{id}"),
+                p.shape.clone(),
+                m.read(ctx).await?,
             )?);
             optimizer.push(NamedTensor::new(
-                format!("v.{}", p.name),
-                p.value.shape.clone(),
-                self.step.v[i].read(ctx).await?,
+                format!("v.{id}"),
+                p.shape.clone(),
+                v.read(ctx).await?,
             )?);
         }
         let state = RunState {
@@ -410,20 +406,6 @@ impl Run {
             ],
         )
     }
-}
-
-/// Put checkpoint tensors in the config's parameter order.
-fn reorder(cfg: &ModelConfig, host: HostParams) -> Result<HostParams> {
-    let mut out = Vec::new();
-    for (name, _, _) in cfg.param_shapes() {
-        let t = host
-            .tensors
-            .iter()
-            .find(|(n, _, _)| *n == name)
-            .ok_or_else(|| Error::checkpoint("model.safetensors", format!("missing {name}")))?;
-        out.push(t.clone());
-    }
-    Ok(HostParams { tensors: out })
 }
 
 /// A flag set by Ctrl-C (the run saves and exits at the next step boundary).

@@ -1,115 +1,16 @@
-//! Training checkpoints: a directory of five files, written atomically.
-//!
-//! ```text
-//! <dir>/model.safetensors      named f32 tensors (the model's parameters)
-//! <dir>/optimizer.safetensors  named f32 tensors (AdamW state, e.g. m.<name>, v.<name>)
-//! <dir>/config.json            the caller's model/training config (any Serialize)
-//! <dir>/tokenizer.json         the tokenizer (train::Tokenizer::to_json)
-//! <dir>/state.json             the caller's run state: step, data position, RNG, ...
-//! ```
-//!
-//! Atomic save: everything is written into the sibling `.<name>.tmp`, each file and the
-//! folder fsynced, then the old checkpoint is renamed to `.<name>.old`, the new one renamed
-//! into place, and the old one deleted. An interrupted save therefore leaves either the
-//! previous checkpoint or the new one, complete; in the one window where `<dir>` is absent
-//! (between the two renames), [`load`] reads `.<name>.old` and the next [`save`] puts it back
-//! first. Two processes saving to one path at once are not supported.
-//!
-//! safetensors is the Hugging Face format (little-endian, header with name/dtype/shape), so
-//! other tools can read the weights. Load errors name the file: missing, truncated or
-//! corrupt safetensors, a non-f32 tensor, bad JSON; [`check_tensors`] compares tensors with
-//! the names and shapes a model expects. Native only (the browser loads weights from bytes).
+//! The checkpoint directory (native only): the five files written
+//! atomically and read back, with recovery of a save interrupted between
+//! its renames (see the module docs of `checkpoint` for the format).
 
+use super::{
+    check_tensors, parse_safetensors, safetensors_bytes, NamedTensor, CONFIG_FILE, MODEL_FILE,
+    OPTIMIZER_FILE, STATE_FILE, TOKENIZER_FILE,
+};
 use crate::error::{Error, Result};
-use safetensors::tensor::{Dtype, TensorView};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
-use std::collections::BTreeSet;
 use std::io::Write;
 use std::path::{Path, PathBuf};
-
-pub const MODEL_FILE: &str = "model.safetensors";
-pub const OPTIMIZER_FILE: &str = "optimizer.safetensors";
-pub const CONFIG_FILE: &str = "config.json";
-pub const TOKENIZER_FILE: &str = "tokenizer.json";
-pub const STATE_FILE: &str = "state.json";
-
-/// One named f32 tensor, row-major.
-#[derive(Clone, Debug, PartialEq)]
-pub struct NamedTensor {
-    pub name: String,
-    pub shape: Vec<usize>,
-    pub data: Vec<f32>,
-}
-
-impl NamedTensor {
-    /// A tensor; `data.len()` must equal the product of `shape`.
-    pub fn new(name: impl Into<String>, shape: Vec<usize>, data: Vec<f32>) -> Result<Self> {
-        let t = NamedTensor {
-            name: name.into(),
-            shape,
-            data,
-        };
-        t.check_len()?;
-        Ok(t)
-    }
-
-    fn check_len(&self) -> Result<()> {
-        let n: usize = self.shape.iter().product();
-        if n != self.data.len() {
-            return Err(Error::shape(
-                "checkpoint tensor",
-                format!("{n} values for {} of shape {:?}", self.name, self.shape),
-                self.data.len(),
-            ));
-        }
-        Ok(())
-    }
-}
-
-/// The tensor called `name`, if any.
-pub fn find<'a>(tensors: &'a [NamedTensor], name: &str) -> Option<&'a NamedTensor> {
-    tensors.iter().find(|t| t.name == name)
-}
-
-/// Checks that `tensors` (read from `file`) are exactly the `expected` names with those
-/// shapes: reports every missing tensor, unexpected tensor and shape mismatch in one
-/// [`Error::Checkpoint`] naming `file`.
-pub fn check_tensors(
-    file: impl std::fmt::Display,
-    tensors: &[NamedTensor],
-    expected: &[(&str, &[usize])],
-) -> Result<()> {
-    let mut problems = Vec::new();
-    for (name, shape) in expected {
-        match find(tensors, name) {
-            None => problems.push(format!("missing tensor {name} {shape:?}")),
-            Some(t) if t.shape.as_slice() != *shape => problems.push(format!(
-                "tensor {name}: expected shape {shape:?}, found {:?}",
-                t.shape
-            )),
-            Some(_) => {}
-        }
-    }
-    let wanted: BTreeSet<&str> = expected.iter().map(|(n, _)| *n).collect();
-    for t in tensors {
-        if !wanted.contains(t.name.as_str()) {
-            problems.push(format!("unexpected tensor {} {:?}", t.name, t.shape));
-        }
-    }
-    if problems.is_empty() {
-        Ok(())
-    } else {
-        Err(Error::checkpoint(
-            file,
-            format!(
-                "does not match the model ({} problem(s)): {}",
-                problems.len(),
-                problems.join("; ")
-            ),
-        ))
-    }
-}
 
 /// What [`save`] writes; borrows everything.
 pub struct CheckpointData<'a, C: Serialize, S: Serialize> {
@@ -197,40 +98,6 @@ fn remove_dir_if_present(path: &Path) -> Result<()> {
     }
 }
 
-fn safetensors_bytes(tensors: &[NamedTensor]) -> Result<Vec<u8>> {
-    let mut names = BTreeSet::new();
-    for t in tensors {
-        t.check_len()?;
-        if !names.insert(t.name.as_str()) {
-            return Err(Error::invalid(
-                "checkpoint save",
-                format!("two tensors named {:?}", t.name),
-            ));
-        }
-    }
-    let bytes: Vec<std::borrow::Cow<[u8]>> = tensors
-        .iter()
-        .map(|t| {
-            if cfg!(target_endian = "little") {
-                std::borrow::Cow::Borrowed(bytemuck::cast_slice(&t.data))
-            } else {
-                std::borrow::Cow::Owned(t.data.iter().flat_map(|v| v.to_le_bytes()).collect())
-            }
-        })
-        .collect();
-    let views = tensors
-        .iter()
-        .zip(&bytes)
-        .map(|(t, b)| {
-            TensorView::new(Dtype::F32, t.shape.clone(), b)
-                .map(|v| (t.name.as_str(), v))
-                .map_err(|e| Error::invalid("checkpoint save", format!("{}: {e}", t.name)))
-        })
-        .collect::<Result<Vec<_>>>()?;
-    safetensors::serialize(views, None)
-        .map_err(|e| Error::invalid("checkpoint save", format!("safetensors: {e}")))
-}
-
 /// Where a save is, for the fault-injection hook of the tests.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Step {
@@ -315,12 +182,7 @@ fn read_file(path: &Path) -> Result<Vec<u8>> {
 pub fn read_tensors(path: impl AsRef<Path>) -> Result<Vec<NamedTensor>> {
     let path = path.as_ref();
     let bytes = read_file(path)?;
-    Ok(
-        crate::infer::checkpoint::parse_safetensors(&path.display().to_string(), &bytes)?
-            .into_iter()
-            .map(|(name, shape, data)| NamedTensor { name, shape, data })
-            .collect(),
-    )
+    parse_safetensors(&path.display().to_string(), &bytes)
 }
 
 fn read_json<T: DeserializeOwned>(path: &Path) -> Result<T> {
@@ -362,6 +224,7 @@ pub fn load<C: DeserializeOwned, S: DeserializeOwned>(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use safetensors::tensor::{Dtype, TensorView};
     use serde::Deserialize;
     use std::collections::HashMap;
 
@@ -564,27 +427,5 @@ mod tests {
         std::fs::write(dir.join(OPTIMIZER_FILE), st).unwrap();
         assert!(file_err(&dir, OPTIMIZER_FILE).contains("I32"));
         std::fs::remove_dir_all(&root).unwrap();
-    }
-
-    #[test]
-    fn shape_check_reports_all_problems() {
-        let (model, _) = tensors(0);
-        let err = check_tensors(
-            "model.safetensors",
-            &model,
-            &[("layer0.w", &[3, 2]), ("layer1.w", &[4])],
-        )
-        .unwrap_err();
-        let msg = err.to_string();
-        assert!(msg.contains("model.safetensors"), "{msg}");
-        assert!(
-            msg.contains("layer0.w: expected shape [3, 2], found [2, 3]"),
-            "{msg}"
-        );
-        assert!(msg.contains("missing tensor layer1.w [4]"), "{msg}");
-        assert!(msg.contains("unexpected tensor layer0.b [3]"), "{msg}");
-        assert!(NamedTensor::new("x", vec![2], vec![1.0]).is_err());
-        let dup = vec![model[0].clone(), model[0].clone()];
-        assert!(safetensors_bytes(&dup).is_err());
     }
 }

@@ -1,0 +1,212 @@
+//! Checkpoints: a directory of five files, written atomically.
+//!
+//! ```text
+//! <dir>/model.safetensors      named f32 tensors (the model's parameters)
+//! <dir>/optimizer.safetensors  named f32 tensors (AdamW state, e.g. m.<name>, v.<name>)
+//! <dir>/config.json            the caller's model/training config (any Serialize)
+//! <dir>/tokenizer.json         the tokenizer (train::Tokenizer::to_json)
+//! <dir>/state.json             the caller's run state: step, data position, RNG, ...
+//! ```
+//!
+//! Atomic save: everything is written into the sibling `.<name>.tmp`, each file and the
+//! folder fsynced, then the old checkpoint is renamed to `.<name>.old`, the new one renamed
+//! into place, and the old one deleted. An interrupted save therefore leaves either the
+//! previous checkpoint or the new one, complete; in the one window where `<dir>` is absent
+//! (between the two renames), [`load`] reads `.<name>.old` and the next [`save`] puts it back
+//! first. Two processes saving to one path at once are not supported.
+//!
+//! safetensors is the Hugging Face format (little-endian, header with name/dtype/shape), so
+//! other tools can read the weights. Load errors name the file: missing, truncated or
+//! corrupt safetensors, a non-f32 tensor, bad JSON; [`check_tensors`] compares tensors with
+//! the names and shapes a model expects. This module is the bytes-level part (wasm-safe: the browser loads weights
+//! from bytes); `dir` (native only) reads and writes the directory.
+
+use crate::error::{Error, Result};
+use safetensors::tensor::{Dtype, TensorView};
+use std::collections::BTreeSet;
+
+pub const MODEL_FILE: &str = "model.safetensors";
+pub const OPTIMIZER_FILE: &str = "optimizer.safetensors";
+pub const CONFIG_FILE: &str = "config.json";
+pub const TOKENIZER_FILE: &str = "tokenizer.json";
+pub const STATE_FILE: &str = "state.json";
+
+/// One named f32 tensor, row-major.
+#[derive(Clone, Debug, PartialEq)]
+pub struct NamedTensor {
+    pub name: String,
+    pub shape: Vec<usize>,
+    pub data: Vec<f32>,
+}
+
+impl NamedTensor {
+    /// A tensor; `data.len()` must equal the product of `shape`.
+    pub fn new(name: impl Into<String>, shape: Vec<usize>, data: Vec<f32>) -> Result<Self> {
+        let t = NamedTensor {
+            name: name.into(),
+            shape,
+            data,
+        };
+        t.check_len()?;
+        Ok(t)
+    }
+
+    fn check_len(&self) -> Result<()> {
+        let n: usize = self.shape.iter().product();
+        if n != self.data.len() {
+            return Err(Error::shape(
+                "checkpoint tensor",
+                format!("{n} values for {} of shape {:?}", self.name, self.shape),
+                self.data.len(),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// The tensor called `name`, if any.
+pub fn find<'a>(tensors: &'a [NamedTensor], name: &str) -> Option<&'a NamedTensor> {
+    tensors.iter().find(|t| t.name == name)
+}
+
+/// Checks that `tensors` (read from `file`) are exactly the `expected` names with those
+/// shapes: reports every missing tensor, unexpected tensor and shape mismatch in one
+/// [`Error::Checkpoint`] naming `file`.
+pub fn check_tensors(
+    file: impl std::fmt::Display,
+    tensors: &[NamedTensor],
+    expected: &[(&str, &[usize])],
+) -> Result<()> {
+    let mut problems = Vec::new();
+    for (name, shape) in expected {
+        match find(tensors, name) {
+            None => problems.push(format!("missing tensor {name} {shape:?}")),
+            Some(t) if t.shape.as_slice() != *shape => problems.push(format!(
+                "tensor {name}: expected shape {shape:?}, found {:?}",
+                t.shape
+            )),
+            Some(_) => {}
+        }
+    }
+    let wanted: BTreeSet<&str> = expected.iter().map(|(n, _)| *n).collect();
+    for t in tensors {
+        if !wanted.contains(t.name.as_str()) {
+            problems.push(format!("unexpected tensor {} {:?}", t.name, t.shape));
+        }
+    }
+    if problems.is_empty() {
+        Ok(())
+    } else {
+        Err(Error::checkpoint(
+            file,
+            format!(
+                "does not match the model ({} problem(s)): {}",
+                problems.len(),
+                problems.join("; ")
+            ),
+        ))
+    }
+}
+
+pub fn safetensors_bytes(tensors: &[NamedTensor]) -> Result<Vec<u8>> {
+    let mut names = BTreeSet::new();
+    for t in tensors {
+        t.check_len()?;
+        if !names.insert(t.name.as_str()) {
+            return Err(Error::invalid(
+                "checkpoint save",
+                format!("two tensors named {:?}", t.name),
+            ));
+        }
+    }
+    let bytes: Vec<std::borrow::Cow<[u8]>> = tensors
+        .iter()
+        .map(|t| {
+            if cfg!(target_endian = "little") {
+                std::borrow::Cow::Borrowed(bytemuck::cast_slice(&t.data))
+            } else {
+                std::borrow::Cow::Owned(t.data.iter().flat_map(|v| v.to_le_bytes()).collect())
+            }
+        })
+        .collect();
+    let views = tensors
+        .iter()
+        .zip(&bytes)
+        .map(|(t, b)| {
+            TensorView::new(Dtype::F32, t.shape.clone(), b)
+                .map(|v| (t.name.as_str(), v))
+                .map_err(|e| Error::invalid("checkpoint save", format!("{}: {e}", t.name)))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    safetensors::serialize(views, None)
+        .map_err(|e| Error::invalid("checkpoint save", format!("safetensors: {e}")))
+}
+
+/// The f32 tensors of a safetensors file's bytes, sorted by name. `source`
+/// names the file in errors.
+pub fn parse_safetensors(source: &str, bytes: &[u8]) -> Result<Vec<NamedTensor>> {
+    use safetensors::tensor::SafeTensors;
+    let st = SafeTensors::deserialize(bytes).map_err(|e| {
+        Error::checkpoint(
+            source,
+            format!("not a valid safetensors file (truncated or corrupt?): {e}"),
+        )
+    })?;
+    let mut tensors = st.tensors();
+    tensors.sort_by(|a, b| a.0.cmp(&b.0));
+    let mut out = Vec::with_capacity(tensors.len());
+    for (name, view) in tensors {
+        if view.dtype() != Dtype::F32 {
+            return Err(Error::checkpoint(
+                source,
+                format!("tensor {name} is {:?}, expected F32", view.dtype()),
+            ));
+        }
+        let data = view
+            .data()
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect();
+        out.push(NamedTensor {
+            name,
+            shape: view.shape().to_vec(),
+            data,
+        });
+    }
+    Ok(out)
+}
+
+#[cfg(not(target_arch = "wasm32"))]
+mod dir;
+#[cfg(not(target_arch = "wasm32"))]
+pub use dir::*;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shape_check_reports_all_problems() {
+        let model = vec![
+            NamedTensor::new("layer0.w", vec![2, 3], vec![0.5; 6]).unwrap(),
+            NamedTensor::new("layer0.b", vec![3], vec![1.0; 3]).unwrap(),
+        ];
+        let err = check_tensors(
+            "model.safetensors",
+            &model,
+            &[("layer0.w", &[3, 2]), ("layer1.w", &[4])],
+        )
+        .unwrap_err();
+        let msg = err.to_string();
+        assert!(msg.contains("model.safetensors"), "{msg}");
+        assert!(
+            msg.contains("layer0.w: expected shape [3, 2], found [2, 3]"),
+            "{msg}"
+        );
+        assert!(msg.contains("missing tensor layer1.w [4]"), "{msg}");
+        assert!(msg.contains("unexpected tensor layer0.b [3]"), "{msg}");
+        assert!(NamedTensor::new("x", vec![2], vec![1.0]).is_err());
+        let dup = vec![model[0].clone(), model[0].clone()];
+        assert!(safetensors_bytes(&dup).is_err());
+    }
+}

@@ -1,0 +1,463 @@
+//! One model graph for every path: the embedding, the blocks and the head
+//! of the transformer, built once per token count and recorded into a
+//! compute pass. Training, evaluation, prefill and decode differ only in
+//! their [`Mode`]: how tokens are embedded (positions from 0 for a batch of
+//! sequences, or from the KV cache's step) and how a block attends (flash
+//! attention over its own rows, saving statistics for the backward when it
+//! trains; or the same into the KV cache at prefill; or over the cache at
+//! decode), and which FFN plan it runs (training, grouped, decode).
+//!
+//! Per block (pre-norm, T rows):
+//! ```text
+//! a  = rmsnorm(x, g1)        qkv = a Wqkv        o = attention(qkv)
+//! xm = x + o Wo              m = rmsnorm(xm, g2)  y = ffn(m)   x' = xm + y
+//! ```
+//! then the head: `logits = rmsnorm(x_L, g_f) W_out`. Twin:
+//! `model::reference::forward` (batch) and `infer::reference` (generation).
+
+use crate::error::{Error, Result};
+use crate::gpu::{GpuContext, Tensor};
+use crate::kernels::add::Add;
+use crate::kernels::attention::{AttentionConfig, AttentionForward, AttentionForwardBuffers};
+use crate::kernels::embedding::{EmbeddingForward, EmbeddingForwardBuffers};
+use crate::kernels::kv_cache::{
+    KvAppend, KvAttention, KvCache, KvEmbed, KvEmbedBuffers, KvShape, KvStep,
+};
+use crate::kernels::matmul::{Matmul, MatmulShape, MatmulSpec, Trans};
+use crate::kernels::rmsnorm::{RmsNormForward, RmsNormForwardBuffers};
+use crate::model::config::ModelConfig;
+use crate::model::params::BlockParams;
+use crate::model::transformer::Model;
+use crate::moe::{MoeLayer, MoePlan, MoeTrainPlan, Path};
+
+/// The KV cache a generation pass reads and writes.
+#[derive(Clone, Copy)]
+pub struct KvRefs<'a> {
+    /// One cache per layer.
+    pub caches: &'a [KvCache],
+    /// The call's start position (`step[0]`) on the GPU.
+    pub step: &'a KvStep,
+}
+
+/// What a graph is built for.
+#[derive(Clone, Copy)]
+pub enum Mode<'a> {
+    /// B sequences of N tokens, positions from 0, flash attention; with
+    /// `train`, every FFN keeps what the backward needs (its training plan).
+    Batch { b: usize, train: bool },
+    /// A prompt from position 0: flash attention over the call's own rows,
+    /// keys and values appended to the caches; grouped expert path.
+    Prefill(KvRefs<'a>),
+    /// Tokens at `step[0]..`: attention over the caches; a mat-vec per
+    /// selected expert.
+    Decode(KvRefs<'a>),
+}
+
+impl Mode<'_> {
+    fn kv(&self) -> Option<KvRefs<'_>> {
+        match *self {
+            Mode::Batch { .. } => None,
+            Mode::Prefill(kv) | Mode::Decode(kv) => Some(kv),
+        }
+    }
+}
+
+/// A GEMM `c = a b (+ beta c)` of shape (m, n, k) with the adapter's
+/// choice of kernel.
+pub(crate) fn mm(
+    ctx: &GpuContext,
+    (m, n, k): (usize, usize, usize),
+    trans: Trans,
+    beta: f32,
+    a: &Tensor<f32>,
+    b: &Tensor<f32>,
+    c: &Tensor<f32>,
+) -> Result<Matmul> {
+    let shape = MatmulShape {
+        m,
+        n,
+        k,
+        trans,
+        alpha: 1.0,
+        beta,
+    };
+    let spec = MatmulSpec::choose(ctx, m, n, k, trans).with_beta(beta != 0.0);
+    Matmul::new(ctx, &shape, spec, a, b, c)
+}
+
+/// How tokens become the first residual stream.
+enum Embed {
+    /// Positions 0..N of each sequence.
+    Batch(EmbeddingForward),
+    /// Positions from the cache's step.
+    Cached(KvEmbed),
+}
+
+impl Embed {
+    fn new(
+        ctx: &GpuContext,
+        model: &Model,
+        mode: &Mode,
+        ids: &Tensor<u32>,
+        x: &Tensor<f32>,
+    ) -> Result<Embed> {
+        let (wte, wpe) = (&model.params.wte, &model.params.wpe);
+        Ok(match mode.kv() {
+            None => Embed::Batch(EmbeddingForward::new(
+                ctx,
+                &EmbeddingForwardBuffers { ids, wte, wpe, x },
+            )?),
+            Some(kv) => Embed::Cached(KvEmbed::new(
+                ctx,
+                &KvEmbedBuffers {
+                    step: kv.step,
+                    ids,
+                    wte,
+                    wpe,
+                    x,
+                },
+            )?),
+        })
+    }
+
+    fn record(&self, pass: &mut wgpu::ComputePass<'_>) {
+        match self {
+            Embed::Batch(e) => e.record(pass),
+            Embed::Cached(e) => e.record(pass),
+        }
+    }
+}
+
+/// A block's FFN plan.
+pub enum FfnPlan {
+    Train(Box<MoeTrainPlan>),
+    Infer(Box<MoePlan>),
+}
+
+impl FfnPlan {
+    /// The forward (input `x`, output `y`, routing).
+    pub fn fwd(&self) -> &MoePlan {
+        match self {
+            FfnPlan::Train(p) => &p.fwd,
+            FfnPlan::Infer(p) => p,
+        }
+    }
+
+    /// The training plan (gradients), if the graph trains.
+    pub fn train(&self) -> Result<&MoeTrainPlan> {
+        match self {
+            FfnPlan::Train(p) => Ok(p),
+            FfnPlan::Infer(_) => Err(Error::invalid(
+                "model",
+                "training step without a training plan",
+            )),
+        }
+    }
+}
+
+/// How a block attends.
+enum Attention {
+    /// Over the call's own rows (training, evaluation, prefill).
+    Flash(AttentionForward),
+    /// Over the KV cache (decode).
+    Cached(KvAttention),
+}
+
+/// One transformer block of one graph: its buffers and launchers.
+// Some tensors are held only so that they live as long as the launchers
+// that bind them (and for inspection in tests).
+#[allow(dead_code)]
+pub struct Block {
+    /// x [T, D]: the block's input (the residual stream).
+    pub x: Tensor<f32>,
+    /// a [T, D] = rmsnorm(x), rstd1 [T]
+    pub a: Tensor<f32>,
+    pub rstd1: Tensor<f32>,
+    /// qkv [T, 3D]
+    pub qkv: Tensor<f32>,
+    /// o [T, D]: the attention's output.
+    pub o: Tensor<f32>,
+    /// lse [B, H, N]: the attention's log-sum-exp per row (flash only).
+    pub lse: Option<Tensor<f32>>,
+    pub proj: Tensor<f32>,
+    /// xm [T, D] = x + o Wo
+    pub xm: Tensor<f32>,
+    pub rstd2: Tensor<f32>,
+    /// out [T, D] = xm + ffn(rmsnorm(xm)): the next block's input.
+    pub out: Tensor<f32>,
+    pub ffn: FfnPlan,
+    norm1: RmsNormForward,
+    qkv_mm: Matmul,
+    append: Option<KvAppend>,
+    attn: Attention,
+    proj_mm: Matmul,
+    add1: Add,
+    norm2: RmsNormForward,
+    add2: Add,
+}
+
+impl Block {
+    /// Block `l` on input `x` of `t` tokens.
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        ctx: &GpuContext,
+        cfg: &ModelConfig,
+        l: usize,
+        p: &BlockParams<Tensor<f32>>,
+        layer: &MoeLayer,
+        mode: &Mode,
+        t: usize,
+        x: &Tensor<f32>,
+    ) -> Result<Block> {
+        let (d, h) = (cfg.d, cfg.heads);
+        let z = |name: &str, shape: &[usize]| Tensor::<f32>::zeros(ctx, name, shape);
+        let a = z("a", &[t, d])?;
+        let rstd1 = z("rstd1", &[t])?;
+        let qkv = z("qkv", &[t, 3 * d])?;
+        let o = z("o", &[t, d])?;
+        let proj = z("proj", &[t, d])?;
+        let xm = z("xm", &[t, d])?;
+        let rstd2 = z("rstd2", &[t])?;
+        let out = z("x", &[t, d])?;
+        let ffn = match *mode {
+            Mode::Batch { train: true, .. } => {
+                FfnPlan::Train(Box::new(layer.plan_train(ctx, t, &cfg.aux_config(l), 1)?))
+            }
+            Mode::Batch { train: false, .. } | Mode::Prefill(_) => {
+                FfnPlan::Infer(Box::new(layer.plan(ctx, t, Path::Grouped)?))
+            }
+            Mode::Decode(_) => FfnPlan::Infer(Box::new(layer.plan(ctx, t, Path::Decode)?)),
+        };
+
+        let norm1 = RmsNormForward::new(
+            ctx,
+            cfg.eps,
+            &RmsNormForwardBuffers {
+                x,
+                g: &p.norm1,
+                y: &a,
+                rstd: &rstd1,
+            },
+        )?;
+        let qkv_mm = mm(ctx, (t, 3 * d, d), Trans::NN, 0.0, &a, &p.wqkv, &qkv)?;
+        let kv_shape = KvShape {
+            t,
+            h,
+            dh: d / h,
+            n: cfg.context,
+        };
+        let append = match mode.kv() {
+            Some(kv) => Some(KvAppend::new(ctx, &kv_shape, kv.step, &qkv, &kv.caches[l])?),
+            None => None,
+        };
+        let flash = |b: usize, n: usize| -> Result<(Attention, Option<Tensor<f32>>)> {
+            let lse = z("attn_lse", &[b, h, n])?;
+            let f = AttentionForward::new(
+                ctx,
+                AttentionConfig { b, n, h },
+                &AttentionForwardBuffers {
+                    qkv: &qkv,
+                    o: &o,
+                    lse: &lse,
+                },
+            )?;
+            Ok((Attention::Flash(f), Some(lse)))
+        };
+        let (attn, lse) = match *mode {
+            Mode::Batch { b, .. } => flash(b, cfg.context)?,
+            Mode::Prefill(_) => flash(1, t)?,
+            Mode::Decode(kv) => (
+                Attention::Cached(KvAttention::new(
+                    ctx,
+                    &kv_shape,
+                    kv.step,
+                    &qkv,
+                    &kv.caches[l],
+                    &o,
+                )?),
+                None,
+            ),
+        };
+        let proj_mm = mm(ctx, (t, d, d), Trans::NN, 0.0, &o, &p.wo, &proj)?;
+        let add1 = Add::new(ctx, x, &proj, &xm)?;
+        let norm2 = RmsNormForward::new(
+            ctx,
+            cfg.eps,
+            &RmsNormForwardBuffers {
+                x: &xm,
+                g: &p.norm2,
+                y: &ffn.fwd().x,
+                rstd: &rstd2,
+            },
+        )?;
+        let add2 = Add::new(ctx, &xm, &ffn.fwd().y, &out)?;
+        Ok(Block {
+            x: x.clone(),
+            a,
+            rstd1,
+            qkv,
+            o,
+            lse,
+            proj,
+            xm,
+            rstd2,
+            out,
+            ffn,
+            norm1,
+            qkv_mm,
+            append,
+            attn,
+            proj_mm,
+            add1,
+            norm2,
+            add2,
+        })
+    }
+
+    fn record(&self, pass: &mut wgpu::ComputePass<'_>) {
+        self.norm1.record(pass);
+        self.qkv_mm.record(pass);
+        if let Some(a) = &self.append {
+            a.record(pass);
+        }
+        match &self.attn {
+            Attention::Flash(f) => f.record(pass),
+            Attention::Cached(c) => c.record(pass),
+        }
+        self.proj_mm.record(pass);
+        self.add1.record(pass);
+        self.norm2.record(pass);
+        self.ffn.fwd().record_pass(pass);
+        self.add2.record(pass);
+    }
+}
+
+/// The final norm and the unembedding.
+// Tensors are held so that they live as long as the launchers binding them.
+#[allow(dead_code)]
+pub struct Head {
+    /// x_L [T, D]: the last block's output.
+    pub x: Tensor<f32>,
+    /// xf [T, D] = rmsnorm(x_L), rstdf [T]
+    pub xf: Tensor<f32>,
+    pub rstdf: Tensor<f32>,
+    /// logits [T, V]
+    pub logits: Tensor<f32>,
+    norm_f: RmsNormForward,
+    out_mm: Matmul,
+}
+
+impl Head {
+    fn new(ctx: &GpuContext, model: &Model, t: usize, x: &Tensor<f32>) -> Result<Head> {
+        let cfg = &model.cfg;
+        let (d, v) = (cfg.d, cfg.vocab);
+        let xf = Tensor::zeros(ctx, "xf", &[t, d])?;
+        let rstdf = Tensor::zeros(ctx, "rstdf", &[t])?;
+        let norm_f = RmsNormForward::new(
+            ctx,
+            cfg.eps,
+            &RmsNormForwardBuffers {
+                x,
+                g: &model.params.norm_f,
+                y: &xf,
+                rstd: &rstdf,
+            },
+        )?;
+        let logits = Tensor::zeros(ctx, "logits", &[t, v])?;
+        let out_mm = mm(
+            ctx,
+            (t, v, d),
+            Trans::NN,
+            0.0,
+            &xf,
+            &model.params.w_out,
+            &logits,
+        )?;
+        Ok(Head {
+            x: x.clone(),
+            xf,
+            rstdf,
+            logits,
+            norm_f,
+            out_mm,
+        })
+    }
+
+    fn record(&self, pass: &mut wgpu::ComputePass<'_>) {
+        self.norm_f.record(pass);
+        self.out_mm.record(pass);
+    }
+}
+
+/// The whole forward of one token count: ids in, logits out.
+pub struct Graph {
+    /// Tokens per call T (B N for a batch).
+    pub t: usize,
+    /// ids [T]: write the tokens here.
+    pub ids: Tensor<u32>,
+    embed: Embed,
+    pub blocks: Vec<Block>,
+    pub head: Head,
+}
+
+impl Graph {
+    /// Every buffer and launcher of `t` tokens in `mode`, the FFNs run by
+    /// `layers` (the model's MoE layers under the chosen gate).
+    pub fn new(
+        ctx: &GpuContext,
+        model: &Model,
+        layers: &[MoeLayer],
+        t: usize,
+        mode: Mode,
+    ) -> Result<Graph> {
+        let cfg = &model.cfg;
+        if t == 0 {
+            return Err(Error::invalid("model", "a call of 0 tokens"));
+        }
+        if layers.len() != cfg.layers || model.params.blocks.len() != cfg.layers {
+            return Err(Error::shape(
+                "model graph",
+                format!("{} layers", cfg.layers),
+                format!(
+                    "{} FFN layers, {} blocks",
+                    layers.len(),
+                    model.params.blocks.len()
+                ),
+            ));
+        }
+        let ids = Tensor::<u32>::zeros(ctx, "ids", &[t])?;
+        let x0 = Tensor::<f32>::zeros(ctx, "x0", &[t, cfg.d])?;
+        let embed = Embed::new(ctx, model, &mode, &ids, &x0)?;
+        let mut blocks: Vec<Block> = Vec::with_capacity(cfg.layers);
+        for (l, (p, layer)) in model.params.blocks.iter().zip(layers).enumerate() {
+            let x = blocks.last().map_or(&x0, |b| &b.out);
+            let blk = Block::new(ctx, cfg, l, p, layer, &mode, t, x)?;
+            blocks.push(blk);
+        }
+        let x_last = blocks.last().map_or(&x0, |b| &b.out).clone();
+        let head = Head::new(ctx, model, t, &x_last)?;
+        Ok(Graph {
+            t,
+            ids,
+            embed,
+            blocks,
+            head,
+        })
+    }
+
+    /// Zero what the FFNs accumulate into (outside any pass).
+    pub fn clear(&self, encoder: &mut wgpu::CommandEncoder) {
+        for blk in &self.blocks {
+            blk.ffn.fwd().clear(encoder);
+        }
+    }
+
+    /// Embedding, blocks, head.
+    pub fn record(&self, pass: &mut wgpu::ComputePass<'_>) {
+        self.embed.record(pass);
+        for blk in &self.blocks {
+            blk.record(pass);
+        }
+        self.head.record(pass);
+    }
+}

@@ -1,0 +1,439 @@
+//! The model's parameters as a typed tree: `Params<T>` holds one `T` per
+//! parameter (host values, GPU tensors, gradients, AdamW moments, shapes),
+//! in fields named for what they are, so that code reaches a parameter by a
+//! field (`params.blocks[l].wqkv`), never by a formatted string.
+//!
+//! One order, the canonical one, is used wherever parameters are visited in
+//! sequence (initialization draws, the gradient norm's partial sums, AdamW,
+//! checkpoint files): [`Params::iter`]. Names appear only at the file edge:
+//! [`ParamId::name`] and [`ParamId::parse`] are amoe's own safetensors names
+//! (`wte`, `layers.3.ffn.w1`, ...); other formats map their names onto the
+//! same [`ParamId`]s.
+
+use crate::error::{Error, Result};
+use std::fmt;
+
+/// A parameter of one transformer block.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum BlockParam {
+    /// norm1 [D]: the attention's RMSNorm gain.
+    Norm1,
+    /// wqkv [D, 3D]
+    Wqkv,
+    /// wo [D, D]
+    Wo,
+    /// norm2 [D]: the FFN's RMSNorm gain.
+    Norm2,
+    /// w_router [D, E] (E = 1 for a dense FFN).
+    Router,
+    /// w1 [E, D, F]
+    W1,
+    /// w3 [E, D, F]: SwiGLU's second input projection.
+    W3,
+    /// w2 [E, F, D]
+    W2,
+}
+
+impl BlockParam {
+    fn suffix(self) -> &'static str {
+        match self {
+            BlockParam::Norm1 => "norm1",
+            BlockParam::Wqkv => "wqkv",
+            BlockParam::Wo => "wo",
+            BlockParam::Norm2 => "norm2",
+            BlockParam::Router => "ffn.w_router",
+            BlockParam::W1 => "ffn.w1",
+            BlockParam::W3 => "ffn.w3",
+            BlockParam::W2 => "ffn.w2",
+        }
+    }
+
+    const ALL: [BlockParam; 8] = [
+        BlockParam::Norm1,
+        BlockParam::Wqkv,
+        BlockParam::Wo,
+        BlockParam::Norm2,
+        BlockParam::Router,
+        BlockParam::W1,
+        BlockParam::W3,
+        BlockParam::W2,
+    ];
+
+    /// An expert weight of the FFN (w1, w3, w2).
+    pub fn is_expert(self) -> bool {
+        matches!(self, BlockParam::W1 | BlockParam::W3 | BlockParam::W2)
+    }
+}
+
+/// Which parameter: the typed identity behind every name.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum ParamId {
+    /// wte [V, D]: token embeddings.
+    Wte,
+    /// wpe [N, D]: learned position embeddings.
+    Wpe,
+    /// A parameter of block `l`.
+    Block(usize, BlockParam),
+    /// norm_f [D]: the final RMSNorm gain.
+    NormF,
+    /// w_out [D, V]: the unembedding.
+    WOut,
+}
+
+impl ParamId {
+    /// amoe's own name of the parameter (the key in `model.safetensors`).
+    pub fn name(self) -> String {
+        self.to_string()
+    }
+
+    /// The parameter called `name` in amoe's own files; `None` for any
+    /// other name (never a guess).
+    pub fn parse(name: &str) -> Option<ParamId> {
+        match name {
+            "wte" => return Some(ParamId::Wte),
+            "wpe" => return Some(ParamId::Wpe),
+            "norm_f" => return Some(ParamId::NormF),
+            "w_out" => return Some(ParamId::WOut),
+            _ => {}
+        }
+        let rest = name.strip_prefix("layers.")?;
+        let (l, suffix) = rest.split_once('.')?;
+        // "01" or "+1" would not round-trip: only the canonical spelling.
+        if l.is_empty()
+            || !l.bytes().all(|b| b.is_ascii_digit())
+            || (l.len() > 1 && l.starts_with('0'))
+        {
+            return None;
+        }
+        let l: usize = l.parse().ok()?;
+        let p = BlockParam::ALL.into_iter().find(|p| p.suffix() == suffix)?;
+        Some(ParamId::Block(l, p))
+    }
+
+    /// Whether AdamW's decoupled weight decay applies (matrices; not gains,
+    /// embeddings or the router).
+    pub fn decay(self) -> bool {
+        match self {
+            ParamId::Wte | ParamId::Wpe | ParamId::NormF => false,
+            ParamId::WOut => true,
+            ParamId::Block(_, p) => !matches!(
+                p,
+                BlockParam::Norm1 | BlockParam::Norm2 | BlockParam::Router
+            ),
+        }
+    }
+}
+
+impl fmt::Display for ParamId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ParamId::Wte => f.write_str("wte"),
+            ParamId::Wpe => f.write_str("wpe"),
+            ParamId::NormF => f.write_str("norm_f"),
+            ParamId::WOut => f.write_str("w_out"),
+            ParamId::Block(l, p) => write!(f, "layers.{l}.{}", p.suffix()),
+        }
+    }
+}
+
+/// The parameters of `$p` in canonical order, as `(ParamId, &T)`,
+/// `(ParamId, &mut T)` or `(ParamId, T)` (`canonical!(self, &)`,
+/// `canonical!(self, &mut)`, `canonical!(self,)`): the one place that
+/// spells the order out.
+macro_rules! canonical {
+    ($p:ident, $($m:tt)*) => {{
+        let mut out = Vec::with_capacity(4 + 8 * $p.blocks.len());
+        out.push((ParamId::Wte, $($m)* $p.wte));
+        out.push((ParamId::Wpe, $($m)* $p.wpe));
+        for (l, b) in ($($m)* $p.blocks).into_iter().enumerate() {
+            let id = |p| ParamId::Block(l, p);
+            out.push((id(BlockParam::Norm1), $($m)* b.norm1));
+            out.push((id(BlockParam::Wqkv), $($m)* b.wqkv));
+            out.push((id(BlockParam::Wo), $($m)* b.wo));
+            out.push((id(BlockParam::Norm2), $($m)* b.norm2));
+            out.push((id(BlockParam::Router), $($m)* b.ffn.w_router));
+            out.push((id(BlockParam::W1), $($m)* b.ffn.w1));
+            if let Some(w3) = $($m)* b.ffn.w3 {
+                out.push((id(BlockParam::W3), w3));
+            }
+            out.push((id(BlockParam::W2), $($m)* b.ffn.w2));
+        }
+        out.push((ParamId::NormF, $($m)* $p.norm_f));
+        out.push((ParamId::WOut, $($m)* $p.w_out));
+        out.into_iter()
+    }};
+}
+
+/// The FFN of one block (an MoE layer, or a dense FFN as one expert).
+#[derive(Clone, Debug, PartialEq)]
+pub struct FfnParams<T> {
+    pub w_router: T,
+    pub w1: T,
+    /// SwiGLU only.
+    pub w3: Option<T>,
+    pub w2: T,
+}
+
+/// One pre-norm transformer block.
+#[derive(Clone, Debug, PartialEq)]
+pub struct BlockParams<T> {
+    pub norm1: T,
+    pub wqkv: T,
+    pub wo: T,
+    pub norm2: T,
+    pub ffn: FfnParams<T>,
+}
+
+/// Every parameter of the model, one `T` each.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Params<T> {
+    pub wte: T,
+    pub wpe: T,
+    pub blocks: Vec<BlockParams<T>>,
+    pub norm_f: T,
+    pub w_out: T,
+}
+
+impl<T> BlockParams<T> {
+    fn try_map<U>(
+        &self,
+        l: usize,
+        f: &mut impl FnMut(ParamId, &T) -> Result<U>,
+    ) -> Result<BlockParams<U>> {
+        let id = |p| ParamId::Block(l, p);
+        // Explicit lets: the calls run in canonical order.
+        let norm1 = f(id(BlockParam::Norm1), &self.norm1)?;
+        let wqkv = f(id(BlockParam::Wqkv), &self.wqkv)?;
+        let wo = f(id(BlockParam::Wo), &self.wo)?;
+        let norm2 = f(id(BlockParam::Norm2), &self.norm2)?;
+        let w_router = f(id(BlockParam::Router), &self.ffn.w_router)?;
+        let w1 = f(id(BlockParam::W1), &self.ffn.w1)?;
+        let w3 = match &self.ffn.w3 {
+            Some(w3) => Some(f(id(BlockParam::W3), w3)?),
+            None => None,
+        };
+        let w2 = f(id(BlockParam::W2), &self.ffn.w2)?;
+        Ok(BlockParams {
+            norm1,
+            wqkv,
+            wo,
+            norm2,
+            ffn: FfnParams {
+                w_router,
+                w1,
+                w3,
+                w2,
+            },
+        })
+    }
+
+    fn get(&self, p: BlockParam) -> Option<&T> {
+        Some(match p {
+            BlockParam::Norm1 => &self.norm1,
+            BlockParam::Wqkv => &self.wqkv,
+            BlockParam::Wo => &self.wo,
+            BlockParam::Norm2 => &self.norm2,
+            BlockParam::Router => &self.ffn.w_router,
+            BlockParam::W1 => &self.ffn.w1,
+            BlockParam::W3 => return self.ffn.w3.as_ref(),
+            BlockParam::W2 => &self.ffn.w2,
+        })
+    }
+}
+
+impl<T> Params<T> {
+    /// Every parameter with its id, in canonical order: embeddings, then
+    /// per block norm1, wqkv, wo, norm2, w_router, w1, (w3), w2, then
+    /// norm_f and w_out.
+    pub fn iter(&self) -> impl ExactSizeIterator<Item = (ParamId, &T)> + '_ {
+        canonical!(self, &)
+    }
+
+    /// Every parameter with its id, mutable, in canonical order.
+    pub fn iter_mut(&mut self) -> impl ExactSizeIterator<Item = (ParamId, &mut T)> + '_ {
+        canonical!(self, &mut)
+    }
+
+    /// The values alone, mutable, in canonical order.
+    pub fn values_mut(&mut self) -> impl ExactSizeIterator<Item = &mut T> + '_ {
+        self.iter_mut().map(|(_, t)| t)
+    }
+
+    /// The values alone, in canonical order.
+    pub fn values(&self) -> impl ExactSizeIterator<Item = &T> + '_ {
+        self.iter().map(|(_, t)| t)
+    }
+
+    /// Parameters in the tree.
+    pub fn len(&self) -> usize {
+        self.iter().len()
+    }
+
+    /// Never true for a model (it has embeddings), kept for clippy's sake.
+    pub fn is_empty(&self) -> bool {
+        false
+    }
+
+    /// The parameter `id`, if this model has it.
+    pub fn get(&self, id: ParamId) -> Option<&T> {
+        match id {
+            ParamId::Wte => Some(&self.wte),
+            ParamId::Wpe => Some(&self.wpe),
+            ParamId::NormF => Some(&self.norm_f),
+            ParamId::WOut => Some(&self.w_out),
+            ParamId::Block(l, p) => self.blocks.get(l)?.get(p),
+        }
+    }
+
+    /// A tree of the same shape, `f` called in canonical order.
+    pub fn try_map<U>(&self, mut f: impl FnMut(ParamId, &T) -> Result<U>) -> Result<Params<U>> {
+        let wte = f(ParamId::Wte, &self.wte)?;
+        let wpe = f(ParamId::Wpe, &self.wpe)?;
+        let mut blocks = Vec::with_capacity(self.blocks.len());
+        for (l, b) in self.blocks.iter().enumerate() {
+            blocks.push(b.try_map(l, &mut f)?);
+        }
+        let norm_f = f(ParamId::NormF, &self.norm_f)?;
+        let w_out = f(ParamId::WOut, &self.w_out)?;
+        Ok(Params {
+            wte,
+            wpe,
+            blocks,
+            norm_f,
+            w_out,
+        })
+    }
+
+    /// The values, owned, in canonical order.
+    pub fn into_values(self) -> Vec<T> {
+        canonical!(self,).map(|(_, t)| t).collect()
+    }
+
+    /// A tree of the same shape, `f` called in canonical order on the
+    /// owned values (no copy of them).
+    pub fn into_map<U>(self, mut f: impl FnMut(ParamId, T) -> U) -> Params<U> {
+        let shape = self.map(|_, _| ());
+        let mut values = self.into_values().into_iter();
+        shape.map(|id, ()| match values.next() {
+            Some(v) => f(id, v),
+            None => unreachable!("a tree has as many values as parameters"),
+        })
+    }
+
+    /// A tree of the same shape, `f` called in canonical order.
+    pub fn map<U>(&self, mut f: impl FnMut(ParamId, &T) -> U) -> Params<U> {
+        match self.try_map(|id, t| Ok(f(id, t))) {
+            Ok(p) => p,
+            Err(_) => unreachable!("an infallible map failed"),
+        }
+    }
+}
+
+/// What a parameter is before it has values: its shape.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ParamSpec {
+    pub shape: Vec<usize>,
+}
+
+impl ParamSpec {
+    pub fn numel(&self) -> usize {
+        self.shape.iter().product()
+    }
+}
+
+/// One parameter's values on the host, row-major.
+#[derive(Clone, Debug, PartialEq)]
+pub struct HostTensor {
+    pub shape: Vec<usize>,
+    pub data: Vec<f32>,
+}
+
+impl Params<ParamSpec> {
+    /// Put named tensors (from a file, in any order) onto this tree: every
+    /// parameter must be there exactly once with its shape, and no other
+    /// name. `name_of` maps a parameter to the file's name for it, `file`
+    /// names the file in the error, which lists every problem at once.
+    pub fn assign<T>(
+        &self,
+        file: &str,
+        tensors: Vec<(String, Vec<usize>, T)>,
+        name_of: impl Fn(ParamId) -> String,
+    ) -> Result<Params<(Vec<usize>, T)>> {
+        let names: Vec<String> = self.iter().map(|(id, _)| name_of(id)).collect();
+        let mut slots: Vec<Option<(Vec<usize>, T)>> = Vec::new();
+        slots.resize_with(names.len(), || None);
+        let mut problems = Vec::new();
+        for (name, shape, value) in tensors {
+            match names.iter().position(|n| *n == name) {
+                None => problems.push(format!("unexpected tensor {name} {shape:?}")),
+                Some(i) if slots[i].is_some() => {
+                    problems.push(format!("tensor {name} appears twice"))
+                }
+                Some(i) => slots[i] = Some((shape, value)),
+            }
+        }
+        for (i, ((_, spec), name)) in self.iter().zip(&names).enumerate() {
+            match &slots[i] {
+                None => problems.push(format!("missing tensor {name} {:?}", spec.shape)),
+                Some((s, _)) if *s != spec.shape => problems.push(format!(
+                    "tensor {name}: expected shape {:?}, found {s:?}",
+                    spec.shape
+                )),
+                Some(_) => {}
+            }
+        }
+        if !problems.is_empty() {
+            return Err(Error::checkpoint(
+                file,
+                format!(
+                    "does not match the model's config ({} problem(s)): {}",
+                    problems.len(),
+                    problems.join("; ")
+                ),
+            ));
+        }
+        let mut slots = slots.into_iter();
+        self.try_map(|id, _| {
+            slots
+                .next()
+                .flatten()
+                .ok_or_else(|| Error::invalid("model parameters", format!("{id}: not assigned")))
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_round_trip_and_unknown_names_are_refused() {
+        let ids = [
+            ParamId::Wte,
+            ParamId::Wpe,
+            ParamId::NormF,
+            ParamId::WOut,
+            ParamId::Block(0, BlockParam::Norm1),
+            ParamId::Block(12, BlockParam::W3),
+            ParamId::Block(3, BlockParam::Router),
+        ];
+        for id in ids {
+            assert_eq!(ParamId::parse(&id.name()), Some(id), "{id}");
+        }
+        assert_eq!(ParamId::Block(3, BlockParam::W1).name(), "layers.3.ffn.w1");
+        for bad in [
+            "layers.0.ffn.w4",
+            "layers.0.ffn.",
+            "layers.x.norm1",
+            "layers.01.norm1",
+            "layers.+1.norm1",
+            "layers..norm1",
+            "layers.0",
+            "wte ",
+            "model.embed_tokens.weight",
+            "",
+        ] {
+            assert_eq!(ParamId::parse(bad), None, "{bad:?}");
+        }
+    }
+}
