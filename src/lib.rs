@@ -19,6 +19,7 @@ pub mod moe;
 pub mod reference;
 pub mod tol;
 pub mod train;
+pub mod util;
 #[cfg(target_arch = "wasm32")]
 pub mod web;
 

@@ -100,7 +100,7 @@ pub struct MoeWeights {
 impl MoeWeights {
     /// Seeded random init: uniform with the variance of 1/fan_in.
     pub fn random(cfg: &MoeConfig, seed: u64) -> Self {
-        let mut rng = crate::conformance::Rng::new(seed);
+        let mut rng = crate::util::Rng::new(seed);
         let (d, f, e) = (cfg.d, cfg.f, cfg.e);
         let a_in = (3.0 / d as f32).sqrt();
         let a_out = (3.0 / f as f32).sqrt();

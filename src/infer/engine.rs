@@ -15,7 +15,6 @@
 //! absolute positions, so the cache cannot just be shifted) and decoding
 //! goes on; [`Generation::slides`] counts how often.
 
-use crate::conformance::Stopwatch;
 use crate::error::{Error, Result};
 use crate::gpu::{GpuContext, Staging, Tensor};
 use crate::infer::checkpoint::InferCheckpoint;
@@ -33,6 +32,7 @@ use crate::model::transformer::mm;
 use crate::model::{Model, ModelConfig};
 use crate::moe::{MoeLayer, MoePlan, Path};
 use crate::train::tokenizer::Tokenizer;
+use crate::util::Stopwatch;
 use serde::Serialize;
 
 /// One MoE layer's choice for one token.

@@ -54,7 +54,7 @@ impl HostParams {
     /// and the unembedding `w_out` by `W_OUT_SCALE`, so that the first
     /// logits are nearly uniform (loss ln V instead of about ln V + 0.5).
     pub fn init(cfg: &ModelConfig, seed: u64) -> HostParams {
-        let mut rng = crate::conformance::Rng::new(seed);
+        let mut rng = crate::util::Rng::new(seed);
         let resid = 1.0 / (2.0 * cfg.layers as f32).sqrt();
         let mut tensors = Vec::new();
         for (name, shape, _) in cfg.param_shapes() {

@@ -516,13 +516,13 @@ pub mod compose {
 #[cfg(test)]
 mod tests {
     use super::compose;
-    use crate::conformance::Rng;
     use crate::kernels::{Activation, GateConfig, Gating};
     use crate::moe::{MoeConfig, MoeWeights};
     use crate::reference::moe_train::{
         aux_losses, moe_layer_backward, moe_layer_forward, AuxConfig, MoeParams,
     };
     use crate::tol::Tol;
+    use crate::util::Rng;
 
     #[test]
     fn slot_twins_compose_to_the_per_token_backward() {

@@ -408,8 +408,8 @@ pub fn moe_layer_backward<F: Float>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::conformance::Rng;
     use crate::kernels::GateConfig;
+    use crate::util::Rng;
 
     fn config(gating: Gating, single: SingleWeight, threshold: f32) -> MoeConfig {
         MoeConfig {
