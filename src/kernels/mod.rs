@@ -25,9 +25,9 @@ pub mod route;
 
 pub use common::*;
 
-use crate::gpu::{GpuParams, KernelDef};
+use crate::gpu::{GpuParams, KernelDef, KernelKey};
 
-/// Typed identity of a compiled pipeline.
+/// Typed identity of a compiled pipeline: the key of `GpuContext::pipeline`.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub enum Kernel {
     Matmul(matmul::MatmulSpec),
@@ -122,6 +122,12 @@ impl Kernel {
                 .map(Kernel::Complexity),
         );
         v
+    }
+}
+
+impl KernelKey for Kernel {
+    fn def(&self) -> KernelDef {
+        Kernel::def(self)
     }
 }
 
