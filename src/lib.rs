@@ -17,6 +17,7 @@ pub mod kernels;
 pub mod model;
 pub mod moe;
 pub mod reference;
+pub mod tokenizer;
 pub mod tol;
 pub mod train;
 pub mod util;

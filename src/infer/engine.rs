@@ -31,7 +31,7 @@ use crate::kernels::{GateConfig, UNUSED};
 use crate::model::transformer::mm;
 use crate::model::{Model, ModelConfig};
 use crate::moe::{MoeLayer, MoePlan, Path};
-use crate::train::tokenizer::Tokenizer;
+use crate::tokenizer::Tokenizer;
 use crate::util::Stopwatch;
 use serde::Serialize;
 

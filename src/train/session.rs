@@ -10,9 +10,9 @@ use crate::gpu::GpuContext;
 use crate::infer::InferCheckpoint;
 use crate::kernels::{GateConfig, Gating};
 use crate::model::{EvalStep, HostParams, Model, ModelConfig, OptConfig, StepArgs, TrainStep};
+use crate::tokenizer::Tokenizer;
 use crate::train::curriculum::Curriculum;
 use crate::train::data::{eval_batches, Batch, Batcher, Corpus, Dataset, Document, Domain, Split};
-use crate::train::Tokenizer;
 use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
 
