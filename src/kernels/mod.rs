@@ -19,6 +19,7 @@ pub mod gate;
 pub mod kv_cache;
 pub mod matmul;
 pub mod moe_backward;
+pub mod moe_config;
 pub mod rmsnorm;
 pub mod roofline;
 pub mod route;

@@ -26,9 +26,9 @@
 #![allow(clippy::needless_range_loop)]
 
 use crate::error::{Error, Result};
+use crate::kernels::moe_config::MoeConfig;
 pub use crate::kernels::AuxConfig;
 use crate::kernels::{Activation, GapMode, Gating, SingleWeight, UNUSED};
-use crate::moe::MoeConfig;
 use num_traits::Float;
 
 /// A layer's parameters in any float type (row-major).
