@@ -22,7 +22,6 @@
 //!       forward+backward: 2435.52 ms, 0.19 GFLOP/s
 
 use amoe::bench::time_dispatches;
-use amoe::conformance::{Rng, Stopwatch};
 use amoe::gpu::{AdapterFilter, GpuContext, Tensor};
 use amoe::kernels::attention::{
     AttentionBackward, AttentionBackwardBuffers, AttentionConfig, AttentionForward,
@@ -30,6 +29,7 @@ use amoe::kernels::attention::{
 };
 use amoe::reference::attention::{attention_backward, attention_forward, AttnShape};
 use amoe::tol::Tol;
+use amoe::util::{Rng, Stopwatch};
 use amoe::Result;
 
 fn main() -> Result<()> {

@@ -28,7 +28,6 @@
 //!     expert gemm1+gemm2 Gelu T=2048 K=2 E=16 D=512 F=1024 [blocked 32x128] max err 8.3e-7  3.2 GFLOP/s  7.0% of peak; dense equal-FLOPs 3.3 GFLOP/s; grouped/dense 0.97
 
 use amoe::bench::{fma_peak, time_dispatches};
-use amoe::conformance::Rng;
 use amoe::gpu::{AdapterFilter, GpuContext, Tensor};
 use amoe::kernels::expert::{ExpertBuffers, ExpertFfn, ExpertShape, ExpertSpec};
 use amoe::kernels::matmul::{Matmul, MatmulShape, MatmulSpec, MatmulVariant, Trans};
@@ -37,6 +36,7 @@ use amoe::kernels::{Activation, RoutingLayout, UNUSED};
 use amoe::reference::activation::{act_gelu, act_silu};
 use amoe::reference::matmul::matmul as matmul_twin;
 use amoe::reference::route::route;
+use amoe::util::Rng;
 use amoe::Result;
 
 fn main() -> Result<()> {

@@ -7,13 +7,13 @@
 //! submission, median of several samples after a warm-up, so that per-submit
 //! overhead is amortized the same way for every kernel.
 
-use crate::conformance::Stopwatch;
 use crate::error::Result;
 use crate::gpu::{GpuContext, Tensor};
 use crate::kernels::matmul::{Matmul, MatmulShape, MatmulSpec, Trans};
 use crate::kernels::roofline::{fma_expected, Roofline};
 use crate::kernels::{Activation, GateConfig, Gating};
 use crate::moe::{MoeConfig, MoeLayer, MoeWeights, Path};
+use crate::util::Stopwatch;
 use serde::Serialize;
 
 /// One dense matmul measurement.
@@ -135,7 +135,7 @@ pub fn matmul_gflops(
     k: usize,
     spec: MatmulSpec,
 ) -> Result<f64> {
-    let mut rng = crate::conformance::Rng::new(7);
+    let mut rng = crate::util::Rng::new(7);
     let a = Tensor::from_slice(ctx, "a", &[m, k], &rng.vec_sym(m * k, 1.0))?;
     let b = Tensor::from_slice(ctx, "b", &[k, n], &rng.vec_sym(k * n, 1.0))?;
     let c = Tensor::<f32>::zeros(ctx, "c", &[m, n])?;
@@ -192,7 +192,7 @@ pub async fn moe_layer_figure(
     w.w_router.iter_mut().for_each(|v| *v *= ROUTER_SCALE);
     let layer = MoeLayer::new(ctx, cfg, &w)?;
     let plan = layer.plan(ctx, t, Path::Grouped)?;
-    let mut rng = crate::conformance::Rng::new(5);
+    let mut rng = crate::util::Rng::new(5);
     let x = rng.vec_sym(t * cfg.d, 1.0);
     layer.forward(ctx, &plan, &x)?;
     let summary = plan.routing_summary(ctx, cfg.e).await?;
@@ -222,7 +222,7 @@ pub async fn moe_layer_figure(
 /// The dense GEMMs with the FLOPs of the expert FFN over `slots` rows, as if
 /// all slots went to one expert: [S,D]x[D,F] then [S,F]x[F,D]. GFLOP/s.
 pub fn dense_equal_flops_gflops(ctx: &GpuContext, slots: usize, d: usize, f: usize) -> Result<f64> {
-    let mut rng = crate::conformance::Rng::new(3);
+    let mut rng = crate::util::Rng::new(3);
     let x = Tensor::from_slice(ctx, "x", &[slots, d], &rng.vec_sym(slots * d, 1.0))?;
     let w1 = Tensor::from_slice(ctx, "w1", &[d, f], &rng.vec_sym(d * f, 0.05))?;
     let w2 = Tensor::from_slice(ctx, "w2", &[f, d], &rng.vec_sym(f * d, 0.05))?;

@@ -16,8 +16,10 @@ pub mod kernels;
 pub mod model;
 pub mod moe;
 pub mod reference;
+pub mod tokenizer;
 pub mod tol;
 pub mod train;
+pub mod util;
 #[cfg(target_arch = "wasm32")]
 pub mod web;
 

@@ -514,11 +514,28 @@ impl Trainer {
         wasm_bindgen_futures::future_to_promise(async move {
             let ck = {
                 let s = session.try_borrow().map_err(|_| busy("the trainer"))?;
-                s.to_checkpoint(&ctx, "trained in this tab")
+                session_checkpoint(&s, &ctx, "trained in this tab")
                     .await
                     .map_err(js)?
             };
             Ok(Generator::from_checkpoint(ctx, ck)?.into())
         })
     }
+}
+
+/// A session's current parameters with its tokenizer, ready for inference.
+/// Built here, above both `train` and `infer`, so neither imports the other.
+async fn session_checkpoint(
+    s: &Session,
+    ctx: &GpuContext,
+    source: &str,
+) -> crate::error::Result<InferCheckpoint> {
+    let host = s.model.download(ctx).await?;
+    Ok(InferCheckpoint {
+        cfg: s.cfg.model.clone(),
+        host,
+        tokenizer: s.data.tokenizer.clone(),
+        eval_gating: s.cfg.eval_gating,
+        source: source.to_string(),
+    })
 }

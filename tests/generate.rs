@@ -174,7 +174,7 @@ fn tiny(context: usize) -> InferCheckpoint {
 
 fn tiny_with(context: usize, activation: amoe::kernels::Activation) -> InferCheckpoint {
     let tokenizer =
-        amoe::train::tokenizer::Tokenizer::train(["a b c d e f g h"].into_iter(), 300).unwrap();
+        amoe::tokenizer::Tokenizer::train(["a b c d e f g h"].into_iter(), 300).unwrap();
     let cfg = ModelConfig {
         vocab: tokenizer.vocab_size(),
         d: 32,

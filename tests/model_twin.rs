@@ -5,11 +5,11 @@
 
 mod common;
 
-use amoe::conformance::Rng;
 use amoe::kernels::Gating;
 use amoe::model::reference::{train_step, AdamState, CpuStepStats};
 use amoe::model::{HostParams, Model, ModelConfig, OptConfig, StepArgs, TrainStep};
 use amoe::tol::Tol;
+use amoe::util::Rng;
 
 use common::tiny_model as tiny;
 

@@ -23,7 +23,7 @@ fn config(gating: Gating, activation: Activation, d: usize, f: usize, e: usize) 
 }
 
 fn input(t: usize, d: usize, seed: u64) -> Vec<f32> {
-    amoe::conformance::Rng::new(seed).vec_sym(t * d, 1.0)
+    amoe::util::Rng::new(seed).vec_sym(t * d, 1.0)
 }
 
 /// GPU forward: (y, topk_ids).

@@ -137,7 +137,7 @@ fn checkpoint_round_trip_is_exact_and_bad_checkpoints_are_typed_errors() {
 
         // A tokenizer of another vocabulary.
         copy_dir(&ck, &bad.join("checkpoint"));
-        let other = amoe::train::Tokenizer::train(["abc def ghi"].iter(), 257).unwrap();
+        let other = amoe::tokenizer::Tokenizer::train(["abc def ghi"].iter(), 257).unwrap();
         std::fs::write(bad.join("checkpoint/tokenizer.json"), other.to_json()).unwrap();
         assert!(matches!(
             Run::resume(ctx, &bad, None),

@@ -3,9 +3,9 @@
 
 mod common;
 
-use amoe::conformance::Rng;
 use amoe::kernels::Gating;
 use amoe::model::{HostParams, Model, ModelConfig, OptConfig, StepArgs, TrainStep};
+use amoe::util::Rng;
 
 use common::tiny_model as tiny;
 

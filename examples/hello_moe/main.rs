@@ -13,7 +13,7 @@ fn main() -> amoe::Result<()> {
     println!("adapter: {}", ctx.adapter_label());
     let (t, d, f, e) = (512, 64, 128, 8);
     // Random tokens: a deterministic generator, so every run routes alike.
-    let mut rng = amoe::conformance::Rng::new(1);
+    let mut rng = amoe::util::Rng::new(1);
     let x = rng.vec_sym(t * d, 1.0);
     for gating in [Gating::Top1, Gating::Top2, Gating::Adaptive] {
         let cfg = MoeConfig {

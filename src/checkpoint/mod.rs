@@ -4,7 +4,7 @@
 //! <dir>/model.safetensors      named f32 tensors (the model's parameters)
 //! <dir>/optimizer.safetensors  named f32 tensors (AdamW state, e.g. m.<name>, v.<name>)
 //! <dir>/config.json            the caller's model/training config (any Serialize)
-//! <dir>/tokenizer.json         the tokenizer (train::Tokenizer::to_json)
+//! <dir>/tokenizer.json         the tokenizer (tokenizer::Tokenizer::to_json)
 //! <dir>/state.json             the caller's run state: step, data position, RNG, ...
 //! ```
 //!

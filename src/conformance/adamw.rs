@@ -6,8 +6,8 @@
 //! (every tensor's partials and the clip pair within `Tol::reduction`),
 //! including NaN and inf gradients (scale exactly 0).
 
+use super::CheckResult;
 use super::{bad_inputs_result, expect_error, is_invalid, is_shape, submit_pass};
-use super::{CheckResult, Rng};
 use crate::error::Result;
 use crate::gpu::{GpuContext, Tensor};
 use crate::kernels::adamw::{
@@ -15,6 +15,7 @@ use crate::kernels::adamw::{
 };
 use crate::reference::adamw::{adamw_step, grad_norm_finish, grad_norm_partial, AdamWStep};
 use crate::tol::{compare_exact, Comparison, Tol};
+use crate::util::Rng;
 
 /// A non-finite value planted in one gradient of a grad-norm case.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -1,12 +1,13 @@
 //! Conformance of `add_forward` against `reference::add::add_forward`
 //! (exact: one rounding, as in the twin).
 
-use super::{bad_inputs_result, expect_error, is_invalid, is_shape, submit_pass, CheckResult, Rng};
+use super::{bad_inputs_result, expect_error, is_invalid, is_shape, submit_pass, CheckResult};
 use crate::error::Result;
 use crate::gpu::{GpuContext, Tensor};
 use crate::kernels::add::{Add, AddSpec};
 use crate::reference::add::add_forward;
 use crate::tol::compare_exact;
+use crate::util::Rng;
 
 #[derive(Clone, Debug)]
 pub enum Case {

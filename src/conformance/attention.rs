@@ -7,8 +7,8 @@
 //! backward one) and compares `dqkv`. Shapes cross the 128-row workgroup
 //! block and the staged tile sizes, and N = 300 crosses 256.
 
+use super::CheckResult;
 use super::{bad_inputs_result, expect_error, is_invalid, is_shape, submit_pass};
-use super::{CheckResult, Rng};
 use crate::error::Result;
 use crate::gpu::{GpuContext, Tensor};
 use crate::kernels::attention::{
@@ -17,6 +17,7 @@ use crate::kernels::attention::{
 };
 use crate::reference::attention::{attention_backward, attention_forward, AttnShape};
 use crate::tol::Tol;
+use crate::util::Rng;
 
 /// An attention conformance case.
 #[derive(Clone, Debug)]

@@ -6,8 +6,8 @@
 //! weight that the combine must skip shows up as a failure.
 
 use super::route::{make_ids, Ids};
+use super::CheckResult;
 use super::{bad_inputs_result, expect_error, is_invalid, is_shape, submit_pass};
-use super::{CheckResult, Rng};
 use crate::error::Result;
 use crate::gpu::{GpuContext, Tensor};
 use crate::kernels::combine::{Combine, CombineBuffers, CombineSpec};
@@ -16,6 +16,7 @@ use crate::kernels::{RoutingLayout, UNUSED};
 use crate::reference::combine::combine_forward;
 use crate::reference::route::route;
 use crate::tol::Tol;
+use crate::util::Rng;
 
 /// A combine conformance case.
 #[derive(Clone, Debug)]

@@ -9,8 +9,8 @@
 //! without the max subtracted). The validation kernel must leave the logits
 //! bit-identical.
 
+use super::CheckResult;
 use super::{bad_inputs_result, expect_error, is_invalid, is_shape, submit_pass};
-use super::{CheckResult, Rng};
 use crate::error::Result;
 use crate::gpu::{GpuContext, Tensor};
 use crate::kernels::cross_entropy::{
@@ -21,6 +21,7 @@ use crate::reference::cross_entropy::{
     cross_entropy_forward, cross_entropy_forward_backward, loss_sum,
 };
 use crate::tol::{compare_exact, Tol};
+use crate::util::Rng;
 
 /// A cross-entropy conformance case. For `LossSum`, `v` only decides which
 /// targets count.

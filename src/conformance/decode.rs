@@ -4,14 +4,15 @@
 //! within `Tol::reduction(F)`.
 
 use super::route::{make_ids, Ids};
+use super::CheckResult;
 use super::{bad_inputs_result, expect_error, is_invalid, is_shape, submit_pass};
-use super::{CheckResult, Rng, Stopwatch};
 use crate::error::Result;
 use crate::gpu::{GpuContext, Tensor};
 use crate::kernels::decode::{DecodeBuffers, DecodeFfn, DecodeShape};
 use crate::kernels::Activation;
 use crate::reference::decode::decode_ffn;
 use crate::tol::Tol;
+use crate::util::{Rng, Stopwatch};
 
 /// A decode conformance case.
 #[derive(Clone, Debug)]

@@ -5,8 +5,8 @@
 //! Outputs start as NaN, so an element a kernel fails to write (a row of an
 //! unseen id must become zeros) shows up as a failure.
 
+use super::CheckResult;
 use super::{bad_inputs_result, expect_error, is_invalid, is_shape, submit_pass};
-use super::{CheckResult, Rng};
 use crate::error::{Error, Result};
 use crate::gpu::{GpuContext, Tensor};
 use crate::kernels::embedding::{
@@ -17,6 +17,7 @@ use crate::reference::embedding::{
     embedding_backward_wpe, embedding_backward_wte, embedding_forward,
 };
 use crate::tol::Tol;
+use crate::util::Rng;
 
 /// How the case draws its token ids.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -8,7 +8,7 @@
 //! unused slots, D and F not multiples of 4. One more case checks that
 //! stacked weights past the storage-binding limit give `Error::Limit`.
 
-use super::{CheckResult, Rng};
+use super::CheckResult;
 use crate::error::{Error, Result};
 use crate::gpu::{GpuContext, Tensor};
 use crate::kernels::expert::{ExpertBuffers, ExpertFfn, ExpertShape, ExpertSpec, ExpertStage};
@@ -18,6 +18,7 @@ use crate::kernels::{Activation, UNUSED};
 use crate::reference::expert::{expert_ffn, ExpertWeights};
 use crate::reference::route::route;
 use crate::tol::{compare_exact, Tol};
+use crate::util::Rng;
 
 /// An expert FFN conformance case.
 #[derive(Clone, Debug)]

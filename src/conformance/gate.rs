@@ -5,13 +5,14 @@
 //! until the adaptive decision is clear of the threshold; exact ties and
 //! non-finite logits have cases of their own.
 
-use super::{bad_inputs_result, expect_error, is_invalid, is_shape, submit_pass, CheckResult, Rng};
+use super::{bad_inputs_result, expect_error, is_invalid, is_shape, submit_pass, CheckResult};
 use crate::error::{Error, Result};
 use crate::gpu::{GpuContext, Tensor};
 use crate::kernels::gate::{kernel_name, Gate, GateBuffers};
 use crate::kernels::{GapMode, GateConfig, Gating, RoutingLayout, SingleWeight, UNUSED};
 use crate::reference::gate::{gap, gate_forward, top2_of, top2_probs, GateOutput};
 use crate::tol::{compare_exact, Comparison, Tol};
+use crate::util::Rng;
 
 /// How the logits of a case are made.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

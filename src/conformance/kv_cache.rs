@@ -3,7 +3,7 @@
 //! within a reduction tolerance, over calls that start at position 0, in the
 //! middle of a chunk of keys and across chunk boundaries.
 
-use super::{bad_inputs_result, expect_error, is_invalid, is_shape, submit_pass, CheckResult, Rng};
+use super::{bad_inputs_result, expect_error, is_invalid, is_shape, submit_pass, CheckResult};
 use crate::error::{Error, Result};
 use crate::gpu::{GpuContext, Tensor};
 use crate::kernels::kv_cache::{
@@ -11,6 +11,7 @@ use crate::kernels::kv_cache::{
 };
 use crate::reference::kv_cache::{kv_append, kv_attention, kv_embed, KvDims};
 use crate::tol::{compare_exact, Tol};
+use crate::util::Rng;
 
 #[derive(Clone, Debug)]
 pub enum Case {

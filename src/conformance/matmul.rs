@@ -4,12 +4,13 @@
 //! twin `reference::matmul::matmul`. One timed case per specialization
 //! reports GFLOP/s.
 
-use super::{CheckResult, Rng, Stopwatch};
+use super::CheckResult;
 use crate::error::Result;
 use crate::gpu::{GpuContext, Tensor};
 use crate::kernels::matmul::{Matmul, MatmulShape, MatmulSpec, Trans};
 use crate::reference::matmul::matmul as matmul_twin;
 use crate::tol::Tol;
+use crate::util::{Rng, Stopwatch};
 
 /// A matmul conformance case.
 #[derive(Clone, Debug)]

@@ -5,13 +5,14 @@
 //! `reference::moe_backward::compose`, which the unit tests check against
 //! the per-token backward and finite differences.
 
-use super::{CheckResult, Rng};
+use super::CheckResult;
 use crate::error::Result;
 use crate::gpu::GpuContext;
 use crate::kernels::{Activation, AuxConfig, GateConfig, Gating};
 use crate::moe::{MoeConfig, MoeLayer, MoeWeights};
 use crate::reference::moe_backward::compose;
 use crate::tol::{compare_exact, Tol};
+use crate::util::Rng;
 
 #[derive(Clone, Debug)]
 pub struct Case {

@@ -6,8 +6,8 @@
 //! One row of x is all zeros (rstd = 1 / sqrt(eps), y = 0), and outputs
 //! start as NaN, so an element a kernel fails to write shows up.
 
+use super::CheckResult;
 use super::{bad_inputs_result, expect_error, is_invalid, is_shape, submit_pass};
-use super::{CheckResult, Rng};
 use crate::error::Result;
 use crate::gpu::{GpuContext, Tensor};
 use crate::kernels::rmsnorm::{
@@ -16,6 +16,7 @@ use crate::kernels::rmsnorm::{
 };
 use crate::reference::rmsnorm::{rmsnorm_backward, rmsnorm_backward_gain, rmsnorm_forward};
 use crate::tol::Tol;
+use crate::util::Rng;
 
 /// An RMSNorm conformance case. `spec` is never `BackwardGainFinish`: the
 /// `BackwardGain` case runs both gain passes.

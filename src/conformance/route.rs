@@ -9,14 +9,15 @@
 //! route must keep), and some cases record the route twice in one pass, to
 //! show that nothing depends on leftovers of a previous run.
 
+use super::CheckResult;
 use super::{bad_inputs_result, expect_error, is_invalid, is_shape, submit_pass};
-use super::{CheckResult, Rng};
 use crate::error::Result;
 use crate::gpu::{GpuContext, Tensor};
 use crate::kernels::route::{routing_tensor, Route, RouteBuffers, RouteConfig};
 use crate::kernels::{RoutingLayout, STATUS_NONFINITE, UNUSED};
 use crate::reference::route::route;
 use crate::tol::compare_exact;
+use crate::util::Rng;
 
 /// How the expert ids of a case are made.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

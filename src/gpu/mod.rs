@@ -389,7 +389,7 @@ impl GpuContext {
     }
 
     /// The compiled pipeline for `kernel`, built on first use.
-    pub fn pipeline(&self, kernel: &crate::kernels::Kernel) -> Result<std::sync::Arc<Pipeline>> {
+    pub fn pipeline<K: KernelKey>(&self, kernel: &K) -> Result<std::sync::Arc<Pipeline>> {
         self.pipelines.get_or_build(self, kernel)
     }
 

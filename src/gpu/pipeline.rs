@@ -1,11 +1,14 @@
-//! Typed pipeline cache. A kernel is identified by `kernels::Kernel` (an enum
-//! with a small spec per family), never by a string. Each kernel declares its
+//! Typed pipeline cache. A kernel is identified by a typed key (`KernelKey`,
+//! implemented by the kernels layer's enum with a small spec per family),
+//! never by a string. Each kernel declares its
 //! bindings, from which the explicit bind group layout is built: the layout is
 //! the kernel's "header", checked against the shader by wgpu at build time.
 
 use crate::error::{Error, Result};
-use crate::kernels::Kernel;
+use std::any::{Any, TypeId};
 use std::collections::HashMap;
+use std::fmt::Debug;
+use std::hash::Hash;
 use std::sync::{Arc, Mutex};
 
 use super::GpuContext;
@@ -190,10 +193,19 @@ impl Dispatch {
     }
 }
 
-/// Pipelines built so far, keyed by the typed kernel id.
+/// A typed kernel id: equal keys must have equal definitions, so that the
+/// pipeline built for one serves the other. `gpu` owns this trait so that it
+/// needs nothing from the layers above; the kernels layer implements it.
+pub trait KernelKey: Hash + Eq + Clone + Send + Sync + Debug + 'static {
+    /// The shader source, entry point and bindings this key stands for.
+    fn def(&self) -> KernelDef;
+}
+
+/// Pipelines built so far: one typed map per key type (in practice one, the
+/// kernels layer's enum), found by the key type's `TypeId`.
 #[derive(Default)]
 pub(crate) struct PipelineCache {
-    map: Mutex<HashMap<Kernel, Arc<Pipeline>>>,
+    maps: Mutex<HashMap<TypeId, Box<dyn Any + Send + Sync>>>,
 }
 
 /// naga capabilities matching the device's enabled features.
@@ -210,11 +222,23 @@ pub fn naga_capabilities(features: wgpu::Features) -> naga::valid::Capabilities 
 }
 
 impl PipelineCache {
-    pub(crate) fn get_or_build(&self, ctx: &GpuContext, kernel: &Kernel) -> Result<Arc<Pipeline>> {
-        let mut map = self.map.lock().map_err(|_| Error::Gpu {
+    pub(crate) fn get_or_build<K: KernelKey>(
+        &self,
+        ctx: &GpuContext,
+        kernel: &K,
+    ) -> Result<Arc<Pipeline>> {
+        let mut maps = self.maps.lock().map_err(|_| Error::Gpu {
             op: "pipeline cache".into(),
             msg: "lock poisoned".into(),
         })?;
+        let map = maps
+            .entry(TypeId::of::<K>())
+            .or_insert_with(|| Box::new(HashMap::<K, Arc<Pipeline>>::new()))
+            .downcast_mut::<HashMap<K, Arc<Pipeline>>>()
+            .ok_or_else(|| Error::Gpu {
+                op: "pipeline cache".into(),
+                msg: format!("entry of {} has the wrong type", std::any::type_name::<K>()),
+            })?;
         if let Some(p) = map.get(kernel) {
             return Ok(p.clone());
         }

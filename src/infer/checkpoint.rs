@@ -7,7 +7,7 @@ use crate::checkpoint::NamedTensor;
 use crate::error::{Error, Result};
 use crate::kernels::{GateConfig, Gating};
 use crate::model::{HostParams, ModelConfig};
-use crate::train::tokenizer::Tokenizer;
+use crate::tokenizer::Tokenizer;
 
 /// A model ready to upload: config, weights, tokenizer.
 #[derive(Clone)]

@@ -15,7 +15,6 @@
 //! absolute positions, so the cache cannot just be shifted) and decoding
 //! goes on; [`Generation::slides`] counts how often.
 
-use crate::conformance::Stopwatch;
 use crate::error::{Error, Result};
 use crate::gpu::{GpuContext, PartId, Readback, ReadbackLayout};
 use crate::infer::checkpoint::InferCheckpoint;
@@ -26,7 +25,8 @@ use crate::kernels::{GateConfig, UNUSED};
 use crate::model::graph::{Graph, KvRefs, Mode};
 use crate::model::{Model, ModelConfig};
 use crate::moe::MoeLayer;
-use crate::train::tokenizer::Tokenizer;
+use crate::tokenizer::Tokenizer;
+use crate::util::Stopwatch;
 use serde::Serialize;
 
 /// One MoE layer's choice for one token.

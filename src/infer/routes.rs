@@ -6,7 +6,7 @@
 use crate::error::{Error, Result};
 use crate::gpu::GpuContext;
 use crate::infer::engine::{Engine, LayerRoute};
-use crate::train::tokenizer::Tokenizer;
+use crate::tokenizer::Tokenizer;
 use serde::Serialize;
 use std::collections::HashMap;
 

@@ -2,8 +2,8 @@
 //! or temperature with optional top-k and top-p (nucleus) cuts, from a
 //! seeded generator, so that a seed gives the same text run to run.
 
-use crate::conformance::Rng;
 use crate::error::{Error, Result};
+use crate::util::Rng;
 use serde::{Deserialize, Serialize};
 
 /// Sampling settings.

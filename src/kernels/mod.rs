@@ -19,15 +19,16 @@ pub mod gate;
 pub mod kv_cache;
 pub mod matmul;
 pub mod moe_backward;
+pub mod moe_config;
 pub mod rmsnorm;
 pub mod roofline;
 pub mod route;
 
 pub use common::*;
 
-use crate::gpu::{GpuParams, KernelDef};
+use crate::gpu::{GpuParams, KernelDef, KernelKey};
 
-/// Typed identity of a compiled pipeline.
+/// Typed identity of a compiled pipeline: the key of `GpuContext::pipeline`.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub enum Kernel {
     Matmul(matmul::MatmulSpec),
@@ -122,6 +123,12 @@ impl Kernel {
                 .map(Kernel::Complexity),
         );
         v
+    }
+}
+
+impl KernelKey for Kernel {
+    fn def(&self) -> KernelDef {
+        Kernel::def(self)
     }
 }
 

@@ -589,8 +589,8 @@ pub fn train_step(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::conformance::Rng;
     use crate::kernels::{GapMode, Gating};
+    use crate::util::Rng;
 
     fn tiny(gating: Gating, dense: bool) -> ModelConfig {
         ModelConfig {

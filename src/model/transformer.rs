@@ -48,7 +48,7 @@ impl Params<HostTensor> {
     /// `W_OUT_SCALE`, so that the first logits are nearly uniform (loss ln V
     /// instead of about ln V + 0.5).
     pub fn init(cfg: &ModelConfig, seed: u64) -> HostParams {
-        let mut rng = crate::conformance::Rng::new(seed);
+        let mut rng = crate::util::Rng::new(seed);
         let resid = 1.0 / (2.0 * cfg.layers as f32).sqrt();
         cfg.param_specs().map(|id, spec| {
             let shape = &spec.shape;

@@ -130,7 +130,7 @@ pub fn attention_backward<F: Float>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::conformance::Rng;
+    use crate::util::Rng;
 
     fn rand(rng: &mut Rng, n: usize, a: f32) -> Vec<f64> {
         rng.vec_sym(n, a).into_iter().map(f64::from).collect()

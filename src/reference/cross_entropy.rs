@@ -71,8 +71,8 @@ pub fn loss_sum(loss: &[f32], targets: &[u32], v: usize) -> [f32; 2] {
 mod tests {
     use super::super::finite_diff::{assert_close, fd, rand64};
     use super::*;
-    use crate::conformance::Rng;
     use crate::kernels::UNUSED;
+    use crate::util::Rng;
 
     #[test]
     fn gradient_matches_finite_differences() {

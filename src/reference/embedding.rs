@@ -66,8 +66,8 @@ pub fn embedding_backward_wpe<F: Float>(dx: &[F], t: usize, n: usize, d: usize) 
 mod tests {
     use super::super::finite_diff::{assert_close, dot, fd, rand64};
     use super::*;
-    use crate::conformance::Rng;
     use crate::kernels::embedding::token_order;
+    use crate::util::Rng;
 
     #[test]
     fn backward_twins_match_finite_differences() {

@@ -180,7 +180,7 @@ mod tests {
         act: Activation,
         ids: Vec<u32>,
     ) {
-        let mut rng = crate::conformance::Rng::new(3);
+        let mut rng = crate::util::Rng::new(3);
         let x = rng.vec_sym(t * d, 1.0);
         let w1 = rng.vec_sym(e * d * f, 0.5);
         let w3 = rng.vec_sym(e * d * f, 0.5);

@@ -1,7 +1,7 @@
 //! Test helpers for the gradient checks of the backward twins: central finite
 //! differences of a scalar loss in f64, and the comparison they pass.
 
-use crate::conformance::Rng;
+use crate::util::Rng;
 
 /// `n` values uniform in [-1, 1), as f64.
 pub fn rand64(rng: &mut Rng, n: usize) -> Vec<f64> {

@@ -93,7 +93,7 @@ mod tests {
     fn cache_attention_equals_self_attention() {
         let (n, h, dh) = (7, 2, 4);
         let d = h * dh;
-        let mut rng = crate::conformance::Rng::new(5);
+        let mut rng = crate::util::Rng::new(5);
         let qkv = rng.vec_sym(n * 3 * d, 1.0);
         let s = KvDims {
             t: n,

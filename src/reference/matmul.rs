@@ -69,7 +69,7 @@ mod tests {
     }
 
     fn data(n: usize, seed: u64) -> Vec<f32> {
-        let mut rng = crate::conformance::Rng::new(seed);
+        let mut rng = crate::util::Rng::new(seed);
         rng.vec_sym(n, 1.0)
     }
 

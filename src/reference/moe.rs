@@ -5,7 +5,7 @@
 use crate::error::Result;
 use crate::kernels::decode::DecodeShape;
 use crate::kernels::matmul::Trans;
-use crate::moe::{MoeConfig, MoeWeights};
+use crate::kernels::moe_config::{MoeConfig, MoeWeights};
 use crate::reference::decode::decode_ffn;
 use crate::reference::gate::{gate_forward, GateOutput};
 use crate::reference::matmul::matmul;

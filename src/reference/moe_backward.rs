@@ -326,9 +326,9 @@ pub fn expert_weight_grad_w2(
 pub mod compose {
     use super::*;
     use crate::kernels::matmul::Trans;
+    use crate::kernels::moe_config::{MoeConfig, MoeWeights};
     use crate::kernels::route::RouteConfig;
     use crate::kernels::AuxConfig;
-    use crate::moe::{MoeConfig, MoeWeights};
     use crate::reference::combine::combine_forward;
     use crate::reference::matmul::matmul;
     use crate::reference::route::route;
@@ -516,13 +516,13 @@ pub mod compose {
 #[cfg(test)]
 mod tests {
     use super::compose;
-    use crate::conformance::Rng;
+    use crate::kernels::moe_config::{MoeConfig, MoeWeights};
     use crate::kernels::{Activation, GateConfig, Gating};
-    use crate::moe::{MoeConfig, MoeWeights};
     use crate::reference::moe_train::{
         aux_losses, moe_layer_backward, moe_layer_forward, AuxConfig, MoeParams,
     };
     use crate::tol::Tol;
+    use crate::util::Rng;
 
     #[test]
     fn slot_twins_compose_to_the_per_token_backward() {

@@ -26,9 +26,9 @@
 #![allow(clippy::needless_range_loop)]
 
 use crate::error::{Error, Result};
+use crate::kernels::moe_config::MoeConfig;
 pub use crate::kernels::AuxConfig;
 use crate::kernels::{Activation, GapMode, Gating, SingleWeight, UNUSED};
-use crate::moe::MoeConfig;
 use num_traits::Float;
 
 /// A layer's parameters in any float type (row-major).
@@ -408,8 +408,8 @@ pub fn moe_layer_backward<F: Float>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::conformance::Rng;
     use crate::kernels::GateConfig;
+    use crate::util::Rng;
 
     fn config(gating: Gating, single: SingleWeight, threshold: f32) -> MoeConfig {
         MoeConfig {

@@ -73,7 +73,7 @@ pub fn rmsnorm_backward_gain<F: Float>(
 mod tests {
     use super::super::finite_diff::{assert_close, dot, fd, rand64};
     use super::*;
-    use crate::conformance::Rng;
+    use crate::util::Rng;
 
     #[test]
     fn backward_twins_match_finite_differences() {

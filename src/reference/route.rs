@@ -232,7 +232,7 @@ mod tests {
 
     #[test]
     fn every_used_slot_round_trips() {
-        let mut rng = crate::conformance::Rng::new(7);
+        let mut rng = crate::util::Rng::new(7);
         let (t, k, e, tile_m) = (50, 2, 5, 8);
         let ids: Vec<u32> = (0..t * k)
             .map(|_| {

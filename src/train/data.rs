@@ -25,8 +25,8 @@
 //!
 //! No twin: host code. Reading files is native only; the rest compiles for wasm32.
 
-use super::tokenizer::Tokenizer;
 use crate::error::{Error, Result};
+use crate::tokenizer::Tokenizer;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeSet;
 
@@ -1007,7 +1007,7 @@ mod tests {
         assert_eq!(stream.last(), Some(&tk.eot_id()));
         assert_eq!(
             tk.decode(&stream).unwrap(),
-            format!("{}{}", split.val[0].text, super::super::tokenizer::EOT)
+            format!("{}{}", split.val[0].text, crate::tokenizer::EOT)
         );
         assert!(matches!(
             Dataset::build(&split, &tk, 100_000),
@@ -1125,7 +1125,7 @@ mod corpus_tests {
         let held: String = split
             .val
             .iter()
-            .map(|d| format!("{}{}", d.text, super::super::tokenizer::EOT))
+            .map(|d| format!("{}{}", d.text, crate::tokenizer::EOT))
             .collect();
         for s in [&ds.val[0], &ds.val[ds.val.len() / 2]] {
             assert!(held.contains(&tk.decode(&s.tokens).unwrap()));

@@ -1,9 +1,10 @@
-//! Host-side pieces of training: tokenizer, corpus and batches, the curriculum order,
-//! metrics logs and plots. The GPU model and the optimizer live elsewhere; these modules
-//! only produce the token ids and targets the model consumes and record what it reports.
+//! Host-side pieces of training: corpus and batches, the curriculum order,
+//! metrics logs and plots. The tokenizer (`crate::tokenizer`), the GPU model and the
+//! optimizer live elsewhere; these modules only produce the token ids and targets the
+//! model consumes and record what it reports.
 //!
-//! `tokenizer`, `data` and `curriculum` compile for wasm32 (a browser page can tokenize and
-//! batch); reading files, metrics logs and plots are native only.
+//! `data` and `curriculum` compile for wasm32 (a browser page can batch); reading
+//! files, metrics logs and plots are native only.
 
 pub mod curriculum;
 pub mod data;
@@ -14,8 +15,5 @@ pub mod plot;
 #[cfg(not(target_arch = "wasm32"))]
 pub mod reproduce;
 pub mod session;
-pub mod tokenizer;
 #[cfg(not(target_arch = "wasm32"))]
 pub mod trainer;
-
-pub use tokenizer::Tokenizer;

@@ -7,12 +7,11 @@
 
 use crate::error::{Error, Result};
 use crate::gpu::GpuContext;
-use crate::infer::InferCheckpoint;
 use crate::kernels::{GateConfig, Gating};
 use crate::model::{EvalStep, HostParams, Model, ModelConfig, OptConfig, StepArgs, TrainStep};
+use crate::tokenizer::Tokenizer;
 use crate::train::curriculum::Curriculum;
 use crate::train::data::{eval_batches, Batch, Batcher, Corpus, Dataset, Document, Domain, Split};
-use crate::train::Tokenizer;
 use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
 
@@ -363,18 +362,6 @@ impl Session {
             });
         }
         Ok(Some((sum / count.max(1.0)) as f32))
-    }
-
-    /// The current parameters with the tokenizer, ready for inference.
-    pub async fn to_checkpoint(&self, ctx: &GpuContext, source: &str) -> Result<InferCheckpoint> {
-        let host = self.model.download(ctx).await?;
-        Ok(InferCheckpoint {
-            cfg: self.cfg.model.clone(),
-            host,
-            tokenizer: self.data.tokenizer.clone(),
-            eval_gating: self.cfg.eval_gating,
-            source: source.to_string(),
-        })
     }
 
     /// What the session trains: for the browser page's header.

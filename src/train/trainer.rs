@@ -12,6 +12,7 @@ use crate::checkpoint::{self, CheckpointData, NamedTensor};
 use crate::error::{Error, Result};
 use crate::gpu::GpuContext;
 use crate::model::{HostParams, ModelConfig};
+use crate::tokenizer::Tokenizer;
 use crate::train::curriculum::Curriculum;
 use crate::train::data::{shipped_dir, Batcher, BatcherState, Corpus};
 use crate::train::metrics::JsonlWriter;
@@ -19,7 +20,6 @@ use crate::train::plot::{plot_loss, Series};
 pub use crate::train::session::{
     prepare_split, DataSource, Metric, Prepared, Session, TrainConfig,
 };
-use crate::train::Tokenizer;
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
