@@ -9,6 +9,7 @@
 pub mod bench;
 #[cfg(not(target_arch = "wasm32"))]
 pub mod checkpoint;
+pub mod choice;
 pub mod conformance;
 pub mod error;
 pub mod gpu;

@@ -7,6 +7,7 @@
 
 pub mod curriculum;
 pub mod data;
+pub mod gating;
 #[cfg(not(target_arch = "wasm32"))]
 pub mod metrics;
 #[cfg(not(target_arch = "wasm32"))]
@@ -18,4 +19,5 @@ pub mod tokenizer;
 #[cfg(not(target_arch = "wasm32"))]
 pub mod trainer;
 
+pub use gating::TrainGating;
 pub use tokenizer::Tokenizer;
