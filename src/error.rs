@@ -22,6 +22,13 @@ pub enum Error {
     /// A resource would exceed what the adapter allows.
     #[error("{what}: needs {needed}, the adapter allows at most {max}")]
     Limit { what: String, needed: u64, max: u64 },
+    /// A named choice (gating rule, activation, ...) given a value outside its list.
+    #[error("{option} {value:?}: expected one of {}", .expected.join(", "))]
+    Choice {
+        option: &'static str,
+        value: String,
+        expected: &'static [&'static str],
+    },
     /// An argument outside its valid range (K > E, T = 0, threshold outside [0, 1], ...).
     #[error("{op}: invalid argument: {msg}")]
     InvalidArgument { op: &'static str, msg: String },

@@ -8,6 +8,7 @@
 #[cfg(not(target_arch = "wasm32"))]
 pub mod bench;
 pub mod checkpoint;
+pub mod choice;
 pub mod conformance;
 pub mod error;
 pub mod gpu;

@@ -201,17 +201,6 @@ impl Default for GenOptions {
     }
 }
 
-fn parse_gating(s: &str) -> Result<Gating, JsValue> {
-    match s {
-        "top1" => Ok(Gating::Top1),
-        "top2" => Ok(Gating::Top2),
-        "adaptive" => Ok(Gating::Adaptive),
-        other => Err(js_msg(format!(
-            "gating {other:?}: expected top1, top2 or adaptive"
-        ))),
-    }
-}
-
 impl GenOptions {
     /// Options from the page's JSON ("" = every default).
     fn parse(json: &str) -> Result<GenOptions, JsValue> {
@@ -234,7 +223,12 @@ impl GenState {
         ctx: &GpuContext,
         o: &GenOptions,
     ) -> Result<crate::kernels::GateConfig, JsValue> {
-        let gating = o.gating.as_deref().map(parse_gating).transpose()?;
+        let gating = o
+            .gating
+            .as_deref()
+            .map(str::parse::<Gating>)
+            .transpose()
+            .map_err(js)?;
         let gate = self.ck.gate(gating, o.threshold).map_err(js)?;
         if gate != self.engine.gate {
             self.engine.set_gate(ctx, gate).map_err(js)?;

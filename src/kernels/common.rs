@@ -2,6 +2,7 @@
 //! router's auxiliary-loss coefficients, the activation, and the layout of
 //! the packed routing metadata buffer.
 
+use crate::choice::choice;
 use crate::error::{Error, Result};
 use serde::{Deserialize, Serialize};
 
@@ -9,8 +10,7 @@ use serde::{Deserialize, Serialize};
 pub const UNUSED: u32 = 0xFFFF_FFFF;
 
 /// Expert selection rule.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Gating {
     /// Switch: one expert, weight = raw p1.
     Top1,
@@ -28,18 +28,16 @@ impl Gating {
             Gating::Top2 | Gating::Adaptive => 2,
         }
     }
-    pub fn name(self) -> &'static str {
-        match self {
-            Gating::Top1 => "top1",
-            Gating::Top2 => "top2",
-            Gating::Adaptive => "adaptive",
-        }
-    }
+}
+
+choice! { Gating, "gating",
+    Top1 = "top1",
+    Top2 = "top2",
+    Adaptive = "adaptive",
 }
 
 /// How the adaptive rule measures the gap between the top two experts.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum GapMode {
     /// `p1 - p2` on the full softmax.
     Softmax,
@@ -47,14 +45,25 @@ pub enum GapMode {
     Top2,
 }
 
+choice! { GapMode, "gap",
+    Softmax = "softmax": "p1 - p2 on the full softmax",
+    Top2 = "top2": "(p1 - p2) / (p1 + p2)",
+}
+
 /// Weight of a token routed to one expert (under top1 or adaptive).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum SingleWeight {
     /// Raw `p1` (Switch style; the router still gets a gradient). Default.
     RawP1,
     /// 1.0: renormalized over the selected experts (for top-2-trained models).
     One,
+}
+
+// `--weight raw|renorm`; config.json files say "raw_p1" | "one".
+choice! { SingleWeight, "single-expert weight",
+    RawP1 = "raw" (serde "raw_p1"): "A one-expert token is weighted by its raw probability p1",
+    One = "renorm" (serde "one"):
+        "Weights renormalized over the selected experts (a one-expert token gets 1)",
 }
 
 /// Everything the gate kernel needs to know about the rule.
@@ -126,13 +135,17 @@ impl Default for AuxConfig {
 }
 
 /// Expert FFN activation.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Activation {
     /// `h = gelu(x · W1)` (tanh approximation).
     Gelu,
     /// `h = silu(x · W1) * (x · W3)`.
     SwiGlu,
+}
+
+choice! { Activation, "activation",
+    Gelu = "gelu": "gelu(x W1) W2",
+    SwiGlu = "swiglu": "(silu(x W1) * (x W3)) W2: a third weight matrix per expert",
 }
 
 /// Layout of the packed routing metadata buffer `routing [len()]` (u32 words).

@@ -8,6 +8,7 @@
 
 pub mod curriculum;
 pub mod data;
+pub mod gating;
 #[cfg(not(target_arch = "wasm32"))]
 pub mod metrics;
 #[cfg(not(target_arch = "wasm32"))]
@@ -17,3 +18,5 @@ pub mod reproduce;
 pub mod session;
 #[cfg(not(target_arch = "wasm32"))]
 pub mod trainer;
+
+pub use gating::TrainGating;

@@ -400,7 +400,7 @@ pub struct SessionConfig {
     pub warmup: u64,
     pub lr: f32,
     pub seed: u64,
-    /// "dense" | "top1" | "top2" | "adaptive", as `--gating`.
+    /// A [`TrainGating`](crate::train::TrainGating) name ("dense" | "top1" | "top2" | "adaptive"), as `--gating`.
     pub gating: String,
     pub threshold: f32,
     pub curriculum: bool,
@@ -443,18 +443,8 @@ impl SessionConfig {
         t.model.context = self.context;
         t.model.ffn = self.ffn;
         t.model.experts = self.experts;
-        t.model.dense = self.gating == "dense";
-        t.model.gate.gating = match self.gating.as_str() {
-            "dense" | "top1" => Gating::Top1,
-            "top2" => Gating::Top2,
-            "adaptive" => Gating::Adaptive,
-            other => {
-                return Err(Error::invalid(
-                    "train",
-                    format!("gating {other:?}: expected dense, top1, top2 or adaptive"),
-                ))
-            }
-        };
+        (t.model.dense, t.model.gate.gating) =
+            self.gating.parse::<crate::train::TrainGating>()?.split();
         // As `amoe train`: a top-2 model weighs a lone expert 1.
         if t.model.gate.gating == Gating::Top2 {
             t.model.gate.single_weight = crate::kernels::SingleWeight::One;

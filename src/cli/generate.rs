@@ -1,63 +1,17 @@
-//! `amoe generate`, `amoe routes` and `amoe bench infer`: flags, streaming
-//! output, routing colors, tables.
+//! `amoe generate`: flags, streaming output, routing colors, JSON.
 
+use super::args::{AdapterArgs, ModelPick};
+use super::with_ctx;
 use amoe::gpu::GpuContext;
-use amoe::infer::checkpoint::demo_dir;
-use amoe::infer::routes::{analyze, RoutesReport};
-use amoe::infer::{Engine, GenConfig, GenToken, Generation, InferCheckpoint, LayerRoute, Sampling};
+use amoe::infer::{Engine, GenConfig, GenToken, Generation, LayerRoute, Sampling};
 use amoe::kernels::Gating;
-use amoe::train::data::{shipped_dir, Corpus, Domain};
 use amoe::{Error, Result};
 use serde::Serialize;
 use std::io::{IsTerminal, Write};
-use std::path::PathBuf;
+use std::process::ExitCode;
 
-/// Gating rule of the MoE layers at inference.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
-pub enum InferGating {
-    Top1,
-    Top2,
-    Adaptive,
-}
-
-impl From<InferGating> for Gating {
-    fn from(g: InferGating) -> Gating {
-        match g {
-            InferGating::Top1 => Gating::Top1,
-            InferGating::Top2 => Gating::Top2,
-            InferGating::Adaptive => Gating::Adaptive,
-        }
-    }
-}
-
-/// Which checkpoint and which rule.
-#[derive(clap::Args, Clone, Debug)]
-pub struct ModelPick {
-    /// Checkpoint directory (or a run directory holding checkpoint/).
-    /// Default: the demo checkpoint in data/demo.
-    #[arg(long)]
-    pub checkpoint: Option<PathBuf>,
-    /// Gating of the MoE layers (default for generate: what the checkpoint was
-    /// validated with; for routes: what it was trained with).
-    #[arg(long, value_enum)]
-    pub gating: Option<InferGating>,
-    /// Adaptive threshold in [0, 1] (default: the training's).
-    #[arg(long)]
-    pub threshold: Option<f32>,
-}
-
-impl ModelPick {
-    pub fn load(&self) -> Result<InferCheckpoint> {
-        let dir = self.checkpoint.clone().unwrap_or_else(|| {
-            let local = PathBuf::from("data/demo");
-            if local.join("config.json").exists() {
-                local
-            } else {
-                demo_dir()
-            }
-        });
-        InferCheckpoint::load(dir)
-    }
+pub fn run(adapter: &AdapterArgs, args: &GenerateArgs) -> Result<ExitCode> {
+    with_ctx(adapter, |ctx| generate(ctx, args))
 }
 
 #[derive(clap::Args, Clone, Debug)]
@@ -171,7 +125,7 @@ struct GenerateJson<'a> {
     decode_tps: f64,
 }
 
-pub fn generate(ctx: &GpuContext, args: &GenerateArgs) -> Result<()> {
+fn generate(ctx: &GpuContext, args: &GenerateArgs) -> Result<()> {
     let sampling = Sampling {
         temperature: args.temperature,
         top_k: args.top_k,
@@ -189,7 +143,7 @@ pub fn generate(ctx: &GpuContext, args: &GenerateArgs) -> Result<()> {
         ));
     }
     let ck = args.model.load()?;
-    let gate = ck.gate(args.model.gating.map(Gating::from), args.model.threshold)?;
+    let gate = ck.gate(args.model.gating, args.model.threshold)?;
     let prompt_ids = ck.tokenizer.encode(&args.prompt)?;
     let mut engine = Engine::new(ctx, &ck, gate)?;
     let cfg = GenConfig {
@@ -228,7 +182,7 @@ pub fn generate(ctx: &GpuContext, args: &GenerateArgs) -> Result<()> {
             }
         }
     }))?;
-    let gating = format!("{:?}", gate.gating).to_lowercase();
+    let gating = gate.gating.to_string();
     let prefill_tps = g.prompt_ids.len() as f64 / g.prefill_s.max(1e-9);
     let decode_tps = g.tokens.len() as f64 / g.decode_s.max(1e-9);
     if args.json {
@@ -303,186 +257,4 @@ pub fn generate(ctx: &GpuContext, args: &GenerateArgs) -> Result<()> {
         }
     );
     Ok(())
-}
-
-#[derive(clap::Args, Clone, Debug)]
-pub struct RoutesArgs {
-    #[command(flatten)]
-    pub model: ModelPick,
-    /// Text to analyze: a file or directory (.txt, .md, .jsonl, .jsonl.gz).
-    /// Default: the held-out part of the shipped corpus.
-    #[arg(long)]
-    pub data: Option<PathBuf>,
-    /// Analyze at most this many tokens.
-    #[arg(long, default_value_t = 16384)]
-    pub max_tokens: usize,
-    /// Words seen fewer times are left out of the word lists.
-    #[arg(long, default_value_t = 5)]
-    pub min_count: usize,
-    /// Print JSON instead of tables.
-    #[arg(long)]
-    pub json: bool,
-}
-
-pub fn routes(ctx: &GpuContext, args: &RoutesArgs) -> Result<()> {
-    if args.max_tokens == 0 {
-        return Err(Error::invalid("routes", "--max-tokens 0: nothing to do"));
-    }
-    let ck = args.model.load()?;
-    // Default rule: the one the model was trained with (top-1 routes
-    // every token to one expert, which would show nothing).
-    let gating = args
-        .model
-        .gating
-        .map(Gating::from)
-        .unwrap_or(ck.cfg.gate.gating);
-    let gate = ck.gate(Some(gating), args.model.threshold)?;
-    let docs = match &args.data {
-        Some(p) => Corpus::load(p)?.docs,
-        None => Corpus::shipped(shipped_dir(), Domain::Both)?.split()?.val,
-    };
-    let mut ids = Vec::new();
-    for d in &docs {
-        if ids.len() >= args.max_tokens {
-            break;
-        }
-        ids.extend(ck.tokenizer.encode(&d.text)?);
-        ids.push(ck.tokenizer.eot_id());
-    }
-    ids.truncate(args.max_tokens);
-    let mut engine = Engine::new(ctx, &ck, gate)?;
-    let quiet = args.json || !std::io::stderr().is_terminal();
-    let report = pollster::block_on(analyze(
-        &mut engine,
-        ctx,
-        &ck.tokenizer,
-        &ids,
-        args.min_count,
-        |done, total| {
-            if !quiet {
-                eprint!("\r{done}/{total} tokens");
-            }
-        },
-    ))?;
-    if !quiet {
-        eprintln!();
-    }
-    if args.json {
-        #[derive(Serialize)]
-        struct J<'a> {
-            adapter: String,
-            checkpoint: &'a str,
-            #[serde(flatten)]
-            report: &'a RoutesReport,
-        }
-        let j = J {
-            adapter: ctx.adapter_label(),
-            checkpoint: &ck.source,
-            report: &report,
-        };
-        println!("{}", serde_json::to_string_pretty(&j)?);
-    } else {
-        print_routes(&report, &ck.source, &ctx.adapter_label());
-    }
-    Ok(())
-}
-
-fn print_routes(r: &RoutesReport, source: &str, adapter: &str) {
-    println!(
-        "{} tokens of text through {source} on {adapter}, gating {} (threshold {})",
-        r.tokens, r.gating, r.threshold
-    );
-    println!(
-        "two-expert fraction over all MoE layers: {:.1}%\n",
-        100.0 * r.two_expert_fraction
-    );
-    let e = r.layers.first().map_or(0, |l| l.expert_load.len());
-    print!(
-        "{:<6} {:>8}  load per expert (% of routed pairs)",
-        "layer", "2-expert"
-    );
-    println!();
-    print!("{:<6} {:>8} ", "", "");
-    for i in 0..e {
-        print!(" {:>5}", format!("e{i}"));
-    }
-    println!();
-    for l in &r.layers {
-        print!("{:<6} {:>7.1}% ", l.layer, 100.0 * l.two_expert_fraction);
-        for x in &l.expert_load {
-            print!(" {:>5.1}", 100.0 * x);
-        }
-        println!();
-    }
-    println!(
-        "\nwords that most often take two experts (seen >= {} times):",
-        r.min_count
-    );
-    println!("{:<20} {:>6} {:>9}", "word", "count", "2-expert");
-    for w in &r.most_two_expert_words {
-        println!(
-            "{:<20} {:>6} {:>8.1}%",
-            w.word,
-            w.count,
-            100.0 * w.two_expert_fraction
-        );
-    }
-    println!("\nfrequent words that never took two experts:");
-    println!("{:<20} {:>6}", "word", "count");
-    for w in &r.never_two_expert_words {
-        println!("{:<20} {:>6}", w.word, w.count);
-    }
-}
-
-#[derive(clap::Args, Clone, Debug)]
-pub struct BenchInferArgs {
-    #[command(flatten)]
-    pub model: ModelPick,
-    /// Prompt tokens of the prefill (from the held-out shipped text; at most the context).
-    #[arg(long)]
-    pub prompt_tokens: Option<usize>,
-    /// Tokens of the decode loop.
-    #[arg(long, default_value_t = 64)]
-    pub decode_tokens: usize,
-    /// Write the JSON to this file as well as stdout.
-    #[arg(long)]
-    pub json: Option<String>,
-}
-
-pub fn bench_infer(ctx: &GpuContext, args: &BenchInferArgs) -> Result<String> {
-    let ck = args.model.load()?;
-    let n = ck.cfg.context;
-    // Leave room to decode after the prompt (a context of 1 leaves none).
-    let p = args
-        .prompt_tokens
-        .unwrap_or(n / 2)
-        .clamp(1, n.saturating_sub(1).max(1));
-    let val = Corpus::shipped(shipped_dir(), Domain::Both)?.split()?.val;
-    let mut ids = Vec::new();
-    for d in &val {
-        ids.extend(ck.tokenizer.encode(&d.text)?);
-        if ids.len() >= p {
-            break;
-        }
-    }
-    if ids.len() < p {
-        return Err(Error::invalid(
-            "bench infer",
-            format!("held-out text has only {} tokens", ids.len()),
-        ));
-    }
-    ids.truncate(p);
-    let gatings = match args.model.gating {
-        Some(g) => vec![g.into()],
-        None => vec![Gating::Top1, Gating::Top2, Gating::Adaptive],
-    };
-    let r = pollster::block_on(amoe::bench::bench_infer(
-        ctx,
-        &ck,
-        &ids,
-        args.decode_tokens,
-        &gatings,
-        |m| eprintln!("   {m}"),
-    ))?;
-    Ok(serde_json::to_string_pretty(&r)?)
 }

@@ -1,0 +1,146 @@
+//! Argument groups shared by several commands, and the clap value parsers of the
+//! library's named choices.
+
+use amoe::choice::Choice;
+use amoe::gpu::AdapterFilter;
+use amoe::infer::checkpoint::demo_dir;
+use amoe::infer::InferCheckpoint;
+use amoe::kernels::{Activation, Gating};
+use amoe::train::trainer::TrainConfig;
+use amoe::Result;
+use clap::builder::{PossibleValue, PossibleValuesParser, TypedValueParser};
+use std::path::PathBuf;
+
+/// The clap parser of a library choice: `--help` lists `T::NAMES` (with their help),
+/// a value outside them is a usage error, and the value is `T`'s `FromStr`.
+pub fn choice<T: Choice>() -> impl TypedValueParser<Value = T> {
+    let values = T::NAMES.iter().zip(T::HELP).map(|(&name, &help)| {
+        let v = PossibleValue::new(name);
+        if help.is_empty() {
+            v
+        } else {
+            v.help(help)
+        }
+    });
+    PossibleValuesParser::new(values).map(|s| match s.parse::<T>() {
+        Ok(v) => v,
+        Err(e) => unreachable!("a listed name does not parse: {e}"),
+    })
+}
+
+/// `on` | `off` as a bool.
+pub fn on_off() -> impl TypedValueParser<Value = bool> {
+    PossibleValuesParser::new(["on", "off"]).map(|s| s == "on")
+}
+
+#[derive(clap::Args, Clone, Default)]
+pub struct AdapterArgs {
+    /// Backend: vulkan, metal, dx12, gl or browser (default: env AMOE_BACKEND, else all).
+    #[arg(long)]
+    pub backend: Option<String>,
+    /// Adapter index as listed by `amoe devices`.
+    #[arg(long)]
+    pub adapter: Option<usize>,
+}
+
+impl AdapterArgs {
+    pub fn filter(&self) -> Result<AdapterFilter> {
+        AdapterFilter::from_args(self.backend.as_deref(), self.adapter)
+    }
+}
+
+/// Model shape and run sizes shared by `train` and `reproduce`.
+#[derive(clap::Args, Clone, Debug)]
+pub struct ModelArgs {
+    /// Sequences per batch.
+    #[arg(long)]
+    pub batch: Option<usize>,
+    /// Context length N.
+    #[arg(long)]
+    pub context: Option<usize>,
+    /// Model width D.
+    #[arg(long)]
+    pub d: Option<usize>,
+    #[arg(long)]
+    pub layers: Option<usize>,
+    #[arg(long)]
+    pub heads: Option<usize>,
+    /// Experts per MoE layer E.
+    #[arg(long)]
+    pub experts: Option<usize>,
+    /// Hidden width of each expert F.
+    #[arg(long)]
+    pub ffn: Option<usize>,
+    /// Every n-th FFN is an MoE layer.
+    #[arg(long)]
+    pub moe_every: Option<usize>,
+    /// FFN activation [default: gelu].
+    #[arg(long, value_parser = choice::<Activation>())]
+    pub activation: Option<Activation>,
+    /// BPE vocabulary size.
+    #[arg(long)]
+    pub vocab: Option<usize>,
+    /// Peak learning rate.
+    #[arg(long)]
+    pub lr: Option<f32>,
+    /// Validation batches per validation.
+    #[arg(long)]
+    pub eval_batches: Option<usize>,
+    #[arg(long)]
+    pub seed: Option<u64>,
+}
+
+impl ModelArgs {
+    /// Overwrite what was given.
+    pub fn apply(&self, c: &mut TrainConfig) {
+        let m = &mut c.model;
+        macro_rules! set {
+            ($($field:expr => $arg:expr),* $(,)?) => { $(if let Some(v) = $arg { $field = v; })* };
+        }
+        set!(
+            m.context => self.context,
+            m.d => self.d,
+            m.layers => self.layers,
+            m.heads => self.heads,
+            m.experts => self.experts,
+            m.ffn => self.ffn,
+            m.moe_every => self.moe_every,
+            c.batch => self.batch,
+            c.vocab_size => self.vocab,
+            c.opt.adamw.lr => self.lr,
+            c.eval_batches => self.eval_batches,
+            c.seed => self.seed,
+            m.activation => self.activation,
+        );
+    }
+}
+
+/// Which checkpoint and which rule.
+#[derive(clap::Args, Clone, Debug)]
+pub struct ModelPick {
+    /// Checkpoint directory (or a run directory holding checkpoint/).
+    /// Default: the demo checkpoint in data/demo.
+    #[arg(long)]
+    pub checkpoint: Option<PathBuf>,
+    /// Gating of the MoE layers (default for generate: what the checkpoint was
+    /// validated with; for routes: what it was trained with).
+    #[arg(long, value_parser = choice::<Gating>())]
+    pub gating: Option<Gating>,
+    /// Adaptive threshold in [0, 1] (default: the training's).
+    #[arg(long)]
+    pub threshold: Option<f32>,
+}
+
+impl ModelPick {
+    pub fn load(&self) -> Result<InferCheckpoint> {
+        let dir = self.checkpoint.clone().unwrap_or_else(|| {
+            let local = PathBuf::from("data/demo");
+            if local.join("config.json").exists() {
+                local
+            } else {
+                demo_dir()
+            }
+        });
+        InferCheckpoint::load(dir)
+    }
+}

@@ -1,0 +1,131 @@
+//! `amoe bench kernels` and `amoe bench infer`: benchmarks that print JSON.
+
+use super::args::{AdapterArgs, ModelPick};
+use super::{contexts, with_ctx, write_file};
+use amoe::gpu::GpuContext;
+use amoe::kernels::Gating;
+use amoe::train::data::{shipped_dir, Corpus, Domain};
+use amoe::{Error, Result};
+use clap::Subcommand;
+use std::process::ExitCode;
+
+#[derive(Subcommand)]
+pub enum BenchWhat {
+    /// Roofline, dense matmul, MoE layer forward, grouped/dense ratio.
+    Kernels {
+        #[command(flatten)]
+        adapter: AdapterArgs,
+        #[command(flatten)]
+        args: BenchKernelsArgs,
+    },
+    /// Prefill and decode tokens/s for top1, top2 and adaptive, and GPU bytes
+    /// (default checkpoint: the demo).
+    Infer {
+        #[command(flatten)]
+        adapter: AdapterArgs,
+        #[command(flatten)]
+        args: BenchInferArgs,
+    },
+}
+
+pub fn run(what: BenchWhat) -> Result<ExitCode> {
+    match what {
+        BenchWhat::Kernels { adapter, args } => kernels(&adapter, &args),
+        BenchWhat::Infer { adapter, args } => with_ctx(&adapter, |ctx| {
+            eprintln!("== bench infer on {}", ctx.adapter_label());
+            let text = bench_infer(ctx, &args)?;
+            println!("{text}");
+            if let Some(path) = &args.json {
+                write_file(path, &text)?;
+            }
+            Ok(())
+        }),
+    }
+}
+
+#[derive(clap::Args, Clone, Debug)]
+pub struct BenchKernelsArgs {
+    /// Write the JSON to this file as well as stdout.
+    #[arg(long)]
+    pub json: Option<String>,
+    /// Smaller shapes, for a quick look (not comparable with full runs).
+    #[arg(long)]
+    pub quick: bool,
+}
+
+fn kernels(adapter: &AdapterArgs, args: &BenchKernelsArgs) -> Result<ExitCode> {
+    let json = args.json.as_deref();
+    let quick = args.quick;
+    let ctxs = contexts(adapter)?;
+    let mut out = Vec::new();
+    for ctx in &ctxs {
+        eprintln!("== bench on {}", ctx.adapter_label());
+        let r = pollster::block_on(amoe::bench::bench_kernels(ctx, quick, |msg| {
+            eprintln!("   {msg}")
+        }))?;
+        out.push(r);
+    }
+    let text = serde_json::to_string_pretty(&if out.len() == 1 {
+        serde_json::to_value(&out[0])?
+    } else {
+        serde_json::json!({ "adapters": out })
+    })?;
+    println!("{text}");
+    if let Some(path) = json {
+        write_file(path, &text)?;
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+#[derive(clap::Args, Clone, Debug)]
+pub struct BenchInferArgs {
+    #[command(flatten)]
+    pub model: ModelPick,
+    /// Prompt tokens of the prefill (from the held-out shipped text; at most the context).
+    #[arg(long)]
+    pub prompt_tokens: Option<usize>,
+    /// Tokens of the decode loop.
+    #[arg(long, default_value_t = 64)]
+    pub decode_tokens: usize,
+    /// Write the JSON to this file as well as stdout.
+    #[arg(long)]
+    pub json: Option<String>,
+}
+
+fn bench_infer(ctx: &GpuContext, args: &BenchInferArgs) -> Result<String> {
+    let ck = args.model.load()?;
+    let n = ck.cfg.context;
+    // Leave room to decode after the prompt (a context of 1 leaves none).
+    let p = args
+        .prompt_tokens
+        .unwrap_or(n / 2)
+        .clamp(1, n.saturating_sub(1).max(1));
+    let val = Corpus::shipped(shipped_dir(), Domain::Both)?.split()?.val;
+    let mut ids = Vec::new();
+    for d in &val {
+        ids.extend(ck.tokenizer.encode(&d.text)?);
+        if ids.len() >= p {
+            break;
+        }
+    }
+    if ids.len() < p {
+        return Err(Error::invalid(
+            "bench infer",
+            format!("held-out text has only {} tokens", ids.len()),
+        ));
+    }
+    ids.truncate(p);
+    let gatings = match args.model.gating {
+        Some(g) => vec![g],
+        None => vec![Gating::Top1, Gating::Top2, Gating::Adaptive],
+    };
+    let r = pollster::block_on(amoe::bench::bench_infer(
+        ctx,
+        &ck,
+        &ids,
+        args.decode_tokens,
+        &gatings,
+        |m| eprintln!("   {m}"),
+    ))?;
+    Ok(serde_json::to_string_pretty(&r)?)
+}

@@ -1,0 +1,134 @@
+//! The `amoe` command line: the clap definition, dispatch and the helpers every command
+//! shares. One module per command; argument groups used by several live in `args`.
+
+mod args;
+mod bench;
+mod conformance;
+mod devices;
+mod generate;
+mod reproduce;
+mod routes;
+mod train;
+
+use amoe::gpu::GpuContext;
+use amoe::{Error, Result};
+use args::AdapterArgs;
+use clap::{Parser, Subcommand};
+use std::process::ExitCode;
+
+#[derive(Parser)]
+#[command(
+    name = "amoe",
+    version,
+    about = "Mixture-of-Experts on any GPU through WebGPU"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// List every adapter: backend, name, type, driver, features, limits.
+    Devices {
+        #[command(flatten)]
+        args: devices::DevicesArgs,
+    },
+    /// Check every GPU kernel against its CPU twin on every adapter (or the chosen one).
+    Conformance {
+        #[command(flatten)]
+        adapter: AdapterArgs,
+        #[command(flatten)]
+        args: conformance::ConformanceArgs,
+    },
+    /// Train an MoE language model (defaults: the small adaptive-gating model on the shipped corpus).
+    Train {
+        #[command(flatten)]
+        adapter: AdapterArgs,
+        #[command(flatten)]
+        args: Box<train::TrainArgs>,
+    },
+    /// The paper's comparison: dense, top1, top2, adaptive, adaptive without curriculum,
+    /// fine-tuned from a dense model to top2's validation loss (Table 3 layout).
+    Reproduce {
+        #[command(flatten)]
+        adapter: AdapterArgs,
+        #[command(flatten)]
+        args: Box<reproduce::ReproduceArgs>,
+    },
+    /// Continue a prompt with a trained checkpoint (default: the demo checkpoint),
+    /// streaming tokens; optionally colored by one vs two experts.
+    Generate {
+        #[command(flatten)]
+        adapter: AdapterArgs,
+        #[command(flatten)]
+        args: Box<generate::GenerateArgs>,
+    },
+    /// Routing analysis over a text: per MoE layer the two-expert fraction and the
+    /// load per expert; the words that most often take two experts and those that never do.
+    Routes {
+        #[command(flatten)]
+        adapter: AdapterArgs,
+        #[command(flatten)]
+        args: Box<routes::RoutesArgs>,
+    },
+    /// Benchmarks that print numbers (JSON).
+    Bench {
+        #[command(subcommand)]
+        what: bench::BenchWhat,
+    },
+}
+
+/// Parse the command line, run the command; an error is printed and exits with 2.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let r = match cli.command {
+        Command::Devices { args } => devices::run(&args),
+        Command::Conformance { adapter, args } => conformance::run(&adapter, &args),
+        Command::Train { adapter, args } => train::run(&adapter, &args),
+        Command::Reproduce { adapter, args } => reproduce::run(&adapter, &args),
+        Command::Generate { adapter, args } => generate::run(&adapter, &args),
+        Command::Routes { adapter, args } => routes::run(&adapter, &args),
+        Command::Bench { what } => bench::run(what),
+    };
+    match r {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+/// The one adapter the flags pick.
+fn context(adapter: &AdapterArgs) -> Result<GpuContext> {
+    pollster::block_on(GpuContext::new(&adapter.filter()?))
+}
+
+/// Every adapter the flags pick.
+fn contexts(adapter: &AdapterArgs) -> Result<Vec<GpuContext>> {
+    pollster::block_on(GpuContext::all(&adapter.filter()?))
+}
+
+/// Run `f` on the one adapter the flags pick.
+fn with_ctx(adapter: &AdapterArgs, f: impl FnOnce(&GpuContext) -> Result<()>) -> Result<ExitCode> {
+    f(&context(adapter)?)?;
+    Ok(ExitCode::SUCCESS)
+}
+
+fn write_file(path: &str, text: &str) -> Result<()> {
+    std::fs::write(path, text).map_err(|source| Error::Io {
+        path: path.to_string(),
+        source,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    /// clap checks flag names only when a subcommand is parsed: check them all here.
+    #[test]
+    fn every_subcommand_is_well_formed() {
+        use clap::CommandFactory;
+        super::Cli::command().debug_assert();
+    }
+}

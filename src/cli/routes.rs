@@ -1,0 +1,142 @@
+//! `amoe routes`: routing analysis over a text, as tables or JSON.
+
+use super::args::{AdapterArgs, ModelPick};
+use super::with_ctx;
+use amoe::gpu::GpuContext;
+use amoe::infer::routes::{analyze, RoutesReport};
+use amoe::infer::Engine;
+use amoe::train::data::{shipped_dir, Corpus, Domain};
+use amoe::{Error, Result};
+use serde::Serialize;
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+pub fn run(adapter: &AdapterArgs, args: &RoutesArgs) -> Result<ExitCode> {
+    with_ctx(adapter, |ctx| routes(ctx, args))
+}
+
+#[derive(clap::Args, Clone, Debug)]
+pub struct RoutesArgs {
+    #[command(flatten)]
+    pub model: ModelPick,
+    /// Text to analyze: a file or directory (.txt, .md, .jsonl, .jsonl.gz).
+    /// Default: the held-out part of the shipped corpus.
+    #[arg(long)]
+    pub data: Option<PathBuf>,
+    /// Analyze at most this many tokens.
+    #[arg(long, default_value_t = 16384)]
+    pub max_tokens: usize,
+    /// Words seen fewer times are left out of the word lists.
+    #[arg(long, default_value_t = 5)]
+    pub min_count: usize,
+    /// Print JSON instead of tables.
+    #[arg(long)]
+    pub json: bool,
+}
+
+fn routes(ctx: &GpuContext, args: &RoutesArgs) -> Result<()> {
+    if args.max_tokens == 0 {
+        return Err(Error::invalid("routes", "--max-tokens 0: nothing to do"));
+    }
+    let ck = args.model.load()?;
+    // Default rule: the one the model was trained with (top-1 routes
+    // every token to one expert, which would show nothing).
+    let gating = args.model.gating.unwrap_or(ck.cfg.gate.gating);
+    let gate = ck.gate(Some(gating), args.model.threshold)?;
+    let docs = match &args.data {
+        Some(p) => Corpus::load(p)?.docs,
+        None => Corpus::shipped(shipped_dir(), Domain::Both)?.split()?.val,
+    };
+    let mut ids = Vec::new();
+    for d in &docs {
+        if ids.len() >= args.max_tokens {
+            break;
+        }
+        ids.extend(ck.tokenizer.encode(&d.text)?);
+        ids.push(ck.tokenizer.eot_id());
+    }
+    ids.truncate(args.max_tokens);
+    let mut engine = Engine::new(ctx, &ck, gate)?;
+    let quiet = args.json || !std::io::stderr().is_terminal();
+    let report = pollster::block_on(analyze(
+        &mut engine,
+        ctx,
+        &ck.tokenizer,
+        &ids,
+        args.min_count,
+        |done, total| {
+            if !quiet {
+                eprint!("\r{done}/{total} tokens");
+            }
+        },
+    ))?;
+    if !quiet {
+        eprintln!();
+    }
+    if args.json {
+        #[derive(Serialize)]
+        struct J<'a> {
+            adapter: String,
+            checkpoint: &'a str,
+            #[serde(flatten)]
+            report: &'a RoutesReport,
+        }
+        let j = J {
+            adapter: ctx.adapter_label(),
+            checkpoint: &ck.source,
+            report: &report,
+        };
+        println!("{}", serde_json::to_string_pretty(&j)?);
+    } else {
+        print_routes(&report, &ck.source, &ctx.adapter_label());
+    }
+    Ok(())
+}
+
+fn print_routes(r: &RoutesReport, source: &str, adapter: &str) {
+    println!(
+        "{} tokens of text through {source} on {adapter}, gating {} (threshold {})",
+        r.tokens, r.gating, r.threshold
+    );
+    println!(
+        "two-expert fraction over all MoE layers: {:.1}%\n",
+        100.0 * r.two_expert_fraction
+    );
+    let e = r.layers.first().map_or(0, |l| l.expert_load.len());
+    print!(
+        "{:<6} {:>8}  load per expert (% of routed pairs)",
+        "layer", "2-expert"
+    );
+    println!();
+    print!("{:<6} {:>8} ", "", "");
+    for i in 0..e {
+        print!(" {:>5}", format!("e{i}"));
+    }
+    println!();
+    for l in &r.layers {
+        print!("{:<6} {:>7.1}% ", l.layer, 100.0 * l.two_expert_fraction);
+        for x in &l.expert_load {
+            print!(" {:>5.1}", 100.0 * x);
+        }
+        println!();
+    }
+    println!(
+        "\nwords that most often take two experts (seen >= {} times):",
+        r.min_count
+    );
+    println!("{:<20} {:>6} {:>9}", "word", "count", "2-expert");
+    for w in &r.most_two_expert_words {
+        println!(
+            "{:<20} {:>6} {:>8.1}%",
+            w.word,
+            w.count,
+            100.0 * w.two_expert_fraction
+        );
+    }
+    println!("\nfrequent words that never took two experts:");
+    println!("{:<20} {:>6}", "word", "count");
+    for w in &r.never_two_expert_words {
+        println!("{:<20} {:>6}", w.word, w.count);
+    }
+}

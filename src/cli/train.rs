@@ -1,0 +1,268 @@
+//! `amoe train`: flags, the progress bar, Ctrl-C, the summary.
+
+use super::args::{choice, on_off, AdapterArgs, ModelArgs};
+use super::context;
+use amoe::gpu::GpuContext;
+use amoe::kernels::{GapMode, Gating, SingleWeight};
+use amoe::train::data::Domain;
+use amoe::train::trainer::{
+    interrupt_flag, DataSource, Metric, Progress, Run, RunSummary, TrainConfig,
+};
+use amoe::train::TrainGating;
+use amoe::{Error, Result};
+use indicatif::{ProgressBar, ProgressStyle};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::atomic::Ordering;
+
+#[derive(clap::Args, Clone, Debug)]
+pub struct TrainArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Gating rule of the FFN layers.
+    #[arg(long, value_parser = choice::<TrainGating>(), default_value = "adaptive")]
+    pub gating: TrainGating,
+    /// Adaptive gating: a token takes its second expert when the gap is <= this.
+    #[arg(long, default_value_t = 0.1)]
+    pub threshold: f32,
+    /// How the adaptive gap is measured.
+    #[arg(long, value_parser = choice::<GapMode>(), default_value = "top2")]
+    pub gap: GapMode,
+    /// Weight of a token routed to one expert.
+    #[arg(long, value_parser = choice::<SingleWeight>(), default_value = "raw")]
+    pub weight: SingleWeight,
+    /// Gating rule at validation (the paper evaluates with top-1).
+    #[arg(long, value_parser = choice::<Gating>(), default_value = "top1")]
+    pub eval_gating: Gating,
+    /// Order each epoch's sequences by their two-expert complexity (adaptive only).
+    #[arg(long, value_parser = on_off(), action = clap::ArgAction::Set, default_value = "on")]
+    pub curriculum: bool,
+    /// Load-balancing loss coefficient.
+    #[arg(long, default_value_t = 0.01)]
+    pub balance: f32,
+    /// Router z-loss coefficient (0 = off).
+    #[arg(long, default_value_t = 0.0)]
+    pub z_loss: f32,
+    /// Switch-style expert capacity while training: each expert takes at most
+    /// ceil(F * tokens * K / experts) slots of a batch (K = 2 for top2 and adaptive),
+    /// first choices first; the rest are dropped. Default: no limit (dropless).
+    #[arg(long, value_name = "F")]
+    pub capacity_factor: Option<f32>,
+    /// Training text: a file or directory (.txt, .md, .jsonl, .jsonl.gz). Default: the shipped corpus.
+    #[arg(long)]
+    pub data: Option<PathBuf>,
+    /// Part of the shipped corpus: shakespeare, kjv or both.
+    #[arg(long, default_value = "both")]
+    pub domain: String,
+    /// Optimizer steps.
+    #[arg(long)]
+    pub steps: Option<u64>,
+    #[arg(long)]
+    pub warmup: Option<u64>,
+    /// Global gradient-norm clip (0 = off).
+    #[arg(long)]
+    pub clip: Option<f32>,
+    #[arg(long)]
+    pub weight_decay: Option<f32>,
+    /// Validate every this many steps.
+    #[arg(long)]
+    pub eval_every: Option<u64>,
+    /// Save a checkpoint every this many steps.
+    #[arg(long)]
+    pub checkpoint_every: Option<u64>,
+    /// Stop at this validation loss.
+    #[arg(long)]
+    pub target_loss: Option<f32>,
+    /// Run directory (metrics.jsonl, loss.svg, checkpoint/).
+    #[arg(long, default_value = "runs/train")]
+    pub out: PathBuf,
+    /// Continue the run in this directory (same data order and optimizer state;
+    /// with --steps the run is extended and the learning-rate schedule follows the new total).
+    #[arg(long)]
+    pub resume: Option<PathBuf>,
+    /// Print the summary as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+impl TrainArgs {
+    pub fn config(&self) -> Result<TrainConfig> {
+        let mut c = TrainConfig::default();
+        let m = &mut c.model;
+        (m.dense, m.gate.gating) = self.gating.split();
+        m.gate.threshold = self.threshold;
+        m.gate.gap = self.gap;
+        m.gate.single_weight = self.weight;
+        m.aux.balance = self.balance;
+        m.aux.z_loss = self.z_loss;
+        m.capacity_factor = self.capacity_factor;
+        self.model.apply(&mut c);
+        for (field, arg) in [
+            (&mut c.steps, self.steps),
+            (&mut c.warmup, self.warmup),
+            (&mut c.eval_every, self.eval_every),
+            (&mut c.checkpoint_every, self.checkpoint_every),
+        ] {
+            if let Some(v) = arg {
+                *field = v;
+            }
+        }
+        if let Some(v) = self.weight_decay {
+            c.opt.adamw.weight_decay = v;
+        }
+        if let Some(clip) = self.clip {
+            c.opt.clip = (clip > 0.0).then_some(clip);
+        }
+        c.target_loss = self.target_loss;
+        c.eval_gating = self.eval_gating;
+        c.curriculum = self.curriculum;
+        c.data = match &self.data {
+            Some(p) => DataSource::Path(p.clone()),
+            None => DataSource::Shipped(self.domain.parse::<Domain>()?),
+        };
+        // A model trained with renormalized top-2 weights is evaluated the same way.
+        if c.model.gate.gating == Gating::Top2 && self.weight == SingleWeight::RawP1 {
+            c.model.gate.single_weight = SingleWeight::One;
+        }
+        c.model.validate()?;
+        Ok(c)
+    }
+}
+
+/// The progress bar: loss, tokens/s, two-expert fraction, expert load.
+pub(super) struct Bar {
+    pub(super) bar: ProgressBar,
+    pub(super) val: Option<f32>,
+}
+
+impl Progress for Bar {
+    fn start(&mut self, total: u64, done: u64) {
+        self.bar.set_length(total);
+        self.bar.set_position(done);
+    }
+    fn step(&mut self, m: &Metric) {
+        self.bar.set_position(m.step);
+        let mut msg = format!(
+            "loss {:.3}  {:.0} tok/s",
+            m.loss,
+            m.tokens_per_s.unwrap_or(0.0)
+        );
+        if let Some(f) = m.two_expert_fraction {
+            msg.push_str(&format!("  2-expert {:.0}%", 100.0 * f));
+        }
+        if let Some(i) = m.expert_imbalance {
+            msg.push_str(&format!("  load max/mean {i:.2}"));
+        }
+        if let Some(d) = m.dropped_fraction {
+            msg.push_str(&format!("  dropped {:.1}%", 100.0 * d));
+        }
+        if let Some(v) = self.val {
+            msg.push_str(&format!("  val {v:.3} (ppl {:.1})", v.exp()));
+        }
+        self.bar.set_message(msg);
+    }
+    fn val(&mut self, m: &Metric) {
+        self.val = Some(m.loss);
+        self.bar.println(format!(
+            "step {:>6}  validation loss {:.4}  perplexity {:.2}",
+            m.step,
+            m.loss,
+            m.loss.exp()
+        ));
+    }
+    fn message(&mut self, msg: &str) {
+        self.bar.println(msg);
+    }
+    fn finish(&mut self) {
+        self.bar.finish();
+    }
+}
+
+pub fn run(adapter: &AdapterArgs, args: &TrainArgs) -> Result<ExitCode> {
+    // A bad flag is reported before any adapter or data is touched.
+    if args.resume.is_none() {
+        args.config()?;
+    }
+    let ctx = context(adapter)?;
+    let s = train(&ctx, args)?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&s)?);
+    } else {
+        println!(
+            "{} steps in {:.1} s ({:.3} s/step), final train loss {:.4}, validation loss {}, two-expert fraction {:.1}%{}",
+            s.steps,
+            s.wall_s,
+            s.mean_step_s,
+            s.final_train_loss,
+            s.val_loss
+                .map(|v| format!("{v:.4} (perplexity {:.2})", v.exp()))
+                .unwrap_or_else(|| "n/a".into()),
+            100.0 * s.two_expert_fraction,
+            if s.interrupted { ", interrupted" } else { "" }
+        );
+        println!(
+            "run directory {}: metrics.jsonl, loss.svg, checkpoint/",
+            s.out.display()
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn train(ctx: &GpuContext, args: &TrainArgs) -> Result<RunSummary> {
+    let mut run = match &args.resume {
+        Some(dir) => Run::resume(ctx, dir, args.steps)?,
+        None => Run::new(ctx, args.config()?, &args.out)?,
+    };
+    let c = &run.cfg;
+    eprintln!(
+        "amoe train on {}: {} params, {} layers (MoE in {:?}), D={} E={} F={}, gating {}{}, B={} N={}, {} train / {} val sequences, vocab {}",
+        ctx.adapter_label(),
+        c.model.num_params(),
+        c.model.layers,
+        c.model.moe_layers(),
+        c.model.d,
+        c.model.experts,
+        c.model.ffn,
+        TrainGating::of(c.model.dense, c.model.gate.gating),
+        if c.model.gate.gating == Gating::Adaptive && !c.model.dense {
+            format!(" (threshold {}, curriculum {})", c.model.gate.threshold, if c.curriculum { "on" } else { "off" })
+        } else {
+            String::new()
+        } + &match c.model.capacity_factor {
+            Some(f) if !c.model.dense => format!(", capacity factor {f}"),
+            _ => String::new(),
+        },
+        c.batch,
+        c.model.context,
+        run.data.dataset.train.len(),
+        run.data.dataset.val.len(),
+        c.model.vocab,
+    );
+    if run.done > 0 {
+        eprintln!("resuming at step {} of {}", run.done, c.steps);
+    }
+    let stop = interrupt_flag();
+    let flag = stop.clone();
+    // A second Ctrl-C exits at once (the checkpoint on disk stays whole).
+    let handler = ctrlc::set_handler(move || {
+        if flag.swap(true, Ordering::SeqCst) {
+            std::process::exit(130);
+        }
+        eprintln!(
+            "\ninterrupted: saving a checkpoint at the end of this step (Ctrl-C again to quit now)"
+        );
+    });
+    if let Err(e) = handler {
+        eprintln!("warning: Ctrl-C handler not installed ({e})");
+    }
+    let bar = ProgressBar::new(run.cfg.steps);
+    bar.set_style(
+        ProgressStyle::with_template(
+            "{bar:30} {pos}/{len} [{elapsed_precise}<{eta_precise}] {msg}",
+        )
+        .map_err(|e| Error::invalid("train", e.to_string()))?,
+    );
+    let mut progress = Bar { bar, val: None };
+    let summary = pollster::block_on(run.train(ctx, &mut progress, &stop))?;
+    Ok(summary)
+}
