@@ -436,4 +436,107 @@ mod tests {
             assert_eq!(ParamId::parse(bad), None, "{bad:?}");
         }
     }
+
+    fn spec_tree() -> Params<ParamSpec> {
+        let s = |shape: &[usize]| ParamSpec {
+            shape: shape.to_vec(),
+        };
+        let block = |swiglu: bool| BlockParams {
+            norm1: s(&[4]),
+            wqkv: s(&[4, 12]),
+            wo: s(&[4, 4]),
+            norm2: s(&[4]),
+            ffn: FfnParams {
+                w_router: s(&[4, 2]),
+                w1: s(&[2, 4, 3]),
+                w3: swiglu.then(|| s(&[2, 4, 3])),
+                w2: s(&[2, 3, 4]),
+            },
+        };
+        Params {
+            wte: s(&[7, 4]),
+            wpe: s(&[5, 4]),
+            blocks: vec![block(false), block(true)],
+            norm_f: s(&[4]),
+            w_out: s(&[4, 7]),
+        }
+    }
+
+    #[test]
+    fn one_canonical_order_for_every_visit() {
+        let mut tree = spec_tree();
+        let ids: Vec<ParamId> = tree.iter().map(|(id, _)| id).collect();
+        assert_eq!(ids.len(), 4 + 7 + 8);
+        assert_eq!(
+            &ids[..3],
+            &[
+                ParamId::Wte,
+                ParamId::Wpe,
+                ParamId::Block(0, BlockParam::Norm1)
+            ]
+        );
+        assert_eq!(ids[ids.len() - 1], ParamId::WOut);
+        let mut_ids: Vec<ParamId> = tree.iter_mut().map(|(id, _)| id).collect();
+        assert_eq!(mut_ids, ids);
+        let mut seen = Vec::new();
+        let mapped = tree.map(|id, _| {
+            seen.push(id);
+            id.name()
+        });
+        assert_eq!(seen, ids);
+        let names: Vec<String> = mapped.clone().into_values();
+        assert_eq!(names, ids.iter().map(|id| id.name()).collect::<Vec<_>>());
+        let again = mapped.into_map(|id, name| (id, name));
+        assert!(again
+            .iter()
+            .all(|(id, (id2, name))| id == *id2 && *name == id.name()));
+        for id in &ids {
+            assert!(tree.get(*id).is_some(), "{id}");
+        }
+        assert!(tree.get(ParamId::Block(0, BlockParam::W3)).is_none());
+        assert!(tree.get(ParamId::Block(2, BlockParam::W1)).is_none());
+    }
+
+    #[test]
+    fn assign_refuses_missing_unexpected_repeated_and_misshapen_tensors() {
+        let tree = spec_tree();
+        let good: Vec<(String, Vec<usize>, u8)> = tree
+            .iter()
+            .map(|(id, s)| (id.name(), s.shape.clone(), 1))
+            .collect();
+        // Any order.
+        let mut shuffled = good.clone();
+        shuffled.reverse();
+        let t = tree.assign("f", shuffled, ParamId::name).unwrap();
+        assert_eq!(t.wte, (vec![7, 4], 1));
+
+        let mut bad = good.clone();
+        bad.retain(|(n, _, _)| n != "layers.1.ffn.w3");
+        bad.push(("layers.1.ffn.w4".into(), vec![1], 0));
+        bad.push(("wte".into(), vec![7, 4], 0));
+        bad[0].1 = vec![4, 7];
+        let msg = tree
+            .assign("dir/model.safetensors", bad, ParamId::name)
+            .unwrap_err()
+            .to_string();
+        for want in [
+            "dir/model.safetensors",
+            "missing tensor layers.1.ffn.w3 [2, 4, 3]",
+            "unexpected tensor layers.1.ffn.w4 [1]",
+            "tensor wte appears twice",
+            "4 problem(s)",
+        ] {
+            assert!(msg.contains(want), "{want}: {msg}");
+        }
+        let mut bad = good;
+        bad[1].1 = vec![5, 5];
+        let msg = tree
+            .assign("f", bad, ParamId::name)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            msg.contains("tensor wpe: expected shape [5, 4], found [5, 5]"),
+            "{msg}"
+        );
+    }
 }
