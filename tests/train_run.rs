@@ -252,10 +252,7 @@ fn session_config_errors_are_typed() {
         gating: "top3".into(),
         ..SessionConfig::default()
     };
-    assert!(matches!(
-        bad.train_config(),
-        Err(Error::InvalidArgument { .. })
-    ));
+    assert!(matches!(bad.train_config(), Err(Error::Choice { .. })));
     let bad = SessionConfig {
         heads: 3,
         ..SessionConfig::default()

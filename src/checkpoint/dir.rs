@@ -3,8 +3,8 @@
 //! its renames (see the module docs of `checkpoint` for the format).
 
 use super::{
-    check_tensors, parse_safetensors, safetensors_bytes, NamedTensor, CONFIG_FILE, MODEL_FILE,
-    OPTIMIZER_FILE, STATE_FILE, TOKENIZER_FILE,
+    check_tensors, parse_safetensors, parse_shards, safetensors_bytes, NamedTensor, CONFIG_FILE,
+    MODEL_FILE, OPTIMIZER_FILE, SHARD_INDEX_FILE, STATE_FILE, TOKENIZER_FILE,
 };
 use crate::error::{Error, Result};
 use serde::de::DeserializeOwned;
@@ -167,22 +167,53 @@ pub fn recover(dir: impl AsRef<Path>) -> Result<()> {
     Ok(())
 }
 
-fn read_file(path: &Path) -> Result<Vec<u8>> {
-    std::fs::read(path).map_err(|e| {
-        let msg = if e.kind() == std::io::ErrorKind::NotFound {
-            "missing".to_string()
-        } else {
-            e.to_string()
-        };
-        Error::checkpoint(path.display(), msg)
-    })
+fn file_error(path: &Path, e: std::io::Error) -> Error {
+    let msg = if e.kind() == std::io::ErrorKind::NotFound {
+        "missing".to_string()
+    } else {
+        e.to_string()
+    };
+    Error::checkpoint(path.display(), msg)
 }
 
-/// The tensors of one safetensors file (f32 only), in the file's order.
+fn read_file(path: &Path) -> Result<Vec<u8>> {
+    std::fs::read(path).map_err(|e| file_error(path, e))
+}
+
+/// The tensors of one safetensors file (F32, F16 or BF16, as f32), sorted
+/// by name. The file is memory-mapped: its bytes are not copied into memory
+/// first, only the f32 values are made.
 pub fn read_tensors(path: impl AsRef<Path>) -> Result<Vec<NamedTensor>> {
     let path = path.as_ref();
-    let bytes = read_file(path)?;
-    parse_safetensors(&path.display().to_string(), &bytes)
+    let source = path.display().to_string();
+    let file = std::fs::File::open(path).map_err(|e| file_error(path, e))?;
+    let len = file.metadata().map_err(|e| io(path, e))?.len();
+    if len == 0 {
+        // Nothing to map; the parser says what is wrong with an empty file.
+        return parse_safetensors(&source, &[]);
+    }
+    // SAFETY: a read-only map that lives only for this parse. As with any
+    // memory map, a file truncated by another process during the read
+    // would fault; a file rewritten in place can only give wrong values,
+    // which the parse checks as far as the format allows.
+    let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| io(path, e))?;
+    parse_safetensors(&source, &map)
+}
+
+/// The model tensors of a directory: `model.safetensors`, or the shards
+/// that `model.safetensors.index.json` names (each checked against it).
+pub fn read_model_tensors(dir: impl AsRef<Path>) -> Result<Vec<NamedTensor>> {
+    let dir = dir.as_ref();
+    let single = dir.join(MODEL_FILE);
+    let index = dir.join(SHARD_INDEX_FILE);
+    if single.exists() || !index.exists() {
+        return read_tensors(single);
+    }
+    let bytes = read_file(&index)?;
+    parse_shards(&index.display().to_string(), &bytes, |file| {
+        let path = dir.join(file);
+        Ok((path.display().to_string(), read_tensors(&path)?))
+    })
 }
 
 fn read_json<T: DeserializeOwned>(path: &Path) -> Result<T> {
@@ -226,6 +257,7 @@ mod tests {
     use super::*;
     use safetensors::tensor::{Dtype, TensorView};
     use serde::Deserialize;
+    use std::collections::BTreeSet;
     use std::collections::HashMap;
 
     #[derive(Serialize, Deserialize, Debug, PartialEq)]
@@ -426,6 +458,153 @@ mod tests {
         let st = safetensors::serialize([("ids", view)], None).unwrap();
         std::fs::write(dir.join(OPTIMIZER_FILE), st).unwrap();
         assert!(file_err(&dir, OPTIMIZER_FILE).contains("I32"));
+        std::fs::remove_dir_all(&root).unwrap();
+    }
+
+    fn hf_fixtures() -> Vec<PathBuf> {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/hf");
+        let mut dirs: Vec<PathBuf> = std::fs::read_dir(&root)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .filter(|p| p.join("config.json").exists())
+            .collect();
+        dirs.sort();
+        assert!(
+            dirs.len() >= 9,
+            "{} fixtures under {}",
+            dirs.len(),
+            root.display()
+        );
+        dirs
+    }
+
+    /// Every tensor the reference library stored (`expected.json`'s
+    /// `tensors`: name -> dtype, shape) comes back with its shape, from one
+    /// file or from shards, and F16/BF16 values convert exactly.
+    #[test]
+    fn reads_the_hugging_face_fixtures_f32_f16_bf16_and_shards() {
+        let mut dtypes = BTreeSet::new();
+        let mut sharded = 0;
+        for dir in hf_fixtures() {
+            let expected: serde_json::Value =
+                serde_json::from_slice(&std::fs::read(dir.join("expected.json")).unwrap()).unwrap();
+            let want = expected["tensors"].as_object().unwrap();
+            let got = read_model_tensors(&dir).unwrap();
+            assert_eq!(got.len(), want.len(), "{}", dir.display());
+            sharded += usize::from(dir.join(SHARD_INDEX_FILE).exists());
+            for t in &got {
+                let w = &want[&t.name];
+                let shape: Vec<usize> = w["shape"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|x| x.as_u64().unwrap() as usize)
+                    .collect();
+                assert_eq!(t.shape, shape, "{} {}", dir.display(), t.name);
+                assert_eq!(t.data.len(), shape.iter().product::<usize>());
+                let dtype = w["dtype"].as_str().unwrap().to_string();
+                // Converted values are exactly those of the stored type.
+                let exact = |x: f32| match dtype.as_str() {
+                    "BF16" => half::bf16::from_f32(x).to_f32() == x,
+                    "F16" => half::f16::from_f32(x).to_f32() == x,
+                    _ => true,
+                };
+                assert!(
+                    t.data.iter().all(|&x| x.is_finite() && exact(x)),
+                    "{} {} ({dtype})",
+                    dir.display(),
+                    t.name
+                );
+                dtypes.insert(dtype);
+            }
+        }
+        assert_eq!(sharded, 1);
+        let want: BTreeSet<String> = ["BF16", "F16", "F32"].map(String::from).into();
+        assert_eq!(dtypes, want);
+    }
+
+    #[test]
+    fn bad_shards_and_dtypes_are_errors_naming_the_file() {
+        let root = tmp("shards");
+        let src = hf_fixtures()
+            .into_iter()
+            .find(|d| d.join(SHARD_INDEX_FILE).exists())
+            .unwrap();
+        let copy = |name: &str| -> PathBuf {
+            let d = root.join(name);
+            std::fs::create_dir_all(&d).unwrap();
+            for e in std::fs::read_dir(&src).unwrap() {
+                let p = e.unwrap().path();
+                std::fs::copy(&p, d.join(p.file_name().unwrap())).unwrap();
+            }
+            d
+        };
+        let index = |d: &Path| -> serde_json::Value {
+            serde_json::from_slice(&std::fs::read(d.join(SHARD_INDEX_FILE)).unwrap()).unwrap()
+        };
+        let write_index = |d: &Path, v: &serde_json::Value| {
+            std::fs::write(d.join(SHARD_INDEX_FILE), serde_json::to_vec(v).unwrap()).unwrap()
+        };
+        let err = |d: &Path| match read_model_tensors(d) {
+            Err(Error::Checkpoint { path, msg }) => format!("{path}: {msg}"),
+            other => panic!(
+                "expected a checkpoint error, got {:?}",
+                other.map(|t| t.len())
+            ),
+        };
+
+        // A missing shard file.
+        let d = copy("missing_shard");
+        let first = index(&d)["weight_map"]["model.embed_tokens.weight"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        std::fs::remove_file(d.join(&first)).unwrap();
+        let msg = err(&d);
+        assert!(msg.contains(&first) && msg.contains("missing"), "{msg}");
+
+        // The index names a tensor its shard does not hold.
+        let d = copy("ghost_tensor");
+        let mut v = index(&d);
+        v["weight_map"]["model.layers.9.mlp.gate.weight"] = first.clone().into();
+        write_index(&d, &v);
+        let msg = err(&d);
+        assert!(msg.contains("model.layers.9.mlp.gate.weight"), "{msg}");
+
+        // A shard holds a tensor the index does not name there.
+        let d = copy("unnamed_tensor");
+        let mut v = index(&d);
+        v["weight_map"]
+            .as_object_mut()
+            .unwrap()
+            .remove("model.embed_tokens.weight");
+        write_index(&d, &v);
+        let msg = err(&d);
+        assert!(
+            msg.contains("model.embed_tokens.weight") && msg.contains(&first),
+            "{msg}"
+        );
+
+        // A shard outside the directory, and an index that is not one.
+        let d = copy("escape");
+        let mut v = index(&d);
+        v["weight_map"]["model.embed_tokens.weight"] = "../x.safetensors".into();
+        write_index(&d, &v);
+        assert!(err(&d).contains("not a file name"));
+        std::fs::write(d.join(SHARD_INDEX_FILE), b"{\"weight_map\": 3}").unwrap();
+        assert!(err(&d).contains("not a shard index"));
+
+        // A dtype amoe does not read.
+        let raw = 7i32.to_le_bytes();
+        let view = TensorView::new(Dtype::I32, vec![1], &raw).unwrap();
+        let bytes = safetensors::serialize([("counts", view)], None).unwrap();
+        let p = root.join("i32.safetensors");
+        std::fs::write(&p, bytes).unwrap();
+        let msg = read_tensors(&p).unwrap_err().to_string();
+        assert!(
+            msg.contains("counts is I32") && msg.contains("F32, F16 and BF16"),
+            "{msg}"
+        );
         std::fs::remove_dir_all(&root).unwrap();
     }
 }

@@ -142,8 +142,10 @@ pub fn safetensors_bytes(tensors: &[NamedTensor]) -> Result<Vec<u8>> {
         .map_err(|e| Error::invalid("checkpoint save", format!("safetensors: {e}")))
 }
 
-/// The f32 tensors of a safetensors file's bytes, sorted by name. `source`
-/// names the file in errors.
+/// The tensors of a safetensors file's bytes as f32, sorted by name: F32
+/// as stored, F16 and BF16 converted exactly (every such value is an f32).
+/// Any other dtype is an error naming the tensor. `source` names the file
+/// in errors.
 pub fn parse_safetensors(source: &str, bytes: &[u8]) -> Result<Vec<NamedTensor>> {
     use safetensors::tensor::SafeTensors;
     let st = SafeTensors::deserialize(bytes).map_err(|e| {
@@ -156,23 +158,110 @@ pub fn parse_safetensors(source: &str, bytes: &[u8]) -> Result<Vec<NamedTensor>>
     tensors.sort_by(|a, b| a.0.cmp(&b.0));
     let mut out = Vec::with_capacity(tensors.len());
     for (name, view) in tensors {
-        if view.dtype() != Dtype::F32 {
-            return Err(Error::checkpoint(
+        let data = to_f32(view.dtype(), view.data()).ok_or_else(|| {
+            Error::checkpoint(
                 source,
-                format!("tensor {name} is {:?}, expected F32", view.dtype()),
-            ));
-        }
-        let data = view
-            .data()
-            .chunks_exact(4)
-            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-            .collect();
+                format!(
+                    "tensor {name} is {:?}: amoe reads F32, F16 and BF16 tensors",
+                    view.dtype()
+                ),
+            )
+        })?;
         out.push(NamedTensor {
             name,
             shape: view.shape().to_vec(),
             data,
         });
     }
+    Ok(out)
+}
+
+/// Little-endian `bytes` of `dtype` as f32 values; None for a dtype amoe
+/// does not read.
+fn to_f32(dtype: Dtype, bytes: &[u8]) -> Option<Vec<f32>> {
+    Some(match dtype {
+        Dtype::F32 => bytes
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect(),
+        Dtype::F16 => bytes
+            .chunks_exact(2)
+            .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
+            .collect(),
+        Dtype::BF16 => bytes
+            .chunks_exact(2)
+            .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
+            .collect(),
+        _ => return None,
+    })
+}
+
+/// `model.safetensors.index.json`: which shard file holds each tensor.
+pub const SHARD_INDEX_FILE: &str = "model.safetensors.index.json";
+
+/// The shard files named by an index (`weight_map`: tensor -> file), each
+/// once, in order of first appearance, with the tensors it must hold.
+pub fn parse_shard_index(source: &str, bytes: &[u8]) -> Result<Vec<(String, Vec<String>)>> {
+    #[derive(serde::Deserialize)]
+    struct Index {
+        weight_map: std::collections::BTreeMap<String, String>,
+    }
+    let index: Index = serde_json::from_slice(bytes)
+        .map_err(|e| Error::checkpoint(source, format!("not a shard index: {e}")))?;
+    let mut shards: Vec<(String, Vec<String>)> = Vec::new();
+    for (tensor, file) in index.weight_map {
+        // A shard is a file next to the index, never a path elsewhere.
+        if file.is_empty() || file.contains(['/', '\\']) || file == "." || file == ".." {
+            return Err(Error::checkpoint(
+                source,
+                format!("tensor {tensor}: shard {file:?} is not a file name"),
+            ));
+        }
+        match shards.iter_mut().find(|(f, _)| *f == file) {
+            Some((_, names)) => names.push(tensor),
+            None => shards.push((file, vec![tensor])),
+        }
+    }
+    if shards.is_empty() {
+        return Err(Error::checkpoint(source, "weight_map names no tensor"));
+    }
+    Ok(shards)
+}
+
+/// The tensors of the shards an index names, each shard read by
+/// `read(file) -> (where it was read, its tensors)`, checked against the
+/// index: every tensor it names must be in its shard, and a shard may hold
+/// no tensor the index does not name there. Sorted by name.
+pub fn parse_shards(
+    index_source: &str,
+    index: &[u8],
+    mut read: impl FnMut(&str) -> Result<(String, Vec<NamedTensor>)>,
+) -> Result<Vec<NamedTensor>> {
+    let mut out = Vec::new();
+    for (file, names) in parse_shard_index(index_source, index)? {
+        let (source, tensors) = read(&file)?;
+        for n in &names {
+            if !tensors.iter().any(|t| t.name == *n) {
+                return Err(Error::checkpoint(
+                    &source,
+                    format!(
+                        "{index_source} names tensor {n} in this shard, which does not hold it"
+                    ),
+                ));
+            }
+        }
+        if let Some(t) = tensors.iter().find(|t| !names.contains(&t.name)) {
+            return Err(Error::checkpoint(
+                &source,
+                format!(
+                    "holds tensor {}, which {index_source} does not name here",
+                    t.name
+                ),
+            ));
+        }
+        out.extend(tensors);
+    }
+    out.sort_by(|a, b| a.name.cmp(&b.name));
     Ok(out)
 }
 

@@ -85,7 +85,8 @@ impl InferCheckpoint {
     #[cfg(not(target_arch = "wasm32"))]
     pub fn load(dir: impl AsRef<std::path::Path>) -> Result<Self> {
         use crate::checkpoint::{
-            parse_safetensors, CONFIG_FILE, MODEL_FILE, STATE_FILE, TOKENIZER_FILE,
+            read_model_tensors, CONFIG_FILE, MODEL_FILE, SHARD_INDEX_FILE, STATE_FILE,
+            TOKENIZER_FILE,
         };
         let mut dir = dir.as_ref().to_path_buf();
         if !dir.join(CONFIG_FILE).exists() && dir.join("checkpoint").join(CONFIG_FILE).exists() {
@@ -113,8 +114,11 @@ impl InferCheckpoint {
         let tokenizer = read(TOKENIZER_FILE)?;
         let tokenizer = String::from_utf8(tokenizer)
             .map_err(|_| Error::checkpoint(dir.join(TOKENIZER_FILE).display(), "not UTF-8"))?;
-        let model = dir.join(MODEL_FILE);
-        let tensors = parse_safetensors(&model.display().to_string(), &read(MODEL_FILE)?)?;
+        // model.safetensors (memory-mapped), or the shards of an index.
+        if !dir.join(MODEL_FILE).exists() && !dir.join(SHARD_INDEX_FILE).exists() {
+            read(MODEL_FILE)?;
+        }
+        let tensors = read_model_tensors(&dir)?;
         let state = dir.join(STATE_FILE);
         let state = if state.exists() {
             Some(read(STATE_FILE)?)
