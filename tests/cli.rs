@@ -442,3 +442,47 @@ fn generate_and_routes_reject_bad_input_with_a_message() {
         assert!(!err.contains("panicked"), "{args:?}: {err}");
     }
 }
+
+/// `amoe info` on the demo: the counts add up, the bytes are f32 storage
+/// of every parameter plus the caches, and the text names the adapter.
+#[test]
+fn info_reports_parameters_and_bytes_on_every_adapter() {
+    let mut backends = Vec::new();
+    common::for_each_adapter(|ctx| backends.push(ctx.backend()));
+    for backend in &backends {
+        let out = amoe(&[
+            "info",
+            "--backend",
+            backend,
+            "--json",
+            "--gating",
+            "adaptive",
+        ]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("valid JSON");
+        let p = &v["params"];
+        let n = |x: &serde_json::Value| x.as_u64().unwrap();
+        assert_eq!(v["gating"], "adaptive");
+        assert_eq!(v["experts_per_token"], serde_json::json!([1, 2]));
+        assert!(n(&p["active_min"]) < n(&p["active_max"]));
+        assert!(n(&p["active_max"]) < n(&p["total"]));
+        assert!(n(&p["experts"]) + n(&p["embeddings"]) < n(&p["total"]));
+        assert_eq!(n(&v["bytes"]["params"]), 4 * n(&p["total"]));
+        assert_eq!(v["fits"], true);
+        assert!(v["adapter"].as_str().unwrap().starts_with(backend.as_str()));
+        let text = amoe(&["info", "--backend", backend, "--gating", "top1"]);
+        assert!(text.status.success());
+        let text = String::from_utf8_lossy(&text.stdout);
+        assert!(
+            text.contains("(1 expert(s) per MoE layer)") && text.contains("fits"),
+            "{text}"
+        );
+    }
+    let bad = amoe(&["info", "--checkpoint", "/nonexistent/run"]);
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("/nonexistent/run"));
+}

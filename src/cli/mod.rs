@@ -6,6 +6,7 @@ mod bench;
 mod conformance;
 mod devices;
 mod generate;
+mod info;
 mod reproduce;
 mod routes;
 mod train;
@@ -72,6 +73,14 @@ enum Command {
         #[command(flatten)]
         args: Box<routes::RoutesArgs>,
     },
+    /// What a checkpoint is (architecture, parameters in total and active per
+    /// token) and what it takes on the chosen adapter, before loading it there.
+    Info {
+        #[command(flatten)]
+        adapter: AdapterArgs,
+        #[command(flatten)]
+        args: Box<info::InfoArgs>,
+    },
     /// Benchmarks that print numbers (JSON).
     Bench {
         #[command(subcommand)]
@@ -89,6 +98,7 @@ pub fn main() -> ExitCode {
         Command::Reproduce { adapter, args } => reproduce::run(&adapter, &args),
         Command::Generate { adapter, args } => generate::run(&adapter, &args),
         Command::Routes { adapter, args } => routes::run(&adapter, &args),
+        Command::Info { adapter, args } => info::run(&adapter, &args),
         Command::Bench { what } => bench::run(what),
     };
     match r {

@@ -28,6 +28,14 @@ impl Gating {
             Gating::Top2 | Gating::Adaptive => 2,
         }
     }
+
+    /// The fewest experts a token can use.
+    pub fn min_k(self) -> usize {
+        match self {
+            Gating::Top1 | Gating::Adaptive => 1,
+            Gating::Top2 => 2,
+        }
+    }
 }
 
 choice! { Gating, "gating",

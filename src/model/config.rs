@@ -7,6 +7,28 @@ use crate::model::params::{BlockParams, FfnParams, ParamSpec, Params};
 use crate::moe::MoeConfig;
 use serde::{Deserialize, Serialize};
 
+/// How many parameters a model has (see `ModelConfig::param_counts`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub struct ParamCounts {
+    pub total: usize,
+    /// Token and position embeddings.
+    pub embeddings: usize,
+    /// Expert weights of every FFN (w1, w3, w2; a dense FFN is one expert).
+    pub experts: usize,
+    /// Parameters one token uses with the fewest and the most experts.
+    pub active_min: usize,
+    pub active_max: usize,
+}
+
+/// Bytes a model takes on the GPU (see `ModelConfig::gpu_bytes`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct GpuBytes {
+    pub params: u64,
+    pub kv_cache: u64,
+    pub largest_tensor: u64,
+    pub largest_tensor_name: String,
+}
+
 /// Which FFN a layer has.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -205,6 +227,58 @@ impl ModelConfig {
         self.param_specs().values().map(ParamSpec::numel).sum()
     }
 
+    /// Parameter counts: in total, and active for one token when each MoE
+    /// layer runs between `min_k` and `max_k` of its experts (a dense FFN
+    /// always runs its one).
+    pub fn param_counts(&self, min_k: usize, max_k: usize) -> ParamCounts {
+        let specs = self.param_specs();
+        let numel = |s: &ParamSpec| s.numel();
+        let total = specs.values().map(numel).sum();
+        let embeddings = numel(&specs.wte) + numel(&specs.wpe);
+        let mut experts = 0;
+        let (mut idle_max, mut idle_min) = (0, 0);
+        for (l, b) in specs.blocks.iter().enumerate() {
+            let f = &b.ffn;
+            let bank = numel(&f.w1) + f.w3.as_ref().map_or(0, numel) + numel(&f.w2);
+            experts += bank;
+            let e = self.ffn_config(l).e;
+            let per_expert = bank / e;
+            if e > 1 {
+                // Experts a token does not run.
+                idle_max += e.saturating_sub(min_k.min(e)) * per_expert;
+                idle_min += e.saturating_sub(max_k.min(e)) * per_expert;
+            }
+        }
+        ParamCounts {
+            total,
+            embeddings,
+            experts,
+            active_min: total - idle_max,
+            active_max: total - idle_min,
+        }
+    }
+
+    /// What the model takes on the GPU with f32 storage: the parameters,
+    /// the K/V caches of generation (every layer, the whole context) and
+    /// the largest single tensor (which must fit one storage binding).
+    pub fn gpu_bytes(&self) -> GpuBytes {
+        let specs = self.param_specs();
+        let params = specs.values().map(|s| s.numel() as u64 * 4).sum();
+        let largest = specs
+            .iter()
+            .map(|(id, s)| (s.numel() as u64 * 4, id.name()))
+            .max()
+            .unwrap_or_default();
+        let kv =
+            2 * (self.layers * self.heads * self.context * (self.d / self.heads.max(1))) as u64 * 4;
+        GpuBytes {
+            params,
+            kv_cache: kv,
+            largest_tensor: largest.0,
+            largest_tensor_name: largest.1,
+        }
+    }
+
     /// Forward FLOPs per token with `slots_per_token` routed experts per MoE
     /// layer (1 for top-1, 2 for top-2, 1 + two-expert fraction for
     /// adaptive); training costs about three times this.
@@ -290,5 +364,38 @@ mod tests {
         let c = ModelConfig::default();
         let s = serde_json::to_string(&c).unwrap();
         assert_eq!(serde_json::from_str::<ModelConfig>(&s).unwrap(), c);
+    }
+
+    #[test]
+    fn active_parameters_leave_out_the_experts_a_token_does_not_run() {
+        let c = ModelConfig {
+            moe_every: 2,
+            activation: Activation::SwiGlu,
+            ..ModelConfig::default()
+        };
+        let (d, f, e) = (c.d, c.ffn, c.experts);
+        let per_expert = 3 * d * f;
+        let moe = c.moe_layers().len();
+        let p = c.param_counts(1, 2);
+        assert_eq!(p.total, c.num_params());
+        assert_eq!(p.embeddings, c.vocab * d + c.context * d);
+        assert_eq!(
+            p.experts,
+            moe * e * per_expert + (c.layers - moe) * per_expert
+        );
+        assert_eq!(p.active_min, p.total - moe * (e - 1) * per_expert);
+        assert_eq!(p.active_max, p.total - moe * (e - 2) * per_expert);
+        assert_eq!(c.param_counts(2, 2).active_min, p.active_max);
+        let dense = ModelConfig {
+            dense: true,
+            ..c.clone()
+        };
+        let p = dense.param_counts(1, 2);
+        assert_eq!((p.active_min, p.active_max), (p.total, p.total));
+        let b = c.gpu_bytes();
+        assert_eq!(b.params, 4 * c.num_params() as u64);
+        assert_eq!(b.kv_cache, (2 * c.layers * c.context * d * 4) as u64);
+        let largest = (c.vocab * d).max(e * d * f);
+        assert_eq!(b.largest_tensor, 4 * largest as u64);
     }
 }

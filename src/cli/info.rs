@@ -1,0 +1,147 @@
+//! `amoe info`: what a checkpoint is (architecture, parameters in total and
+//! active per token) and what it will take on the chosen adapter, before
+//! anything is uploaded to it.
+
+use super::args::{AdapterArgs, ModelPick};
+use super::context;
+use amoe::model::config::{GpuBytes, ParamCounts};
+use amoe::Result;
+use serde::Serialize;
+use std::process::ExitCode;
+
+#[derive(clap::Args, Clone, Debug)]
+pub struct InfoArgs {
+    #[command(flatten)]
+    pub model: ModelPick,
+    /// Print JSON instead of text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Serialize)]
+struct Info {
+    checkpoint: String,
+    layers: usize,
+    moe_layers: Vec<usize>,
+    d: usize,
+    heads: usize,
+    head_dim: usize,
+    context: usize,
+    vocab: usize,
+    positions: &'static str,
+    experts: usize,
+    ffn: usize,
+    activation: String,
+    gating: String,
+    threshold: f32,
+    /// Experts one token runs in an MoE layer, fewest and most.
+    experts_per_token: [usize; 2],
+    params: ParamCounts,
+    /// f32 storage.
+    bytes: GpuBytes,
+    adapter: String,
+    /// The adapter's largest storage binding (and buffer).
+    binding_limit: u64,
+    fits: bool,
+}
+
+pub fn run(adapter: &AdapterArgs, args: &InfoArgs) -> Result<ExitCode> {
+    let ck = args.model.load()?;
+    let gate = ck.gate(args.model.gating, args.model.threshold)?;
+    let cfg = &ck.cfg;
+    let (min_k, max_k) = (gate.gating.min_k(), gate.gating.max_k());
+    let ctx = context(adapter)?;
+    let limit = ctx
+        .limits
+        .max_storage_buffer_binding_size
+        .min(ctx.limits.max_buffer_size);
+    let bytes = cfg.gpu_bytes();
+    let info = Info {
+        checkpoint: ck.source.clone(),
+        layers: cfg.layers,
+        moe_layers: cfg.moe_layers(),
+        d: cfg.d,
+        heads: cfg.heads,
+        head_dim: cfg.d / cfg.heads,
+        context: cfg.context,
+        vocab: cfg.vocab,
+        positions: "learned",
+        experts: cfg.experts,
+        ffn: cfg.ffn,
+        activation: cfg.activation.to_string(),
+        gating: gate.gating.to_string(),
+        threshold: gate.threshold,
+        experts_per_token: [min_k, max_k],
+        params: cfg.param_counts(min_k, max_k),
+        fits: bytes.largest_tensor <= limit,
+        bytes,
+        adapter: format!("{}/{}", ctx.backend(), ctx.info.name),
+        binding_limit: limit,
+    };
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&info)?);
+    } else {
+        print!("{}", text(&info));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn mib(bytes: u64) -> String {
+    format!("{:.1} MiB", bytes as f64 / (1024.0 * 1024.0))
+}
+
+fn count(n: usize) -> String {
+    if n >= 1_000_000 {
+        format!("{:.2}M", n as f64 / 1e6)
+    } else {
+        n.to_string()
+    }
+}
+
+fn text(i: &Info) -> String {
+    let p = &i.params;
+    let b = &i.bytes;
+    let experts = match i.experts_per_token {
+        [a, b] if a == b => format!("{a}"),
+        [a, b] => format!("{a} to {b}"),
+    };
+    let active = if p.active_min == p.active_max {
+        count(p.active_min)
+    } else {
+        format!("{} to {}", count(p.active_min), count(p.active_max))
+    };
+    format!(
+        "{}\n\
+         architecture: {} layers (MoE in {:?}), D={}, {} heads of {}, context {}, vocabulary {}, {} positions\n\
+         FFN: {} experts of F={} ({}), gating {} (threshold {})\n\
+         parameters: {} total ({} embeddings, {} in experts); active per token: {} ({} expert(s) per MoE layer)\n\
+         on {} (f32 storage): parameters {}, KV cache {}, total {}; largest tensor {} ({}) of a {} binding limit: {}\n",
+        i.checkpoint,
+        i.layers,
+        i.moe_layers,
+        i.d,
+        i.heads,
+        i.head_dim,
+        i.context,
+        i.vocab,
+        i.positions,
+        i.experts,
+        i.ffn,
+        i.activation,
+        i.gating,
+        i.threshold,
+        count(p.total),
+        count(p.embeddings),
+        count(p.experts),
+        active,
+        experts,
+        i.adapter,
+        mib(b.params),
+        mib(b.kv_cache),
+        mib(b.params + b.kv_cache),
+        b.largest_tensor_name,
+        mib(b.largest_tensor),
+        mib(i.binding_limit),
+        if i.fits { "fits" } else { "does not fit" },
+    )
+}
