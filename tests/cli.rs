@@ -486,3 +486,60 @@ fn info_reports_parameters_and_bytes_on_every_adapter() {
     assert!(!bad.status.success());
     assert!(String::from_utf8_lossy(&bad.stderr).contains("/nonexistent/run"));
 }
+
+/// `amoe eval` on a text: a JSON report whose numbers agree with each
+/// other; a stride past the context and a text of one token are errors.
+#[test]
+fn eval_reports_perplexity_and_experts_per_token() {
+    let dir = std::env::temp_dir().join(format!("amoe_cli_eval_{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let text = dir.join("text.txt");
+    std::fs::write(
+        &text,
+        "And God said, Let there be light: and there was light. ".repeat(20),
+    )
+    .unwrap();
+    let json = dir.join("eval.json");
+    let (t, j) = (text.to_str().unwrap(), json.to_str().unwrap());
+    let out = amoe(&[
+        "eval", "--data", t, "--gating", "adaptive", "--stride", "32", "--json", j,
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("perplexity") && stdout.contains("mean experts per token"),
+        "{stdout}"
+    );
+    let v: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+    assert_eq!(v["gating"], "adaptive");
+    assert_eq!(v["stride"], 32);
+    assert_eq!(
+        v["scored"].as_u64().unwrap() + 1,
+        v["tokens"].as_u64().unwrap()
+    );
+    let (loss, ppl) = (
+        v["loss"].as_f64().unwrap(),
+        v["perplexity"].as_f64().unwrap(),
+    );
+    assert!(loss > 0.0 && (ppl - loss.exp()).abs() < 1e-6 * ppl);
+    let layers = v["experts_per_token"].as_array().unwrap();
+    assert_eq!(layers.len(), 4);
+    for l in layers {
+        let m = l["mean_experts"].as_f64().unwrap();
+        assert!((1.0..=2.0).contains(&m), "{l}");
+    }
+    for (args, want) in [
+        (vec!["eval", "--data", t, "--stride", "1000"], "stride 1000"),
+        (vec!["eval", "--data", t, "--max-tokens", "1"], "at least 2"),
+    ] {
+        let out = amoe(&args);
+        assert!(!out.status.success(), "{args:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(want), "{args:?}: {err}");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}

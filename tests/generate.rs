@@ -305,3 +305,62 @@ fn broken_checkpoints_are_typed_errors() {
     is_ck(InferCheckpoint::load(&dir));
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// `amoe eval`'s windows on the GPU give the loss the CPU twin gives on the
+/// same windows, and every scored token's experts (1 or 2 under adaptive,
+/// 1 under top-1).
+#[test]
+fn eval_matches_the_twin_on_its_windows() {
+    use amoe::infer::eval::{evaluate, windows, EvalConfig};
+    use amoe::kernels::UNUSED;
+    use amoe::model::reference::forward_loss;
+    let ck = demo();
+    let text = "In the beginning God created the heaven and the earth. And the earth was \
+                without form, and void; and darkness was upon the face of the deep. And the \
+                Spirit of God moved upon the face of the waters. And God said, Let there be \
+                light: and there was light. And God saw the light, that it was good: and God \
+                divided the light from the darkness.";
+    let ids = ck.tokenizer.encode(&text.repeat(3)).unwrap();
+    let n = ck.cfg.context;
+    assert!(ids.len() > n + 10, "{} tokens", ids.len());
+    let cfg = EvalConfig {
+        stride: n / 2,
+        batch: 2,
+    };
+    for gating in [Gating::Adaptive, Gating::Top1] {
+        let gate = ck.gate(Some(gating), None).unwrap();
+        // The twin, window by window.
+        let (mut sum, mut count) = (0.0f64, 0usize);
+        for w in windows(&ids, n, cfg.stride).unwrap() {
+            let c = w.targets.iter().filter(|&&t| t != UNUSED).count();
+            let mean = forward_loss(&ck.cfg, &ck.host, &w.ids, &w.targets, 1, Some(gate)).unwrap();
+            sum += mean as f64 * c as f64;
+            count += c;
+        }
+        assert_eq!(count, ids.len() - 1);
+        let want = sum / count as f64;
+        common::for_each_adapter(|ctx| {
+            let model = amoe::model::Model::new(ctx, &ck.cfg, &ck.host).unwrap();
+            let mut calls = 0;
+            let r = pollster::block_on(evaluate(ctx, &model, gate, &ids, cfg, &mut |_, _| {
+                calls += 1
+            }))
+            .unwrap();
+            assert_eq!((r.tokens, r.scored), (ids.len(), ids.len() - 1));
+            assert!(calls >= 2);
+            assert!(
+                (r.loss - want).abs() <= 1e-4 * want,
+                "{gating:?}: GPU loss {} vs twin {want}",
+                r.loss
+            );
+            assert!((r.perplexity - r.loss.exp()).abs() < 1e-9 * r.perplexity);
+            assert_eq!(r.experts_per_token.len(), ck.cfg.moe_layers().len());
+            for l in &r.experts_per_token {
+                match gating {
+                    Gating::Top1 => assert_eq!(l.mean_experts, 1.0),
+                    _ => assert!((1.0..=2.0).contains(&l.mean_experts), "{l:?}"),
+                }
+            }
+        });
+    }
+}

@@ -5,6 +5,7 @@ mod args;
 mod bench;
 mod conformance;
 mod devices;
+mod eval;
 mod generate;
 mod info;
 mod reproduce;
@@ -73,6 +74,14 @@ enum Command {
         #[command(flatten)]
         args: Box<routes::RoutesArgs>,
     },
+    /// Perplexity over a text (windows of the context, a stride), tokens/s and the
+    /// mean experts per token of each MoE layer.
+    Eval {
+        #[command(flatten)]
+        adapter: AdapterArgs,
+        #[command(flatten)]
+        args: Box<eval::EvalArgs>,
+    },
     /// What a checkpoint is (architecture, parameters in total and active per
     /// token) and what it takes on the chosen adapter, before loading it there.
     Info {
@@ -98,6 +107,7 @@ pub fn main() -> ExitCode {
         Command::Reproduce { adapter, args } => reproduce::run(&adapter, &args),
         Command::Generate { adapter, args } => generate::run(&adapter, &args),
         Command::Routes { adapter, args } => routes::run(&adapter, &args),
+        Command::Eval { adapter, args } => eval::run(&adapter, &args),
         Command::Info { adapter, args } => info::run(&adapter, &args),
         Command::Bench { what } => bench::run(what),
     };

@@ -12,6 +12,7 @@
 
 pub mod checkpoint;
 pub mod engine;
+pub mod eval;
 pub mod reference;
 pub mod routes;
 pub mod sampling;

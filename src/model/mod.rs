@@ -11,4 +11,6 @@ pub mod transformer;
 
 pub use config::{FfnKind, ModelConfig};
 pub use params::{BlockParam, BlockParams, FfnParams, HostTensor, ParamId, ParamSpec, Params};
-pub use transformer::{EvalStep, HostParams, Model, OptConfig, StepArgs, StepStats, TrainStep};
+pub use transformer::{
+    EvalOut, EvalStep, HostParams, Model, OptConfig, StepArgs, StepStats, TrainStep,
+};

@@ -769,9 +769,10 @@ impl StepReadback {
                 .push(r[RoutingLayout::HEADER..RoutingLayout::HEADER + m.e].to_vec());
             s.balance_loss.push(w.f32_at(m.stats, 2 * m.e));
         }
-        if let (true, Some(c)) = (complexity, self.complexity) {
+        if complexity {
+            // One row per sequence (empty rows for a model without MoE layers).
             let cols = self.moe.len();
-            let v = w.f32s(c);
+            let v = self.complexity.map(|c| w.f32s(c)).unwrap_or_default();
             s.complexity = (0..b)
                 .map(|seq| v[seq * cols..(seq + 1) * cols].to_vec())
                 .collect();
@@ -1010,13 +1011,45 @@ impl TrainStep {
 /// Forward-only evaluation of batches under an inference gating rule.
 pub struct EvalStep {
     fwd: Forward,
+    /// The loss (sum, count), then each MoE layer's `topk_ids [T, K]`.
+    readback: Readback,
+    loss: PartId,
+    routes: Vec<(usize, PartId)>,
+}
+
+/// What one evaluation batch gives back.
+#[derive(Clone, Debug, PartialEq)]
+pub struct EvalOut {
+    /// Sum of the counted tokens' losses (nats) and their count.
+    pub loss_sum: f64,
+    pub count: f64,
+    /// Per MoE layer (layer index, `topk_ids [T, K]` with `UNUSED` for a
+    /// slot not taken): the experts of every token.
+    pub routes: Vec<(usize, Vec<u32>)>,
 }
 
 impl EvalStep {
     /// `gate`: the MoE layers' rule at evaluation (the paper: top-1).
     pub fn new(ctx: &GpuContext, model: &Model, b: usize, gate: GateConfig) -> Result<EvalStep> {
+        let fwd = Forward::new(ctx, model, b, false, Some(gate))?;
+        let mut layout = ReadbackLayout::new();
+        let loss = layout.push_tensor(&fwd.loss_out);
+        let routes = model
+            .cfg
+            .moe_layers()
+            .into_iter()
+            .map(|l| {
+                (
+                    l,
+                    layout.push_tensor(&fwd.graph.blocks[l].ffn.fwd().topk_ids),
+                )
+            })
+            .collect();
         Ok(EvalStep {
-            fwd: Forward::new(ctx, model, b, false, Some(gate))?,
+            readback: layout.build(ctx, "eval readback")?,
+            fwd,
+            loss,
+            routes,
         })
     }
 
@@ -1032,6 +1065,29 @@ impl EvalStep {
         ids: &[u32],
         targets: &[u32],
     ) -> Result<(f64, f64)> {
+        let out = self.run(ctx, model, ids, targets, false).await?;
+        Ok((out.loss_sum, out.count))
+    }
+
+    /// The loss and every token's experts of one batch.
+    pub async fn loss_and_routes(
+        &self,
+        ctx: &GpuContext,
+        model: &Model,
+        ids: &[u32],
+        targets: &[u32],
+    ) -> Result<EvalOut> {
+        self.run(ctx, model, ids, targets, true).await
+    }
+
+    async fn run(
+        &self,
+        ctx: &GpuContext,
+        model: &Model,
+        ids: &[u32],
+        targets: &[u32],
+        routes: bool,
+    ) -> Result<EvalOut> {
         self.fwd.upload(ctx, &model.cfg, ids, targets)?;
         let mut enc = ctx
             .device
@@ -1046,9 +1102,26 @@ impl EvalStep {
             });
             self.fwd.record(&mut pass);
         }
+        self.readback.record(&mut enc, self.loss);
+        if routes {
+            for &(_, part) in &self.routes {
+                self.readback.record(&mut enc, part);
+            }
+        }
         ctx.queue.submit(Some(enc.finish()));
-        let out = self.fwd.loss_out.read(ctx).await?;
+        let words = self.readback.read(ctx).await?;
         ctx.check_errors("eval_step")?;
-        Ok((out[0] as f64, out[1] as f64))
+        Ok(EvalOut {
+            loss_sum: words.f32_at(self.loss, 0) as f64,
+            count: words.f32_at(self.loss, 1) as f64,
+            routes: if routes {
+                self.routes
+                    .iter()
+                    .map(|&(l, part)| (l, words.u32s(part).to_vec()))
+                    .collect()
+            } else {
+                Vec::new()
+            },
+        })
     }
 }
