@@ -543,3 +543,27 @@ fn eval_reports_perplexity_and_experts_per_token() {
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Output that cannot be written (a full disk: /dev/full) is an error with
+/// a non-zero status, in text and in JSON mode, not a silent success or a
+/// panic.
+#[cfg(target_os = "linux")]
+#[test]
+fn generate_into_a_full_disk_fails_with_an_error() {
+    for extra in [&[][..], &["--json"][..]] {
+        let full = std::fs::OpenOptions::new()
+            .write(true)
+            .open("/dev/full")
+            .expect("/dev/full opens");
+        let out = Command::new(env!("CARGO_BIN_EXE_amoe"))
+            .args(["generate", "--prompt", "And God said", "--max-tokens", "3"])
+            .args(extra)
+            .stdout(full)
+            .output()
+            .expect("the amoe binary runs");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{extra:?}: {err}");
+        assert!(err.contains("standard output"), "{extra:?}: {err}");
+        assert!(!err.contains("panicked"), "{extra:?}: {err}");
+    }
+}

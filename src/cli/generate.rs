@@ -154,10 +154,9 @@ fn generate(ctx: &GpuContext, args: &GenerateArgs) -> Result<()> {
     };
     let painter = Painter::new();
     let stream = !args.json;
-    let mut out = std::io::stdout().lock();
+    let mut out = Out::new();
     if stream && !args.show_routing {
-        let _ = write!(out, "{}", args.prompt);
-        let _ = out.flush();
+        out.put(&args.prompt);
     }
     let mut ids: Vec<u32> = Vec::new();
     let mut printed = 0usize;
@@ -175,8 +174,7 @@ fn generate(ctx: &GpuContext, args: &GenerateArgs) -> Result<()> {
         if let Ok(text) = tk.decode(&ids) {
             if !text.ends_with('\u{FFFD}') {
                 if let Some(new) = text.get(printed..) {
-                    let _ = write!(out, "{new}");
-                    let _ = out.flush();
+                    out.put(new);
                     printed = text.len();
                 }
             }
@@ -203,24 +201,24 @@ fn generate(ctx: &GpuContext, args: &GenerateArgs) -> Result<()> {
             prefill_tps,
             decode_tps,
         };
-        println!("{}", serde_json::to_string_pretty(&j)?);
-        return Ok(());
+        out.put(format!("{}\n", serde_json::to_string_pretty(&j)?));
+        return out.finish();
     }
     if args.show_routing {
         for (&id, r) in g.prompt_ids.iter().zip(&g.prompt_routes) {
-            let _ = write!(out, "{}", painter.paint(&tk.decode(&[id])?, r));
+            out.put(painter.paint(&tk.decode(&[id])?, r));
         }
         for t in &g.tokens {
-            let _ = write!(out, "{}", painter.paint(&t.text, &t.routes));
+            out.put(painter.paint(&t.text, &t.routes));
         }
     } else if let Some(rest) = g.text.get(printed..) {
-        let _ = write!(out, "{rest}");
+        out.put(rest);
     }
-    let _ = writeln!(out);
+    out.put("\n");
     if args.show_routing {
-        let _ = writeln!(out, "\n{}", painter.legend());
+        out.put(format!("\n{}\n", painter.legend()));
         if args.verbose {
-            let _ = writeln!(out);
+            out.put("\n");
             let all = g
                 .prompt_ids
                 .iter()
@@ -228,17 +226,16 @@ fn generate(ctx: &GpuContext, args: &GenerateArgs) -> Result<()> {
                 .map(|(&id, r)| (id, r))
                 .chain(g.tokens.iter().map(|t| (t.id, &t.routes)));
             for (id, r) in all {
-                let _ = writeln!(
-                    out,
-                    "{:>6} {:<16} {}",
+                out.put(format!(
+                    "{:>6} {:<16} {}\n",
                     id,
                     format!("{:?}", tk.decode(&[id])?),
                     route_line(r)
-                );
+                ));
             }
         }
     }
-    drop(out);
+    out.finish()?;
     eprintln!(
         "{} tokens: prefill {} tokens at {:.0} tok/s, decode {:.1} tok/s, {} on {}{}",
         g.tokens.len(),
@@ -257,4 +254,39 @@ fn generate(ctx: &GpuContext, args: &GenerateArgs) -> Result<()> {
         }
     );
     Ok(())
+}
+
+/// Standard output for streamed text: each piece written and flushed at
+/// once; the first failure (a closed pipe, a full disk) is kept, nothing
+/// more is written, and `finish` reports it as an error.
+struct Out {
+    w: std::io::StdoutLock<'static>,
+    err: Option<std::io::Error>,
+}
+
+impl Out {
+    fn new() -> Out {
+        Out {
+            w: std::io::stdout().lock(),
+            err: None,
+        }
+    }
+
+    fn put(&mut self, text: impl std::fmt::Display) {
+        if self.err.is_none() {
+            if let Err(e) = write!(self.w, "{text}").and_then(|()| self.w.flush()) {
+                self.err = Some(e);
+            }
+        }
+    }
+
+    fn finish(self) -> Result<()> {
+        match self.err {
+            None => Ok(()),
+            Some(source) => Err(Error::Io {
+                path: "standard output".into(),
+                source,
+            }),
+        }
+    }
 }
