@@ -144,3 +144,28 @@ impl ModelPick {
         InferCheckpoint::load(dir)
     }
 }
+
+/// The ids of a text to analyze or score: the documents of `data` (a file or
+/// directory) or, without it, the held-out part of the shipped corpus, each
+/// followed by the end-of-text token, at most `max_tokens` of them.
+pub fn text_ids(
+    tokenizer: &amoe::tokenizer::Tokenizer,
+    data: Option<&std::path::Path>,
+    max_tokens: usize,
+) -> Result<Vec<u32>> {
+    use amoe::train::data::{shipped_dir, Corpus, Domain};
+    let docs = match data {
+        Some(p) => Corpus::load(p)?.docs,
+        None => Corpus::shipped(shipped_dir(), Domain::Both)?.split()?.val,
+    };
+    let mut ids = Vec::new();
+    for d in &docs {
+        if ids.len() >= max_tokens {
+            break;
+        }
+        ids.extend(tokenizer.encode(&d.text)?);
+        ids.push(tokenizer.eot_id());
+    }
+    ids.truncate(max_tokens);
+    Ok(ids)
+}

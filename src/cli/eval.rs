@@ -2,12 +2,11 @@
 //! context length, a configurable stride), tokens/s and the mean experts per
 //! token of each MoE layer, as text or JSON.
 
-use super::args::{AdapterArgs, ModelPick};
+use super::args::{text_ids, AdapterArgs, ModelPick};
 use super::{with_ctx, write_file};
 use amoe::gpu::GpuContext;
 use amoe::infer::eval::{evaluate, EvalConfig, EvalReport};
 use amoe::model::Model;
-use amoe::train::data::{shipped_dir, Corpus, Domain};
 use amoe::{Error, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
@@ -61,19 +60,7 @@ fn eval(ctx: &GpuContext, args: &EvalArgs) -> Result<()> {
     }
     let ck = args.model.load()?;
     let gate = ck.gate(args.model.gating, args.model.threshold)?;
-    let docs = match &args.data {
-        Some(p) => Corpus::load(p)?.docs,
-        None => Corpus::shipped(shipped_dir(), Domain::Both)?.split()?.val,
-    };
-    let mut ids = Vec::new();
-    for d in &docs {
-        if ids.len() >= args.max_tokens {
-            break;
-        }
-        ids.extend(ck.tokenizer.encode(&d.text)?);
-        ids.push(ck.tokenizer.eot_id());
-    }
-    ids.truncate(args.max_tokens);
+    let ids = text_ids(&ck.tokenizer, args.data.as_deref(), args.max_tokens)?;
     let cfg = EvalConfig {
         stride: args.stride.unwrap_or(ck.cfg.context),
         batch: args.batch,

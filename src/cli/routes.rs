@@ -1,11 +1,10 @@
 //! `amoe routes`: routing analysis over a text, as tables or JSON.
 
-use super::args::{AdapterArgs, ModelPick};
+use super::args::{text_ids, AdapterArgs, ModelPick};
 use super::with_ctx;
 use amoe::gpu::GpuContext;
 use amoe::infer::routes::{analyze, RoutesReport};
 use amoe::infer::Engine;
-use amoe::train::data::{shipped_dir, Corpus, Domain};
 use amoe::{Error, Result};
 use serde::Serialize;
 use std::io::IsTerminal;
@@ -44,19 +43,7 @@ fn routes(ctx: &GpuContext, args: &RoutesArgs) -> Result<()> {
     // every token to one expert, which would show nothing).
     let gating = args.model.gating.unwrap_or(ck.cfg.gate.gating);
     let gate = ck.gate(Some(gating), args.model.threshold)?;
-    let docs = match &args.data {
-        Some(p) => Corpus::load(p)?.docs,
-        None => Corpus::shipped(shipped_dir(), Domain::Both)?.split()?.val,
-    };
-    let mut ids = Vec::new();
-    for d in &docs {
-        if ids.len() >= args.max_tokens {
-            break;
-        }
-        ids.extend(ck.tokenizer.encode(&d.text)?);
-        ids.push(ck.tokenizer.eot_id());
-    }
-    ids.truncate(args.max_tokens);
+    let ids = text_ids(&ck.tokenizer, args.data.as_deref(), args.max_tokens)?;
     let mut engine = Engine::new(ctx, &ck, gate)?;
     let quiet = args.json || !std::io::stderr().is_terminal();
     let report = pollster::block_on(analyze(
