@@ -1,5 +1,6 @@
 //! Kernel conformance: every GPU kernel against its CPU twin on shape tables
-//! that cover the edge cases (DESIGN.md section 4). Used by `cargo test`, by
+//! that cover the edge cases (T = 1, T not a multiple of the workgroup, E > T,
+//! empty experts, exact ties; see ARCHITECTURE.md, Testing). Used by `cargo test`, by
 //! `amoe conformance` on a user's own GPU, and by the browser page.
 
 pub mod adamw;

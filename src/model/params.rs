@@ -360,11 +360,17 @@ impl Params<ParamSpec> {
         name_of: impl Fn(ParamId) -> String,
     ) -> Result<Params<(Vec<usize>, T)>> {
         let names: Vec<String> = self.iter().map(|(id, _)| name_of(id)).collect();
+        // A model of many experts has thousands of tensors: look names up.
+        let index: std::collections::HashMap<&str, usize> = names
+            .iter()
+            .enumerate()
+            .map(|(i, n)| (n.as_str(), i))
+            .collect();
         let mut slots: Vec<Option<(Vec<usize>, T)>> = Vec::new();
         slots.resize_with(names.len(), || None);
         let mut problems = Vec::new();
         for (name, shape, value) in tensors {
-            match names.iter().position(|n| *n == name) {
+            match index.get(name.as_str()).copied() {
                 None => problems.push(format!("unexpected tensor {name} {shape:?}")),
                 Some(i) if slots[i].is_some() => {
                     problems.push(format!("tensor {name} appears twice"))

@@ -4,7 +4,7 @@
 //! finite differences in f64; the GPU training step (grouped kernels over the
 //! slot plan) is checked against it in f32.
 //!
-//! Gradient rules (DESIGN.md section 3, "Backward"):
+//! Gradient rules (the MoE backward of ARCHITECTURE.md):
 //! - two selected experts, weights renormalized over them:
 //!   `dz_e = w_e (g_e - sum_j w_j g_j)` for the selected e, 0 elsewhere;
 //! - one expert with the raw `p1` weight: `dz_i = p_i (delta_{i,e1} - p_e1) g_1`;

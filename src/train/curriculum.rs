@@ -1,4 +1,4 @@
-//! The adaptive-gating curriculum (Li et al., EMNLP 2023, section 3.2; DESIGN.md section 1).
+//! The adaptive-gating curriculum (Li et al., EMNLP 2023, section 3.2).
 //!
 //! Every training sequence gets a complexity vector `C = [r_1 .. r_L]`, `r_l` the fraction of
 //! its tokens that MoE layer `l` sent to two experts, recorded while the epoch runs. Before

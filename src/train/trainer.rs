@@ -149,7 +149,7 @@ impl Run {
         } else {
             dir.to_path_buf()
         };
-        let ck = checkpoint::load::<ModelConfig, RunState>(&ck_dir)?;
+        let mut ck = checkpoint::load::<ModelConfig, RunState>(&ck_dir)?;
         let mut state = ck.state.clone();
         if let Some(s) = steps {
             state.train.steps = s;
@@ -176,7 +176,7 @@ impl Run {
         let host = HostParams::from_named(
             &cfg.model,
             &ck.dir.join(checkpoint::MODEL_FILE).display().to_string(),
-            ck.model.clone(),
+            std::mem::take(&mut ck.model),
         )?;
         let data = prepare(&cfg, Some(tokenizer))?;
         let mut run = Self::assemble(ctx, cfg, data, host, Some(&ck.optimizer), &out)?;
