@@ -1,5 +1,6 @@
 // Embedding: token + position lookup and its two backward gathers.
-//   embedding_forward:      x[t, :] = wte[ids[t], :] + wpe[t % N, :]
+//   embedding_forward:      x[t, :] = wte[ids[t], :] * scale (+ wpe[t % N, :]
+//                           when has_wpe; rotary models have no wpe)
 //   embedding_backward_wte: dwte[v, :] = sum over the tokens t with ids[t] == v,
 //                           in ascending t, of dx[t, :] (zeros for unseen v)
 //   embedding_backward_wpe: dwpe[n, :] = sum over t = n, n + N, n + 2N, ... of dx[t, :]
@@ -23,8 +24,9 @@ struct EmbeddingParams {
     d: u32,
     // workgroups along x of the (possibly folded) grid
     nx: u32,
-    _pad0: u32,
-    _pad1: u32,
+    // token embedding multiplier (1 but for Granite) and whether wpe is read
+    scale: f32,
+    has_wpe: u32,
     _pad2: u32,
 }
 
@@ -67,7 +69,12 @@ fn embedding_forward(
     // keeps a bad id from reading out of bounds.
     let id = min(ids[t], params.v - 1u);
     let pos = t % params.n;
-    x[idx] = wte[id * d + col] + wpe[pos * d + col];
+    let e = wte[id * d + col] * params.scale;
+    if params.has_wpe != 0u {
+        x[idx] = e + wpe[pos * d + col];
+    } else {
+        x[idx] = e;
+    }
 }
 //#endif
 

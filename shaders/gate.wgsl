@@ -1,7 +1,9 @@
 // Gate: softmax of the router logits and the expert selection of each token
-// (top-1, top-2 or adaptive, Li et al. 2023). One invocation per token.
-// Shapes: T tokens, E experts, K slots per token (1 for top1, 2 for top2 and
-// adaptive). Twin: src/reference/gate.rs (gate_forward).
+// (top-1, top-2 or adaptive, Li et al. 2023; or a pretrained model's fixed
+// top-k, k <= 8, softmax or sigmoid scores, weights raw or renormalized).
+// One invocation per token. Shapes: T tokens, E experts, K slots per token
+// (1 for top1, 2 for top2 and adaptive, k for topk). Twin:
+// src/reference/gate.rs (gate_forward).
 //
 // Spec constants prepended by the launcher (src/kernels/gate.rs): WG
 // (invocations per workgroup), UNUSED, STATUS_WORD, STATUS_NONFINITE.
@@ -24,7 +26,8 @@ struct GateParams {
     threshold: f32,
     // workgroups along x of the (possibly folded) grid
     nx: u32,
-    _pad0: u32,
+    // topk: bit 0 renormalize the k weights, bit 1 sigmoid scores
+    flags: u32,
 }
 
 @group(0) @binding(0) var<uniform> params: GateParams;
@@ -129,6 +132,74 @@ fn gate_token(tok: u32, mode: u32) {
     }
 }
 
+// A pretrained model's top-k: the k largest logits in order (ties to the
+// lower index; each pick is the largest (value, -index) below the previous
+// one), weights = their scores, renormalized over the k if asked.
+fn gate_topk_token(tok: u32) {
+    let e = params.e;
+    let k = params.k;
+    let base = tok * e;
+    var finite = true;
+    var l1 = router_logits[base];
+    for (var i = 0u; i < e; i++) {
+        let v = router_logits[base + i];
+        finite = finite && is_finite(v);
+        l1 = max(l1, v);
+    }
+    if !finite {
+        for (var i = 0u; i < e; i++) {
+            probs[base + i] = 0.0;
+        }
+        lse[tok] = 0.0;
+        for (var j = 0u; j < k; j++) {
+            topk_ids[tok * k + j] = UNUSED;
+            topk_weights[tok * k + j] = 0.0;
+        }
+        atomicOr(&routing[STATUS_WORD], STATUS_NONFINITE);
+        return;
+    }
+    let sigmoid = (params.flags & 2u) != 0u;
+    var s = 0.0;
+    for (var i = 0u; i < e; i++) {
+        s += exp(router_logits[base + i] - l1);
+    }
+    for (var i = 0u; i < e; i++) {
+        let v = router_logits[base + i];
+        if sigmoid {
+            probs[base + i] = 1.0 / (1.0 + exp(-v));
+        } else {
+            probs[base + i] = exp(v - l1) / s;
+        }
+    }
+    lse[tok] = l1 + log(s);
+    var pv = 0.0;
+    var pi = UNUSED;
+    var sum = 0.0;
+    for (var j = 0u; j < k; j++) {
+        var best = UNUSED;
+        var bv = 0.0;
+        for (var i = 0u; i < e; i++) {
+            let v = router_logits[base + i];
+            let after = pi == UNUSED || v < pv || (v == pv && i > pi);
+            if after && (best == UNUSED || v > bv) {
+                best = i;
+                bv = v;
+            }
+        }
+        let w = probs[base + best];
+        topk_ids[tok * k + j] = best;
+        topk_weights[tok * k + j] = w;
+        sum += w;
+        pv = bv;
+        pi = best;
+    }
+    if (params.flags & 1u) != 0u {
+        for (var j = 0u; j < k; j++) {
+            topk_weights[tok * k + j] = topk_weights[tok * k + j] / sum;
+        }
+    }
+}
+
 fn token_index(wid: vec3<u32>, lid: u32) -> u32 {
     return (wid.x + wid.y * params.nx) * WG + lid;
 }
@@ -163,5 +234,16 @@ fn gate_adaptive_forward(
     let tok = token_index(wid, lid);
     if tok < params.t {
         gate_token(tok, MODE_ADAPTIVE);
+    }
+}
+
+@compute @workgroup_size(WG)
+fn gate_topk_forward(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(local_invocation_index) lid: u32,
+) {
+    let tok = token_index(wid, lid);
+    if tok < params.t {
+        gate_topk_token(tok);
     }
 }

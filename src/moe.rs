@@ -314,6 +314,12 @@ impl MoeLayer {
         aux: &AuxConfig,
         split: usize,
     ) -> Result<MoeTrainPlan> {
+        if self.cfg.gate.gating == crate::kernels::Gating::TopK {
+            return Err(Error::invalid(
+                "moe_layer",
+                "training takes top1, top2 or adaptive gating, not a pretrained model's fixed top-k",
+            ));
+        }
         let fwd = self.plan_with(ctx, t, Path::Grouped, true)?;
         let (d, f, e) = (self.cfg.d, self.cfg.f, self.cfg.e);
         let swiglu = self.cfg.activation == Activation::SwiGlu;

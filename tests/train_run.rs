@@ -183,7 +183,7 @@ fn non_finite_loss_stops_the_run_and_keeps_the_last_checkpoint() {
         train(ctx, &mut run);
         // Poison the unembedding: the next loss is NaN.
         run.pause_at = None;
-        let w_out = &run.model.params.w_out;
+        let w_out = run.model.params.w_out.as_ref().unwrap();
         w_out.write(ctx, &vec![f32::NAN; w_out.numel()]).unwrap();
         let stop = AtomicBool::new(false);
         let r = pollster::block_on(run.train(ctx, &mut Quiet, &stop));

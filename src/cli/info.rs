@@ -49,7 +49,7 @@ pub fn run(adapter: &AdapterArgs, args: &InfoArgs) -> Result<ExitCode> {
     let ck = args.model.load()?;
     let gate = ck.gate(args.model.gating, args.model.threshold)?;
     let cfg = &ck.cfg;
-    let (min_k, max_k) = (gate.gating.min_k(), gate.gating.max_k());
+    let (min_k, max_k) = (gate.min_k(), gate.max_k());
     let ctx = context(adapter)?;
     let limit = ctx
         .limits

@@ -223,7 +223,8 @@ fn train(ctx: &GpuContext, args: &TrainArgs) -> Result<RunSummary> {
         c.model.d,
         c.model.experts,
         c.model.ffn,
-        TrainGating::of(c.model.dense, c.model.gate.gating),
+        TrainGating::of(c.model.dense, c.model.gate.gating)
+            .map_or_else(|| c.model.gate.gating.to_string(), |g| g.to_string()),
         if c.model.gate.gating == Gating::Adaptive && !c.model.dense {
             format!(" (threshold {}, curriculum {})", c.model.gate.threshold, if c.curriculum { "on" } else { "off" })
         } else {

@@ -61,7 +61,11 @@ impl Case {
                 ..
             } => (
                 spec.name().to_string(),
-                format!("T={t} V={v} N={n} D={d} ids {ids:?}"),
+                if *n == 0 {
+                    format!("T={t} V={v} no wpe, scale 0.5, D={d} ids {ids:?}")
+                } else {
+                    format!("T={t} V={v} N={n} D={d} ids {ids:?}")
+                },
             ),
             Case::BadInputs => (
                 EmbeddingSpec::Forward.name().to_string(),
@@ -100,6 +104,17 @@ pub fn cases() -> Vec<Case> {
         ids: Ids::PastV,
         seed: 6,
     });
+    // N = 0: no position table (rotary models), tokens scaled by 0.5
+    // (Granite's embedding multiplier).
+    v.push(Case::Twin {
+        spec: EmbeddingSpec::Forward,
+        t: 40,
+        v: 30,
+        n: 0,
+        d: 12,
+        ids: Ids::Uniform,
+        seed: 7,
+    });
     v.push(Case::BadInputs);
     v
 }
@@ -135,19 +150,23 @@ pub async fn run(ctx: &GpuContext, case: &Case) -> Result<CheckResult> {
     let (got, want, tol) = match spec {
         EmbeddingSpec::Forward => {
             let wte_h = rng.vec_sym(v * d, 1.0);
-            let wpe_h = rng.vec_sym(n * d, 1.0);
-            let want = embedding_forward(&ids_host, &wte_h, &wpe_h, t, v, n, d);
+            let rotary = n == 0;
+            let wpe_h = rng.vec_sym(n.max(1) * d, 1.0);
+            let scale = if rotary { 0.5 } else { 1.0 };
+            let wpe_ref = (!rotary).then_some(&wpe_h[..]);
+            let want = embedding_forward(&ids_host, &wte_h, wpe_ref, scale, t, v, n.max(1), d);
             let ids_t = Tensor::from_slice(ctx, "ids", &[t], &ids_host)?;
             let wte = Tensor::from_slice(ctx, "wte", &[v, d], &wte_h)?;
-            let wpe = Tensor::from_slice(ctx, "wpe", &[n, d], &wpe_h)?;
+            let wpe = Tensor::from_slice(ctx, "wpe", &[n.max(1), d], &wpe_h)?;
             let x = Tensor::from_slice(ctx, "x", &[t, d], &vec![f32::NAN; t * d])?;
             let k = EmbeddingForward::new(
                 ctx,
                 &EmbeddingForwardBuffers {
                     ids: &ids_t,
                     wte: &wte,
-                    wpe: &wpe,
+                    wpe: (!rotary).then_some(&wpe),
                     x: &x,
+                    scale,
                 },
             )?;
             submit_pass(ctx, |pass| k.record(pass))?;
@@ -212,8 +231,9 @@ fn bad_inputs(ctx: &GpuContext, kernel: &str, case: &str) -> CheckResult {
                 &EmbeddingForwardBuffers {
                     ids: &ids,
                     wte: &wte,
-                    wpe: &wpe,
+                    wpe: Some(&wpe),
                     x: &x,
+                    scale: 1.0,
                 },
             )
         })();

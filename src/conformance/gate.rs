@@ -127,6 +127,7 @@ pub fn cases() -> Vec<Case> {
         threshold,
         gap,
         single_weight,
+        ..GateConfig::default()
     };
     use GapMode::{Softmax, Top2};
     use Gating::{Adaptive, Top1};
@@ -286,7 +287,7 @@ async fn run_gpu(
     t: usize,
     e: usize,
 ) -> Result<GateOutput> {
-    let k = config.gating.max_k();
+    let k = config.max_k();
     let router_logits = Tensor::from_slice(ctx, "router_logits", &[t, e], logits)?;
     let probs = Tensor::<f32>::zeros(ctx, "probs", &[t, e])?;
     let topk_ids = Tensor::<u32>::zeros(ctx, "topk_ids", &[t, k])?;
@@ -359,6 +360,7 @@ pub async fn run(ctx: &GpuContext, case: &Case) -> Result<CheckResult> {
                 threshold: if *threshold_one { 1.0 } else { 0.0 },
                 gap: *gap,
                 single_weight: SingleWeight::RawP1,
+                ..GateConfig::default()
             };
             let x = make_logits(&adaptive, *t, *e, Logits::Random, 500);
             let a = run_gpu(ctx, &adaptive, &x, *t, *e).await?;
@@ -411,7 +413,7 @@ fn bad_inputs(ctx: &GpuContext, kernel: &str, case: &str) -> CheckResult {
                         probs_e: usize,
                         want: fn(&Error) -> bool| {
         ctx.capture_errors();
-        let k = config.gating.max_k();
+        let k = config.max_k();
         let r = (|| -> Result<Gate> {
             let logits = Tensor::<f32>::zeros(ctx, "router_logits", &[t, e])?;
             let probs = Tensor::<f32>::zeros(ctx, "probs", &[t, probs_e])?;

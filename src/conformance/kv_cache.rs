@@ -37,15 +37,23 @@ impl Case {
                 t, pos0, v, d, n, ..
             } => (
                 KvSpec::Embed.name().into(),
-                format!("T={t} pos0={pos0} V={v} D={d} N={n}"),
+                if *n == 0 {
+                    format!("T={t} pos0={pos0} V={v} D={d} no wpe, scale 0.5")
+                } else {
+                    format!("T={t} pos0={pos0} V={v} D={d} N={n}")
+                },
             ),
             Case::Attention { dims: s, .. } => (
                 format!("{}+{}", KvSpec::Append.name(), KvSpec::Attention.name()),
-                format!("T={} pos0={} H={} Dh={} N={}", s.t, s.pos0, s.h, s.dh, s.n),
+                format!(
+                    "T={} pos0={} H={} Hkv={} Dh={} N={} W={} scale={}",
+                    s.t, s.pos0, s.h, s.hkv, s.dh, s.n, s.window, s.scale
+                ),
             ),
             Case::BadInputs => (
                 KvSpec::Attention.name().into(),
-                "bad inputs: Dh > 64, qkv shape, span past the cache".into(),
+                "bad inputs: Dh > 256, H not a multiple of Hkv, qkv shape, span past the cache"
+                    .into(),
             ),
         }
     }
@@ -53,7 +61,17 @@ impl Case {
 
 pub fn cases() -> Vec<Case> {
     let att = |t, pos0, h, dh, n, seed| Case::Attention {
-        dims: KvDims { t, h, dh, n, pos0 },
+        dims: KvDims::mha(t, h, dh, n, pos0),
+        seed,
+    };
+    // GQA / MQA, a sliding window, a score scale of the model's own.
+    let gqa = |t, pos0, h, hkv, dh, n, window, scale: Option<f32>, seed| Case::Attention {
+        dims: KvDims {
+            hkv,
+            window,
+            scale: scale.unwrap_or(1.0 / (dh as f32).sqrt()),
+            ..KvDims::mha(t, h, dh, n, pos0)
+        },
         seed,
     };
     vec![
@@ -82,6 +100,25 @@ pub fn cases() -> Vec<Case> {
         att(130, 0, 2, 12, 130, 6),
         // The cache exactly full.
         att(3, 0, 3, 8, 3, 7),
+        // GQA 4/2 with a window shorter than the prompt (Mixtral), MQA 4/1,
+        // a window across the 64-key chunk boundary, Granite's scale.
+        gqa(26, 0, 4, 2, 24, 64, 8, None, 8),
+        gqa(1, 30, 4, 1, 16, 64, 0, None, 9),
+        gqa(3, 100, 8, 2, 32, 128, 70, None, 10),
+        gqa(9, 4, 4, 2, 16, 32, 0, Some(0.125), 11),
+        // Head widths of published models: 128 and 256 (several output
+        // columns per invocation).
+        gqa(4, 5, 4, 2, 128, 16, 0, None, 12),
+        gqa(2, 70, 2, 1, 256, 80, 0, None, 13),
+        // Rotary models embed without wpe; Granite scales the tokens.
+        Case::Embed {
+            t: 4,
+            pos0: 9,
+            v: 50,
+            d: 20,
+            n: 0,
+            seed: 14,
+        },
         Case::BadInputs,
     ]
 }
@@ -100,13 +137,17 @@ pub async fn run(ctx: &GpuContext, case: &Case) -> Result<CheckResult> {
             let mut rng = Rng::new(seed);
             let ids: Vec<u32> = (0..t).map(|_| rng.below(v) as u32).collect();
             let wte = rng.vec_sym(v * d, 1.0);
-            let wpe = rng.vec_sym(n * d, 1.0);
-            let want = kv_embed(&ids, &wte, &wpe, pos0, d);
-            let step = KvStep::new(ctx, n)?;
+            // N = 0: no position table (a rotary model), tokens scaled.
+            let rotary = n == 0;
+            let cap = if rotary { pos0 + t } else { n };
+            let wpe = rng.vec_sym(cap * d, 1.0);
+            let scale = if rotary { 0.5 } else { 1.0 };
+            let want = kv_embed(&ids, &wte, (!rotary).then_some(&wpe[..]), scale, pos0, d);
+            let step = KvStep::new(ctx, cap)?;
             step.set(ctx, pos0, t)?;
             let tids = Tensor::from_slice(ctx, "ids", &[t], &ids)?;
             let twte = Tensor::from_slice(ctx, "wte", &[v, d], &wte)?;
-            let twpe = Tensor::from_slice(ctx, "wpe", &[n, d], &wpe)?;
+            let twpe = Tensor::from_slice(ctx, "wpe", &[cap, d], &wpe)?;
             let x = Tensor::<f32>::zeros(ctx, "x", &[t, d])?;
             let k = KvEmbed::new(
                 ctx,
@@ -114,8 +155,9 @@ pub async fn run(ctx: &GpuContext, case: &Case) -> Result<CheckResult> {
                     step: &step,
                     ids: &tids,
                     wte: &twte,
-                    wpe: &twpe,
+                    wpe: (!rotary).then_some(&twpe),
                     x: &x,
+                    scale,
                 },
             )?;
             submit_pass(ctx, |p| k.record(p))?;
@@ -129,20 +171,23 @@ pub async fn run(ctx: &GpuContext, case: &Case) -> Result<CheckResult> {
         Case::Attention { dims: s, seed } => {
             let mut rng = Rng::new(seed);
             let d = s.h * s.dh;
-            let qkv = rng.vec_sym(s.t * 3 * d, 2.0);
-            // Earlier positions hold earlier keys; later ones garbage that
-            // must not be read.
-            let mut kc = rng.vec_sym(s.h * s.n * s.dh, 2.0);
-            let mut vc = rng.vec_sym(s.h * s.n * s.dh, 2.0);
             let shape = KvShape {
                 t: s.t,
                 h: s.h,
+                hkv: s.hkv,
                 dh: s.dh,
                 n: s.n,
+                window: s.window,
+                scale: s.scale,
             };
+            let qkv = rng.vec_sym(s.t * shape.qkv_width(), 2.0);
+            // Earlier positions hold earlier keys; later ones garbage that
+            // must not be read.
+            let mut kc = rng.vec_sym(s.hkv * s.n * s.dh, 2.0);
+            let mut vc = rng.vec_sym(s.hkv * s.n * s.dh, 2.0);
             let step = KvStep::new(ctx, s.n)?;
             step.set(ctx, s.pos0, s.t)?;
-            let tqkv = Tensor::from_slice(ctx, "qkv", &[s.t, 3 * d], &qkv)?;
+            let tqkv = Tensor::from_slice(ctx, "qkv", &[s.t, shape.qkv_width()], &qkv)?;
             let cache = KvCache {
                 k: Tensor::from_slice(ctx, "k_cache", &shape.cache(), &kc)?,
                 v: Tensor::from_slice(ctx, "v_cache", &shape.cache(), &vc)?,
@@ -184,7 +229,7 @@ fn bits(v: &[f32]) -> Vec<u32> {
 fn bad_inputs(ctx: &GpuContext, kernel: &str, case: &str) -> CheckResult {
     let mut checks = Vec::new();
     let attention = |t: usize, h: usize, dh: usize, qkv_rows: usize| -> Result<KvAttention> {
-        let shape = KvShape { t, h, dh, n: 8 };
+        let shape = KvShape::mha(t, h, dh, 8);
         let step = KvStep::new(ctx, 8)?;
         let qkv = Tensor::<f32>::zeros(ctx, "qkv", &[qkv_rows, 3 * h * dh])?;
         let cache = KvCache::new(ctx, h, 8, dh)?;
@@ -194,10 +239,22 @@ fn bad_inputs(ctx: &GpuContext, kernel: &str, case: &str) -> CheckResult {
     ctx.capture_errors();
     checks.push(expect_error(
         ctx,
-        "Dh = 128",
-        attention(1, 1, 128, 1),
+        "Dh = 260",
+        attention(1, 1, 260, 1),
         is_invalid,
     ));
+    ctx.capture_errors();
+    let r = (|| -> Result<KvAppend> {
+        let shape = KvShape {
+            hkv: 2,
+            ..KvShape::mha(1, 3, 8, 8)
+        };
+        let step = KvStep::new(ctx, 8)?;
+        let qkv = Tensor::<f32>::zeros(ctx, "qkv", &[1, 7 * 8])?;
+        let cache = KvCache::new(ctx, 2, 8, 8)?;
+        KvAppend::new(ctx, &shape, &step, &qkv, &cache)
+    })();
+    checks.push(expect_error(ctx, "H = 3 over Hkv = 2", r, is_invalid));
     ctx.capture_errors();
     checks.push(expect_error(
         ctx,

@@ -18,30 +18,35 @@ pub enum Gating {
     Top2,
     /// Li et al. 2023: top-1, plus the second expert when the gap is <= threshold.
     Adaptive,
-}
-
-impl Gating {
-    /// K: the most experts a token can use.
-    pub fn max_k(self) -> usize {
-        match self {
-            Gating::Top1 => 1,
-            Gating::Top2 | Gating::Adaptive => 2,
-        }
-    }
-
-    /// The fewest experts a token can use.
-    pub fn min_k(self) -> usize {
-        match self {
-            Gating::Top1 | Gating::Adaptive => 1,
-            Gating::Top2 => 2,
-        }
-    }
+    /// A published model's fixed top-k (`GateConfig::k`, 1..=8), weights
+    /// raw or renormalized over the k (`GateConfig::renorm`).
+    TopK,
 }
 
 choice! { Gating, "gating",
     Top1 = "top1",
     Top2 = "top2",
     Adaptive = "adaptive",
+    TopK = "topk": "The model's own top-k experts (pretrained models)",
+}
+
+/// The most experts a `topk` gate may choose per token.
+pub const MAX_TOPK: usize = 8;
+
+/// What the router's logits become before the top-k is chosen.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum RouterScore {
+    /// A softmax over the experts (every family here).
+    #[default]
+    Softmax,
+    /// An independent sigmoid per expert (DeepSeek-V3 style routers, and
+    /// Qwen2-MoE's shared-expert gate).
+    Sigmoid,
+}
+
+choice! { RouterScore, "router score",
+    Softmax = "softmax": "Softmax over the experts",
+    Sigmoid = "sigmoid": "A sigmoid per expert",
 }
 
 /// How the adaptive rule measures the gap between the top two experts.
@@ -82,6 +87,28 @@ pub struct GateConfig {
     pub threshold: f32,
     pub gap: GapMode,
     pub single_weight: SingleWeight,
+    /// Experts per token of `Gating::TopK` (ignored by the others).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub k: usize,
+    /// `Gating::TopK`: weights renormalized to sum to 1 over the k
+    /// (Mixtral, Granite, Qwen3-MoE), or the raw scores (OLMoE, Qwen2-MoE).
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub renorm: bool,
+    /// `Gating::TopK`: softmax or sigmoid scores.
+    #[serde(default, skip_serializing_if = "is_softmax")]
+    pub score: RouterScore,
+}
+
+fn is_zero(k: &usize) -> bool {
+    *k == 0
+}
+
+fn is_false(b: &bool) -> bool {
+    !*b
+}
+
+fn is_softmax(s: &RouterScore) -> bool {
+    *s == RouterScore::Softmax
 }
 
 impl Default for GateConfig {
@@ -91,6 +118,9 @@ impl Default for GateConfig {
             threshold: 0.1,
             gap: GapMode::Top2,
             single_weight: SingleWeight::RawP1,
+            k: 0,
+            renorm: false,
+            score: RouterScore::Softmax,
         }
     }
 }
@@ -103,20 +133,62 @@ impl GateConfig {
         }
     }
 
+    /// A published model's router: softmax or sigmoid scores, the top `k`,
+    /// weights raw or renormalized.
+    pub fn top_k(k: usize, renorm: bool, score: RouterScore) -> Self {
+        GateConfig {
+            gating: Gating::TopK,
+            k,
+            renorm,
+            score,
+            ..Default::default()
+        }
+    }
+
+    /// K: the most experts a token can use (the slots per token).
+    pub fn max_k(&self) -> usize {
+        match self.gating {
+            Gating::Top1 => 1,
+            Gating::Top2 | Gating::Adaptive => 2,
+            Gating::TopK => self.k,
+        }
+    }
+
+    /// The fewest experts a token can use.
+    pub fn min_k(&self) -> usize {
+        match self.gating {
+            Gating::Top1 | Gating::Adaptive => 1,
+            Gating::Top2 => 2,
+            Gating::TopK => self.k,
+        }
+    }
+
     /// Check the config against `e` experts.
     pub fn validate(&self, e: usize) -> Result<()> {
+        if self.gating == Gating::TopK && !(1..=MAX_TOPK).contains(&self.k) {
+            return Err(Error::invalid(
+                "gate",
+                format!("top-k with k = {}: must be 1..={MAX_TOPK}", self.k),
+            ));
+        }
+        if self.gating != Gating::TopK && self.score != RouterScore::Softmax {
+            return Err(Error::invalid(
+                "gate",
+                format!("{} gating takes softmax scores only", self.gating),
+            ));
+        }
         if !(0.0..=1.0).contains(&self.threshold) || self.threshold.is_nan() {
             return Err(Error::invalid(
                 "gate",
                 format!("threshold {} is outside [0, 1]", self.threshold),
             ));
         }
-        if self.gating.max_k() > e {
+        if self.max_k() > e {
             return Err(Error::invalid(
                 "gate",
                 format!(
                     "K = {} experts per token but only E = {e} experts",
-                    self.gating.max_k()
+                    self.max_k()
                 ),
             ));
         }

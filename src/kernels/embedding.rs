@@ -96,8 +96,8 @@ gpu_params! {
         pub n: u32,
         pub d: u32,
         pub nx: u32,
-        pub _pad0: u32,
-        pub _pad1: u32,
+        pub scale: f32,
+        pub has_wpe: u32,
         pub _pad2: u32,
     }
 }
@@ -176,12 +176,12 @@ fn check_elements(op: &'static str, what: &str, n: usize) -> Result<()> {
     Ok(())
 }
 
-/// Check the forward's shapes: ids [T], wte [V, D], wpe [N, D], x [T, D].
-/// Returns (T, V, N, D). CPU only.
+/// Check the forward's shapes: ids [T], wte [V, D], wpe [N, D] (if any),
+/// x [T, D]. Returns (T, V, N, D), N = 1 without wpe. CPU only.
 pub fn check_forward(
     ids: &[usize],
     wte: &[usize],
-    wpe: &[usize],
+    wpe: Option<&[usize]>,
     x: &[usize],
 ) -> Result<(usize, usize, usize, usize)> {
     const OP: &str = "embedding_forward";
@@ -189,7 +189,10 @@ pub fn check_forward(
         return Err(Error::shape(OP, "ids [T]", format!("ids {ids:?}")));
     };
     let (v, d) = dims2(OP, "wte", wte)?;
-    let (n, _) = dims2(OP, "wpe", wpe)?;
+    let (n, wpe) = match wpe {
+        Some(wpe) => (dims2(OP, "wpe", wpe)?.0, wpe.to_vec()),
+        None => (1, vec![1, d]),
+    };
     if t == 0 || v == 0 || n == 0 || d == 0 {
         return Err(Error::invalid(
             OP,
@@ -284,6 +287,7 @@ fn build(
     ctx: &GpuContext,
     spec: EmbeddingSpec,
     dims: [usize; 4],
+    (scale, has_wpe): (f32, bool),
     elements: usize,
     buffers: &[&wgpu::Buffer],
 ) -> Result<(Dispatch, wgpu::Buffer)> {
@@ -300,6 +304,8 @@ fn build(
         n,
         d,
         nx: grid.0,
+        scale,
+        has_wpe: has_wpe as u32,
         ..Default::default()
     };
     let params_buf = uniform(ctx, &params);
@@ -320,13 +326,15 @@ pub struct EmbeddingForwardBuffers<'a> {
     pub ids: &'a Tensor<u32>,
     /// wte [V, D]
     pub wte: &'a Tensor<f32>,
-    /// wpe [N, D]
-    pub wpe: &'a Tensor<f32>,
+    /// wpe [N, D]; None for rotary models.
+    pub wpe: Option<&'a Tensor<f32>>,
     /// x [T, D]
     pub x: &'a Tensor<f32>,
+    /// Token embedding multiplier (1 but for Granite).
+    pub scale: f32,
 }
 
-/// `x[t, :] = wte[ids[t], :] + wpe[t % N, :]`, ready to record.
+/// `x[t, :] = wte[ids[t], :] * scale + wpe[t % N, :]`, ready to record.
 pub struct EmbeddingForward {
     pub t: usize,
     pub v: usize,
@@ -341,18 +349,27 @@ impl EmbeddingForward {
         let (t, v, n, d) = check_forward(
             &bufs.ids.shape,
             &bufs.wte.shape,
-            &bufs.wpe.shape,
+            bufs.wpe.map(|w| &w.shape[..]),
             &bufs.x.shape,
         )?;
+        if !bufs.scale.is_finite() {
+            return Err(Error::invalid(
+                "embedding_forward",
+                format!("scale {}", bufs.scale),
+            ));
+        }
+        // Without wpe the shader reads none; wte fills the binding.
+        let wpe = bufs.wpe.unwrap_or(bufs.wte);
         let (dispatch, params) = build(
             ctx,
             EmbeddingSpec::Forward,
             [t, v, n, d],
+            (bufs.scale, bufs.wpe.is_some()),
             t * d,
             &[
                 &bufs.ids.buffer,
                 &bufs.wte.buffer,
-                &bufs.wpe.buffer,
+                &wpe.buffer,
                 &bufs.x.buffer,
             ],
         )?;
@@ -405,6 +422,7 @@ impl EmbeddingBackwardWte {
             ctx,
             EmbeddingSpec::BackwardWte,
             [t, v, 1, d],
+            (1.0, false),
             v * d,
             &[
                 &bufs.dx.buffer,
@@ -452,6 +470,7 @@ impl EmbeddingBackwardWpe {
             ctx,
             EmbeddingSpec::BackwardWpe,
             [t, 1, n, d],
+            (1.0, false),
             n * d,
             &[&bufs.dx.buffer, &bufs.dwpe.buffer],
         )?;
@@ -490,19 +509,19 @@ mod tests {
     #[test]
     fn rejects_bad_shapes_with_typed_errors() {
         assert_eq!(
-            check_forward(&[6], &[10, 4], &[3, 4], &[6, 4]).unwrap(),
+            check_forward(&[6], &[10, 4], Some(&[3, 4]), &[6, 4]).unwrap(),
             (6, 10, 3, 4)
         );
         assert!(matches!(
-            check_forward(&[0], &[10, 4], &[3, 4], &[0, 4]),
+            check_forward(&[0], &[10, 4], Some(&[3, 4]), &[0, 4]),
             Err(Error::InvalidArgument { .. })
         ));
         assert!(matches!(
-            check_forward(&[6], &[10, 4], &[3, 5], &[6, 4]),
+            check_forward(&[6], &[10, 4], Some(&[3, 5]), &[6, 4]),
             Err(Error::Shape { .. })
         ));
         assert!(matches!(
-            check_forward(&[6], &[10, 4], &[3, 4], &[5, 4]),
+            check_forward(&[6], &[10, 4], Some(&[3, 4]), &[5, 4]),
             Err(Error::Shape { .. })
         ));
         assert_eq!(

@@ -33,6 +33,7 @@ pub fn kernel_name(gating: Gating) -> &'static str {
         Gating::Top1 => "gate_top1_forward",
         Gating::Top2 => "gate_top2_forward",
         Gating::Adaptive => "gate_adaptive_forward",
+        Gating::TopK => "gate_topk_forward",
     }
 }
 
@@ -66,7 +67,7 @@ impl GateSpec {
     }
 
     pub fn all() -> Vec<Self> {
-        [Gating::Top1, Gating::Top2, Gating::Adaptive]
+        [Gating::Top1, Gating::Top2, Gating::Adaptive, Gating::TopK]
             .into_iter()
             .map(|gating| GateSpec { gating })
             .collect()
@@ -83,7 +84,7 @@ gpu_params! {
         pub single_one: u32,
         pub threshold: f32,
         pub nx: u32,
-        pub _pad0: u32,
+        pub flags: u32,
     }
 }
 
@@ -99,7 +100,7 @@ pub struct GateBuffers<'a> {
     pub router_logits: &'a Tensor<f32>,
     /// probs [T, E]
     pub probs: &'a Tensor<f32>,
-    /// topk_ids [T, K], K = `config.gating.max_k()`
+    /// topk_ids [T, K], K = `config.max_k()`
     pub topk_ids: &'a Tensor<u32>,
     /// topk_weights [T, K]
     pub topk_weights: &'a Tensor<f32>,
@@ -133,7 +134,7 @@ pub fn check(
         return Err(Error::invalid("gate", "E = 0 experts"));
     }
     config.validate(e)?;
-    let k = config.gating.max_k();
+    let k = config.max_k();
     let want = |name: &str, got: &[usize], want: &[usize]| -> Result<()> {
         if got != want {
             return Err(Error::shape(
@@ -178,7 +179,7 @@ impl Gate {
             &bufs.lse.shape,
             &bufs.routing.shape,
         )?;
-        let k = config.gating.max_k();
+        let k = config.max_k();
         // Element indices are u32 in the shader (u64 here: usize is 32 bits on wasm32).
         let elements = t as u64 * e as u64;
         if elements > u32::MAX as u64 {
@@ -207,7 +208,8 @@ impl Gate {
             },
             threshold: config.threshold,
             nx: grid.0,
-            _pad0: 0,
+            flags: config.renorm as u32
+                | (((config.score == crate::kernels::RouterScore::Sigmoid) as u32) << 1),
         };
         let pipeline = ctx.pipeline(&Kernel::Gate(GateSpec {
             gating: config.gating,
@@ -238,7 +240,7 @@ impl Gate {
 
     /// K: slots per token.
     pub fn k(&self) -> usize {
-        self.config.gating.max_k()
+        self.config.max_k()
     }
 
     /// Record the gate: one dispatch.
@@ -252,7 +254,7 @@ mod tests {
     use super::*;
 
     fn shapes(config: &GateConfig, t: usize, e: usize) -> Result<(usize, usize)> {
-        let k = config.gating.max_k();
+        let k = config.max_k();
         check(config, &[t, e], &[t, e], &[t, k], &[t, k], &[t], &[64])
     }
 

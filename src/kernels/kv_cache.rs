@@ -62,17 +62,17 @@ impl KvSpec {
             KvSpec::Append => vec![
                 Binding::Uniform,
                 Binding::Read,      // step [4]
-                Binding::Read,      // qkv [T, 3D]
-                Binding::ReadWrite, // k_cache [H, N, Dh]
-                Binding::ReadWrite, // v_cache [H, N, Dh]
+                Binding::Read,      // qkv [T, (H + 2 Hkv) Dh]
+                Binding::ReadWrite, // k_cache [Hkv, N, Dh]
+                Binding::ReadWrite, // v_cache [Hkv, N, Dh]
             ],
             KvSpec::Attention => vec![
                 Binding::Uniform,
                 Binding::Read,      // step [4]
-                Binding::Read,      // qkv [T, 3D]
-                Binding::Read,      // k_cache [H, N, Dh]
-                Binding::Read,      // v_cache [H, N, Dh]
-                Binding::ReadWrite, // o [T, D]
+                Binding::Read,      // qkv [T, (H + 2 Hkv) Dh]
+                Binding::Read,      // k_cache [Hkv, N, Dh]
+                Binding::Read,      // v_cache [Hkv, N, Dh]
+                Binding::ReadWrite, // o [T, H Dh]
             ],
         }
     }
@@ -104,6 +104,10 @@ gpu_params! {
         pub v: u32,
         pub nx: u32,
         pub scale: f32,
+        pub hkv: u32,
+        pub window: u32,
+        pub emb_scale: f32,
+        pub has_wpe: u32,
     }
 }
 
@@ -153,43 +157,83 @@ pub fn check_span(pos0: usize, t: usize, n: usize) -> Result<()> {
 }
 
 /// Sizes of the KV kernels of one call shape.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq)]
 pub struct KvShape {
     /// Tokens per call T.
     pub t: usize,
-    /// Heads H.
+    /// Query heads H.
     pub h: usize,
-    /// Head width Dh (D = H Dh).
+    /// Key/value heads Hkv (H a multiple of it).
+    pub hkv: usize,
+    /// Head width Dh.
     pub dh: usize,
     /// Cache capacity N.
     pub n: usize,
+    /// Sliding window W: a query sees itself and the W - 1 keys before it
+    /// (0: every earlier key).
+    pub window: usize,
+    /// Score scale (1 / sqrt(Dh) unless the model says otherwise).
+    pub scale: f32,
 }
 
 impl KvShape {
+    /// Multi-head attention of H heads of width Dh, no window.
+    pub fn mha(t: usize, h: usize, dh: usize, n: usize) -> KvShape {
+        KvShape {
+            t,
+            h,
+            hkv: h,
+            dh,
+            n,
+            window: 0,
+            scale: 1.0 / (dh as f32).sqrt(),
+        }
+    }
+
+    /// Columns of the attention output, H Dh.
     pub fn d(&self) -> usize {
         self.h * self.dh
     }
 
-    /// The cache shape `[H, N, Dh]`.
+    /// Columns of qkv, (H + 2 Hkv) Dh.
+    pub fn qkv_width(&self) -> usize {
+        (self.h + 2 * self.hkv) * self.dh
+    }
+
+    /// The cache shape `[Hkv, N, Dh]`.
     pub fn cache(&self) -> [usize; 3] {
-        [self.h, self.n, self.dh]
+        [self.hkv, self.n, self.dh]
     }
 
     fn check(&self) -> Result<()> {
-        let KvShape { t, h, dh, n } = *self;
-        if t == 0 || h == 0 || dh == 0 || n == 0 {
+        let KvShape {
+            t, h, hkv, dh, n, ..
+        } = *self;
+        if t == 0 || h == 0 || hkv == 0 || dh == 0 || n == 0 {
             return Err(Error::invalid(
                 "kv_cache",
-                format!("T = {t}, H = {h}, Dh = {dh}, N = {n}: all must be >= 1"),
+                format!("T = {t}, H = {h}, Hkv = {hkv}, Dh = {dh}, N = {n}: all must be >= 1"),
             ));
         }
-        if dh as u32 > KV_ATTN_WG {
+        if h % hkv != 0 {
             return Err(Error::invalid(
                 "kv_cache",
-                format!("head width Dh = {dh} > {KV_ATTN_WG}"),
+                format!("H = {h} query heads are not a multiple of Hkv = {hkv}"),
             ));
         }
-        let largest = (t.max(n) as u64) * 3 * self.d() as u64;
+        if dh as u32 > 4 * KV_ATTN_WG {
+            return Err(Error::invalid(
+                "kv_cache",
+                format!("head width Dh = {dh} > {}", 4 * KV_ATTN_WG),
+            ));
+        }
+        if !self.scale.is_finite() || self.scale <= 0.0 {
+            return Err(Error::invalid(
+                "kv_cache",
+                format!("score scale {}", self.scale),
+            ));
+        }
+        let largest = (t.max(n) as u64) * self.qkv_width() as u64;
         if largest > u32::MAX as u64 {
             return Err(Error::Limit {
                 what: "kv_cache: elements".into(),
@@ -200,7 +244,7 @@ impl KvShape {
         Ok(())
     }
 
-    fn params(&self, v: usize, nx: u32) -> KvParams {
+    fn params(&self, v: usize) -> KvParams {
         KvParams {
             t: self.t as u32,
             d: self.d() as u32,
@@ -208,8 +252,12 @@ impl KvShape {
             dh: self.dh as u32,
             n: self.n as u32,
             v: v as u32,
-            nx,
-            scale: 1.0 / (self.dh as f32).sqrt(),
+            nx: 0,
+            scale: self.scale,
+            hkv: self.hkv as u32,
+            window: self.window.min(u32::MAX as usize) as u32,
+            emb_scale: 1.0,
+            has_wpe: 0,
         }
     }
 }
@@ -228,8 +276,7 @@ fn expect(name: &str, got: &[usize], want: &[usize]) -> Result<()> {
 fn build(
     ctx: &GpuContext,
     spec: KvSpec,
-    shape: &KvShape,
-    v: usize,
+    mut params: KvParams,
     groups: usize,
     buffers: &[&wgpu::Buffer],
 ) -> Result<(Dispatch, wgpu::Buffer)> {
@@ -241,7 +288,8 @@ fn build(
         format!("{} workgroups (folded)", spec.name()),
         grid.1 as u64,
     )?;
-    let params = uniform(ctx, &shape.params(v, grid.0));
+    params.nx = grid.0;
+    let params = uniform(ctx, &params);
     let mut all = vec![&params];
     all.extend_from_slice(buffers);
     let dispatch = Dispatch::new(
@@ -260,13 +308,15 @@ pub struct KvEmbedBuffers<'a> {
     pub ids: &'a Tensor<u32>,
     /// wte [V, D]
     pub wte: &'a Tensor<f32>,
-    /// wpe [N, D]
-    pub wpe: &'a Tensor<f32>,
+    /// wpe [N, D]; None for rotary models.
+    pub wpe: Option<&'a Tensor<f32>>,
     /// x [T, D]
     pub x: &'a Tensor<f32>,
+    /// Token embedding multiplier.
+    pub scale: f32,
 }
 
-/// `x[i, :] = wte[ids[i], :] + wpe[pos0 + i, :]`, ready to record.
+/// `x[i, :] = wte[ids[i], :] * scale + wpe[pos0 + i, :]`, ready to record.
 pub struct KvEmbed {
     dispatch: Dispatch,
     _params: wgpu::Buffer,
@@ -289,26 +339,31 @@ impl KvEmbed {
             ));
         };
         let n = bufs.step.n;
-        expect("wpe", &bufs.wpe.shape, &[n, d])?;
+        if let Some(wpe) = bufs.wpe {
+            expect("wpe", &wpe.shape, &[n, d])?;
+        }
         expect("x", &bufs.x.shape, &[t, d])?;
-        let shape = KvShape { t, h: 1, dh: d, n };
-        if t == 0 || d == 0 || v == 0 {
+        if t == 0 || d == 0 || v == 0 || !bufs.scale.is_finite() {
             return Err(Error::invalid(
                 "kv_cache",
-                format!("T = {t}, D = {d}, V = {v}"),
+                format!("T = {t}, D = {d}, V = {v}, scale {}", bufs.scale),
             ));
         }
+        let params = KvParams {
+            emb_scale: bufs.scale,
+            has_wpe: bufs.wpe.is_some() as u32,
+            ..KvShape::mha(t, 1, d, n).params(v)
+        };
         let (dispatch, params) = build(
             ctx,
             KvSpec::Embed,
-            &shape,
-            v,
+            params,
             (t * d).div_ceil(KV_WG as usize),
             &[
                 &bufs.step.tensor.buffer,
                 &bufs.ids.buffer,
                 &bufs.wte.buffer,
-                &bufs.wpe.buffer,
+                &bufs.wpe.unwrap_or(bufs.wte).buffer,
                 &bufs.x.buffer,
             ],
         )?;
@@ -323,7 +378,7 @@ impl KvEmbed {
     }
 }
 
-/// One layer's cache: `k_cache`, `v_cache` [H, N, Dh].
+/// One layer's cache: `k_cache`, `v_cache` [Hkv, N, Dh].
 pub struct KvCache {
     pub k: Tensor<f32>,
     pub v: Tensor<f32>,
@@ -352,7 +407,7 @@ fn check_qkv(shape: &KvShape, step: &KvStep, qkv: &Tensor<f32>, cache: &KvCache)
             step.n,
         ));
     }
-    expect("qkv", &qkv.shape, &[shape.t, 3 * shape.d()])?;
+    expect("qkv", &qkv.shape, &[shape.t, shape.qkv_width()])?;
     expect("k_cache", &cache.k.shape, &shape.cache())?;
     expect("v_cache", &cache.v.shape, &shape.cache())
 }
@@ -375,9 +430,8 @@ impl KvAppend {
         let (dispatch, params) = build(
             ctx,
             KvSpec::Append,
-            shape,
-            0,
-            (shape.t * shape.d()).div_ceil(KV_WG as usize),
+            shape.params(0),
+            (shape.t * shape.hkv * shape.dh).div_ceil(KV_WG as usize),
             &[
                 &step.tensor.buffer,
                 &qkv.buffer,
@@ -417,8 +471,7 @@ impl KvAttention {
         let (dispatch, params) = build(
             ctx,
             KvSpec::Attention,
-            shape,
-            0,
+            shape.params(0),
             shape.t * shape.h,
             &[
                 &step.tensor.buffer,

@@ -52,7 +52,7 @@ impl MoeConfig {
 
     /// K: the most experts a token can use under this gating rule.
     pub fn k(&self) -> usize {
-        self.gate.gating.max_k()
+        self.gate.max_k()
     }
 
     /// Expert FLOPs of one routed (token, expert) pair: GEMM 1 (x2 for SwiGLU) and GEMM 2.

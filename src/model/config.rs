@@ -2,7 +2,7 @@
 //! checkpoint.
 
 use crate::error::{Error, Result};
-use crate::kernels::{Activation, AuxConfig, GateConfig, Gating, SingleWeight};
+use crate::kernels::{Activation, AuxConfig, GateConfig, Gating, RouterScore, SingleWeight};
 use crate::model::params::{BlockParams, FfnParams, ParamSpec, Params};
 use crate::moe::MoeConfig;
 use serde::{Deserialize, Serialize};
@@ -39,8 +39,114 @@ pub enum FfnKind {
     Moe,
 }
 
-/// Decoder-only LM: token + learned position embeddings, L pre-norm blocks
-/// (RMSNorm, causal attention, RMSNorm, FFN or MoE), final norm, unembedding.
+/// How the scaled rotary frequencies are derived (`rope_scaling`).
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "lowercase")]
+pub enum RopeScaling {
+    /// Positions divided by `factor` (every frequency over `factor`).
+    Linear { factor: f32 },
+    /// Llama 3.1: low frequencies over `factor`, high ones kept, a smooth
+    /// blend between (wavelengths measured against `original` positions).
+    Llama3 {
+        factor: f32,
+        low_freq_factor: f32,
+        high_freq_factor: f32,
+        original: usize,
+    },
+}
+
+/// Rotary position embeddings (rotate-half layout, pairs `i` and `i + Dh/2`).
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Rope {
+    pub theta: f32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scaling: Option<RopeScaling>,
+}
+
+impl Rope {
+    /// The inverse frequencies `[Dh / 2]`, in f32 as the reference library
+    /// computes them (`1 / theta^(2i / Dh)`, then the scaling).
+    pub fn inv_freq(&self, dh: usize) -> Vec<f32> {
+        let half = dh / 2;
+        (0..half)
+            .map(|i| {
+                let base = 1.0 / (self.theta as f64).powf((2 * i) as f64 / dh as f64);
+                let f = base as f32;
+                match self.scaling {
+                    None => f,
+                    Some(RopeScaling::Linear { factor }) => f / factor,
+                    Some(RopeScaling::Llama3 {
+                        factor,
+                        low_freq_factor,
+                        high_freq_factor,
+                        original,
+                    }) => {
+                        let old = original as f32;
+                        let low_wavelen = old / low_freq_factor;
+                        let high_wavelen = old / high_freq_factor;
+                        let wavelen = 2.0 * std::f32::consts::PI / f;
+                        let scaled = if wavelen > low_wavelen { f / factor } else { f };
+                        if wavelen < high_wavelen || wavelen > low_wavelen {
+                            scaled
+                        } else {
+                            let smooth = (old / wavelen - low_freq_factor)
+                                / (high_freq_factor - low_freq_factor);
+                            (1.0 - smooth) * scaled / factor + smooth * scaled
+                        }
+                    }
+                }
+            })
+            .collect()
+    }
+
+    /// cos and sin tables `[N, Dh / 2]` of positions 0..N: the angle is the
+    /// f32 product `pos * inv_freq` (as the reference computes it), its
+    /// cosine and sine taken in f64 and rounded.
+    pub fn tables(&self, n: usize, dh: usize) -> (Vec<f32>, Vec<f32>) {
+        let inv = self.inv_freq(dh);
+        let mut cos = Vec::with_capacity(n * inv.len());
+        let mut sin = Vec::with_capacity(n * inv.len());
+        for pos in 0..n {
+            for &f in &inv {
+                let a = (pos as f32 * f) as f64;
+                cos.push(a.cos() as f32);
+                sin.push(a.sin() as f32);
+            }
+        }
+        (cos, sin)
+    }
+}
+
+/// Where a block normalizes q and k before attention (QK-norm).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum QkNorm {
+    #[default]
+    None,
+    /// RMSNorm over each head's Dh (Qwen3), gains `[Dh]`.
+    PerHead,
+    /// RMSNorm over the whole q (and k) projection (OLMoE), gains `[H Dh]`
+    /// and `[Hkv Dh]`.
+    Whole,
+}
+
+fn is_default<T: Default + PartialEq>(t: &T) -> bool {
+    *t == T::default()
+}
+
+fn one() -> f32 {
+    1.0
+}
+
+fn is_one(x: &f32) -> bool {
+    *x == 1.0
+}
+
+/// Decoder-only LM: token embeddings (+ learned positions, or rotary ones
+/// inside attention), L pre-norm blocks (RMSNorm, causal attention,
+/// RMSNorm, FFN or MoE), final norm, unembedding. The fields after `eps`
+/// are the axes of published model families; their defaults are amoe's
+/// own model, and a `config.json` without them reads as before.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct ModelConfig {
     /// Vocabulary V.
@@ -74,7 +180,58 @@ pub struct ModelConfig {
     pub capacity_factor: Option<f32>,
     /// RMSNorm epsilon.
     pub eps: f32,
+    /// Key/value heads Hkv (GQA, MQA); None: H.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kv_heads: Option<usize>,
+    /// Head width Dh; None: D / H.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub head_dim: Option<usize>,
+    /// Rotary positions; None: learned ones (`wpe`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rope: Option<Rope>,
+    /// The largest position the model was made for (rotary models): the
+    /// context (`context`) may not exceed it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_positions: Option<usize>,
+    /// Biases on the q, k and v projections.
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub qkv_bias: bool,
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub qk_norm: QkNorm,
+    /// A query attends to at most this many keys (itself and the W - 1
+    /// before it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sliding_window: Option<usize>,
+    /// Attention score scale; None: 1 / sqrt(Dh).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attn_scale: Option<f32>,
+    /// Each layer's FFN kind, when the model says per layer (overrides
+    /// `moe_every` and `dense`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ffn_kinds: Option<Vec<FfnKind>>,
+    /// Hidden width of the dense FFN layers; None: `ffn`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dense_ffn: Option<usize>,
+    /// Hidden width of the sigmoid-gated shared expert of every MoE layer
+    /// (Qwen2-MoE); None: no shared expert.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shared_ffn: Option<usize>,
+    /// The unembedding is `wteᵀ` (no `w_out`).
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub tied: bool,
+    /// Granite: token embeddings times this, the attention and FFN outputs
+    /// times `residual_multiplier` before their residual adds, the logits
+    /// divided by `logits_scaling`.
+    #[serde(default = "one", skip_serializing_if = "is_one")]
+    pub embedding_multiplier: f32,
+    #[serde(default = "one", skip_serializing_if = "is_one")]
+    pub residual_multiplier: f32,
+    #[serde(default = "one", skip_serializing_if = "is_one")]
+    pub logits_scaling: f32,
 }
+
+/// The widest attention head any kernel takes.
+pub const MAX_HEAD_DIM: usize = 256;
 
 fn gelu() -> Activation {
     Activation::Gelu
@@ -98,6 +255,21 @@ impl Default for ModelConfig {
             aux: AuxConfig::default(),
             capacity_factor: None,
             eps: 1e-5,
+            kv_heads: None,
+            head_dim: None,
+            rope: None,
+            max_positions: None,
+            qkv_bias: false,
+            qk_norm: QkNorm::None,
+            sliding_window: None,
+            attn_scale: None,
+            ffn_kinds: None,
+            dense_ffn: None,
+            shared_ffn: None,
+            tied: false,
+            embedding_multiplier: 1.0,
+            residual_multiplier: 1.0,
+            logits_scaling: 1.0,
         }
     }
 }
@@ -119,11 +291,86 @@ impl ModelConfig {
                 return Err(Error::invalid("model config", format!("{name} = 0")));
             }
         }
-        if !self.d.is_multiple_of(self.heads) {
-            return Err(Error::invalid(
-                "model config",
-                format!("d = {} is not a multiple of heads = {}", self.d, self.heads),
+        let bad = |msg: String| Err(Error::invalid("model config", msg));
+        if self.head_dim.is_none() && !self.d.is_multiple_of(self.heads) {
+            return bad(format!(
+                "d = {} is not a multiple of heads = {}",
+                self.d, self.heads
             ));
+        }
+        let (h, hkv, dh) = (self.heads, self.kv_heads(), self.head_dim());
+        if hkv == 0 || !h.is_multiple_of(hkv) {
+            return bad(format!(
+                "kv_heads = {hkv}: must divide heads = {h} (GQA groups)"
+            ));
+        }
+        if dh == 0 || !dh.is_multiple_of(4) || dh > MAX_HEAD_DIM {
+            return bad(format!(
+                "head_dim = {dh}: must be a multiple of 4 up to {MAX_HEAD_DIM}"
+            ));
+        }
+        if let Some(rope) = &self.rope {
+            if !rope.theta.is_finite() || rope.theta <= 1.0 {
+                return bad(format!("rope_theta = {}", rope.theta));
+            }
+            let ok = match rope.scaling {
+                None => true,
+                Some(RopeScaling::Linear { factor }) => factor.is_finite() && factor > 0.0,
+                Some(RopeScaling::Llama3 {
+                    factor,
+                    low_freq_factor,
+                    high_freq_factor,
+                    original,
+                }) => {
+                    factor.is_finite()
+                        && factor > 0.0
+                        && low_freq_factor > 0.0
+                        && high_freq_factor > low_freq_factor
+                        && original > 0
+                }
+            };
+            if !ok {
+                return bad(format!("rope_scaling {:?}", rope.scaling));
+            }
+        }
+        if let Some(max) = self.max_positions {
+            if self.context > max {
+                return bad(format!(
+                    "context = {} is past the model's max_position_embeddings = {max}",
+                    self.context
+                ));
+            }
+        }
+        if self.sliding_window == Some(0) {
+            return bad("sliding_window = 0".into());
+        }
+        if let Some(s) = self.attn_scale {
+            if !s.is_finite() || s <= 0.0 {
+                return bad(format!("attention scale {s}"));
+            }
+        }
+        for (name, v) in [
+            ("embedding_multiplier", self.embedding_multiplier),
+            ("residual_multiplier", self.residual_multiplier),
+            ("logits_scaling", self.logits_scaling),
+        ] {
+            if !v.is_finite() || v == 0.0 {
+                return bad(format!("{name} = {v}"));
+            }
+        }
+        if let Some(kinds) = &self.ffn_kinds {
+            if kinds.len() != self.layers {
+                return bad(format!(
+                    "{} FFN kinds for {} layers",
+                    kinds.len(),
+                    self.layers
+                ));
+            }
+        }
+        for (name, v) in [("dense_ffn", self.dense_ffn), ("shared_ffn", self.shared_ffn)] {
+            if v == Some(0) {
+                return bad(format!("{name} = 0"));
+            }
         }
         if !self.eps.is_finite() || self.eps <= 0.0 {
             return Err(Error::invalid(
@@ -134,17 +381,115 @@ impl ModelConfig {
         self.gate.validate(self.experts)?;
         for l in 0..self.layers {
             self.ffn_config(l).validate()?;
+            if let Some(c) = self.shared_config(l) {
+                c.validate()?;
+            }
         }
         Ok(())
     }
 
+    /// Key/value heads Hkv.
+    pub fn kv_heads(&self) -> usize {
+        self.kv_heads.unwrap_or(self.heads)
+    }
+
+    /// Head width Dh.
+    pub fn head_dim(&self) -> usize {
+        self.head_dim.unwrap_or(self.d / self.heads.max(1))
+    }
+
+    /// Columns of the q projection, H Dh.
+    pub fn q_width(&self) -> usize {
+        self.heads * self.head_dim()
+    }
+
+    /// Columns of `qkv`: (H + 2 Hkv) Dh.
+    pub fn qkv_width(&self) -> usize {
+        (self.heads + 2 * self.kv_heads()) * self.head_dim()
+    }
+
+    /// Attention score scale.
+    pub fn attn_scale(&self) -> f32 {
+        self.attn_scale
+            .unwrap_or_else(|| 1.0 / (self.head_dim() as f32).sqrt())
+    }
+
+    /// Whether the model is amoe's own attention layout (H = Hkv, Dh = D / H,
+    /// learned positions, no bias, QK-norm, window or scale override): what
+    /// the training step supports.
+    pub fn classic_attention(&self) -> bool {
+        self.kv_heads() == self.heads
+            && self.q_width() == self.d
+            && !self.qkv_bias
+            && self.qk_norm == QkNorm::None
+            && self.sliding_window.is_none()
+            && self.attn_scale.is_none()
+    }
+
+    /// Refuse what the training step does not take yet: amoe's own
+    /// attention layout (`classic_attention`) with learned positions, an
+    /// untied head, no shared expert, no multipliers, no fixed top-k.
+    pub fn check_trainable(&self) -> Result<()> {
+        let mut not = Vec::new();
+        if !self.classic_attention() {
+            not.push("GQA, head_dim != d / heads, q/k/v bias, QK-norm, sliding window or a score scale");
+        }
+        if self.rope.is_some() {
+            not.push("rotary positions");
+        }
+        if self.tied {
+            not.push("a tied head");
+        }
+        if self.shared_ffn.is_some() {
+            not.push("a shared expert");
+        }
+        if self.ffn_kinds.is_some() || self.dense_ffn.is_some() {
+            not.push("per-layer FFN kinds or widths");
+        }
+        if [
+            self.embedding_multiplier,
+            self.residual_multiplier,
+            self.logits_scaling,
+        ] != [1.0; 3]
+        {
+            not.push("embedding, residual or logit multipliers");
+        }
+        if self.gate.gating == Gating::TopK {
+            not.push("a fixed top-k router");
+        }
+        if not.is_empty() {
+            return Ok(());
+        }
+        Err(Error::invalid(
+            "model config",
+            format!("training does not take {} yet", not.join(", ")),
+        ))
+    }
+
     /// Whether layer `l`'s FFN is an MoE.
     pub fn kind(&self, l: usize) -> FfnKind {
+        if let Some(kinds) = &self.ffn_kinds {
+            return kinds.get(l).copied().unwrap_or(FfnKind::Dense);
+        }
         if self.dense || !(l + 1).is_multiple_of(self.moe_every) {
             FfnKind::Dense
         } else {
             FfnKind::Moe
         }
+    }
+
+    /// The shared expert of layer `l` (MoE layers of a model that has one):
+    /// one SwiGLU expert whose weight is the sigmoid of its gate's logit.
+    pub fn shared_config(&self, l: usize) -> Option<MoeConfig> {
+        let f = self.shared_ffn?;
+        (self.kind(l) == FfnKind::Moe).then(|| MoeConfig {
+            d: self.d,
+            f,
+            e: 1,
+            activation: self.activation,
+            gate: GateConfig::top_k(1, false, RouterScore::Sigmoid),
+            capacity_factor: None,
+        })
     }
 
     /// The FFN of layer `l` as an MoE layer (a dense FFN is one expert,
@@ -161,7 +506,7 @@ impl ModelConfig {
             },
             FfnKind::Dense => MoeConfig {
                 d: self.d,
-                f: self.ffn,
+                f: self.dense_ffn.unwrap_or(self.ffn),
                 e: 1,
                 activation: self.activation,
                 gate: GateConfig {
@@ -196,29 +541,38 @@ impl ModelConfig {
     /// where `ParamId::decay` says so).
     pub fn param_specs(&self) -> Params<ParamSpec> {
         let (v, d, n) = (self.vocab, self.d, self.context);
+        let (qw, dh) = (self.q_width(), self.head_dim());
+        let kw = self.kv_heads() * dh;
         let s = |shape: Vec<usize>| ParamSpec { shape };
+        let ffn = |c: &MoeConfig| FfnParams {
+            w_router: s(vec![d, c.e]),
+            w1: s(vec![c.e, d, c.f]),
+            w3: (c.activation == Activation::SwiGlu).then(|| s(vec![c.e, d, c.f])),
+            w2: s(vec![c.e, c.f, d]),
+        };
+        let (qn, kn) = match self.qk_norm {
+            QkNorm::None => (None, None),
+            QkNorm::PerHead => (Some(s(vec![dh])), Some(s(vec![dh]))),
+            QkNorm::Whole => (Some(s(vec![qw])), Some(s(vec![kw]))),
+        };
         Params {
             wte: s(vec![v, d]),
-            wpe: s(vec![n, d]),
+            wpe: self.rope.is_none().then(|| s(vec![n, d])),
             blocks: (0..self.layers)
-                .map(|l| {
-                    let c = self.ffn_config(l);
-                    BlockParams {
-                        norm1: s(vec![d]),
-                        wqkv: s(vec![d, 3 * d]),
-                        wo: s(vec![d, d]),
-                        norm2: s(vec![d]),
-                        ffn: FfnParams {
-                            w_router: s(vec![d, c.e]),
-                            w1: s(vec![c.e, d, c.f]),
-                            w3: (c.activation == Activation::SwiGlu).then(|| s(vec![c.e, d, c.f])),
-                            w2: s(vec![c.e, c.f, d]),
-                        },
-                    }
+                .map(|l| BlockParams {
+                    norm1: s(vec![d]),
+                    wqkv: s(vec![d, self.qkv_width()]),
+                    bqkv: self.qkv_bias.then(|| s(vec![self.qkv_width()])),
+                    q_norm: qn.clone(),
+                    k_norm: kn.clone(),
+                    wo: s(vec![qw, d]),
+                    norm2: s(vec![d]),
+                    ffn: ffn(&self.ffn_config(l)),
+                    shared: self.shared_config(l).map(|c| ffn(&c)),
                 })
                 .collect(),
             norm_f: s(vec![d]),
-            w_out: s(vec![d, v]),
+            w_out: (!self.tied).then(|| s(vec![d, v])),
         }
     }
 
@@ -234,7 +588,7 @@ impl ModelConfig {
         let specs = self.param_specs();
         let numel = |s: &ParamSpec| s.numel();
         let total = specs.values().map(numel).sum();
-        let embeddings = numel(&specs.wte) + numel(&specs.wpe);
+        let embeddings = numel(&specs.wte) + specs.wpe.as_ref().map_or(0, numel);
         let mut experts = 0;
         let (mut idle_max, mut idle_min) = (0, 0);
         for (l, b) in specs.blocks.iter().enumerate() {
@@ -269,8 +623,7 @@ impl ModelConfig {
             .map(|(id, s)| (s.numel() as u64 * 4, id.name()))
             .max()
             .unwrap_or_default();
-        let kv =
-            2 * (self.layers * self.heads * self.context * (self.d / self.heads.max(1))) as u64 * 4;
+        let kv = 2 * (self.layers * self.kv_heads() * self.context * self.head_dim()) as u64 * 4;
         GpuBytes {
             params,
             kv_cache: kv,
@@ -287,10 +640,14 @@ impl ModelConfig {
         let mut fl = 2.0 * d * v;
         for l in 0..self.layers {
             // QKV, output projection, attention (causal: half of N^2 on average).
-            fl += 2.0 * d * 3.0 * d + 2.0 * d * d + 2.0 * d * n;
+            let (qkv, q) = (self.qkv_width() as f64, self.q_width() as f64);
+            fl += 2.0 * d * qkv + 2.0 * q * d + 2.0 * q * n;
             let c = self.ffn_config(l);
             let slots = if c.e == 1 { 1.0 } else { slots_per_token };
             fl += 2.0 * d * c.e as f64 + slots * c.flops_per_slot();
+            if let Some(sh) = self.shared_config(l) {
+                fl += 2.0 * d + sh.flops_per_slot();
+            }
         }
         fl
     }

@@ -101,11 +101,18 @@ impl Embed {
         ids: &Tensor<u32>,
         x: &Tensor<f32>,
     ) -> Result<Embed> {
-        let (wte, wpe) = (&model.params.wte, &model.params.wpe);
+        let (wte, wpe) = (&model.params.wte, model.params.wpe.as_ref());
+        let scale = model.cfg.embedding_multiplier;
         Ok(match mode.kv() {
             None => Embed::Batch(EmbeddingForward::new(
                 ctx,
-                &EmbeddingForwardBuffers { ids, wte, wpe, x },
+                &EmbeddingForwardBuffers {
+                    ids,
+                    wte,
+                    wpe,
+                    x,
+                    scale,
+                },
             )?),
             Some(kv) => Embed::Cached(KvEmbed::new(
                 ctx,
@@ -115,6 +122,7 @@ impl Embed {
                     wte,
                     wpe,
                     x,
+                    scale,
                 },
             )?),
         })
@@ -240,12 +248,7 @@ impl Block {
             },
         )?;
         let qkv_mm = mm(ctx, (t, 3 * d, d), Trans::NN, 0.0, &a, &p.wqkv, &qkv)?;
-        let kv_shape = KvShape {
-            t,
-            h,
-            dh: d / h,
-            n: cfg.context,
-        };
+        let kv_shape = KvShape::mha(t, h, d / h, cfg.context);
         let append = match mode.kv() {
             Some(kv) => Some(KvAppend::new(ctx, &kv_shape, kv.step, &qkv, &kv.caches[l])?),
             None => None,
@@ -370,7 +373,11 @@ impl Head {
             Trans::NN,
             0.0,
             &xf,
-            &model.params.w_out,
+            model
+                .params
+                .w_out
+                .as_ref()
+                .ok_or_else(|| Error::invalid("model", "tied head: not yet"))?,
             &logits,
         )?;
         Ok(Head {

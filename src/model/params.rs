@@ -18,9 +18,15 @@ use std::fmt;
 pub enum BlockParam {
     /// norm1 [D]: the attention's RMSNorm gain.
     Norm1,
-    /// wqkv [D, 3D]
+    /// wqkv [D, (H + 2 Hkv) Dh]: the q, k and v projections side by side.
     Wqkv,
-    /// wo [D, D]
+    /// bqkv [(H + 2 Hkv) Dh]: their biases (Qwen2).
+    Bqkv,
+    /// q_norm [Dh] (per head) or [H Dh] (whole projection): QK-norm gain.
+    QNorm,
+    /// k_norm [Dh] or [Hkv Dh]
+    KNorm,
+    /// wo [H Dh, D]
     Wo,
     /// norm2 [D]: the FFN's RMSNorm gain.
     Norm2,
@@ -32,6 +38,12 @@ pub enum BlockParam {
     W3,
     /// w2 [E, F, D]
     W2,
+    /// The shared expert (Qwen2-MoE): its sigmoid gate [D, 1] and its
+    /// weights w1, w3 [1, D, Fs], w2 [1, Fs, D].
+    SharedGate,
+    SharedW1,
+    SharedW3,
+    SharedW2,
 }
 
 impl BlockParam {
@@ -39,27 +51,41 @@ impl BlockParam {
         match self {
             BlockParam::Norm1 => "norm1",
             BlockParam::Wqkv => "wqkv",
+            BlockParam::Bqkv => "bqkv",
+            BlockParam::QNorm => "q_norm",
+            BlockParam::KNorm => "k_norm",
             BlockParam::Wo => "wo",
             BlockParam::Norm2 => "norm2",
             BlockParam::Router => "ffn.w_router",
             BlockParam::W1 => "ffn.w1",
             BlockParam::W3 => "ffn.w3",
             BlockParam::W2 => "ffn.w2",
+            BlockParam::SharedGate => "shared.w_router",
+            BlockParam::SharedW1 => "shared.w1",
+            BlockParam::SharedW3 => "shared.w3",
+            BlockParam::SharedW2 => "shared.w2",
         }
     }
 
-    const ALL: [BlockParam; 8] = [
+    const ALL: [BlockParam; 15] = [
         BlockParam::Norm1,
         BlockParam::Wqkv,
+        BlockParam::Bqkv,
+        BlockParam::QNorm,
+        BlockParam::KNorm,
         BlockParam::Wo,
         BlockParam::Norm2,
         BlockParam::Router,
         BlockParam::W1,
         BlockParam::W3,
         BlockParam::W2,
+        BlockParam::SharedGate,
+        BlockParam::SharedW1,
+        BlockParam::SharedW3,
+        BlockParam::SharedW2,
     ];
 
-    /// An expert weight of the FFN (w1, w3, w2).
+    /// An expert weight of the routed FFN (w1, w3, w2).
     pub fn is_expert(self) -> bool {
         matches!(self, BlockParam::W1 | BlockParam::W3 | BlockParam::W2)
     }
@@ -70,13 +96,13 @@ impl BlockParam {
 pub enum ParamId {
     /// wte [V, D]: token embeddings.
     Wte,
-    /// wpe [N, D]: learned position embeddings.
+    /// wpe [N, D]: learned position embeddings (none with rotary ones).
     Wpe,
     /// A parameter of block `l`.
     Block(usize, BlockParam),
     /// norm_f [D]: the final RMSNorm gain.
     NormF,
-    /// w_out [D, V]: the unembedding.
+    /// w_out [D, V]: the unembedding (none when tied to wte).
     WOut,
 }
 
@@ -118,7 +144,13 @@ impl ParamId {
             ParamId::WOut => true,
             ParamId::Block(_, p) => !matches!(
                 p,
-                BlockParam::Norm1 | BlockParam::Norm2 | BlockParam::Router
+                BlockParam::Norm1
+                    | BlockParam::Norm2
+                    | BlockParam::Router
+                    | BlockParam::Bqkv
+                    | BlockParam::QNorm
+                    | BlockParam::KNorm
+                    | BlockParam::SharedGate
             ),
         }
     }
@@ -144,11 +176,22 @@ macro_rules! canonical {
     ($p:ident, $($m:tt)*) => {{
         let mut out = Vec::with_capacity(4 + 8 * $p.blocks.len());
         out.push((ParamId::Wte, $($m)* $p.wte));
-        out.push((ParamId::Wpe, $($m)* $p.wpe));
+        if let Some(wpe) = $($m)* $p.wpe {
+            out.push((ParamId::Wpe, wpe));
+        }
         for (l, b) in ($($m)* $p.blocks).into_iter().enumerate() {
             let id = |p| ParamId::Block(l, p);
             out.push((id(BlockParam::Norm1), $($m)* b.norm1));
             out.push((id(BlockParam::Wqkv), $($m)* b.wqkv));
+            if let Some(t) = $($m)* b.bqkv {
+                out.push((id(BlockParam::Bqkv), t));
+            }
+            if let Some(t) = $($m)* b.q_norm {
+                out.push((id(BlockParam::QNorm), t));
+            }
+            if let Some(t) = $($m)* b.k_norm {
+                out.push((id(BlockParam::KNorm), t));
+            }
             out.push((id(BlockParam::Wo), $($m)* b.wo));
             out.push((id(BlockParam::Norm2), $($m)* b.norm2));
             out.push((id(BlockParam::Router), $($m)* b.ffn.w_router));
@@ -157,9 +200,19 @@ macro_rules! canonical {
                 out.push((id(BlockParam::W3), w3));
             }
             out.push((id(BlockParam::W2), $($m)* b.ffn.w2));
+            if let Some(sh) = $($m)* b.shared {
+                out.push((id(BlockParam::SharedGate), $($m)* sh.w_router));
+                out.push((id(BlockParam::SharedW1), $($m)* sh.w1));
+                if let Some(w3) = $($m)* sh.w3 {
+                    out.push((id(BlockParam::SharedW3), w3));
+                }
+                out.push((id(BlockParam::SharedW2), $($m)* sh.w2));
+            }
         }
         out.push((ParamId::NormF, $($m)* $p.norm_f));
-        out.push((ParamId::WOut, $($m)* $p.w_out));
+        if let Some(w_out) = $($m)* $p.w_out {
+            out.push((ParamId::WOut, w_out));
+        }
         out.into_iter()
     }};
 }
@@ -179,19 +232,55 @@ pub struct FfnParams<T> {
 pub struct BlockParams<T> {
     pub norm1: T,
     pub wqkv: T,
+    /// q/k/v biases (Qwen2 families).
+    pub bqkv: Option<T>,
+    /// QK-norm gains (Qwen3: per head; OLMoE: whole projection).
+    pub q_norm: Option<T>,
+    pub k_norm: Option<T>,
     pub wo: T,
     pub norm2: T,
     pub ffn: FfnParams<T>,
+    /// The sigmoid-gated shared expert (Qwen2-MoE), beside the routed ones.
+    pub shared: Option<FfnParams<T>>,
 }
 
 /// Every parameter of the model, one `T` each.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Params<T> {
     pub wte: T,
-    pub wpe: T,
+    /// Learned positions; None with rotary ones.
+    pub wpe: Option<T>,
     pub blocks: Vec<BlockParams<T>>,
     pub norm_f: T,
-    pub w_out: T,
+    /// The unembedding [D, V]; None when tied to `wte` (read as `wteᵀ`).
+    pub w_out: Option<T>,
+}
+
+fn try_map_opt<T, U>(
+    t: &Option<T>,
+    id: ParamId,
+    f: &mut impl FnMut(ParamId, &T) -> Result<U>,
+) -> Result<Option<U>> {
+    t.as_ref().map(|t| f(id, t)).transpose()
+}
+
+impl<T> FfnParams<T> {
+    fn try_map<U>(
+        &self,
+        ids: [ParamId; 4],
+        f: &mut impl FnMut(ParamId, &T) -> Result<U>,
+    ) -> Result<FfnParams<U>> {
+        let w_router = f(ids[0], &self.w_router)?;
+        let w1 = f(ids[1], &self.w1)?;
+        let w3 = try_map_opt(&self.w3, ids[2], f)?;
+        let w2 = f(ids[3], &self.w2)?;
+        Ok(FfnParams {
+            w_router,
+            w1,
+            w3,
+            w2,
+        })
+    }
 }
 
 impl<T> BlockParams<T> {
@@ -204,26 +293,42 @@ impl<T> BlockParams<T> {
         // Explicit lets: the calls run in canonical order.
         let norm1 = f(id(BlockParam::Norm1), &self.norm1)?;
         let wqkv = f(id(BlockParam::Wqkv), &self.wqkv)?;
+        let bqkv = try_map_opt(&self.bqkv, id(BlockParam::Bqkv), f)?;
+        let q_norm = try_map_opt(&self.q_norm, id(BlockParam::QNorm), f)?;
+        let k_norm = try_map_opt(&self.k_norm, id(BlockParam::KNorm), f)?;
         let wo = f(id(BlockParam::Wo), &self.wo)?;
         let norm2 = f(id(BlockParam::Norm2), &self.norm2)?;
-        let w_router = f(id(BlockParam::Router), &self.ffn.w_router)?;
-        let w1 = f(id(BlockParam::W1), &self.ffn.w1)?;
-        let w3 = match &self.ffn.w3 {
-            Some(w3) => Some(f(id(BlockParam::W3), w3)?),
+        let ffn = self.ffn.try_map(
+            [
+                id(BlockParam::Router),
+                id(BlockParam::W1),
+                id(BlockParam::W3),
+                id(BlockParam::W2),
+            ],
+            f,
+        )?;
+        let shared = match &self.shared {
+            Some(sh) => Some(sh.try_map(
+                [
+                    id(BlockParam::SharedGate),
+                    id(BlockParam::SharedW1),
+                    id(BlockParam::SharedW3),
+                    id(BlockParam::SharedW2),
+                ],
+                f,
+            )?),
             None => None,
         };
-        let w2 = f(id(BlockParam::W2), &self.ffn.w2)?;
         Ok(BlockParams {
             norm1,
             wqkv,
+            bqkv,
+            q_norm,
+            k_norm,
             wo,
             norm2,
-            ffn: FfnParams {
-                w_router,
-                w1,
-                w3,
-                w2,
-            },
+            ffn,
+            shared,
         })
     }
 
@@ -231,20 +336,28 @@ impl<T> BlockParams<T> {
         Some(match p {
             BlockParam::Norm1 => &self.norm1,
             BlockParam::Wqkv => &self.wqkv,
+            BlockParam::Bqkv => return self.bqkv.as_ref(),
+            BlockParam::QNorm => return self.q_norm.as_ref(),
+            BlockParam::KNorm => return self.k_norm.as_ref(),
             BlockParam::Wo => &self.wo,
             BlockParam::Norm2 => &self.norm2,
             BlockParam::Router => &self.ffn.w_router,
             BlockParam::W1 => &self.ffn.w1,
             BlockParam::W3 => return self.ffn.w3.as_ref(),
             BlockParam::W2 => &self.ffn.w2,
+            BlockParam::SharedGate => &self.shared.as_ref()?.w_router,
+            BlockParam::SharedW1 => &self.shared.as_ref()?.w1,
+            BlockParam::SharedW3 => return self.shared.as_ref()?.w3.as_ref(),
+            BlockParam::SharedW2 => &self.shared.as_ref()?.w2,
         })
     }
 }
 
 impl<T> Params<T> {
-    /// Every parameter with its id, in canonical order: embeddings, then
-    /// per block norm1, wqkv, wo, norm2, w_router, w1, (w3), w2, then
-    /// norm_f and w_out.
+    /// Every parameter with its id, in canonical order: wte, (wpe), then
+    /// per block norm1, wqkv, (bqkv, q_norm, k_norm), wo, norm2, w_router,
+    /// w1, (w3), w2, (the shared expert's gate, w1, w3, w2), then norm_f
+    /// and (w_out). Parameters a model does not have are skipped.
     pub fn iter(&self) -> impl ExactSizeIterator<Item = (ParamId, &T)> + '_ {
         canonical!(self, &)
     }
@@ -278,9 +391,9 @@ impl<T> Params<T> {
     pub fn get(&self, id: ParamId) -> Option<&T> {
         match id {
             ParamId::Wte => Some(&self.wte),
-            ParamId::Wpe => Some(&self.wpe),
+            ParamId::Wpe => self.wpe.as_ref(),
             ParamId::NormF => Some(&self.norm_f),
-            ParamId::WOut => Some(&self.w_out),
+            ParamId::WOut => self.w_out.as_ref(),
             ParamId::Block(l, p) => self.blocks.get(l)?.get(p),
         }
     }
@@ -288,13 +401,13 @@ impl<T> Params<T> {
     /// A tree of the same shape, `f` called in canonical order.
     pub fn try_map<U>(&self, mut f: impl FnMut(ParamId, &T) -> Result<U>) -> Result<Params<U>> {
         let wte = f(ParamId::Wte, &self.wte)?;
-        let wpe = f(ParamId::Wpe, &self.wpe)?;
+        let wpe = try_map_opt(&self.wpe, ParamId::Wpe, &mut f)?;
         let mut blocks = Vec::with_capacity(self.blocks.len());
         for (l, b) in self.blocks.iter().enumerate() {
             blocks.push(b.try_map(l, &mut f)?);
         }
         let norm_f = f(ParamId::NormF, &self.norm_f)?;
-        let w_out = f(ParamId::WOut, &self.w_out)?;
+        let w_out = try_map_opt(&self.w_out, ParamId::WOut, &mut f)?;
         Ok(Params {
             wte,
             wpe,
@@ -450,6 +563,9 @@ mod tests {
         let block = |swiglu: bool| BlockParams {
             norm1: s(&[4]),
             wqkv: s(&[4, 12]),
+            bqkv: None,
+            q_norm: None,
+            k_norm: None,
             wo: s(&[4, 4]),
             norm2: s(&[4]),
             ffn: FfnParams {
@@ -458,13 +574,14 @@ mod tests {
                 w3: swiglu.then(|| s(&[2, 4, 3])),
                 w2: s(&[2, 3, 4]),
             },
+            shared: None,
         };
         Params {
             wte: s(&[7, 4]),
-            wpe: s(&[5, 4]),
+            wpe: Some(s(&[5, 4])),
             blocks: vec![block(false), block(true)],
             norm_f: s(&[4]),
-            w_out: s(&[4, 7]),
+            w_out: Some(s(&[4, 7])),
         }
     }
 

@@ -241,7 +241,8 @@ pub fn forward<F: Float>(
     let mut x = embedding_forward(
         ids,
         &params[ix.get(ParamId::Wte)?],
-        &params[ix.get(ParamId::Wpe)?],
+        Some(&params[ix.get(ParamId::Wpe)?]),
+        F::one(),
         t,
         v,
         n,
@@ -616,6 +617,7 @@ mod tests {
             },
             capacity_factor: None,
             eps: 1e-5,
+            ..ModelConfig::default()
         }
     }
 

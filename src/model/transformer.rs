@@ -541,6 +541,17 @@ struct EdgeBackward {
     emb_wpe: EmbeddingBackwardWpe,
 }
 
+/// A parameter training needs but this model lacks (training checks the
+/// layout first: `ModelConfig::check_trainable`).
+fn required<'a>(t: &'a Option<Tensor<f32>>, what: &str) -> Result<&'a Tensor<f32>> {
+    t.as_ref().ok_or_else(|| {
+        Error::invalid(
+            "training step",
+            format!("the model has no {what} (tied or rotary models do not train yet)"),
+        )
+    })
+}
+
 impl EdgeBackward {
     fn new(
         ctx: &GpuContext,
@@ -562,7 +573,7 @@ impl EdgeBackward {
             Trans::NT,
             0.0,
             &head.logits,
-            &model.params.w_out,
+            required(&model.params.w_out, "w_out")?,
             &dxf,
         )?;
         let dwout_mm = mm(
@@ -572,7 +583,7 @@ impl EdgeBackward {
             0.0,
             &head.xf,
             &head.logits,
-            &grads.w_out,
+            required(&grads.w_out, "w_out")?,
         )?;
         let normf_back = RmsNormBackward::new(
             ctx,
@@ -609,7 +620,7 @@ impl EdgeBackward {
             ctx,
             &EmbeddingBackwardWpeBuffers {
                 dx: &gx0,
-                dwpe: &grads.wpe,
+                dwpe: required(&grads.wpe, "wpe")?,
             },
         )?;
         Ok(EdgeBackward {

@@ -5,12 +5,14 @@
 
 use num_traits::Float;
 
-/// `x[t, :] = wte[ids[t], :] + wpe[t % N, :]`; ids past V are clamped to
-/// V - 1 as in the shader. Returns x [T, D].
+/// `x[t, :] = wte[ids[t], :] * scale + wpe[t % N, :]` (no wpe: rotary
+/// models); ids past V are clamped to V - 1 as in the shader. Returns x [T, D].
+#[allow(clippy::too_many_arguments)]
 pub fn embedding_forward<F: Float>(
     ids: &[u32],
     wte: &[F],
-    wpe: &[F],
+    wpe: Option<&[F]>,
+    scale: F,
     t: usize,
     v: usize,
     n: usize,
@@ -21,7 +23,11 @@ pub fn embedding_forward<F: Float>(
         let id = (ids[tok] as usize).min(v - 1);
         let pos = tok % n;
         for (c, o) in row.iter_mut().enumerate() {
-            *o = wte[id * d + c] + wpe[pos * d + c];
+            let e = wte[id * d + c] * scale;
+            *o = match wpe {
+                Some(wpe) => e + wpe[pos * d + c],
+                None => e,
+            };
         }
     }
     x
@@ -83,10 +89,10 @@ mod tests {
         let dwte = embedding_backward_wte(&dx, &offsets, &order, v, d);
         let dwpe = embedding_backward_wpe(&dx, t, n, d);
         let fd_wte = fd(&wte, |w| {
-            dot(&embedding_forward(&ids, w, &wpe, t, v, n, d), &dx)
+            dot(&embedding_forward(&ids, w, Some(&wpe), 1.0, t, v, n, d), &dx)
         });
         let fd_wpe = fd(&wpe, |w| {
-            dot(&embedding_forward(&ids, &wte, w, t, v, n, d), &dx)
+            dot(&embedding_forward(&ids, &wte, Some(w), 1.0, t, v, n, d), &dx)
         });
         assert_close(&dwte, &fd_wte);
         assert_close(&dwpe, &fd_wpe);
@@ -98,7 +104,7 @@ mod tests {
     #[test]
     fn forward_adds_token_and_position_rows() {
         // V = 2, N = 2, D = 1.
-        let x = embedding_forward(&[1, 0, 1], &[10.0, 20.0], &[1.0, 2.0], 3, 2, 2, 1);
+        let x = embedding_forward(&[1, 0, 1], &[10.0, 20.0], Some(&[1.0, 2.0]), 1.0, 3, 2, 2, 1);
         assert_eq!(x, vec![21.0, 12.0, 21.0]);
     }
 }

@@ -1,9 +1,12 @@
 //! CPU twin of `shaders/gate.wgsl` (`gate_top1_forward`, `gate_top2_forward`,
-//! `gate_adaptive_forward`): the same formulas in the same order, so that
-//! discrete decisions agree exactly with the GPU on data with clear margins.
+//! `gate_adaptive_forward`, `gate_topk_forward`): the same formulas in the
+//! same order, so that discrete decisions agree exactly with the GPU on data
+//! with clear margins.
 
 use crate::error::{Error, Result};
-use crate::kernels::{GapMode, GateConfig, Gating, SingleWeight, STATUS_NONFINITE, UNUSED};
+use crate::kernels::{
+    GapMode, GateConfig, Gating, RouterScore, SingleWeight, STATUS_NONFINITE, UNUSED,
+};
 
 /// Everything the gate writes, for T tokens, E experts and K = `gating.max_k()`.
 #[derive(Clone, Debug, PartialEq)]
@@ -76,7 +79,7 @@ pub fn gate_forward(
             router_logits.len(),
         ));
     }
-    let k = config.gating.max_k();
+    let k = config.max_k();
     let mut out = GateOutput {
         probs: vec![0.0; t * e],
         topk_ids: vec![UNUSED; t * k],
@@ -88,6 +91,10 @@ pub fn gate_forward(
         let row = &router_logits[tok * e..(tok + 1) * e];
         if row.iter().any(|v| !v.is_finite()) {
             out.status |= STATUS_NONFINITE;
+            continue;
+        }
+        if config.gating == Gating::TopK {
+            top_k_token(config, row, tok, &mut out);
             continue;
         }
         let (i1, l1, i2, l2) = top2_of(row);
@@ -105,6 +112,7 @@ pub fn gate_forward(
             Gating::Top1 => false,
             Gating::Top2 => true,
             Gating::Adaptive => gap(config.gap, p1, p2) <= config.threshold,
+            Gating::TopK => unreachable!("handled by top_k_token"),
         };
         let ids = &mut out.topk_ids[tok * k..(tok + 1) * k];
         let w = &mut out.topk_weights[tok * k..(tok + 1) * k];
@@ -121,12 +129,92 @@ pub fn gate_forward(
     Ok(out)
 }
 
+/// The k experts of a row in order: the largest logit first, ties to the
+/// lower index. Each pick is the largest (value, -index) below the
+/// previous one, as the shader scans.
+pub fn top_k_of(row: &[f32], k: usize) -> Vec<u32> {
+    let mut ids = Vec::with_capacity(k);
+    let (mut pv, mut pi) = (f32::INFINITY, UNUSED);
+    for _ in 0..k {
+        let mut best = UNUSED;
+        let mut bv = 0.0f32;
+        for (i, &v) in row.iter().enumerate() {
+            let after = pi == UNUSED || v < pv || (v == pv && i as u32 > pi);
+            if after && (best == UNUSED || v > bv) {
+                best = i as u32;
+                bv = v;
+            }
+        }
+        ids.push(best);
+        (pv, pi) = (bv, best);
+    }
+    ids
+}
+
+/// `Gating::TopK` for one token: scores (softmax or sigmoid) into probs,
+/// lse of the logits, the k experts by logit, weights their scores,
+/// renormalized over the k (summed in slot order) if the model says so.
+fn top_k_token(config: &GateConfig, row: &[f32], tok: usize, out: &mut GateOutput) {
+    let (e, k) = (row.len(), config.k);
+    let l1 = row.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+    let s: f32 = row.iter().map(|&v| (v - l1).exp()).sum();
+    for (p, &v) in out.probs[tok * e..(tok + 1) * e].iter_mut().zip(row) {
+        *p = match config.score {
+            RouterScore::Softmax => (v - l1).exp() / s,
+            RouterScore::Sigmoid => 1.0 / (1.0 + (-v).exp()),
+        };
+    }
+    out.lse[tok] = l1 + s.ln();
+    let ids = top_k_of(row, k);
+    let mut sum = 0.0f32;
+    for (j, &id) in ids.iter().enumerate() {
+        let w = out.probs[tok * e + id as usize];
+        out.topk_ids[tok * k + j] = id;
+        out.topk_weights[tok * k + j] = w;
+        sum += w;
+    }
+    if config.renorm {
+        for w in &mut out.topk_weights[tok * k..(tok + 1) * k] {
+            *w /= sum;
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     fn cfg(gating: Gating) -> GateConfig {
         GateConfig::new(gating)
+    }
+
+    #[test]
+    fn top_k_picks_by_logit_and_weights_raw_or_renormalized() {
+        let row = [0.5f32, 2.0, -1.0, 2.0, 1.0, 0.0];
+        assert_eq!(top_k_of(&row, 4), vec![1, 3, 4, 0]);
+        assert_eq!(top_k_of(&[1.0, 1.0, 1.0], 3), vec![0, 1, 2]);
+        let raw = gate_forward(&GateConfig::top_k(3, false, RouterScore::Softmax), &row, 1, 6)
+            .unwrap();
+        let z: f32 = row.iter().map(|v| v.exp()).sum();
+        assert_eq!(raw.topk_ids, vec![1, 3, 4]);
+        assert!((raw.topk_weights[0] - 2f32.exp() / z).abs() < 1e-6);
+        assert!((raw.topk_weights[2] - 1f32.exp() / z).abs() < 1e-6);
+        let ren = gate_forward(&GateConfig::top_k(3, true, RouterScore::Softmax), &row, 1, 6)
+            .unwrap();
+        let sum: f32 = ren.topk_weights.iter().sum();
+        assert!((sum - 1.0).abs() < 1e-6);
+        let den = 2.0 * 2f32.exp() + 1f32.exp();
+        assert!((ren.topk_weights[2] - 1f32.exp() / den).abs() < 1e-6);
+        // A one-expert sigmoid gate: the weight is sigmoid(logit).
+        let sig = gate_forward(&GateConfig::top_k(1, false, RouterScore::Sigmoid), &[0.3], 1, 1)
+            .unwrap();
+        assert_eq!(sig.topk_ids, vec![0]);
+        assert!((sig.topk_weights[0] - 1.0 / (1.0 + (-0.3f32).exp())).abs() < 1e-7);
+        // k past 8 or past E is refused.
+        assert!(gate_forward(&GateConfig::top_k(9, true, RouterScore::Softmax), &[0.0; 16], 1, 16)
+            .is_err());
+        assert!(gate_forward(&GateConfig::top_k(4, true, RouterScore::Softmax), &[0.0; 3], 1, 3)
+            .is_err());
     }
 
     #[test]
@@ -160,6 +248,7 @@ mod tests {
             threshold: 0.22,
             gap: GapMode::Softmax,
             single_weight: SingleWeight::RawP1,
+            ..GateConfig::default()
         };
         let a = gate_forward(&c, &row, 1, 3).unwrap();
         assert_eq!(a.topk_ids, vec![0, 1]);
@@ -182,6 +271,7 @@ mod tests {
                 threshold: 0.0,
                 gap,
                 single_weight: SingleWeight::RawP1,
+                ..GateConfig::default()
             };
             let a = gate_forward(&c, &row, 1, 4).unwrap();
             assert_eq!(a.topk_ids, vec![1, 3]);

@@ -140,6 +140,8 @@ pub fn select<F: Float>(cfg: &MoeConfig, row: &[F], probs: &[F]) -> ([u32; 2], [
         && match g.gating {
             Gating::Top1 => false,
             Gating::Top2 => true,
+            // Training refuses a fixed top-k (`MoeLayer::plan_train`).
+            Gating::TopK => g.k >= 2,
             Gating::Adaptive => {
                 let gap = match g.gap {
                     GapMode::Softmax => p1 - p2,
@@ -422,6 +424,7 @@ mod tests {
                 threshold,
                 gap: GapMode::Top2,
                 single_weight: single,
+                ..GateConfig::default()
             },
             capacity_factor: None,
         }

@@ -32,13 +32,15 @@ impl TrainGating {
         }
     }
 
-    /// The choice a model's `(dense, gate.gating)` was made with.
-    pub fn of(dense: bool, gating: Gating) -> TrainGating {
+    /// The choice a model's `(dense, gate.gating)` was made with; None
+    /// for a pretrained model's fixed top-k, which training does not take.
+    pub fn of(dense: bool, gating: Gating) -> Option<TrainGating> {
         match (dense, gating) {
-            (true, _) => TrainGating::Dense,
-            (false, Gating::Top1) => TrainGating::Top1,
-            (false, Gating::Top2) => TrainGating::Top2,
-            (false, Gating::Adaptive) => TrainGating::Adaptive,
+            (true, _) => Some(TrainGating::Dense),
+            (false, Gating::Top1) => Some(TrainGating::Top1),
+            (false, Gating::Top2) => Some(TrainGating::Top2),
+            (false, Gating::Adaptive) => Some(TrainGating::Adaptive),
+            (false, Gating::TopK) => None,
         }
     }
 }

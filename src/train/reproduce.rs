@@ -241,6 +241,8 @@ pub async fn reproduce(
             Gating::Top1 => 1.0,
             Gating::Top2 => 2.0,
             Gating::Adaptive => 1.0 + two,
+            // The schemes above are the paper's; none is a fixed top-k.
+            Gating::TopK => cfg.model.gate.k as f64,
         };
         rows.push(Row {
             scheme: s.name.into(),
