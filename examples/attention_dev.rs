@@ -63,11 +63,7 @@ async fn run_adapter(ctx: &GpuContext, s: AttnShape) -> Result<()> {
         s.h,
         s.dh
     );
-    let cfg = AttentionConfig {
-        b: s.b,
-        n: s.n,
-        h: s.h,
-    };
+    let cfg = AttentionConfig::mha(s.b, s.n, s.h);
     let mut rng = Rng::new(7);
     let qkv_h = rng.vec_sym(t * 3 * d, 2.0);
     let do_h = rng.vec_sym(t * d, 1.0);

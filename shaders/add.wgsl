@@ -1,6 +1,8 @@
-// Elementwise sum of two tensors of N elements: out = a + b. The residual
-// stream of the transformer (x + attention(x), x + ffn(x)) and the sum of a
-// gradient's two paths in the backward. Twin: src/reference/add.rs (add_forward).
+// Elementwise sum of two tensors of N elements: out = a + scale * b. The
+// residual stream of the transformer (x + attention(x), x + ffn(x); scale is
+// 1 but for Granite's residual multiplier, and a + 1 * b is a + b exactly)
+// and the sum of a gradient's two paths in the backward. Twin:
+// src/reference/add.rs (add_forward, add_scaled).
 //
 // Spec constant prepended by the launcher: WG.
 
@@ -8,7 +10,7 @@ struct AddParams {
     n: u32,
     // workgroups along x of the (possibly folded) grid
     nx: u32,
-    _pad0: u32,
+    scale: f32,
     _pad1: u32,
 }
 
@@ -21,6 +23,6 @@ struct AddParams {
 fn add_forward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
     let i = (wid.x + wid.y * params.nx) * WG + lid;
     if (i < params.n) {
-        out[i] = a[i] + b[i];
+        out[i] = a[i] + params.scale * b[i];
     }
 }

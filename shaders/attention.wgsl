@@ -1,9 +1,12 @@
 // Causal multi-head self-attention, forward and backward, flash-attention
 // style: no N x N matrix anywhere. Shapes: B sequences of N tokens, T = B*N
 // rows (token t = b*N + n), H heads of width Dh (spec constant DH4 = Dh/4), D = H*Dh.
-// qkv [T, 3D] holds q, k, v in column thirds; head h uses columns
-// h*Dh .. (h+1)*Dh of each third. Scores are scaled by 1/sqrt(Dh); key n'
-// attends to query n when n' <= n within one sequence.
+// qkv [T, (H + 2 Hkv) Dh] holds the H query heads, then the Hkv key heads,
+// then the Hkv value heads; query head h reads kv head h / (H / Hkv) (GQA;
+// the backward passes take Hkv = H, so qkv [T, 3D]). Scores are scaled by
+// `scale` (1/sqrt(Dh) unless the model says otherwise); key n' attends to
+// query n when n - W < n' <= n within one sequence (W = window; the
+// backward passes take no window).
 // Twins: src/reference/attention.rs (attention_forward, attention_backward).
 //
 // Entry points (one per pass, each module keeps only its own bindings):
@@ -49,9 +52,16 @@ struct AttentionParams {
     blocks: u32,
     // workgroups along x of the (possibly folded) grid
     nx: u32,
-    // 1 / sqrt(Dh)
+    // 1 / sqrt(Dh), or the model's own score scale
     scale: f32,
+    // key/value heads Hkv (forward; the backward passes take Hkv = H)
+    hkv: u32,
+    // vec4s per qkv row: (H + 2 Hkv) Dh / 4
+    qs4: u32,
+    // sliding window W (forward; 0: none): query n sees keys n - W + 1 ..= n
+    window: u32,
     _pad0: u32,
+    _pad1: u32,
 }
 
 const LOG2E: f32 = 1.4426950408889634;
@@ -377,15 +387,19 @@ fn rows_of(blk: Block, lid: u32) -> vec4<u32> {
 
 //#if dkv
 //#else
-// Stage keys (tile_a) and values (tile_b) r0 .. r0 + rows of sequence b.
+// Stage keys (tile_a) and values (tile_b) r0 .. r0 + rows of sequence b
+// for query head h: kv head h / (H / Hkv), whose k columns follow the H
+// query heads and whose v columns follow the Hkv key heads.
 fn stage_kv(b: u32, h: u32, r0: u32, rows: u32, lid: u32) {
-    let d4 = params.d / 4u;
+    let g = h / (params.h / params.hkv);
+    let k_off = (params.h + g) * DH4;
+    let v_off = k_off + params.hkv * DH4;
     for (var i = lid; i < TILE * DH4; i += WG) {
         let r = i / DH4;
         if r < rows {
-            let at = (b * params.n + r0 + r) * 3u * d4 + h * DH4 + i % DH4;
-            tile_a[i] = qkv[at + d4];
-            tile_b[i] = qkv[at + 2u * d4];
+            let at = (b * params.n + r0 + r) * params.qs4 + i % DH4;
+            tile_a[i] = qkv[at + k_off];
+            tile_b[i] = qkv[at + v_off];
         }
     }
 }
@@ -395,7 +409,7 @@ fn stage_kv(b: u32, h: u32, r0: u32, rows: u32, lid: u32) {
 // Row r of the lane's rows: q (pre-scaled to base-2 scores), zero acc.
 fn fwd_load(q: ptr<function, Rows>, acc: ptr<function, Rows>, blk: Block, n: vec4<u32>, r: u32) {
     let row = blk.b * params.n + min(n[r], params.n - 1u);
-    load_qkv(q, r, row * 3u * params.d / 4u + blk.h * DH4, params.scale * LOG2E);
+    load_qkv(q, r, row * params.qs4 + blk.h * DH4, params.scale * LOG2E);
     row_zero(acc, r);
 }
 
@@ -417,8 +431,10 @@ fn attention_forward(
     }
     let blk = block_of(wid);
     let n = rows_of(blk, lid);
-    // Row r sees keys < lim[r]; rows past N (or past RQ) see none.
+    // Row r sees keys lo[r] <= k < lim[r]; rows past N (or past RQ) see none.
     let lim = select(vec4<u32>(0u), n + 1u, (n < vec4<u32>(params.n)) & (vec4<u32>(0u, 1u, 2u, 3u) < vec4<u32>(RQ)));
+    let w = params.window;
+    let lo = select(vec4<u32>(0u), n + 1u - vec4<u32>(w), (vec4<u32>(w) > vec4<u32>(0u)) & (n + 1u > vec4<u32>(w)));
     var q: Rows;
     var acc: Rows;
     fwd_load(&q, &acc, blk, n, 0u);
@@ -429,15 +445,19 @@ fn attention_forward(
     // exp2(m - s) flushes to 0 without an inf - inf.
     var m = vec4<f32>(-1.0e30);
     var l = vec4<f32>(0.0);
-    // Keys 0 .. kend cover every query of the block.
+    // Keys kstart .. kend cover every query of the block.
     let kend = min(blk.r0 + WG * RQ, params.n);
-    for (var k0 = 0u; k0 < kend; k0 += TILE) {
+    var kstart = 0u;
+    if (w > 0u && blk.r0 + 1u > w) {
+        kstart = blk.r0 + 1u - w;
+    }
+    for (var k0 = kstart; k0 < kend; k0 += TILE) {
         let rows = min(TILE, kend - k0);
         stage_kv(blk.b, blk.h, k0, rows, lid);
         workgroupBarrier();
         for (var j = 0u; j < rows; j++) {
             let s = ta_dot(&q, j * DH4);
-            let ok = vec4<u32>(k0 + j) < lim;
+            let ok = (vec4<u32>(k0 + j) < lim) & (vec4<u32>(k0 + j) >= lo);
             // Rescale only when a running max grows (rare after the first
             // keys); the branch holds no loads.
             // (m copied to a let first: naga's SPIR-V writer fails on a

@@ -127,16 +127,42 @@ impl MoeLayer {
 
     /// Allocate everything a forward of `t` tokens needs.
     pub fn plan(&self, ctx: &GpuContext, t: usize, path: Path) -> Result<MoePlan> {
-        self.plan_with(ctx, t, path, false)
+        self.plan_with(ctx, t, path, false, None)
     }
 
-    fn plan_with(&self, ctx: &GpuContext, t: usize, path: Path, train: bool) -> Result<MoePlan> {
+    /// A plan that reads its input from `x [T, D]` (another FFN's input:
+    /// a shared expert beside the routed ones).
+    pub fn plan_on(&self, ctx: &GpuContext, x: &Tensor<f32>, path: Path) -> Result<MoePlan> {
+        let &[t, d] = x.shape.as_slice() else {
+            return Err(Error::shape("moe_layer", "x [T, D]", format!("{:?}", x.shape)));
+        };
+        if d != self.cfg.d {
+            return Err(Error::shape(
+                "moe_layer",
+                format!("x [T, {}]", self.cfg.d),
+                format!("{:?}", x.shape),
+            ));
+        }
+        self.plan_with(ctx, t, path, false, Some(x))
+    }
+
+    fn plan_with(
+        &self,
+        ctx: &GpuContext,
+        t: usize,
+        path: Path,
+        train: bool,
+        input: Option<&Tensor<f32>>,
+    ) -> Result<MoePlan> {
         if t == 0 {
             return Err(Error::invalid("moe_layer", "T = 0 tokens"));
         }
         let cfg = &self.cfg;
         let (d, f, e, k) = (cfg.d, cfg.f, cfg.e, cfg.k());
-        let x = Tensor::zeros(ctx, "x", &[t, d])?;
+        let x = match input {
+            Some(x) => x.clone(),
+            None => Tensor::zeros(ctx, "x", &[t, d])?,
+        };
         let logits = Tensor::zeros(ctx, "router_logits", &[t, e])?;
         let probs = Tensor::zeros(ctx, "probs", &[t, e])?;
         let topk_ids = Tensor::zeros(ctx, "topk_ids", &[t, k])?;
@@ -320,7 +346,7 @@ impl MoeLayer {
                 "training takes top1, top2 or adaptive gating, not a pretrained model's fixed top-k",
             ));
         }
-        let fwd = self.plan_with(ctx, t, Path::Grouped, true)?;
+        let fwd = self.plan_with(ctx, t, Path::Grouped, true, None)?;
         let (d, f, e) = (self.cfg.d, self.cfg.f, self.cfg.e);
         let swiglu = self.cfg.activation == Activation::SwiGlu;
         let dy = Tensor::zeros(ctx, "moe_dy", &[t, d])?;

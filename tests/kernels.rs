@@ -71,3 +71,8 @@ fn kv_cache_matches_twin() {
 fn complexity_matches_twin() {
     common::conformance_family("complexity");
 }
+
+#[test]
+fn qk_matches_twin() {
+    common::conformance_family("qk");
+}

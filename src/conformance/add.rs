@@ -5,13 +5,15 @@ use super::{bad_inputs_result, expect_error, is_invalid, is_shape, submit_pass, 
 use crate::error::Result;
 use crate::gpu::{GpuContext, Tensor};
 use crate::kernels::add::{Add, AddSpec};
-use crate::reference::add::add_forward;
-use crate::tol::compare_exact;
+use crate::reference::add::{add_forward, add_scaled};
+use crate::tol::{compare_exact, Tol};
 use crate::util::Rng;
 
 #[derive(Clone, Debug)]
 pub enum Case {
     Twin { n: usize, seed: u64 },
+    /// `a + scale * b` (a residual multiplier): within one rounding.
+    Scaled { n: usize, scale: f32, seed: u64 },
     BadInputs,
 }
 
@@ -20,6 +22,7 @@ impl Case {
         let kernel = AddSpec.name().to_string();
         match self {
             Case::Twin { n, .. } => (kernel, format!("N={n}")),
+            Case::Scaled { n, scale, .. } => (kernel, format!("N={n} scale={scale}")),
             Case::BadInputs => (kernel, "bad inputs: shape mismatch, aliasing".into()),
         }
     }
@@ -30,12 +33,39 @@ pub fn cases() -> Vec<Case> {
         Case::Twin { n: 1, seed: 1 },
         Case::Twin { n: 1000, seed: 2 },
         Case::Twin { n: 70_001, seed: 3 },
+        Case::Scaled {
+            n: 1000,
+            scale: 2.0,
+            seed: 4,
+        },
+        Case::Scaled {
+            n: 333,
+            scale: 0.37,
+            seed: 5,
+        },
         Case::BadInputs,
     ]
 }
 
 pub async fn run(ctx: &GpuContext, case: &Case) -> Result<CheckResult> {
     let (kernel, name) = case.names();
+    if let Case::Scaled { n, scale, seed } = *case {
+        let mut rng = Rng::new(seed);
+        let a = rng.vec_sym(n, 3.0);
+        let b = rng.vec_sym(n, 3.0);
+        let want = add_scaled(&a, &b, scale);
+        let ta = Tensor::from_slice(ctx, "a", &[n], &a)?;
+        let tb = Tensor::from_slice(ctx, "b", &[n], &b)?;
+        let out = Tensor::<f32>::zeros(ctx, "out", &[n])?;
+        let add = Add::scaled(ctx, &ta, &tb, scale, &out)?;
+        submit_pass(ctx, |pass| add.record(pass))?;
+        let got = out.read(ctx).await?;
+        return Ok(CheckResult::from_comparisons(
+            kernel,
+            name,
+            &[("out", Tol::ELEMENTWISE.compare(&got, &want))],
+        ));
+    }
     let Case::Twin { n, seed } = *case else {
         return Ok(bad_inputs(ctx, &kernel, &name));
     };

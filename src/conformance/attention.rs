@@ -15,7 +15,9 @@ use crate::kernels::attention::{
     AttentionBackward, AttentionBackwardBuffers, AttentionConfig, AttentionForward,
     AttentionForwardBuffers, AttentionPass, AttentionSpec,
 };
-use crate::reference::attention::{attention_backward, attention_forward, AttnShape};
+use crate::reference::attention::{
+    attention_backward, attention_forward, attention_forward_gqa, AttnShape,
+};
 use crate::tol::Tol;
 use crate::util::Rng;
 
@@ -25,6 +27,15 @@ pub enum Case {
     Twin {
         backward: bool,
         shape: AttnShape,
+        seed: u64,
+    },
+    /// The forward with GQA, a sliding window or a score scale of the
+    /// model's own (twin: `attention_forward_gqa`).
+    Gqa {
+        shape: AttnShape,
+        hkv: usize,
+        window: usize,
+        scale: Option<f32>,
         seed: u64,
     },
     BadInputs,
@@ -48,9 +59,22 @@ impl Case {
                 let AttnShape { b, n, h, dh } = *shape;
                 (kernel.into(), format!("B={b} N={n} H={h} Dh={dh}"))
             }
+            Case::Gqa {
+                shape,
+                hkv,
+                window,
+                scale,
+                ..
+            } => {
+                let AttnShape { b, n, h, dh } = *shape;
+                (
+                    "attention_forward".into(),
+                    format!("B={b} N={n} H={h} Hkv={hkv} Dh={dh} W={window} scale={scale:?}"),
+                )
+            }
             Case::BadInputs => (
                 "attention".into(),
-                "bad inputs: shapes, D % H != 0, unsupported Dh".into(),
+                "bad inputs: shapes, qkv not a multiple of the heads, unsupported Dh".into(),
             ),
         }
     }
@@ -76,6 +100,22 @@ pub fn cases() -> Vec<Case> {
             });
         }
     }
+    // Published layouts: Mixtral-like GQA 4/2 of width 24 with a window of
+    // 8, MQA 4/1, a window across the 128-row block, Granite's scale.
+    let gqa = |b, n, h, hkv, dh, window, scale, seed| Case::Gqa {
+        shape: AttnShape { b, n, h, dh },
+        hkv,
+        window,
+        scale,
+        seed,
+    };
+    v.extend([
+        gqa(1, 26, 4, 2, 24, 8, None, 30),
+        gqa(2, 40, 4, 1, 16, 0, None, 31),
+        gqa(1, 200, 2, 1, 32, 100, None, 32),
+        gqa(2, 33, 4, 2, 16, 0, Some(0.125), 33),
+        gqa(1, 150, 8, 2, 64, 0, None, 34),
+    ]);
     v.push(Case::BadInputs);
     v
 }
@@ -86,6 +126,55 @@ fn to_f32(x: &[f64]) -> Vec<f32> {
 
 pub async fn run(ctx: &GpuContext, case: &Case) -> Result<CheckResult> {
     let (kernel, name) = case.names();
+    if let Case::Gqa {
+        shape: s,
+        hkv,
+        window,
+        scale,
+        seed,
+    } = *case
+    {
+        let t = s.t();
+        let qs = (s.h + 2 * hkv) * s.dh;
+        let mut rng = Rng::new(seed);
+        let qkv32 = rng.vec_sym(t * qs, 2.0);
+        let qkv64: Vec<f64> = qkv32.iter().map(|&x| x as f64).collect();
+        let sc = scale.unwrap_or(1.0 / (s.dh as f32).sqrt());
+        let (o64, lse64) = attention_forward_gqa(&qkv64, s, hkv, window, sc as f64);
+        let qkv = Tensor::from_slice(ctx, "qkv", &[t, qs], &qkv32)?;
+        let o = Tensor::<f32>::zeros(ctx, "o", &[t, s.d()])?;
+        let lse = Tensor::<f32>::zeros(ctx, "lse", &[s.b, s.h, s.n])?;
+        let fwd = AttentionForward::new(
+            ctx,
+            AttentionConfig {
+                b: s.b,
+                n: s.n,
+                h: s.h,
+                hkv,
+                window,
+                scale,
+            },
+            &AttentionForwardBuffers {
+                qkv: &qkv,
+                o: &o,
+                lse: &lse,
+            },
+        )?;
+        submit_pass(ctx, |pass| fwd.record(pass))?;
+        let got_o = o.read(ctx).await?;
+        let got_lse = lse.read(ctx).await?;
+        return Ok(CheckResult::from_comparisons(
+            kernel,
+            name,
+            &[
+                ("o", Tol::reduction(s.n).compare(&got_o, &to_f32(&o64))),
+                (
+                    "lse",
+                    Tol::reduction(s.dh).compare(&got_lse, &to_f32(&lse64)),
+                ),
+            ],
+        ));
+    }
     let Case::Twin {
         backward,
         shape: s,
@@ -95,11 +184,7 @@ pub async fn run(ctx: &GpuContext, case: &Case) -> Result<CheckResult> {
         return Ok(bad_inputs(ctx, &kernel, &name));
     };
     let (t, d) = (s.t(), s.d());
-    let cfg = AttentionConfig {
-        b: s.b,
-        n: s.n,
-        h: s.h,
-    };
+    let cfg = AttentionConfig::mha(s.b, s.n, s.h);
     let mut rng = Rng::new(seed);
     // Magnitudes that make some rows peaked and others flat.
     let qkv32 = rng.vec_sym(t * 3 * d, 2.0);
@@ -168,7 +253,7 @@ pub async fn run(ctx: &GpuContext, case: &Case) -> Result<CheckResult> {
 
 fn bad_inputs(ctx: &GpuContext, kernel: &str, case: &str) -> CheckResult {
     let mut checks = Vec::new();
-    let cfg = |b, n, h| AttentionConfig { b, n, h };
+    let cfg = AttentionConfig::mha;
     let mut try_fwd =
         |what: &str, c: AttentionConfig, q: &[usize], o: &[usize], l: &[usize], want| {
             ctx.capture_errors();
@@ -213,18 +298,18 @@ fn bad_inputs(ctx: &GpuContext, kernel: &str, case: &str) -> CheckResult {
         is_shape,
     );
     try_fwd(
-        "D = 48 over H = 5",
+        "qkv of 144 columns over 3 x 5 heads",
         cfg(2, 4, 5),
         &[8, 144],
         &[8, 48],
         &[2, 5, 4],
-        is_invalid,
+        is_shape,
     );
     try_fwd(
-        "Dh = 24",
+        "Dh = 68",
         cfg(2, 4, 2),
-        &[8, 144],
-        &[8, 48],
+        &[8, 408],
+        &[8, 136],
         &[2, 2, 4],
         is_invalid,
     );

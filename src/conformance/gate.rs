@@ -1,5 +1,5 @@
 //! Conformance cases of the gate kernels (`gate_top1_forward`,
-//! `gate_top2_forward`, `gate_adaptive_forward`) against their twin
+//! `gate_top2_forward`, `gate_adaptive_forward`, `gate_topk_forward`) against their twin
 //! `reference::gate::gate_forward`: ids and status exactly, probabilities,
 //! weights and logsumexp within `Tol::SOFTMAX`. Random logits are resampled
 //! until the adaptive decision is clear of the threshold; exact ties and
@@ -9,7 +9,9 @@ use super::{bad_inputs_result, expect_error, is_invalid, is_shape, submit_pass, 
 use crate::error::{Error, Result};
 use crate::gpu::{GpuContext, Tensor};
 use crate::kernels::gate::{kernel_name, Gate, GateBuffers};
-use crate::kernels::{GapMode, GateConfig, Gating, RoutingLayout, SingleWeight, UNUSED};
+use crate::kernels::{
+    GapMode, GateConfig, Gating, RouterScore, RoutingLayout, SingleWeight, UNUSED,
+};
 use crate::reference::gate::{gap, gate_forward, top2_of, top2_probs, GateOutput};
 use crate::tol::{compare_exact, Comparison, Tol};
 use crate::util::Rng;
@@ -68,6 +70,14 @@ fn gap_name(g: GapMode) -> &'static str {
 
 fn describe(c: &GateConfig) -> String {
     let mut s = String::new();
+    if c.gating == Gating::TopK {
+        return format!(
+            " k={} {} {}",
+            c.k,
+            c.score,
+            if c.renorm { "renormalized" } else { "raw" }
+        );
+    }
     if c.gating == Gating::Adaptive {
         s.push_str(&format!(
             " threshold={} gap={}",
@@ -200,6 +210,29 @@ pub fn cases() -> Vec<Case> {
                 seed: 400,
             });
         }
+    }
+    // Pretrained models' fixed top-k: k up to 8, E up to 128, softmax raw
+    // (OLMoE, Qwen2-MoE) or renormalized (Mixtral, Granite, Qwen3-MoE),
+    // a one-expert sigmoid gate (Qwen2-MoE's shared expert), ties, NaN.
+    for (j, (t, e, k, renorm, score, logits)) in [
+        (37, 8, 2, true, RouterScore::Softmax, Logits::Random),
+        (130, 64, 8, false, RouterScore::Softmax, Logits::Random),
+        (65, 128, 8, true, RouterScore::Softmax, Logits::Random),
+        (70, 16, 4, true, RouterScore::Sigmoid, Logits::Random),
+        (33, 1, 1, false, RouterScore::Sigmoid, Logits::Random),
+        (67, 8, 4, false, RouterScore::Softmax, Logits::Ties),
+        (70, 12, 8, true, RouterScore::Softmax, Logits::NonFinite),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        v.push(Case::Twin {
+            config: GateConfig::top_k(k, renorm, score),
+            t,
+            e,
+            logits,
+            seed: 500 + j as u64,
+        });
     }
     for (t, e, gap) in [(200, 16, Top2), (65, 64, Softmax)] {
         for threshold_one in [false, true] {

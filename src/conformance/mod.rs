@@ -16,6 +16,7 @@ pub mod gate;
 pub mod kv_cache;
 pub mod matmul;
 pub mod moe_backward;
+pub mod qk;
 pub mod rmsnorm;
 pub mod route;
 
@@ -105,6 +106,7 @@ pub enum Case {
     Attention(attention::Case),
     KvCache(kv_cache::Case),
     Complexity(complexity::Case),
+    Qk(qk::Case),
 }
 
 /// Kernel families, as `--kernel` filters name them.
@@ -124,6 +126,7 @@ pub const FAMILIES: &[&str] = &[
     "attention",
     "kv_cache",
     "complexity",
+    "qk",
 ];
 
 impl Case {
@@ -144,6 +147,7 @@ impl Case {
             Case::Attention(_) => "attention",
             Case::KvCache(_) => "kv_cache",
             Case::Complexity(_) => "complexity",
+            Case::Qk(_) => "qk",
         }
     }
 
@@ -165,6 +169,7 @@ impl Case {
             Case::Attention(c) => c.names(),
             Case::KvCache(c) => c.names(),
             Case::Complexity(c) => c.names(),
+            Case::Qk(c) => c.names(),
         }
     }
 
@@ -198,6 +203,7 @@ impl Case {
             Case::Attention(c) => attention::run(ctx, c).await,
             Case::KvCache(c) => kv_cache::run(ctx, c).await,
             Case::Complexity(c) => complexity::run(ctx, c).await,
+            Case::Qk(c) => qk::run(ctx, c).await,
         };
         r.unwrap_or_else(|e| {
             let (k, c) = self.names();
@@ -224,6 +230,7 @@ pub fn cases(family: Option<&str>) -> Vec<Case> {
     v.extend(attention::cases().into_iter().map(Case::Attention));
     v.extend(kv_cache::cases().into_iter().map(Case::KvCache));
     v.extend(complexity::cases().into_iter().map(Case::Complexity));
+    v.extend(qk::cases().into_iter().map(Case::Qk));
     v.retain(|c| family.is_none_or(|f| c.family() == f));
     v
 }

@@ -320,9 +320,8 @@ impl Engine {
     pub fn new(ctx: &GpuContext, ck: &InferCheckpoint, gate: GateConfig) -> Result<Engine> {
         let cfg = ck.cfg.clone();
         let model = Model::new(ctx, &cfg, &ck.host)?;
-        let dh = cfg.d / cfg.heads;
         let caches = (0..cfg.layers)
-            .map(|_| KvCache::new(ctx, cfg.heads, cfg.context, dh))
+            .map(|_| KvCache::new(ctx, cfg.kv_heads(), cfg.context, cfg.head_dim()))
             .collect::<Result<Vec<_>>>()?;
         let step = KvStep::new(ctx, cfg.context)?;
         if !cfg.moe_layers().is_empty() {

@@ -44,7 +44,7 @@ gpu_params! {
     pub struct AddParams {
         pub n: u32,
         pub nx: u32,
-        pub _pad0: u32,
+        pub scale: f32,
         pub _pad1: u32,
     }
 }
@@ -53,7 +53,7 @@ pub fn params_layouts() -> Vec<ParamsLayout> {
     vec![ParamsLayout::of::<AddParams>(Kernel::Add(AddSpec))]
 }
 
-/// `out = a + b` on fixed tensors, ready to record.
+/// `out = a + scale * b` on fixed tensors, ready to record.
 pub struct Add {
     dispatch: Dispatch,
     _params: wgpu::Buffer,
@@ -68,6 +68,20 @@ impl Add {
         b: &Tensor<f32>,
         out: &Tensor<f32>,
     ) -> Result<Self> {
+        Self::scaled(ctx, a, b, 1.0, out)
+    }
+
+    /// `out = a + scale * b` (a residual multiplier).
+    pub fn scaled(
+        ctx: &GpuContext,
+        a: &Tensor<f32>,
+        b: &Tensor<f32>,
+        scale: f32,
+        out: &Tensor<f32>,
+    ) -> Result<Self> {
+        if !scale.is_finite() {
+            return Err(Error::invalid("add", format!("scale {scale}")));
+        }
         if a.shape != b.shape || a.shape != out.shape {
             return Err(Error::shape(
                 "add",
@@ -95,7 +109,7 @@ impl Add {
             &AddParams {
                 n: n as u32,
                 nx: grid.0,
-                _pad0: 0,
+                scale,
                 _pad1: 0,
             },
         );

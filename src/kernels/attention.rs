@@ -155,7 +155,11 @@ gpu_params! {
         pub blocks: u32,
         pub nx: u32,
         pub scale: f32,
+        pub hkv: u32,
+        pub qs4: u32,
+        pub window: u32,
         pub _pad0: u32,
+        pub _pad1: u32,
     }
 }
 
@@ -169,15 +173,35 @@ pub fn params_layouts() -> Vec<ParamsLayout> {
 }
 
 /// What the buffers alone cannot say: how the T rows split into sequences,
-/// and the number of heads.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// the heads, the window and the score scale.
+#[derive(Clone, Copy, Debug, PartialEq)]
 pub struct AttentionConfig {
     /// Sequences B.
     pub b: usize,
     /// Tokens per sequence N (the context).
     pub n: usize,
-    /// Heads H (Dh = D / H).
+    /// Query heads H.
     pub h: usize,
+    /// Key/value heads Hkv (H a multiple of it; the backward takes Hkv = H).
+    pub hkv: usize,
+    /// Sliding window W (0: none; the backward takes none).
+    pub window: usize,
+    /// Score scale; None: 1 / sqrt(Dh).
+    pub scale: Option<f32>,
+}
+
+impl AttentionConfig {
+    /// Multi-head attention (Hkv = H), no window, scale 1 / sqrt(Dh).
+    pub fn mha(b: usize, n: usize, h: usize) -> Self {
+        AttentionConfig {
+            b,
+            n,
+            h,
+            hkv: h,
+            window: 0,
+            scale: None,
+        }
+    }
 }
 
 /// The forward's tensors.
@@ -205,55 +229,78 @@ pub struct AttentionBackwardBuffers<'a> {
 }
 
 /// Checked sizes of one attention call.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq)]
 pub struct AttentionDims {
     pub b: usize,
     pub n: usize,
     pub h: usize,
+    pub hkv: usize,
     pub dh: usize,
     /// T = B*N
     pub t: usize,
-    /// D = H*Dh
+    /// D = H*Dh (the output's columns)
     pub d: usize,
+    /// Columns of qkv, (H + 2 Hkv) Dh.
+    pub qs: usize,
+    pub window: usize,
+    pub scale: f32,
+}
+
+/// Whether the flash kernels take heads of width `dh` (a multiple of 4 up
+/// to 64: a row lives in Dh / 4 registers).
+pub fn supports_head_dim(dh: usize) -> bool {
+    dh >= 4 && dh <= 64 && dh.is_multiple_of(4)
 }
 
 /// Check `cfg` against `qkv`'s shape; returns the sizes. CPU only.
 pub fn check(cfg: AttentionConfig, qkv: &[usize]) -> Result<AttentionDims> {
-    let AttentionConfig { b, n, h } = cfg;
-    if b == 0 || n == 0 || h == 0 {
+    let AttentionConfig {
+        b,
+        n,
+        h,
+        hkv,
+        window,
+        scale,
+    } = cfg;
+    if b == 0 || n == 0 || h == 0 || hkv == 0 {
         return Err(Error::invalid(
             "attention",
-            format!("B = {b}, N = {n}, H = {h}: all must be >= 1"),
+            format!("B = {b}, N = {n}, H = {h}, Hkv = {hkv}: all must be >= 1"),
+        ));
+    }
+    if !h.is_multiple_of(hkv) {
+        return Err(Error::invalid(
+            "attention",
+            format!("H = {h} query heads are not a multiple of Hkv = {hkv}"),
         ));
     }
     let t = b * n;
+    let heads = h + 2 * hkv;
     let &[tq, c] = qkv else {
         return Err(Error::shape(
             "attention",
-            format!("qkv [{t}, 3D]"),
+            format!("qkv [{t}, (H + 2 Hkv) Dh]"),
             format!("qkv {qkv:?}"),
         ));
     };
-    if tq != t || c == 0 || c % 3 != 0 {
+    if tq != t || c == 0 || c % heads != 0 {
         return Err(Error::shape(
             "attention",
-            format!("qkv [B*N = {t}, 3D]"),
+            format!("qkv [B*N = {t}, {heads} Dh]"),
             format!("qkv {qkv:?}"),
         ));
     }
-    let d = c / 3;
-    if d % h != 0 {
+    let dh = c / heads;
+    let d = h * dh;
+    if !supports_head_dim(dh) {
         return Err(Error::invalid(
             "attention",
-            format!("D = {d} is not divisible by H = {h}"),
+            format!("head width Dh = {dh} unsupported: a multiple of 4 up to 64"),
         ));
     }
-    let dh = d / h;
-    if !ATTENTION_DH.contains(&(dh as u32)) {
-        return Err(Error::invalid(
-            "attention",
-            format!("head width Dh = {dh} unsupported; supported: {ATTENTION_DH:?}"),
-        ));
+    let scale = scale.unwrap_or(1.0 / (dh as f32).sqrt());
+    if !scale.is_finite() || scale <= 0.0 {
+        return Err(Error::invalid("attention", format!("score scale {scale}")));
     }
     // u64: usize is 32 bits in the browser (wasm32).
     let largest = t as u64 * c as u64;
@@ -264,7 +311,18 @@ pub fn check(cfg: AttentionConfig, qkv: &[usize]) -> Result<AttentionDims> {
             max: u32::MAX as u64,
         });
     }
-    Ok(AttentionDims { b, n, h, dh, t, d })
+    Ok(AttentionDims {
+        b,
+        n,
+        h,
+        hkv,
+        dh,
+        t,
+        d,
+        qs: c,
+        window,
+        scale,
+    })
 }
 
 fn expect(name: &str, got: &[usize], want: &[usize]) -> Result<()> {
@@ -299,8 +357,12 @@ impl AttentionDims {
             d: self.d as u32,
             blocks,
             nx: grid.0,
-            scale: 1.0 / (self.dh as f32).sqrt(),
+            scale: self.scale,
+            hkv: self.hkv as u32,
+            qs4: (self.qs / 4) as u32,
+            window: self.window.min(u32::MAX as usize) as u32,
             _pad0: 0,
+            _pad1: 0,
         };
         Ok((params, Grid::Direct(grid.0, grid.1, 1)))
     }
@@ -373,6 +435,15 @@ impl AttentionBackward {
         bufs: &AttentionBackwardBuffers<'_>,
     ) -> Result<Self> {
         let dims = check(cfg, &bufs.qkv.shape)?;
+        if dims.hkv != dims.h || dims.window != 0 {
+            return Err(Error::invalid(
+                "attention_backward",
+                format!(
+                    "GQA (Hkv = {} of H = {}) or a sliding window ({}) in training: not supported",
+                    dims.hkv, dims.h, dims.window
+                ),
+            ));
+        }
         expect("o", &bufs.o.shape, &[dims.t, dims.d])?;
         expect("do", &bufs.dout.shape, &[dims.t, dims.d])?;
         expect("lse", &bufs.lse.shape, &[dims.b, dims.h, dims.n])?;
@@ -428,7 +499,7 @@ mod tests {
     use super::*;
 
     fn cfg(b: usize, n: usize, h: usize) -> AttentionConfig {
-        AttentionConfig { b, n, h }
+        AttentionConfig::mha(b, n, h)
     }
 
     #[test]
@@ -443,8 +514,18 @@ mod tests {
         assert!(shape(check(cfg(2, 5, 2), &[10, 3, 64])));
         // D = 48 over H = 5 heads
         assert!(invalid(check(cfg(2, 5, 5), &[10, 144])));
-        // Dh = 24
-        assert!(invalid(check(cfg(2, 5, 2), &[10, 144])));
+        // Dh = 24 is taken, Dh = 22 and Dh = 68 are not.
+        assert_eq!(check(cfg(2, 5, 2), &[10, 144]).unwrap().dh, 24);
+        assert!(invalid(check(cfg(2, 5, 2), &[10, 132])));
+        assert!(invalid(check(cfg(2, 5, 2), &[10, 408])));
+        // GQA: 4 query heads over 2 kv heads of 16: qkv [T, 128].
+        let g = AttentionConfig {
+            hkv: 2,
+            ..cfg(2, 5, 4)
+        };
+        let ok = check(g, &[10, 128]).unwrap();
+        assert_eq!((ok.dh, ok.d, ok.qs), (16, 64, 128));
+        assert!(invalid(check(AttentionConfig { hkv: 3, ..g }, &[10, 160])));
     }
 
     #[test]

@@ -20,6 +20,7 @@ pub mod kv_cache;
 pub mod matmul;
 pub mod moe_backward;
 pub mod moe_config;
+pub mod qk;
 pub mod rmsnorm;
 pub mod roofline;
 pub mod route;
@@ -48,6 +49,7 @@ pub enum Kernel {
     Attention(attention::AttentionSpec),
     KvCache(kv_cache::KvSpec),
     Complexity(complexity::ComplexitySpec),
+    Qk(qk::QkSpec),
 }
 
 impl Kernel {
@@ -70,6 +72,7 @@ impl Kernel {
             Kernel::Attention(s) => s.def(),
             Kernel::KvCache(s) => s.def(),
             Kernel::Complexity(s) => s.def(),
+            Kernel::Qk(s) => s.def(),
         }
     }
 
@@ -122,6 +125,7 @@ impl Kernel {
                 .into_iter()
                 .map(Kernel::Complexity),
         );
+        v.extend(qk::QkSpec::all().into_iter().map(Kernel::Qk));
         v
     }
 }
@@ -173,6 +177,7 @@ pub fn params_layouts() -> Vec<ParamsLayout> {
     v.extend(rmsnorm::params_layouts());
     v.extend(attention::params_layouts());
     v.extend(kv_cache::params_layouts());
+    v.extend(qk::params_layouts());
     v
 }
 

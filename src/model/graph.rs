@@ -18,12 +18,15 @@
 use crate::error::{Error, Result};
 use crate::gpu::{GpuContext, Tensor};
 use crate::kernels::add::Add;
-use crate::kernels::attention::{AttentionConfig, AttentionForward, AttentionForwardBuffers};
+use crate::kernels::attention::{
+    supports_head_dim, AttentionConfig, AttentionForward, AttentionForwardBuffers,
+};
 use crate::kernels::embedding::{EmbeddingForward, EmbeddingForwardBuffers};
 use crate::kernels::kv_cache::{
     KvAppend, KvAttention, KvCache, KvEmbed, KvEmbedBuffers, KvShape, KvStep,
 };
 use crate::kernels::matmul::{Matmul, MatmulShape, MatmulSpec, Trans};
+use crate::kernels::qk::{QkNormKernel, QkvBias, QkvShape, RopeTables, Rotary};
 use crate::kernels::rmsnorm::{RmsNormForward, RmsNormForwardBuffers};
 use crate::model::config::ModelConfig;
 use crate::model::params::BlockParams;
@@ -66,8 +69,35 @@ impl Mode<'_> {
 /// choice of kernel.
 pub(crate) fn mm(
     ctx: &GpuContext,
+    mnk: (usize, usize, usize),
+    trans: Trans,
+    beta: f32,
+    a: &Tensor<f32>,
+    b: &Tensor<f32>,
+    c: &Tensor<f32>,
+) -> Result<Matmul> {
+    gemm(ctx, mnk, trans, 1.0, beta, a, b, c)
+}
+
+/// `c = alpha a b` of shape (m, n, k).
+fn mm_alpha(
+    ctx: &GpuContext,
+    mnk: (usize, usize, usize),
+    trans: Trans,
+    alpha: f32,
+    a: &Tensor<f32>,
+    b: &Tensor<f32>,
+    c: &Tensor<f32>,
+) -> Result<Matmul> {
+    gemm(ctx, mnk, trans, alpha, 0.0, a, b, c)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn gemm(
+    ctx: &GpuContext,
     (m, n, k): (usize, usize, usize),
     trans: Trans,
+    alpha: f32,
     beta: f32,
     a: &Tensor<f32>,
     b: &Tensor<f32>,
@@ -78,7 +108,7 @@ pub(crate) fn mm(
         n,
         k,
         trans,
-        alpha: 1.0,
+        alpha,
         beta,
     };
     let spec = MatmulSpec::choose(ctx, m, n, k, trans).with_beta(beta != 0.0);
@@ -167,8 +197,30 @@ impl FfnPlan {
 enum Attention {
     /// Over the call's own rows (training, evaluation, prefill).
     Flash(AttentionForward),
-    /// Over the KV cache (decode).
+    /// Over the KV cache (decode; prefill of heads wider than flash takes).
     Cached(KvAttention),
+}
+
+/// What a block does to q and k before attention: biases, QK-norm, rotary
+/// positions (each where the model has it).
+struct QkPrep {
+    bias: Option<QkvBias>,
+    norm: Option<QkNormKernel>,
+    rope: Option<Rotary>,
+}
+
+impl QkPrep {
+    fn record(&self, pass: &mut wgpu::ComputePass<'_>) {
+        if let Some(b) = &self.bias {
+            b.record(pass);
+        }
+        if let Some(n) = &self.norm {
+            n.record(pass);
+        }
+        if let Some(r) = &self.rope {
+            r.record(pass);
+        }
+    }
 }
 
 /// One transformer block of one graph: its buffers and launchers.
@@ -181,9 +233,9 @@ pub struct Block {
     /// a [T, D] = rmsnorm(x), rstd1 [T]
     pub a: Tensor<f32>,
     pub rstd1: Tensor<f32>,
-    /// qkv [T, 3D]
+    /// qkv [T, (H + 2 Hkv) Dh]
     pub qkv: Tensor<f32>,
-    /// o [T, D]: the attention's output.
+    /// o [T, H Dh]: the attention's output.
     pub o: Tensor<f32>,
     /// lse [B, H, N]: the attention's log-sum-exp per row (flash only).
     pub lse: Option<Tensor<f32>>,
@@ -194,47 +246,72 @@ pub struct Block {
     /// out [T, D] = xm + ffn(rmsnorm(xm)): the next block's input.
     pub out: Tensor<f32>,
     pub ffn: FfnPlan,
+    /// The shared expert (its input is the routed FFN's) and the sum of
+    /// the two outputs.
+    pub shared: Option<(Box<MoePlan>, Tensor<f32>)>,
     norm1: RmsNormForward,
     qkv_mm: Matmul,
+    prep: QkPrep,
     append: Option<KvAppend>,
     attn: Attention,
     proj_mm: Matmul,
     add1: Add,
     norm2: RmsNormForward,
+    add_shared: Option<Add>,
     add2: Add,
 }
 
+/// What every block of one graph shares: the mode, the rows, the rope
+/// tables' step.
+struct BlockCtx<'a> {
+    cfg: &'a ModelConfig,
+    mode: &'a Mode<'a>,
+    t: usize,
+    /// step [4] of the rotary positions: the cache's (prefill, decode) or
+    /// zeros (a batch of sequences from 0).
+    step: &'a Tensor<u32>,
+    rope: Option<&'a RopeTables>,
+}
+
 impl Block {
-    /// Block `l` on input `x` of `t` tokens.
-    #[allow(clippy::too_many_arguments)]
+    /// Block `l` on input `x`.
     fn new(
         ctx: &GpuContext,
-        cfg: &ModelConfig,
+        bc: &BlockCtx,
         l: usize,
         p: &BlockParams<Tensor<f32>>,
         layer: &MoeLayer,
-        mode: &Mode,
-        t: usize,
+        shared: Option<&MoeLayer>,
         x: &Tensor<f32>,
     ) -> Result<Block> {
-        let (d, h) = (cfg.d, cfg.heads);
+        let (cfg, mode, t) = (bc.cfg, bc.mode, bc.t);
+        let (d, h, hkv, dh) = (cfg.d, cfg.heads, cfg.kv_heads(), cfg.head_dim());
+        let (qw, qkv_w) = (cfg.q_width(), cfg.qkv_width());
         let z = |name: &str, shape: &[usize]| Tensor::<f32>::zeros(ctx, name, shape);
         let a = z("a", &[t, d])?;
         let rstd1 = z("rstd1", &[t])?;
-        let qkv = z("qkv", &[t, 3 * d])?;
-        let o = z("o", &[t, d])?;
+        let qkv = z("qkv", &[t, qkv_w])?;
+        let o = z("o", &[t, qw])?;
         let proj = z("proj", &[t, d])?;
         let xm = z("xm", &[t, d])?;
         let rstd2 = z("rstd2", &[t])?;
         let out = z("x", &[t, d])?;
+        let path = match *mode {
+            Mode::Batch { .. } | Mode::Prefill(_) => Path::Grouped,
+            Mode::Decode(_) => Path::Decode,
+        };
         let ffn = match *mode {
             Mode::Batch { train: true, .. } => {
                 FfnPlan::Train(Box::new(layer.plan_train(ctx, t, &cfg.aux_config(l), 1)?))
             }
-            Mode::Batch { train: false, .. } | Mode::Prefill(_) => {
-                FfnPlan::Infer(Box::new(layer.plan(ctx, t, Path::Grouped)?))
-            }
-            Mode::Decode(_) => FfnPlan::Infer(Box::new(layer.plan(ctx, t, Path::Decode)?)),
+            _ => FfnPlan::Infer(Box::new(layer.plan(ctx, t, path)?)),
+        };
+        let shared = match shared {
+            Some(s) => Some((
+                Box::new(s.plan_on(ctx, &ffn.fwd().x, path)?),
+                z("y_sum", &[t, d])?,
+            )),
+            None => None,
         };
 
         let norm1 = RmsNormForward::new(
@@ -247,8 +324,38 @@ impl Block {
                 rstd: &rstd1,
             },
         )?;
-        let qkv_mm = mm(ctx, (t, 3 * d, d), Trans::NN, 0.0, &a, &p.wqkv, &qkv)?;
-        let kv_shape = KvShape::mha(t, h, d / h, cfg.context);
+        let qkv_mm = mm(ctx, (t, qkv_w, d), Trans::NN, 0.0, &a, &p.wqkv, &qkv)?;
+        let qshape = QkvShape { t, h, hkv, dh };
+        let prep = QkPrep {
+            bias: match &p.bqkv {
+                Some(b) => Some(QkvBias::new(ctx, qshape, b, &qkv)?),
+                None => None,
+            },
+            norm: match (&p.q_norm, &p.k_norm) {
+                (Some(gq), Some(gk)) => Some(QkNormKernel::new(ctx, qshape, cfg.eps, gq, gk, &qkv)?),
+                (None, None) => None,
+                _ => return Err(Error::invalid("model", "a q norm without a k norm")),
+            },
+            rope: match bc.rope {
+                Some(tables) => {
+                    let period = match mode {
+                        Mode::Batch { .. } => cfg.context,
+                        _ => t,
+                    };
+                    Some(Rotary::new(ctx, qshape, tables, bc.step, period, false, &qkv)?)
+                }
+                None => None,
+            },
+        };
+        let kv_shape = KvShape {
+            t,
+            h,
+            hkv,
+            dh,
+            n: cfg.context,
+            window: cfg.sliding_window.unwrap_or(0),
+            scale: cfg.attn_scale(),
+        };
         let append = match mode.kv() {
             Some(kv) => Some(KvAppend::new(ctx, &kv_shape, kv.step, &qkv, &kv.caches[l])?),
             None => None,
@@ -257,7 +364,14 @@ impl Block {
             let lse = z("attn_lse", &[b, h, n])?;
             let f = AttentionForward::new(
                 ctx,
-                AttentionConfig { b, n, h },
+                AttentionConfig {
+                    b,
+                    n,
+                    h,
+                    hkv,
+                    window: kv_shape.window,
+                    scale: Some(kv_shape.scale),
+                },
                 &AttentionForwardBuffers {
                     qkv: &qkv,
                     o: &o,
@@ -266,10 +380,8 @@ impl Block {
             )?;
             Ok((Attention::Flash(f), Some(lse)))
         };
-        let (attn, lse) = match *mode {
-            Mode::Batch { b, .. } => flash(b, cfg.context)?,
-            Mode::Prefill(_) => flash(1, t)?,
-            Mode::Decode(kv) => (
+        let cached = |kv: KvRefs| -> Result<(Attention, Option<Tensor<f32>>)> {
+            Ok((
                 Attention::Cached(KvAttention::new(
                     ctx,
                     &kv_shape,
@@ -279,10 +391,27 @@ impl Block {
                     &o,
                 )?),
                 None,
-            ),
+            ))
         };
-        let proj_mm = mm(ctx, (t, d, d), Trans::NN, 0.0, &o, &p.wo, &proj)?;
-        let add1 = Add::new(ctx, x, &proj, &xm)?;
+        let (attn, lse) = match *mode {
+            Mode::Batch { b, .. } => {
+                if !supports_head_dim(dh) {
+                    return Err(Error::invalid(
+                        "model",
+                        format!(
+                            "head_dim = {dh}: evaluation and training take heads of up to 64 (generation takes up to 256)"
+                        ),
+                    ));
+                }
+                flash(b, cfg.context)?
+            }
+            Mode::Prefill(kv) if !supports_head_dim(dh) => cached(kv)?,
+            Mode::Prefill(_) => flash(1, t)?,
+            Mode::Decode(kv) => cached(kv)?,
+        };
+        let proj_mm = mm(ctx, (t, d, qw), Trans::NN, 0.0, &o, &p.wo, &proj)?;
+        let rm = cfg.residual_multiplier;
+        let add1 = Add::scaled(ctx, x, &proj, rm, &xm)?;
         let norm2 = RmsNormForward::new(
             ctx,
             cfg.eps,
@@ -293,7 +422,11 @@ impl Block {
                 rstd: &rstd2,
             },
         )?;
-        let add2 = Add::new(ctx, &xm, &ffn.fwd().y, &out)?;
+        let (add_shared, y) = match &shared {
+            Some((plan, sum)) => (Some(Add::new(ctx, &ffn.fwd().y, &plan.y, sum)?), sum),
+            None => (None, &ffn.fwd().y),
+        };
+        let add2 = Add::scaled(ctx, &xm, y, rm, &out)?;
         Ok(Block {
             x: x.clone(),
             a,
@@ -306,13 +439,16 @@ impl Block {
             rstd2,
             out,
             ffn,
+            shared,
             norm1,
             qkv_mm,
+            prep,
             append,
             attn,
             proj_mm,
             add1,
             norm2,
+            add_shared,
             add2,
         })
     }
@@ -320,6 +456,7 @@ impl Block {
     fn record(&self, pass: &mut wgpu::ComputePass<'_>) {
         self.norm1.record(pass);
         self.qkv_mm.record(pass);
+        self.prep.record(pass);
         if let Some(a) = &self.append {
             a.record(pass);
         }
@@ -331,6 +468,10 @@ impl Block {
         self.add1.record(pass);
         self.norm2.record(pass);
         self.ffn.fwd().record_pass(pass);
+        if let (Some((plan, _)), Some(add)) = (&self.shared, &self.add_shared) {
+            plan.record_pass(pass);
+            add.record(pass);
+        }
         self.add2.record(pass);
     }
 }
@@ -367,19 +508,13 @@ impl Head {
             },
         )?;
         let logits = Tensor::zeros(ctx, "logits", &[t, v])?;
-        let out_mm = mm(
-            ctx,
-            (t, v, d),
-            Trans::NN,
-            0.0,
-            &xf,
-            model
-                .params
-                .w_out
-                .as_ref()
-                .ok_or_else(|| Error::invalid("model", "tied head: not yet"))?,
-            &logits,
-        )?;
+        // Untied: xf W_out; tied: xf wteᵀ. Logits divided by Granite's
+        // logits_scaling (alpha = 1 for every other model: exact).
+        let (w, trans) = match &model.params.w_out {
+            Some(w) => (w, Trans::NN),
+            None => (&model.params.wte, Trans::NT),
+        };
+        let out_mm = mm_alpha(ctx, (t, v, d), trans, 1.0 / cfg.logits_scaling, &xf, w, &logits)?;
         Ok(Head {
             x: x.clone(),
             xf,
@@ -405,6 +540,7 @@ pub struct Graph {
     embed: Embed,
     pub blocks: Vec<Block>,
     pub head: Head,
+    _zero_step: Tensor<u32>,
 }
 
 impl Graph {
@@ -435,10 +571,22 @@ impl Graph {
         let ids = Tensor::<u32>::zeros(ctx, "ids", &[t])?;
         let x0 = Tensor::<f32>::zeros(ctx, "x0", &[t, cfg.d])?;
         let embed = Embed::new(ctx, model, &mode, &ids, &x0)?;
+        // Rotary positions: a batch's sequences start at 0; a call at the
+        // cache's step.
+        let zero_step = Tensor::<u32>::zeros(ctx, "rope_step", &[4])?;
+        let step = mode.kv().map_or(&zero_step, |kv| &kv.step.tensor);
+        let bc = BlockCtx {
+            cfg,
+            mode: &mode,
+            t,
+            step,
+            rope: model.rope.as_ref(),
+        };
         let mut blocks: Vec<Block> = Vec::with_capacity(cfg.layers);
         for (l, (p, layer)) in model.params.blocks.iter().zip(layers).enumerate() {
             let x = blocks.last().map_or(&x0, |b| &b.out);
-            let blk = Block::new(ctx, cfg, l, p, layer, &mode, t, x)?;
+            let shared = model.shared.get(l).and_then(Option::as_ref);
+            let blk = Block::new(ctx, &bc, l, p, layer, shared, x)?;
             blocks.push(blk);
         }
         let x_last = blocks.last().map_or(&x0, |b| &b.out).clone();
@@ -449,6 +597,7 @@ impl Graph {
             embed,
             blocks,
             head,
+            _zero_step: zero_step,
         })
     }
 
@@ -456,6 +605,9 @@ impl Graph {
     pub fn clear(&self, encoder: &mut wgpu::CommandEncoder) {
         for blk in &self.blocks {
             blk.ffn.fwd().clear(encoder);
+            if let Some((plan, _)) = &blk.shared {
+                plan.clear(encoder);
+            }
         }
     }
 

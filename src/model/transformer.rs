@@ -24,13 +24,14 @@ use crate::kernels::embedding::{
     EmbeddingBackwardWteBuffers,
 };
 use crate::kernels::matmul::{Matmul, Trans};
+use crate::kernels::qk::RopeTables;
 use crate::kernels::rmsnorm::{
     RmsNormBackward, RmsNormBackwardBuffers, RmsNormBackwardGain, RmsNormBackwardGainBuffers,
 };
 use crate::kernels::{GateConfig, RoutingLayout, UNUSED};
 use crate::model::config::ModelConfig;
 use crate::model::graph::{mm, Block, Graph, Mode};
-use crate::model::params::{BlockParam, HostTensor, ParamId, Params};
+use crate::model::params::{BlockParam, FfnParams, HostTensor, ParamId, Params};
 use crate::moe::{MoeConfig, MoeLayer, MoeWeights};
 
 /// Scale of the unembedding's init relative to 1/sqrt(D): the logits of a
@@ -135,21 +136,35 @@ impl Params<HostTensor> {
             .get(l)
             .ok_or_else(|| Error::invalid("model parameters", format!("no block {l}")))?
             .ffn;
-        Ok(MoeWeights {
+        Ok(Self::ffn_weights(f))
+    }
+
+    /// The shared expert of block `l`, if it has one.
+    fn shared_weights(&self, l: usize) -> Option<MoeWeights> {
+        self.blocks.get(l)?.shared.as_ref().map(Self::ffn_weights)
+    }
+
+    fn ffn_weights(f: &FfnParams<HostTensor>) -> MoeWeights {
+        MoeWeights {
             w_router: f.w_router.data.clone(),
             w1: f.w1.data.clone(),
             w3: f.w3.as_ref().map(|t| t.data.clone()),
             w2: f.w2.data.clone(),
-        })
+        }
     }
 }
 
 /// The model's parameters on the GPU. The FFN weights belong to the MoE
-/// layers; `params` holds second handles to them.
+/// layers (and the shared experts' to theirs); `params` holds second
+/// handles to them.
 pub struct Model {
     pub cfg: ModelConfig,
     pub params: Params<Tensor<f32>>,
     pub ffn: Vec<MoeLayer>,
+    /// Per layer, the sigmoid-gated shared expert (Qwen2-MoE).
+    pub shared: Vec<Option<MoeLayer>>,
+    /// The rotary embedding's tables over the context (rotary models).
+    pub rope: Option<RopeTables>,
 }
 
 impl Model {
@@ -157,29 +172,55 @@ impl Model {
         cfg.validate()?;
         host.validate(cfg)?;
         let mut ffn = Vec::with_capacity(cfg.layers);
+        let mut shared = Vec::with_capacity(cfg.layers);
         for l in 0..cfg.layers {
             ffn.push(MoeLayer::new(
                 ctx,
                 cfg.ffn_config(l),
                 &host.moe_weights(l)?,
             )?);
+            shared.push(match (cfg.shared_config(l), host.shared_weights(l)) {
+                (Some(c), Some(w)) => Some(MoeLayer::new(ctx, c, &w)?),
+                (None, None) => None,
+                _ => {
+                    return Err(Error::invalid(
+                        "model parameters",
+                        format!("layer {l}: the shared expert does not match the config"),
+                    ))
+                }
+            });
         }
+        let missing = |id: ParamId| Error::invalid("model parameters", format!("{id}: no such layer"));
         let params = host.try_map(|id, t| {
             let layer = |l: usize| &ffn[l];
+            let sh = |l: usize| shared[l].as_ref().ok_or_else(|| missing(id));
+            let w3 = |m: &MoeLayer| m.w3.clone().ok_or_else(|| missing(id));
             Ok(match id {
                 ParamId::Block(l, BlockParam::Router) => layer(l).w_router.clone(),
                 ParamId::Block(l, BlockParam::W1) => layer(l).w1.clone(),
-                ParamId::Block(l, BlockParam::W3) => layer(l).w3.clone().ok_or_else(|| {
-                    Error::invalid("model parameters", format!("{id}: no SwiGLU layer"))
-                })?,
+                ParamId::Block(l, BlockParam::W3) => w3(layer(l))?,
                 ParamId::Block(l, BlockParam::W2) => layer(l).w2.clone(),
+                ParamId::Block(l, BlockParam::SharedGate) => sh(l)?.w_router.clone(),
+                ParamId::Block(l, BlockParam::SharedW1) => sh(l)?.w1.clone(),
+                ParamId::Block(l, BlockParam::SharedW3) => w3(sh(l)?)?,
+                ParamId::Block(l, BlockParam::SharedW2) => sh(l)?.w2.clone(),
                 _ => Tensor::from_slice(ctx, &id.name(), &t.shape, &t.data)?,
             })
         })?;
+        let rope = match &cfg.rope {
+            Some(r) => {
+                let dh = cfg.head_dim();
+                let (cos, sin) = r.tables(cfg.context, dh);
+                Some(RopeTables::new(ctx, cfg.context, dh, &cos, &sin)?)
+            }
+            None => None,
+        };
         Ok(Model {
             cfg: cfg.clone(),
             params,
             ffn,
+            shared,
+            rope,
         })
     }
 
@@ -823,6 +864,7 @@ impl TrainStep {
     pub fn new(ctx: &GpuContext, model: &Model, b: usize, opt: &OptConfig) -> Result<TrainStep> {
         let cfg = &model.cfg;
         opt.adamw.validate()?;
+        cfg.check_trainable()?;
         let fwd = Forward::new(ctx, model, b, true, None)?;
         let blocks = &fwd.graph.blocks;
         let z = |name: &str, shape: &[usize]| Tensor::<f32>::zeros(ctx, name, shape);
@@ -847,6 +889,9 @@ impl TrainStep {
         // the embedding's gx0).
         let edge = EdgeBackward::new(ctx, model, &fwd.graph, &grads)?;
         let acfg = AttentionConfig {
+            hkv: cfg.heads,
+            window: 0,
+            scale: None,
             b,
             n: cfg.context,
             h: cfg.heads,

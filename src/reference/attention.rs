@@ -127,6 +127,53 @@ pub fn attention_backward<F: Float>(
     dqkv
 }
 
+/// The forward of published models' attention: H query heads over Hkv
+/// key/value heads (query head h reads kv head h / (H / Hkv)), qkv
+/// `[T, (H + 2 Hkv) Dh]` (q heads, k heads, v heads), a sliding window
+/// (query n sees keys n - W < j <= n; 0: none) and a score scale. In f64.
+/// Returns `o [T, H Dh]` and `lse [B, H, N]`.
+pub fn attention_forward_gqa(
+    qkv: &[f64],
+    s: AttnShape,
+    hkv: usize,
+    window: usize,
+    scale: f64,
+) -> (Vec<f64>, Vec<f64>) {
+    let (d, dh) = (s.d(), s.dh);
+    let qs = (s.h + 2 * hkv) * dh;
+    let group = s.h / hkv;
+    let mut o = vec![0.0; s.t() * d];
+    let mut lse = vec![0.0; s.b * s.h * s.n];
+    for b in 0..s.b {
+        for h in 0..s.h {
+            let g = h / group;
+            let (k_off, v_off) = ((s.h + g) * dh, (s.h + hkv + g) * dh);
+            for n in 0..s.n {
+                let lo = if window > 0 { (n + 1).saturating_sub(window) } else { 0 };
+                let q = &qkv[(b * s.n + n) * qs + h * dh..][..dh];
+                let sc: Vec<f64> = (lo..=n)
+                    .map(|j| {
+                        let k = &qkv[(b * s.n + j) * qs + k_off..][..dh];
+                        q.iter().zip(k).map(|(x, y)| x * y).sum::<f64>() * scale
+                    })
+                    .collect();
+                let m = sc.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                let l: f64 = sc.iter().map(|x| (x - m).exp()).sum();
+                lse[(b * s.h + h) * s.n + n] = m + l.ln();
+                let out = &mut o[(b * s.n + n) * d + h * dh..][..dh];
+                for (j, x) in (lo..=n).zip(&sc) {
+                    let p = (x - m).exp() / l;
+                    let v = &qkv[(b * s.n + j) * qs + v_off..][..dh];
+                    for (a, vv) in out.iter_mut().zip(v) {
+                        *a += p * vv;
+                    }
+                }
+            }
+        }
+    }
+    (o, lse)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -134,6 +181,30 @@ mod tests {
 
     fn rand(rng: &mut Rng, n: usize, a: f32) -> Vec<f64> {
         rng.vec_sym(n, a).into_iter().map(f64::from).collect()
+    }
+
+    #[test]
+    fn gqa_twin_is_the_mha_twin_when_every_head_has_its_kv() {
+        let s = AttnShape {
+            b: 2,
+            n: 6,
+            h: 2,
+            dh: 4,
+        };
+        let mut rng = Rng::new(3);
+        let qkv = rand(&mut rng, s.t() * 3 * s.d(), 1.0);
+        let (o, lse) = attention_forward(&qkv, s);
+        let (o2, lse2) = attention_forward_gqa(&qkv, s, 2, 0, 0.5);
+        for (a, b) in o.iter().zip(&o2).chain(lse.iter().zip(&lse2)) {
+            assert!((a - b).abs() < 1e-12);
+        }
+        // A window of 1: each query sees itself alone.
+        let (o1, _) = attention_forward_gqa(&qkv, s, 2, 1, 0.5);
+        for row in 0..s.t() {
+            for c in 0..s.d() {
+                assert!((o1[row * s.d() + c] - qkv[row * 3 * s.d() + 2 * s.d() + c]).abs() < 1e-12);
+            }
+        }
     }
 
     #[test]

@@ -19,5 +19,6 @@ pub mod matmul;
 pub mod moe;
 pub mod moe_backward;
 pub mod moe_train;
+pub mod qk;
 pub mod rmsnorm;
 pub mod route;
