@@ -134,7 +134,11 @@ impl MoeLayer {
     /// a shared expert beside the routed ones).
     pub fn plan_on(&self, ctx: &GpuContext, x: &Tensor<f32>, path: Path) -> Result<MoePlan> {
         let &[t, d] = x.shape.as_slice() else {
-            return Err(Error::shape("moe_layer", "x [T, D]", format!("{:?}", x.shape)));
+            return Err(Error::shape(
+                "moe_layer",
+                "x [T, D]",
+                format!("{:?}", x.shape),
+            ));
         };
         if d != self.cfg.d {
             return Err(Error::shape(

@@ -363,3 +363,18 @@ fn step_matches_twin_adaptive_swiglu() {
 fn step_matches_twin_dense() {
     compare(&tiny(Gating::Top1, true), 14);
 }
+
+#[test]
+fn step_matches_twin_rope_swiglu() {
+    // A Mixtral-like layout: rotary positions, SwiGLU experts, top-2
+    // renormalized.
+    let cfg = ModelConfig {
+        rope: Some(amoe::model::config::Rope {
+            theta: 10000.0,
+            scaling: None,
+        }),
+        activation: amoe::kernels::Activation::SwiGlu,
+        ..tiny(Gating::Top2, false)
+    };
+    compare(&cfg, 18);
+}

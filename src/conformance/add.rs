@@ -11,9 +11,16 @@ use crate::util::Rng;
 
 #[derive(Clone, Debug)]
 pub enum Case {
-    Twin { n: usize, seed: u64 },
+    Twin {
+        n: usize,
+        seed: u64,
+    },
     /// `a + scale * b` (a residual multiplier): within one rounding.
-    Scaled { n: usize, scale: f32, seed: u64 },
+    Scaled {
+        n: usize,
+        scale: f32,
+        seed: u64,
+    },
     BadInputs,
 }
 

@@ -119,9 +119,9 @@ pub fn cases() -> Vec<Case> {
 pub async fn run(ctx: &GpuContext, case: &Case) -> Result<CheckResult> {
     let (kernel, name) = case.names();
     let (shape, seed) = match case {
-        Case::Bias { shape, seed } | Case::Norm { shape, seed, .. } | Case::Rope { shape, seed, .. } => {
-            (*shape, *seed)
-        }
+        Case::Bias { shape, seed }
+        | Case::Norm { shape, seed, .. }
+        | Case::Rope { shape, seed, .. } => (*shape, *seed),
         Case::BadInputs => return Ok(bad_inputs(ctx, &kernel, &name)),
     };
     let mut rng = Rng::new(seed);
@@ -140,7 +140,11 @@ pub async fn run(ctx: &GpuContext, case: &Case) -> Result<CheckResult> {
         }
         Case::Norm { whole, .. } => {
             let (qw, kw) = (shape.h * shape.dh, shape.hkv * shape.dh);
-            let (lq, lk) = if *whole { (qw, kw) } else { (shape.dh, shape.dh) };
+            let (lq, lk) = if *whole {
+                (qw, kw)
+            } else {
+                (shape.dh, shape.dh)
+            };
             let gq = rng.vec_sym(lq, 1.0);
             let gk = rng.vec_sym(lk, 1.0);
             qk_norm(&mut want, width, qw, kw, &gq, &gk, 1e-6);

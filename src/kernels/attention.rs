@@ -249,7 +249,7 @@ pub struct AttentionDims {
 /// Whether the flash kernels take heads of width `dh` (a multiple of 4 up
 /// to 64: a row lives in Dh / 4 registers).
 pub fn supports_head_dim(dh: usize) -> bool {
-    dh >= 4 && dh <= 64 && dh.is_multiple_of(4)
+    (4..=64).contains(&dh) && dh.is_multiple_of(4)
 }
 
 /// Check `cfg` against `qkv`'s shape; returns the sizes. CPU only.

@@ -170,7 +170,10 @@ fn build(
             max: u32::MAX as u64,
         });
     }
-    let grid = grid_1d(groups as u32, ctx.limits.max_compute_workgroups_per_dimension);
+    let grid = grid_1d(
+        groups as u32,
+        ctx.limits.max_compute_workgroups_per_dimension,
+    );
     ctx.check_workgroups(
         format!("{} workgroups (folded)", spec.name()),
         grid.1 as u64,
@@ -296,7 +299,11 @@ pub struct RopeTables {
 impl RopeTables {
     pub fn new(ctx: &GpuContext, n: usize, dh: usize, cos: &[f32], sin: &[f32]) -> Result<Self> {
         let half = dh / 2;
-        if n == 0 || dh == 0 || !dh.is_multiple_of(2) || cos.len() != n * half || sin.len() != n * half
+        if n == 0
+            || dh == 0
+            || !dh.is_multiple_of(2)
+            || cos.len() != n * half
+            || sin.len() != n * half
         {
             return Err(Error::shape(
                 "rope",

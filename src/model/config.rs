@@ -367,7 +367,10 @@ impl ModelConfig {
                 ));
             }
         }
-        for (name, v) in [("dense_ffn", self.dense_ffn), ("shared_ffn", self.shared_ffn)] {
+        for (name, v) in [
+            ("dense_ffn", self.dense_ffn),
+            ("shared_ffn", self.shared_ffn),
+        ] {
             if v == Some(0) {
                 return bad(format!("{name} = 0"));
             }
@@ -432,10 +435,9 @@ impl ModelConfig {
     pub fn check_trainable(&self) -> Result<()> {
         let mut not = Vec::new();
         if !self.classic_attention() {
-            not.push("GQA, head_dim != d / heads, q/k/v bias, QK-norm, sliding window or a score scale");
-        }
-        if self.rope.is_some() {
-            not.push("rotary positions");
+            not.push(
+                "GQA, head_dim != d / heads, q/k/v bias, QK-norm, sliding window or a score scale",
+            );
         }
         if self.tied {
             not.push("a tied head");

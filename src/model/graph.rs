@@ -332,7 +332,9 @@ impl Block {
                 None => None,
             },
             norm: match (&p.q_norm, &p.k_norm) {
-                (Some(gq), Some(gk)) => Some(QkNormKernel::new(ctx, qshape, cfg.eps, gq, gk, &qkv)?),
+                (Some(gq), Some(gk)) => {
+                    Some(QkNormKernel::new(ctx, qshape, cfg.eps, gq, gk, &qkv)?)
+                }
                 (None, None) => None,
                 _ => return Err(Error::invalid("model", "a q norm without a k norm")),
             },
@@ -342,7 +344,9 @@ impl Block {
                         Mode::Batch { .. } => cfg.context,
                         _ => t,
                     };
-                    Some(Rotary::new(ctx, qshape, tables, bc.step, period, false, &qkv)?)
+                    Some(Rotary::new(
+                        ctx, qshape, tables, bc.step, period, false, &qkv,
+                    )?)
                 }
                 None => None,
             },
@@ -514,7 +518,15 @@ impl Head {
             Some(w) => (w, Trans::NN),
             None => (&model.params.wte, Trans::NT),
         };
-        let out_mm = mm_alpha(ctx, (t, v, d), trans, 1.0 / cfg.logits_scaling, &xf, w, &logits)?;
+        let out_mm = mm_alpha(
+            ctx,
+            (t, v, d),
+            trans,
+            1.0 / cfg.logits_scaling,
+            &xf,
+            w,
+            &logits,
+        )?;
         Ok(Head {
             x: x.clone(),
             xf,
@@ -540,7 +552,9 @@ pub struct Graph {
     embed: Embed,
     pub blocks: Vec<Block>,
     pub head: Head,
-    _zero_step: Tensor<u32>,
+    /// step [4] of the rotary positions of a batch: zeros (the sequences
+    /// start at 0; the backward turns the same rotation back).
+    pub rope_step: Tensor<u32>,
 }
 
 impl Graph {
@@ -597,7 +611,7 @@ impl Graph {
             embed,
             blocks,
             head,
-            _zero_step: zero_step,
+            rope_step: zero_step,
         })
     }
 

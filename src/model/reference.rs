@@ -34,6 +34,7 @@ use crate::reference::matmul::matmul;
 use crate::reference::moe_train::{
     aux_losses, moe_layer_backward, moe_layer_forward, AuxConfig, MoeCache, MoeParams,
 };
+use crate::reference::qk::rope;
 use crate::reference::rmsnorm::{rmsnorm_backward, rmsnorm_backward_gain, rmsnorm_forward};
 use num_traits::Float;
 
@@ -238,10 +239,15 @@ pub fn forward<F: Float>(
     let eps = cast::<F>(cfg.eps as f64);
     let shape = AttnShape { b, n, h, dh: d / h };
     let (one, zero) = (F::one(), F::zero());
+    let wpe = match cfg.rope {
+        Some(_) => None,
+        None => Some(&params[ix.get(ParamId::Wpe)?][..]),
+    };
+    let rope_tables = cfg.rope.map(|r| r.tables(n, d / h));
     let mut x = embedding_forward(
         ids,
         &params[ix.get(ParamId::Wte)?],
-        Some(&params[ix.get(ParamId::Wpe)?]),
+        wpe,
         F::one(),
         t,
         v,
@@ -258,7 +264,7 @@ pub fn forward<F: Float>(
             ffn_cfg.capacity_factor = None;
         }
         let (a, rstd1) = rmsnorm_forward(&x, p(BlockParam::Norm1)?, eps, t, d);
-        let qkv = matmul(
+        let mut qkv = matmul(
             &a,
             p(BlockParam::Wqkv)?,
             t,
@@ -269,6 +275,10 @@ pub fn forward<F: Float>(
             zero,
             None,
         );
+        if let Some((cos, sin)) = &rope_tables {
+            // Sequences of N from position 0, as the GPU's batch graph.
+            rope(&mut qkv, (h, h), d / h, cos, sin, 0, n, 1.0);
+        }
         let (o, lse) = attention_forward(&qkv, shape);
         let proj = matmul(&o, p(BlockParam::Wo)?, t, d, d, Trans::NN, one, zero, None);
         let xm = add_forward(&x, &proj);
@@ -413,7 +423,21 @@ pub fn loss_and_grads<F: Float>(
         );
         grads[ix.layer(l, BlockParam::Wo)?] =
             matmul(&blk.o, &gxm, d, d, t, Trans::TN, one, zero, None);
-        let dqkv = attention_backward(&blk.qkv, &blk.o, &dout, &blk.lse, shape);
+        let mut dqkv = attention_backward(&blk.qkv, &blk.o, &dout, &blk.lse, shape);
+        if let Some(r) = &cfg.rope {
+            // The gradient of the raw projection: the rotation turned back.
+            let (cos, sin) = r.tables(n, d / cfg.heads);
+            rope(
+                &mut dqkv,
+                (cfg.heads, cfg.heads),
+                d / cfg.heads,
+                &cos,
+                &sin,
+                0,
+                n,
+                -1.0,
+            );
+        }
         let da = matmul(
             &dqkv,
             p(BlockParam::Wqkv)?,
@@ -435,7 +459,9 @@ pub fn loss_and_grads<F: Float>(
     aux.reverse();
     let (offsets, order) = token_order(ids, v)?;
     grads[ix.get(ParamId::Wte)?] = embedding_backward_wte(&gy, &offsets, &order, v, d);
-    grads[ix.get(ParamId::Wpe)?] = embedding_backward_wpe(&gy, t, n, d);
+    if cfg.rope.is_none() {
+        grads[ix.get(ParamId::Wpe)?] = embedding_backward_wpe(&gy, t, n, d);
+    }
 
     let ce_sum = tr.ce.iter().fold(zero, |a, &x| a + x);
     let objective = aux.iter().fold(ce_sum * scale, |a, &(bal, z)| a + bal + z);
@@ -750,6 +776,20 @@ mod tests {
         };
         check_fd(&swiglu(Gating::Adaptive, false), 6);
         check_fd(&swiglu(Gating::Top1, true), 7);
+    }
+
+    #[test]
+    fn gradient_matches_finite_differences_rope() {
+        // Rotary positions (no wpe): the rotation enters q and k, and the
+        // backward turns it back.
+        let cfg = ModelConfig {
+            rope: Some(crate::model::config::Rope {
+                theta: 100.0,
+                scaling: None,
+            }),
+            ..tiny(Gating::Top2, false)
+        };
+        check_fd(&cfg, 7);
     }
 
     #[test]

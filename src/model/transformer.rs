@@ -24,7 +24,7 @@ use crate::kernels::embedding::{
     EmbeddingBackwardWteBuffers,
 };
 use crate::kernels::matmul::{Matmul, Trans};
-use crate::kernels::qk::RopeTables;
+use crate::kernels::qk::{QkvShape, RopeTables, Rotary};
 use crate::kernels::rmsnorm::{
     RmsNormBackward, RmsNormBackwardBuffers, RmsNormBackwardGain, RmsNormBackwardGainBuffers,
 };
@@ -59,15 +59,21 @@ impl Params<HostTensor> {
             } else {
                 1
             } as f32;
+            use BlockParam::*;
             let data = match id {
-                ParamId::NormF | ParamId::Block(_, BlockParam::Norm1 | BlockParam::Norm2) => {
+                ParamId::NormF | ParamId::Block(_, Norm1 | Norm2 | QNorm | KNorm) => {
                     vec![1.0; n]
                 }
+                ParamId::Block(_, Bqkv) => vec![0.0; n],
                 ParamId::Wte | ParamId::Wpe => rng.vec_sym(n, 0.035),
-                ParamId::Block(_, p) if p.is_expert() => {
+                ParamId::Block(_, p @ (W1 | W3 | W2 | SharedW1 | SharedW3 | SharedW2)) => {
                     // Per expert: [E, fan_in, fan_out].
                     let fan = shape[1] as f32;
-                    let scale = if p == BlockParam::W2 { resid } else { 1.0 };
+                    let scale = if matches!(p, W2 | SharedW2) {
+                        resid
+                    } else {
+                        1.0
+                    };
                     rng.vec_sym(n, (3.0 / fan).sqrt() * scale)
                 }
                 _ => {
@@ -190,7 +196,8 @@ impl Model {
                 }
             });
         }
-        let missing = |id: ParamId| Error::invalid("model parameters", format!("{id}: no such layer"));
+        let missing =
+            |id: ParamId| Error::invalid("model parameters", format!("{id}: no such layer"));
         let params = host.try_map(|id, t| {
             let layer = |l: usize| &ffn[l];
             let sh = |l: usize| shared[l].as_ref().ok_or_else(|| missing(id));
@@ -437,6 +444,8 @@ struct BlockBackward {
     dout_mm: Matmul,
     dwo_mm: Matmul,
     attn_back: AttentionBackward,
+    /// Rotary models: the rotation turned back on dqkv's q and k heads.
+    rope_back: Option<Rotary>,
     da_mm: Matmul,
     dwqkv_mm: Matmul,
     norm1_back: RmsNormBackward,
@@ -455,6 +464,7 @@ impl BlockBackward {
         p: &crate::model::params::BlockParams<Tensor<f32>>,
         g: &crate::model::params::BlockParams<Tensor<f32>>,
         gx: Tensor<f32>,
+        rope: Option<(&RopeTables, &Tensor<u32>)>,
     ) -> Result<BlockBackward> {
         let plan = blk.ffn.train()?;
         let [t, d] = [blk.x.shape[0], blk.x.shape[1]];
@@ -503,6 +513,23 @@ impl BlockBackward {
                 dqkv: &dqkv,
             },
         )?;
+        let rope_back = match rope {
+            Some((tables, step)) => Some(Rotary::new(
+                ctx,
+                QkvShape {
+                    t,
+                    h: acfg.h,
+                    hkv: acfg.h,
+                    dh: d / acfg.h,
+                },
+                tables,
+                step,
+                acfg.n,
+                true,
+                &dqkv,
+            )?),
+            None => None,
+        };
         let da_mm = mm(ctx, (t, d, 3 * d), Trans::NT, 0.0, &dqkv, &p.wqkv, &da)?;
         let dwqkv_mm = mm(ctx, (d, 3 * d, t), Trans::TN, 0.0, &blk.a, &dqkv, &g.wqkv)?;
         let norm1_back = RmsNormBackward::new(
@@ -539,6 +566,7 @@ impl BlockBackward {
             dout_mm,
             dwo_mm,
             attn_back,
+            rope_back,
             da_mm,
             dwqkv_mm,
             norm1_back,
@@ -555,6 +583,9 @@ impl BlockBackward {
         self.dout_mm.record(pass);
         self.dwo_mm.record(pass);
         self.attn_back.record(pass);
+        if let Some(r) = &self.rope_back {
+            r.record(pass);
+        }
         self.da_mm.record(pass);
         self.dwqkv_mm.record(pass);
         self.norm1_back.record(pass);
@@ -579,7 +610,8 @@ struct EdgeBackward {
     emb_offsets: Tensor<u32>,
     emb_order: Tensor<u32>,
     emb_wte: EmbeddingBackwardWte,
-    emb_wpe: EmbeddingBackwardWpe,
+    /// Learned positions only.
+    emb_wpe: Option<EmbeddingBackwardWpe>,
 }
 
 /// A parameter training needs but this model lacks (training checks the
@@ -657,13 +689,13 @@ impl EdgeBackward {
                 dwte: &grads.wte,
             },
         )?;
-        let emb_wpe = EmbeddingBackwardWpe::new(
-            ctx,
-            &EmbeddingBackwardWpeBuffers {
-                dx: &gx0,
-                dwpe: required(&grads.wpe, "wpe")?,
-            },
-        )?;
+        let emb_wpe = match &grads.wpe {
+            Some(dwpe) => Some(EmbeddingBackwardWpe::new(
+                ctx,
+                &EmbeddingBackwardWpeBuffers { dx: &gx0, dwpe },
+            )?),
+            None => None,
+        };
         Ok(EdgeBackward {
             dxf,
             dxf_mm,
@@ -689,7 +721,9 @@ impl EdgeBackward {
     /// After the blocks' backward.
     fn record_embedding(&self, pass: &mut wgpu::ComputePass<'_>) {
         self.emb_wte.record(pass);
-        self.emb_wpe.record(pass);
+        if let Some(e) = &self.emb_wpe {
+            e.record(pass);
+        }
     }
 }
 
@@ -909,6 +943,7 @@ impl TrainStep {
                 &model.params.blocks[l],
                 &grads.blocks[l],
                 gx,
+                model.rope.as_ref().map(|r| (r, &fwd.graph.rope_step)),
             )?);
         }
 

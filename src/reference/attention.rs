@@ -149,7 +149,11 @@ pub fn attention_forward_gqa(
             let g = h / group;
             let (k_off, v_off) = ((s.h + g) * dh, (s.h + hkv + g) * dh);
             for n in 0..s.n {
-                let lo = if window > 0 { (n + 1).saturating_sub(window) } else { 0 };
+                let lo = if window > 0 {
+                    (n + 1).saturating_sub(window)
+                } else {
+                    0
+                };
                 let q = &qkv[(b * s.n + n) * qs + h * dh..][..dh];
                 let sc: Vec<f64> = (lo..=n)
                     .map(|j| {

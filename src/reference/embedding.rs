@@ -89,10 +89,16 @@ mod tests {
         let dwte = embedding_backward_wte(&dx, &offsets, &order, v, d);
         let dwpe = embedding_backward_wpe(&dx, t, n, d);
         let fd_wte = fd(&wte, |w| {
-            dot(&embedding_forward(&ids, w, Some(&wpe), 1.0, t, v, n, d), &dx)
+            dot(
+                &embedding_forward(&ids, w, Some(&wpe), 1.0, t, v, n, d),
+                &dx,
+            )
         });
         let fd_wpe = fd(&wpe, |w| {
-            dot(&embedding_forward(&ids, &wte, Some(w), 1.0, t, v, n, d), &dx)
+            dot(
+                &embedding_forward(&ids, &wte, Some(w), 1.0, t, v, n, d),
+                &dx,
+            )
         });
         assert_close(&dwte, &fd_wte);
         assert_close(&dwpe, &fd_wpe);
@@ -104,7 +110,16 @@ mod tests {
     #[test]
     fn forward_adds_token_and_position_rows() {
         // V = 2, N = 2, D = 1.
-        let x = embedding_forward(&[1, 0, 1], &[10.0, 20.0], Some(&[1.0, 2.0]), 1.0, 3, 2, 2, 1);
+        let x = embedding_forward(
+            &[1, 0, 1],
+            &[10.0, 20.0],
+            Some(&[1.0, 2.0]),
+            1.0,
+            3,
+            2,
+            2,
+            1,
+        );
         assert_eq!(x, vec![21.0, 12.0, 21.0]);
     }
 }

@@ -193,28 +193,53 @@ mod tests {
         let row = [0.5f32, 2.0, -1.0, 2.0, 1.0, 0.0];
         assert_eq!(top_k_of(&row, 4), vec![1, 3, 4, 0]);
         assert_eq!(top_k_of(&[1.0, 1.0, 1.0], 3), vec![0, 1, 2]);
-        let raw = gate_forward(&GateConfig::top_k(3, false, RouterScore::Softmax), &row, 1, 6)
-            .unwrap();
+        let raw = gate_forward(
+            &GateConfig::top_k(3, false, RouterScore::Softmax),
+            &row,
+            1,
+            6,
+        )
+        .unwrap();
         let z: f32 = row.iter().map(|v| v.exp()).sum();
         assert_eq!(raw.topk_ids, vec![1, 3, 4]);
         assert!((raw.topk_weights[0] - 2f32.exp() / z).abs() < 1e-6);
         assert!((raw.topk_weights[2] - 1f32.exp() / z).abs() < 1e-6);
-        let ren = gate_forward(&GateConfig::top_k(3, true, RouterScore::Softmax), &row, 1, 6)
-            .unwrap();
+        let ren = gate_forward(
+            &GateConfig::top_k(3, true, RouterScore::Softmax),
+            &row,
+            1,
+            6,
+        )
+        .unwrap();
         let sum: f32 = ren.topk_weights.iter().sum();
         assert!((sum - 1.0).abs() < 1e-6);
         let den = 2.0 * 2f32.exp() + 1f32.exp();
         assert!((ren.topk_weights[2] - 1f32.exp() / den).abs() < 1e-6);
         // A one-expert sigmoid gate: the weight is sigmoid(logit).
-        let sig = gate_forward(&GateConfig::top_k(1, false, RouterScore::Sigmoid), &[0.3], 1, 1)
-            .unwrap();
+        let sig = gate_forward(
+            &GateConfig::top_k(1, false, RouterScore::Sigmoid),
+            &[0.3],
+            1,
+            1,
+        )
+        .unwrap();
         assert_eq!(sig.topk_ids, vec![0]);
         assert!((sig.topk_weights[0] - 1.0 / (1.0 + (-0.3f32).exp())).abs() < 1e-7);
         // k past 8 or past E is refused.
-        assert!(gate_forward(&GateConfig::top_k(9, true, RouterScore::Softmax), &[0.0; 16], 1, 16)
-            .is_err());
-        assert!(gate_forward(&GateConfig::top_k(4, true, RouterScore::Softmax), &[0.0; 3], 1, 3)
-            .is_err());
+        assert!(gate_forward(
+            &GateConfig::top_k(9, true, RouterScore::Softmax),
+            &[0.0; 16],
+            1,
+            16
+        )
+        .is_err());
+        assert!(gate_forward(
+            &GateConfig::top_k(4, true, RouterScore::Softmax),
+            &[0.0; 3],
+            1,
+            3
+        )
+        .is_err());
     }
 
     #[test]

@@ -2,6 +2,8 @@
 //! the rotary embedding, in place on `qkv [T, (H + 2 Hkv) Dh]`, in the
 //! shader's order of operations.
 
+use num_traits::Float;
+
 /// `qkv[t, :] += bias`.
 pub fn qkv_bias(qkv: &mut [f32], bias: &[f32]) {
     for row in qkv.chunks_exact_mut(bias.len()) {
@@ -13,7 +15,15 @@ pub fn qkv_bias(qkv: &mut [f32], bias: &[f32]) {
 
 /// RMSNorm of each q segment (gain `gq`, width = its length) and each k
 /// segment (gain `gk`) of every row: `x * (1 / sqrt(mean(x^2) + eps)) * g`.
-pub fn qk_norm(qkv: &mut [f32], width: usize, q_cols: usize, kv_cols: usize, gq: &[f32], gk: &[f32], eps: f32) {
+pub fn qk_norm(
+    qkv: &mut [f32],
+    width: usize,
+    q_cols: usize,
+    kv_cols: usize,
+    gq: &[f32],
+    gk: &[f32],
+    eps: f32,
+) {
     for row in qkv.chunks_exact_mut(width) {
         let (q, rest) = row.split_at_mut(q_cols);
         for (part, g) in [(q, gq), (&mut rest[..kv_cols], gk)] {
@@ -30,10 +40,11 @@ pub fn qk_norm(qkv: &mut [f32], width: usize, q_cols: usize, kv_cols: usize, gq:
 
 /// The rotary embedding of the H + Hkv q and k heads of every row (row t at
 /// position `pos0 + t % period`; tables `[N, Dh / 2]`); `sign` -1 turns
-/// back.
+/// back (the transpose of the rotation: its backward). Generic over the
+/// float type for the model twin's gradient check.
 #[allow(clippy::too_many_arguments)]
-pub fn rope(
-    qkv: &mut [f32],
+pub fn rope<F: Float>(
+    qkv: &mut [F],
     heads: (usize, usize),
     dh: usize,
     cos: &[f32],
@@ -45,11 +56,12 @@ pub fn rope(
     let (h, hkv) = heads;
     let (width, half) = ((h + 2 * hkv) * dh, dh / 2);
     let n = cos.len() / half;
+    let f = |x: f32| F::from(x).unwrap_or_else(F::nan);
     for (t, row) in qkv.chunks_exact_mut(width).enumerate() {
         let pos = (pos0 + t % period).min(n - 1);
         for hh in 0..h + hkv {
             for i in 0..half {
-                let (c, s) = (cos[pos * half + i], sin[pos * half + i] * sign);
+                let (c, s) = (f(cos[pos * half + i]), f(sin[pos * half + i] * sign));
                 let at = hh * dh + i;
                 let (x1, x2) = (row[at], row[at + half]);
                 row[at] = x1 * c - x2 * s;
@@ -89,6 +101,35 @@ mod tests {
         }
     }
 
+    /// The rotation is orthogonal, so turning back is its transpose: the
+    /// backward (`<R x, y> = <x, Rᵀ y>`).
+    #[test]
+    fn rope_backward_is_the_transpose() {
+        let (h, hkv, dh, n) = (2, 2, 8, 6);
+        let width = (h + 2 * hkv) * dh;
+        let (cos, sin) = Rope {
+            theta: 500.0,
+            scaling: None,
+        }
+        .tables(n, dh);
+        let mut rng = crate::util::Rng::new(9);
+        let x: Vec<f64> = rng
+            .vec_sym(n * width, 1.0)
+            .into_iter()
+            .map(f64::from)
+            .collect();
+        let y: Vec<f64> = rng
+            .vec_sym(n * width, 1.0)
+            .into_iter()
+            .map(f64::from)
+            .collect();
+        let (mut rx, mut ry) = (x.clone(), y.clone());
+        rope(&mut rx, (h, hkv), dh, &cos, &sin, 0, n, 1.0);
+        rope(&mut ry, (h, hkv), dh, &cos, &sin, 0, n, -1.0);
+        let dot = |a: &[f64], b: &[f64]| a.iter().zip(b).map(|(p, q)| p * q).sum::<f64>();
+        assert!((dot(&rx, &y) - dot(&x, &ry)).abs() < 1e-9);
+    }
+
     #[test]
     fn qk_norm_per_head_gives_unit_rms_times_gain() {
         let (h, hkv, dh) = (2, 1, 4);
@@ -98,7 +139,11 @@ mod tests {
         let v = x[(h + hkv) * dh..width].to_vec();
         qk_norm(&mut x, width, h * dh, hkv * dh, &[1.0; 4], &[2.0; 4], 1e-9);
         for seg in 0..h {
-            let ms: f32 = x[seg * dh..(seg + 1) * dh].iter().map(|a| a * a).sum::<f32>() / 4.0;
+            let ms: f32 = x[seg * dh..(seg + 1) * dh]
+                .iter()
+                .map(|a| a * a)
+                .sum::<f32>()
+                / 4.0;
             assert!((ms - 1.0).abs() < 1e-4);
         }
         let ms: f32 = x[h * dh..(h + 1) * dh].iter().map(|a| a * a).sum::<f32>() / 4.0;
