@@ -3,10 +3,10 @@
 // rows (token t = b*N + n), H heads of width Dh (spec constant DH4 = Dh/4), D = H*Dh.
 // qkv [T, (H + 2 Hkv) Dh] holds the H query heads, then the Hkv key heads,
 // then the Hkv value heads; query head h reads kv head h / (H / Hkv) (GQA;
-// the backward passes take Hkv = H, so qkv [T, 3D]). Scores are scaled by
-// `scale` (1/sqrt(Dh) unless the model says otherwise); key n' attends to
-// query n when n - W < n' <= n within one sequence (W = window; the
-// backward passes take no window).
+// the dK/dV pass runs per kv head and sums its query heads in order).
+// Scores are scaled by `scale` (1/sqrt(Dh) unless the model says
+// otherwise); key n' attends to query n when n - W < n' <= n within one
+// sequence (W = window; 0: no window).
 // Twins: src/reference/attention.rs (attention_forward, attention_backward).
 //
 // Entry points (one per pass, each module keeps only its own bindings):
@@ -54,11 +54,11 @@ struct AttentionParams {
     nx: u32,
     // 1 / sqrt(Dh), or the model's own score scale
     scale: f32,
-    // key/value heads Hkv (forward; the backward passes take Hkv = H)
+    // key/value heads Hkv
     hkv: u32,
     // vec4s per qkv row: (H + 2 Hkv) Dh / 4
     qs4: u32,
-    // sliding window W (forward; 0: none): query n sees keys n - W + 1 ..= n
+    // sliding window W (0: none): query n sees keys n - W + 1 ..= n
     window: u32,
     _pad0: u32,
     _pad1: u32,
@@ -496,7 +496,7 @@ fn dq_load(q: ptr<function, Rows>, g: ptr<function, Rows>, dq: ptr<function, Row
     let nr = min(n[r], params.n - 1u);
     let row = blk.b * params.n + nr;
     let d4 = params.d / 4u;
-    load_qkv(q, r, row * 3u * d4 + blk.h * DH4, params.scale * LOG2E);
+    load_qkv(q, r, row * params.qs4 + blk.h * DH4, params.scale * LOG2E);
     load_dout(g, r, row * d4 + blk.h * DH4);
     row_zero(dq, r);
     let dl = dot_o(g, r, row * d4 + blk.h * DH4);
@@ -506,7 +506,7 @@ fn dq_load(q: ptr<function, Rows>, g: ptr<function, Rows>, dq: ptr<function, Row
 fn dq_store(dq: ptr<function, Rows>, dl: vec4<f32>, blk: Block, n: vec4<u32>, r: u32) {
     if n[r] < params.n {
         let row = blk.b * params.n + n[r];
-        store_dqkv(dq, r, row * 3u * params.d / 4u + blk.h * DH4, params.scale);
+        store_dqkv(dq, r, row * params.qs4 + blk.h * DH4, params.scale);
         delta[(blk.b * params.h + blk.h) * params.n + n[r]] = dl[r];
     }
 }
@@ -522,6 +522,8 @@ fn attention_backward_dq(
     let blk = block_of(wid);
     let n = rows_of(blk, lid);
     let lim = select(vec4<u32>(0u), n + 1u, (n < vec4<u32>(params.n)) & (vec4<u32>(0u, 1u, 2u, 3u) < vec4<u32>(RQ)));
+    let w = params.window;
+    let lo = select(vec4<u32>(0u), n + 1u - vec4<u32>(w), (vec4<u32>(w) > vec4<u32>(0u)) & (n + 1u > vec4<u32>(w)));
     var q: Rows;
     var g: Rows;
     var dq: Rows;
@@ -546,14 +548,18 @@ fn attention_backward_dq(
         lse2[3] = st.lse2;
     }
     let kend = min(blk.r0 + WG * RQ, params.n);
-    for (var k0 = 0u; k0 < kend; k0 += TILE) {
+    var kstart = 0u;
+    if (w > 0u && blk.r0 + 1u > w) {
+        kstart = blk.r0 + 1u - w;
+    }
+    for (var k0 = kstart; k0 < kend; k0 += TILE) {
         let rows = min(TILE, kend - k0);
         stage_kv(blk.b, blk.h, k0, rows, lid);
         workgroupBarrier();
         for (var j = 0u; j < rows; j++) {
             let s = ta_dot(&q, j * DH4);
             let dp = tb_dot(&g, j * DH4);
-            let p = select(vec4<f32>(0.0), exp2(s - lse2), vec4<u32>(k0 + j) < lim);
+            let p = select(vec4<f32>(0.0), exp2(s - lse2), (vec4<u32>(k0 + j) < lim) & (vec4<u32>(k0 + j) >= lo));
             ta_axpy(&dq, p * (dp - dl), j * DH4);
         }
         workgroupBarrier();
@@ -566,23 +572,33 @@ fn attention_backward_dq(
 //#endif
 
 //#if dkv
-// Key row r: k (pre-scaled to base-2 scores) and v, zero dk and dv.
+// Here a workgroup serves one kv head (blk.h is the kv head g) and sums
+// the gradients of the H / Hkv query heads that read it.
+
+// Key row r of kv head g: k (pre-scaled to base-2 scores) and v, zero dk
+// and dv.
 fn dkv_load(k: ptr<function, Rows>, v: ptr<function, Rows>, dk: ptr<function, Rows>, dv: ptr<function, Rows>, blk: Block, m: vec4<u32>, r: u32) {
-    let d4 = params.d / 4u;
-    let at = (blk.b * params.n + min(m[r], params.n - 1u)) * 3u * d4 + blk.h * DH4;
-    load_qkv(k, r, at + d4, params.scale * LOG2E);
-    load_qkv(v, r, at + 2u * d4, 1.0);
+    let at = (blk.b * params.n + min(m[r], params.n - 1u)) * params.qs4 + (params.h + blk.h) * DH4;
+    load_qkv(k, r, at, params.scale * LOG2E);
+    load_qkv(v, r, at + params.hkv * DH4, 1.0);
     row_zero(dk, r);
     row_zero(dv, r);
 }
 
 fn dkv_store(dk: ptr<function, Rows>, dv: ptr<function, Rows>, blk: Block, m: vec4<u32>, r: u32) {
     if m[r] < params.n {
-        let d4 = params.d / 4u;
-        let at = (blk.b * params.n + m[r]) * 3u * d4 + blk.h * DH4;
-        store_dqkv(dk, r, at + d4, params.scale);
-        store_dqkv(dv, r, at + 2u * d4, 1.0);
+        let at = (blk.b * params.n + m[r]) * params.qs4 + (params.h + blk.h) * DH4;
+        store_dqkv(dk, r, at, params.scale);
+        store_dqkv(dv, r, at + params.hkv * DH4, 1.0);
     }
+}
+
+// The (sequence, kv head, row block) of a dK/dV workgroup.
+fn kv_block_of(wid: vec3<u32>) -> Block {
+    let g = wid.x + wid.y * params.nx;
+    let blk = g % params.blocks;
+    let bh = g / params.blocks;
+    return Block(bh / params.hkv, bh % params.hkv, blk * WG * RQ);
 }
 
 @compute @workgroup_size(WG)
@@ -590,10 +606,10 @@ fn attention_backward_dkv(
     @builtin(workgroup_id) wid: vec3<u32>,
     @builtin(local_invocation_index) lid: u32,
 ) {
-    if wid.x + wid.y * params.nx >= params.b * params.h * params.blocks {
+    if wid.x + wid.y * params.nx >= params.b * params.hkv * params.blocks {
         return;
     }
-    let blk = block_of(wid);
+    let blk = kv_block_of(wid);
     // This invocation's key rows.
     let m = rows_of(blk, lid);
     let d4 = params.d / 4u;
@@ -605,33 +621,45 @@ fn attention_backward_dkv(
     if (RQ > 1u) { dkv_load(&k, &v, &dk, &dv, blk, m, 1u); }
     if (RQ > 2u) { dkv_load(&k, &v, &dk, &dv, blk, m, 2u); }
     if (RQ > 3u) { dkv_load(&k, &v, &dk, &dv, blk, m, 3u); }
-    let stats = (blk.b * params.h + blk.h) * params.n;
-    // Key m[r] is seen by queries >= first[r]; rows past N (or RQ) by none.
+    // Key m[r] is seen by queries first[r] <= i < last[r]; rows past N (or
+    // RQ) by none.
     let first = select(vec4<u32>(params.n), m, (m < vec4<u32>(params.n)) & (vec4<u32>(0u, 1u, 2u, 3u) < vec4<u32>(RQ)));
-    // Queries r0 .. N see at least one key of the block.
-    for (var i0 = blk.r0; i0 < params.n; i0 += TILE) {
-        let rows = min(TILE, params.n - i0);
-        for (var i = lid; i < TILE * DH4; i += WG) {
-            let r = i / DH4;
-            if r < rows {
-                let t = blk.b * params.n + i0 + r;
-                tile_a[i] = qkv[t * 3u * d4 + blk.h * DH4 + i % DH4];
-                tile_b[i] = dout[t * d4 + blk.h * DH4 + i % DH4];
+    let w = params.window;
+    let last = select(vec4<u32>(params.n), min(m + vec4<u32>(w), vec4<u32>(params.n)), vec4<u32>(w) > vec4<u32>(0u));
+    // Queries r0 .. iend see at least one key of the block.
+    var iend = params.n;
+    if (w > 0u) {
+        iend = min(params.n, blk.r0 + WG * RQ + w - 1u);
+    }
+    let group = params.h / params.hkv;
+    // The query heads of this kv head, in order: a fixed summation order.
+    for (var hq = blk.h * group; hq < (blk.h + 1u) * group; hq++) {
+        let stats = (blk.b * params.h + hq) * params.n;
+        for (var i0 = blk.r0; i0 < iend; i0 += TILE) {
+            let rows = min(TILE, iend - i0);
+            for (var i = lid; i < TILE * DH4; i += WG) {
+                let r = i / DH4;
+                if r < rows {
+                    let t = blk.b * params.n + i0 + r;
+                    tile_a[i] = qkv[t * params.qs4 + hq * DH4 + i % DH4];
+                    tile_b[i] = dout[t * d4 + hq * DH4 + i % DH4];
+                }
             }
+            for (var i = lid; i < rows; i += WG) {
+                tile_lse[i] = lse[stats + i0 + i] * LOG2E;
+                tile_delta[i] = delta[stats + i0 + i];
+            }
+            workgroupBarrier();
+            for (var i = 0u; i < rows; i++) {
+                let s = ta_dot(&k, i * DH4);
+                let dp = tb_dot(&v, i * DH4);
+                let seen = (vec4<u32>(i0 + i) >= first) & (vec4<u32>(i0 + i) < last);
+                let p = select(vec4<f32>(0.0), exp2(s - tile_lse[i]), seen);
+                tb_axpy(&dv, p, i * DH4);
+                ta_axpy(&dk, p * (dp - tile_delta[i]), i * DH4);
+            }
+            workgroupBarrier();
         }
-        for (var i = lid; i < rows; i += WG) {
-            tile_lse[i] = lse[stats + i0 + i] * LOG2E;
-            tile_delta[i] = delta[stats + i0 + i];
-        }
-        workgroupBarrier();
-        for (var i = 0u; i < rows; i++) {
-            let s = ta_dot(&k, i * DH4);
-            let dp = tb_dot(&v, i * DH4);
-            let p = select(vec4<f32>(0.0), exp2(s - tile_lse[i]), vec4<u32>(i0 + i) >= first);
-            tb_axpy(&dv, p, i * DH4);
-            ta_axpy(&dk, p * (dp - tile_delta[i]), i * DH4);
-        }
-        workgroupBarrier();
     }
     dkv_store(&dk, &dv, blk, m, 0u);
     if (RQ > 1u) { dkv_store(&dk, &dv, blk, m, 1u); }

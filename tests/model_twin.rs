@@ -378,3 +378,22 @@ fn step_matches_twin_rope_swiglu() {
     };
     compare(&cfg, 18);
 }
+
+#[test]
+fn step_matches_twin_gqa_window() {
+    // GQA 4/2 with head_dim 12 (!= d / heads), a sliding window shorter
+    // than the context, rotary positions, a score scale of its own.
+    let cfg = ModelConfig {
+        heads: 4,
+        kv_heads: Some(2),
+        head_dim: Some(12),
+        sliding_window: Some(6),
+        attn_scale: Some(0.3),
+        rope: Some(amoe::model::config::Rope {
+            theta: 10000.0,
+            scaling: None,
+        }),
+        ..tiny(Gating::Top2, false)
+    };
+    compare(&cfg, 19);
+}

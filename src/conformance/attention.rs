@@ -16,7 +16,8 @@ use crate::kernels::attention::{
     AttentionForwardBuffers, AttentionPass, AttentionSpec,
 };
 use crate::reference::attention::{
-    attention_backward, attention_forward, attention_forward_gqa, AttnShape,
+    attention_backward, attention_backward_gqa, attention_forward, attention_forward_gqa,
+    AttnShape, GqaShape,
 };
 use crate::tol::Tol;
 use crate::util::Rng;
@@ -29,9 +30,10 @@ pub enum Case {
         shape: AttnShape,
         seed: u64,
     },
-    /// The forward with GQA, a sliding window or a score scale of the
-    /// model's own (twin: `attention_forward_gqa`).
+    /// GQA, a sliding window or a score scale of the model's own (twins:
+    /// `attention_forward_gqa`, `attention_backward_gqa`).
     Gqa {
+        backward: bool,
         shape: AttnShape,
         hkv: usize,
         window: usize,
@@ -60,6 +62,7 @@ impl Case {
                 (kernel.into(), format!("B={b} N={n} H={h} Dh={dh}"))
             }
             Case::Gqa {
+                backward,
                 shape,
                 hkv,
                 window,
@@ -68,7 +71,12 @@ impl Case {
             } => {
                 let AttnShape { b, n, h, dh } = *shape;
                 (
-                    "attention_forward".into(),
+                    if *backward {
+                        "attention_backward"
+                    } else {
+                        "attention_forward"
+                    }
+                    .into(),
                     format!("B={b} N={n} H={h} Hkv={hkv} Dh={dh} W={window} scale={scale:?}"),
                 )
             }
@@ -102,20 +110,23 @@ pub fn cases() -> Vec<Case> {
     }
     // Published layouts: Mixtral-like GQA 4/2 of width 24 with a window of
     // 8, MQA 4/1, a window across the 128-row block, Granite's scale.
-    let gqa = |b, n, h, hkv, dh, window, scale, seed| Case::Gqa {
-        shape: AttnShape { b, n, h, dh },
-        hkv,
-        window,
-        scale,
-        seed,
-    };
-    v.extend([
-        gqa(1, 26, 4, 2, 24, 8, None, 30),
-        gqa(2, 40, 4, 1, 16, 0, None, 31),
-        gqa(1, 200, 2, 1, 32, 100, None, 32),
-        gqa(2, 33, 4, 2, 16, 0, Some(0.125), 33),
-        gqa(1, 150, 8, 2, 64, 0, None, 34),
-    ]);
+    for backward in [false, true] {
+        let gqa = |b, n, h, hkv, dh, window, scale, seed| Case::Gqa {
+            backward,
+            shape: AttnShape { b, n, h, dh },
+            hkv,
+            window,
+            scale,
+            seed,
+        };
+        v.extend([
+            gqa(1, 26, 4, 2, 24, 8, None, 30),
+            gqa(2, 40, 4, 1, 16, 0, None, 31),
+            gqa(1, 200, 2, 1, 32, 100, None, 32),
+            gqa(2, 33, 4, 2, 16, 0, Some(0.125), 33),
+            gqa(1, 150, 8, 2, 64, 0, None, 34),
+        ]);
+    }
     v.push(Case::BadInputs);
     v
 }
@@ -127,6 +138,7 @@ fn to_f32(x: &[f64]) -> Vec<f32> {
 pub async fn run(ctx: &GpuContext, case: &Case) -> Result<CheckResult> {
     let (kernel, name) = case.names();
     if let Case::Gqa {
+        backward,
         shape: s,
         hkv,
         window,
@@ -140,20 +152,56 @@ pub async fn run(ctx: &GpuContext, case: &Case) -> Result<CheckResult> {
         let qkv32 = rng.vec_sym(t * qs, 2.0);
         let qkv64: Vec<f64> = qkv32.iter().map(|&x| x as f64).collect();
         let sc = scale.unwrap_or(1.0 / (s.dh as f32).sqrt());
-        let (o64, lse64) = attention_forward_gqa(&qkv64, s, hkv, window, sc as f64);
+        let g = GqaShape {
+            s,
+            hkv,
+            window,
+            scale: sc as f64,
+        };
+        let (o64, lse64) = attention_forward_gqa(&qkv64, g);
         let qkv = Tensor::from_slice(ctx, "qkv", &[t, qs], &qkv32)?;
+        let acfg = AttentionConfig {
+            b: s.b,
+            n: s.n,
+            h: s.h,
+            hkv,
+            window,
+            scale,
+        };
+        if backward {
+            let do32 = rng.vec_sym(t * s.d(), 1.0);
+            let do64: Vec<f64> = do32.iter().map(|&x| x as f64).collect();
+            let want = attention_backward_gqa(&qkv64, &o64, &do64, &lse64, g);
+            let o = Tensor::from_slice(ctx, "o", &[t, s.d()], &to_f32(&o64))?;
+            let lse = Tensor::from_slice(ctx, "lse", &[s.b, s.h, s.n], &to_f32(&lse64))?;
+            let dout = Tensor::from_slice(ctx, "do", &[t, s.d()], &do32)?;
+            let dqkv = Tensor::from_slice(ctx, "dqkv", &[t, qs], &vec![f32::NAN; t * qs])?;
+            let bwd = AttentionBackward::new(
+                ctx,
+                acfg,
+                &AttentionBackwardBuffers {
+                    qkv: &qkv,
+                    o: &o,
+                    dout: &dout,
+                    lse: &lse,
+                    dqkv: &dqkv,
+                },
+            )?;
+            submit_pass(ctx, |pass| bwd.record(pass))?;
+            let got = dqkv.read(ctx).await?;
+            // A kv head sums the keys of H / Hkv query heads.
+            let tol = Tol::reduction(s.n * s.dh * (s.h / hkv));
+            return Ok(CheckResult::from_comparisons(
+                kernel,
+                name,
+                &[("dqkv", tol.compare(&got, &to_f32(&want)))],
+            ));
+        }
         let o = Tensor::<f32>::zeros(ctx, "o", &[t, s.d()])?;
         let lse = Tensor::<f32>::zeros(ctx, "lse", &[s.b, s.h, s.n])?;
         let fwd = AttentionForward::new(
             ctx,
-            AttentionConfig {
-                b: s.b,
-                n: s.n,
-                h: s.h,
-                hkv,
-                window,
-                scale,
-            },
+            acfg,
             &AttentionForwardBuffers {
                 qkv: &qkv,
                 o: &o,

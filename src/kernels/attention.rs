@@ -182,9 +182,9 @@ pub struct AttentionConfig {
     pub n: usize,
     /// Query heads H.
     pub h: usize,
-    /// Key/value heads Hkv (H a multiple of it; the backward takes Hkv = H).
+    /// Key/value heads Hkv (H a multiple of it).
     pub hkv: usize,
-    /// Sliding window W (0: none; the backward takes none).
+    /// Sliding window W (0: none).
     pub window: usize,
     /// Score scale; None: 1 / sqrt(Dh).
     pub scale: Option<f32>,
@@ -216,7 +216,7 @@ pub struct AttentionForwardBuffers<'a> {
 
 /// The backward's tensors.
 pub struct AttentionBackwardBuffers<'a> {
-    /// qkv [T, 3D]
+    /// qkv [T, (H + 2 Hkv) Dh]
     pub qkv: &'a Tensor<f32>,
     /// o [T, D] (the forward's output)
     pub o: &'a Tensor<f32>,
@@ -224,7 +224,7 @@ pub struct AttentionBackwardBuffers<'a> {
     pub dout: &'a Tensor<f32>,
     /// lse [B, H, N] (the forward's)
     pub lse: &'a Tensor<f32>,
-    /// dqkv [T, 3D] (written, every element)
+    /// dqkv [T, (H + 2 Hkv) Dh] (written, every element)
     pub dqkv: &'a Tensor<f32>,
 }
 
@@ -337,9 +337,16 @@ fn expect(name: &str, got: &[usize], want: &[usize]) -> Result<()> {
 }
 
 impl AttentionDims {
-    fn params(&self, ctx: &GpuContext, what: &str) -> Result<(AttentionParams, Grid)> {
+    /// The parameters and the grid of a pass over `heads` heads per
+    /// sequence (H for the query passes, Hkv for dK/dV).
+    fn params(
+        &self,
+        ctx: &GpuContext,
+        what: &str,
+        heads: usize,
+    ) -> Result<(AttentionParams, Grid)> {
         let blocks = (self.n as u32).div_ceil(ATTENTION_ROWS);
-        let groups = (self.b as u64) * (self.h as u64) * blocks as u64;
+        let groups = (self.b as u64) * (heads as u64) * blocks as u64;
         let max = ctx.limits.max_compute_workgroups_per_dimension;
         if groups > u32::MAX as u64 {
             return Err(Error::Limit {
@@ -391,7 +398,7 @@ impl AttentionForward {
         let dims = check(cfg, &bufs.qkv.shape)?;
         expect("o", &bufs.o.shape, &[dims.t, dims.d])?;
         expect("lse", &bufs.lse.shape, &[dims.b, dims.h, dims.n])?;
-        let (params, grid) = dims.params(ctx, "attention_forward")?;
+        let (params, grid) = dims.params(ctx, "attention_forward", dims.h)?;
         let pipeline = ctx.pipeline(&Kernel::Attention(dims.spec(AttentionPass::Forward)))?;
         let params_buf = uniform(ctx, &params);
         let dispatch = Dispatch::new(
@@ -425,7 +432,8 @@ pub struct AttentionBackward {
     dq: Dispatch,
     dkv: Dispatch,
     _delta: Tensor<f32>,
-    _params: wgpu::Buffer,
+    /// The query passes' and the dK/dV pass's (grids of H and Hkv heads).
+    _params: [wgpu::Buffer; 2],
 }
 
 impl AttentionBackward {
@@ -435,20 +443,14 @@ impl AttentionBackward {
         bufs: &AttentionBackwardBuffers<'_>,
     ) -> Result<Self> {
         let dims = check(cfg, &bufs.qkv.shape)?;
-        if dims.hkv != dims.h || dims.window != 0 {
-            return Err(Error::invalid(
-                "attention_backward",
-                format!(
-                    "GQA (Hkv = {} of H = {}) or a sliding window ({}) in training: not supported",
-                    dims.hkv, dims.h, dims.window
-                ),
-            ));
-        }
         expect("o", &bufs.o.shape, &[dims.t, dims.d])?;
         expect("do", &bufs.dout.shape, &[dims.t, dims.d])?;
         expect("lse", &bufs.lse.shape, &[dims.b, dims.h, dims.n])?;
-        expect("dqkv", &bufs.dqkv.shape, &[dims.t, 3 * dims.d])?;
-        let (params, grid) = dims.params(ctx, "attention_backward")?;
+        expect("dqkv", &bufs.dqkv.shape, &[dims.t, dims.qs])?;
+        let (params, grid) = dims.params(ctx, "attention_backward", dims.h)?;
+        // dK/dV: one workgroup per kv head, summing its query heads.
+        let (kv_params, kv_grid) = dims.params(ctx, "attention_backward_dkv", dims.hkv)?;
+        let kv_params_buf = uniform(ctx, &kv_params);
         let delta = Tensor::<f32>::zeros(ctx, "attention delta", &[dims.b, dims.h, dims.n])?;
         let params_buf = uniform(ctx, &params);
         let dq = Dispatch::new(
@@ -469,21 +471,21 @@ impl AttentionBackward {
             ctx,
             ctx.pipeline(&Kernel::Attention(dims.spec(AttentionPass::BackwardDkv)))?,
             &[
-                &params_buf,
+                &kv_params_buf,
                 &bufs.qkv.buffer,
                 &bufs.dout.buffer,
                 &bufs.lse.buffer,
                 &delta.buffer,
                 &bufs.dqkv.buffer,
             ],
-            grid,
+            kv_grid,
         )?;
         Ok(AttentionBackward {
             dims,
             dq,
             dkv,
             _delta: delta,
-            _params: params_buf,
+            _params: [params_buf, kv_params_buf],
         })
     }
 

@@ -417,27 +417,14 @@ impl ModelConfig {
             .unwrap_or_else(|| 1.0 / (self.head_dim() as f32).sqrt())
     }
 
-    /// Whether the model is amoe's own attention layout (H = Hkv, Dh = D / H,
-    /// learned positions, no bias, QK-norm, window or scale override): what
-    /// the training step supports.
-    pub fn classic_attention(&self) -> bool {
-        self.kv_heads() == self.heads
-            && self.q_width() == self.d
-            && !self.qkv_bias
-            && self.qk_norm == QkNorm::None
-            && self.sliding_window.is_none()
-            && self.attn_scale.is_none()
-    }
-
-    /// Refuse what the training step does not take yet: amoe's own
-    /// attention layout (`classic_attention`) with learned positions, an
-    /// untied head, no shared expert, no multipliers, no fixed top-k.
+    /// Refuse what the training step does not take yet. It takes learned
+    /// or rotary positions, GQA, any head width of up to 64, sliding
+    /// windows and score scales; not q/k/v biases, QK-norm, a tied head,
+    /// a shared expert, per-layer FFN kinds, multipliers or a fixed top-k.
     pub fn check_trainable(&self) -> Result<()> {
         let mut not = Vec::new();
-        if !self.classic_attention() {
-            not.push(
-                "GQA, head_dim != d / heads, q/k/v bias, QK-norm, sliding window or a score scale",
-            );
+        if self.qkv_bias || self.qk_norm != QkNorm::None {
+            not.push("q/k/v biases or QK-norm");
         }
         if self.tied {
             not.push("a tied head");

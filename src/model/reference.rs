@@ -23,7 +23,10 @@ use crate::model::transformer::{HostParams, OptConfig};
 use crate::moe::MoeConfig;
 use crate::reference::adamw::{adamw_step, grad_norm_finish, grad_norm_partial, AdamWStep};
 use crate::reference::add::add_forward;
-use crate::reference::attention::{attention_backward, attention_forward, AttnShape};
+use crate::reference::attention::{
+    attention_backward, attention_backward_gqa, attention_forward, attention_forward_gqa,
+    AttnShape, GqaShape,
+};
 use crate::reference::cross_entropy::{
     cross_entropy_forward, cross_entropy_forward_backward, loss_sum,
 };
@@ -208,6 +211,28 @@ fn check_batch(cfg: &ModelConfig, ids: &[u32], targets: Option<&[u32]>, b: usize
     Ok(())
 }
 
+/// The attention of a model with GQA, a head width of its own, a window or
+/// a score scale (None: amoe's own multi-head attention, whose twin is
+/// `attention_forward`).
+fn gqa_shape(cfg: &ModelConfig, b: usize) -> Option<GqaShape> {
+    let (h, dh) = (cfg.heads, cfg.head_dim());
+    let own = cfg.kv_heads() == h
+        && h * dh == cfg.d
+        && cfg.sliding_window.is_none()
+        && cfg.attn_scale.is_none();
+    (!own).then(|| GqaShape {
+        s: AttnShape {
+            b,
+            n: cfg.context,
+            h,
+            dh,
+        },
+        hkv: cfg.kv_heads(),
+        window: cfg.sliding_window.unwrap_or(0),
+        scale: cfg.attn_scale() as f64,
+    })
+}
+
 /// The parameters as a plain list in another float type.
 pub fn to_float<F: Float>(p: &HostParams) -> Vec<Vec<F>> {
     p.values()
@@ -237,13 +262,15 @@ pub fn forward<F: Float>(
     let (v, d, n, h) = (cfg.vocab, cfg.d, cfg.context, cfg.heads);
     let t = b * n;
     let eps = cast::<F>(cfg.eps as f64);
-    let shape = AttnShape { b, n, h, dh: d / h };
+    let (hkv, dh) = (cfg.kv_heads(), cfg.head_dim());
+    let (qw, qkv_w) = (cfg.q_width(), cfg.qkv_width());
+    let gqa = gqa_shape(cfg, b);
     let (one, zero) = (F::one(), F::zero());
     let wpe = match cfg.rope {
         Some(_) => None,
         None => Some(&params[ix.get(ParamId::Wpe)?][..]),
     };
-    let rope_tables = cfg.rope.map(|r| r.tables(n, d / h));
+    let rope_tables = cfg.rope.map(|r| r.tables(n, dh));
     let mut x = embedding_forward(
         ids,
         &params[ix.get(ParamId::Wte)?],
@@ -268,7 +295,7 @@ pub fn forward<F: Float>(
             &a,
             p(BlockParam::Wqkv)?,
             t,
-            3 * d,
+            qkv_w,
             d,
             Trans::NN,
             one,
@@ -277,10 +304,13 @@ pub fn forward<F: Float>(
         );
         if let Some((cos, sin)) = &rope_tables {
             // Sequences of N from position 0, as the GPU's batch graph.
-            rope(&mut qkv, (h, h), d / h, cos, sin, 0, n, 1.0);
+            rope(&mut qkv, (h, hkv), dh, cos, sin, 0, n, 1.0);
         }
-        let (o, lse) = attention_forward(&qkv, shape);
-        let proj = matmul(&o, p(BlockParam::Wo)?, t, d, d, Trans::NN, one, zero, None);
+        let (o, lse) = match gqa {
+            None => attention_forward(&qkv, AttnShape { b, n, h, dh }),
+            Some(g) => attention_forward_gqa(&qkv, g),
+        };
+        let proj = matmul(&o, p(BlockParam::Wo)?, t, d, qw, Trans::NN, one, zero, None);
         let xm = add_forward(&x, &proj);
         let (m, rstd2) = rmsnorm_forward(&xm, p(BlockParam::Norm2)?, eps, t, d);
         let w = MoeParams {
@@ -364,12 +394,9 @@ pub fn loss_and_grads<F: Float>(
     let (v, d, n) = (cfg.vocab, cfg.d, cfg.context);
     let t = tr.t;
     let (one, zero) = (F::one(), F::zero());
-    let shape = AttnShape {
-        b,
-        n,
-        h: cfg.heads,
-        dh: d / cfg.heads,
-    };
+    let (h, hkv, dh) = (cfg.heads, cfg.kv_heads(), cfg.head_dim());
+    let (qw, qkv_w) = (cfg.q_width(), cfg.qkv_width());
+    let gqa = gqa_shape(cfg, b);
     let mut grads: Vec<Vec<F>> = params.iter().map(|p| vec![zero; p.len()]).collect();
     let scale = one / cast::<F>(t as f64);
 
@@ -414,7 +441,7 @@ pub fn loss_and_grads<F: Float>(
             &gxm,
             p(BlockParam::Wo)?,
             t,
-            d,
+            qw,
             d,
             Trans::NT,
             one,
@@ -422,35 +449,31 @@ pub fn loss_and_grads<F: Float>(
             None,
         );
         grads[ix.layer(l, BlockParam::Wo)?] =
-            matmul(&blk.o, &gxm, d, d, t, Trans::TN, one, zero, None);
-        let mut dqkv = attention_backward(&blk.qkv, &blk.o, &dout, &blk.lse, shape);
+            matmul(&blk.o, &gxm, qw, d, t, Trans::TN, one, zero, None);
+        let mut dqkv = match gqa {
+            None => {
+                attention_backward(&blk.qkv, &blk.o, &dout, &blk.lse, AttnShape { b, n, h, dh })
+            }
+            Some(g) => attention_backward_gqa(&blk.qkv, &blk.o, &dout, &blk.lse, g),
+        };
         if let Some(r) = &cfg.rope {
             // The gradient of the raw projection: the rotation turned back.
-            let (cos, sin) = r.tables(n, d / cfg.heads);
-            rope(
-                &mut dqkv,
-                (cfg.heads, cfg.heads),
-                d / cfg.heads,
-                &cos,
-                &sin,
-                0,
-                n,
-                -1.0,
-            );
+            let (cos, sin) = r.tables(n, dh);
+            rope(&mut dqkv, (h, hkv), dh, &cos, &sin, 0, n, -1.0);
         }
         let da = matmul(
             &dqkv,
             p(BlockParam::Wqkv)?,
             t,
             d,
-            3 * d,
+            qkv_w,
             Trans::NT,
             one,
             zero,
             None,
         );
         grads[ix.layer(l, BlockParam::Wqkv)?] =
-            matmul(&blk.a, &dqkv, d, 3 * d, t, Trans::TN, one, zero, None);
+            matmul(&blk.a, &dqkv, d, qkv_w, t, Trans::TN, one, zero, None);
         let tmp1 = rmsnorm_backward(&blk.x, p(BlockParam::Norm1)?, &da, &blk.rstd1, t, d);
         grads[ix.layer(l, BlockParam::Norm1)?] =
             rmsnorm_backward_gain(&blk.x, &da, &blk.rstd1, t, d);
@@ -790,6 +813,23 @@ mod tests {
             ..tiny(Gating::Top2, false)
         };
         check_fd(&cfg, 7);
+    }
+
+    #[test]
+    fn gradient_matches_finite_differences_gqa_window() {
+        // GQA 2/1 with a head width of its own, a window of 3 and rotary
+        // positions.
+        let cfg = ModelConfig {
+            kv_heads: Some(1),
+            head_dim: Some(8),
+            sliding_window: Some(3),
+            rope: Some(crate::model::config::Rope {
+                theta: 100.0,
+                scaling: None,
+            }),
+            ..tiny(Gating::Top2, false)
+        };
+        check_fd(&cfg, 8);
     }
 
     #[test]

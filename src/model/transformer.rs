@@ -476,8 +476,9 @@ impl BlockBackward {
         let gxm = z("gxm", &[t, d])?;
         let norm2_grad = z("norm_grad", &[t, d])?;
         let norm1_grad = z("norm1_grad", &[t, d])?;
-        let dout = z("dout", &[t, d])?;
-        let dqkv = z("dqkv", &[t, 3 * d])?;
+        let (qw, qkv_w) = (blk.o.shape[1], blk.qkv.shape[1]);
+        let dout = z("dout", &[t, qw])?;
+        let dqkv = z("dqkv", &[t, qkv_w])?;
         let da = z("da", &[t, d])?;
         let norm2_back = RmsNormBackward::new(
             ctx,
@@ -500,8 +501,8 @@ impl BlockBackward {
         )?;
         // The gradient of the block's output is its FFN's dy.
         let add_mid = Add::new(ctx, &plan.dy, &norm2_grad, &gxm)?;
-        let dout_mm = mm(ctx, (t, d, d), Trans::NT, 0.0, &gxm, &p.wo, &dout)?;
-        let dwo_mm = mm(ctx, (d, d, t), Trans::TN, 0.0, &blk.o, &gxm, &g.wo)?;
+        let dout_mm = mm(ctx, (t, qw, d), Trans::NT, 0.0, &gxm, &p.wo, &dout)?;
+        let dwo_mm = mm(ctx, (qw, d, t), Trans::TN, 0.0, &blk.o, &gxm, &g.wo)?;
         let attn_back = AttentionBackward::new(
             ctx,
             acfg,
@@ -519,8 +520,8 @@ impl BlockBackward {
                 QkvShape {
                     t,
                     h: acfg.h,
-                    hkv: acfg.h,
-                    dh: d / acfg.h,
+                    hkv: acfg.hkv,
+                    dh: qw / acfg.h,
                 },
                 tables,
                 step,
@@ -530,8 +531,8 @@ impl BlockBackward {
             )?),
             None => None,
         };
-        let da_mm = mm(ctx, (t, d, 3 * d), Trans::NT, 0.0, &dqkv, &p.wqkv, &da)?;
-        let dwqkv_mm = mm(ctx, (d, 3 * d, t), Trans::TN, 0.0, &blk.a, &dqkv, &g.wqkv)?;
+        let da_mm = mm(ctx, (t, d, qkv_w), Trans::NT, 0.0, &dqkv, &p.wqkv, &da)?;
+        let dwqkv_mm = mm(ctx, (d, qkv_w, t), Trans::TN, 0.0, &blk.a, &dqkv, &g.wqkv)?;
         let norm1_back = RmsNormBackward::new(
             ctx,
             &RmsNormBackwardBuffers {
@@ -923,12 +924,12 @@ impl TrainStep {
         // the embedding's gx0).
         let edge = EdgeBackward::new(ctx, model, &fwd.graph, &grads)?;
         let acfg = AttentionConfig {
-            hkv: cfg.heads,
-            window: 0,
-            scale: None,
             b,
             n: cfg.context,
             h: cfg.heads,
+            hkv: cfg.kv_heads(),
+            window: cfg.sliding_window.unwrap_or(0),
+            scale: Some(cfg.attn_scale()),
         };
         let mut back = Vec::with_capacity(cfg.layers);
         for (l, blk) in blocks.iter().enumerate() {

@@ -127,55 +127,124 @@ pub fn attention_backward<F: Float>(
     dqkv
 }
 
-/// The forward of published models' attention: H query heads over Hkv
+/// The layout of published models' attention: H query heads over Hkv
 /// key/value heads (query head h reads kv head h / (H / Hkv)), qkv
 /// `[T, (H + 2 Hkv) Dh]` (q heads, k heads, v heads), a sliding window
-/// (query n sees keys n - W < j <= n; 0: none) and a score scale. In f64.
-/// Returns `o [T, H Dh]` and `lse [B, H, N]`.
-pub fn attention_forward_gqa(
-    qkv: &[f64],
-    s: AttnShape,
-    hkv: usize,
-    window: usize,
-    scale: f64,
-) -> (Vec<f64>, Vec<f64>) {
-    let (d, dh) = (s.d(), s.dh);
-    let qs = (s.h + 2 * hkv) * dh;
-    let group = s.h / hkv;
-    let mut o = vec![0.0; s.t() * d];
-    let mut lse = vec![0.0; s.b * s.h * s.n];
+/// (query n sees keys n - W < j <= n; 0: none) and a score scale.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct GqaShape {
+    pub s: AttnShape,
+    pub hkv: usize,
+    pub window: usize,
+    pub scale: f64,
+}
+
+impl GqaShape {
+    fn stride(&self) -> usize {
+        (self.s.h + 2 * self.hkv) * self.s.dh
+    }
+
+    /// Columns of query head h's kv head's k and v.
+    fn kv_cols(&self, h: usize) -> (usize, usize) {
+        let g = h / (self.s.h / self.hkv);
+        let dh = self.s.dh;
+        ((self.s.h + g) * dh, (self.s.h + self.hkv + g) * dh)
+    }
+
+    /// Keys query n sees: lo..=n.
+    fn lo(&self, n: usize) -> usize {
+        if self.window > 0 {
+            (n + 1).saturating_sub(self.window)
+        } else {
+            0
+        }
+    }
+}
+
+/// Scaled scores of query `n` (sequence `b`, head `h`) against its keys.
+fn gqa_scores<F: Float>(qkv: &[F], g: GqaShape, b: usize, h: usize, n: usize) -> Vec<F> {
+    let (qs, dh, sn) = (g.stride(), g.s.dh, g.s.n);
+    let (k_off, _) = g.kv_cols(h);
+    let scale = cast::<F>(g.scale);
+    let q = &qkv[(b * sn + n) * qs + h * dh..][..dh];
+    (g.lo(n)..=n)
+        .map(|j| {
+            let k = &qkv[(b * sn + j) * qs + k_off..][..dh];
+            q.iter().zip(k).fold(F::zero(), |a, (&x, &y)| a + x * y) * scale
+        })
+        .collect()
+}
+
+/// The forward of [`GqaShape`] attention. Returns `o [T, H Dh]` and
+/// `lse [B, H, N]`.
+pub fn attention_forward_gqa<F: Float>(qkv: &[F], g: GqaShape) -> (Vec<F>, Vec<F>) {
+    let s = g.s;
+    let (d, dh, qs) = (s.d(), s.dh, g.stride());
+    let mut o = vec![F::zero(); s.t() * d];
+    let mut lse = vec![F::zero(); s.b * s.h * s.n];
     for b in 0..s.b {
         for h in 0..s.h {
-            let g = h / group;
-            let (k_off, v_off) = ((s.h + g) * dh, (s.h + hkv + g) * dh);
+            let (_, v_off) = g.kv_cols(h);
             for n in 0..s.n {
-                let lo = if window > 0 {
-                    (n + 1).saturating_sub(window)
-                } else {
-                    0
-                };
-                let q = &qkv[(b * s.n + n) * qs + h * dh..][..dh];
-                let sc: Vec<f64> = (lo..=n)
-                    .map(|j| {
-                        let k = &qkv[(b * s.n + j) * qs + k_off..][..dh];
-                        q.iter().zip(k).map(|(x, y)| x * y).sum::<f64>() * scale
-                    })
-                    .collect();
-                let m = sc.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
-                let l: f64 = sc.iter().map(|x| (x - m).exp()).sum();
+                let sc = gqa_scores(qkv, g, b, h, n);
+                let m = sc.iter().fold(F::neg_infinity(), |a, &x| a.max(x));
+                let l = sc.iter().fold(F::zero(), |a, &x| a + (x - m).exp());
                 lse[(b * s.h + h) * s.n + n] = m + l.ln();
                 let out = &mut o[(b * s.n + n) * d + h * dh..][..dh];
-                for (j, x) in (lo..=n).zip(&sc) {
+                for (j, &x) in (g.lo(n)..=n).zip(&sc) {
                     let p = (x - m).exp() / l;
                     let v = &qkv[(b * s.n + j) * qs + v_off..][..dh];
-                    for (a, vv) in out.iter_mut().zip(v) {
-                        *a += p * vv;
+                    for (a, &vv) in out.iter_mut().zip(v) {
+                        *a = *a + p * vv;
                     }
                 }
             }
         }
     }
     (o, lse)
+}
+
+/// The backward of [`GqaShape`] attention: `dqkv [T, (H + 2 Hkv) Dh]`, a
+/// kv head's gradients summed over the query heads that read it.
+pub fn attention_backward_gqa<F: Float>(
+    qkv: &[F],
+    o: &[F],
+    do_: &[F],
+    lse: &[F],
+    g: GqaShape,
+) -> Vec<F> {
+    let s = g.s;
+    let (d, dh, qs) = (s.d(), s.dh, g.stride());
+    let scale = cast::<F>(g.scale);
+    let mut dqkv = vec![F::zero(); s.t() * qs];
+    for b in 0..s.b {
+        for h in 0..s.h {
+            let (k_off, v_off) = g.kv_cols(h);
+            for n in 0..s.n {
+                let row = b * s.n + n;
+                let dor = &do_[row * d + h * dh..][..dh];
+                let or = &o[row * d + h * dh..][..dh];
+                let delta = dor.iter().zip(or).fold(F::zero(), |a, (&x, &y)| a + x * y);
+                let l = lse[(b * s.h + h) * s.n + n];
+                let sc = gqa_scores(qkv, g, b, h, n);
+                for (j, &x) in (g.lo(n)..=n).zip(&sc) {
+                    let p = (x - l).exp();
+                    let krow = (b * s.n + j) * qs;
+                    let dp = (0..dh).fold(F::zero(), |a, c| a + dor[c] * qkv[krow + v_off + c]);
+                    let ds = p * (dp - delta);
+                    for c in 0..dh {
+                        let kc = qkv[krow + k_off + c];
+                        let qc = qkv[row * qs + h * dh + c];
+                        let q_at = row * qs + h * dh + c;
+                        dqkv[q_at] = dqkv[q_at] + scale * ds * kc;
+                        dqkv[krow + k_off + c] = dqkv[krow + k_off + c] + scale * ds * qc;
+                        dqkv[krow + v_off + c] = dqkv[krow + v_off + c] + p * dor[c];
+                    }
+                }
+            }
+        }
+    }
+    dqkv
 }
 
 #[cfg(test)]
@@ -198,17 +267,54 @@ mod tests {
         let mut rng = Rng::new(3);
         let qkv = rand(&mut rng, s.t() * 3 * s.d(), 1.0);
         let (o, lse) = attention_forward(&qkv, s);
-        let (o2, lse2) = attention_forward_gqa(&qkv, s, 2, 0, 0.5);
+        let mha = GqaShape {
+            s,
+            hkv: 2,
+            window: 0,
+            scale: 0.5,
+        };
+        let (o2, lse2) = attention_forward_gqa(&qkv, mha);
         for (a, b) in o.iter().zip(&o2).chain(lse.iter().zip(&lse2)) {
             assert!((a - b).abs() < 1e-12);
         }
+        let do_ = rand(&mut rng, s.t() * s.d(), 1.0);
+        let d1 = attention_backward(&qkv, &o, &do_, &lse, s);
+        let d2 = attention_backward_gqa(&qkv, &o, &do_, &lse, mha);
+        for (a, b) in d1.iter().zip(&d2) {
+            assert!((a - b).abs() < 1e-12);
+        }
         // A window of 1: each query sees itself alone.
-        let (o1, _) = attention_forward_gqa(&qkv, s, 2, 1, 0.5);
+        let (o1, _) = attention_forward_gqa(&qkv, GqaShape { window: 1, ..mha });
         for row in 0..s.t() {
             for c in 0..s.d() {
                 assert!((o1[row * s.d() + c] - qkv[row * 3 * s.d() + 2 * s.d() + c]).abs() < 1e-12);
             }
         }
+    }
+
+    /// GQA with a window: the backward is the gradient of the forward.
+    #[test]
+    fn gqa_backward_matches_finite_differences() {
+        use crate::reference::finite_diff::{assert_close, dot, fd};
+        let s = AttnShape {
+            b: 2,
+            n: 5,
+            h: 4,
+            dh: 2,
+        };
+        let g = GqaShape {
+            s,
+            hkv: 2,
+            window: 3,
+            scale: 0.7,
+        };
+        let mut rng = Rng::new(21);
+        let qkv = rand(&mut rng, s.t() * (s.h + 2 * g.hkv) * s.dh, 1.0);
+        let w = rand(&mut rng, s.t() * s.d(), 1.0);
+        let (o, lse) = attention_forward_gqa(&qkv, g);
+        let got = attention_backward_gqa(&qkv, &o, &w, &lse, g);
+        let want = fd(&qkv, |x| dot(&attention_forward_gqa(x, g).0, &w));
+        assert_close(&got, &want);
     }
 
     #[test]
