@@ -265,6 +265,8 @@ pub fn parse_shards(
     Ok(out)
 }
 
+pub mod hf;
+
 #[cfg(not(target_arch = "wasm32"))]
 mod dir;
 #[cfg(not(target_arch = "wasm32"))]
