@@ -271,6 +271,10 @@ pub mod hf;
 mod dir;
 #[cfg(not(target_arch = "wasm32"))]
 pub use dir::*;
+#[cfg(not(target_arch = "wasm32"))]
+pub mod hf_dir;
+#[cfg(not(target_arch = "wasm32"))]
+pub use hf_dir::{load_hf_dir, HfModel};
 
 #[cfg(test)]
 mod tests {
