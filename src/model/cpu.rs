@@ -24,6 +24,8 @@
 //!
 //! An expert is `(act(m w1) [* (m w3)]) w2`: SwiGLU `silu(m w1) * (m w3)`
 //! or GELU (tanh form) `gelu(m w1)`; a dense FFN is one expert of weight 1.
+//! Each layer routes with its own gate (`ModelConfig::ffn_config`), dropless
+//! (a training capacity factor drops nothing here), as evaluation does.
 
 use crate::error::{Error, Result};
 use crate::kernels::{Activation, UNUSED};
