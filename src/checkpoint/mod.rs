@@ -265,10 +265,16 @@ pub fn parse_shards(
     Ok(out)
 }
 
+pub mod hf;
+
 #[cfg(not(target_arch = "wasm32"))]
 mod dir;
 #[cfg(not(target_arch = "wasm32"))]
 pub use dir::*;
+#[cfg(not(target_arch = "wasm32"))]
+pub mod hf_dir;
+#[cfg(not(target_arch = "wasm32"))]
+pub use hf_dir::{load_hf_dir, HfModel};
 
 #[cfg(test)]
 mod tests {

@@ -4,6 +4,7 @@
 //! `reference` is their CPU twin.
 
 pub mod config;
+pub mod cpu;
 pub mod graph;
 pub mod params;
 pub mod reference;
