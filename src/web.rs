@@ -528,8 +528,10 @@ async fn session_checkpoint(
     Ok(InferCheckpoint {
         cfg: s.cfg.model.clone(),
         host,
+        stop_ids: vec![s.data.tokenizer.eot_id()],
         tokenizer: s.data.tokenizer.clone(),
         eval_gating: s.cfg.eval_gating,
         source: source.to_string(),
+        model_type: None,
     })
 }

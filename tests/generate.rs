@@ -190,9 +190,11 @@ fn tiny_with(context: usize, activation: amoe::kernels::Activation) -> InferChec
     InferCheckpoint {
         host: HostParams::init(&cfg, 11),
         cfg,
+        stop_ids: vec![tokenizer.eot_id()],
         tokenizer,
         eval_gating: Gating::Top1,
         source: "tiny".into(),
+        model_type: None,
     }
 }
 

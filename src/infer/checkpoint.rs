@@ -16,10 +16,15 @@ pub struct InferCheckpoint {
     pub host: HostParams,
     pub tokenizer: Tokenizer,
     /// The gating rule the run validated with (`state.json`), else top-1
-    /// (what the paper evaluates with).
+    /// (what the paper evaluates with); a Hugging Face model's own top-k.
     pub eval_gating: Gating,
     /// Where it came from, for messages.
     pub source: String,
+    /// Ids that end a generation: the tokenizer's end-of-text, or a Hugging
+    /// Face model's `eos_token_id`s.
+    pub stop_ids: Vec<u32>,
+    /// A Hugging Face model's `model_type`; None for amoe's own.
+    pub model_type: Option<String>,
 }
 
 impl InferCheckpoint {
@@ -75,9 +80,36 @@ impl InferCheckpoint {
         Ok(InferCheckpoint {
             cfg,
             host,
+            stop_ids: vec![tokenizer.eot_id()],
             tokenizer,
             eval_gating,
             source: source.to_string(),
+            model_type: None,
+        })
+    }
+
+    /// A Hugging Face model (loaded by `checkpoint::load_hf_dir`): its own
+    /// router, its end-of-sequence ids.
+    #[cfg(not(target_arch = "wasm32"))]
+    pub fn from_hf(m: crate::checkpoint::HfModel, source: &str) -> Result<Self> {
+        if let Some((id, _)) = m
+            .params
+            .iter()
+            .find(|(_, t)| t.data.iter().any(|x| !x.is_finite()))
+        {
+            return Err(Error::checkpoint(
+                source,
+                format!("tensor {id} holds NaN or infinite values"),
+            ));
+        }
+        Ok(InferCheckpoint {
+            eval_gating: m.cfg.gate.gating,
+            cfg: m.cfg,
+            host: m.params,
+            tokenizer: m.tokenizer,
+            source: source.to_string(),
+            stop_ids: m.eos,
+            model_type: Some(m.family.model_type().to_string()),
         })
     }
 
@@ -97,6 +129,13 @@ impl InferCheckpoint {
                 dir.display(),
                 "no such checkpoint directory",
             ));
+        }
+        // A Hugging Face model directory: config.json names a model_type.
+        if let Ok(config) = std::fs::read(dir.join(CONFIG_FILE)) {
+            if crate::checkpoint::hf::is_hf_config(&config) {
+                let m = crate::checkpoint::load_hf_dir(&dir)?;
+                return Self::from_hf(m, &dir.display().to_string());
+            }
         }
         let read = |name: &str| -> Result<Vec<u8>> {
             let p = dir.join(name);
@@ -139,11 +178,21 @@ impl InferCheckpoint {
     /// training's gap measure and one-expert weight (a top-2-trained model
     /// weighs a lone expert 1, as in training).
     pub fn gate(&self, gating: Option<Gating>, threshold: Option<f32>) -> Result<GateConfig> {
-        let g = GateConfig {
+        let mut g = GateConfig {
             gating: gating.unwrap_or(self.eval_gating),
             threshold: threshold.unwrap_or(self.cfg.gate.threshold),
             ..self.cfg.gate
         };
+        if self.cfg.gate.gating == Gating::TopK && g.gating != Gating::TopK {
+            // Another rule on a pretrained top-k router: a token with one
+            // expert weighs it as the model weighs its k (renormalized: 1;
+            // raw: its probability).
+            g.single_weight = if self.cfg.gate.renorm {
+                crate::kernels::SingleWeight::One
+            } else {
+                crate::kernels::SingleWeight::RawP1
+            };
+        }
         if self.cfg.moe_layers().is_empty() {
             return Ok(g);
         }

@@ -310,6 +310,8 @@ pub struct Engine {
     /// Prefill passes by length, most recent last.
     prefill: Vec<Pass>,
     pos: usize,
+    /// Ids that end a generation (the checkpoint's).
+    stop_ids: Vec<u32>,
 }
 
 /// Prefill shapes kept at once.
@@ -342,6 +344,7 @@ impl Engine {
             decode,
             prefill: Vec::new(),
             pos: 0,
+            stop_ids: ck.stop_ids.clone(),
         })
     }
 
@@ -444,7 +447,7 @@ impl Engine {
         let clock = Stopwatch::start();
         for _ in 0..cfg.max_tokens {
             let id = sampler.sample(&logits)?;
-            if cfg.stop_at_eot && id == tokenizer.eot_id() {
+            if cfg.stop_at_eot && self.stop_ids.contains(&id) {
                 stop = StopReason::EndOfText;
                 break;
             }
