@@ -362,6 +362,8 @@ pub struct InferFigure {
     pub decode_tokens: usize,
     /// Fraction of (token, MoE layer) routes that used two experts during decode.
     pub two_expert_fraction: f64,
+    /// Experts per (token, MoE layer) route during decode.
+    pub mean_experts_per_token: f64,
 }
 
 /// What `amoe bench infer` prints.
@@ -405,7 +407,7 @@ pub async fn bench_infer(
         times.sort_by(f64::total_cmp);
         let prefill_s = times[times.len() / 2];
         // The decode loop, `samples` times from the same prompt; the median.
-        let (mut two, mut routes) = (0usize, 0usize);
+        let (mut two, mut routes, mut used) = (0usize, 0usize, 0usize);
         let mut times = Vec::new();
         for _ in 0..samples {
             let out = engine.prefill(ctx, prompt, false).await?;
@@ -416,6 +418,7 @@ pub async fn bench_infer(
                 for r in &out.routes[0] {
                     routes += 1;
                     two += (r.experts.len() > 1) as usize;
+                    used += r.experts.len();
                 }
                 next = argmax(out.last())?;
             }
@@ -432,6 +435,7 @@ pub async fn bench_infer(
             prompt_tokens: prompt.len(),
             decode_tokens,
             two_expert_fraction: two as f64 / routes.max(1) as f64,
+            mean_experts_per_token: used as f64 / routes.max(1) as f64,
         };
         log(&format!(
             "{}: prefill {:.0} tok/s, decode {:.1} tok/s",

@@ -118,10 +118,15 @@ impl ModelArgs {
 /// Which checkpoint and which rule.
 #[derive(clap::Args, Clone, Debug)]
 pub struct ModelPick {
-    /// Checkpoint directory (or a run directory holding checkpoint/).
+    /// Checkpoint directory (or a run directory holding checkpoint/), or a
+    /// Hugging Face model directory (config.json, safetensors, tokenizer.json).
     /// Default: the demo checkpoint in data/demo.
     #[arg(long)]
     pub checkpoint: Option<PathBuf>,
+    /// Context in tokens (rotary models only: up to the model's
+    /// max_position_embeddings; default: that, at most 4096).
+    #[arg(long)]
+    pub context: Option<usize>,
     /// Gating of the MoE layers (default for generate: what the checkpoint was
     /// validated with; for routes: what it was trained with).
     #[arg(long, value_parser = choice::<Gating>())]
@@ -141,7 +146,11 @@ impl ModelPick {
                 demo_dir()
             }
         });
-        InferCheckpoint::load(dir)
+        let mut ck = InferCheckpoint::load(dir)?;
+        if let Some(n) = self.context {
+            ck.set_context(n)?;
+        }
+        Ok(ck)
     }
 }
 

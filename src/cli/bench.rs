@@ -117,6 +117,8 @@ fn bench_infer(ctx: &GpuContext, args: &BenchInferArgs) -> Result<String> {
     ids.truncate(p);
     let gatings = match args.model.gating {
         Some(g) => vec![g],
+        // A pretrained model: its own top-k, and top-1 for comparison.
+        None if ck.cfg.gate.gating == Gating::TopK => vec![Gating::TopK, Gating::Top1],
         None => vec![Gating::Top1, Gating::Top2, Gating::Adaptive],
     };
     let r = pollster::block_on(amoe::bench::bench_infer(

@@ -21,19 +21,27 @@ pub struct InfoArgs {
 #[derive(Serialize)]
 struct Info {
     checkpoint: String,
+    /// A Hugging Face model's `model_type`; None for amoe's own.
+    model_type: Option<String>,
     layers: usize,
     moe_layers: Vec<usize>,
     d: usize,
     heads: usize,
+    kv_heads: usize,
     head_dim: usize,
     context: usize,
     vocab: usize,
-    positions: &'static str,
+    positions: String,
+    /// Where the model differs from amoe's own layout.
+    axes: Vec<String>,
     experts: usize,
     ffn: usize,
+    /// Hidden width of the dense FFN layers.
+    dense_ffn: usize,
     activation: String,
     gating: String,
-    threshold: f32,
+    /// The adaptive rule's threshold (adaptive gating only).
+    threshold: Option<f32>,
     /// Experts one token runs in an MoE layer, fewest and most.
     experts_per_token: [usize; 2],
     params: ParamCounts,
@@ -58,19 +66,35 @@ pub fn run(adapter: &AdapterArgs, args: &InfoArgs) -> Result<ExitCode> {
     let bytes = cfg.gpu_bytes();
     let info = Info {
         checkpoint: ck.source.clone(),
+        model_type: ck.model_type.clone(),
         layers: cfg.layers,
         moe_layers: cfg.moe_layers(),
         d: cfg.d,
         heads: cfg.heads,
-        head_dim: cfg.d / cfg.heads,
+        kv_heads: cfg.kv_heads(),
+        head_dim: cfg.head_dim(),
         context: cfg.context,
         vocab: cfg.vocab,
-        positions: "learned",
+        positions: cfg.positions(),
+        axes: cfg.axes(),
         experts: cfg.experts,
         ffn: cfg.ffn,
+        dense_ffn: cfg.dense_ffn.unwrap_or(cfg.ffn),
         activation: cfg.activation.to_string(),
-        gating: gate.gating.to_string(),
-        threshold: gate.threshold,
+        gating: match gate.gating {
+            amoe::kernels::Gating::TopK => format!(
+                "top-{} ({}, {})",
+                gate.k,
+                gate.score,
+                if gate.renorm {
+                    "renormalized"
+                } else {
+                    "raw weights"
+                }
+            ),
+            g => g.to_string(),
+        },
+        threshold: (gate.gating == amoe::kernels::Gating::Adaptive).then_some(gate.threshold),
         experts_per_token: [min_k, max_k],
         params: cfg.param_counts(min_k, max_k),
         fits: bytes.largest_tensor <= limit,
@@ -110,26 +134,57 @@ fn text(i: &Info) -> String {
     } else {
         format!("{} to {}", count(p.active_min), count(p.active_max))
     };
+    let family = i
+        .model_type
+        .as_ref()
+        .map_or(String::new(), |m| format!(" (Hugging Face {m})"));
+    let heads = if i.kv_heads == i.heads {
+        format!("{} heads of {}", i.heads, i.head_dim)
+    } else {
+        format!(
+            "{} query / {} key-value heads of {}",
+            i.heads, i.kv_heads, i.head_dim
+        )
+    };
+    let axes = if i.axes.is_empty() {
+        String::new()
+    } else {
+        format!("; {}", i.axes.join(", "))
+    };
+    let dense = if i.dense_ffn != i.ffn && i.moe_layers.len() < i.layers {
+        format!(", dense layers F={}", i.dense_ffn)
+    } else {
+        String::new()
+    };
+    let threshold = i
+        .threshold
+        .map_or(String::new(), |t| format!(" (threshold {t})"));
+    let (moe, ffn) = if i.moe_layers.is_empty() {
+        (
+            "dense".to_string(),
+            format!("dense, F={} ({})", i.dense_ffn, i.activation),
+        )
+    } else {
+        (
+            format!("MoE in {:?}", i.moe_layers),
+            format!(
+                "{} experts of F={} ({}){dense}, gating {}{threshold}",
+                i.experts, i.ffn, i.activation, i.gating
+            ),
+        )
+    };
     format!(
-        "{}\n\
-         architecture: {} layers (MoE in {:?}), D={}, {} heads of {}, context {}, vocabulary {}, {} positions\n\
-         FFN: {} experts of F={} ({}), gating {} (threshold {})\n\
+        "{}{family}\n\
+         architecture: {} layers ({moe}), D={}, {heads}, context {}, vocabulary {}, {} positions{axes}\n\
+         FFN: {ffn}\n\
          parameters: {} total ({} embeddings, {} in experts); active per token: {} ({} expert(s) per MoE layer)\n\
          on {} (f32 storage): parameters {}, KV cache {}, total {}; largest tensor {} ({}) of a {} binding limit: {}\n",
         i.checkpoint,
         i.layers,
-        i.moe_layers,
         i.d,
-        i.heads,
-        i.head_dim,
         i.context,
         i.vocab,
         i.positions,
-        i.experts,
-        i.ffn,
-        i.activation,
-        i.gating,
-        i.threshold,
         count(p.total),
         count(p.embeddings),
         count(p.experts),

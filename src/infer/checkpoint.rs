@@ -173,6 +173,30 @@ impl InferCheckpoint {
         )
     }
 
+    /// Change the context (the KV cache's capacity). Rotary models only:
+    /// learned positions fix it at the table's length.
+    pub fn set_context(&mut self, n: usize) -> Result<()> {
+        if self.cfg.rope.is_none() {
+            if n == self.cfg.context {
+                return Ok(());
+            }
+            return Err(Error::invalid(
+                "context",
+                format!(
+                    "{}: learned positions fix the context at {} tokens",
+                    self.source, self.cfg.context
+                ),
+            ));
+        }
+        let cfg = ModelConfig {
+            context: n,
+            ..self.cfg.clone()
+        };
+        cfg.validate()?;
+        self.cfg = cfg;
+        Ok(())
+    }
+
     /// The MoE layers' rule at inference: `gating` (default: what the run was
     /// evaluated with) and `threshold` (default: training's), keeping the
     /// training's gap measure and one-expert weight (a top-2-trained model

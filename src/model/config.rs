@@ -455,6 +455,60 @@ impl ModelConfig {
         ))
     }
 
+    /// How positions enter: "learned" or "rotary (theta T[, scaling])".
+    pub fn positions(&self) -> String {
+        match &self.rope {
+            None => "learned".into(),
+            Some(r) => {
+                let scaling = match r.scaling {
+                    None => String::new(),
+                    Some(RopeScaling::Linear { factor }) => format!(", linear x{factor}"),
+                    Some(RopeScaling::Llama3 { factor, .. }) => format!(", llama3 x{factor}"),
+                };
+                format!("rotary (theta {}{scaling})", r.theta)
+            }
+        }
+    }
+
+    /// The axes where this model differs from amoe's own layout, in words
+    /// (for `amoe info` and messages): empty for amoe's own model.
+    pub fn axes(&self) -> Vec<String> {
+        let mut v = Vec::new();
+        if self.kv_heads() != self.heads {
+            v.push(format!("GQA {}/{}", self.heads, self.kv_heads()));
+        }
+        if self.qkv_bias {
+            v.push("q/k/v bias".into());
+        }
+        match self.qk_norm {
+            QkNorm::None => {}
+            QkNorm::PerHead => v.push("QK-norm per head".into()),
+            QkNorm::Whole => v.push("QK-norm over the projections".into()),
+        }
+        if let Some(w) = self.sliding_window {
+            v.push(format!("sliding window {w}"));
+        }
+        if let Some(s) = self.attn_scale {
+            v.push(format!("score scale {s}"));
+        }
+        if let Some(f) = self.shared_ffn {
+            v.push(format!("shared expert F={f} (sigmoid gate)"));
+        }
+        if self.tied {
+            v.push("tied head".into());
+        }
+        for (name, x) in [
+            ("embedding multiplier", self.embedding_multiplier),
+            ("residual multiplier", self.residual_multiplier),
+            ("logits scaling", self.logits_scaling),
+        ] {
+            if x != 1.0 {
+                v.push(format!("{name} {x}"));
+            }
+        }
+        v
+    }
+
     /// Whether layer `l`'s FFN is an MoE.
     pub fn kind(&self, l: usize) -> FfnKind {
         if let Some(kinds) = &self.ffn_kinds {
