@@ -37,6 +37,8 @@ pub const DEFAULT_VOCAB_SIZE: usize = 4096;
 pub const MIN_VOCAB_SIZE: usize = 257;
 /// Largest vocabulary (ids must fit the model's embedding table; 2^16 keeps them small).
 pub const MAX_VOCAB_SIZE: usize = 65536;
+/// Largest vocabulary of a published model's tokenizer (Qwen's 151k, Llama 3's 128k fit).
+pub const MAX_PRETRAINED_VOCAB: usize = 1 << 20;
 
 /// GPT-2's pre-tokenizer pattern without the `\s+(?!\S)` branch; [`split_words`] restores
 /// what that branch does.
@@ -319,6 +321,40 @@ impl Tokenizer {
             .parse()
             .map_err(|e| tok_err("reading tokenizer.json", e))?;
         Self::wrap(inner)
+    }
+
+    /// Reads a published model's `tokenizer.json`: any model the `tokenizers` crate
+    /// reads (byte-level BPE, SentencePiece-style BPE with byte fallback, ...), up to
+    /// [`MAX_PRETRAINED_VOCAB`] tokens. The end of a text is `eos` (the model's
+    /// `eos_token_id`), else its [`EOT`] token.
+    pub fn from_pretrained_json(json: &str, eos: Option<u32>) -> Result<Self> {
+        let inner: tokenizers::Tokenizer = json
+            .parse()
+            .map_err(|e| tok_err("reading tokenizer.json", e))?;
+        let vocab = inner.get_vocab_size(true);
+        if !(1..=MAX_PRETRAINED_VOCAB).contains(&vocab) {
+            return Err(Error::Tokenizer(format!(
+                "vocabulary size {vocab} outside 1..={MAX_PRETRAINED_VOCAB}"
+            )));
+        }
+        let eot = match (eos, inner.token_to_id(EOT)) {
+            (Some(id), _) | (None, Some(id)) => id,
+            (None, None) => {
+                return Err(Error::Tokenizer(format!(
+                    "no end-of-sequence id (eos_token_id) and no {EOT} token"
+                )))
+            }
+        };
+        let json = inner
+            .to_string(false)
+            .map_err(|e| tok_err("serializing", e))?;
+        Ok(Tokenizer {
+            inner,
+            eot,
+            vocab,
+            json,
+            fast: None,
+        })
     }
 
     /// Writes `tokenizer.json` to `path`.

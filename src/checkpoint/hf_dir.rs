@@ -80,7 +80,10 @@ pub fn load_hf_dir(dir: &Path) -> Result<HfModel> {
 
     // The tokenizer first: it is small, and a wrong one is cheap to report.
     let tok_path = dir.join(TOKENIZER_FILE);
-    let tokenizer = Tokenizer::load(&tok_path)?;
+    let tok_json = String::from_utf8(read(&tok_path)?)
+        .map_err(|_| Error::checkpoint(tok_path.display(), "not UTF-8"))?;
+    let tokenizer = Tokenizer::from_pretrained_json(&tok_json, ids.eos.first().copied())
+        .map_err(|e| Error::checkpoint(tok_path.display(), e.to_string()))?;
     if tokenizer.vocab_size() > cfg.vocab {
         return Err(Error::checkpoint(
             tok_path.display(),

@@ -77,6 +77,20 @@ pub struct ModelArgs {
     /// FFN activation [default: gelu].
     #[arg(long, value_parser = choice::<Activation>())]
     pub activation: Option<Activation>,
+    /// Rotary positions with this base (e.g. 10000) instead of learned
+    /// ones: the layout of Llama, Mistral and Mixtral, which `amoe export`
+    /// can write as a Hugging Face model.
+    #[arg(long)]
+    pub rope_theta: Option<f32>,
+    /// Key/value heads (grouped-query attention; must divide --heads).
+    #[arg(long)]
+    pub kv_heads: Option<usize>,
+    /// Width of each attention head (default: d / heads; a multiple of 4 up to 64).
+    #[arg(long)]
+    pub head_dim: Option<usize>,
+    /// Sliding-window attention: each token sees itself and the W - 1 before it.
+    #[arg(long)]
+    pub window: Option<usize>,
     /// BPE vocabulary size.
     #[arg(long)]
     pub vocab: Option<usize>,
@@ -112,6 +126,21 @@ impl ModelArgs {
             c.seed => self.seed,
             m.activation => self.activation,
         );
+        if let Some(theta) = self.rope_theta {
+            m.rope = Some(amoe::model::config::Rope {
+                theta,
+                scaling: None,
+            });
+        }
+        if self.kv_heads.is_some() {
+            m.kv_heads = self.kv_heads;
+        }
+        if self.head_dim.is_some() {
+            m.head_dim = self.head_dim;
+        }
+        if self.window.is_some() {
+            m.sliding_window = self.window;
+        }
     }
 }
 

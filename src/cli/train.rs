@@ -215,11 +215,13 @@ fn train(ctx: &GpuContext, args: &TrainArgs) -> Result<RunSummary> {
     };
     let c = &run.cfg;
     eprintln!(
-        "amoe train on {}: {} params, {} layers (MoE in {:?}), D={} E={} F={}, gating {}{}, B={} N={}, {} train / {} val sequences, vocab {}",
+        "amoe train on {}: {} params, {} layers (MoE in {:?}), {} positions{}, D={} E={} F={}, gating {}{}, B={} N={}, {} train / {} val sequences, vocab {}",
         ctx.adapter_label(),
         c.model.num_params(),
         c.model.layers,
         c.model.moe_layers(),
+        c.model.positions(),
+        c.model.axes().iter().map(|a| format!(", {a}")).collect::<String>(),
         c.model.d,
         c.model.experts,
         c.model.ffn,
