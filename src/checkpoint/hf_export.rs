@@ -156,7 +156,8 @@ pub fn family_of(cfg: &ModelConfig) -> Result<Family> {
     if cfg.rope.is_none() {
         no.push(
             "learned position embeddings (wpe): Mixtral, Llama and Mistral have rotary \
-             positions only; train with rotary positions (a config with `rope`)"
+             positions only; a model trained with rotary positions (`rope` in its config; amoe \
+             train has no flag for them yet) exports"
                 .into(),
         );
     }
