@@ -797,3 +797,33 @@ fn cli_exports_a_run_directory() {
     assert!(!err.contains("panicked") && !out2.exists());
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// With `AMOE_EXPORT_SAMPLES=DIR`: the five layouts above exported into
+/// `DIR/<name>/`, each beside `DIR/<name>.amoe.json` holding the prompt ids
+/// and amoe's CPU logits, for the reference library to check by hand
+/// (`scripts/make_fixtures.py --check-export DIR/<name> --against
+/// DIR/<name>.amoe.json`, see tests/fixtures/hf/README.md). Without it,
+/// nothing is written.
+#[test]
+fn sample_exports_for_the_reference_library() {
+    let Some(root) = std::env::var_os("AMOE_EXPORT_SAMPLES").map(PathBuf::from) else {
+        return;
+    };
+    for (name, cfg) in [
+        ("mixtral_top2", mixtral_top2()),
+        ("mixtral_topk", mixtral_topk()),
+        ("mixtral_top1", mixtral_top1()),
+        ("llama_tied", llama_tied()),
+        ("mistral_window", mistral_window()),
+    ] {
+        let p = params(&cfg, 7);
+        let hf = export(&cfg, &p, tokenizer()).unwrap();
+        write_hf_dir(&root.join(name), &hf, true).unwrap();
+        let ids = prompt(&cfg);
+        let logits = amoe::model::cpu::logits(&cfg, &p, &ids).unwrap();
+        let rows: Vec<&[f32]> = logits.chunks(cfg.vocab).collect();
+        let json = serde_json::json!({"input_ids": ids, "logits": rows});
+        std::fs::write(root.join(format!("{name}.amoe.json")), json.to_string()).unwrap();
+        println!("wrote {}", root.join(name).display());
+    }
+}
