@@ -9,6 +9,9 @@ scripts/fixtures-requirements.txt:
     .venv-fixtures/bin/python scripts/make_fixtures.py           # (re)write tests/fixtures/hf/<name>/
     .venv-fixtures/bin/python scripts/make_fixtures.py --check   # regenerate into a temp dir, compare sha256s
     .venv-fixtures/bin/python scripts/make_fixtures.py --out DIR # write somewhere else
+    .venv-fixtures/bin/python scripts/make_fixtures.py --check-export DIR [--prompt TEXT | --ids 1,2,3]
+                                                                 # load an `amoe export --format hf`
+                                                                 # directory, print its logits (JSON)
 
 For every family it builds a tiny random model (fixed seed, float32 init, then
 cast to the fixture's dtype), saves it with save_pretrained (safetensors), adds
@@ -571,11 +574,74 @@ def check(against: Path) -> int:
     return 1 if bad else 0
 
 
+def check_export(model_dir: Path, prompt: str, ids: list[int] | None, against: Path | None) -> int:
+    """Load a directory written by `amoe export --format hf` the way the fixtures' reference is made
+    (float32, eager attention, every stored tensor used and none missing), tokenize the prompt with
+    its own tokenizer files, and print JSON: the ids, the float32 logits at every position (shortest
+    round-trip decimals), a 16-token greedy continuation. With --against FILE (a JSON object with
+    "logits" [T][V] and optionally the "input_ids" they were computed for, which are then run
+    instead of the prompt: e.g. amoe's CPU forward written by tests/hf_export.rs), also the largest
+    absolute difference."""
+    torch.set_num_threads(1)
+    torch.use_deterministic_algorithms(True)
+    config = json.loads((model_dir / "config.json").read_text())
+    tok = transformers.AutoTokenizer.from_pretrained(str(model_dir))
+    theirs = json.loads(against.read_text()) if against is not None else None
+    if ids is None and theirs is not None and theirs.get("input_ids"):
+        ids = [int(x) for x in theirs["input_ids"]]  # the ids the other side ran
+    input_ids = ids if ids is not None else tok.encode(prompt, add_special_tokens=False)
+    if not input_ids:
+        print("check-export: no input ids", file=sys.stderr)
+        return 1
+    ref = reference(model_dir, input_ids)
+    out = {
+        "model_dir": str(model_dir),
+        "model_type": config.get("model_type"),
+        "architecture": (config.get("architectures") or [None])[0],
+        "prompt": prompt if ids is None else None,
+        "input_ids": input_ids,
+        "logits_shape": [len(ref["logits"]), len(ref["logits"][0])],
+        "logits": ref["logits"],
+        "greedy": {
+            "new_tokens": ref["new_tokens"],
+            "margins": ref["margins"],
+            "text": tok.decode(ref["new_tokens"], skip_special_tokens=False),
+        },
+        "versions": {"transformers": transformers.__version__, "torch": torch.__version__},
+    }
+    if theirs is not None:
+        other = np.array(theirs["logits"], dtype=np.float64)
+        ours = np.array(ref["logits"], dtype=np.float64)
+        if other.shape != ours.shape:
+            print(f"check-export: {against} has logits {list(other.shape)}, the export {list(ours.shape)}", file=sys.stderr)
+            return 1
+        diff = float(np.abs(other - ours).max())
+        out["max_abs_diff"] = diff
+        print(f"max |logit difference| against {against}: {diff:.3g}", file=sys.stderr)
+    print(json.dumps(out, separators=(",", ":"), allow_nan=False))
+    print(
+        f"{model_dir}: {out['architecture']} loaded, {len(input_ids)} ids, logits {out['logits_shape']}, "
+        f"greedy {out['greedy']['text']!r}",
+        file=sys.stderr,
+    )
+    return 0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT, help="where to write the fixture directories")
     ap.add_argument("--check", action="store_true", help="regenerate into a temp dir and compare sha256 with --out")
+    ap.add_argument("--check-export", type=Path, metavar="DIR",
+                    help="load a directory written by `amoe export --format hf` and print its logits (JSON)")
+    ap.add_argument("--prompt", default=PROMPT, help="with --check-export: the text to run")
+    ap.add_argument("--ids", help="with --check-export: comma-separated token ids instead of --prompt")
+    ap.add_argument("--against", type=Path, metavar="FILE",
+                    help='with --check-export: JSON with "logits" [T][V] (and "input_ids", run instead of '
+                    '--prompt) to compare; prints the max abs difference')
     args = ap.parse_args()
+    if args.check_export is not None:
+        ids = [int(x) for x in args.ids.split(",")] if args.ids else None
+        return check_export(args.check_export, args.prompt, ids, args.against)
     if args.check:
         return check(args.out)
     generate(args.out)

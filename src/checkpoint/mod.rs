@@ -266,6 +266,7 @@ pub fn parse_shards(
 }
 
 pub mod hf;
+pub mod hf_export;
 
 #[cfg(not(target_arch = "wasm32"))]
 mod dir;

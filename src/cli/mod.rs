@@ -6,6 +6,7 @@ mod bench;
 mod conformance;
 mod devices;
 mod eval;
+mod export;
 mod generate;
 mod info;
 mod reproduce;
@@ -90,6 +91,12 @@ enum Command {
         #[command(flatten)]
         args: Box<info::InfoArgs>,
     },
+    /// Write a checkpoint in another format: --format hf gives a Hugging Face model
+    /// directory (Mixtral layout for MoE models, Llama or Mistral for dense ones).
+    Export {
+        #[command(flatten)]
+        args: export::ExportArgs,
+    },
     /// Benchmarks that print numbers (JSON).
     Bench {
         #[command(subcommand)]
@@ -109,6 +116,7 @@ pub fn main() -> ExitCode {
         Command::Routes { adapter, args } => routes::run(&adapter, &args),
         Command::Eval { adapter, args } => eval::run(&adapter, &args),
         Command::Info { adapter, args } => info::run(&adapter, &args),
+        Command::Export { args } => export::run(&args),
         Command::Bench { what } => bench::run(what),
     };
     match r {
