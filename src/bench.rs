@@ -450,3 +450,63 @@ pub async fn bench_infer(
         results,
     })
 }
+
+/// Layer shapes of published MoE models, for `amoe bench infer --shape`:
+/// random weights, the shapes and routers that decide the speed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum BenchShape {
+    /// granite-3.0-1b-a400m: D 1024, 16 query / 8 kv heads of 64, 32 experts
+    /// of 512, top-8 (renormalized), vocabulary 49155, tied head.
+    Granite1bA400m,
+    /// OLMoE-1B-7B: D 2048, 16 heads of 128, QK-norm, 64 experts of 1024,
+    /// top-8 (raw weights), vocabulary 50304.
+    Olmoe1b7b,
+}
+
+crate::choice::choice! { BenchShape, "model shape",
+    Granite1bA400m = "granite-1b-a400m": "granite-3.0-1b-a400m's layers",
+    Olmoe1b7b = "olmoe-1b-7b": "OLMoE-1B-7B's layers",
+}
+
+impl BenchShape {
+    /// The config of `layers` such layers and a context of `context`.
+    pub fn config(self, layers: usize, context: usize) -> crate::model::ModelConfig {
+        use crate::kernels::{Activation, GateConfig, RouterScore};
+        use crate::model::config::{QkNorm, Rope};
+        let base = crate::model::ModelConfig {
+            layers,
+            context,
+            activation: Activation::SwiGlu,
+            rope: Some(Rope {
+                theta: 10000.0,
+                scaling: None,
+            }),
+            max_positions: Some(4096),
+            eps: 1e-6,
+            ..Default::default()
+        };
+        match self {
+            BenchShape::Granite1bA400m => crate::model::ModelConfig {
+                vocab: 49155,
+                d: 1024,
+                heads: 16,
+                kv_heads: Some(8),
+                ffn: 512,
+                experts: 32,
+                gate: GateConfig::top_k(8, true, RouterScore::Softmax),
+                tied: true,
+                ..base
+            },
+            BenchShape::Olmoe1b7b => crate::model::ModelConfig {
+                vocab: 50304,
+                d: 2048,
+                heads: 16,
+                ffn: 1024,
+                experts: 64,
+                gate: GateConfig::top_k(8, false, RouterScore::Softmax),
+                qk_norm: QkNorm::Whole,
+                ..base
+            },
+        }
+    }
+}

@@ -283,6 +283,85 @@ impl Generator {
         Self::from_checkpoint(gpu.ctx.clone(), ck)
     }
 
+    /// Upload a Hugging Face model from the files a user picked or dropped:
+    /// `names[i]` is the file name of `blobs[i]` (a `Uint8Array`):
+    /// `config.json`, `tokenizer.json`, `generation_config.json` (optional)
+    /// and `model.safetensors` or `model.safetensors.index.json` with the
+    /// shards it names. Every missing file, mismatch or corruption is an
+    /// exception naming the file.
+    #[wasm_bindgen(js_name = loadHf)]
+    pub fn load_hf(
+        gpu: &Gpu,
+        source: &str,
+        names: Vec<String>,
+        blobs: js_sys::Array,
+    ) -> Result<Generator, JsValue> {
+        use crate::checkpoint::hf::{load_hf_parts, HfFiles, GENERATION_CONFIG_FILE};
+        use crate::checkpoint::{
+            parse_safetensors, parse_shards, CONFIG_FILE, MODEL_FILE, SHARD_INDEX_FILE,
+            TOKENIZER_FILE,
+        };
+        if names.len() != blobs.length() as usize {
+            return Err(js(Error::invalid(
+                "loading a model",
+                format!("{} names for {} files", names.len(), blobs.length()),
+            )));
+        }
+        let files: std::collections::HashMap<&str, Vec<u8>> = names
+            .iter()
+            .zip(blobs.iter())
+            .map(|(n, b)| (n.as_str(), js_sys::Uint8Array::new(&b).to_vec()))
+            .collect();
+        let at = |name: &str| format!("{source}/{name}");
+        let get = |name: &str| -> Result<(String, &[u8]), JsValue> {
+            files
+                .get(name)
+                .map(|b| (at(name), b.as_slice()))
+                .ok_or_else(|| {
+                    js(Error::checkpoint(
+                        at(name),
+                        "missing (pick every file of the model's folder)",
+                    ))
+                })
+        };
+        let config = get(CONFIG_FILE)?;
+        let tokenizer = get(TOKENIZER_FILE)?;
+        let generation = files
+            .get(GENERATION_CONFIG_FILE)
+            .map(|b| (at(GENERATION_CONFIG_FILE), b.as_slice()));
+        let m = load_hf_parts(
+            HfFiles {
+                config: (&config.0, config.1),
+                generation: generation.as_ref().map(|(s, b)| (s.as_str(), *b)),
+                tokenizer: (&tokenizer.0, tokenizer.1),
+            },
+            |_| {
+                if let Some(b) = files.get(MODEL_FILE) {
+                    let src = at(MODEL_FILE);
+                    return Ok((src.clone(), parse_safetensors(&src, b)?));
+                }
+                let index = files.get(SHARD_INDEX_FILE).ok_or_else(|| {
+                    Error::checkpoint(
+                        at(MODEL_FILE),
+                        format!("missing, and no {SHARD_INDEX_FILE} either"),
+                    )
+                })?;
+                let src = at(SHARD_INDEX_FILE);
+                let tensors = parse_shards(&src, index, |shard| {
+                    let s = at(shard);
+                    let b = files.get(shard).ok_or_else(|| {
+                        Error::checkpoint(&s, "missing (a shard the index names)")
+                    })?;
+                    Ok((s.clone(), parse_safetensors(&s, b)?))
+                })?;
+                Ok((src, tensors))
+            },
+        )
+        .map_err(js)?;
+        let ck = InferCheckpoint::from_hf(m, source).map_err(js)?;
+        Self::from_checkpoint(gpu.ctx.clone(), ck)
+    }
+
     /// JSON: the model's config, parameter count, GPU bytes and default gating.
     pub fn info(&self) -> Result<String, JsValue> {
         let st = self.state.try_borrow().map_err(|_| busy("the model"))?;
@@ -294,6 +373,9 @@ impl Generator {
             "gpu_bytes": st.engine.gpu_bytes(),
             "eval_gating": st.ck.eval_gating,
             "threshold": st.ck.cfg.gate.threshold,
+            "model_type": st.ck.model_type,
+            "positions": st.ck.cfg.positions(),
+            "axes": st.ck.cfg.axes(),
         }))
     }
 

@@ -215,6 +215,40 @@ fn wide_heads_and_every_axis_match_the_cpu_forward() {
             }
             eprintln!("   head_dim {dh}: max |logit error| {err:.2e}");
             assert!(err <= LOGIT_TOL, "head_dim {dh}: {err}");
+            // `amoe eval`'s loss over one full window (batch graph; heads
+            // past 64 run one window at a time over a scratch cache)
+            // against the CPU forward's cross-entropy.
+            let n = cfg.context;
+            let seq: Vec<u32> = (0..=n).map(|_| rng.below(cfg.vocab) as u32).collect();
+            let logits = cpu::logits(cfg, p, &seq[..n]).unwrap();
+            let want: f64 = (0..n)
+                .map(|i| {
+                    let row = &logits[i * v..(i + 1) * v];
+                    let m = row.iter().cloned().fold(f32::NEG_INFINITY, f32::max) as f64;
+                    let z: f64 = row.iter().map(|&x| (x as f64 - m).exp()).sum();
+                    m + z.ln() - row[seq[i + 1] as usize] as f64
+                })
+                .sum::<f64>()
+                / n as f64;
+            let model = amoe::model::Model::new(ctx, cfg, p).unwrap();
+            let rep = pollster::block_on(amoe::infer::eval::evaluate(
+                ctx,
+                &model,
+                cfg.gate,
+                &seq,
+                amoe::infer::eval::EvalConfig {
+                    stride: n,
+                    batch: 4,
+                },
+                &mut |_, _| {},
+            ))
+            .unwrap();
+            eprintln!("   head_dim {dh}: eval loss {} vs CPU {want}", rep.loss);
+            assert!(
+                (rep.loss - want).abs() < 1e-4,
+                "head_dim {dh}: eval {} vs {want}",
+                rep.loss
+            );
         }
     });
 }

@@ -136,10 +136,14 @@ function describeModel(g) {
   const i = JSON.parse(g.info());
   const c = i.config;
   const moe = c.dense ? "dense FFN" : `${c.experts} experts per MoE layer`;
+  const axes = i.axes.length ? `, ${i.axes.join(", ")}` : "";
+  const gating = i.model_type
+    ? `its own top-${c.gate.k} router (${c.gate.renorm ? "renormalized" : "raw"} weights)`
+    : `trained with ${c.gate.gating} gating (threshold ${Number(c.gate.threshold.toPrecision(6))}), evaluated with ${i.eval_gating}`;
   $("model-info").textContent =
-    `${i.source}: ${(i.params / 1e6).toFixed(2)}M parameters, d=${c.d}, ${c.layers} layers, ` +
-    `${moe}, context ${c.context}, vocabulary ${c.vocab}; trained with ${c.gate.gating} gating ` +
-    `(threshold ${Number(c.gate.threshold.toPrecision(6))}), evaluated with ${i.eval_gating}; ${(i.gpu_bytes / 2 ** 20).toFixed(1)} MiB on the GPU.`;
+    `${i.source}${i.model_type ? ` (Hugging Face ${i.model_type})` : ""}: ${(i.params / 1e6).toFixed(2)}M parameters, ` +
+    `d=${c.d}, ${c.layers} layers, ${moe}, ${i.positions} positions${axes}, context ${c.context}, ` +
+    `vocabulary ${c.vocab}; ${gating}; ${(i.gpu_bytes / 2 ** 20).toFixed(1)} MiB on the GPU.`;
   return i;
 }
 
@@ -186,10 +190,40 @@ async function loadDemo() {
 
 const CKPT_FILES = ["config.json", "model.safetensors", "tokenizer.json"];
 
+/** A Hugging Face folder: config.json names a model_type. */
+async function isHfFolder(files) {
+  if (!files["config.json"]) return false;
+  try {
+    const c = JSON.parse(await files["config.json"].text());
+    return typeof c.model_type === "string";
+  } catch {
+    return false;
+  }
+}
+
+async function loadHfFiles(fileList, files) {
+  setBusy(true);
+  try {
+    const names = Object.keys(files);
+    const blobs = [];
+    for (const n of names) blobs.push(new Uint8Array(await files[n].arrayBuffer()));
+    const name = files["config.json"].webkitRelativePath?.split("/")[0] || "picked files";
+    const g = Generator.loadHf(app.gpu, name, names, blobs);
+    await useGenerator(g, { kind: "files", files: fileList });
+    return true;
+  } catch (e) {
+    showError("model-error", `That model did not load; the previous model stays. ${message(e)}`);
+    return false;
+  } finally {
+    setBusy(false);
+  }
+}
+
 async function loadFiles(fileList) {
   clearError("model-error");
   const files = {};
   for (const f of fileList) files[f.name] = f;
+  if (await isHfFolder(files)) return loadHfFiles(fileList, files);
   const missing = CKPT_FILES.filter((n) => !files[n]);
   if (missing.length) {
     const got = Object.keys(files).join(", ") || "nothing";

@@ -50,6 +50,7 @@ use crate::kernels::{Activation, GateConfig, Gating, RouterScore, SingleWeight};
 use crate::model::config::{FfnKind, ModelConfig, QkNorm, Rope, RopeScaling};
 use crate::model::params::{BlockParam, HostTensor, ParamId, ParamSpec};
 use crate::model::transformer::HostParams;
+use crate::tokenizer::Tokenizer;
 use serde_json::{Map, Value};
 use std::cell::RefCell;
 use std::collections::{BTreeSet, HashMap};
@@ -1124,6 +1125,83 @@ fn build(r: &Recipe, shape: &[usize], pool: &mut Pool) -> Result<Vec<f32>> {
         }
     }
     Ok(out)
+}
+
+/// The generation settings file of a Hugging Face directory.
+pub const GENERATION_CONFIG_FILE: &str = "generation_config.json";
+
+/// A loaded Hugging Face model.
+#[derive(Debug)]
+pub struct HfModel {
+    pub family: Family,
+    pub cfg: ModelConfig,
+    pub params: HostParams,
+    /// Ids that end generation (`eos_token_id`).
+    pub eos: Vec<u32>,
+    pub bos: Option<u32>,
+    pub tokenizer: Tokenizer,
+}
+
+/// The small files of a Hugging Face model, each with where it was read
+/// (for messages) and its bytes.
+pub struct HfFiles<'a> {
+    pub config: (&'a str, &'a [u8]),
+    pub generation: Option<(&'a str, &'a [u8])>,
+    pub tokenizer: (&'a str, &'a [u8]),
+}
+
+/// A Hugging Face model from its files (natively a directory, in the page
+/// the files a user picked): the config, the special ids, the tokenizer
+/// (checked before any weight is read: small, and cheap to report), then
+/// `tensors(cfg) -> (where they were read, the tensors)`, mapped onto the
+/// tree. Errors name the file and the key or tensor.
+pub fn load_hf_parts(
+    files: HfFiles,
+    tensors: impl FnOnce(&ModelConfig) -> Result<(String, Vec<NamedTensor>)>,
+) -> Result<HfModel> {
+    let (config_source, config_bytes) = files.config;
+    let (family, cfg) = parse_config(config_source, config_bytes)?;
+    let ids = parse_generation_config(files.config, files.generation)?;
+    let ids_source = files.generation.map_or(config_source, |(s, _)| s);
+    if let Some(bad) = ids
+        .eos
+        .iter()
+        .chain(&ids.bos)
+        .find(|&&id| id as usize >= cfg.vocab)
+    {
+        return Err(Error::checkpoint(
+            ids_source,
+            format!(
+                "token id {bad} is outside the model's vocabulary of {}",
+                cfg.vocab
+            ),
+        ));
+    }
+    let (tok_source, tok_bytes) = files.tokenizer;
+    let tok_json =
+        std::str::from_utf8(tok_bytes).map_err(|_| Error::checkpoint(tok_source, "not UTF-8"))?;
+    let tokenizer = Tokenizer::from_pretrained_json(tok_json, ids.eos.first().copied())
+        .map_err(|e| Error::checkpoint(tok_source, e.to_string()))?;
+    if tokenizer.vocab_size() > cfg.vocab {
+        return Err(Error::checkpoint(
+            tok_source,
+            format!(
+                "{} tokens, more than the model's vocab_size {} in {config_source}",
+                tokenizer.vocab_size(),
+                cfg.vocab
+            ),
+        ));
+    }
+    let (file, tensors) = tensors(&cfg)?;
+    let params = params_from_tensors(family, &cfg, &file, tensors)?;
+    Ok(HfModel {
+        family,
+        cfg,
+        params,
+        eos: ids.eos,
+        bos: ids.bos,
+        tokenizer,
+    })
 }
 
 #[cfg(test)]

@@ -47,7 +47,7 @@ use crate::tokenizer::{Tokenizer, EOT};
 use serde_json::{json, Map, Value};
 
 /// `generation_config.json`: the generation defaults (here bos and eos).
-pub const GENERATION_CONFIG_FILE: &str = "generation_config.json";
+pub use super::hf::GENERATION_CONFIG_FILE;
 /// `tokenizer_config.json`: the tokenizer class, special tokens, length.
 pub const TOKENIZER_CONFIG_FILE: &str = "tokenizer_config.json";
 /// `special_tokens_map.json`: bos and eos by their text.

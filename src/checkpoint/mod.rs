@@ -274,8 +274,9 @@ mod dir;
 pub use dir::*;
 #[cfg(not(target_arch = "wasm32"))]
 pub mod hf_dir;
+pub use hf::HfModel;
 #[cfg(not(target_arch = "wasm32"))]
-pub use hf_dir::{load_hf_dir, HfModel};
+pub use hf_dir::load_hf_dir;
 
 #[cfg(test)]
 mod tests {

@@ -1,8 +1,10 @@
 //! `amoe bench kernels` and `amoe bench infer`: benchmarks that print JSON.
 
-use super::args::{AdapterArgs, ModelPick};
+use super::args::{choice, AdapterArgs, ModelPick};
 use super::{contexts, with_ctx, write_file};
+use amoe::bench::BenchShape;
 use amoe::gpu::GpuContext;
+use amoe::infer::InferCheckpoint;
 use amoe::kernels::Gating;
 use amoe::train::data::{shipped_dir, Corpus, Domain};
 use amoe::{Error, Result};
@@ -90,10 +92,41 @@ pub struct BenchInferArgs {
     /// Write the JSON to this file as well as stdout.
     #[arg(long)]
     pub json: Option<String>,
+    /// A published model's layer shapes with random weights instead of a
+    /// checkpoint (the demo's tokenizer makes the prompt).
+    #[arg(long, value_parser = choice::<BenchShape>())]
+    pub shape: Option<BenchShape>,
+    /// Layers of --shape.
+    #[arg(long, default_value_t = 2)]
+    pub shape_layers: usize,
+}
+
+/// A model of `shape` with random weights (context: --context, else 512).
+fn synthetic(shape: BenchShape, args: &BenchInferArgs) -> Result<InferCheckpoint> {
+    let demo = InferCheckpoint::load(amoe::infer::checkpoint::demo_dir())?;
+    let cfg = shape.config(args.shape_layers, args.model.context.unwrap_or(512));
+    cfg.validate()?;
+    eprintln!(
+        "   {shape}: {} layers of random weights, {} parameters",
+        cfg.layers,
+        cfg.num_params()
+    );
+    Ok(InferCheckpoint {
+        host: amoe::model::HostParams::init(&cfg, 1),
+        eval_gating: cfg.gate.gating,
+        cfg,
+        stop_ids: vec![],
+        tokenizer: demo.tokenizer,
+        source: format!("random {shape}"),
+        model_type: Some(shape.to_string()),
+    })
 }
 
 fn bench_infer(ctx: &GpuContext, args: &BenchInferArgs) -> Result<String> {
-    let ck = args.model.load()?;
+    let ck = match args.shape {
+        Some(shape) => synthetic(shape, args)?,
+        None => args.model.load()?,
+    };
     let n = ck.cfg.context;
     // Leave room to decode after the prompt (a context of 1 leaves none).
     let p = args

@@ -88,9 +88,8 @@ impl InferCheckpoint {
         })
     }
 
-    /// A Hugging Face model (loaded by `checkpoint::load_hf_dir`): its own
-    /// router, its end-of-sequence ids.
-    #[cfg(not(target_arch = "wasm32"))]
+    /// A Hugging Face model (`checkpoint::load_hf_dir`, or the page's
+    /// files): its own router, its end-of-sequence ids.
     pub fn from_hf(m: crate::checkpoint::HfModel, source: &str) -> Result<Self> {
         if let Some((id, _)) = m
             .params

@@ -116,7 +116,10 @@ pub async fn evaluate(
     if !model.cfg.moe_layers().is_empty() {
         gate.validate(model.cfg.experts)?;
     }
-    let b = cfg.batch.min(wins.len());
+    // Heads wider than the flash kernel takes: one window at a time
+    // (the model graph attends over a scratch cache).
+    let wide = !crate::kernels::attention::supports_head_dim(model.cfg.head_dim());
+    let b = if wide { 1 } else { cfg.batch.min(wins.len()) };
     let step = EvalStep::new(ctx, model, b, gate)?;
     let moe = model.cfg.moe_layers();
     let mut experts = vec![0u64; moe.len()];

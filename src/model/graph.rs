@@ -259,6 +259,8 @@ pub struct Block {
     norm2: RmsNormForward,
     add_shared: Option<Add>,
     add2: Add,
+    /// The one-sequence evaluation of wide heads: its step (0) and cache.
+    _scratch: Option<(KvStep, KvCache)>,
 }
 
 /// What every block of one graph shares: the mode, the rows, the rope
@@ -397,13 +399,25 @@ impl Block {
                 None,
             ))
         };
+        let mut scratch = None;
         let (attn, lse) = match *mode {
+            // Heads wider than the flash kernel takes, one sequence, no
+            // backward (evaluation): append to a scratch cache from
+            // position 0 and attend over it.
+            Mode::Batch { b: 1, train: false } if !supports_head_dim(dh) => {
+                let step = KvStep::new(ctx, cfg.context)?;
+                let cache = KvCache::new(ctx, hkv, cfg.context, dh)?;
+                let append = KvAppend::new(ctx, &kv_shape, &step, &qkv, &cache)?;
+                let attend = KvAttention::new(ctx, &kv_shape, &step, &qkv, &cache, &o)?;
+                scratch = Some((append, step, cache));
+                (Attention::Cached(attend), None)
+            }
             Mode::Batch { b, .. } => {
                 if !supports_head_dim(dh) {
                     return Err(Error::invalid(
                         "model",
                         format!(
-                            "head_dim = {dh}: evaluation and training take heads of up to 64 (generation takes up to 256)"
+                            "head_dim = {dh}: training takes heads of up to 64, and evaluation runs them one sequence at a time"
                         ),
                     ));
                 }
@@ -431,6 +445,11 @@ impl Block {
             None => (None, &ffn.fwd().y),
         };
         let add2 = Add::scaled(ctx, &xm, y, rm, &out)?;
+        let (append, scratch) = match (append, scratch) {
+            (Some(a), _) => (Some(a), None),
+            (None, Some((a, step, cache))) => (Some(a), Some((step, cache))),
+            (None, None) => (None, None),
+        };
         Ok(Block {
             x: x.clone(),
             a,
@@ -454,6 +473,7 @@ impl Block {
             norm2,
             add_shared,
             add2,
+            _scratch: scratch,
         })
     }
 

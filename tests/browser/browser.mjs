@@ -15,6 +15,8 @@
 //      same text, config and seed (and the next two steps within tolerance);
 //      the page's training panel trains and generates from what it trained;
 //  (d) without WebGPU the page says so and what to do;
+//  (e) a Hugging Face folder picked in the page (a sharded f16 fixture) gives
+//      the reference library's greedy tokens, as native does;
 //  plus bad input (not a checkpoint, a truncated safetensors file), a lost
 //  device (the page recovers), a screenshot after generation, and the decode
 //  tokens/s of the page next to native's (printed, and written to
@@ -328,6 +330,54 @@ async function badInput(page) {
   check("a checkpoint picked with the file input loads", (await page.textContent("#model-error")) === "");
 }
 
+/** A Hugging Face folder (the f16 qwen2_moe fixture, three shards and an
+ *  index) picked with the file input: it loads, its greedy tokens equal the
+ *  reference library's (expected.json) and native's; a missing shard is a
+ *  message naming it. The demo is loaded again at the end. */
+async function hfFolder(page) {
+  const dir = path.join(repo, "tests", "fixtures", "hf", "qwen2_moe");
+  const exp = JSON.parse(fs.readFileSync(path.join(dir, "expected.json"), "utf8"));
+  const files = fs.readdirSync(dir).filter((n) => n.endsWith(".json") || n.endsWith(".safetensors"))
+    .filter((n) => n !== "expected.json");
+  await page.setInputFiles("#ckpt-files", files.map((n) => path.join(dir, n)));
+  await page.waitForFunction(
+    () => /qwen2_moe/.test(document.getElementById("model-info").textContent) ||
+      !document.getElementById("model-error").hidden,
+    null,
+    { timeout: 300_000 },
+  );
+  const err = await page.textContent("#model-error");
+  check("(e) a Hugging Face folder (qwen2_moe, 3 f16 shards) loads in the page", !err, err || (await page.textContent("#model-info")));
+  if (err) return;
+  const n = exp.greedy.new_tokens.length;
+  const web = JSON.parse(
+    await page.evaluate(
+      ([p, n]) => window.amoeApp.generator.generate(p, JSON.stringify({ max_tokens: n, stop_at_eot: false }), null),
+      [exp.prompt, n],
+    ),
+  );
+  const nat = JSON.parse(native(["generate", "--checkpoint", dir, "--prompt", exp.prompt, "--max-tokens", String(n),
+    "--json", "--no-stop"]));
+  check("(e) the page's prompt ids equal the reference's", JSON.stringify(web.prompt_ids) === JSON.stringify(exp.input_ids));
+  check("(e) the page's greedy tokens equal the reference library's", JSON.stringify(web.ids) === JSON.stringify(exp.greedy.new_tokens),
+    `page ${JSON.stringify(web.ids)}, reference ${JSON.stringify(exp.greedy.new_tokens)}`);
+  check("(e) ... and native's", JSON.stringify(web.ids) === JSON.stringify(nat.ids), `native ${JSON.stringify(nat.ids)}`);
+  // A shard left out: a message naming it; the model stays.
+  const shard = files.find((n) => /-00002-of-/.test(n));
+  await page.setInputFiles("#ckpt-files", files.filter((n) => n !== shard).map((n) => path.join(dir, n)));
+  await page.waitForSelector("#model-error:not([hidden])");
+  const msg = await page.textContent("#model-error");
+  check("(e) a Hugging Face folder without one of its shards: a message naming the shard", msg.includes(shard), msg);
+  const demo = path.join(repo, "data", "demo");
+  await page.setInputFiles(
+    "#ckpt-files",
+    ["config.json", "tokenizer.json", "model.safetensors", "state.json"].map((n) => path.join(demo, n)),
+  );
+  await page.waitForFunction(() => !/qwen2_moe/.test(document.getElementById("model-info").textContent),
+    null, { timeout: 300_000 });
+  check("(e) the demo loads again after the Hugging Face model", (await page.textContent("#model-error")) === "");
+}
+
 /** Two calls at once on one model: the second is refused with a message. */
 async function busy(page) {
   const r = await page.evaluate(async () => {
@@ -435,6 +485,7 @@ async function main() {
     const rep = await conformance(page);
     numbers.conformance = rep && { pass: rep.pass, cases: rep.report.kernels.length, not_applicable: rep.report.not_applicable.length };
     await badInput(page);
+    await hfFolder(page);
     await busy(page);
     await deviceLost(page);
     check("no panic, trap or uncaught error on the page", pageErrors.length === 0, pageErrors.join(" | "));
