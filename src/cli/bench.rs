@@ -99,16 +99,25 @@ pub struct BenchInferArgs {
     /// Layers of --shape.
     #[arg(long, default_value_t = 2)]
     pub shape_layers: usize,
+    /// Vocabulary of --shape (default: the model's own; a smaller one lets
+    /// the embedding fit an adapter whose storage binding is smaller than
+    /// V x D x 4 bytes, as long as tensors are not split).
+    #[arg(long)]
+    pub shape_vocab: Option<usize>,
 }
 
 /// A model of `shape` with random weights (context: --context, else 512).
 fn synthetic(shape: BenchShape, args: &BenchInferArgs) -> Result<InferCheckpoint> {
     let demo = InferCheckpoint::load(amoe::infer::checkpoint::demo_dir())?;
-    let cfg = shape.config(args.shape_layers, args.model.context.unwrap_or(512));
+    let mut cfg = shape.config(args.shape_layers, args.model.context.unwrap_or(512));
+    if let Some(v) = args.shape_vocab {
+        cfg.vocab = v;
+    }
     cfg.validate()?;
     eprintln!(
-        "   {shape}: {} layers of random weights, {} parameters",
+        "   {shape}: {} layers of random weights, vocabulary {}, {} parameters",
         cfg.layers,
+        cfg.vocab,
         cfg.num_params()
     );
     Ok(InferCheckpoint {

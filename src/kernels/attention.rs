@@ -514,8 +514,8 @@ mod tests {
         assert!(shape(check(cfg(2, 5, 2), &[11, 192])));
         assert!(shape(check(cfg(2, 5, 2), &[10, 191])));
         assert!(shape(check(cfg(2, 5, 2), &[10, 3, 64])));
-        // D = 48 over H = 5 heads
-        assert!(invalid(check(cfg(2, 5, 5), &[10, 144])));
+        // 144 columns are not (5 + 2 * 5) heads of one width.
+        assert!(shape(check(cfg(2, 5, 5), &[10, 144])));
         // Dh = 24 is taken, Dh = 22 and Dh = 68 are not.
         assert_eq!(check(cfg(2, 5, 2), &[10, 144]).unwrap().dh, 24);
         assert!(invalid(check(cfg(2, 5, 2), &[10, 132])));
