@@ -131,6 +131,10 @@ pub struct Tokenizer {
     // Set when the tokenizer is ours (no normalizer, standard byte-level pre-tokenizer,
     // BPE, EOT the only added token): then encode may bypass the slow regex.
     fast: Option<Words>,
+    // A published model's tokenizer: encode adds what its post-processor
+    // adds around a text (a BOS token, for Llama 3), as the reference
+    // library's `tokenizer(text)` does.
+    special: bool,
 }
 
 impl std::fmt::Debug for Tokenizer {
@@ -241,6 +245,7 @@ impl Tokenizer {
             vocab,
             json,
             fast,
+            special: false,
         })
     }
 
@@ -275,7 +280,7 @@ impl Tokenizer {
     fn encode_slow(&self, text: &str) -> Result<Vec<u32>> {
         let enc = self
             .inner
-            .encode_fast(text, false)
+            .encode_fast(text, self.special)
             .map_err(|e| tok_err("encoding", e))?;
         Ok(enc.get_ids().to_vec())
     }
@@ -354,6 +359,7 @@ impl Tokenizer {
             vocab,
             json,
             fast: None,
+            special: true,
         })
     }
 
@@ -583,5 +589,34 @@ mod tests {
         let tk = Tokenizer::train(["ab ab"].iter(), 4096).unwrap();
         assert!(tk.vocab_size() < 4096 && tk.vocab_size() >= MIN_VOCAB_SIZE);
         assert_eq!(tk.decode(&tk.encode("abc").unwrap()).unwrap(), "abc");
+    }
+
+    /// A published model's tokenizer adds what its post-processor adds (a
+    /// BOS token here), as the reference library's `tokenizer(text)` does;
+    /// amoe's own never adds anything.
+    #[test]
+    fn pretrained_tokenizers_add_their_special_tokens() {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures/hf/llama/tokenizer.json");
+        let text = std::fs::read_to_string(path).unwrap();
+        let plain = Tokenizer::from_pretrained_json(&text, Some(0)).unwrap();
+        let ids = plain.encode("Shall I compare").unwrap();
+        let mut v: serde_json::Value = serde_json::from_str(&text).unwrap();
+        v["post_processor"] = serde_json::json!({
+            "type": "TemplateProcessing",
+            "single": [
+                {"SpecialToken": {"id": "<|endoftext|>", "type_id": 0}},
+                {"Sequence": {"id": "A", "type_id": 0}}
+            ],
+            "pair": [{"Sequence": {"id": "A", "type_id": 0}}],
+            "special_tokens": {"<|endoftext|>": {"id": "<|endoftext|>", "ids": [0], "tokens": ["<|endoftext|>"]}}
+        });
+        let bos = Tokenizer::from_pretrained_json(&v.to_string(), Some(0)).unwrap();
+        let with = bos.encode("Shall I compare").unwrap();
+        assert_eq!(with[0], 0);
+        assert_eq!(&with[1..], &ids[..]);
+        // amoe's own reading of the same file adds nothing.
+        let ours = Tokenizer::from_json(&v.to_string()).unwrap();
+        assert_eq!(ours.encode("Shall I compare").unwrap(), ids);
     }
 }
