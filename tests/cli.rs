@@ -567,3 +567,60 @@ fn generate_into_a_full_disk_fails_with_an_error() {
         assert!(!err.contains("panicked"), "{extra:?}: {err}");
     }
 }
+
+/// Every command that prints: into a full disk, an error naming standard
+/// output (status 2), never a panic; into a pipe its reader closed early,
+/// a quiet end with the status of a process a closed pipe ends (141).
+#[cfg(target_os = "linux")]
+#[test]
+fn printing_commands_end_cleanly_on_a_full_disk_and_a_closed_pipe() {
+    use std::io::Read;
+    use std::process::Stdio;
+    let bin = env!("CARGO_BIN_EXE_amoe");
+    for args in [
+        &["devices"][..],
+        &["devices", "--json"][..],
+        &["info"][..],
+        &["info", "--checkpoint", "tests/fixtures/hf/llama", "--json"][..],
+        &["conformance", "--kernel", "add"][..],
+        &["eval", "--max-tokens", "300"][..],
+    ] {
+        let full = std::fs::OpenOptions::new()
+            .write(true)
+            .open("/dev/full")
+            .expect("/dev/full opens");
+        let out = Command::new(bin)
+            .args(args)
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .stdout(full)
+            .output()
+            .expect("the amoe binary runs");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
+        assert!(err.contains("standard output"), "{args:?}: {err}");
+        assert!(!err.contains("panicked"), "{args:?}: {err}");
+    }
+    // `amoe conformance | head -1`: the reader goes after one line.
+    let mut child = Command::new(bin)
+        .args(["conformance", "--kernel", "add"])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("the amoe binary runs");
+    let mut first = [0u8; 8];
+    child
+        .stdout
+        .take()
+        .expect("piped")
+        .read_exact(&mut first)
+        .expect("a first line");
+    // The read end is dropped here: the next write meets a closed pipe.
+    let out = child.wait_with_output().expect("it ends");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(141), "{err}");
+    assert!(
+        !err.contains("panicked") && !err.contains("standard output"),
+        "{err}"
+    );
+}

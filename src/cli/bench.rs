@@ -36,7 +36,7 @@ pub fn run(what: BenchWhat) -> Result<ExitCode> {
         BenchWhat::Infer { adapter, args } => with_ctx(&adapter, |ctx| {
             eprintln!("== bench infer on {}", ctx.adapter_label());
             let text = bench_infer(ctx, &args)?;
-            println!("{text}");
+            outln!("{text}")?;
             if let Some(path) = &args.json {
                 write_file(path, &text)?;
             }
@@ -72,7 +72,7 @@ fn kernels(adapter: &AdapterArgs, args: &BenchKernelsArgs) -> Result<ExitCode> {
     } else {
         serde_json::json!({ "adapters": out })
     })?;
-    println!("{text}");
+    outln!("{text}")?;
     if let Some(path) = json {
         write_file(path, &text)?;
     }

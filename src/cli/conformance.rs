@@ -4,7 +4,6 @@ use super::args::AdapterArgs;
 use super::{contexts, write_file};
 use amoe::conformance::{self, AdapterReport};
 use amoe::{Error, Result};
-use std::io::Write;
 use std::process::ExitCode;
 
 #[derive(clap::Args, Clone, Debug)]
@@ -51,13 +50,24 @@ pub fn run(adapter: &AdapterArgs, args: &ConformanceArgs) -> Result<ExitCode> {
             (kw.max(k.len()), cw.max(c.len()))
         });
     for ctx in &ctxs {
-        println!("== {} ({} cases)", ctx.adapter_label(), cases.len());
-        println!(
+        outln!("== {} ({} cases)", ctx.adapter_label(), cases.len())?;
+        outln!(
             "{:<kw$} {:<cw$} {:>9} {:>9} {:>8} {:>6}",
-            "kernel", "case", "max_abs", "max_rel", "GFLOP/s", "result"
-        );
+            "kernel",
+            "case",
+            "max_abs",
+            "max_rel",
+            "GFLOP/s",
+            "result"
+        )?;
+        // The first failed write (a closed pipe, a full disk) stops the
+        // printing; the run's error reports it.
+        let mut write_err = None;
         let report = pollster::block_on(conformance::run_cases(ctx, &cases, |r| {
-            println!(
+            if write_err.is_some() {
+                return;
+            }
+            let line = outln!(
                 "{:<kw$} {:<cw$} {:>9} {:>9} {:>8} {:>6}",
                 r.kernel,
                 r.case,
@@ -65,12 +75,16 @@ pub fn run(adapter: &AdapterArgs, args: &ConformanceArgs) -> Result<ExitCode> {
                 fmt_err(r.max_rel_err),
                 r.gflops.map(|g| format!("{g:.2}")).unwrap_or_default(),
                 if r.pass { "pass" } else { "FAIL" }
-            );
-            if let Some(n) = r.note.as_ref().filter(|_| !r.pass) {
-                println!("    {n}");
-            }
-            let _ = std::io::stdout().flush();
+            )
+            .and_then(|()| match r.note.as_ref().filter(|_| !r.pass) {
+                Some(n) => outln!("    {n}"),
+                None => Ok(()),
+            });
+            write_err = line.err();
         }));
+        if let Some(e) = write_err {
+            return Err(e);
+        }
         let failed = report.kernels.iter().filter(|k| !k.pass).count();
         // One line per reason, not per case.
         let mut reasons: Vec<(&str, usize)> = Vec::new();
@@ -82,22 +96,22 @@ pub fn run(adapter: &AdapterArgs, args: &ConformanceArgs) -> Result<ExitCode> {
             }
         }
         for (reason, n) in reasons {
-            println!("n/a ({n} cases): {reason}");
+            outln!("n/a ({n} cases): {reason}")?;
         }
-        println!(
+        outln!(
             "-- {}: {} passed, {} failed, {} not applicable on this adapter",
             ctx.adapter_label(),
             report.kernels.len() - failed,
             failed,
             report.not_applicable.len()
-        );
+        )?;
         reports.push(report);
     }
     let ok = reports.iter().all(|r| r.pass());
     if let Some(path) = json {
         let text = serde_json::to_string_pretty(&serde_json::json!({ "adapters": reports }))?;
         if path == "-" {
-            println!("{text}");
+            outln!("{text}")?;
         } else {
             write_file(path, &text)?;
         }

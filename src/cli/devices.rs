@@ -14,7 +14,7 @@ pub struct DevicesArgs {
 pub fn run(args: &DevicesArgs) -> Result<ExitCode> {
     let adapters = pollster::block_on(gpu::list_adapters());
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&adapters)?);
+        outln!("{}", serde_json::to_string_pretty(&adapters)?)?;
         return Ok(ExitCode::SUCCESS);
     }
     if adapters.is_empty() {
@@ -24,24 +24,27 @@ pub fn run(args: &DevicesArgs) -> Result<ExitCode> {
     }
     for a in &adapters {
         let l = &a.limits;
-        println!(
+        outln!(
             "[{}] {} / {} ({})",
-            a.index, a.backend, a.name, a.device_type
-        );
-        println!("    driver: {} {}", a.driver, a.driver_info);
+            a.index,
+            a.backend,
+            a.name,
+            a.device_type
+        )?;
+        outln!("    driver: {} {}", a.driver, a.driver_info)?;
         let wanted: Vec<&str> = ["SHADER_F16", "SUBGROUP", "TIMESTAMP_QUERY"]
             .into_iter()
             .filter(|f| a.features.iter().any(|x| x == f))
             .collect();
-        println!(
+        outln!(
             "    amoe features: {}",
             if wanted.is_empty() {
                 "none (f32, no-subgroup paths)".to_string()
             } else {
                 wanted.join(", ")
             }
-        );
-        println!(
+        )?;
+        outln!(
             "    limits: storage binding {} MiB, buffer {} MiB, {} storage buffers/stage, {} KiB workgroup memory, {} invocations/workgroup, {} workgroups/dim, subgroup {}..{}",
             l.max_storage_buffer_binding_size >> 20,
             l.max_buffer_size >> 20,
@@ -51,7 +54,7 @@ pub fn run(args: &DevicesArgs) -> Result<ExitCode> {
             l.max_compute_workgroups_per_dimension,
             l.min_subgroup_size,
             l.max_subgroup_size,
-        );
+        )?;
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -99,7 +99,7 @@ fn eval(ctx: &GpuContext, args: &EvalArgs) -> Result<()> {
         threshold: gate.threshold,
         eval: &report,
     };
-    println!(
+    outln!(
         "{} on {}: {} tokens ({} windows, stride {}), gating {} (threshold {})",
         r.checkpoint,
         r.adapter,
@@ -108,18 +108,21 @@ fn eval(ctx: &GpuContext, args: &EvalArgs) -> Result<()> {
         report.stride,
         r.gating,
         r.threshold
-    );
-    println!(
+    )?;
+    outln!(
         "loss {:.4}, perplexity {:.2}, {:.0} tokens/s ({:.1} s)",
-        report.loss, report.perplexity, report.tokens_per_s, report.seconds
-    );
+        report.loss,
+        report.perplexity,
+        report.tokens_per_s,
+        report.seconds
+    )?;
     if !report.experts_per_token.is_empty() {
         let per: Vec<String> = report
             .experts_per_token
             .iter()
             .map(|l| format!("{}: {:.3}", l.layer, l.mean_experts))
             .collect();
-        println!("mean experts per token by layer: {}", per.join(", "));
+        outln!("mean experts per token by layer: {}", per.join(", "))?;
     }
     if let Some(path) = &args.json {
         write_file(path, &serde_json::to_string_pretty(&r)?)?;

@@ -69,7 +69,7 @@ pub fn run(args: &ExportArgs) -> Result<ExitCode> {
         ),
         None => String::new(),
     };
-    println!(
+    outln!(
         "{} -> {}: Hugging Face {} ({}), {} layers{router}, {} tensors, {:.2}M parameters (f32)",
         ck.source,
         args.out.display(),
@@ -78,6 +78,6 @@ pub fn run(args: &ExportArgs) -> Result<ExitCode> {
         cfg.layers,
         hf.tensors.len(),
         params as f64 / 1e6,
-    );
+    )?;
     Ok(ExitCode::SUCCESS)
 }

@@ -103,9 +103,9 @@ pub fn run(adapter: &AdapterArgs, args: &InfoArgs) -> Result<ExitCode> {
         binding_limit: limit,
     };
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&info)?);
+        outln!("{}", serde_json::to_string_pretty(&info)?)?;
     } else {
-        print!("{}", text(&info));
+        out!("{}", text(&info))?;
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -1,6 +1,18 @@
 //! The `amoe` command line: the clap definition, dispatch and the helpers every command
 //! shares. One module per command; argument groups used by several live in `args`.
 
+/// `print!` to standard output as a `Result`: a closed pipe or a full disk
+/// is an error (`Error::Io` on "standard output"), never a panic.
+macro_rules! out {
+    ($($t:tt)*) => { $crate::cli::write_out(format_args!($($t)*)) };
+}
+
+/// `println!` as [`out!`].
+macro_rules! outln {
+    () => { $crate::cli::write_out(format_args!("\n")) };
+    ($($t:tt)*) => { $crate::cli::write_out(format_args!("{}\n", format_args!($($t)*))) };
+}
+
 mod args;
 mod bench;
 mod conformance;
@@ -121,11 +133,33 @@ pub fn main() -> ExitCode {
     };
     match r {
         Ok(code) => code,
+        // A reader that stopped reading (`amoe conformance | head -1`):
+        // end quietly, with the status of a process a closed pipe ends.
+        Err(Error::Io { path, source })
+            if path == STDOUT && source.kind() == std::io::ErrorKind::BrokenPipe =>
+        {
+            ExitCode::from(141)
+        }
         Err(e) => {
             eprintln!("error: {e}");
             ExitCode::from(2)
         }
     }
+}
+
+/// How errors name standard output.
+const STDOUT: &str = "standard output";
+
+/// Write to standard output and flush; an I/O error names standard output.
+pub(crate) fn write_out(args: std::fmt::Arguments) -> Result<()> {
+    use std::io::Write;
+    let mut w = std::io::stdout().lock();
+    w.write_fmt(args)
+        .and_then(|()| w.flush())
+        .map_err(|source| Error::Io {
+            path: STDOUT.into(),
+            source,
+        })
 }
 
 /// The one adapter the flags pick.

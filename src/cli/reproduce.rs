@@ -87,7 +87,7 @@ fn reproduce(ctx: &GpuContext, a: &ReproduceArgs) -> Result<amoe::train::reprodu
         Box::new(Bar { bar, val: None })
     };
     let report = pollster::block_on(reproduce(ctx, &rc, &mut make, &stop))?;
-    println!("{}", table(&report));
+    outln!("{}", table(&report))?;
     if let Some(p) = &a.json {
         let text = serde_json::to_string_pretty(&report)?;
         std::fs::write(p, text).map_err(|source| Error::Io {
@@ -95,6 +95,6 @@ fn reproduce(ctx: &GpuContext, a: &ReproduceArgs) -> Result<amoe::train::reprodu
             source,
         })?;
     }
-    println!("plot: {}", a.out.join("reproduce.svg").display());
+    outln!("plot: {}", a.out.join("reproduce.svg").display())?;
     Ok(report)
 }

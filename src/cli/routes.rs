@@ -74,56 +74,60 @@ fn routes(ctx: &GpuContext, args: &RoutesArgs) -> Result<()> {
             checkpoint: &ck.source,
             report: &report,
         };
-        println!("{}", serde_json::to_string_pretty(&j)?);
+        outln!("{}", serde_json::to_string_pretty(&j)?)?;
     } else {
-        print_routes(&report, &ck.source, &ctx.adapter_label());
+        print_routes(&report, &ck.source, &ctx.adapter_label())?;
     }
     Ok(())
 }
 
-fn print_routes(r: &RoutesReport, source: &str, adapter: &str) {
-    println!(
+fn print_routes(r: &RoutesReport, source: &str, adapter: &str) -> Result<()> {
+    outln!(
         "{} tokens of text through {source} on {adapter}, gating {} (threshold {})",
-        r.tokens, r.gating, r.threshold
-    );
-    println!(
+        r.tokens,
+        r.gating,
+        r.threshold
+    )?;
+    outln!(
         "two-expert fraction over all MoE layers: {:.1}%\n",
         100.0 * r.two_expert_fraction
-    );
+    )?;
     let e = r.layers.first().map_or(0, |l| l.expert_load.len());
-    print!(
+    out!(
         "{:<6} {:>8}  load per expert (% of routed pairs)",
-        "layer", "2-expert"
-    );
-    println!();
-    print!("{:<6} {:>8} ", "", "");
+        "layer",
+        "2-expert"
+    )?;
+    outln!()?;
+    out!("{:<6} {:>8} ", "", "")?;
     for i in 0..e {
-        print!(" {:>5}", format!("e{i}"));
+        out!(" {:>5}", format!("e{i}"))?;
     }
-    println!();
+    outln!()?;
     for l in &r.layers {
-        print!("{:<6} {:>7.1}% ", l.layer, 100.0 * l.two_expert_fraction);
+        out!("{:<6} {:>7.1}% ", l.layer, 100.0 * l.two_expert_fraction)?;
         for x in &l.expert_load {
-            print!(" {:>5.1}", 100.0 * x);
+            out!(" {:>5.1}", 100.0 * x)?;
         }
-        println!();
+        outln!()?;
     }
-    println!(
+    outln!(
         "\nwords that most often take two experts (seen >= {} times):",
         r.min_count
-    );
-    println!("{:<20} {:>6} {:>9}", "word", "count", "2-expert");
+    )?;
+    outln!("{:<20} {:>6} {:>9}", "word", "count", "2-expert")?;
     for w in &r.most_two_expert_words {
-        println!(
+        outln!(
             "{:<20} {:>6} {:>8.1}%",
             w.word,
             w.count,
             100.0 * w.two_expert_fraction
-        );
+        )?;
     }
-    println!("\nfrequent words that never took two experts:");
-    println!("{:<20} {:>6}", "word", "count");
+    outln!("\nfrequent words that never took two experts:")?;
+    outln!("{:<20} {:>6}", "word", "count")?;
     for w in &r.never_two_expert_words {
-        println!("{:<20} {:>6}", w.word, w.count);
+        outln!("{:<20} {:>6}", w.word, w.count)?;
     }
+    Ok(())
 }

@@ -186,9 +186,9 @@ pub fn run(adapter: &AdapterArgs, args: &TrainArgs) -> Result<ExitCode> {
     let ctx = context(adapter)?;
     let s = train(&ctx, args)?;
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&s)?);
+        outln!("{}", serde_json::to_string_pretty(&s)?)?;
     } else {
-        println!(
+        outln!(
             "{} steps in {:.1} s ({:.3} s/step), final train loss {:.4}, validation loss {}, two-expert fraction {:.1}%{}",
             s.steps,
             s.wall_s,
@@ -199,11 +199,11 @@ pub fn run(adapter: &AdapterArgs, args: &TrainArgs) -> Result<ExitCode> {
                 .unwrap_or_else(|| "n/a".into()),
             100.0 * s.two_expert_fraction,
             if s.interrupted { ", interrupted" } else { "" }
-        );
-        println!(
+        )?;
+        outln!(
             "run directory {}: metrics.jsonl, loss.svg, checkpoint/",
             s.out.display()
-        );
+        )?;
     }
     Ok(ExitCode::SUCCESS)
 }
