@@ -624,3 +624,54 @@ fn printing_commands_end_cleanly_on_a_full_disk_and_a_closed_pipe() {
         "{err}"
     );
 }
+
+/// Flags that could only make a run go on for ever or silently wrong are
+/// refused up front, naming the flag (issue: a learning rate of 1e30, a NaN
+/// balance coefficient, a negative z-loss, a NaN clip that turned clipping
+/// off, a generation of 2^64 - 1 tokens).
+#[test]
+fn absurd_training_and_generation_flags_are_refused_up_front() {
+    let bin = env!("CARGO_BIN_EXE_amoe");
+    for (args, want) in [
+        (&["train", "--lr", "1e30"][..], "learning rate"),
+        (
+            &["train", "--balance", "NaN"][..],
+            "balance coefficient NaN",
+        ),
+        (&["train", "--z-loss=-1"][..], "z-loss coefficient -1"),
+        (&["train", "--balance", "1e30"][..], "balance coefficient"),
+        (&["train", "--clip", "NaN"][..], "clip = NaN"),
+        (
+            &[
+                "generate",
+                "--prompt",
+                "And",
+                "--max-tokens",
+                "18446744073709551615",
+            ][..],
+            "max tokens",
+        ),
+    ] {
+        let dir = std::env::temp_dir().join(format!("amoe_absurd_{}", std::process::id()));
+        let out = Command::new(bin)
+            .args(args)
+            .args(if args[0] == "train" {
+                vec![
+                    "--steps".to_string(),
+                    "1".into(),
+                    "--out".into(),
+                    dir.display().to_string(),
+                ]
+            } else {
+                vec![]
+            })
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .output()
+            .expect("the amoe binary runs");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
+        assert!(err.contains(want), "{args:?}: {err}");
+        assert!(!dir.join("checkpoint").exists(), "{args:?} trained");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}

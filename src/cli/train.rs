@@ -111,7 +111,9 @@ impl TrainArgs {
             c.opt.adamw.weight_decay = v;
         }
         if let Some(clip) = self.clip {
-            c.opt.clip = (clip > 0.0).then_some(clip);
+            // 0 turns clipping off; NaN or a negative value stays, for
+            // validation to refuse.
+            c.opt.clip = (clip != 0.0).then_some(clip);
         }
         c.target_loss = self.target_loss;
         c.eval_gating = self.eval_gating;

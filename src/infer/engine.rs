@@ -314,6 +314,10 @@ pub struct Engine {
     stop_ids: Vec<u32>,
 }
 
+/// The most tokens one generation may ask for (a typo such as
+/// `--max-tokens 18446744073709551615` would otherwise run for ever).
+pub const MAX_GENERATE_TOKENS: usize = 1 << 20;
+
 /// Prefill shapes kept at once.
 const PREFILL_KEEP: usize = 4;
 
@@ -428,6 +432,15 @@ impl Engine {
         check_prompt(&self.cfg, prompt)?;
         if cfg.max_tokens == 0 {
             return Err(Error::invalid("generate", "max tokens is 0"));
+        }
+        if cfg.max_tokens > MAX_GENERATE_TOKENS {
+            return Err(Error::invalid(
+                "generate",
+                format!(
+                    "max tokens {} is more than {MAX_GENERATE_TOKENS}: past the context the model only slides its window, so ask for what you will read",
+                    cfg.max_tokens
+                ),
+            ));
         }
         let mut sampler = Sampler::new(cfg.sampling)?;
         let n = self.cfg.context;

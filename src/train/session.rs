@@ -82,6 +82,11 @@ impl Default for TrainConfig {
     }
 }
 
+/// The largest learning rate `amoe train` takes.
+pub const MAX_LR: f32 = 1.0;
+/// The largest auxiliary-loss coefficient (balance, z-loss) it takes: the
+/// paper's balance is 0.01.
+pub const MAX_AUX: f32 = 100.0;
 impl TrainConfig {
     /// Learning rate of step `s` (1-based).
     pub fn lr(&self, s: u64) -> f32 {
@@ -103,6 +108,36 @@ impl TrainConfig {
             return Err(Error::invalid("train", "batch and steps must be >= 1"));
         }
         self.opt.adamw.validate()?;
+        // AdamW moves each weight by about lr per step: past 1 every weight
+        // leaves any useful range at once (and 1e30 overflows).
+        if self.opt.adamw.lr > MAX_LR {
+            return Err(Error::invalid(
+                "train",
+                format!(
+                    "learning rate {} > {MAX_LR}: AdamW moves each weight by about the learning rate per step",
+                    self.opt.adamw.lr
+                ),
+            ));
+        }
+        if let Some(c) = self.opt.clip {
+            if !(c.is_finite() && c > 0.0) {
+                return Err(Error::invalid(
+                    "train",
+                    format!(
+                        "clip = {c}: a gradient-norm clip must be a number > 0 (0 turns it off)"
+                    ),
+                ));
+            }
+        }
+        let aux = self.model.aux;
+        for (name, v) in [("balance", aux.balance), ("z-loss", aux.z_loss)] {
+            if !(v.is_finite() && (0.0..=MAX_AUX).contains(&v)) {
+                return Err(Error::invalid(
+                    "train",
+                    format!("{name} coefficient {v}: must be in [0, {MAX_AUX}]"),
+                ));
+            }
+        }
         self.model.validate()
     }
 
