@@ -675,3 +675,79 @@ fn absurd_training_and_generation_flags_are_refused_up_front() {
         let _ = std::fs::remove_dir_all(&dir);
     }
 }
+
+/// A run directory is not clobbered: `train --out` into a directory that
+/// holds anything is refused unless `--overwrite` (which replaces it), and
+/// a directory a live process is writing (its lock) is refused even then.
+#[test]
+fn train_refuses_an_occupied_run_directory() {
+    let bin = env!("CARGO_BIN_EXE_amoe");
+    let dir = std::env::temp_dir().join(format!("amoe_occupied_{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("metrics.jsonl"), "{\"kind\":\"train\"}\n").unwrap();
+    let small = [
+        "train",
+        "--steps",
+        "1",
+        "--d",
+        "32",
+        "--layers",
+        "1",
+        "--heads",
+        "2",
+        "--experts",
+        "2",
+        "--ffn",
+        "32",
+        "--context",
+        "16",
+        "--batch",
+        "2",
+        "--vocab",
+        "300",
+        "--data",
+        "web/assets/sonnets.txt",
+        "--eval-batches",
+        "1",
+        "--out",
+    ];
+    let run = |extra: &[&str]| {
+        Command::new(bin)
+            .args(small)
+            .arg(&dir)
+            .args(extra)
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .output()
+            .expect("the amoe binary runs")
+    };
+    let out = run(&[]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("is not empty") && err.contains("--overwrite"),
+        "{err}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(dir.join("metrics.jsonl")).unwrap(),
+        "{\"kind\":\"train\"}\n",
+        "the old run was touched"
+    );
+    // A live writer (this test process) holds the lock: refused.
+    std::fs::write(dir.join(".amoe-train.lock"), std::process::id().to_string()).unwrap();
+    let out = run(&["--overwrite"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("another run"), "{err}");
+    // A stale lock (no such process) and --overwrite: a fresh run.
+    std::fs::write(dir.join(".amoe-train.lock"), "4000000000").unwrap();
+    let out = run(&["--overwrite"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(dir.join("checkpoint").join("model.safetensors").exists());
+    assert!(!dir.join(".amoe-train.lock").exists(), "the lock stays");
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -11,7 +11,7 @@ use amoe::train::trainer::{
 use amoe::train::TrainGating;
 use amoe::{Error, Result};
 use indicatif::{ProgressBar, ProgressStyle};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::atomic::Ordering;
 
@@ -80,6 +80,10 @@ pub struct TrainArgs {
     /// with --steps the run is extended and the learning-rate schedule follows the new total).
     #[arg(long)]
     pub resume: Option<PathBuf>,
+    /// Replace what a non-empty --out holds (without it, a directory that
+    /// holds anything is refused: --resume continues a run).
+    #[arg(long)]
+    pub overwrite: bool,
     /// Print the summary as JSON.
     #[arg(long)]
     pub json: bool,
@@ -180,10 +184,103 @@ impl Progress for Bar {
     }
 }
 
+/// The lock a run holds on its directory while it writes there.
+const LOCK_FILE: &str = ".amoe-train.lock";
+
+/// `out` may take a new run: absent, empty, or --overwrite (then emptied).
+fn check_out(out: &Path, overwrite: bool) -> Result<()> {
+    if out.exists() && !out.is_dir() {
+        return Err(Error::invalid(
+            "train",
+            format!("--out {}: a file, not a directory", out.display()),
+        ));
+    }
+    let entries = match std::fs::read_dir(out) {
+        Ok(rd) => rd.filter_map(|e| e.ok()).count(),
+        Err(_) => 0,
+    };
+    if entries > 0 && !overwrite {
+        return Err(Error::invalid(
+            "train",
+            format!(
+                "--out {} is not empty (a run's metrics.jsonl and checkpoint/ would be replaced): \
+                 --resume {0} continues that run, --overwrite replaces it, or pick another --out",
+                out.display()
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// Hold `dir` for this run: a lock file with our pid, refused while a live
+/// process holds it (a stale one, of a process that is gone, is taken
+/// over). Released when dropped.
+struct DirLock(PathBuf);
+
+impl DirLock {
+    fn take(dir: &Path) -> Result<DirLock> {
+        std::fs::create_dir_all(dir).map_err(|source| Error::Io {
+            path: dir.display().to_string(),
+            source,
+        })?;
+        let path = dir.join(LOCK_FILE);
+        if let Ok(text) = std::fs::read_to_string(&path) {
+            let pid: Option<u32> = text.trim().parse().ok();
+            let alive = pid.is_some_and(|p| Path::new(&format!("/proc/{p}")).exists());
+            if alive && pid != Some(std::process::id()) {
+                return Err(Error::invalid(
+                    "train",
+                    format!(
+                        "{}: another run (process {}) is writing here; wait for it, or stop it",
+                        dir.display(),
+                        pid.unwrap_or_default()
+                    ),
+                ));
+            }
+        }
+        std::fs::write(&path, std::process::id().to_string()).map_err(|source| Error::Io {
+            path: path.display().to_string(),
+            source,
+        })?;
+        Ok(DirLock(path))
+    }
+}
+
+impl Drop for DirLock {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
 pub fn run(adapter: &AdapterArgs, args: &TrainArgs) -> Result<ExitCode> {
-    // A bad flag is reported before any adapter or data is touched.
-    if args.resume.is_none() {
-        args.config()?;
+    // A bad flag or an occupied --out is reported before any adapter or
+    // data is touched.
+    let dir = match &args.resume {
+        None => {
+            args.config()?;
+            check_out(&args.out, args.overwrite)?;
+            args.out.clone()
+        }
+        Some(d) => d.clone(),
+    };
+    let _lock = DirLock::take(&dir)?;
+    if args.resume.is_none() && args.overwrite {
+        // Everything but our lock goes: the new run writes a fresh directory.
+        for e in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+            if e.file_name() == LOCK_FILE {
+                continue;
+            }
+            let p = e.path();
+            let r = if p.is_dir() {
+                std::fs::remove_dir_all(&p)
+            } else {
+                std::fs::remove_file(&p)
+            };
+            r.map_err(|source| Error::Io {
+                path: p.display().to_string(),
+                source,
+            })?;
+        }
     }
     let ctx = context(adapter)?;
     let s = train(&ctx, args)?;
@@ -207,7 +304,13 @@ pub fn run(adapter: &AdapterArgs, args: &TrainArgs) -> Result<ExitCode> {
             s.out.display()
         )?;
     }
-    Ok(ExitCode::SUCCESS)
+    // Interrupted (Ctrl-C: saved, then stopped): the status of a process
+    // SIGINT ended, so that scripts do not take it for a finished run.
+    Ok(if s.interrupted {
+        ExitCode::from(130)
+    } else {
+        ExitCode::SUCCESS
+    })
 }
 
 fn train(ctx: &GpuContext, args: &TrainArgs) -> Result<RunSummary> {
