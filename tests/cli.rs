@@ -751,3 +751,68 @@ fn train_refuses_an_occupied_run_directory() {
     assert!(!dir.join(".amoe-train.lock").exists(), "the lock stays");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// SIGTERM (what a scheduler or `kill` sends) saves and stops a run as
+/// Ctrl-C does: a checkpoint that loads, status 130.
+#[cfg(target_os = "linux")]
+#[test]
+fn sigterm_saves_and_stops_a_run() {
+    let bin = env!("CARGO_BIN_EXE_amoe");
+    let dir = std::env::temp_dir().join(format!("amoe_sigterm_{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let mut child = Command::new(bin)
+        .args([
+            "train",
+            "--steps",
+            "100000",
+            "--d",
+            "32",
+            "--layers",
+            "1",
+            "--heads",
+            "2",
+            "--experts",
+            "2",
+            "--ffn",
+            "32",
+            "--context",
+            "16",
+            "--batch",
+            "2",
+            "--vocab",
+            "300",
+            "--data",
+            "web/assets/sonnets.txt",
+            "--eval-batches",
+            "1",
+            "--eval-every",
+            "100000",
+            "--out",
+        ])
+        .arg(&dir)
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("the amoe binary runs");
+    // Wait for training steps (metrics lines), at most 5 minutes.
+    let start = std::time::Instant::now();
+    while std::fs::read_to_string(dir.join("metrics.jsonl")).map_or(true, |m| m.lines().count() < 2)
+    {
+        assert!(
+            start.elapsed().as_secs() < 300,
+            "no training step within 5 minutes"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    let ok = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .expect("kill runs");
+    assert!(ok.success());
+    let out = child.wait_with_output().expect("it ends");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(130), "{err}");
+    amoe::infer::InferCheckpoint::load(&dir).expect("the saved checkpoint loads");
+    let _ = std::fs::remove_dir_all(&dir);
+}
