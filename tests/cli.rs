@@ -760,7 +760,7 @@ fn sigterm_saves_and_stops_a_run() {
     let bin = env!("CARGO_BIN_EXE_amoe");
     let dir = std::env::temp_dir().join(format!("amoe_sigterm_{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
-    let mut child = Command::new(bin)
+    let child = Command::new(bin)
         .args([
             "train",
             "--steps",
