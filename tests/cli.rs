@@ -417,7 +417,10 @@ fn generate_and_routes_reject_bad_input_with_a_message() {
             vec!["generate", "--prompt", "x", "--temperature=-1"],
             "temperature",
         ),
-        (vec!["generate", "--prompt", &long], "context window"),
+        (
+            vec!["generate", "--prompt", &long],
+            "longer than the model's context",
+        ),
         (vec!["generate", "--prompt", "x", "--logits"], "--json"),
         (
             vec![
@@ -815,4 +818,19 @@ fn sigterm_saves_and_stops_a_run() {
     assert_eq!(out.status.code(), Some(130), "{err}");
     amoe::infer::InferCheckpoint::load(&dir).expect("the saved checkpoint loads");
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A prompt of one space is a prompt (it encodes to one token), not "empty".
+#[test]
+fn a_space_is_a_prompt() {
+    let out = Command::new(env!("CARGO_BIN_EXE_amoe"))
+        .args(["generate", "--prompt", " ", "--max-tokens", "1"])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .expect("the amoe binary runs");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }

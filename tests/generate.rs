@@ -252,7 +252,7 @@ fn bad_input_is_a_typed_error() {
         let long = vec![1u32; n + 1];
         assert!(matches!(
             gen(&mut engine, &long, 4),
-            Err(Error::Limit { .. })
+            Err(Error::InvalidArgument { .. })
         ));
         assert!(matches!(
             gen(&mut engine, &[1, 2], 0),

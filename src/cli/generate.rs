@@ -136,7 +136,8 @@ fn generate(ctx: &GpuContext, args: &GenerateArgs) -> Result<()> {
     if args.max_tokens == 0 {
         return Err(Error::invalid("generate", "--max-tokens 0: nothing to do"));
     }
-    if args.prompt.trim().is_empty() {
+    // " " is a prompt (one token); only no text at all is none.
+    if args.prompt.is_empty() {
         return Err(Error::invalid(
             "generate",
             "empty prompt (give --prompt some text)",

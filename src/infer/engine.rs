@@ -276,11 +276,19 @@ pub fn check_prompt(cfg: &ModelConfig, ids: &[u32]) -> Result<()> {
         ));
     }
     if ids.len() > cfg.context {
-        return Err(Error::Limit {
-            what: "prompt tokens (the model's context window)".into(),
-            needed: ids.len() as u64,
-            max: cfg.context as u64,
-        });
+        return Err(Error::invalid(
+            "generate",
+            format!(
+                "a prompt of {} tokens is longer than the model's context of {} tokens{}",
+                ids.len(),
+                cfg.context,
+                if cfg.rope.is_some() {
+                    " (give a shorter prompt, or a longer --context)"
+                } else {
+                    " (give a shorter prompt)"
+                }
+            ),
+        ));
     }
     check_ids(ids, cfg.vocab)
 }
