@@ -834,3 +834,73 @@ fn a_space_is_a_prompt() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// `--resume` continues a run as it was: flags that would change the model,
+/// the data or the optimizer are refused by name (they were silently
+/// ignored); the schedule flags apply.
+#[test]
+fn resume_refuses_flags_that_would_change_the_run() {
+    let bin = env!("CARGO_BIN_EXE_amoe");
+    let dir = std::env::temp_dir().join(format!("amoe_resume_flags_{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let small = [
+        "train",
+        "--steps",
+        "2",
+        "--d",
+        "32",
+        "--layers",
+        "1",
+        "--heads",
+        "2",
+        "--experts",
+        "2",
+        "--ffn",
+        "32",
+        "--context",
+        "16",
+        "--batch",
+        "2",
+        "--vocab",
+        "300",
+        "--data",
+        "web/assets/sonnets.txt",
+        "--eval-batches",
+        "1",
+        "--out",
+    ];
+    let run = |args: &[&str]| {
+        Command::new(bin)
+            .args(args)
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .output()
+            .expect("the amoe binary runs")
+    };
+    let d = dir.to_str().unwrap();
+    let out = run(&[&small[..], &[d]].concat());
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = run(&[
+        "train", "--resume", d, "--lr", "0.01", "--d=64", "--out", "/tmp/x",
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("--lr, --d, --out would change it"), "{err}");
+    let out = run(&["train", "--resume", d, "--steps", "3", "--eval-every", "1"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let metrics = std::fs::read_to_string(dir.join("metrics.jsonl")).unwrap();
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.contains("\"step\":3") && l.contains("\"val\"")),
+        "{metrics}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -252,6 +252,58 @@ impl Drop for DirLock {
     }
 }
 
+/// Flags `--resume` applies to the run it continues: the rest of its
+/// configuration (model, data, optimizer, gating, seed) is the run's own.
+const RESUME_FLAGS: &[&str] = &[
+    "resume",
+    "steps",
+    "eval-every",
+    "eval-batches",
+    "checkpoint-every",
+    "target-loss",
+    "json",
+    "backend",
+    "adapter",
+];
+
+/// The `--flags` given on the command line after `train`.
+fn given_flags() -> Vec<String> {
+    std::env::args()
+        .skip_while(|a| a != "train")
+        .skip(1)
+        .filter_map(|a| {
+            let f = a.strip_prefix("--")?;
+            Some(f.split('=').next().unwrap_or(f).to_string())
+        })
+        .collect()
+}
+
+/// With `--resume`: refuse flags that would change what the run is (it
+/// continues as it was configured), naming them.
+fn check_resume_flags(given: &[String]) -> Result<()> {
+    let mut cannot: Vec<String> = given
+        .iter()
+        .filter(|f| !RESUME_FLAGS.contains(&f.as_str()))
+        .map(|f| format!("--{f}"))
+        .collect();
+    cannot.dedup();
+    if cannot.is_empty() {
+        return Ok(());
+    }
+    Err(Error::invalid(
+        "train",
+        format!(
+            "--resume continues a run as it was configured; {} would change it (a resumed run takes only {}; start a new run with --out to change the rest)",
+            cannot.join(", "),
+            RESUME_FLAGS[1..6]
+                .iter()
+                .map(|f| format!("--{f}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+    ))
+}
+
 pub fn run(adapter: &AdapterArgs, args: &TrainArgs) -> Result<ExitCode> {
     // A bad flag or an occupied --out is reported before any adapter or
     // data is touched.
@@ -261,7 +313,10 @@ pub fn run(adapter: &AdapterArgs, args: &TrainArgs) -> Result<ExitCode> {
             check_out(&args.out, args.overwrite)?;
             args.out.clone()
         }
-        Some(d) => d.clone(),
+        Some(d) => {
+            check_resume_flags(&given_flags())?;
+            d.clone()
+        }
     };
     let _lock = DirLock::take(&dir)?;
     if args.resume.is_none() && args.overwrite {
@@ -315,7 +370,24 @@ pub fn run(adapter: &AdapterArgs, args: &TrainArgs) -> Result<ExitCode> {
 
 fn train(ctx: &GpuContext, args: &TrainArgs) -> Result<RunSummary> {
     let mut run = match &args.resume {
-        Some(dir) => Run::resume(ctx, dir, args.steps)?,
+        Some(dir) => {
+            let mut run = Run::resume(ctx, dir, args.steps)?;
+            // What a resumed run may change (see RESUME_FLAGS).
+            let c = &mut run.cfg;
+            if let Some(v) = args.eval_every {
+                c.eval_every = v;
+            }
+            if let Some(v) = args.checkpoint_every {
+                c.checkpoint_every = v;
+            }
+            if let Some(v) = args.model.eval_batches {
+                c.eval_batches = v;
+            }
+            if args.target_loss.is_some() {
+                c.target_loss = args.target_loss;
+            }
+            run
+        }
         None => Run::new(ctx, args.config()?, &args.out)?,
     };
     let c = &run.cfg;
