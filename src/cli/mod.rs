@@ -141,10 +141,24 @@ pub fn main() -> ExitCode {
             ExitCode::from(141)
         }
         Err(e) => {
-            eprintln!("error: {e}");
+            eprintln!("error: {}", bounded(&e.to_string()));
             ExitCode::from(2)
         }
     }
+}
+
+/// The longest error message printed whole; past it, the start and a count.
+const MAX_MESSAGE: usize = 4000;
+
+fn bounded(msg: &str) -> String {
+    if msg.len() <= MAX_MESSAGE {
+        return msg.to_string();
+    }
+    let mut end = MAX_MESSAGE;
+    while !msg.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{} ... ({} more bytes)", &msg[..end], msg.len() - end)
 }
 
 /// How errors name standard output.
@@ -192,5 +206,16 @@ mod tests {
     fn every_subcommand_is_well_formed() {
         use clap::CommandFactory;
         super::Cli::command().debug_assert();
+    }
+
+    /// An error message is printed whole up to a bound, then cut (on a
+    /// character boundary) with the count of what was left out.
+    #[test]
+    fn long_messages_are_bounded() {
+        assert_eq!(super::bounded("short"), "short");
+        let long = "é".repeat(10_000);
+        let b = super::bounded(&long);
+        assert!(b.len() < super::MAX_MESSAGE + 40, "{}", b.len());
+        assert!(b.ends_with("more bytes)"), "{b}");
     }
 }

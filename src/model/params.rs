@@ -502,12 +502,19 @@ impl Params<ParamSpec> {
             }
         }
         if !problems.is_empty() {
+            // A config of 100000 layers against a small file: name the
+            // first problems, count the rest (a message stays readable).
+            const SHOWN: usize = 20;
+            let more = problems.len().saturating_sub(SHOWN);
+            let mut list = problems[..problems.len().min(SHOWN)].join("; ");
+            if more > 0 {
+                list.push_str(&format!("; and {more} more"));
+            }
             return Err(Error::checkpoint(
                 file,
                 format!(
-                    "does not match the model's config ({} problem(s)): {}",
+                    "does not match the model's config ({} problem(s)): {list}",
                     problems.len(),
-                    problems.join("; ")
                 ),
             ));
         }
@@ -618,6 +625,19 @@ mod tests {
         }
         assert!(tree.get(ParamId::Block(0, BlockParam::W3)).is_none());
         assert!(tree.get(ParamId::Block(2, BlockParam::W1)).is_none());
+    }
+
+    #[test]
+    fn a_huge_mismatch_is_a_bounded_message() {
+        let mut tree = spec_tree();
+        let block = tree.blocks[0].clone();
+        tree.blocks = vec![block; 1000];
+        let msg = tree
+            .assign("f", Vec::<(String, Vec<usize>, u8)>::new(), ParamId::name)
+            .unwrap_err()
+            .to_string();
+        assert!(msg.contains("problem(s)") && msg.contains("more"), "{msg}");
+        assert!(msg.len() < 2000, "{} bytes", msg.len());
     }
 
     #[test]
