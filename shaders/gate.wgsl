@@ -58,6 +58,22 @@ fn write_slots(tok: u32, id0: u32, w0: f32, id1: u32, w1: f32) {
     }
 }
 
+// A token with a NaN or infinite logit: no expert (every slot UNUSED,
+// weights, probs and lse 0), and the status bit.
+fn no_expert(tok: u32) {
+    let e = params.e;
+    let k = params.k;
+    for (var i = 0u; i < e; i++) {
+        probs[tok * e + i] = 0.0;
+    }
+    lse[tok] = 0.0;
+    for (var j = 0u; j < k; j++) {
+        topk_ids[tok * k + j] = UNUSED;
+        topk_weights[tok * k + j] = 0.0;
+    }
+    atomicOr(&routing[STATUS_WORD], STATUS_NONFINITE);
+}
+
 fn gate_token(tok: u32, mode: u32) {
     let e = params.e;
     let base = tok * e;
@@ -84,12 +100,7 @@ fn gate_token(tok: u32, mode: u32) {
     }
 
     if !finite {
-        for (var i = 0u; i < e; i++) {
-            probs[base + i] = 0.0;
-        }
-        lse[tok] = 0.0;
-        write_slots(tok, UNUSED, 0.0, UNUSED, 0.0);
-        atomicOr(&routing[STATUS_WORD], STATUS_NONFINITE);
+        no_expert(tok);
         return;
     }
 
@@ -147,15 +158,7 @@ fn gate_topk_token(tok: u32) {
         l1 = max(l1, v);
     }
     if !finite {
-        for (var i = 0u; i < e; i++) {
-            probs[base + i] = 0.0;
-        }
-        lse[tok] = 0.0;
-        for (var j = 0u; j < k; j++) {
-            topk_ids[tok * k + j] = UNUSED;
-            topk_weights[tok * k + j] = 0.0;
-        }
-        atomicOr(&routing[STATUS_WORD], STATUS_NONFINITE);
+        no_expert(tok);
         return;
     }
     let sigmoid = (params.flags & 2u) != 0u;

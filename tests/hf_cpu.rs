@@ -4,24 +4,15 @@
 //! stored in `expected.json`; bad directories are typed errors naming the
 //! file and the key or tensor.
 
+mod common;
+
 use amoe::checkpoint::hf::Family;
 use amoe::checkpoint::{load_hf_dir, HfModel};
 use amoe::model::cpu;
 use amoe::Error;
+use common::{hf_expected, hf_fixture, json_floats, json_ids, HF_FIXTURES};
 use serde_json::Value;
-use std::path::{Path, PathBuf};
-
-const FIXTURES: [&str; 9] = [
-    "mixtral",
-    "qwen2_moe",
-    "qwen3_moe",
-    "olmoe",
-    "granitemoe",
-    "llama",
-    "mistral",
-    "qwen2",
-    "qwen3",
-];
+use std::path::PathBuf;
 
 /// Largest |ours - reference| over all logits of the prompt. The reference
 /// is float32 PyTorch on the same (bf16/f16/f32-rounded) weights; we are
@@ -35,37 +26,8 @@ const FIXTURES: [&str; 9] = [
 /// logits by 1e-2 or more.
 const LOGIT_TOL: f32 = 2e-5;
 
-fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures/hf")
-        .join(name)
-}
-
-fn expected(name: &str) -> Value {
-    let text = std::fs::read_to_string(fixture(name).join("expected.json")).unwrap();
-    serde_json::from_str(&text).unwrap()
-}
-
-fn ids(v: &Value) -> Vec<u32> {
-    v.as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_u64().unwrap() as u32)
-        .collect()
-}
-
-/// Each number parsed as f64, then cast: the exact float32 the reference
-/// wrote (shortest round-trip decimal).
-fn floats(v: &Value) -> Vec<f32> {
-    v.as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_f64().unwrap() as f32)
-        .collect()
-}
-
 fn load(name: &str) -> HfModel {
-    load_hf_dir(&fixture(name)).unwrap_or_else(|e| panic!("{name}: {e}"))
+    load_hf_dir(&hf_fixture(name)).unwrap_or_else(|e| panic!("{name}: {e}"))
 }
 
 /// The first index of the largest value, and its margin over the runner-up.
@@ -87,14 +49,14 @@ fn argmax(row: &[f32]) -> (usize, f32) {
 
 #[test]
 fn logits_match_the_reference() {
-    for name in FIXTURES {
+    for name in HF_FIXTURES {
         let m = load(name);
-        let exp = expected(name);
+        let exp = hf_expected(name);
         assert_eq!(m.family.model_type(), exp["model_type"].as_str().unwrap());
         assert_eq!(m.cfg.vocab, exp["vocab_size"].as_u64().unwrap() as usize);
         assert_eq!(m.eos, vec![0], "{name}");
         assert_eq!(m.bos, Some(0), "{name}");
-        let input = ids(&exp["input_ids"]);
+        let input = json_ids(&exp["input_ids"]);
         // The tokenizer gives the reference's ids for the prompt.
         let enc = m.tokenizer.encode(exp["prompt"].as_str().unwrap()).unwrap();
         assert_eq!(enc, input, "{name}: tokenizer");
@@ -102,7 +64,7 @@ fn logits_match_the_reference() {
             .as_array()
             .unwrap()
             .iter()
-            .flat_map(floats)
+            .flat_map(json_floats)
             .collect();
         let got = cpu::logits(&m.cfg, &m.params, &input).unwrap();
         assert_eq!(got.len(), want.len(), "{name}");
@@ -126,14 +88,14 @@ const MARGIN_BOUND: f32 = 2.0 * LOGIT_TOL;
 
 #[test]
 fn greedy_continuation_matches_the_reference() {
-    for name in FIXTURES {
+    for name in HF_FIXTURES {
         let m = load(name);
-        let exp = expected(name);
-        let want = ids(&exp["greedy"]["new_tokens"]);
-        let margins = floats(&exp["greedy"]["margins"]);
+        let exp = hf_expected(name);
+        let want = json_ids(&exp["greedy"]["new_tokens"]);
+        let margins = json_floats(&exp["greedy"]["margins"]);
         assert_eq!(want.len(), 16);
         let v = m.cfg.vocab;
-        let mut seq = ids(&exp["input_ids"]);
+        let mut seq = json_ids(&exp["input_ids"]);
         for (step, (&w, &margin)) in want.iter().zip(&margins).enumerate() {
             // Full recomputation of the whole sequence, as the reference.
             let logits = cpu::logits(&m.cfg, &m.params, &seq).unwrap();
@@ -165,7 +127,7 @@ impl TempCopy {
             std::env::temp_dir().join(format!("amoe_hf_cpu_{}_{tag}_{name}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
-        for entry in std::fs::read_dir(fixture(name)).unwrap() {
+        for entry in std::fs::read_dir(hf_fixture(name)).unwrap() {
             let entry = entry.unwrap();
             std::fs::copy(entry.path(), dir.join(entry.file_name())).unwrap();
         }
@@ -338,7 +300,7 @@ fn a_tokenizer_larger_than_the_model_is_refused() {
 
 #[test]
 fn every_fixture_maps_onto_its_family() {
-    for name in FIXTURES {
+    for name in HF_FIXTURES {
         let m = load(name);
         assert_eq!(Family::from_model_type(name), Some(m.family));
         m.params.validate(&m.cfg).unwrap();

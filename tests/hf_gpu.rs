@@ -11,20 +11,8 @@ use amoe::infer::{Engine, InferCheckpoint};
 use amoe::kernels::{Activation, GateConfig, RouterScore};
 use amoe::model::config::{QkNorm, Rope, RopeScaling};
 use amoe::model::{cpu, FfnKind, HostParams, ModelConfig};
+use common::{hf_expected, hf_fixture, json_floats, json_ids, HF_FIXTURES};
 use serde_json::Value;
-use std::path::{Path, PathBuf};
-
-const FIXTURES: [&str; 9] = [
-    "mixtral",
-    "qwen2_moe",
-    "qwen3_moe",
-    "olmoe",
-    "granitemoe",
-    "llama",
-    "mistral",
-    "qwen2",
-    "qwen3",
-];
 
 /// Largest |GPU - reference| over the prompt's logits (and |GPU - CPU
 /// forward| of the random models). The reference is float32 PyTorch; the
@@ -37,33 +25,6 @@ const FIXTURES: [&str; 9] = [
 /// contraction and exp, and is 100 times below the smallest greedy margin
 /// (0.0039), so every greedy token must agree.
 const LOGIT_TOL: f32 = 3e-5;
-
-fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures/hf")
-        .join(name)
-}
-
-fn expected(name: &str) -> Value {
-    let text = std::fs::read_to_string(fixture(name).join("expected.json")).unwrap();
-    serde_json::from_str(&text).unwrap()
-}
-
-fn ids(v: &Value) -> Vec<u32> {
-    v.as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_u64().unwrap() as u32)
-        .collect()
-}
-
-fn floats(v: &Value) -> Vec<f32> {
-    v.as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_f64().unwrap() as f32)
-        .collect()
-}
 
 fn max_err(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len());
@@ -85,11 +46,12 @@ fn argmax(row: &[f32]) -> usize {
 
 #[test]
 fn fixtures_match_the_reference_on_the_gpu() {
-    let cks: Vec<(&str, InferCheckpoint, Value)> = FIXTURES
+    let cks: Vec<(&str, InferCheckpoint, Value)> = HF_FIXTURES
         .iter()
         .map(|&name| {
-            let ck = InferCheckpoint::load(fixture(name)).unwrap_or_else(|e| panic!("{name}: {e}"));
-            (name, ck, expected(name))
+            let ck =
+                InferCheckpoint::load(hf_fixture(name)).unwrap_or_else(|e| panic!("{name}: {e}"));
+            (name, ck, hf_expected(name))
         })
         .collect();
     common::for_each_adapter(|ctx| {
@@ -98,20 +60,20 @@ fn fixtures_match_the_reference_on_the_gpu() {
             assert_eq!(ck.model_type.as_deref(), exp["model_type"].as_str());
             let gate = ck.gate(None, None).unwrap();
             let mut engine = Engine::new(ctx, ck, gate).unwrap();
-            let input = ids(&exp["input_ids"]);
+            let input = json_ids(&exp["input_ids"]);
             let want: Vec<f32> = exp["logits"]
                 .as_array()
                 .unwrap()
                 .iter()
-                .flat_map(floats)
+                .flat_map(json_floats)
                 .collect();
             let out = pollster::block_on(engine.prefill(ctx, &input, true)).unwrap();
             let err = max_err(&out.logits, &want);
             // Greedy: decode the reference's tokens one at a time through
             // the cache; each step's argmax must be the reference's next
             // token unless its margin was below twice the tolerance.
-            let new = ids(&exp["greedy"]["new_tokens"]);
-            let margins = floats(&exp["greedy"]["margins"]);
+            let new = json_ids(&exp["greedy"]["new_tokens"]);
+            let margins = json_floats(&exp["greedy"]["margins"]);
             let mut row = out.last().to_vec();
             let mut mismatches = Vec::new();
             for (step, (&w, &margin)) in new.iter().zip(&margins).enumerate() {

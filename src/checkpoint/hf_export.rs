@@ -531,40 +531,8 @@ pub fn export(cfg: &ModelConfig, p: &HostParams, tokenizer: &Tokenizer) -> Resul
 /// safetensors bytes of f32 tensors with the header metadata
 /// `{"format": "pt"}` that transformers' loader checks for.
 pub fn safetensors_pt_bytes(tensors: &[NamedTensor]) -> Result<Vec<u8>> {
-    use safetensors::tensor::{Dtype, TensorView};
-    let mut names = std::collections::BTreeSet::new();
-    for t in tensors {
-        let n: usize = t.shape.iter().product();
-        if n != t.data.len() {
-            return Err(Error::shape(
-                "export",
-                format!("{n} values for {} of shape {:?}", t.name, t.shape),
-                t.data.len(),
-            ));
-        }
-        if !names.insert(t.name.as_str()) {
-            return Err(Error::invalid(
-                "export",
-                format!("two tensors named {:?}", t.name),
-            ));
-        }
-    }
-    let bytes: Vec<Vec<u8>> = tensors
-        .iter()
-        .map(|t| t.data.iter().flat_map(|v| v.to_le_bytes()).collect())
-        .collect();
-    let views = tensors
-        .iter()
-        .zip(&bytes)
-        .map(|(t, b)| {
-            TensorView::new(Dtype::F32, t.shape.clone(), b)
-                .map(|v| (t.name.as_str(), v))
-                .map_err(|e| Error::invalid("export", format!("{}: {e}", t.name)))
-        })
-        .collect::<Result<Vec<_>>>()?;
     let meta = std::collections::HashMap::from([("format".to_string(), "pt".to_string())]);
-    safetensors::serialize(views, Some(meta))
-        .map_err(|e| Error::invalid("export", format!("safetensors: {e}")))
+    super::safetensors_bytes_with(tensors, Some(meta))
 }
 
 /// Writes `export` into the directory `out`: every file into the sibling

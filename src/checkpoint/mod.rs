@@ -109,6 +109,15 @@ pub fn check_tensors(
 }
 
 pub fn safetensors_bytes(tensors: &[NamedTensor]) -> Result<Vec<u8>> {
+    safetensors_bytes_with(tensors, None)
+}
+
+/// [`safetensors_bytes`] with header metadata (a Hugging Face export writes
+/// `{"format": "pt"}`, which the reference library's loader checks for).
+pub fn safetensors_bytes_with(
+    tensors: &[NamedTensor],
+    metadata: Option<std::collections::HashMap<String, String>>,
+) -> Result<Vec<u8>> {
     let mut names = BTreeSet::new();
     for t in tensors {
         t.check_len()?;
@@ -138,7 +147,7 @@ pub fn safetensors_bytes(tensors: &[NamedTensor]) -> Result<Vec<u8>> {
                 .map_err(|e| Error::invalid("checkpoint save", format!("{}: {e}", t.name)))
         })
         .collect::<Result<Vec<_>>>()?;
-    safetensors::serialize(views, None)
+    safetensors::serialize(views, metadata)
         .map_err(|e| Error::invalid("checkpoint save", format!("safetensors: {e}")))
 }
 

@@ -24,8 +24,7 @@ use crate::moe::MoeConfig;
 use crate::reference::adamw::{adamw_step, grad_norm_finish, grad_norm_partial, AdamWStep};
 use crate::reference::add::add_forward;
 use crate::reference::attention::{
-    attention_backward, attention_backward_gqa, attention_forward, attention_forward_gqa,
-    AttnShape, GqaShape,
+    attention_backward_gqa, attention_forward_gqa, AttnShape, GqaShape,
 };
 use crate::reference::cross_entropy::{
     cross_entropy_forward, cross_entropy_forward_backward, loss_sum,
@@ -211,26 +210,21 @@ fn check_batch(cfg: &ModelConfig, ids: &[u32], targets: Option<&[u32]>, b: usize
     Ok(())
 }
 
-/// The attention of a model with GQA, a head width of its own, a window or
-/// a score scale (None: amoe's own multi-head attention, whose twin is
-/// `attention_forward`).
-fn gqa_shape(cfg: &ModelConfig, b: usize) -> Option<GqaShape> {
-    let (h, dh) = (cfg.heads, cfg.head_dim());
-    let own = cfg.kv_heads() == h
-        && h * dh == cfg.d
-        && cfg.sliding_window.is_none()
-        && cfg.attn_scale.is_none();
-    (!own).then(|| GqaShape {
-        s: AttnShape {
-            b,
-            n: cfg.context,
-            h,
-            dh,
-        },
+/// The attention of the model: its heads, kv heads, window and score scale.
+fn gqa_shape(cfg: &ModelConfig, b: usize) -> GqaShape {
+    let s = AttnShape {
+        b,
+        n: cfg.context,
+        h: cfg.heads,
+        dh: cfg.head_dim(),
+    };
+    GqaShape {
         hkv: cfg.kv_heads(),
         window: cfg.sliding_window.unwrap_or(0),
-        scale: cfg.attn_scale() as f64,
-    })
+        // amoe's own scale in f64, as the multi-head twin always took it.
+        scale: cfg.attn_scale.map_or(GqaShape::mha(s).scale, |x| x as f64),
+        s,
+    }
 }
 
 /// The parameters as a plain list in another float type.
@@ -306,10 +300,7 @@ pub fn forward<F: Float>(
             // Sequences of N from position 0, as the GPU's batch graph.
             rope(&mut qkv, (h, hkv), dh, cos, sin, 0, n, 1.0);
         }
-        let (o, lse) = match gqa {
-            None => attention_forward(&qkv, AttnShape { b, n, h, dh }),
-            Some(g) => attention_forward_gqa(&qkv, g),
-        };
+        let (o, lse) = attention_forward_gqa(&qkv, gqa);
         let proj = matmul(&o, p(BlockParam::Wo)?, t, d, qw, Trans::NN, one, zero, None);
         let xm = add_forward(&x, &proj);
         let (m, rstd2) = rmsnorm_forward(&xm, p(BlockParam::Norm2)?, eps, t, d);
@@ -450,12 +441,7 @@ pub fn loss_and_grads<F: Float>(
         );
         grads[ix.layer(l, BlockParam::Wo)?] =
             matmul(&blk.o, &gxm, qw, d, t, Trans::TN, one, zero, None);
-        let mut dqkv = match gqa {
-            None => {
-                attention_backward(&blk.qkv, &blk.o, &dout, &blk.lse, AttnShape { b, n, h, dh })
-            }
-            Some(g) => attention_backward_gqa(&blk.qkv, &blk.o, &dout, &blk.lse, g),
-        };
+        let mut dqkv = attention_backward_gqa(&blk.qkv, &blk.o, &dout, &blk.lse, gqa);
         if let Some(r) = &cfg.rope {
             // The gradient of the raw projection: the rotation turned back.
             let (cos, sin) = r.tables(n, dh);

@@ -34,46 +34,11 @@ fn cast<F: Float>(x: f64) -> F {
     F::from(x).unwrap_or_else(F::nan)
 }
 
-/// Scaled causal scores of query `n` of sequence `b`, head `h`, against keys
-/// 0..=n: `s[j] = scale * q_n . k_j`.
-fn scores<F: Float>(qkv: &[F], s: AttnShape, b: usize, h: usize, n: usize) -> Vec<F> {
-    let d = s.d();
-    let scale = cast::<F>(1.0 / (s.dh as f64).sqrt());
-    let q = &qkv[(b * s.n + n) * 3 * d + h * s.dh..][..s.dh];
-    (0..=n)
-        .map(|j| {
-            let k = &qkv[(b * s.n + j) * 3 * d + d + h * s.dh..][..s.dh];
-            q.iter().zip(k).fold(F::zero(), |a, (&x, &y)| a + x * y) * scale
-        })
-        .collect()
-}
-
 /// Causal attention forward. Returns `o [T, D]` (head h in columns
 /// h*Dh..) and `lse [B, H, N]`: the log-sum-exp of each query row's scaled
 /// scores, which the backward uses to recompute the probabilities.
 pub fn attention_forward<F: Float>(qkv: &[F], s: AttnShape) -> (Vec<F>, Vec<F>) {
-    let d = s.d();
-    let mut o = vec![F::zero(); s.t() * d];
-    let mut lse = vec![F::zero(); s.b * s.h * s.n];
-    for b in 0..s.b {
-        for h in 0..s.h {
-            for n in 0..s.n {
-                let sc = scores(qkv, s, b, h, n);
-                let m = sc.iter().fold(F::neg_infinity(), |a, &x| a.max(x));
-                let l = sc.iter().fold(F::zero(), |a, &x| a + (x - m).exp());
-                lse[(b * s.h + h) * s.n + n] = m + l.ln();
-                let out = &mut o[(b * s.n + n) * d + h * s.dh..][..s.dh];
-                for (j, &x) in sc.iter().enumerate() {
-                    let p = (x - m).exp() / l;
-                    let v = &qkv[(b * s.n + j) * 3 * d + 2 * d + h * s.dh..][..s.dh];
-                    for (a, &vv) in out.iter_mut().zip(v) {
-                        *a = *a + p * vv;
-                    }
-                }
-            }
-        }
-    }
-    (o, lse)
+    attention_forward_gqa(qkv, GqaShape::mha(s))
 }
 
 /// Causal attention backward: from `qkv [T, 3D]`, the forward's `o [T, D]`
@@ -90,41 +55,7 @@ pub fn attention_backward<F: Float>(
     lse: &[F],
     s: AttnShape,
 ) -> Vec<F> {
-    let d = s.d();
-    let dh = s.dh;
-    let scale = cast::<F>(1.0 / (dh as f64).sqrt());
-    let mut dqkv = vec![F::zero(); s.t() * 3 * d];
-    for b in 0..s.b {
-        for h in 0..s.h {
-            for n in 0..s.n {
-                let row = b * s.n + n;
-                let dor = &do_[row * d + h * dh..][..dh];
-                let or = &o[row * d + h * dh..][..dh];
-                let delta = dor.iter().zip(or).fold(F::zero(), |a, (&x, &y)| a + x * y);
-                let l = lse[(b * s.h + h) * s.n + n];
-                let sc = scores(qkv, s, b, h, n);
-                for (j, &x) in sc.iter().enumerate() {
-                    let p = (x - l).exp();
-                    let krow = (b * s.n + j) * 3 * d;
-                    let dp = (0..dh).fold(F::zero(), |a, c| {
-                        a + dor[c] * qkv[krow + 2 * d + h * dh + c]
-                    });
-                    let ds = p * (dp - delta);
-                    for c in 0..dh {
-                        // dQ_n += scale ds k_j; dK_j += scale ds q_n; dV_j += p do_n
-                        let kc = qkv[krow + d + h * dh + c];
-                        let qc = qkv[row * 3 * d + h * dh + c];
-                        dqkv[row * 3 * d + h * dh + c] =
-                            dqkv[row * 3 * d + h * dh + c] + scale * ds * kc;
-                        dqkv[krow + d + h * dh + c] = dqkv[krow + d + h * dh + c] + scale * ds * qc;
-                        dqkv[krow + 2 * d + h * dh + c] =
-                            dqkv[krow + 2 * d + h * dh + c] + p * dor[c];
-                    }
-                }
-            }
-        }
-    }
-    dqkv
+    attention_backward_gqa(qkv, o, do_, lse, GqaShape::mha(s))
 }
 
 /// The layout of published models' attention: H query heads over Hkv
@@ -140,6 +71,17 @@ pub struct GqaShape {
 }
 
 impl GqaShape {
+    /// Multi-head attention: every query head has its own k and v, no
+    /// window, scale 1 / sqrt(Dh).
+    pub fn mha(s: AttnShape) -> GqaShape {
+        GqaShape {
+            s,
+            hkv: s.h,
+            window: 0,
+            scale: 1.0 / (s.dh as f64).sqrt(),
+        }
+    }
+
     fn stride(&self) -> usize {
         (self.s.h + 2 * self.hkv) * self.s.dh
     }

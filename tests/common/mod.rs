@@ -117,3 +117,48 @@ pub fn tiny_model(gating: Gating, dense: bool) -> ModelConfig {
         ..ModelConfig::default()
     }
 }
+
+/// The Hugging Face fixtures of `tests/fixtures/hf` (one per family).
+pub const HF_FIXTURES: [&str; 9] = [
+    "mixtral",
+    "qwen2_moe",
+    "qwen3_moe",
+    "olmoe",
+    "granitemoe",
+    "llama",
+    "mistral",
+    "qwen2",
+    "qwen3",
+];
+
+/// The directory of fixture `name`.
+pub fn hf_fixture(name: &str) -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/hf")
+        .join(name)
+}
+
+/// Its `expected.json`: the reference library's numbers.
+pub fn hf_expected(name: &str) -> serde_json::Value {
+    let text = std::fs::read_to_string(hf_fixture(name).join("expected.json")).unwrap();
+    serde_json::from_str(&text).unwrap()
+}
+
+/// A JSON array of token ids.
+pub fn json_ids(v: &serde_json::Value) -> Vec<u32> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap() as u32)
+        .collect()
+}
+
+/// A JSON array of numbers, each parsed as f64 then cast: the exact float32
+/// the reference wrote (shortest round-trip decimal).
+pub fn json_floats(v: &serde_json::Value) -> Vec<f32> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_f64().unwrap() as f32)
+        .collect()
+}
