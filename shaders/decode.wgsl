@@ -19,6 +19,8 @@
 // lid + c * WG and the loads scalar (a vec4 element, then a component).
 //
 // Spec constants prepended by the launcher: WG, VEC4 (0 or 1), UNUSED.
+// Section `//#if w16`: the weights are stored as f16 (two to a u32 word;
+// math in f32), read through the same accessors (w1v, w1s, ...).
 // Needs shaders/activation.wgsl before it. Every entry point shares one
 // binding table.
 
@@ -37,9 +39,16 @@ struct DecodeParams {
 @group(0) @binding(1) var<storage, read> x: array<vec4<f32>>;       // x [T, D]
 @group(0) @binding(2) var<storage, read> topk_ids: array<u32>;      // topk_ids [T, K]
 @group(0) @binding(3) var<storage, read> topk_weights: array<f32>;  // topk_weights [T, K]
+//#if w16
+// The weights as f16: four halves (two u32 words) per vec4 group.
+@group(0) @binding(4) var<storage, read> w1: array<vec2<u32>>;      // w1 [E, D, F]
+@group(0) @binding(5) var<storage, read> w3: array<vec2<u32>>;      // w3 [E, D, F] (SwiGLU; W1 again for GELU)
+@group(0) @binding(6) var<storage, read> w2: array<vec2<u32>>;      // w2 [E, F, D]
+//#else
 @group(0) @binding(4) var<storage, read> w1: array<vec4<f32>>;      // w1 [E, D, F]
 @group(0) @binding(5) var<storage, read> w3: array<vec4<f32>>;      // w3 [E, D, F] (SwiGLU; W1 again for GELU)
 @group(0) @binding(6) var<storage, read> w2: array<vec4<f32>>;      // w2 [E, F, D]
+//#endif
 @group(0) @binding(7) var<storage, read_write> h: array<f32>;       // h [T, K, F]
 @group(0) @binding(8) var<storage, read_write> y: array<f32>;       // y [T, D]
 
@@ -48,16 +57,70 @@ fn x_at(i: u32) -> f32 {
     return x[i >> 2u][i & 3u];
 }
 
+//#if w16
+// Group r of four weights (VEC4 path), and element i (scalar path).
+fn w1v(r: u32) -> vec4<f32> {
+    let q = w1[r];
+    return vec4<f32>(unpack_f16x2(q.x), unpack_f16x2(q.y));
+}
+
+fn w3v(r: u32) -> vec4<f32> {
+    let q = w3[r];
+    return vec4<f32>(unpack_f16x2(q.x), unpack_f16x2(q.y));
+}
+
+fn w2v(r: u32) -> vec4<f32> {
+    let q = w2[r];
+    return vec4<f32>(unpack_f16x2(q.x), unpack_f16x2(q.y));
+}
+
+fn w1s(i: u32) -> f32 {
+    return unpack_f16x2(w1[i >> 2u][(i >> 1u) & 1u])[i & 1u];
+}
+
+fn w3s(i: u32) -> f32 {
+    return unpack_f16x2(w3[i >> 2u][(i >> 1u) & 1u])[i & 1u];
+}
+
+fn w2s(i: u32) -> f32 {
+    return unpack_f16x2(w2[i >> 2u][(i >> 1u) & 1u])[i & 1u];
+}
+//#else
+fn w1v(r: u32) -> vec4<f32> {
+    return w1[r];
+}
+
+fn w3v(r: u32) -> vec4<f32> {
+    return w3[r];
+}
+
+fn w2v(r: u32) -> vec4<f32> {
+    return w2[r];
+}
+
+fn w1s(i: u32) -> f32 {
+    return w1[i >> 2u][i & 3u];
+}
+
+fn w3s(i: u32) -> f32 {
+    return w3[i >> 2u][i & 3u];
+}
+
+fn w2s(i: u32) -> f32 {
+    return w2[i >> 2u][i & 3u];
+}
+//#endif
+
 fn w1_4(at: vec4<u32>) -> vec4<f32> {
-    return vec4<f32>(w1[at.x >> 2u][at.x & 3u], w1[at.y >> 2u][at.y & 3u], w1[at.z >> 2u][at.z & 3u], w1[at.w >> 2u][at.w & 3u]);
+    return vec4<f32>(w1s(at.x), w1s(at.y), w1s(at.z), w1s(at.w));
 }
 
 fn w3_4(at: vec4<u32>) -> vec4<f32> {
-    return vec4<f32>(w3[at.x >> 2u][at.x & 3u], w3[at.y >> 2u][at.y & 3u], w3[at.z >> 2u][at.z & 3u], w3[at.w >> 2u][at.w & 3u]);
+    return vec4<f32>(w3s(at.x), w3s(at.y), w3s(at.z), w3s(at.w));
 }
 
 fn w2_4(at: vec4<u32>) -> vec4<f32> {
-    return vec4<f32>(w2[at.x >> 2u][at.x & 3u], w2[at.y >> 2u][at.y & 3u], w2[at.z >> 2u][at.z & 3u], w2[at.w >> 2u][at.w & 3u]);
+    return vec4<f32>(w2s(at.x), w2s(at.y), w2s(at.z), w2s(at.w));
 }
 
 // Output columns of this invocation: 4 consecutive (VEC4) or 4 strided by WG.
@@ -97,15 +160,15 @@ fn decode_up(wid: vec3<u32>, lid: u32, swiglu: bool) {
             var r = id * d_n * f4 + g;
             for (var d4 = 0u; d4 < d_n / 4u; d4++) {
                 let xv = x[xrow + d4];
-                a += xv.x * w1[r];
-                a += xv.y * w1[r + f4];
-                a += xv.z * w1[r + 2u * f4];
-                a += xv.w * w1[r + 3u * f4];
+                a += xv.x * w1v(r);
+                a += xv.y * w1v(r + f4);
+                a += xv.z * w1v(r + 2u * f4);
+                a += xv.w * w1v(r + 3u * f4);
                 if swiglu {
-                    b += xv.x * w3[r];
-                    b += xv.y * w3[r + f4];
-                    b += xv.z * w3[r + 2u * f4];
-                    b += xv.w * w3[r + 3u * f4];
+                    b += xv.x * w3v(r);
+                    b += xv.y * w3v(r + f4);
+                    b += xv.z * w3v(r + 2u * f4);
+                    b += xv.w * w3v(r + 3u * f4);
                 }
                 r += 4u * f4;
             }
@@ -175,10 +238,10 @@ fn decode_down(
                     let h1 = h[hrow + ff + 1u];
                     let h2 = h[hrow + ff + 2u];
                     let h3 = h[hrow + ff + 3u];
-                    acc += h0 * w2[r];
-                    acc += h1 * w2[r + d4];
-                    acc += h2 * w2[r + 2u * d4];
-                    acc += h3 * w2[r + 3u * d4];
+                    acc += h0 * w2v(r);
+                    acc += h1 * w2v(r + d4);
+                    acc += h2 * w2v(r + 2u * d4);
+                    acc += h3 * w2v(r + 3u * d4);
                     r += 4u * d4;
                 }
             } else {

@@ -14,7 +14,8 @@
 // see kernels::embedding::token_order): no atomics, a fixed summation order.
 //
 // Spec constants prepended by the launcher: WG (invocations per workgroup).
-// Sections: `//#if forward`, `//#if wte`, `//#if wpe` pick one entry point's
+// Sections: `//#if forward` (with `//#if w16`: wte stored as f16, two to a
+// u32 word), `//#if wte`, `//#if wpe` pick one entry point's
 // bindings (binding slots are reused between entry points).
 
 struct EmbeddingParams {
@@ -33,7 +34,19 @@ struct EmbeddingParams {
 @group(0) @binding(0) var<uniform> params: EmbeddingParams;
 //#if forward
 @group(0) @binding(1) var<storage, read> ids: array<u32>;        // ids [T]
+//#if w16
+@group(0) @binding(2) var<storage, read> wte: array<u32>;        // wte [V, D], f16 pairs
+
+fn wte_at(i: u32) -> f32 {
+    return unpack_f16x2(wte[i >> 1u])[i & 1u];
+}
+//#else
 @group(0) @binding(2) var<storage, read> wte: array<f32>;        // wte [V, D]
+
+fn wte_at(i: u32) -> f32 {
+    return wte[i];
+}
+//#endif
 @group(0) @binding(3) var<storage, read> wpe: array<f32>;        // wpe [N, D]
 @group(0) @binding(4) var<storage, read_write> x: array<f32>;    // x [T, D]
 //#endif
@@ -69,7 +82,7 @@ fn embedding_forward(
     // keeps a bad id from reading out of bounds.
     let id = min(ids[t], params.v - 1u);
     let pos = t % params.n;
-    let e = wte[id * d + col] * params.scale;
+    let e = wte_at(id * d + col) * params.scale;
     if params.has_wpe != 0u {
         x[idx] = e + wpe[pos * d + col];
     } else {

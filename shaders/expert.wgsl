@@ -16,7 +16,8 @@
 // Prepended: shaders/activation.wgsl, then the GEMM core of
 // shaders/matmul.wgsl (`//#begin core` .. `//#end core`), which runs the K
 // loop and calls the loaders and the epilogue defined here. Sections
-// `//#if gemm1`, `//#if swiglu` pick the stage.
+// `//#if gemm1`, `//#if swiglu` pick the stage; `//#if b16`: the weights are
+// stored as f16 pairs in u32 words (math in f32).
 
 struct ExpertParams {
     t: u32,
@@ -39,11 +40,21 @@ struct ExpertParams {
 @group(0) @binding(2) var<storage, read> token_of_slot: array<u32>;
 // routing [RoutingLayout::len()]: tile_expert [max_tiles] at p.tile_expert
 @group(0) @binding(3) var<storage, read> routing: array<u32>;
+//#if b16
+// w1 [E, D, F] (f16 pairs in u32 words)
+@group(0) @binding(4) var<storage, read> w1: array<u32>;
+//#else
 // w1 [E, D, F]
 @group(0) @binding(4) var<storage, read> w1: array<f32>;
+//#endif
 //#if swiglu
+//#if b16
+// w3 [E, D, F] (f16 pairs in u32 words)
+@group(0) @binding(5) var<storage, read> w3: array<u32>;
+//#else
 // w3 [E, D, F]
 @group(0) @binding(5) var<storage, read> w3: array<f32>;
+//#endif
 // h [R, F]
 @group(0) @binding(6) var<storage, read_write> h: array<f32>;
 //#if train
@@ -64,8 +75,13 @@ struct ExpertParams {
 @group(0) @binding(1) var<storage, read> h: array<f32>;
 // routing [RoutingLayout::len()]: tile_expert [max_tiles] at p.tile_expert
 @group(0) @binding(2) var<storage, read> routing: array<u32>;
+//#if b16
+// w2 [E, F, D] (f16 pairs in u32 words)
+@group(0) @binding(3) var<storage, read> w2: array<u32>;
+//#else
 // w2 [E, F, D]
 @group(0) @binding(3) var<storage, read> w2: array<f32>;
+//#endif
 // y_expert [R, D]
 @group(0) @binding(4) var<storage, read_write> y_expert: array<f32>;
 //#endif
@@ -98,6 +114,21 @@ fn a_at(i: u32) -> f32 {
     return x[i];
 }
 
+//#if b16
+// Word i of W_w: two f16 weights.
+fn b_pair(w: u32, i: u32) -> vec2<f32> {
+//#if swiglu
+    if (w == 1u) {
+        return unpack_f16x2(w3[i]);
+    }
+//#endif
+    return unpack_f16x2(w1[i]);
+}
+
+fn b_at(w: u32, i: u32) -> f32 {
+    return b_pair(w, i >> 1u)[i & 1u];
+}
+//#else
 fn b_at(w: u32, i: u32) -> f32 {
 //#if swiglu
     if (w == 1u) {
@@ -106,6 +137,7 @@ fn b_at(w: u32, i: u32) -> f32 {
 //#endif
     return w1[i];
 }
+//#endif
 
 fn gemm_store4(m: u32, n: u32, v: vec4<f32>, v2: vec4<f32>) {
     if (m >= p.rows) {
@@ -181,9 +213,19 @@ fn a_at(i: u32) -> f32 {
     return h[i];
 }
 
+//#if b16
+fn b_pair(w: u32, i: u32) -> vec2<f32> {
+    return unpack_f16x2(w2[i]);
+}
+
+fn b_at(w: u32, i: u32) -> f32 {
+    return b_pair(w, i >> 1u)[i & 1u];
+}
+//#else
 fn b_at(w: u32, i: u32) -> f32 {
     return w2[i];
 }
+//#endif
 
 fn gemm_store4(m: u32, n: u32, v: vec4<f32>, v2: vec4<f32>) {
     if (m >= p.rows) {
@@ -219,9 +261,18 @@ fn gemm_load_b4(w: u32, k: u32, n: u32) -> vec4<f32> {
     let kd = kdim();
     let nd = ndim();
     let ns = vec4<u32>(n) + vec4<u32>(0u, 1u, 2u, 3u);
+    let live = (ns < vec4<u32>(nd)) & vec4<bool>(k < kd);
+//#if b16
+    // n is a multiple of 4; with N a multiple of 4 every row (and w_base)
+    // starts on an even element: the four halves are two whole words.
+    if ((nd & 3u) == 0u) {
+        let i = (w_base + min(k, kd - 1u) * nd + min(n, nd - 4u)) >> 1u;
+        return select(vec4<f32>(0.0), vec4<f32>(b_pair(w, i), b_pair(w, i + 1u)), live);
+    }
+//#endif
     let i = vec4<u32>(w_base + min(k, kd - 1u) * nd) + min(ns, vec4<u32>(nd - 1u));
     let v = vec4<f32>(b_at(w, i.x), b_at(w, i.y), b_at(w, i.z), b_at(w, i.w));
-    return select(vec4<f32>(0.0), v, (ns < vec4<u32>(nd)) & vec4<bool>(k < kd));
+    return select(vec4<f32>(0.0), v, live);
 }
 
 fn expert_main(lid: vec3<u32>, wid: vec3<u32>) {

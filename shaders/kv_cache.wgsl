@@ -24,7 +24,8 @@
 //
 // Spec constants prepended by the launcher: WG (elementwise entry points),
 // KV_WG (attention; 4 KV_WG >= Dh).
-// Sections: `//#if embed`, `//#if append`, `//#if attend`.
+// Sections: `//#if embed` (with `//#if w16`: wte stored as f16, two to a u32
+// word), `//#if append`, `//#if attend`.
 
 struct KvParams {
     t: u32,
@@ -52,7 +53,19 @@ struct KvParams {
 @group(0) @binding(1) var<storage, read> step: array<u32>;             // step [4]: pos0, -, -, -
 //#if embed
 @group(0) @binding(2) var<storage, read> ids: array<u32>;              // ids [T]
+//#if w16
+@group(0) @binding(3) var<storage, read> wte: array<u32>;              // wte [V, D], f16 pairs
+
+fn wte_at(i: u32) -> f32 {
+    return unpack_f16x2(wte[i >> 1u])[i & 1u];
+}
+//#else
 @group(0) @binding(3) var<storage, read> wte: array<f32>;              // wte [V, D]
+
+fn wte_at(i: u32) -> f32 {
+    return wte[i];
+}
+//#endif
 @group(0) @binding(4) var<storage, read> wpe: array<f32>;              // wpe [N, D] (or wte, unread)
 @group(0) @binding(5) var<storage, read_write> x: array<f32>;          // x [T, D]
 //#endif
@@ -94,7 +107,7 @@ fn kv_embed(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_ind
         x[idx] = 0.0;
         return;
     }
-    let e = wte[id * d + c] * params.emb_scale;
+    let e = wte_at(id * d + c) * params.emb_scale;
     if (params.has_wpe != 0u) {
         x[idx] = e + wpe[pos * d + c];
     } else {

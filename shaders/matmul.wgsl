@@ -1,4 +1,5 @@
-// Dense matmul, f32 in / f32 accumulate, row-major:
+// Dense matmul, f32 in (B also as f16 pairs in u32 words: `//#if b16`) /
+// f32 accumulate, row-major:
 //   C[M, N] = alpha * op(A) · op(B) + beta * C
 // nn: A [M, K], B [K, N]; nt: B given as [N, K] (A · Bᵀ); tn: A given as
 // [K, M] (Aᵀ · B). The transpose is a pair of strides in the params, so one
@@ -375,8 +376,21 @@ struct MatmulParams {
 @group(0) @binding(0) var<uniform> p: MatmulParams;
 // a [M, K] (nn, nt) or [K, M] (tn)
 @group(0) @binding(1) var<storage, read> a: array<f32>;
+//#if b16
+// b [K, N] (nn, tn) or [N, K] (nt), f16 pairs packed in u32 words
+@group(0) @binding(2) var<storage, read> b: array<u32>;
+
+fn b_at(i: u32) -> f32 {
+    return unpack_f16x2(b[i >> 1u])[i & 1u];
+}
+//#else
 // b [K, N] (nn, tn) or [N, K] (nt)
 @group(0) @binding(2) var<storage, read> b: array<f32>;
+
+fn b_at(i: u32) -> f32 {
+    return b[i];
+}
+//#endif
 // c [M, N]
 @group(0) @binding(3) var<storage, read_write> c: array<f32>;
 
@@ -398,9 +412,20 @@ fn gemm_load_a4(g: u32, k: u32) -> vec4<f32> {
 // B(k, n..n+4); zeros past K or N.
 fn gemm_load_b4(w: u32, k: u32, n: u32) -> vec4<f32> {
     let ns = vec4<u32>(n) + vec4<u32>(0u, 1u, 2u, 3u);
+    let live = (ns < vec4<u32>(p.n)) & vec4<bool>(k < p.k);
+//#if b16
+    // n is a multiple of 4: with B's rows contiguous, N a multiple of 4
+    // (so every row starts on an even element) the four halves are two
+    // whole words, and columns n..n+4 are all inside N or all past it.
+    if (p.b_sn == 1u && (p.n & 3u) == 0u && (p.b_sk & 1u) == 0u) {
+        let i = (min(k, p.k - 1u) * p.b_sk + min(n, p.n - 4u)) >> 1u;
+        let v = vec4<f32>(unpack_f16x2(b[i]), unpack_f16x2(b[i + 1u]));
+        return select(vec4<f32>(0.0), v, live);
+    }
+//#endif
     let i = vec4<u32>(min(k, p.k - 1u) * p.b_sk) + min(ns, vec4<u32>(p.n - 1u)) * p.b_sn;
-    let v = vec4<f32>(b[i.x], b[i.y], b[i.z], b[i.w]);
-    return select(vec4<f32>(0.0), v, (ns < vec4<u32>(p.n)) & vec4<bool>(k < p.k));
+    let v = vec4<f32>(b_at(i.x), b_at(i.y), b_at(i.z), b_at(i.w));
+    return select(vec4<f32>(0.0), v, live);
 }
 
 fn store_c(i: u32, v: f32) {

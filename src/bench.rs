@@ -372,6 +372,8 @@ pub struct InferBench {
     pub adapter: String,
     pub backend: String,
     pub checkpoint: String,
+    /// How the matmul weights were stored (f32 or f16).
+    pub dtype: String,
     pub results: Vec<InferFigure>,
 }
 
@@ -383,6 +385,7 @@ pub async fn bench_infer(
     prompt: &[u32],
     decode_tokens: usize,
     gatings: &[Gating],
+    dtype: crate::model::DtypeChoice,
     mut log: impl FnMut(&str),
 ) -> Result<InferBench> {
     use crate::infer::sampling::argmax;
@@ -390,7 +393,7 @@ pub async fn bench_infer(
     let samples = 3;
     let n = ck.cfg.context;
     let decode_tokens = decode_tokens.min(n.saturating_sub(prompt.len())).max(1);
-    let mut engine = Engine::new(ctx, ck, ck.gate(Some(gatings[0]), None)?)?;
+    let mut engine = Engine::with_dtype(ctx, ck, ck.gate(Some(gatings[0]), None)?, dtype)?;
     let mut results = Vec::new();
     for &g in gatings {
         let gate = ck.gate(Some(g), None)?;
@@ -447,6 +450,7 @@ pub async fn bench_infer(
         adapter: ctx.info.name.clone(),
         backend: ctx.backend(),
         checkpoint: ck.source.clone(),
+        dtype: engine.dtype().to_string(),
         results,
     })
 }

@@ -9,7 +9,7 @@
 //! against an independent formulation).
 
 use crate::error::{Error, Result};
-use crate::gpu::{GpuContext, Tensor};
+use crate::gpu::{Dtype, GpuContext, Tensor, Weight};
 use crate::kernels::combine::{Combine, CombineBuffers};
 use crate::kernels::decode::{DecodeBuffers, DecodeFfn};
 use crate::kernels::expert::{ExpertBuffers, ExpertFfn, ExpertShape, ExpertSpec};
@@ -43,12 +43,12 @@ pub struct MoeLayer {
     pub cfg: MoeConfig,
     /// w_router [D, E]
     pub w_router: Tensor<f32>,
-    /// w1 [E, D, F]
-    pub w1: Tensor<f32>,
+    /// w1 [E, D, F] (f32, or f16 for inference)
+    pub w1: Weight,
     /// w3 [E, D, F] (SwiGLU)
-    pub w3: Option<Tensor<f32>>,
+    pub w3: Option<Weight>,
     /// w2 [E, F, D]
-    pub w2: Tensor<f32>,
+    pub w2: Weight,
 }
 
 // Boxed: launchers are large and a plan holds one path.
@@ -108,20 +108,31 @@ pub struct RoutingSummary {
 }
 
 impl MoeLayer {
-    /// Upload `weights` for `cfg`.
+    /// Upload `weights` for `cfg` in f32.
     pub fn new(ctx: &GpuContext, cfg: MoeConfig, weights: &MoeWeights) -> Result<Self> {
+        Self::with_dtype(ctx, cfg, weights, Dtype::F32)
+    }
+
+    /// Upload `weights` for `cfg`, the experts stored as `dtype` (the
+    /// router stays f32: it decides the routing, and it is small).
+    pub fn with_dtype(
+        ctx: &GpuContext,
+        cfg: MoeConfig,
+        weights: &MoeWeights,
+        dtype: Dtype,
+    ) -> Result<Self> {
         cfg.validate()?;
         weights.validate(&cfg)?;
         let (d, f, e) = (cfg.d, cfg.f, cfg.e);
         Ok(MoeLayer {
             cfg,
             w_router: Tensor::from_slice(ctx, "w_router", &[d, e], &weights.w_router)?,
-            w1: Tensor::from_slice(ctx, "w1", &[e, d, f], &weights.w1)?,
+            w1: Weight::upload(ctx, "w1", &[e, d, f], &weights.w1, dtype)?,
             w3: match &weights.w3 {
-                Some(w3) => Some(Tensor::from_slice(ctx, "w3", &[e, d, f], w3)?),
+                Some(w3) => Some(Weight::upload(ctx, "w3", &[e, d, f], w3, dtype)?),
                 None => None,
             },
-            w2: Tensor::from_slice(ctx, "w2", &[e, f, d], &weights.w2)?,
+            w2: Weight::upload(ctx, "w2", &[e, f, d], &weights.w2, dtype)?,
         })
     }
 
@@ -232,9 +243,9 @@ impl MoeLayer {
                     x: &x,
                     topk_ids: &topk_ids,
                     topk_weights: &topk_weights,
-                    w1: &self.w1,
-                    w3: self.w3.as_ref(),
-                    w2: &self.w2,
+                    w1: self.w1.view(),
+                    w3: self.w3.as_ref().map(Weight::view),
+                    w2: self.w2.view(),
                     y: &y,
                 },
             )?))
@@ -262,9 +273,9 @@ impl MoeLayer {
                     x: &x,
                     token_of_slot: &token_of_slot,
                     routing: &routing,
-                    w1: &self.w1,
-                    w3: self.w3.as_ref(),
-                    w2: &self.w2,
+                    w1: self.w1.view(),
+                    w3: self.w3.as_ref().map(Weight::view),
+                    w2: self.w2.view(),
                     h: &h,
                     y_expert: &y_expert,
                     u: u.as_ref(),
@@ -408,9 +419,12 @@ impl MoeLayer {
                 h: &g.h,
                 y_expert: &g.y_expert,
                 w_router: &self.w_router,
-                w1: &self.w1,
-                w2: &self.w2,
-                w3: self.w3.as_ref(),
+                w1: self.w1.f32("MoE backward")?,
+                w2: self.w2.f32("MoE backward")?,
+                w3: match &self.w3 {
+                    Some(w3) => Some(w3.f32("MoE backward")?),
+                    None => None,
+                },
                 dx: &dx,
                 dw_router: &dw_router,
                 dw1: &dw1,

@@ -245,9 +245,19 @@ pub struct Generator {
 }
 
 impl Generator {
-    fn from_checkpoint(ctx: Rc<GpuContext>, ck: InferCheckpoint) -> Result<Generator, JsValue> {
+    /// `dtype`: how the matmul weights are stored ("auto", "f32", "f16";
+    /// None is "auto").
+    fn from_checkpoint(
+        ctx: Rc<GpuContext>,
+        ck: InferCheckpoint,
+        dtype: Option<String>,
+    ) -> Result<Generator, JsValue> {
+        let dtype = match dtype.as_deref() {
+            Some(d) => d.parse::<crate::model::DtypeChoice>().map_err(js)?,
+            None => crate::model::DtypeChoice::Auto,
+        };
         let gate = ck.gate(None, None).map_err(js)?;
-        let engine = Engine::new(&ctx, &ck, gate).map_err(js)?;
+        let engine = Engine::with_dtype(&ctx, &ck, gate, dtype).map_err(js)?;
         ctx.check_errors("loading the checkpoint").map_err(js)?;
         Ok(Generator {
             ctx,
@@ -260,7 +270,9 @@ impl Generator {
 impl Generator {
     /// Upload a checkpoint from its files: config.json, model.safetensors,
     /// tokenizer.json and, optionally, state.json. `source` names it in
-    /// messages. Every mismatch or corruption is an exception.
+    /// messages; `dtype` ("auto", "f32" or "f16"; omitted: "auto") is how
+    /// the matmul weights are stored. Every mismatch or corruption is an
+    /// exception.
     pub fn load(
         gpu: &Gpu,
         source: &str,
@@ -268,6 +280,7 @@ impl Generator {
         model: &[u8],
         tokenizer: &[u8],
         state: Option<Vec<u8>>,
+        dtype: Option<String>,
     ) -> Result<Generator, JsValue> {
         let tokenizer = std::str::from_utf8(tokenizer).map_err(|_| {
             js(Error::checkpoint(
@@ -280,21 +293,23 @@ impl Generator {
                 .map_err(js)?;
         let ck = InferCheckpoint::from_parts(source, config, tensors, tokenizer, state.as_deref())
             .map_err(js)?;
-        Self::from_checkpoint(gpu.ctx.clone(), ck)
+        Self::from_checkpoint(gpu.ctx.clone(), ck, dtype)
     }
 
     /// Upload a Hugging Face model from the files a user picked or dropped:
     /// `names[i]` is the file name of `blobs[i]` (a `Uint8Array`):
     /// `config.json`, `tokenizer.json`, `generation_config.json` (optional)
     /// and `model.safetensors` or `model.safetensors.index.json` with the
-    /// shards it names. Every missing file, mismatch or corruption is an
-    /// exception naming the file.
+    /// shards it names. `dtype` as for `load` ("auto" stores a bf16 or
+    /// f16 model's matmul weights in f16). Every missing file, mismatch or
+    /// corruption is an exception naming the file.
     #[wasm_bindgen(js_name = loadHf)]
     pub fn load_hf(
         gpu: &Gpu,
         source: &str,
         names: Vec<String>,
         blobs: js_sys::Array,
+        dtype: Option<String>,
     ) -> Result<Generator, JsValue> {
         use crate::checkpoint::hf::{load_hf_parts, HfFiles, GENERATION_CONFIG_FILE};
         use crate::checkpoint::{
@@ -359,7 +374,7 @@ impl Generator {
         )
         .map_err(js)?;
         let ck = InferCheckpoint::from_hf(m, source).map_err(js)?;
-        Self::from_checkpoint(gpu.ctx.clone(), ck)
+        Self::from_checkpoint(gpu.ctx.clone(), ck, dtype)
     }
 
     /// JSON: the model's config, parameter count, GPU bytes and default gating.
@@ -371,6 +386,7 @@ impl Generator {
             "config": st.ck.cfg,
             "params": params,
             "gpu_bytes": st.engine.gpu_bytes(),
+            "dtype": st.engine.dtype().name(),
             "eval_gating": st.ck.eval_gating,
             "threshold": st.ck.cfg.gate.threshold,
             "model_type": st.ck.model_type,
@@ -594,7 +610,7 @@ impl Trainer {
                     .await
                     .map_err(js)?
             };
-            Ok(Generator::from_checkpoint(ctx, ck)?.into())
+            Ok(Generator::from_checkpoint(ctx, ck, None)?.into())
         })
     }
 }

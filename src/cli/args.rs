@@ -6,6 +6,7 @@ use amoe::gpu::AdapterFilter;
 use amoe::infer::checkpoint::demo_dir;
 use amoe::infer::InferCheckpoint;
 use amoe::kernels::{Activation, Gating};
+use amoe::model::DtypeChoice;
 use amoe::train::trainer::TrainConfig;
 use amoe::Result;
 use clap::builder::{PossibleValue, PossibleValuesParser, TypedValueParser};
@@ -163,6 +164,9 @@ pub struct ModelPick {
     /// Adaptive threshold in [0, 1] (default: the training's).
     #[arg(long)]
     pub threshold: Option<f32>,
+    /// How the matmul weights are stored on the GPU (math is f32 either way).
+    #[arg(long, value_parser = choice::<DtypeChoice>(), default_value = "auto")]
+    pub dtype: DtypeChoice,
 }
 
 impl ModelPick {

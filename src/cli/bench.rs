@@ -169,6 +169,7 @@ fn bench_infer(ctx: &GpuContext, args: &BenchInferArgs) -> Result<String> {
         &ids,
         args.decode_tokens,
         &gatings,
+        args.model.dtype,
         |m| eprintln!("   {m}"),
     ))?;
     Ok(serde_json::to_string_pretty(&r)?)

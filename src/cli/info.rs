@@ -45,7 +45,9 @@ struct Info {
     /// Experts one token runs in an MoE layer, fewest and most.
     experts_per_token: [usize; 2],
     params: ParamCounts,
-    /// f32 storage.
+    /// How the matmul weights would be stored (`--dtype`).
+    dtype: String,
+    /// In that storage.
     bytes: GpuBytes,
     adapter: String,
     /// The adapter's largest storage binding (and buffer).
@@ -63,7 +65,8 @@ pub fn run(adapter: &AdapterArgs, args: &InfoArgs) -> Result<ExitCode> {
         .limits
         .max_storage_buffer_binding_size
         .min(ctx.limits.max_buffer_size);
-    let bytes = cfg.gpu_bytes();
+    let dtype = ck.host.resolve_dtype(args.model.dtype);
+    let bytes = cfg.gpu_bytes(dtype);
     let info = Info {
         checkpoint: ck.source.clone(),
         model_type: ck.model_type.clone(),
@@ -98,6 +101,7 @@ pub fn run(adapter: &AdapterArgs, args: &InfoArgs) -> Result<ExitCode> {
         experts_per_token: [min_k, max_k],
         params: cfg.param_counts(min_k, max_k),
         fits: bytes.largest_tensor <= limit,
+        dtype: dtype.to_string(),
         bytes,
         adapter: format!("{}/{}", ctx.backend(), ctx.info.name),
         binding_limit: limit,
@@ -178,7 +182,7 @@ fn text(i: &Info) -> String {
          architecture: {} layers ({moe}), D={}, {heads}, context {}, vocabulary {}, {} positions{axes}\n\
          FFN: {ffn}\n\
          parameters: {} total ({} embeddings, {} in experts); active per token: {} ({} expert(s) per MoE layer)\n\
-         on {} (f32 storage): parameters {}, KV cache {}, total {}; largest tensor {} ({}) of a {} binding limit: {}\n",
+         on {} ({} weights): parameters {}, KV cache {}, total {}; largest tensor {} ({}) of a {} binding limit: {}\n",
         i.checkpoint,
         i.layers,
         i.d,
@@ -191,6 +195,7 @@ fn text(i: &Info) -> String {
         active,
         experts,
         i.adapter,
+        i.dtype,
         mib(b.params),
         mib(b.kv_cache),
         mib(b.params + b.kv_cache),

@@ -44,7 +44,7 @@ fn routes(ctx: &GpuContext, args: &RoutesArgs) -> Result<()> {
     let gating = args.model.gating.unwrap_or(ck.cfg.gate.gating);
     let gate = ck.gate(Some(gating), args.model.threshold)?;
     let ids = text_ids(&ck.tokenizer, args.data.as_deref(), args.max_tokens)?;
-    let mut engine = Engine::new(ctx, &ck, gate)?;
+    let mut engine = Engine::with_dtype(ctx, &ck, gate, args.model.dtype)?;
     let quiet = args.json || !std::io::stderr().is_terminal();
     let report = pollster::block_on(analyze(
         &mut engine,

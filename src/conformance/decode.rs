@@ -1,13 +1,14 @@
 //! Conformance cases of the decode FFN (`decode_up_gelu` / `decode_up_swiglu`
 //! then `decode_down`, recorded by `kernels::decode::DecodeFfn`) against the
 //! twin `reference::decode::decode_ffn`: `h` within `Tol::reduction(D)`, `y`
-//! within `Tol::reduction(F)`.
+//! within `Tol::reduction(F)`; with f32 weights and with f16 ones (the twin
+//! on the weights rounded to f16).
 
 use super::route::{make_ids, Ids};
 use super::CheckResult;
 use super::{bad_inputs_result, expect_error, is_invalid, is_shape, submit_pass};
 use crate::error::Result;
-use crate::gpu::{GpuContext, Tensor};
+use crate::gpu::{rounded_f16, Dtype, GpuContext, Tensor, Weight};
 use crate::kernels::decode::{DecodeBuffers, DecodeFfn, DecodeShape};
 use crate::kernels::Activation;
 use crate::reference::decode::decode_ffn;
@@ -22,6 +23,8 @@ pub enum Case {
         shape: DecodeShape,
         ids: Ids,
         seed: u64,
+        /// The weights stored as f16 (the twin reads them rounded).
+        f16: bool,
     },
     BadInputs,
 }
@@ -33,11 +36,12 @@ impl Case {
                 activation,
                 shape: s,
                 ids,
+                f16,
                 ..
             } => (
                 "decode_ffn".into(),
                 format!(
-                    "{} T={} K={} E={} D={} F={} {}",
+                    "{} T={} K={} E={} D={} F={} {}{}",
                     match activation {
                         Activation::Gelu => "gelu",
                         Activation::SwiGlu => "swiglu",
@@ -47,7 +51,8 @@ impl Case {
                     s.e,
                     s.d,
                     s.f,
-                    ids.label()
+                    ids.label(),
+                    if *f16 { " f16 weights" } else { "" }
                 ),
             ),
             Case::BadInputs => (
@@ -64,6 +69,14 @@ pub fn cases() -> Vec<Case> {
         shape: DecodeShape { t, k, e, d, f },
         ids,
         seed,
+        f16: false,
+    };
+    let c16 = |activation, t, k, e, d, f, ids, seed| Case::Twin {
+        activation,
+        shape: DecodeShape { t, k, e, d, f },
+        ids,
+        seed,
+        f16: true,
     };
     use Activation::{Gelu, SwiGlu};
     let random = Ids::Random { unused_pct: 0 };
@@ -90,6 +103,12 @@ pub fn cases() -> Vec<Case> {
         c(SwiGlu, 5, 2, 6, 64, 302, Ids::Adaptive { two_pct: 50 }, 11),
         // One decode step of a mid-sized model: big enough to time.
         c(SwiGlu, 1, 2, 4, 512, 2048, random, 8),
+        // f16 weights: the vec4 path, the scalar path, adaptive slots, and
+        // the timed shape (half the weight bytes).
+        c16(Gelu, 3, 2, 8, 96, 200, random, 12),
+        c16(SwiGlu, 2, 2, 4, 97, 301, random, 13),
+        c16(SwiGlu, 5, 2, 6, 64, 302, Ids::Adaptive { two_pct: 50 }, 14),
+        c16(SwiGlu, 1, 2, 4, 512, 2048, random, 15),
         Case::BadInputs,
     ]
 }
@@ -101,6 +120,7 @@ pub async fn run(ctx: &GpuContext, case: &Case) -> Result<CheckResult> {
         shape: s,
         ids,
         seed,
+        f16,
     } = *case
     else {
         return Ok(bad_inputs(ctx, &kernel, &name));
@@ -110,10 +130,12 @@ pub async fn run(ctx: &GpuContext, case: &Case) -> Result<CheckResult> {
     let ids_host = make_ids(t, k, e, ids, seed);
     let weights: Vec<f32> = (0..t * k).map(|_| rng.uniform()).collect();
     let x = rng.vec_sym(t * d, 1.0);
-    let w1 = rng.vec_sym(e * d * f, 1.0 / (d as f32).sqrt());
-    let w3 =
-        (activation == Activation::SwiGlu).then(|| rng.vec_sym(e * d * f, 1.0 / (d as f32).sqrt()));
-    let w2 = rng.vec_sym(e * f * d, 1.0 / (f as f32).sqrt());
+    let round = |w: Vec<f32>| if f16 { rounded_f16(&w) } else { w };
+    let dtype = if f16 { Dtype::F16 } else { Dtype::F32 };
+    let w1 = round(rng.vec_sym(e * d * f, 1.0 / (d as f32).sqrt()));
+    let w3 = (activation == Activation::SwiGlu)
+        .then(|| round(rng.vec_sym(e * d * f, 1.0 / (d as f32).sqrt())));
+    let w2 = round(rng.vec_sym(e * f * d, 1.0 / (f as f32).sqrt()));
     let (want_h, want_y) = decode_ffn(
         &s,
         activation,
@@ -128,12 +150,12 @@ pub async fn run(ctx: &GpuContext, case: &Case) -> Result<CheckResult> {
     let x = Tensor::from_slice(ctx, "x", &[t, d], &x)?;
     let topk_ids = Tensor::from_slice(ctx, "topk_ids", &[t, k], &ids_host)?;
     let topk_weights = Tensor::from_slice(ctx, "topk_weights", &[t, k], &weights)?;
-    let w1 = Tensor::from_slice(ctx, "w1", &[e, d, f], &w1)?;
+    let w1 = Weight::upload(ctx, "w1", &[e, d, f], &w1, dtype)?;
     let w3 = match &w3 {
-        Some(w) => Some(Tensor::from_slice(ctx, "w3", &[e, d, f], w)?),
+        Some(w) => Some(Weight::upload(ctx, "w3", &[e, d, f], w, dtype)?),
         None => None,
     };
-    let w2 = Tensor::from_slice(ctx, "w2", &[e, f, d], &w2)?;
+    let w2 = Weight::upload(ctx, "w2", &[e, f, d], &w2, dtype)?;
     let y = Tensor::<f32>::zeros(ctx, "y", &[t, d])?;
     let ffn = DecodeFfn::new(
         ctx,
@@ -142,9 +164,9 @@ pub async fn run(ctx: &GpuContext, case: &Case) -> Result<CheckResult> {
             x: &x,
             topk_ids: &topk_ids,
             topk_weights: &topk_weights,
-            w1: &w1,
-            w3: w3.as_ref(),
-            w2: &w2,
+            w1: w1.view(),
+            w3: w3.as_ref().map(Weight::view),
+            w2: w2.view(),
             y: &y,
         },
     )?;
@@ -190,9 +212,9 @@ fn bad_inputs(ctx: &GpuContext, kernel: &str, case: &str) -> CheckResult {
                         x: &x,
                         topk_ids: &topk_ids,
                         topk_weights: &topk_weights,
-                        w1: &w1,
-                        w3: give_w3.then_some(&w3),
-                        w2: &w2,
+                        w1: (&w1).into(),
+                        w3: give_w3.then_some((&w3).into()),
+                        w2: (&w2).into(),
                         y: &y,
                     },
                 )

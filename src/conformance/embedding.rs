@@ -8,7 +8,7 @@
 use super::CheckResult;
 use super::{bad_inputs_result, expect_error, is_invalid, is_shape, submit_pass};
 use crate::error::{Error, Result};
-use crate::gpu::{GpuContext, Tensor};
+use crate::gpu::{rounded_f16, Dtype, GpuContext, Tensor, Weight};
 use crate::kernels::embedding::{
     token_order, EmbeddingBackwardWpe, EmbeddingBackwardWpeBuffers, EmbeddingBackwardWte,
     EmbeddingBackwardWteBuffers, EmbeddingForward, EmbeddingForwardBuffers, EmbeddingSpec,
@@ -59,14 +59,21 @@ impl Case {
                 d,
                 ids,
                 ..
-            } => (
-                spec.name().to_string(),
-                if *n == 0 {
-                    format!("T={t} V={v} no wpe, scale 0.5, D={d} ids {ids:?}")
+            } => {
+                let f16 = if *spec == EmbeddingSpec::ForwardF16 {
+                    ", wte in f16"
                 } else {
-                    format!("T={t} V={v} N={n} D={d} ids {ids:?}")
-                },
-            ),
+                    ""
+                };
+                (
+                    spec.name().to_string(),
+                    if *n == 0 {
+                        format!("T={t} V={v} no wpe, scale 0.5, D={d} ids {ids:?}{f16}")
+                    } else {
+                        format!("T={t} V={v} N={n} D={d} ids {ids:?}{f16}")
+                    },
+                )
+            }
             Case::BadInputs => (
                 EmbeddingSpec::Forward.name().to_string(),
                 "bad inputs: T = 0, shape mismatch, id >= V".into(),
@@ -148,22 +155,27 @@ pub async fn run(ctx: &GpuContext, case: &Case) -> Result<CheckResult> {
     let mut rng = Rng::new(seed ^ 0xE3B0);
     let ids_host = make_ids(t, v, ids, &mut rng);
     let (got, want, tol) = match spec {
-        EmbeddingSpec::Forward => {
-            let wte_h = rng.vec_sym(v * d, 1.0);
+        EmbeddingSpec::Forward | EmbeddingSpec::ForwardF16 => {
+            let f16 = spec == EmbeddingSpec::ForwardF16;
+            let mut wte_h = rng.vec_sym(v * d, 1.0);
+            if f16 {
+                wte_h = rounded_f16(&wte_h);
+            }
             let rotary = n == 0;
             let wpe_h = rng.vec_sym(n.max(1) * d, 1.0);
             let scale = if rotary { 0.5 } else { 1.0 };
             let wpe_ref = (!rotary).then_some(&wpe_h[..]);
             let want = embedding_forward(&ids_host, &wte_h, wpe_ref, scale, t, v, n.max(1), d);
             let ids_t = Tensor::from_slice(ctx, "ids", &[t], &ids_host)?;
-            let wte = Tensor::from_slice(ctx, "wte", &[v, d], &wte_h)?;
+            let dtype = if f16 { Dtype::F16 } else { Dtype::F32 };
+            let wte = Weight::upload(ctx, "wte", &[v, d], &wte_h, dtype)?;
             let wpe = Tensor::from_slice(ctx, "wpe", &[n.max(1), d], &wpe_h)?;
             let x = Tensor::from_slice(ctx, "x", &[t, d], &vec![f32::NAN; t * d])?;
             let k = EmbeddingForward::new(
                 ctx,
                 &EmbeddingForwardBuffers {
                     ids: &ids_t,
-                    wte: &wte,
+                    wte: wte.view(),
                     wpe: (!rotary).then_some(&wpe),
                     x: &x,
                     scale,
@@ -230,7 +242,7 @@ fn bad_inputs(ctx: &GpuContext, kernel: &str, case: &str) -> CheckResult {
                 ctx,
                 &EmbeddingForwardBuffers {
                     ids: &ids,
-                    wte: &wte,
+                    wte: (&wte).into(),
                     wpe: Some(&wpe),
                     x: &x,
                     scale: 1.0,

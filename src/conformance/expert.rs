@@ -5,12 +5,13 @@
 //! twin `reference::expert::expert_ffn`. Every GEMM core, GELU and SwiGLU,
 //! and the routing edge cases: T = 1, T not a multiple of the tile, E > T, an
 //! empty expert, all tokens on one expert, 1-token experts, K = 1, K = 2 with
-//! unused slots, D and F not multiples of 4. One more case checks that
+//! unused slots, D and F not multiples of 4; weights stored as f16 with D
+//! and F multiples of 4 and not. One more case checks that
 //! stacked weights past the storage-binding limit give `Error::Limit`.
 
 use super::CheckResult;
 use crate::error::{Error, Result};
-use crate::gpu::{GpuContext, Tensor};
+use crate::gpu::{rounded_f16, Dtype, GpuContext, Tensor, Weight};
 use crate::kernels::expert::{ExpertBuffers, ExpertFfn, ExpertShape, ExpertSpec, ExpertStage};
 use crate::kernels::matmul::MatmulSpec;
 use crate::kernels::route::{routing_tensor, RouteConfig};
@@ -37,6 +38,8 @@ pub struct FfnCase {
     /// topk_ids [T, K]
     pub ids: Vec<u32>,
     pub seed: u64,
+    /// The weights stored as f16 (the twin reads them rounded to f16).
+    pub f16: bool,
 }
 
 impl Case {
@@ -58,7 +61,7 @@ impl Case {
                         s.e,
                         s.d,
                         s.f,
-                        c.core.label()
+                        c.core.with_b16(c.f16).label()
                     ),
                 )
             }
@@ -129,14 +132,23 @@ pub fn cases() -> Vec<Case> {
         for act in [Activation::Gelu, Activation::SwiGlu] {
             for Pattern { what, dims, ids } in patterns() {
                 let [t, k, e, d, f] = dims;
-                seed += 1;
-                v.push(Case::Ffn(FfnCase {
-                    what,
-                    shape: ExpertShape { t, k, e, d, f, act },
-                    core,
-                    ids,
-                    seed,
-                }));
+                // f16 weights: D and F multiples of 4 (two words per load)
+                // and not (one half per load).
+                let f16_too = what.starts_with("T not") || what.starts_with("several");
+                for f16 in [false, true] {
+                    if f16 && !f16_too {
+                        continue;
+                    }
+                    seed += 1;
+                    v.push(Case::Ffn(FfnCase {
+                        what,
+                        shape: ExpertShape { t, k, e, d, f, act },
+                        core,
+                        ids: ids.clone(),
+                        seed,
+                        f16,
+                    }));
+                }
             }
         }
     }
@@ -180,22 +192,30 @@ async fn run_ffn(
     let mut rng = Rng::new(c.seed);
     let x = rng.vec_sym(t * d, 1.0);
     let a_in = (3.0 / d as f32).sqrt();
-    let w1 = rng.vec_sym(e * d * f, a_in);
-    let w3 = rng.vec_sym(e * d * f, a_in);
-    let w2 = rng.vec_sym(e * f * d, (3.0 / f as f32).sqrt());
+    let mut w1 = rng.vec_sym(e * d * f, a_in);
+    let mut w3 = rng.vec_sym(e * d * f, a_in);
+    let mut w2 = rng.vec_sym(e * f * d, (3.0 / f as f32).sqrt());
+    let dtype = if c.f16 {
+        for w in [&mut w1, &mut w3, &mut w2] {
+            *w = rounded_f16(w);
+        }
+        Dtype::F16
+    } else {
+        Dtype::F32
+    };
     let swiglu = s.act == Activation::SwiGlu;
 
     let xt = Tensor::from_slice(ctx, "x", &[t, d], &x)?;
     let tos = Tensor::from_slice(ctx, "token_of_slot", &[rows], &token_of_slot)?;
     let routing = routing_tensor(ctx, &layout)?;
     routing.write(ctx, &words)?;
-    let w1t = Tensor::from_slice(ctx, "w1", &[e, d, f], &w1)?;
+    let w1t = Weight::upload(ctx, "w1", &[e, d, f], &w1, dtype)?;
     let w3t = if swiglu {
-        Some(Tensor::from_slice(ctx, "w3", &[e, d, f], &w3)?)
+        Some(Weight::upload(ctx, "w3", &[e, d, f], &w3, dtype)?)
     } else {
         None
     };
-    let w2t = Tensor::from_slice(ctx, "w2", &[e, f, d], &w2)?;
+    let w2t = Weight::upload(ctx, "w2", &[e, f, d], &w2, dtype)?;
     let h = Tensor::<f32>::zeros(ctx, "h", &[rows, f])?;
     let y = Tensor::<f32>::zeros(ctx, "y_expert", &[rows, d])?;
     let ffn = ExpertFfn::new(
@@ -206,9 +226,9 @@ async fn run_ffn(
             x: &xt,
             token_of_slot: &tos,
             routing: &routing,
-            w1: &w1t,
-            w3: w3t.as_ref(),
-            w2: &w2t,
+            w1: w1t.view(),
+            w3: w3t.as_ref().map(Weight::view),
+            w2: w2t.view(),
             h: &h,
             y_expert: &y,
             u: None,

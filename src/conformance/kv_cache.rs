@@ -5,7 +5,7 @@
 
 use super::{bad_inputs_result, expect_error, is_invalid, is_shape, submit_pass, CheckResult};
 use crate::error::{Error, Result};
-use crate::gpu::{GpuContext, Tensor};
+use crate::gpu::{rounded_f16, Dtype, GpuContext, Tensor, Weight};
 use crate::kernels::kv_cache::{
     KvAppend, KvAttention, KvCache, KvEmbed, KvEmbedBuffers, KvShape, KvSpec, KvStep,
 };
@@ -22,6 +22,8 @@ pub enum Case {
         d: usize,
         n: usize,
         seed: u64,
+        /// wte stored as f16 (the twin reads it rounded).
+        f16: bool,
     },
     Attention {
         dims: KvDims,
@@ -34,15 +36,24 @@ impl Case {
     pub fn names(&self) -> (String, String) {
         match self {
             Case::Embed {
-                t, pos0, v, d, n, ..
-            } => (
-                KvSpec::Embed.name().into(),
-                if *n == 0 {
-                    format!("T={t} pos0={pos0} V={v} D={d} no wpe, scale 0.5")
-                } else {
-                    format!("T={t} pos0={pos0} V={v} D={d} N={n}")
-                },
-            ),
+                t,
+                pos0,
+                v,
+                d,
+                n,
+                f16,
+                ..
+            } => {
+                let f16 = if *f16 { ", wte in f16" } else { "" };
+                (
+                    KvSpec::Embed.name().into(),
+                    if *n == 0 {
+                        format!("T={t} pos0={pos0} V={v} D={d} no wpe, scale 0.5{f16}")
+                    } else {
+                        format!("T={t} pos0={pos0} V={v} D={d} N={n}{f16}")
+                    },
+                )
+            }
             Case::Attention { dims: s, .. } => (
                 format!("{}+{}", KvSpec::Append.name(), KvSpec::Attention.name()),
                 format!(
@@ -82,6 +93,7 @@ pub fn cases() -> Vec<Case> {
             d: 8,
             n: 4,
             seed: 1,
+            f16: false,
         },
         Case::Embed {
             t: 5,
@@ -90,6 +102,16 @@ pub fn cases() -> Vec<Case> {
             d: 36,
             n: 32,
             seed: 2,
+            f16: false,
+        },
+        Case::Embed {
+            t: 5,
+            pos0: 27,
+            v: 300,
+            d: 36,
+            n: 32,
+            seed: 15,
+            f16: true,
         },
         // Decode: one token, first position and deep into the cache.
         att(1, 0, 1, 16, 8, 3),
@@ -118,6 +140,16 @@ pub fn cases() -> Vec<Case> {
             d: 20,
             n: 0,
             seed: 14,
+            f16: false,
+        },
+        Case::Embed {
+            t: 3,
+            pos0: 2,
+            v: 50,
+            d: 21,
+            n: 0,
+            seed: 16,
+            f16: true,
         },
         Case::BadInputs,
     ]
@@ -133,10 +165,14 @@ pub async fn run(ctx: &GpuContext, case: &Case) -> Result<CheckResult> {
             d,
             n,
             seed,
+            f16,
         } => {
             let mut rng = Rng::new(seed);
             let ids: Vec<u32> = (0..t).map(|_| rng.below(v) as u32).collect();
-            let wte = rng.vec_sym(v * d, 1.0);
+            let mut wte = rng.vec_sym(v * d, 1.0);
+            if f16 {
+                wte = rounded_f16(&wte);
+            }
             // N = 0: no position table (a rotary model), tokens scaled.
             let rotary = n == 0;
             let cap = if rotary { pos0 + t } else { n };
@@ -146,7 +182,8 @@ pub async fn run(ctx: &GpuContext, case: &Case) -> Result<CheckResult> {
             let step = KvStep::new(ctx, cap)?;
             step.set(ctx, pos0, t)?;
             let tids = Tensor::from_slice(ctx, "ids", &[t], &ids)?;
-            let twte = Tensor::from_slice(ctx, "wte", &[v, d], &wte)?;
+            let dtype = if f16 { Dtype::F16 } else { Dtype::F32 };
+            let twte = Weight::upload(ctx, "wte", &[v, d], &wte, dtype)?;
             let twpe = Tensor::from_slice(ctx, "wpe", &[cap, d], &wpe)?;
             let x = Tensor::<f32>::zeros(ctx, "x", &[t, d])?;
             let k = KvEmbed::new(
@@ -154,7 +191,7 @@ pub async fn run(ctx: &GpuContext, case: &Case) -> Result<CheckResult> {
                 &KvEmbedBuffers {
                     step: &step,
                     ids: &tids,
-                    wte: &twte,
+                    wte: twte.view(),
                     wpe: (!rotary).then_some(&twpe),
                     x: &x,
                     scale,

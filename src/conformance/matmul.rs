@@ -1,12 +1,13 @@
 //! Conformance cases of the matmul kernel (`kernels::matmul`): every
 //! specialization, every transpose, edge shapes (1x1x1, sizes that are not
-//! multiples of any tile, M = 1, narrow N, K = 0, alpha and beta), against the
+//! multiples of any tile, M = 1, narrow N, K = 0, alpha and beta, B stored as
+//! f16 with N a multiple of 4 and not), against the
 //! twin `reference::matmul::matmul`. One timed case per specialization
 //! reports GFLOP/s.
 
 use super::CheckResult;
 use crate::error::Result;
-use crate::gpu::{GpuContext, Tensor};
+use crate::gpu::{rounded_f16, Dtype, GpuContext, Tensor, Weight};
 use crate::kernels::matmul::{Matmul, MatmulShape, MatmulSpec, Trans};
 use crate::reference::matmul::matmul as matmul_twin;
 use crate::tol::Tol;
@@ -20,6 +21,8 @@ pub struct Case {
     pub seed: u64,
     /// Time the GPU run and report GFLOP/s.
     pub timed: bool,
+    /// B stored as f16 (the twin reads B rounded to f16).
+    pub f16: bool,
 }
 
 impl Case {
@@ -29,7 +32,8 @@ impl Case {
         if s.alpha != 1.0 || s.beta != 0.0 {
             case += &format!(" alpha={} beta={}", s.alpha, s.beta);
         }
-        case += &format!(" [{}]", self.spec.with_beta(s.beta != 0.0).label());
+        let spec = self.spec.with_beta(s.beta != 0.0).with_b16(self.f16);
+        case += &format!(" [{}]", spec.label());
         (self.spec.name().to_string(), case)
     }
 }
@@ -47,6 +51,10 @@ const SHAPES: &[(usize, usize, usize, f32, f32)] = &[
     (5, 7, 0, 1.0, 0.5),
     (33, 20, 17, 0.5, -1.5),
 ];
+
+/// (M, N, K) of the cases with B stored as f16: N a multiple of 4 (B read
+/// two words at a time) and not (one half at a time), a mat-vec.
+const F16_SHAPES: &[(usize, usize, usize)] = &[(7, 13, 5), (129, 64, 33), (1, 256, 512)];
 
 /// The timed case of every specialization.
 const TIMED: (usize, usize, usize) = (512, 512, 512);
@@ -85,6 +93,20 @@ pub fn cases() -> Vec<Case> {
                     spec,
                     seed,
                     timed: false,
+                    f16: false,
+                });
+            }
+            for &(m, n, k) in F16_SHAPES {
+                seed += 1;
+                v.push(Case {
+                    shape: MatmulShape {
+                        trans,
+                        ..MatmulShape::nn(m, n, k)
+                    },
+                    spec,
+                    seed,
+                    timed: false,
+                    f16: true,
                 });
             }
         }
@@ -95,6 +117,7 @@ pub fn cases() -> Vec<Case> {
             spec,
             seed,
             timed: true,
+            f16: false,
         });
     }
     v
@@ -105,14 +128,23 @@ pub async fn run(ctx: &GpuContext, case: &Case) -> Result<CheckResult> {
     let s = &case.shape;
     let mut rng = Rng::new(case.seed);
     let a = rng.vec_sym(s.m * s.k, 1.0);
-    let b = rng.vec_sym(s.k * s.n, 1.0);
+    let mut b = rng.vec_sym(s.k * s.n, 1.0);
+    if case.f16 {
+        b = rounded_f16(&b);
+    }
     let c0 = rng.vec_sym(s.m * s.n, 1.0);
     let want = matmul_twin(&a, &b, s.m, s.n, s.k, s.trans, s.alpha, s.beta, Some(&c0));
 
     let at = Tensor::from_slice(ctx, "a", &s.trans.a_shape(s.m, s.k), &a)?;
-    let bt = Tensor::from_slice(ctx, "b", &s.trans.b_shape(s.k, s.n), &b)?;
+    let bw = Weight::upload(
+        ctx,
+        "b",
+        &s.trans.b_shape(s.k, s.n),
+        &b,
+        if case.f16 { Dtype::F16 } else { Dtype::F32 },
+    )?;
     let ct = Tensor::from_slice(ctx, "c", &[s.m, s.n], &c0)?;
-    let mm = Matmul::new(ctx, s, case.spec, &at, &bt, &ct)?;
+    let mm = Matmul::new(ctx, s, case.spec, &at, &bw, &ct)?;
     let reps = if case.timed { 3 } else { 1 };
     // Untimed warm-up when timing (the pipeline is compiled in `new`).
     if case.timed {

@@ -8,10 +8,12 @@
 mod buffer;
 mod params;
 mod pipeline;
+mod weight;
 
 pub use buffer::*;
 pub use params::*;
 pub use pipeline::*;
+pub use weight::*;
 
 use crate::error::{Error, Result};
 use serde::Serialize;

@@ -23,7 +23,7 @@ use crate::kernels::embedding::check_ids;
 use crate::kernels::kv_cache::{check_span, KvCache, KvStep};
 use crate::kernels::{GateConfig, UNUSED};
 use crate::model::graph::{Graph, KvRefs, Mode};
-use crate::model::{Model, ModelConfig};
+use crate::model::{DtypeChoice, Model, ModelConfig};
 use crate::moe::MoeLayer;
 use crate::tokenizer::Tokenizer;
 use crate::util::Stopwatch;
@@ -330,10 +330,21 @@ pub const MAX_GENERATE_TOKENS: usize = 1 << 20;
 const PREFILL_KEEP: usize = 4;
 
 impl Engine {
-    /// Upload `ck` and build the decode pass under `gate`.
+    /// Upload `ck` (weights stored as `--dtype auto` picks) and build the
+    /// decode pass under `gate`.
     pub fn new(ctx: &GpuContext, ck: &InferCheckpoint, gate: GateConfig) -> Result<Engine> {
+        Self::with_dtype(ctx, ck, gate, DtypeChoice::Auto)
+    }
+
+    /// Upload `ck` with its matmul weights stored as `dtype` resolves to.
+    pub fn with_dtype(
+        ctx: &GpuContext,
+        ck: &InferCheckpoint,
+        gate: GateConfig,
+        dtype: DtypeChoice,
+    ) -> Result<Engine> {
         let cfg = ck.cfg.clone();
-        let model = Model::new(ctx, &cfg, &ck.host)?;
+        let model = Model::with_dtype(ctx, &cfg, &ck.host, ck.host.resolve_dtype(dtype))?;
         let caches = (0..cfg.layers)
             .map(|_| KvCache::new(ctx, cfg.kv_heads(), cfg.context, cfg.head_dim()))
             .collect::<Result<Vec<_>>>()?;
@@ -371,6 +382,16 @@ impl Engine {
         self.decode = Pass::new(ctx, &self.state, 1, false)?;
         self.pos = 0;
         Ok(())
+    }
+
+    /// How the matmul weights are stored on the GPU.
+    pub fn dtype(&self) -> crate::gpu::Dtype {
+        self.state.model.dtype
+    }
+
+    /// Bytes of the model's weights on the GPU.
+    pub fn weight_bytes(&self) -> u64 {
+        self.state.model.bytes()
     }
 
     /// Tokens in the cache (the position of the next decode).

@@ -7,9 +7,10 @@
 //! the GPU), so each of W1, W3, W2 must fit one storage binding; `new` returns
 //! `Error::Limit` otherwise.
 
+use super::matmul::wgsl_select;
 use super::{Activation, Kernel, ParamsLayout, UNUSED};
 use crate::error::{Error, Result};
-use crate::gpu::{uniform, Binding, Dispatch, GpuContext, Grid, KernelDef, Tensor};
+use crate::gpu::{uniform, Binding, Dispatch, GpuContext, Grid, KernelDef, Tensor, WeightRef};
 use crate::gpu_params;
 
 /// Invocations per workgroup.
@@ -21,13 +22,18 @@ const ACTIVATION_WGSL: &str = include_str!("../../shaders/activation.wgsl");
 const DECODE_WGSL: &str = include_str!("../../shaders/decode.wgsl");
 
 /// The decode kernels. `vec4`: D and F are multiples of 4, so weight rows are
-/// read with vec4 loads (the fast path); otherwise scalar loads.
+/// read with vec4 loads (the fast path); otherwise scalar loads. `w16`: the
+/// weights are stored as f16 (`gpu::Dtype::F16`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum DecodeSpec {
     /// `h = act(x · W1[e])` (GELU) or `silu(x · W1[e]) * (x · W3[e])` (SwiGLU).
-    Up { activation: Activation, vec4: bool },
+    Up {
+        activation: Activation,
+        vec4: bool,
+        w16: bool,
+    },
     /// `y = sum_j w_j * (h_j · W2[e_j])`.
-    Down { vec4: bool },
+    Down { vec4: bool, w16: bool },
 }
 
 impl DecodeSpec {
@@ -48,15 +54,31 @@ impl DecodeSpec {
 
     fn vec4(&self) -> bool {
         match *self {
-            DecodeSpec::Up { vec4, .. } | DecodeSpec::Down { vec4 } => vec4,
+            DecodeSpec::Up { vec4, .. } | DecodeSpec::Down { vec4, .. } => vec4,
+        }
+    }
+
+    fn w16(&self) -> bool {
+        match *self {
+            DecodeSpec::Up { w16, .. } | DecodeSpec::Down { w16, .. } => w16,
         }
     }
 
     pub fn def(&self) -> KernelDef {
-        let vec4 = self.vec4();
+        let (vec4, w16) = (self.vec4(), self.w16());
+        let flags: &[&str] = if w16 { &["w16"] } else { &[] };
         KernelDef::new(
-            format!("{}{}", self.name(), if vec4 { "_vec4" } else { "_scalar" }),
-            &[ACTIVATION_WGSL, DECODE_WGSL],
+            format!(
+                "{}{}{}",
+                self.name(),
+                if vec4 { "_vec4" } else { "_scalar" },
+                if w16 { "_f16" } else { "" }
+            ),
+            &[
+                ACTIVATION_WGSL,
+                super::f16_source(w16),
+                &wgsl_select(DECODE_WGSL, flags),
+            ],
             self.name(),
             &[("WG", DECODE_WG), ("VEC4", vec4 as u32), ("UNUSED", UNUSED)],
             // One binding table for every entry point.
@@ -76,11 +98,17 @@ impl DecodeSpec {
 
     pub fn all() -> Vec<Self> {
         let mut v = Vec::new();
-        for vec4 in [false, true] {
-            for activation in [Activation::Gelu, Activation::SwiGlu] {
-                v.push(DecodeSpec::Up { activation, vec4 });
+        for w16 in [false, true] {
+            for vec4 in [false, true] {
+                for activation in [Activation::Gelu, Activation::SwiGlu] {
+                    v.push(DecodeSpec::Up {
+                        activation,
+                        vec4,
+                        w16,
+                    });
+                }
+                v.push(DecodeSpec::Down { vec4, w16 });
             }
-            v.push(DecodeSpec::Down { vec4 });
         }
         v
     }
@@ -102,7 +130,10 @@ gpu_params! {
 
 pub fn params_layouts() -> Vec<ParamsLayout> {
     vec![ParamsLayout::of::<DecodeParams>(Kernel::Decode(
-        DecodeSpec::Down { vec4: true },
+        DecodeSpec::Down {
+            vec4: true,
+            w16: false,
+        },
     ))]
 }
 
@@ -124,12 +155,12 @@ pub struct DecodeBuffers<'a> {
     pub topk_ids: &'a Tensor<u32>,
     /// topk_weights [T, K]
     pub topk_weights: &'a Tensor<f32>,
-    /// w1 [E, D, F]
-    pub w1: &'a Tensor<f32>,
+    /// w1 [E, D, F] (f32, or f16 as w3 and w2 are)
+    pub w1: WeightRef<'a>,
     /// w3 [E, D, F]: required for SwiGLU, must be `None` for GELU
-    pub w3: Option<&'a Tensor<f32>>,
+    pub w3: Option<WeightRef<'a>>,
     /// w2 [E, F, D]
-    pub w2: &'a Tensor<f32>,
+    pub w2: WeightRef<'a>,
     /// y [T, D]
     pub y: &'a Tensor<f32>,
 }
@@ -152,9 +183,9 @@ impl DecodeBuffers<'_> {
             x: &self.x.shape,
             topk_ids: &self.topk_ids.shape,
             topk_weights: &self.topk_weights.shape,
-            w1: &self.w1.shape,
-            w3: self.w3.map(|w| w.shape.as_slice()),
-            w2: &self.w2.shape,
+            w1: self.w1.shape,
+            w3: self.w3.map(|w| w.shape),
+            w2: self.w2.shape,
             y: &self.y.shape,
         }
     }
@@ -238,6 +269,13 @@ pub struct DecodeFfn {
 impl DecodeFfn {
     pub fn new(ctx: &GpuContext, activation: Activation, bufs: &DecodeBuffers<'_>) -> Result<Self> {
         let shape = check(activation, &bufs.shapes())?;
+        let w16 = bufs.w1.f16();
+        if bufs.w2.dtype != bufs.w1.dtype || bufs.w3.is_some_and(|w3| w3.dtype != bufs.w1.dtype) {
+            return Err(Error::invalid(
+                "decode",
+                "w1, w3 and w2 must share one storage (f32 or f16)",
+            ));
+        }
         let DecodeShape { t, k, e, d, f } = shape;
         ctx.check_workgroups("decode_up: slots T * K", (t * k) as u64)?;
         let h = Tensor::<f32>::zeros(ctx, "decode h", &[t, k, f])?;
@@ -258,9 +296,9 @@ impl DecodeFfn {
             &bufs.x.buffer,
             &bufs.topk_ids.buffer,
             &bufs.topk_weights.buffer,
-            &bufs.w1.buffer,
-            &w3.buffer,
-            &bufs.w2.buffer,
+            bufs.w1.buffer,
+            w3.buffer,
+            bufs.w2.buffer,
             &h.buffer,
             &bufs.y.buffer,
         ];
@@ -268,13 +306,17 @@ impl DecodeFfn {
         let block = (DECODE_WG * DECODE_COLS) as usize;
         let up = Dispatch::new(
             ctx,
-            ctx.pipeline(&Kernel::Decode(DecodeSpec::Up { activation, vec4 }))?,
+            ctx.pipeline(&Kernel::Decode(DecodeSpec::Up {
+                activation,
+                vec4,
+                w16,
+            }))?,
             &buffers,
             Grid::Direct(f.div_ceil(block) as u32, (t * k) as u32, 1),
         )?;
         let down = Dispatch::new(
             ctx,
-            ctx.pipeline(&Kernel::Decode(DecodeSpec::Down { vec4 }))?,
+            ctx.pipeline(&Kernel::Decode(DecodeSpec::Down { vec4, w16 }))?,
             &buffers,
             Grid::Direct(d.div_ceil(block) as u32, t as u32, 1),
         )?;

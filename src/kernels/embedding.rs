@@ -10,7 +10,7 @@
 use super::matmul::wgsl_select;
 use super::{grid_1d, Kernel, ParamsLayout};
 use crate::error::{Error, Result};
-use crate::gpu::{uniform, Binding, Dispatch, GpuContext, Grid, KernelDef, Tensor};
+use crate::gpu::{uniform, Binding, Dispatch, GpuContext, Grid, KernelDef, Tensor, WeightRef};
 use crate::gpu_params;
 
 /// Invocations per workgroup (one output element each).
@@ -18,10 +18,11 @@ pub const EMBEDDING_WG: u32 = 128;
 
 const EMBEDDING_WGSL: &str = include_str!("../../shaders/embedding.wgsl");
 
-/// The three embedding kernels.
+/// The three embedding kernels (the forward also with wte stored as f16).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum EmbeddingSpec {
     Forward,
+    ForwardF16,
     BackwardWte,
     BackwardWpe,
 }
@@ -30,23 +31,24 @@ impl EmbeddingSpec {
     /// Kernel name (WGSL entry point, twin, conformance `kernel` field).
     pub fn name(&self) -> &'static str {
         match self {
-            EmbeddingSpec::Forward => "embedding_forward",
+            EmbeddingSpec::Forward | EmbeddingSpec::ForwardF16 => "embedding_forward",
             EmbeddingSpec::BackwardWte => "embedding_backward_wte",
             EmbeddingSpec::BackwardWpe => "embedding_backward_wpe",
         }
     }
 
-    fn flag(&self) -> &'static str {
+    fn flags(&self) -> &'static [&'static str] {
         match self {
-            EmbeddingSpec::Forward => "forward",
-            EmbeddingSpec::BackwardWte => "wte",
-            EmbeddingSpec::BackwardWpe => "wpe",
+            EmbeddingSpec::Forward => &["forward"],
+            EmbeddingSpec::ForwardF16 => &["forward", "w16"],
+            EmbeddingSpec::BackwardWte => &["wte"],
+            EmbeddingSpec::BackwardWpe => &["wpe"],
         }
     }
 
     fn bindings(&self) -> Vec<Binding> {
         match self {
-            EmbeddingSpec::Forward => vec![
+            EmbeddingSpec::Forward | EmbeddingSpec::ForwardF16 => vec![
                 Binding::Uniform,
                 Binding::Read,      // ids [T]
                 Binding::Read,      // wte [V, D]
@@ -69,10 +71,11 @@ impl EmbeddingSpec {
     }
 
     pub fn def(&self) -> KernelDef {
-        let src = wgsl_select(EMBEDDING_WGSL, &[self.flag()]);
+        let src = wgsl_select(EMBEDDING_WGSL, self.flags());
+        let f16 = *self == EmbeddingSpec::ForwardF16;
         KernelDef::new(
-            self.name(),
-            &[&src],
+            format!("{}{}", self.name(), if f16 { "_f16" } else { "" }),
+            &[super::f16_source(f16), &src],
             self.name(),
             &[("WG", EMBEDDING_WG)],
             &self.bindings(),
@@ -82,6 +85,7 @@ impl EmbeddingSpec {
     pub fn all() -> Vec<Self> {
         vec![
             EmbeddingSpec::Forward,
+            EmbeddingSpec::ForwardF16,
             EmbeddingSpec::BackwardWte,
             EmbeddingSpec::BackwardWpe,
         ]
@@ -324,8 +328,8 @@ fn build(
 pub struct EmbeddingForwardBuffers<'a> {
     /// ids [T] (validated by the host: every id < V)
     pub ids: &'a Tensor<u32>,
-    /// wte [V, D]
-    pub wte: &'a Tensor<f32>,
+    /// wte [V, D] (f32 or f16)
+    pub wte: WeightRef<'a>,
     /// wpe [N, D]; None for rotary models.
     pub wpe: Option<&'a Tensor<f32>>,
     /// x [T, D]
@@ -348,7 +352,7 @@ impl EmbeddingForward {
     pub fn new(ctx: &GpuContext, bufs: &EmbeddingForwardBuffers<'_>) -> Result<Self> {
         let (t, v, n, d) = check_forward(
             &bufs.ids.shape,
-            &bufs.wte.shape,
+            bufs.wte.shape,
             bufs.wpe.map(|w| &w.shape[..]),
             &bufs.x.shape,
         )?;
@@ -359,19 +363,18 @@ impl EmbeddingForward {
             ));
         }
         // Without wpe the shader reads none; wte fills the binding.
-        let wpe = bufs.wpe.unwrap_or(bufs.wte);
+        let wpe = bufs.wpe.map_or(bufs.wte.buffer, |w| &w.buffer);
         let (dispatch, params) = build(
             ctx,
-            EmbeddingSpec::Forward,
+            if bufs.wte.f16() {
+                EmbeddingSpec::ForwardF16
+            } else {
+                EmbeddingSpec::Forward
+            },
             [t, v, n, d],
             (bufs.scale, bufs.wpe.is_some()),
             t * d,
-            &[
-                &bufs.ids.buffer,
-                &bufs.wte.buffer,
-                &wpe.buffer,
-                &bufs.x.buffer,
-            ],
+            &[&bufs.ids.buffer, bufs.wte.buffer, wpe, &bufs.x.buffer],
         )?;
         Ok(EmbeddingForward {
             t,

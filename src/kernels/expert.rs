@@ -12,7 +12,7 @@
 use super::matmul::{gemm_core, subgroups_of_8, wgsl_select, MatmulSpec, MatmulVariant};
 use super::{Activation, Kernel, ParamsLayout, RoutingLayout};
 use crate::error::{Error, Result};
-use crate::gpu::{uniform, Binding, Dispatch, GpuContext, Grid, KernelDef, Tensor};
+use crate::gpu::{uniform, Binding, Dispatch, GpuContext, Grid, KernelDef, Tensor, WeightRef};
 use crate::gpu_params;
 
 const ACTIVATION_WGSL: &str = include_str!("../../shaders/activation.wgsl");
@@ -200,11 +200,15 @@ impl ExpertSpec {
     }
 
     pub fn def(&self) -> KernelDef {
+        let mut flags = self.stage.flags();
+        if self.core.b16 {
+            flags.push("b16");
+        }
         grouped_gemm_def(
             self.stage.name(),
             self.core,
             EXPERT_WGSL,
-            &self.stage.flags(),
+            &flags,
             matches!(
                 self.stage,
                 ExpertStage::Gemm1SwiGlu | ExpertStage::Gemm1SwiGluTrain
@@ -213,14 +217,23 @@ impl ExpertSpec {
         )
     }
 
-    /// Every stage with every core.
+    /// Every stage with every core, and the inference stages also with f16
+    /// weights (training keeps f32 weights).
     pub fn all() -> Vec<Self> {
         ExpertStage::ALL
             .into_iter()
             .flat_map(|stage| {
-                Self::cores()
-                    .into_iter()
-                    .map(move |core| ExpertSpec { stage, core })
+                let train = matches!(
+                    stage,
+                    ExpertStage::Gemm1GeluTrain | ExpertStage::Gemm1SwiGluTrain
+                );
+                Self::cores().into_iter().flat_map(move |core| {
+                    let f16 = (!train).then_some(ExpertSpec {
+                        stage,
+                        core: core.with_b16(true),
+                    });
+                    std::iter::once(ExpertSpec { stage, core }).chain(f16)
+                })
             })
             .collect()
     }
@@ -244,6 +257,7 @@ pub(crate) fn grouped_gemm_def(
         format!("{entry}[{}]", core.label()),
         &[
             ACTIVATION_WGSL,
+            super::f16_source(flags.contains(&"b16")),
             &wgsl_select(gemm_core(), &core.flags()),
             &wgsl_select(stage_wgsl, flags),
         ],
@@ -328,14 +342,15 @@ impl ExpertShape {
         let layout = self.layout(spec);
         let rows = layout.max_rows() as u64;
         let weights = e as u64 * d as u64 * f as u64;
+        let wsize = if spec.core.b16 { 2 } else { 4 };
         let sizes = [
-            ("expert_ffn: x [T, D]", t as u64 * d as u64),
-            ("expert_ffn: w1 [E, D, F]", weights),
-            ("expert_ffn: w2 [E, F, D]", weights),
-            ("expert_ffn: h [R, F]", rows * f as u64),
-            ("expert_ffn: y_expert [R, D]", rows * d as u64),
+            ("expert_ffn: x [T, D]", t as u64 * d as u64, 4),
+            ("expert_ffn: w1 [E, D, F]", weights, wsize),
+            ("expert_ffn: w2 [E, F, D]", weights, wsize),
+            ("expert_ffn: h [R, F]", rows * f as u64, 4),
+            ("expert_ffn: y_expert [R, D]", rows * d as u64, 4),
         ];
-        for (what, count) in sizes {
+        for (what, count, size) in sizes {
             if count > u32::MAX as u64 {
                 return Err(Error::Limit {
                     what: format!("{what}: elements (u32 indices)"),
@@ -343,7 +358,7 @@ impl ExpertShape {
                     max: u32::MAX as u64,
                 });
             }
-            ctx.check_binding(format!("{what}: storage binding bytes"), 4 * count)?;
+            ctx.check_binding(format!("{what}: storage binding bytes"), size * count)?;
         }
         ctx.check_workgroups(
             "expert_ffn: row tiles (indirect x)",
@@ -370,12 +385,12 @@ pub struct ExpertBuffers<'a> {
     pub token_of_slot: &'a Tensor<u32>,
     /// routing [RoutingLayout::len()], with `INDIRECT` usage
     pub routing: &'a Tensor<u32>,
-    /// w1 [E, D, F]
-    pub w1: &'a Tensor<f32>,
+    /// w1 [E, D, F] (f32, or f16 as w3 and w2 are)
+    pub w1: WeightRef<'a>,
     /// w3 [E, D, F], SwiGLU only
-    pub w3: Option<&'a Tensor<f32>>,
+    pub w3: Option<WeightRef<'a>>,
     /// w2 [E, F, D]
-    pub w2: &'a Tensor<f32>,
+    pub w2: WeightRef<'a>,
     /// h [R, F]
     pub h: &'a Tensor<f32>,
     /// y_expert [R, D]
@@ -418,6 +433,16 @@ impl ExpertFfn {
                 ))
             }
         };
+        if bufs.w2.dtype != bufs.w1.dtype || bufs.w3.is_some_and(|w3| w3.dtype != bufs.w1.dtype) {
+            return Err(Error::invalid(
+                "expert_ffn",
+                "w1, w3 and w2 must share one storage (f32 or f16)",
+            ));
+        }
+        let spec = ExpertSpec {
+            core: spec.core.with_b16(bufs.w1.f16()),
+            ..spec
+        };
         shape.check_limits(ctx, &spec)?;
         for (name, kept) in [("u", bufs.u), ("u3", bufs.u3)] {
             if let Some(t) = kept {
@@ -431,10 +456,10 @@ impl ExpertFfn {
         let (t, e, d, f) = (shape.t, shape.e, shape.d, shape.f);
         let layout = shape.layout(&spec);
         let rows = layout.max_rows();
-        let want: [(&str, &Tensor<f32>, Vec<usize>); 5] = [
+        bufs.w1.expect_shape("expert_ffn", "w1", &[e, d, f])?;
+        bufs.w2.expect_shape("expert_ffn", "w2", &[e, f, d])?;
+        let want: [(&str, &Tensor<f32>, Vec<usize>); 3] = [
             ("x", bufs.x, vec![t, d]),
-            ("w1", bufs.w1, vec![e, d, f]),
-            ("w2", bufs.w2, vec![e, f, d]),
             ("h", bufs.h, vec![rows, f]),
             ("y_expert", bufs.y_expert, vec![rows, d]),
         ];
@@ -488,7 +513,7 @@ impl ExpertFfn {
         let (x, tos, w1, h) = (
             &bufs.x.buffer,
             &bufs.token_of_slot.buffer,
-            &bufs.w1.buffer,
+            bufs.w1.buffer,
             &bufs.h.buffer,
         );
         let gemm1 = match (bufs.w3, bufs.u) {
@@ -505,7 +530,7 @@ impl ExpertFfn {
                         tos,
                         routing,
                         w1,
-                        &w3.buffer,
+                        w3.buffer,
                         h,
                         &u.buffer,
                         &u3.buffer,
@@ -522,7 +547,7 @@ impl ExpertFfn {
             (Some(w3), None) => Dispatch::new(
                 ctx,
                 gemm1,
-                &[&params_buf, x, tos, routing, w1, &w3.buffer, h],
+                &[&params_buf, x, tos, routing, w1, w3.buffer, h],
                 indirect(RoutingLayout::ARGS1),
             )?,
             (None, None) => Dispatch::new(
@@ -539,7 +564,7 @@ impl ExpertFfn {
                 &params_buf,
                 h,
                 routing,
-                &bufs.w2.buffer,
+                bufs.w2.buffer,
                 &bufs.y_expert.buffer,
             ],
             indirect(RoutingLayout::ARGS2),

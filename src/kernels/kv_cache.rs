@@ -11,7 +11,7 @@
 
 use super::{grid_1d, Kernel, ParamsLayout};
 use crate::error::{Error, Result};
-use crate::gpu::{uniform, Binding, Dispatch, GpuContext, Grid, KernelDef, Tensor};
+use crate::gpu::{uniform, Binding, Dispatch, GpuContext, Grid, KernelDef, Tensor, WeightRef};
 use crate::gpu_params;
 
 use super::matmul::wgsl_select;
@@ -27,6 +27,8 @@ const KV_WGSL: &str = include_str!("../../shaders/kv_cache.wgsl");
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum KvSpec {
     Embed,
+    /// `kv_embed` with wte stored as f16.
+    EmbedF16,
     Append,
     Attention,
 }
@@ -35,23 +37,24 @@ impl KvSpec {
     /// Kernel name (WGSL entry point, twin, conformance `kernel` field).
     pub fn name(&self) -> &'static str {
         match self {
-            KvSpec::Embed => "kv_embed",
+            KvSpec::Embed | KvSpec::EmbedF16 => "kv_embed",
             KvSpec::Append => "kv_append",
             KvSpec::Attention => "kv_attention",
         }
     }
 
-    fn flag(&self) -> &'static str {
+    fn flags(&self) -> &'static [&'static str] {
         match self {
-            KvSpec::Embed => "embed",
-            KvSpec::Append => "append",
-            KvSpec::Attention => "attend",
+            KvSpec::Embed => &["embed"],
+            KvSpec::EmbedF16 => &["embed", "w16"],
+            KvSpec::Append => &["append"],
+            KvSpec::Attention => &["attend"],
         }
     }
 
     fn bindings(&self) -> Vec<Binding> {
         match self {
-            KvSpec::Embed => vec![
+            KvSpec::Embed | KvSpec::EmbedF16 => vec![
                 Binding::Uniform,
                 Binding::Read,      // step [4]
                 Binding::Read,      // ids [T]
@@ -78,10 +81,11 @@ impl KvSpec {
     }
 
     pub fn def(&self) -> KernelDef {
-        let src = wgsl_select(KV_WGSL, &[self.flag()]);
+        let src = wgsl_select(KV_WGSL, self.flags());
+        let f16 = *self == KvSpec::EmbedF16;
         KernelDef::new(
-            self.name(),
-            &[&src],
+            format!("{}{}", self.name(), if f16 { "_f16" } else { "" }),
+            &[super::f16_source(f16), &src],
             self.name(),
             &[("WG", KV_WG), ("KV_WG", KV_ATTN_WG)],
             &self.bindings(),
@@ -89,7 +93,12 @@ impl KvSpec {
     }
 
     pub fn all() -> Vec<Self> {
-        vec![KvSpec::Embed, KvSpec::Append, KvSpec::Attention]
+        vec![
+            KvSpec::Embed,
+            KvSpec::EmbedF16,
+            KvSpec::Append,
+            KvSpec::Attention,
+        ]
     }
 }
 
@@ -306,8 +315,8 @@ pub struct KvEmbedBuffers<'a> {
     pub step: &'a KvStep,
     /// ids [T] (validated by the host: every id < V)
     pub ids: &'a Tensor<u32>,
-    /// wte [V, D]
-    pub wte: &'a Tensor<f32>,
+    /// wte [V, D] (f32 or f16)
+    pub wte: WeightRef<'a>,
     /// wpe [N, D]; None for rotary models.
     pub wpe: Option<&'a Tensor<f32>>,
     /// x [T, D]
@@ -331,7 +340,7 @@ impl KvEmbed {
                 format!("{:?}", bufs.ids.shape),
             ));
         };
-        let &[v, d] = bufs.wte.shape.as_slice() else {
+        let &[v, d] = bufs.wte.shape else {
             return Err(Error::shape(
                 "kv_cache",
                 "wte [V, D]",
@@ -356,14 +365,18 @@ impl KvEmbed {
         };
         let (dispatch, params) = build(
             ctx,
-            KvSpec::Embed,
+            if bufs.wte.f16() {
+                KvSpec::EmbedF16
+            } else {
+                KvSpec::Embed
+            },
             params,
             (t * d).div_ceil(KV_WG as usize),
             &[
                 &bufs.step.tensor.buffer,
                 &bufs.ids.buffer,
-                &bufs.wte.buffer,
-                &bufs.wpe.unwrap_or(bufs.wte).buffer,
+                bufs.wte.buffer,
+                bufs.wpe.map_or(bufs.wte.buffer, |w| &w.buffer),
                 &bufs.x.buffer,
             ],
         )?;

@@ -21,7 +21,7 @@ use std::fmt;
 
 use super::{grid_1d, Kernel, ParamsLayout};
 use crate::error::{Error, Result};
-use crate::gpu::{uniform, Binding, Dispatch, GpuContext, Grid, KernelDef, Tensor};
+use crate::gpu::{uniform, Binding, Dispatch, GpuContext, Grid, KernelDef, Tensor, WeightRef};
 use crate::gpu_params;
 
 const MATMUL_WGSL: &str = include_str!("../../shaders/matmul.wgsl");
@@ -134,6 +134,8 @@ pub struct MatmulSpec {
     pub cv: u32,
     /// The kernel reads C (beta != 0). `Matmul::new` sets it from the shape.
     pub beta: bool,
+    /// B is stored as f16 (`gpu::Dtype::F16`). `Matmul::new` sets it from B.
+    pub b16: bool,
 }
 
 impl MatmulSpec {
@@ -161,6 +163,7 @@ impl MatmulSpec {
             ng,
             cv,
             beta: false,
+            b16: false,
         }
     }
 
@@ -187,6 +190,11 @@ impl MatmulSpec {
         MatmulSpec { beta, ..self }
     }
 
+    /// This configuration with B stored as f16 or f32.
+    pub fn with_b16(self, b16: bool) -> Self {
+        MatmulSpec { b16, ..self }
+    }
+
     pub fn tile_rows(&self) -> u32 {
         self.wy * self.ng * self.variant.rows_per_group()
     }
@@ -195,14 +203,16 @@ impl MatmulSpec {
         self.wx * 4 * self.cv
     }
 
-    /// e.g. `subgroup 96x96` (the outputs of one workgroup).
+    /// e.g. `subgroup 96x96` (the outputs of one workgroup), then ` beta`
+    /// when C is read and ` f16` when B is stored as f16.
     pub fn label(&self) -> String {
         format!(
-            "{} {}x{}{}",
+            "{} {}x{}{}{}",
             self.variant.name(),
             self.tile_rows(),
             self.tile_cols(),
-            if self.beta { " beta" } else { "" }
+            if self.beta { " beta" } else { "" },
+            if self.b16 { " f16" } else { "" }
         )
     }
 
@@ -229,7 +239,9 @@ impl MatmulSpec {
             MatmulVariant::Subgroup if self.wx != SUBGROUP_SIZE => {
                 bad(format!("the subgroup core needs wx = {SUBGROUP_SIZE}"))
             }
-            MatmulVariant::Tiled if *self != Self::TILED.with_beta(self.beta) => {
+            MatmulVariant::Tiled
+                if *self != Self::TILED.with_beta(self.beta).with_b16(self.b16) =>
+            {
                 bad("the tiled core is fixed at wx = wy = 16, ng = 4, cv = 1".into())
             }
             _ => Ok(()),
@@ -321,7 +333,10 @@ impl MatmulSpec {
     pub fn def(&self) -> KernelDef {
         KernelDef::new(
             format!("{}[{}]", self.name(), self.label()),
-            &[&wgsl_select(MATMUL_WGSL, &self.flags())],
+            &[
+                super::f16_source(self.b16),
+                &wgsl_select(MATMUL_WGSL, &self.flags()),
+            ],
             "matmul",
             &[
                 ("WX", self.wx),
@@ -340,20 +355,27 @@ impl MatmulSpec {
         )
     }
 
-    /// The `//#if` flags of `shaders/matmul.wgsl` this variant keeps.
+    /// The `//#if` flags of `shaders/matmul.wgsl` this variant keeps (the
+    /// GEMM core's, and `b16` for the loaders of f16 weights).
     pub(crate) fn flags(&self) -> Vec<&'static str> {
-        match self.variant {
+        let mut f = match self.variant {
             MatmulVariant::Blocked => vec![],
             MatmulVariant::Subgroup => vec!["subgroup"],
             MatmulVariant::Tiled => vec!["tiled"],
+        };
+        if self.b16 {
+            f.push("b16");
         }
+        f
     }
 
-    /// Every specialization (each configuration with and without beta).
+    /// Every specialization (each configuration with and without beta,
+    /// with B in f32 and in f16).
     pub fn all() -> Vec<Self> {
         Self::configs()
             .into_iter()
             .flat_map(|s| [s, s.with_beta(true)])
+            .flat_map(|s| [s, s.with_b16(true)])
             .collect()
     }
 }
@@ -532,18 +554,21 @@ pub struct Matmul {
 }
 
 impl Matmul {
-    /// `a`, `b`, `c` must have the shapes `shape.trans` implies. `spec`
-    /// (usually from `MatmulSpec::choose`) gets its `beta` flag from the shape.
-    pub fn new(
+    /// `a`, `b`, `c` must have the shapes `shape.trans` implies; `b` is
+    /// an f32 tensor or a weight in either storage. `spec` (usually from
+    /// `MatmulSpec::choose`) gets its `beta` flag from the shape and its
+    /// `b16` flag from `b`.
+    pub fn new<'b>(
         ctx: &GpuContext,
         shape: &MatmulShape,
         spec: MatmulSpec,
         a: &Tensor<f32>,
-        b: &Tensor<f32>,
+        b: impl Into<WeightRef<'b>>,
         c: &Tensor<f32>,
     ) -> Result<Self> {
-        shape.check(&a.shape, &b.shape, &c.shape)?;
-        let spec = spec.with_beta(shape.beta != 0.0);
+        let b = b.into();
+        shape.check(&a.shape, b.shape, &c.shape)?;
+        let spec = spec.with_beta(shape.beta != 0.0).with_b16(b.f16());
         spec.check(ctx)?;
         let max = ctx.limits.max_compute_workgroups_per_dimension;
         let tiles_m = shape.m.div_ceil(spec.tile_rows() as usize) as u64;
@@ -567,7 +592,7 @@ impl Matmul {
         let dispatch = Dispatch::new(
             ctx,
             pipeline,
-            &[&params, &a.buffer, &b.buffer, &c.buffer],
+            &[&params, &a.buffer, b.buffer, &c.buffer],
             Grid::Direct(gx, tiles_n as u32, gz),
         )?;
         Ok(Matmul {

@@ -25,6 +25,19 @@ pub mod rmsnorm;
 pub mod roofline;
 pub mod route;
 
+/// The f16 widening every kernel reading f16 weights prepends
+/// (`shaders/f16.wgsl`).
+pub(crate) const F16_WGSL: &str = include_str!("../../shaders/f16.wgsl");
+
+/// `F16_WGSL` when a kernel reads f16 weights, else nothing.
+pub(crate) fn f16_source(f16: bool) -> &'static str {
+    if f16 {
+        F16_WGSL
+    } else {
+        ""
+    }
+}
+
 pub use common::*;
 
 use crate::gpu::{GpuParams, KernelDef, KernelKey};

@@ -658,12 +658,22 @@ impl ModelConfig {
     /// What the model takes on the GPU with f32 storage: the parameters,
     /// the K/V caches of generation (every layer, the whole context) and
     /// the largest single tensor (which must fit one storage binding).
-    pub fn gpu_bytes(&self) -> GpuBytes {
+    pub fn gpu_bytes(&self, dtype: crate::gpu::Dtype) -> GpuBytes {
         let specs = self.param_specs();
-        let params = specs.values().map(|s| s.numel() as u64 * 4).sum();
+        let size = |id: crate::model::params::ParamId| {
+            if id.is_matmul_weight() {
+                dtype.size()
+            } else {
+                4
+            }
+        };
+        let params = specs
+            .iter()
+            .map(|(id, s)| s.numel() as u64 * size(id))
+            .sum();
         let largest = specs
             .iter()
-            .map(|(id, s)| (s.numel() as u64 * 4, id.name()))
+            .map(|(id, s)| (s.numel() as u64 * size(id), id.name()))
             .max()
             .unwrap_or_default();
         let kv = 2 * (self.layers * self.kv_heads() * self.context * self.head_dim()) as u64 * 4;
@@ -792,7 +802,7 @@ mod tests {
         };
         let p = dense.param_counts(1, 2);
         assert_eq!((p.active_min, p.active_max), (p.total, p.total));
-        let b = c.gpu_bytes();
+        let b = c.gpu_bytes(crate::gpu::Dtype::F32);
         assert_eq!(b.params, 4 * c.num_params() as u64);
         assert_eq!(b.kv_cache, (2 * c.layers * c.context * d * 4) as u64);
         let largest = (c.vocab * d).max(e * d * f);

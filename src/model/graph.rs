@@ -16,7 +16,7 @@
 //! `model::reference::forward` (batch) and `infer::reference` (generation).
 
 use crate::error::{Error, Result};
-use crate::gpu::{GpuContext, Tensor};
+use crate::gpu::{GpuContext, Tensor, Weight, WeightRef};
 use crate::kernels::add::Add;
 use crate::kernels::attention::{
     supports_head_dim, AttentionConfig, AttentionForward, AttentionForwardBuffers,
@@ -67,40 +67,40 @@ impl Mode<'_> {
 
 /// A GEMM `c = a b (+ beta c)` of shape (m, n, k) with the adapter's
 /// choice of kernel.
-pub(crate) fn mm(
+pub(crate) fn mm<'b>(
     ctx: &GpuContext,
     mnk: (usize, usize, usize),
     trans: Trans,
     beta: f32,
     a: &Tensor<f32>,
-    b: &Tensor<f32>,
+    b: impl Into<WeightRef<'b>>,
     c: &Tensor<f32>,
 ) -> Result<Matmul> {
     gemm(ctx, mnk, trans, 1.0, beta, a, b, c)
 }
 
 /// `c = alpha a b` of shape (m, n, k).
-fn mm_alpha(
+fn mm_alpha<'b>(
     ctx: &GpuContext,
     mnk: (usize, usize, usize),
     trans: Trans,
     alpha: f32,
     a: &Tensor<f32>,
-    b: &Tensor<f32>,
+    b: impl Into<WeightRef<'b>>,
     c: &Tensor<f32>,
 ) -> Result<Matmul> {
     gemm(ctx, mnk, trans, alpha, 0.0, a, b, c)
 }
 
 #[allow(clippy::too_many_arguments)]
-fn gemm(
+fn gemm<'b>(
     ctx: &GpuContext,
     (m, n, k): (usize, usize, usize),
     trans: Trans,
     alpha: f32,
     beta: f32,
     a: &Tensor<f32>,
-    b: &Tensor<f32>,
+    b: impl Into<WeightRef<'b>>,
     c: &Tensor<f32>,
 ) -> Result<Matmul> {
     let shape = MatmulShape {
@@ -131,7 +131,11 @@ impl Embed {
         ids: &Tensor<u32>,
         x: &Tensor<f32>,
     ) -> Result<Embed> {
-        let (wte, wpe) = (&model.params.wte, model.params.wpe.as_ref());
+        let wte = model.params.wte.view();
+        let wpe = match &model.params.wpe {
+            Some(w) => Some(w.f32("position embedding")?),
+            None => None,
+        };
         let scale = model.cfg.embedding_multiplier;
         Ok(match mode.kv() {
             None => Embed::Batch(EmbeddingForward::new(
@@ -281,7 +285,7 @@ impl Block {
         ctx: &GpuContext,
         bc: &BlockCtx,
         l: usize,
-        p: &BlockParams<Tensor<f32>>,
+        p: &BlockParams<Weight>,
         layer: &MoeLayer,
         shared: Option<&MoeLayer>,
         x: &Tensor<f32>,
@@ -321,7 +325,7 @@ impl Block {
             cfg.eps,
             &RmsNormForwardBuffers {
                 x,
-                g: &p.norm1,
+                g: p.norm1.f32("rmsnorm")?,
                 y: &a,
                 rstd: &rstd1,
             },
@@ -330,13 +334,18 @@ impl Block {
         let qshape = QkvShape { t, h, hkv, dh };
         let prep = QkPrep {
             bias: match &p.bqkv {
-                Some(b) => Some(QkvBias::new(ctx, qshape, b, &qkv)?),
+                Some(b) => Some(QkvBias::new(ctx, qshape, b.f32("qkv bias")?, &qkv)?),
                 None => None,
             },
             norm: match (&p.q_norm, &p.k_norm) {
-                (Some(gq), Some(gk)) => {
-                    Some(QkNormKernel::new(ctx, qshape, cfg.eps, gq, gk, &qkv)?)
-                }
+                (Some(gq), Some(gk)) => Some(QkNormKernel::new(
+                    ctx,
+                    qshape,
+                    cfg.eps,
+                    gq.f32("qk norm")?,
+                    gk.f32("qk norm")?,
+                    &qkv,
+                )?),
                 (None, None) => None,
                 _ => return Err(Error::invalid("model", "a q norm without a k norm")),
             },
@@ -435,7 +444,7 @@ impl Block {
             cfg.eps,
             &RmsNormForwardBuffers {
                 x: &xm,
-                g: &p.norm2,
+                g: p.norm2.f32("rmsnorm")?,
                 y: &ffn.fwd().x,
                 rstd: &rstd2,
             },
@@ -526,7 +535,7 @@ impl Head {
             cfg.eps,
             &RmsNormForwardBuffers {
                 x,
-                g: &model.params.norm_f,
+                g: model.params.norm_f.f32("rmsnorm")?,
                 y: &xf,
                 rstd: &rstdf,
             },

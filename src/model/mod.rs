@@ -11,7 +11,9 @@ pub mod reference;
 pub mod transformer;
 
 pub use config::{FfnKind, ModelConfig};
-pub use params::{BlockParam, BlockParams, FfnParams, HostTensor, ParamId, ParamSpec, Params};
+pub use params::{
+    BlockParam, BlockParams, DtypeChoice, FfnParams, HostTensor, ParamId, ParamSpec, Params,
+};
 pub use transformer::{
     EvalOut, EvalStep, HostParams, Model, OptConfig, StepArgs, StepStats, TrainStep,
 };

@@ -11,6 +11,7 @@
 //! same [`ParamId`]s.
 
 use crate::error::{Error, Result};
+use crate::gpu::{is_16_bit, Dtype, F16_MAX};
 use std::fmt;
 
 /// A parameter of one transformer block.
@@ -134,6 +135,28 @@ impl ParamId {
         let l: usize = l.parse().ok()?;
         let p = BlockParam::ALL.into_iter().find(|p| p.suffix() == suffix)?;
         Some(ParamId::Block(l, p))
+    }
+
+    /// Whether the parameter is a matrix a matmul reads (the embedding and
+    /// unembedding, the attention projections, the experts): what f16
+    /// storage covers. Gains, biases, routers and learned positions stay
+    /// f32 (small, and the router decides the routing).
+    pub fn is_matmul_weight(self) -> bool {
+        match self {
+            ParamId::Wte | ParamId::WOut => true,
+            ParamId::Wpe | ParamId::NormF => false,
+            ParamId::Block(_, p) => matches!(
+                p,
+                BlockParam::Wqkv
+                    | BlockParam::Wo
+                    | BlockParam::W1
+                    | BlockParam::W3
+                    | BlockParam::W2
+                    | BlockParam::SharedW1
+                    | BlockParam::SharedW3
+                    | BlockParam::SharedW2
+            ),
+        }
     }
 
     /// Whether AdamW's decoupled weight decay applies (matrices; not gains,
@@ -459,6 +482,48 @@ impl ParamSpec {
 pub struct HostTensor {
     pub shape: Vec<usize>,
     pub data: Vec<f32>,
+}
+
+/// How the user asks for the matmul weights to be stored on the GPU
+/// (`--dtype`, the page's choice).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum DtypeChoice {
+    /// f16 when the checkpoint's matmul weights are 16-bit floats (a
+    /// Hugging Face bf16 or f16 file) that f16 holds, f32 otherwise
+    /// (amoe's own checkpoints, f32 files).
+    #[default]
+    Auto,
+    F32,
+    F16,
+}
+
+crate::choice::choice! { DtypeChoice, "dtype",
+    Auto = "auto": "f16 for checkpoints stored in 16 bits (bf16/f16 files), else f32",
+    F32 = "f32": "f32 weights",
+    F16 = "f16": "f16 weights: half the bytes, math still in f32",
+}
+
+impl Params<HostTensor> {
+    /// The storage `choice` resolves to for these weights (f16 is checked
+    /// again, value by value, on upload: a value past f16's range is an
+    /// error naming the tensor).
+    pub fn resolve_dtype(&self, choice: DtypeChoice) -> Dtype {
+        match choice {
+            DtypeChoice::F32 => Dtype::F32,
+            DtypeChoice::F16 => Dtype::F16,
+            DtypeChoice::Auto => {
+                let fits = self
+                    .iter()
+                    .filter(|(id, _)| id.is_matmul_weight())
+                    .all(|(_, t)| is_16_bit(&t.data) && t.data.iter().all(|x| x.abs() <= F16_MAX));
+                if fits {
+                    Dtype::F16
+                } else {
+                    Dtype::F32
+                }
+            }
+        }
+    }
 }
 
 impl Params<ParamSpec> {

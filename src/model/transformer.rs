@@ -13,7 +13,9 @@
 
 use crate::checkpoint::NamedTensor;
 use crate::error::{Error, Result};
-use crate::gpu::{GpuContext, PartId, Readback, ReadbackLayout, ReadbackWords, Tensor};
+use crate::gpu::{
+    Dtype, GpuContext, PartId, Readback, ReadbackLayout, ReadbackWords, Tensor, Weight,
+};
 use crate::kernels::adamw::{AdamW, AdamWBuffers, AdamWConfig, GradNorm};
 use crate::kernels::add::Add;
 use crate::kernels::attention::{AttentionBackward, AttentionBackwardBuffers, AttentionConfig};
@@ -165,7 +167,10 @@ impl Params<HostTensor> {
 /// handles to them.
 pub struct Model {
     pub cfg: ModelConfig,
-    pub params: Params<Tensor<f32>>,
+    /// Every parameter; the matmul weights in `dtype`, the others in f32.
+    pub params: Params<Weight>,
+    /// How the matmul weights are stored (`ParamId::is_matmul_weight`).
+    pub dtype: Dtype,
     pub ffn: Vec<MoeLayer>,
     /// Per layer, the sigmoid-gated shared expert (Qwen2-MoE).
     pub shared: Vec<Option<MoeLayer>>,
@@ -174,19 +179,32 @@ pub struct Model {
 }
 
 impl Model {
+    /// The model in f32 (training, and amoe's own checkpoints).
     pub fn new(ctx: &GpuContext, cfg: &ModelConfig, host: &HostParams) -> Result<Model> {
+        Self::with_dtype(ctx, cfg, host, Dtype::F32)
+    }
+
+    /// The model with its matmul weights stored as `dtype` (f16: half the
+    /// bytes, math still in f32; for inference).
+    pub fn with_dtype(
+        ctx: &GpuContext,
+        cfg: &ModelConfig,
+        host: &HostParams,
+        dtype: Dtype,
+    ) -> Result<Model> {
         cfg.validate()?;
         host.validate(cfg)?;
         let mut ffn = Vec::with_capacity(cfg.layers);
         let mut shared = Vec::with_capacity(cfg.layers);
         for l in 0..cfg.layers {
-            ffn.push(MoeLayer::new(
+            ffn.push(MoeLayer::with_dtype(
                 ctx,
                 cfg.ffn_config(l),
                 &host.moe_weights(l)?,
+                dtype,
             )?);
             shared.push(match (cfg.shared_config(l), host.shared_weights(l)) {
-                (Some(c), Some(w)) => Some(MoeLayer::new(ctx, c, &w)?),
+                (Some(c), Some(w)) => Some(MoeLayer::with_dtype(ctx, c, &w, dtype)?),
                 (None, None) => None,
                 _ => {
                     return Err(Error::invalid(
@@ -203,15 +221,22 @@ impl Model {
             let sh = |l: usize| shared[l].as_ref().ok_or_else(|| missing(id));
             let w3 = |m: &MoeLayer| m.w3.clone().ok_or_else(|| missing(id));
             Ok(match id {
-                ParamId::Block(l, BlockParam::Router) => layer(l).w_router.clone(),
+                ParamId::Block(l, BlockParam::Router) => layer(l).w_router.clone().into(),
                 ParamId::Block(l, BlockParam::W1) => layer(l).w1.clone(),
                 ParamId::Block(l, BlockParam::W3) => w3(layer(l))?,
                 ParamId::Block(l, BlockParam::W2) => layer(l).w2.clone(),
-                ParamId::Block(l, BlockParam::SharedGate) => sh(l)?.w_router.clone(),
+                ParamId::Block(l, BlockParam::SharedGate) => sh(l)?.w_router.clone().into(),
                 ParamId::Block(l, BlockParam::SharedW1) => sh(l)?.w1.clone(),
                 ParamId::Block(l, BlockParam::SharedW3) => w3(sh(l)?)?,
                 ParamId::Block(l, BlockParam::SharedW2) => sh(l)?.w2.clone(),
-                _ => Tensor::from_slice(ctx, &id.name(), &t.shape, &t.data)?,
+                _ => {
+                    let dtype = if id.is_matmul_weight() {
+                        dtype
+                    } else {
+                        Dtype::F32
+                    };
+                    Weight::upload(ctx, &id.name(), &t.shape, &t.data, dtype)?
+                }
             })
         })?;
         let rope = match &cfg.rope {
@@ -225,6 +250,7 @@ impl Model {
         Ok(Model {
             cfg: cfg.clone(),
             params,
+            dtype,
             ffn,
             shared,
             rope,
@@ -240,7 +266,7 @@ impl Model {
         let mut values = values.into_iter();
         self.params.try_map(|id, t| {
             Ok(HostTensor {
-                shape: t.shape.clone(),
+                shape: t.shape().to_vec(),
                 data: values
                     .next()
                     .ok_or_else(|| Error::invalid("model download", id.name()))?,
@@ -259,7 +285,7 @@ impl Model {
 
     /// Bytes of the parameters on the GPU.
     pub fn bytes(&self) -> u64 {
-        self.params.values().map(Tensor::bytes).sum()
+        self.params.values().map(Weight::bytes).sum()
     }
 
     /// The FFN layers with another gating rule (for evaluation), sharing
@@ -630,6 +656,7 @@ impl EdgeBackward {
     fn new(
         ctx: &GpuContext,
         model: &Model,
+        params: &Params<Tensor<f32>>,
         graph: &Graph,
         grads: &Params<Tensor<f32>>,
     ) -> Result<EdgeBackward> {
@@ -647,7 +674,7 @@ impl EdgeBackward {
             Trans::NT,
             0.0,
             &head.logits,
-            required(&model.params.w_out, "w_out")?,
+            required(&params.w_out, "w_out")?,
             &dxf,
         )?;
         let dwout_mm = mm(
@@ -663,7 +690,7 @@ impl EdgeBackward {
             ctx,
             &RmsNormBackwardBuffers {
                 x: &head.x,
-                g: &model.params.norm_f,
+                g: &params.norm_f,
                 dy: &dxf,
                 rstd: &head.rstdf,
                 dx: &last.ffn.train()?.dy,
@@ -905,7 +932,11 @@ impl TrainStep {
         let z = |name: &str, shape: &[usize]| Tensor::<f32>::zeros(ctx, name, shape);
 
         // Gradients: the FFN's live in its training plan.
-        let grads = model.params.try_map(|id, p| {
+        // Training reads and writes f32 parameters.
+        let params = model
+            .params
+            .try_map(|_, w| Ok(w.f32("training")?.clone()))?;
+        let grads = params.try_map(|id, p| {
             let plan = |l: usize| blocks[l].ffn.train();
             Ok(match id {
                 ParamId::Block(l, BlockParam::Router) => plan(l)?.dw_router.clone(),
@@ -922,7 +953,7 @@ impl TrainStep {
         // Backward: the head and the embedding, then each block; the
         // gradient of a block's input is the previous block's FFN dy (or
         // the embedding's gx0).
-        let edge = EdgeBackward::new(ctx, model, &fwd.graph, &grads)?;
+        let edge = EdgeBackward::new(ctx, model, &params, &fwd.graph, &grads)?;
         let acfg = AttentionConfig {
             b,
             n: cfg.context,
@@ -941,7 +972,7 @@ impl TrainStep {
                 ctx,
                 acfg,
                 blk,
-                &model.params.blocks[l],
+                &params.blocks[l],
                 &grads.blocks[l],
                 gx,
                 model.rope.as_ref().map(|r| (r, &fwd.graph.rope_step)),
@@ -966,15 +997,10 @@ impl TrainStep {
         let clip = z("clip", &[2])?;
         let grad_refs: Vec<&Tensor<f32>> = grads.values().collect();
         let grad_norm = GradNorm::new(ctx, &grad_refs, &clip, opt.clip)?;
-        let m = model
-            .params
-            .try_map(|id, p| z(&format!("m {id}"), &p.shape))?;
-        let v = model
-            .params
-            .try_map(|id, p| z(&format!("v {id}"), &p.shape))?;
+        let m = params.try_map(|id, p| z(&format!("m {id}"), &p.shape))?;
+        let v = params.try_map(|id, p| z(&format!("v {id}"), &p.shape))?;
         let mut adamw = Vec::with_capacity(grads.len());
-        for ((id, p), ((g, mt), vt)) in model
-            .params
+        for ((id, p), ((g, mt), vt)) in params
             .iter()
             .zip(grads.values().zip(m.values()).zip(v.values()))
         {

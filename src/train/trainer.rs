@@ -210,10 +210,10 @@ impl Run {
                     let nt = checkpoint::find(opt, &name).ok_or_else(|| {
                         Error::checkpoint("optimizer.safetensors", format!("missing {name}"))
                     })?;
-                    if nt.shape != p.shape {
+                    if nt.shape != p.shape() {
                         return Err(Error::checkpoint(
                             "optimizer.safetensors",
-                            format!("{name}: shape {:?}, expected {:?}", nt.shape, p.shape),
+                            format!("{name}: shape {:?}, expected {:?}", nt.shape, p.shape()),
                         ));
                     }
                     t.write(ctx, &nt.data)?;
@@ -253,12 +253,12 @@ impl Run {
         {
             optimizer.push(NamedTensor::new(
                 format!("m.{id}"),
-                p.shape.clone(),
+                p.shape().to_vec(),
                 m.read(ctx).await?,
             )?);
             optimizer.push(NamedTensor::new(
                 format!("v.{id}"),
-                p.shape.clone(),
+                p.shape().to_vec(),
                 v.read(ctx).await?,
             )?);
         }
