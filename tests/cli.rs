@@ -490,6 +490,64 @@ fn info_reports_parameters_and_bytes_on_every_adapter() {
     assert!(String::from_utf8_lossy(&bad.stderr).contains("/nonexistent/run"));
 }
 
+/// `--dtype`: `auto` keeps amoe's own f32 checkpoint in f32 and stores a
+/// bf16 Hugging Face model in f16; `f16` halves the bytes of the matmul
+/// weights (the gains, biases and router stay f32); a bad name lists the
+/// good ones.
+#[test]
+fn dtype_picks_the_weight_storage() {
+    let info = |args: &[&str]| -> serde_json::Value {
+        let mut all = vec!["info", "--json"];
+        all.extend_from_slice(args);
+        let out = amoe(&all);
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).expect("valid JSON")
+    };
+    let bytes = |v: &serde_json::Value| v["bytes"]["params"].as_u64().unwrap();
+    let demo = info(&[]);
+    assert_eq!(demo["dtype"], "f32");
+    let demo16 = info(&["--dtype", "f16"]);
+    assert_eq!(demo16["dtype"], "f16");
+    let total = demo["params"]["total"].as_u64().unwrap();
+    assert_eq!(bytes(&demo), 4 * total);
+    // The demo's norms, router and positions (f32) are a few thousand
+    // values: f16 takes a little over half.
+    assert!(bytes(&demo16) > 2 * total && bytes(&demo16) < 2 * total + total / 5);
+    let mixtral = "tests/fixtures/hf/mixtral";
+    assert_eq!(info(&["--checkpoint", mixtral])["dtype"], "f16");
+    assert_eq!(
+        info(&["--checkpoint", mixtral, "--dtype", "f32"])["dtype"],
+        "f32"
+    );
+    let bad = amoe(&["info", "--dtype", "f8"]);
+    assert_eq!(bad.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&bad.stderr);
+    assert!(err.contains("auto") && err.contains("f16"), "{err}");
+    // Generation with f16 weights runs and prints text.
+    let out = amoe(&[
+        "generate",
+        "--checkpoint",
+        mixtral,
+        "--dtype",
+        "f16",
+        "--prompt",
+        "the",
+        "--max-tokens",
+        "4",
+        "--backend",
+        "vulkan",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 /// `amoe eval` on a text: a JSON report whose numbers agree with each
 /// other; a stride past the context and a text of one token are errors.
 #[test]
