@@ -162,6 +162,7 @@ async fn bench_expert(ctx: &GpuContext, shape: &ExpertShape, peak: f64) -> Resul
             w1: (&w1t).into(),
             w3: w3t.as_ref().map(Into::into),
             w2: (&w2t).into(),
+            e0: 0,
             h: &h,
             y_expert: &y,
             u: None,

@@ -4,7 +4,9 @@
 //   decode_up_swiglu: h[t, j, :] = silu(x[t] · W1[e]) * (x[t] · W3[e])
 //   decode_down:      y[t, :] = sum_j w[t, j] * (h[t, j, :] · W2[e])
 // with e = topk_ids[t, j]; unused slots (UNUSED, or an id not below E) give
-// h = 0 and add nothing. The sum over j is inside decode_down (no atomics).
+// h = 0 and add nothing. A bank split into parts (experts e0 .. e0 + ec per
+// part) runs both kernels once per part: each part computes its own slots,
+// and every part after the first adds its sum to y. The sum over j is inside decode_down (no atomics).
 // Shapes: T tokens, K slots per token, E experts, D model width, F expert
 // hidden width; W1, W3 [E, D, F] and W2 [E, F, D], as in the grouped path.
 // Twin: src/reference/decode.rs (decode_up, decode_down, decode_ffn).
@@ -30,9 +32,11 @@ struct DecodeParams {
     e: u32,
     d: u32,
     f: u32,
-    _pad0: u32,
-    _pad1: u32,
-    _pad2: u32,
+    // The weights bound hold experts e0 .. e0 + ec of e (all of them, or
+    // one part of a split bank). accumulate = 1: add to y (later parts).
+    e0: u32,
+    ec: u32,
+    accumulate: u32,
 }
 
 @group(0) @binding(0) var<uniform> params: DecodeParams;
@@ -146,13 +150,20 @@ fn decode_up(wid: vec3<u32>, lid: u32, swiglu: bool) {
     let d_n = params.d;
     let f_n = params.f;
     let cols = my_cols(wid.x, lid);
-    let id = topk_ids[tj];
+    let gid = topk_ids[tj];
     if cols.x >= f_n {
         return;
     }
+    // This part's slot, or an unused one (zeroed by the part at e0 = 0);
+    // another part's slot is left to that part.
+    let mine = gid >= params.e0 && gid < params.e0 + params.ec;
+    if !mine && !(gid >= params.e && params.e0 == 0u) {
+        return;
+    }
+    let id = gid - params.e0;
     var a = vec4<f32>(0.0);
     var b = vec4<f32>(0.0);
-    if id < params.e {
+    if mine {
         if VEC4 == 1u {
             let f4 = f_n / 4u;
             let g = cols.x / 4u;
@@ -185,7 +196,7 @@ fn decode_up(wid: vec3<u32>, lid: u32, swiglu: bool) {
         }
     }
     var v = vec4<f32>(0.0);
-    if id < params.e {
+    if mine {
         if swiglu {
             v = vec4<f32>(act_silu(a.x), act_silu(a.y), act_silu(a.z), act_silu(a.w)) * b;
         } else {
@@ -226,8 +237,9 @@ fn decode_down(
     var out = vec4<f32>(0.0);
     for (var j = 0u; j < params.k; j++) {
         let tj = t * params.k + j;
-        let id = topk_ids[tj];
-        if id < params.e {
+        let gid = topk_ids[tj];
+        if gid >= params.e0 && gid < params.e0 + params.ec {
+            let id = gid - params.e0;
             var acc = vec4<f32>(0.0);
             let hrow = tj * f_n;
             if VEC4 == 1u {
@@ -255,7 +267,11 @@ fn decode_down(
     }
     for (var c = 0u; c < 4u; c++) {
         if cols[c] < d_n {
-            y[t * d_n + cols[c]] = out[c];
+            if params.accumulate != 0u {
+                y[t * d_n + cols[c]] += out[c];
+            } else {
+                y[t * d_n + cols[c]] = out[c];
+            }
         }
     }
 }

@@ -28,6 +28,13 @@ struct EmbeddingParams {
     // token embedding multiplier (1 but for Granite) and whether wpe is read
     scale: f32,
     has_wpe: u32,
+    // The rows of wte bound: v0 .. v0 + vc of V (all, or one part of a
+    // split table; the forward runs once per part and each token's row is
+    // written by the part holding its id).
+    v0: u32,
+    vc: u32,
+    _pad0: u32,
+    _pad1: u32,
     _pad2: u32,
 }
 
@@ -81,8 +88,11 @@ fn embedding_forward(
     // The host validates ids (kernels::embedding::check_ids); clamping only
     // keeps a bad id from reading out of bounds.
     let id = min(ids[t], params.v - 1u);
+    if id < params.v0 || id >= params.v0 + params.vc {
+        return;
+    }
     let pos = t % params.n;
-    let e = wte_at(id * d + col) * params.scale;
+    let e = wte_at((id - params.v0) * d + col) * params.scale;
     if params.has_wpe != 0u {
         x[idx] = e + wpe[pos * d + col];
     } else {

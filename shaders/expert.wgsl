@@ -8,7 +8,8 @@
 //   expert_gemm2:        y_expert[r, :] = h[r, :] · W2[e]
 // with e = tile_expert[r / tile_m] from the routing buffer (RoutingLayout).
 // Padding rows (token UNUSED) read zeros; what they write is never read.
-// Shapes: x [T, D], token_of_slot [R], W1/W3 [E, D, F], W2 [E, F, D],
+// Shapes: x [T, D], token_of_slot [R], W1/W3 [Ec, D, F], W2 [Ec, F, D]
+// (experts e0 .. e0 + Ec of E: all of them, or one part of a split bank),
 // h [R, F], y_expert [R, D], R = max_rows. Grid (indirect, from the routing
 // kernels): x = row tile (one expert each), y = column tile.
 // Twin: src/reference/expert.rs (`expert_ffn`).
@@ -29,7 +30,13 @@ struct ExpertParams {
     // Word offset of tile_expert [max_tiles] in routing.
     tile_expert: u32,
     max_tiles: u32,
+    // The experts whose weights are bound: e0 .. e0 + ec (a weight split
+    // into parts runs once per part; every part's tiles are the others' no-op).
+    e0: u32,
+    ec: u32,
     _pad0: u32,
+    _pad1: u32,
+    _pad2: u32,
 }
 
 @group(0) @binding(0) var<uniform> p: ExpertParams;
@@ -279,7 +286,12 @@ fn expert_main(lid: vec3<u32>, wid: vec3<u32>) {
     let tile = wid.x;
     // Every row tile belongs to one expert (clamped: never index past E).
     let e = min(routing[p.tile_expert + min(tile, p.max_tiles - 1u)], p.e - 1u);
-    w_base = e * kdim() * ndim();
+    // Another part's expert: its dispatch computes this tile. (Uniform per
+    // workgroup: the tile is the workgroup's.)
+    if (e < p.e0 || e >= p.e0 + p.ec) {
+        return;
+    }
+    w_base = (e - p.e0) * kdim() * ndim();
     let ln = GemmLane(tile * GEMM_TILE_M, wid.y * GEMM_TILE_N, lid.x, lid.y);
     gemm_run(ln, p.rows, kdim());
 }

@@ -47,6 +47,12 @@ struct KvParams {
     // kv_embed: token embedding multiplier, and whether wpe is read
     emb_scale: f32,
     has_wpe: u32,
+    // kv_embed: the rows of wte bound, v0 .. v0 + vc of V (a part of a
+    // split table writes the tokens whose ids it holds)
+    v0: u32,
+    vc: u32,
+    _pad0: u32,
+    _pad1: u32,
 }
 
 @group(0) @binding(0) var<uniform> params: KvParams;
@@ -107,7 +113,10 @@ fn kv_embed(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_ind
         x[idx] = 0.0;
         return;
     }
-    let e = wte_at(id * d + c) * params.emb_scale;
+    if (id < params.v0 || id >= params.v0 + params.vc) {
+        return;
+    }
+    let e = wte_at((id - params.v0) * d + c) * params.emb_scale;
     if (params.has_wpe != 0u) {
         x[idx] = e + wpe[pos * d + c];
     } else {

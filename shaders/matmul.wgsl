@@ -369,8 +369,10 @@ struct MatmulParams {
     a_sk: u32,
     b_sk: u32,
     b_sn: u32,
-    _pad0: u32,
-    _pad1: u32,
+    // C(m, n) = c[c0 + m * ldc + n]: C is columns c0 .. c0 + N of a wider
+    // row-major matrix of ldc columns (ldc = N, c0 = 0 for all of it).
+    ldc: u32,
+    c0: u32,
 }
 
 @group(0) @binding(0) var<uniform> p: MatmulParams;
@@ -442,7 +444,7 @@ fn gemm_store4(m: u32, n: u32, v: vec4<f32>, v2: vec4<f32>) {
     if (m >= p.m) {
         return;
     }
-    let i = m * p.n + n;
+    let i = p.c0 + m * p.ldc + n;
     if (n < p.n) {
         store_c(i, v.x);
     }

@@ -9,9 +9,9 @@
 //! against an independent formulation).
 
 use crate::error::{Error, Result};
-use crate::gpu::{Dtype, GpuContext, Tensor, Weight};
+use crate::gpu::{Dtype, GpuContext, Tensor, Weight, WeightPart, WeightRef};
 use crate::kernels::combine::{Combine, CombineBuffers};
-use crate::kernels::decode::{DecodeBuffers, DecodeFfn};
+use crate::kernels::decode::{DecodeBuffers, DecodeFfn, DecodePart};
 use crate::kernels::expert::{ExpertBuffers, ExpertFfn, ExpertShape, ExpertSpec};
 use crate::kernels::gate::{Gate, GateBuffers};
 use crate::kernels::matmul::{Matmul, MatmulShape, MatmulSpec, Trans};
@@ -38,6 +38,14 @@ pub enum Path {
     Decode,
 }
 
+/// One part of an expert bank: experts `e0 ..` and their weights.
+struct ExpertPart<'a> {
+    e0: usize,
+    w1: WeightRef<'a>,
+    w3: Option<WeightRef<'a>>,
+    w2: WeightRef<'a>,
+}
+
 /// A layer's weights on the GPU.
 pub struct MoeLayer {
     pub cfg: MoeConfig,
@@ -51,15 +59,16 @@ pub struct MoeLayer {
     pub w2: Weight,
 }
 
-// Boxed: launchers are large and a plan holds one path.
+// Boxed: launchers are large and a plan holds one path. One expert
+// launcher per part of a split expert bank (one for a bank in one buffer).
 enum Experts {
     Grouped(Box<GroupedExperts>),
-    Decode(Box<DecodeFfn>),
+    Decode(Vec<DecodeFfn>),
 }
 
 struct GroupedExperts {
     route: Route,
-    ffn: ExpertFfn,
+    ffn: Vec<ExpertFfn>,
     combine: Combine,
     token_of_slot: Tensor<u32>,
     slot_of_token: Tensor<u32>,
@@ -108,13 +117,43 @@ pub struct RoutingSummary {
 }
 
 impl MoeLayer {
+    /// The expert bank's parts: the experts each holds and its w1, w3, w2
+    /// (one part for a bank in one buffer each).
+    fn expert_parts(&self) -> Result<Vec<ExpertPart<'_>>> {
+        let (p1, p2) = (self.w1.parts(), self.w2.parts());
+        let p3 = self.w3.as_ref().map(Weight::parts);
+        let same = |a: &[WeightPart], b: &[WeightPart]| {
+            a.len() == b.len() && a.iter().zip(b).all(|(x, y)| x.range == y.range)
+        };
+        if !same(&p1, &p2) || p3.as_ref().is_some_and(|p3| !same(&p1, p3)) {
+            return Err(Error::invalid(
+                "moe_layer",
+                "w1, w3 and w2 are split at different experts",
+            ));
+        }
+        Ok(p1
+            .iter()
+            .zip(&p2)
+            .enumerate()
+            .map(|(i, (a, b))| ExpertPart {
+                e0: a.range.start,
+                w1: a.view,
+                w3: p3.as_ref().map(|p| p[i].view),
+                w2: b.view,
+            })
+            .collect())
+    }
+
     /// Upload `weights` for `cfg` in f32.
     pub fn new(ctx: &GpuContext, cfg: MoeConfig, weights: &MoeWeights) -> Result<Self> {
         Self::with_dtype(ctx, cfg, weights, Dtype::F32)
     }
 
     /// Upload `weights` for `cfg`, the experts stored as `dtype` (the
-    /// router stays f32: it decides the routing, and it is small).
+    /// router stays f32: it decides the routing, and it is small). A bank
+    /// larger than one storage binding is split into parts of whole experts
+    /// (`GpuContext::split_bytes`); w1, w3 and w2 have the same size, so
+    /// they split at the same experts.
     pub fn with_dtype(
         ctx: &GpuContext,
         cfg: MoeConfig,
@@ -127,12 +166,12 @@ impl MoeLayer {
         Ok(MoeLayer {
             cfg,
             w_router: Tensor::from_slice(ctx, "w_router", &[d, e], &weights.w_router)?,
-            w1: Weight::upload(ctx, "w1", &[e, d, f], &weights.w1, dtype)?,
+            w1: Weight::upload_split(ctx, "w1", &[e, d, f], &weights.w1, dtype, 0)?,
             w3: match &weights.w3 {
-                Some(w3) => Some(Weight::upload(ctx, "w3", &[e, d, f], w3, dtype)?),
+                Some(w3) => Some(Weight::upload_split(ctx, "w3", &[e, d, f], w3, dtype, 0)?),
                 None => None,
             },
-            w2: Weight::upload(ctx, "w2", &[e, f, d], &weights.w2, dtype)?,
+            w2: Weight::upload_split(ctx, "w2", &[e, f, d], &weights.w2, dtype, 0)?,
         })
     }
 
@@ -235,20 +274,30 @@ impl MoeLayer {
                 routing: &routing,
             },
         )?;
+        let parts = self.expert_parts()?;
         let experts = if decode {
-            Experts::Decode(Box::new(DecodeFfn::new(
-                ctx,
-                cfg.activation,
-                &DecodeBuffers {
-                    x: &x,
-                    topk_ids: &topk_ids,
-                    topk_weights: &topk_weights,
-                    w1: self.w1.view(),
-                    w3: self.w3.as_ref().map(Weight::view),
-                    w2: self.w2.view(),
-                    y: &y,
-                },
-            )?))
+            let mut ffns = Vec::with_capacity(parts.len());
+            for (i, p) in parts.iter().enumerate() {
+                ffns.push(DecodeFfn::new(
+                    ctx,
+                    cfg.activation,
+                    &DecodeBuffers {
+                        x: &x,
+                        topk_ids: &topk_ids,
+                        topk_weights: &topk_weights,
+                        w1: p.w1,
+                        w3: p.w3,
+                        w2: p.w2,
+                        y: &y,
+                        part: (parts.len() > 1).then_some(DecodePart {
+                            e0: p.e0,
+                            experts: e,
+                            accumulate: i > 0,
+                        }),
+                    },
+                )?);
+            }
+            Experts::Decode(ffns)
         } else {
             let rows = layout.max_rows();
             let token_of_slot = Tensor::zeros(ctx, "token_of_slot", &[rows])?;
@@ -265,29 +314,34 @@ impl MoeLayer {
             } else {
                 None
             };
-            let ffn = ExpertFfn::new(
-                ctx,
-                &expert_shape,
-                spec,
-                ExpertBuffers {
-                    x: &x,
-                    token_of_slot: &token_of_slot,
-                    routing: &routing,
-                    w1: self.w1.view(),
-                    w3: self.w3.as_ref().map(Weight::view),
-                    w2: self.w2.view(),
-                    h: &h,
-                    y_expert: &y_expert,
-                    u: u.as_ref(),
-                    u3: u3.as_ref(),
-                },
-            )?;
+            // Each part's GEMMs write the rows of its own experts' tiles.
+            let mut ffn = Vec::with_capacity(parts.len());
+            for p in &parts {
+                ffn.push(ExpertFfn::new(
+                    ctx,
+                    &expert_shape,
+                    spec,
+                    ExpertBuffers {
+                        x: &x,
+                        token_of_slot: &token_of_slot,
+                        routing: &routing,
+                        w1: p.w1,
+                        w3: p.w3,
+                        w2: p.w2,
+                        e0: p.e0,
+                        h: &h,
+                        y_expert: &y_expert,
+                        u: u.as_ref(),
+                        u3: u3.as_ref(),
+                    },
+                )?);
+            }
             let route = Route::new(
                 ctx,
                 &RouteConfig {
                     layout,
-                    grid_y1: ffn.grid_y1(),
-                    grid_y2: ffn.grid_y2(),
+                    grid_y1: ffn[0].grid_y1(),
+                    grid_y2: ffn[0].grid_y2(),
                     capacity: if train { cfg.capacity(t) } else { None },
                 },
                 &RouteBuffers {
@@ -383,12 +437,18 @@ impl MoeLayer {
         let Some(u) = g.u.as_ref() else {
             return Err(Error::invalid("moe_layer", "training plan without u"));
         };
-        let core = g.ffn.spec.core;
+        let [ffn] = g.ffn.as_slice() else {
+            return Err(Error::invalid(
+                "moe_layer",
+                "training needs each expert bank in one buffer",
+            ));
+        };
+        let core = ffn.spec.core;
         let layout = RoutingLayout {
             t,
             k: self.cfg.k(),
             e,
-            tile_m: g.ffn.tile_m(),
+            tile_m: ffn.tile_m(),
         };
         let shape = MoeBackwardShape {
             layout,
@@ -504,10 +564,16 @@ impl MoePlan {
         match &self.experts {
             Experts::Grouped(g) => {
                 g.route.record(pass);
-                g.ffn.record(pass);
+                for f in &g.ffn {
+                    f.record(pass);
+                }
                 g.combine.record(pass);
             }
-            Experts::Decode(ffn) => ffn.record(pass),
+            Experts::Decode(ffns) => {
+                for f in ffns {
+                    f.record(pass);
+                }
+            }
         }
     }
 
@@ -536,7 +602,9 @@ impl MoePlan {
     pub(crate) fn record_expert_gemms(&self, pass: &mut wgpu::ComputePass<'_>) -> bool {
         match &self.experts {
             Experts::Grouped(g) => {
-                g.ffn.record(pass);
+                for f in &g.ffn {
+                    f.record(pass);
+                }
                 true
             }
             Experts::Decode(_) => false,

@@ -342,3 +342,92 @@ fn f16_refuses_weights_past_its_range() {
         assert!(e.contains("wte") && e.contains("--dtype f32"), "{e}");
     });
 }
+
+/// Puts a context's split size back when dropped (also when a test body
+/// panics, so that later tests of this binary see the real limit).
+struct SplitAt<'a>(&'a amoe::gpu::GpuContext);
+
+impl<'a> SplitAt<'a> {
+    fn new(ctx: &'a amoe::gpu::GpuContext, bytes: u64) -> Self {
+        ctx.set_split_bytes(bytes);
+        SplitAt(ctx)
+    }
+}
+
+impl Drop for SplitAt<'_> {
+    fn drop(&mut self) {
+        self.0.set_split_bytes(u64::MAX);
+    }
+}
+
+/// Weights larger than one storage binding run in parts: with the split
+/// size lowered to 16 KiB, the expert banks (8 KiB per expert) split into
+/// parts of 2 experts, the token table and the untied unembedding into
+/// vocabulary blocks, and the model still gives the logits of the unsplit
+/// one: prefill (grouped expert GEMMs, one per part; the head's GEMM per
+/// block of columns) bit for bit, decode (the mat-vecs add each part's
+/// slots to y in turn, a different order of f32 sums) within 1e-6. Tied in
+/// f32 (wte by rows, the transposed head per row block) and untied in f16
+/// (w_out by columns). A single expert larger than a binding is an error
+/// naming the weight.
+#[test]
+fn weights_larger_than_a_binding_run_in_parts() {
+    let mut rng = amoe::util::Rng::new(9);
+    let ids: Vec<u32> = (0..30).map(|_| rng.below(96) as u32).collect();
+    common::for_each_adapter(|ctx| {
+        for (tied, dtype) in [(true, DtypeChoice::F32), (false, DtypeChoice::F16)] {
+            let cfg = ModelConfig { tied, ..wide(32) };
+            cfg.validate().unwrap();
+            let p = random_params(&cfg, 90);
+            let ck = InferCheckpoint {
+                cfg: cfg.clone(),
+                host: p,
+                tokenizer: amoe::tokenizer::Tokenizer::train(["abc def ghi"].into_iter(), 300)
+                    .unwrap(),
+                eval_gating: cfg.gate.gating,
+                source: "random".into(),
+                stop_ids: vec![],
+                model_type: None,
+            };
+            let run = |split: Option<u64>| {
+                let _at = split.map(|b| SplitAt::new(ctx, b));
+                let mut engine = Engine::with_dtype(ctx, &ck, cfg.gate, dtype).unwrap();
+                let prefill = pollster::block_on(engine.prefill(ctx, &ids[..20], true))
+                    .unwrap()
+                    .logits;
+                let mut decode = Vec::new();
+                for &id in &ids[20..] {
+                    decode.extend(pollster::block_on(engine.decode(ctx, id)).unwrap().logits);
+                }
+                (prefill, decode, engine.weight_bytes())
+            };
+            let (p1, d1, b1) = run(None);
+            let (p2, d2, b2) = run(Some(16 * 1024));
+            let same = p1.iter().zip(&p2).all(|(a, b)| a.to_bits() == b.to_bits());
+            let err = max_err(&d1, &d2);
+            eprintln!(
+                "   tied {tied}, {dtype}: prefill bit for bit {same}, decode max |diff| {err:.1e}"
+            );
+            assert!(same, "tied {tied} {dtype}: prefill logits differ");
+            assert!(err <= 1e-6, "tied {tied} {dtype}: decode {err}");
+            assert_eq!(b1, b2);
+        }
+        // One expert (64 x 32 f32 = 8 KiB) past a 4 KiB binding.
+        let cfg = wide(32);
+        let ck = InferCheckpoint {
+            cfg: cfg.clone(),
+            host: random_params(&cfg, 91),
+            tokenizer: amoe::tokenizer::Tokenizer::train(["abc def ghi"].into_iter(), 300).unwrap(),
+            eval_gating: cfg.gate.gating,
+            source: "random".into(),
+            stop_ids: vec![],
+            model_type: None,
+        };
+        let _at = SplitAt::new(ctx, 4096);
+        let e = Engine::with_dtype(ctx, &ck, cfg.gate, DtypeChoice::F32)
+            .err()
+            .expect("an expert past the binding")
+            .to_string();
+        assert!(e.contains("w1") && e.contains("one storage binding"), "{e}");
+    });
+}

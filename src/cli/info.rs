@@ -52,7 +52,12 @@ struct Info {
     adapter: String,
     /// The adapter's largest storage binding (and buffer).
     binding_limit: u64,
+    /// Tensors larger than one binding, split into this many parts.
+    split: Vec<(String, usize)>,
+    /// Every tensor, or each part of a split one, fits one binding.
     fits: bool,
+    /// Why not, when it does not.
+    too_large: Option<String>,
 }
 
 pub fn run(adapter: &AdapterArgs, args: &InfoArgs) -> Result<ExitCode> {
@@ -67,6 +72,9 @@ pub fn run(adapter: &AdapterArgs, args: &InfoArgs) -> Result<ExitCode> {
         .min(ctx.limits.max_buffer_size);
     let dtype = ck.host.resolve_dtype(args.model.dtype);
     let bytes = cfg.gpu_bytes(dtype);
+    // Weights past the split size (the binding limit, or AMOE_SPLIT_BYTES)
+    // go in parts.
+    let plan = cfg.split_plan(dtype, ctx.split_bytes(), limit);
     let info = Info {
         checkpoint: ck.source.clone(),
         model_type: ck.model_type.clone(),
@@ -100,7 +108,11 @@ pub fn run(adapter: &AdapterArgs, args: &InfoArgs) -> Result<ExitCode> {
         threshold: (gate.gating == amoe::kernels::Gating::Adaptive).then_some(gate.threshold),
         experts_per_token: [min_k, max_k],
         params: cfg.param_counts(min_k, max_k),
-        fits: bytes.largest_tensor <= limit,
+        fits: plan.is_ok(),
+        split: plan.clone().unwrap_or_default(),
+        too_large: plan
+            .err()
+            .map(|(name, b)| format!("{name}: {} in one piece", mib(b))),
         dtype: dtype.to_string(),
         bytes,
         adapter: format!("{}/{}", ctx.backend(), ctx.info.name),
@@ -115,7 +127,11 @@ pub fn run(adapter: &AdapterArgs, args: &InfoArgs) -> Result<ExitCode> {
 }
 
 fn mib(bytes: u64) -> String {
-    format!("{:.1} MiB", bytes as f64 / (1024.0 * 1024.0))
+    if bytes < 1 << 20 {
+        format!("{:.1} KiB", bytes as f64 / 1024.0)
+    } else {
+        format!("{:.1} MiB", bytes as f64 / (1024.0 * 1024.0))
+    }
 }
 
 fn count(n: usize) -> String {
@@ -202,6 +218,17 @@ fn text(i: &Info) -> String {
         b.largest_tensor_name,
         mib(b.largest_tensor),
         mib(i.binding_limit),
-        if i.fits { "fits" } else { "does not fit" },
+        match (&i.too_large, i.split.is_empty()) {
+            (Some(why), _) => format!("does not fit ({why})"),
+            (None, true) => "fits".to_string(),
+            (None, false) => format!(
+                "fits, split: {}",
+                i.split
+                    .iter()
+                    .map(|(n, p)| format!("{n} in {p} parts"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        },
     )
 }

@@ -9,7 +9,7 @@ use super::CheckResult;
 use super::{bad_inputs_result, expect_error, is_invalid, is_shape, submit_pass};
 use crate::error::Result;
 use crate::gpu::{rounded_f16, Dtype, GpuContext, Tensor, Weight};
-use crate::kernels::decode::{DecodeBuffers, DecodeFfn, DecodeShape};
+use crate::kernels::decode::{DecodeBuffers, DecodeFfn, DecodePart, DecodeShape};
 use crate::kernels::Activation;
 use crate::reference::decode::decode_ffn;
 use crate::tol::Tol;
@@ -25,6 +25,9 @@ pub enum Case {
         seed: u64,
         /// The weights stored as f16 (the twin reads them rounded).
         f16: bool,
+        /// The expert bank in this many parts (both kernels once per part,
+        /// later parts adding to y).
+        parts: usize,
     },
     BadInputs,
 }
@@ -37,6 +40,7 @@ impl Case {
                 shape: s,
                 ids,
                 f16,
+                parts,
                 ..
             } => (
                 "decode_ffn".into(),
@@ -53,7 +57,11 @@ impl Case {
                     s.f,
                     ids.label(),
                     if *f16 { " f16 weights" } else { "" }
-                ),
+                ) + &if *parts > 1 {
+                    format!(", bank in {parts} parts")
+                } else {
+                    String::new()
+                },
             ),
             Case::BadInputs => (
                 "decode_ffn".into(),
@@ -70,6 +78,7 @@ pub fn cases() -> Vec<Case> {
         ids,
         seed,
         f16: false,
+        parts: 1,
     };
     let c16 = |activation, t, k, e, d, f, ids, seed| Case::Twin {
         activation,
@@ -77,6 +86,15 @@ pub fn cases() -> Vec<Case> {
         ids,
         seed,
         f16: true,
+        parts: 1,
+    };
+    let split = |activation, t, k, e, d, f, ids, seed, f16, parts| Case::Twin {
+        activation,
+        shape: DecodeShape { t, k, e, d, f },
+        ids,
+        seed,
+        f16,
+        parts,
     };
     use Activation::{Gelu, SwiGlu};
     let random = Ids::Random { unused_pct: 0 };
@@ -109,6 +127,22 @@ pub fn cases() -> Vec<Case> {
         c16(SwiGlu, 2, 2, 4, 97, 301, random, 13),
         c16(SwiGlu, 5, 2, 6, 64, 302, Ids::Adaptive { two_pct: 50 }, 14),
         c16(SwiGlu, 1, 2, 4, 512, 2048, random, 15),
+        // A bank split into parts (unused slots, the vec4 and scalar paths,
+        // more experts per token than one part holds).
+        split(
+            SwiGlu,
+            4,
+            2,
+            8,
+            64,
+            96,
+            Ids::Random { unused_pct: 25 },
+            16,
+            false,
+            3,
+        ),
+        split(Gelu, 3, 2, 8, 30, 50, random, 17, true, 2),
+        split(SwiGlu, 2, 8, 16, 32, 48, random, 18, false, 4),
         Case::BadInputs,
     ]
 }
@@ -121,6 +155,7 @@ pub async fn run(ctx: &GpuContext, case: &Case) -> Result<CheckResult> {
         ids,
         seed,
         f16,
+        parts,
     } = *case
     else {
         return Ok(bad_inputs(ctx, &kernel, &name));
@@ -150,32 +185,57 @@ pub async fn run(ctx: &GpuContext, case: &Case) -> Result<CheckResult> {
     let x = Tensor::from_slice(ctx, "x", &[t, d], &x)?;
     let topk_ids = Tensor::from_slice(ctx, "topk_ids", &[t, k], &ids_host)?;
     let topk_weights = Tensor::from_slice(ctx, "topk_weights", &[t, k], &weights)?;
-    let w1 = Weight::upload(ctx, "w1", &[e, d, f], &w1, dtype)?;
-    let w3 = match &w3 {
-        Some(w) => Some(Weight::upload(ctx, "w3", &[e, d, f], w, dtype)?),
-        None => None,
-    };
-    let w2 = Weight::upload(ctx, "w2", &[e, f, d], &w2, dtype)?;
     let y = Tensor::<f32>::zeros(ctx, "y", &[t, d])?;
-    let ffn = DecodeFfn::new(
-        ctx,
-        activation,
-        &DecodeBuffers {
-            x: &x,
-            topk_ids: &topk_ids,
-            topk_weights: &topk_weights,
-            w1: w1.view(),
-            w3: w3.as_ref().map(Weight::view),
-            w2: w2.view(),
-            y: &y,
-        },
-    )?;
+    // The bank whole, or in parts of whole experts.
+    let per = e.div_ceil(parts.max(1));
+    let mut ffns = Vec::new();
+    for e0 in (0..e).step_by(per) {
+        let ec = per.min(e - e0);
+        let (a, b) = (e0 * d * f, (e0 + ec) * d * f);
+        let w1 = Weight::upload(ctx, "w1", &[ec, d, f], &w1[a..b], dtype)?;
+        let w3 = match &w3 {
+            Some(w) => Some(Weight::upload(ctx, "w3", &[ec, d, f], &w[a..b], dtype)?),
+            None => None,
+        };
+        let w2 = Weight::upload(ctx, "w2", &[ec, f, d], &w2[a..b], dtype)?;
+        ffns.push(DecodeFfn::new(
+            ctx,
+            activation,
+            &DecodeBuffers {
+                x: &x,
+                topk_ids: &topk_ids,
+                topk_weights: &topk_weights,
+                w1: w1.view("decode")?,
+                w3: match &w3 {
+                    Some(w) => Some(w.view("decode")?),
+                    None => None,
+                },
+                w2: w2.view("decode")?,
+                y: &y,
+                part: (parts > 1).then_some(DecodePart {
+                    e0,
+                    experts: e,
+                    accumulate: e0 > 0,
+                }),
+            },
+        )?);
+    }
+    let record = |pass: &mut wgpu::ComputePass<'_>| ffns.iter().for_each(|f| f.record(pass));
     // Warm-up run (pipelines, first touch of the weights), then the timed one.
-    submit_pass(ctx, |pass| ffn.record(pass))?;
+    submit_pass(ctx, record)?;
     let clock = Stopwatch::start();
-    submit_pass(ctx, |pass| ffn.record(pass))?;
+    submit_pass(ctx, record)?;
     let seconds = clock.seconds();
-    let got_h = ffn.h().read(ctx).await?;
+    // Each slot's h is in the part holding its expert (unused: the first).
+    let mut got_h = ffns[0].h().read(ctx).await?;
+    for (p, ffn) in ffns.iter().enumerate().skip(1) {
+        let h = ffn.h().read(ctx).await?;
+        for (slot, &id) in ids_host.iter().enumerate() {
+            if (id as usize) < e && id as usize / per == p {
+                got_h[slot * f..(slot + 1) * f].copy_from_slice(&h[slot * f..(slot + 1) * f]);
+            }
+        }
+    }
     let got_y = y.read(ctx).await?;
     let mut r = CheckResult::from_comparisons(
         kernel,
@@ -185,6 +245,7 @@ pub async fn run(ctx: &GpuContext, case: &Case) -> Result<CheckResult> {
             ("y", Tol::reduction(f).compare(&got_y, &want_y)),
         ],
     );
+    let ffn = &ffns[0];
     if d * f >= 1 << 20 {
         r.gflops = Some(ffn.flops() / seconds / 1e9);
     }
@@ -216,6 +277,7 @@ fn bad_inputs(ctx: &GpuContext, kernel: &str, case: &str) -> CheckResult {
                         w3: give_w3.then_some((&w3).into()),
                         w2: (&w2).into(),
                         y: &y,
+                        part: None,
                     },
                 )
             })();

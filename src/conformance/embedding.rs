@@ -44,6 +44,8 @@ pub enum Case {
         d: usize,
         ids: Ids,
         seed: u64,
+        /// wte in this many parts of rows (the forward once per part).
+        parts: usize,
     },
     BadInputs,
 }
@@ -58,12 +60,15 @@ impl Case {
                 n,
                 d,
                 ids,
+                parts,
                 ..
             } => {
-                let f16 = if *spec == EmbeddingSpec::ForwardF16 {
-                    ", wte in f16"
-                } else {
-                    ""
+                let f16 = match (*spec == EmbeddingSpec::ForwardF16, *parts > 1) {
+                    (false, false) => String::new(),
+                    (true, false) => ", wte in f16".into(),
+                    (f16, true) => {
+                        format!(", wte{} in {parts} parts", if f16 { " (f16)" } else { "" })
+                    }
                 };
                 (
                     spec.name().to_string(),
@@ -93,6 +98,7 @@ pub fn cases() -> Vec<Case> {
             d,
             ids,
             seed,
+            parts: 1,
         };
         v.extend([
             c(1, 4, 1, 8, Ids::Uniform, 1),
@@ -110,6 +116,7 @@ pub fn cases() -> Vec<Case> {
         d: 12,
         ids: Ids::PastV,
         seed: 6,
+        parts: 1,
     });
     // N = 0: no position table (rotary models), tokens scaled by 0.5
     // (Granite's embedding multiplier).
@@ -121,7 +128,24 @@ pub fn cases() -> Vec<Case> {
         d: 12,
         ids: Ids::Uniform,
         seed: 7,
+        parts: 1,
     });
+    // A token table in parts of rows (larger than one storage binding).
+    for (spec, n, parts, seed) in [
+        (EmbeddingSpec::Forward, 32, 3, 8),
+        (EmbeddingSpec::ForwardF16, 0, 2, 9),
+    ] {
+        v.push(Case::Twin {
+            spec,
+            t: 96,
+            v: 300,
+            n,
+            d: 20,
+            ids: Ids::Uniform,
+            seed,
+            parts,
+        });
+    }
     v.push(Case::BadInputs);
     v
 }
@@ -148,6 +172,7 @@ pub async fn run(ctx: &GpuContext, case: &Case) -> Result<CheckResult> {
         d,
         ids,
         seed,
+        parts,
     } = *case
     else {
         return Ok(bad_inputs(ctx, &kernel, &name));
@@ -168,20 +193,29 @@ pub async fn run(ctx: &GpuContext, case: &Case) -> Result<CheckResult> {
             let want = embedding_forward(&ids_host, &wte_h, wpe_ref, scale, t, v, n.max(1), d);
             let ids_t = Tensor::from_slice(ctx, "ids", &[t], &ids_host)?;
             let dtype = if f16 { Dtype::F16 } else { Dtype::F32 };
-            let wte = Weight::upload(ctx, "wte", &[v, d], &wte_h, dtype)?;
             let wpe = Tensor::from_slice(ctx, "wpe", &[n.max(1), d], &wpe_h)?;
             let x = Tensor::from_slice(ctx, "x", &[t, d], &vec![f32::NAN; t * d])?;
-            let k = EmbeddingForward::new(
-                ctx,
-                &EmbeddingForwardBuffers {
-                    ids: &ids_t,
-                    wte: wte.view(),
-                    wpe: (!rotary).then_some(&wpe),
-                    x: &x,
-                    scale,
-                },
-            )?;
-            submit_pass(ctx, |pass| k.record(pass))?;
+            // The table whole, or in parts of rows (each token written by
+            // the part holding its id).
+            let per = v.div_ceil(parts.max(1));
+            let mut ks = Vec::new();
+            for v0 in (0..v).step_by(per) {
+                let vc = per.min(v - v0);
+                let part = &wte_h[v0 * d..(v0 + vc) * d];
+                let wte = Weight::upload(ctx, "wte", &[vc, d], part, dtype)?;
+                ks.push(EmbeddingForward::new(
+                    ctx,
+                    &EmbeddingForwardBuffers {
+                        ids: &ids_t,
+                        wte: wte.view("embedding")?,
+                        wpe: (!rotary).then_some(&wpe),
+                        x: &x,
+                        scale,
+                        rows: (parts > 1).then_some((v0, v)),
+                    },
+                )?);
+            }
+            submit_pass(ctx, |pass| ks.iter().for_each(|k| k.record(pass)))?;
             (x.read(ctx).await?, want, Tol::ELEMENTWISE)
         }
         EmbeddingSpec::BackwardWte => {
@@ -246,6 +280,7 @@ fn bad_inputs(ctx: &GpuContext, kernel: &str, case: &str) -> CheckResult {
                     wpe: Some(&wpe),
                     x: &x,
                     scale: 1.0,
+                    rows: None,
                 },
             )
         })();

@@ -40,6 +40,9 @@ pub struct FfnCase {
     pub seed: u64,
     /// The weights stored as f16 (the twin reads them rounded to f16).
     pub f16: bool,
+    /// The expert bank split into this many parts (a bank larger than one
+    /// storage binding): both GEMMs run once per part.
+    pub parts: usize,
 }
 
 impl Case {
@@ -62,7 +65,11 @@ impl Case {
                         s.d,
                         s.f,
                         c.core.with_b16(c.f16).label()
-                    ),
+                    ) + &if c.parts > 1 {
+                        format!(", bank in {} parts", c.parts)
+                    } else {
+                        String::new()
+                    },
                 )
             }
             Case::BindingLimit => (
@@ -135,8 +142,10 @@ pub fn cases() -> Vec<Case> {
                 // f16 weights: D and F multiples of 4 (two words per load)
                 // and not (one half per load).
                 let f16_too = what.starts_with("T not") || what.starts_with("several");
-                for f16 in [false, true] {
-                    if f16 && !f16_too {
+                // A split bank: 3 parts of E = 8 (3, 3, 2 experts), 2 of E = 4.
+                let split_too = what.starts_with("T not") || what.starts_with("several");
+                for (f16, parts) in [(false, 1), (true, 1), (false, 3), (true, 2)] {
+                    if (f16 && !f16_too) || (parts > 1 && !split_too) {
                         continue;
                     }
                     seed += 1;
@@ -147,6 +156,7 @@ pub fn cases() -> Vec<Case> {
                         ids: ids.clone(),
                         seed,
                         f16,
+                        parts,
                     }));
                 }
             }
@@ -209,32 +219,45 @@ async fn run_ffn(
     let tos = Tensor::from_slice(ctx, "token_of_slot", &[rows], &token_of_slot)?;
     let routing = routing_tensor(ctx, &layout)?;
     routing.write(ctx, &words)?;
-    let w1t = Weight::upload(ctx, "w1", &[e, d, f], &w1, dtype)?;
-    let w3t = if swiglu {
-        Some(Weight::upload(ctx, "w3", &[e, d, f], &w3, dtype)?)
-    } else {
-        None
-    };
-    let w2t = Weight::upload(ctx, "w2", &[e, f, d], &w2, dtype)?;
     let h = Tensor::<f32>::zeros(ctx, "h", &[rows, f])?;
     let y = Tensor::<f32>::zeros(ctx, "y_expert", &[rows, d])?;
-    let ffn = ExpertFfn::new(
-        ctx,
-        s,
-        spec,
-        ExpertBuffers {
-            x: &xt,
-            token_of_slot: &tos,
-            routing: &routing,
-            w1: w1t.view(),
-            w3: w3t.as_ref().map(Weight::view),
-            w2: w2t.view(),
-            h: &h,
-            y_expert: &y,
-            u: None,
-            u3: None,
-        },
-    )?;
+    // The bank whole, or in parts of whole experts (each part its own
+    // buffers, both GEMMs once per part).
+    let per = e.div_ceil(c.parts.max(1));
+    let mut ffns = Vec::new();
+    for e0 in (0..e).step_by(per) {
+        let ec = per.min(e - e0);
+        let (a, b) = (e0 * d * f, (e0 + ec) * d * f);
+        let w1t = Weight::upload(ctx, "w1", &[ec, d, f], &w1[a..b], dtype)?;
+        let w3t = if swiglu {
+            Some(Weight::upload(ctx, "w3", &[ec, d, f], &w3[a..b], dtype)?)
+        } else {
+            None
+        };
+        let w2t = Weight::upload(ctx, "w2", &[ec, f, d], &w2[a..b], dtype)?;
+        ffns.push(ExpertFfn::new(
+            ctx,
+            s,
+            spec,
+            ExpertBuffers {
+                x: &xt,
+                token_of_slot: &tos,
+                routing: &routing,
+                w1: w1t.view("expert_ffn")?,
+                w3: match &w3t {
+                    Some(w) => Some(w.view("expert_ffn")?),
+                    None => None,
+                },
+                w2: w2t.view("expert_ffn")?,
+                e0,
+                h: &h,
+                y_expert: &y,
+                u: None,
+                u3: None,
+            },
+        )?);
+    }
+    let ffn = &ffns[0];
     let grids = compare_exact(&[ffn.grid_y1(), ffn.grid_y2()], &[grid_y1, grid_y2]);
     let mut encoder = ctx
         .device
@@ -246,7 +269,9 @@ async fn run_ffn(
             label: Some("expert_ffn"),
             timestamp_writes: None,
         });
-        ffn.record(&mut pass);
+        for f in &ffns {
+            f.record(&mut pass);
+        }
     }
     ctx.submit_and_wait(encoder)?;
     let got_h = h.read(ctx).await?;
@@ -299,7 +324,7 @@ fn run_limit(ctx: &GpuContext, kernel: String, name: String) -> Result<CheckResu
         .limits
         .max_storage_buffer_binding_size
         .min(ctx.limits.max_buffer_size);
-    let got = shape.check_limits(ctx, &spec);
+    let got = shape.check_limits(ctx, &spec, shape.e);
     let ok = match (&got, bytes > max) {
         (Err(Error::Limit { what, needed, .. }), true) => what.contains("w1") && *needed == bytes,
         (Ok(()), false) => true,

@@ -24,6 +24,8 @@ pub enum Case {
         seed: u64,
         /// wte stored as f16 (the twin reads it rounded).
         f16: bool,
+        /// wte in this many parts of rows.
+        parts: usize,
     },
     Attention {
         dims: KvDims,
@@ -42,9 +44,18 @@ impl Case {
                 d,
                 n,
                 f16,
+                parts,
                 ..
             } => {
-                let f16 = if *f16 { ", wte in f16" } else { "" };
+                let f16 = format!(
+                    "{}{}",
+                    if *f16 { ", wte in f16" } else { "" },
+                    if *parts > 1 {
+                        format!(", wte in {parts} parts")
+                    } else {
+                        String::new()
+                    }
+                );
                 (
                     KvSpec::Embed.name().into(),
                     if *n == 0 {
@@ -94,6 +105,7 @@ pub fn cases() -> Vec<Case> {
             n: 4,
             seed: 1,
             f16: false,
+            parts: 1,
         },
         Case::Embed {
             t: 5,
@@ -103,6 +115,7 @@ pub fn cases() -> Vec<Case> {
             n: 32,
             seed: 2,
             f16: false,
+            parts: 1,
         },
         Case::Embed {
             t: 5,
@@ -112,6 +125,7 @@ pub fn cases() -> Vec<Case> {
             n: 32,
             seed: 15,
             f16: true,
+            parts: 1,
         },
         // Decode: one token, first position and deep into the cache.
         att(1, 0, 1, 16, 8, 3),
@@ -141,6 +155,7 @@ pub fn cases() -> Vec<Case> {
             n: 0,
             seed: 14,
             f16: false,
+            parts: 1,
         },
         Case::Embed {
             t: 3,
@@ -150,6 +165,17 @@ pub fn cases() -> Vec<Case> {
             n: 0,
             seed: 16,
             f16: true,
+            parts: 1,
+        },
+        Case::Embed {
+            t: 6,
+            pos0: 3,
+            v: 50,
+            d: 20,
+            n: 16,
+            seed: 17,
+            f16: false,
+            parts: 3,
         },
         Case::BadInputs,
     ]
@@ -166,6 +192,7 @@ pub async fn run(ctx: &GpuContext, case: &Case) -> Result<CheckResult> {
             n,
             seed,
             f16,
+            parts,
         } => {
             let mut rng = Rng::new(seed);
             let ids: Vec<u32> = (0..t).map(|_| rng.below(v) as u32).collect();
@@ -183,21 +210,28 @@ pub async fn run(ctx: &GpuContext, case: &Case) -> Result<CheckResult> {
             step.set(ctx, pos0, t)?;
             let tids = Tensor::from_slice(ctx, "ids", &[t], &ids)?;
             let dtype = if f16 { Dtype::F16 } else { Dtype::F32 };
-            let twte = Weight::upload(ctx, "wte", &[v, d], &wte, dtype)?;
             let twpe = Tensor::from_slice(ctx, "wpe", &[cap, d], &wpe)?;
             let x = Tensor::<f32>::zeros(ctx, "x", &[t, d])?;
-            let k = KvEmbed::new(
-                ctx,
-                &KvEmbedBuffers {
-                    step: &step,
-                    ids: &tids,
-                    wte: twte.view(),
-                    wpe: (!rotary).then_some(&twpe),
-                    x: &x,
-                    scale,
-                },
-            )?;
-            submit_pass(ctx, |p| k.record(p))?;
+            let per = v.div_ceil(parts.max(1));
+            let mut ks = Vec::new();
+            for v0 in (0..v).step_by(per) {
+                let vc = per.min(v - v0);
+                let twte =
+                    Weight::upload(ctx, "wte", &[vc, d], &wte[v0 * d..(v0 + vc) * d], dtype)?;
+                ks.push(KvEmbed::new(
+                    ctx,
+                    &KvEmbedBuffers {
+                        step: &step,
+                        ids: &tids,
+                        wte: twte.view("kv_embed")?,
+                        wpe: (!rotary).then_some(&twpe),
+                        x: &x,
+                        scale,
+                        rows: (parts > 1).then_some((v0, v)),
+                    },
+                )?);
+            }
+            submit_pass(ctx, |p| ks.iter().for_each(|k| k.record(p)))?;
             let got = x.read(ctx).await?;
             Ok(CheckResult::from_comparisons(
                 kernel,

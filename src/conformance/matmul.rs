@@ -23,6 +23,9 @@ pub struct Case {
     pub timed: bool,
     /// B stored as f16 (the twin reads B rounded to f16).
     pub f16: bool,
+    /// `(c0, L)`: C is columns `c0 .. c0 + N` of a `[M, L]` matrix whose
+    /// other columns must stay as they were (`Matmul::new_cols`).
+    pub cols: Option<(usize, usize)>,
 }
 
 impl Case {
@@ -31,6 +34,9 @@ impl Case {
         let mut case = format!("{} M={} N={} K={}", s.trans, s.m, s.n, s.k);
         if s.alpha != 1.0 || s.beta != 0.0 {
             case += &format!(" alpha={} beta={}", s.alpha, s.beta);
+        }
+        if let Some((c0, l)) = self.cols {
+            case += &format!(" into columns {c0}.. of C [M, {l}]");
         }
         let spec = self.spec.with_beta(s.beta != 0.0).with_b16(self.f16);
         case += &format!(" [{}]", spec.label());
@@ -94,6 +100,7 @@ pub fn cases() -> Vec<Case> {
                     seed,
                     timed: false,
                     f16: false,
+                    cols: None,
                 });
             }
             for &(m, n, k) in F16_SHAPES {
@@ -107,8 +114,25 @@ pub fn cases() -> Vec<Case> {
                     seed,
                     timed: false,
                     f16: true,
+                    cols: None,
                 });
             }
+            // The unembedding of one vocabulary part: its columns of the
+            // logits (beta where the configuration checks it: C is read at
+            // the same strided places).
+            seed += 1;
+            v.push(Case {
+                shape: MatmulShape {
+                    trans,
+                    beta: if beta_checked(&spec) { 0.5 } else { 0.0 },
+                    ..MatmulShape::nn(9, 13, 7)
+                },
+                spec,
+                seed,
+                timed: false,
+                f16: trans == Trans::NT,
+                cols: Some((5, 22)),
+            });
         }
         let (m, n, k) = TIMED;
         seed += 1;
@@ -118,6 +142,7 @@ pub fn cases() -> Vec<Case> {
             seed,
             timed: true,
             f16: false,
+            cols: None,
         });
     }
     v
@@ -132,8 +157,27 @@ pub async fn run(ctx: &GpuContext, case: &Case) -> Result<CheckResult> {
     if case.f16 {
         b = rounded_f16(&b);
     }
-    let c0 = rng.vec_sym(s.m * s.n, 1.0);
-    let want = matmul_twin(&a, &b, s.m, s.n, s.k, s.trans, s.alpha, s.beta, Some(&c0));
+    let (col, ldc) = case.cols.unwrap_or((0, s.n));
+    let c0 = rng.vec_sym(s.m * ldc, 1.0);
+    // The twin on the block; the other columns keep their values.
+    let block: Vec<f32> = (0..s.m)
+        .flat_map(|r| c0[r * ldc + col..r * ldc + col + s.n].to_vec())
+        .collect();
+    let out = matmul_twin(
+        &a,
+        &b,
+        s.m,
+        s.n,
+        s.k,
+        s.trans,
+        s.alpha,
+        s.beta,
+        Some(&block),
+    );
+    let mut want = c0.clone();
+    for r in 0..s.m {
+        want[r * ldc + col..r * ldc + col + s.n].copy_from_slice(&out[r * s.n..(r + 1) * s.n]);
+    }
 
     let at = Tensor::from_slice(ctx, "a", &s.trans.a_shape(s.m, s.k), &a)?;
     let bw = Weight::upload(
@@ -143,8 +187,8 @@ pub async fn run(ctx: &GpuContext, case: &Case) -> Result<CheckResult> {
         &b,
         if case.f16 { Dtype::F16 } else { Dtype::F32 },
     )?;
-    let ct = Tensor::from_slice(ctx, "c", &[s.m, s.n], &c0)?;
-    let mm = Matmul::new(ctx, s, case.spec, &at, &bw, &ct)?;
+    let ct = Tensor::from_slice(ctx, "c", &[s.m, ldc], &c0)?;
+    let mm = Matmul::new_cols(ctx, s, case.spec, &at, bw.view("matmul")?, &ct, col)?;
     let reps = if case.timed { 3 } else { 1 };
     // Untimed warm-up when timing (the pipeline is compiled in `new`).
     if case.timed {

@@ -269,6 +269,10 @@ pub struct GpuContext {
     /// Why the device was lost, once it is (a driver reset, a browser tab
     /// whose GPU process restarted): every later call fails with it.
     lost: std::sync::Arc<std::sync::Mutex<Option<String>>>,
+    /// Weights larger than this many bytes are split into parts (see
+    /// `gpu::Weight`): the adapter's storage-binding limit, or less where
+    /// `AMOE_SPLIT_BYTES` (bytes) or `set_split_bytes` asks for less.
+    split_bytes: std::sync::atomic::AtomicU64,
 }
 
 impl fmt::Debug for GpuContext {
@@ -315,6 +319,15 @@ impl GpuContext {
                 *l = Some(format!("{reason:?}: {msg}"));
             }
         });
+        let binding = limits
+            .max_storage_buffer_binding_size
+            .min(limits.max_buffer_size);
+        // A smaller size on request: how a model's weights would be split in
+        // a browser (128 MiB bindings) can be tried on any adapter.
+        let asked = std::env::var("AMOE_SPLIT_BYTES")
+            .ok()
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .filter(|&b| b >= 1024);
         Ok(GpuContext {
             device,
             queue,
@@ -324,6 +337,9 @@ impl GpuContext {
             pipelines: PipelineCache::default(),
             errors,
             lost,
+            split_bytes: std::sync::atomic::AtomicU64::new(
+                asked.map_or(binding, |a| a.min(binding)),
+            ),
         })
     }
 
@@ -359,6 +375,26 @@ impl GpuContext {
 
     pub fn has_f16(&self) -> bool {
         self.features.contains(wgpu::Features::SHADER_F16)
+    }
+
+    /// The most bytes one part of a weight takes (`gpu::Weight` splits a
+    /// larger one).
+    pub fn split_bytes(&self) -> u64 {
+        self.split_bytes.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Split weights uploaded from now on into parts of at most `bytes`
+    /// (at least 1024; never more than the binding limit). Tests use it to
+    /// split small models.
+    pub fn set_split_bytes(&self, bytes: u64) {
+        let binding = self
+            .limits
+            .max_storage_buffer_binding_size
+            .min(self.limits.max_buffer_size);
+        self.split_bytes.store(
+            bytes.clamp(1024, binding),
+            std::sync::atomic::Ordering::Relaxed,
+        );
     }
 
     /// Check a storage binding size against the adapter's limit.

@@ -83,25 +83,38 @@ pub fn to_f16(label: &str, data: &[f32]) -> Result<Vec<f16>> {
     Ok(data.iter().map(|&x| f16::from_f32(x)).collect())
 }
 
-/// A weight tensor on the GPU in either storage.
+/// One buffer of a weight.
 #[derive(Clone, Debug)]
-pub enum Weight {
+enum Part {
     F32(Tensor<f32>),
     F16(Tensor<f16>),
 }
 
-impl Weight {
-    /// Upload `data` (f32 values, `shape`'s element count) stored as `dtype`.
-    pub fn upload(
+impl Part {
+    fn view(&self) -> WeightRef<'_> {
+        match self {
+            Part::F32(t) => t.into(),
+            Part::F16(t) => t.into(),
+        }
+    }
+
+    async fn read(&self, ctx: &GpuContext) -> Result<Vec<f32>> {
+        Ok(match self {
+            Part::F32(t) => t.read(ctx).await?,
+            Part::F16(t) => t.read(ctx).await?.iter().map(|h| h.to_f32()).collect(),
+        })
+    }
+
+    fn upload(
         ctx: &GpuContext,
         label: &str,
         shape: &[usize],
         data: &[f32],
         dtype: Dtype,
-    ) -> Result<Weight> {
+    ) -> Result<Part> {
         Ok(match dtype {
-            Dtype::F32 => Weight::F32(Tensor::from_slice(ctx, label, shape, data)?),
-            Dtype::F16 => Weight::F16(Tensor::from_slice(
+            Dtype::F32 => Part::F32(Tensor::from_slice(ctx, label, shape, data)?),
+            Dtype::F16 => Part::F16(Tensor::from_slice(
                 ctx,
                 label,
                 shape,
@@ -109,79 +122,257 @@ impl Weight {
             )?),
         })
     }
+}
+
+/// A weight tensor on the GPU in either storage: one buffer, or, when it is
+/// larger than one storage binding (`GpuContext::split_bytes`) and was
+/// uploaded with [`Weight::upload_split`], several parts along one axis
+/// (experts, vocabulary rows, or columns), each its own buffer. A kernel
+/// that reads a split weight runs once per part ([`Weight::parts`]); one that
+/// cannot asks for [`Weight::view`], which refuses a split weight by name.
+#[derive(Clone, Debug)]
+pub struct Weight {
+    label: String,
+    shape: Vec<usize>,
+    dtype: Dtype,
+    /// The axis the parts divide (0, or the last for columns).
+    axis: usize,
+    /// Each part and where it starts along `axis`.
+    parts: Vec<(usize, Part)>,
+}
+
+/// One part of a weight: the range along the split axis it holds and the
+/// buffer (shaped like the whole, with that axis cut to the range).
+#[derive(Clone, Debug)]
+pub struct WeightPart<'a> {
+    pub range: std::ops::Range<usize>,
+    pub view: WeightRef<'a>,
+}
+
+impl Weight {
+    /// Upload `data` (f32 values, `shape`'s element count) stored as
+    /// `dtype`, in one buffer.
+    pub fn upload(
+        ctx: &GpuContext,
+        label: &str,
+        shape: &[usize],
+        data: &[f32],
+        dtype: Dtype,
+    ) -> Result<Weight> {
+        Ok(Weight {
+            label: label.to_string(),
+            shape: shape.to_vec(),
+            dtype,
+            axis: 0,
+            parts: vec![(0, Part::upload(ctx, label, shape, data, dtype)?)],
+        })
+    }
+
+    /// Upload as [`Weight::upload`] when the weight fits one storage
+    /// binding (`ctx.split_bytes()`), else in parts along `axis` (0, or the
+    /// last axis: the parts then hold column blocks, each laid out
+    /// row-major on its own), each part as many whole slices along `axis`
+    /// as fit. A single slice larger than a binding is `Error::Limit`.
+    pub fn upload_split(
+        ctx: &GpuContext,
+        label: &str,
+        shape: &[usize],
+        data: &[f32],
+        dtype: Dtype,
+        axis: usize,
+    ) -> Result<Weight> {
+        let numel: usize = shape.iter().product();
+        let limit = ctx.split_bytes() / 16 * 16;
+        if axis >= shape.len() || (axis != 0 && axis + 1 != shape.len()) || data.len() != numel {
+            return Err(Error::invalid(
+                "weight upload",
+                format!(
+                    "{label} {shape:?}: split along axis {axis} of {} values",
+                    data.len()
+                ),
+            ));
+        }
+        if numel as u64 * dtype.size() <= limit {
+            // One part, still described along `axis` (`parts` ranges over it).
+            return Ok(Weight {
+                axis,
+                ..Self::upload(ctx, label, shape, data, dtype)?
+            });
+        }
+        let along = shape[axis];
+        let slice = numel / along.max(1);
+        let slice_bytes = slice as u64 * dtype.size();
+        if slice_bytes > limit {
+            return Err(Error::Limit {
+                what: format!(
+                    "{label} {shape:?}: one slice along axis {axis} in one storage binding"
+                ),
+                needed: slice_bytes,
+                max: limit,
+            });
+        }
+        let per = ((limit / slice_bytes) as usize).max(1);
+        let mut parts = Vec::new();
+        let mut start = 0;
+        while start < along {
+            let end = (start + per).min(along);
+            let mut part_shape = shape.to_vec();
+            part_shape[axis] = end - start;
+            let values: Vec<f32> = if axis == 0 {
+                data[start * slice..end * slice].to_vec()
+            } else {
+                // Columns start..end of every row.
+                data.chunks_exact(along)
+                    .flat_map(|row| row[start..end].iter().copied())
+                    .collect()
+            };
+            let name = format!("{label}[{start}..{end}]");
+            parts.push((
+                start,
+                Part::upload(ctx, &name, &part_shape, &values, dtype)?,
+            ));
+            start = end;
+        }
+        Ok(Weight {
+            label: label.to_string(),
+            shape: shape.to_vec(),
+            dtype,
+            axis,
+            parts,
+        })
+    }
 
     pub fn dtype(&self) -> Dtype {
-        match self {
-            Weight::F32(_) => Dtype::F32,
-            Weight::F16(_) => Dtype::F16,
-        }
+        self.dtype
     }
 
     pub fn shape(&self) -> &[usize] {
-        match self {
-            Weight::F32(t) => &t.shape,
-            Weight::F16(t) => &t.shape,
-        }
-    }
-
-    pub fn buffer(&self) -> &wgpu::Buffer {
-        match self {
-            Weight::F32(t) => &t.buffer,
-            Weight::F16(t) => &t.buffer,
-        }
+        &self.shape
     }
 
     pub fn numel(&self) -> usize {
-        self.shape().iter().product()
+        self.shape.iter().product()
     }
 
-    /// Bytes of the contents.
+    /// Bytes of the contents (all parts).
     pub fn bytes(&self) -> u64 {
-        self.numel() as u64 * self.dtype().size()
+        self.numel() as u64 * self.dtype.size()
+    }
+
+    /// Whether the weight is in more than one part.
+    pub fn is_split(&self) -> bool {
+        self.parts.len() > 1
+    }
+
+    /// The axis the parts divide.
+    pub fn split_axis(&self) -> usize {
+        self.axis
+    }
+
+    /// Every part, in order along the split axis (one part, the whole
+    /// range, for a weight in one buffer).
+    pub fn parts(&self) -> Vec<WeightPart<'_>> {
+        let along = self.shape.get(self.axis).copied().unwrap_or(1);
+        self.parts
+            .iter()
+            .enumerate()
+            .map(|(i, (start, p))| WeightPart {
+                range: *start..self.parts.get(i + 1).map_or(along, |n| n.0),
+                view: p.view(),
+            })
+            .collect()
+    }
+
+    /// The one buffer a kernel binds; a split weight is an error naming it
+    /// and `what` (a kernel that reads it whole).
+    pub fn view(&self, what: &'static str) -> Result<WeightRef<'_>> {
+        match self.parts.as_slice() {
+            [(_, p)] => Ok(p.view()),
+            _ => Err(Error::Limit {
+                what: format!(
+                    "{what}: {} {:?} is larger than one storage binding and split in {} parts, which this kernel does not take",
+                    self.label,
+                    self.shape,
+                    self.parts.len()
+                ),
+                needed: self.bytes(),
+                max: self.parts.iter().map(|(_, p)| p.view().bytes()).max().unwrap_or(0),
+            }),
+        }
     }
 
     /// The f32 tensor (training and the kernels that read only f32); an
-    /// error naming `what` for f16 storage.
+    /// error naming `what` for f16 storage or a split weight.
     pub fn f32(&self, what: &'static str) -> Result<&Tensor<f32>> {
-        match self {
-            Weight::F32(t) => Ok(t),
-            Weight::F16(_) => Err(Error::invalid(
+        match self.parts.as_slice() {
+            [(_, Part::F32(t))] => Ok(t),
+            [(_, Part::F16(_))] => Err(Error::invalid(
                 what,
                 "needs f32 weights; this model is stored in f16 (load it with --dtype f32)",
+            )),
+            _ => Err(Error::invalid(
+                what,
+                format!(
+                    "{} is split in {} parts (larger than one storage binding)",
+                    self.label,
+                    self.parts.len()
+                ),
             )),
         }
     }
 
-    /// The view kernels bind.
-    pub fn view(&self) -> WeightRef<'_> {
-        WeightRef {
-            buffer: self.buffer(),
-            shape: self.shape(),
-            dtype: self.dtype(),
-        }
-    }
-
-    /// The contents as f32 values.
+    /// The contents as f32 values (parts put back together).
     pub async fn read(&self, ctx: &GpuContext) -> Result<Vec<f32>> {
-        Ok(match self {
-            Weight::F32(t) => t.read(ctx).await?,
-            Weight::F16(t) => t.read(ctx).await?.iter().map(|h| h.to_f32()).collect(),
-        })
+        if let [(_, p)] = self.parts.as_slice() {
+            return p.read(ctx).await;
+        }
+        let mut parts = Vec::with_capacity(self.parts.len());
+        for (_, p) in &self.parts {
+            parts.push(p.read(ctx).await?);
+        }
+        if self.axis == 0 {
+            return Ok(parts.concat());
+        }
+        // Column blocks: row r is the r-th row of every block in turn.
+        let widths: Vec<usize> = self.parts().iter().map(|p| p.range.len()).collect();
+        let rows = self.numel() / self.shape[self.axis].max(1);
+        let mut out = Vec::with_capacity(self.numel());
+        for r in 0..rows {
+            for (p, &w) in parts.iter().zip(&widths) {
+                out.extend_from_slice(&p[r * w..(r + 1) * w]);
+            }
+        }
+        Ok(out)
     }
 
-    /// Overwrite the contents from f32 values (rounded for f16 storage).
+    /// Overwrite the contents from f32 values (rounded for f16 storage);
+    /// one buffer only.
     pub fn write(&self, ctx: &GpuContext, data: &[f32]) -> Result<()> {
-        match self {
-            Weight::F32(t) => t.write(ctx, data),
-            Weight::F16(t) => t.write(ctx, &to_f16("weight", data)?),
+        match self.parts.as_slice() {
+            [(_, Part::F32(t))] => t.write(ctx, data),
+            [(_, Part::F16(t))] => t.write(ctx, &to_f16(&self.label, data)?),
+            _ => Err(Error::invalid(
+                "weight write",
+                format!("{} is split in {} parts", self.label, self.parts.len()),
+            )),
         }
     }
 }
 
 impl From<Tensor<f32>> for Weight {
     fn from(t: Tensor<f32>) -> Self {
-        Weight::F32(t)
+        Weight {
+            label: buffer_name(&t.buffer),
+            shape: t.shape.clone(),
+            dtype: Dtype::F32,
+            axis: 0,
+            parts: vec![(0, Part::F32(t))],
+        }
     }
+}
+
+fn buffer_name(_b: &wgpu::Buffer) -> String {
+    "weight".to_string()
 }
 
 /// A borrowed weight: the buffer a kernel binds, its logical shape and its
@@ -196,6 +387,11 @@ pub struct WeightRef<'a> {
 impl WeightRef<'_> {
     pub fn f16(&self) -> bool {
         self.dtype == Dtype::F16
+    }
+
+    /// Bytes of the contents.
+    pub fn bytes(&self) -> u64 {
+        self.shape.iter().product::<usize>() as u64 * self.dtype.size()
     }
 
     /// Fail with `Error::Shape` unless the shape is `want`.
@@ -228,12 +424,6 @@ impl<'a> From<&'a Tensor<f16>> for WeightRef<'a> {
             shape: &t.shape,
             dtype: Dtype::F16,
         }
-    }
-}
-
-impl<'a> From<&'a Weight> for WeightRef<'a> {
-    fn from(w: &'a Weight) -> Self {
-        w.view()
     }
 }
 

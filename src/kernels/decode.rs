@@ -122,9 +122,9 @@ gpu_params! {
         pub e: u32,
         pub d: u32,
         pub f: u32,
-        pub _pad0: u32,
-        pub _pad1: u32,
-        pub _pad2: u32,
+        pub e0: u32,
+        pub ec: u32,
+        pub accumulate: u32,
     }
 }
 
@@ -163,6 +163,19 @@ pub struct DecodeBuffers<'a> {
     pub w2: WeightRef<'a>,
     /// y [T, D]
     pub y: &'a Tensor<f32>,
+    /// The weights are one part of a split expert bank (None: all E).
+    pub part: Option<DecodePart>,
+}
+
+/// One part of a split expert bank: the weights hold experts
+/// `e0 .. e0 + Ec` (their first dimension) of `experts`. Each part's run
+/// computes the slots of its experts; the part with `e0 = 0` also zeroes
+/// the unused slots. `accumulate`: add to `y` (every part but the first).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DecodePart {
+    pub e0: usize,
+    pub experts: usize,
+    pub accumulate: bool,
 }
 
 /// The shapes of `DecodeBuffers`, for `check`.
@@ -175,6 +188,8 @@ pub struct DecodeShapes<'a> {
     pub w3: Option<&'a [usize]>,
     pub w2: &'a [usize],
     pub y: &'a [usize],
+    /// With a part of a split bank: its first expert and all the experts.
+    pub part: Option<(usize, usize)>,
 }
 
 impl DecodeBuffers<'_> {
@@ -187,6 +202,7 @@ impl DecodeBuffers<'_> {
             w3: self.w3.map(|w| w.shape),
             w2: self.w2.shape,
             y: &self.y.shape,
+            part: self.part.map(|p| (p.e0, p.experts)),
         }
     }
 }
@@ -201,6 +217,7 @@ pub fn check(activation: Activation, shapes: &DecodeShapes<'_>) -> Result<Decode
         w3,
         w2,
         y,
+        part,
     } = *shapes;
     let (&[t, d], &[ti, k], &[e, wd, f]) = (x, ids, w1) else {
         return Err(Error::shape(
@@ -216,10 +233,21 @@ pub fn check(activation: Activation, shapes: &DecodeShapes<'_>) -> Result<Decode
             format!("every size must be >= 1: {s:?}"),
         ));
     }
-    if k > e {
+    // The experts the ids refer to: all of them, of which w1 holds e.
+    let all = match part {
+        Some((e0, all)) if e0 + e <= all => all,
+        Some((e0, all)) => {
+            return Err(Error::invalid(
+                "decode",
+                format!("a part of experts {e0}..{} of E = {all}", e0 + e),
+            ))
+        }
+        None => e,
+    };
+    if k > all {
         return Err(Error::invalid(
             "decode",
-            format!("K = {k} experts per token but only E = {e}"),
+            format!("K = {k} experts per token but only E = {all}"),
         ));
     }
     let want = |name: &str, got: &[usize], want: &[usize]| -> Result<()> {
@@ -279,15 +307,18 @@ impl DecodeFfn {
         let DecodeShape { t, k, e, d, f } = shape;
         ctx.check_workgroups("decode_up: slots T * K", (t * k) as u64)?;
         let h = Tensor::<f32>::zeros(ctx, "decode h", &[t, k, f])?;
+        let (e0, all, accumulate) = bufs
+            .part
+            .map_or((0, e, false), |p| (p.e0, p.experts, p.accumulate));
         let params = DecodeParams {
             t: t as u32,
             k: k as u32,
-            e: e as u32,
+            e: all as u32,
             d: d as u32,
             f: f as u32,
-            _pad0: 0,
-            _pad1: 0,
-            _pad2: 0,
+            e0: e0 as u32,
+            ec: e as u32,
+            accumulate: accumulate as u32,
         };
         let params_buf = uniform(ctx, &params);
         let w3 = bufs.w3.unwrap_or(bufs.w1);
@@ -370,6 +401,7 @@ mod tests {
             w3: (act == Activation::SwiGlu).then_some(&[4, 8, 16]),
             w2: &[4, 16, 8],
             y: &[2, 8],
+            part: None,
         };
         edit(&mut s);
         check(act, &s)

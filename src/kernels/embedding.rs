@@ -102,6 +102,10 @@ gpu_params! {
         pub nx: u32,
         pub scale: f32,
         pub has_wpe: u32,
+        pub v0: u32,
+        pub vc: u32,
+        pub _pad0: u32,
+        pub _pad1: u32,
         pub _pad2: u32,
     }
 }
@@ -292,6 +296,7 @@ fn build(
     spec: EmbeddingSpec,
     dims: [usize; 4],
     (scale, has_wpe): (f32, bool),
+    (v0, vc): (usize, usize),
     elements: usize,
     buffers: &[&wgpu::Buffer],
 ) -> Result<(Dispatch, wgpu::Buffer)> {
@@ -310,6 +315,8 @@ fn build(
         nx: grid.0,
         scale,
         has_wpe: has_wpe as u32,
+        v0: v0 as u32,
+        vc: vc as u32,
         ..Default::default()
     };
     let params_buf = uniform(ctx, &params);
@@ -336,6 +343,10 @@ pub struct EmbeddingForwardBuffers<'a> {
     pub x: &'a Tensor<f32>,
     /// Token embedding multiplier (1 but for Granite).
     pub scale: f32,
+    /// `(v0, V)`: `wte` holds rows `v0 ..` of a V-row table (one part of a
+    /// split table: the lookup writes the tokens whose ids it holds). None:
+    /// the whole table.
+    pub rows: Option<(usize, usize)>,
 }
 
 /// `x[t, :] = wte[ids[t], :] * scale + wpe[t % N, :]`, ready to record.
@@ -362,6 +373,13 @@ impl EmbeddingForward {
                 format!("scale {}", bufs.scale),
             ));
         }
+        let (v0, all) = bufs.rows.unwrap_or((0, v));
+        if v0 + v > all {
+            return Err(Error::invalid(
+                "embedding_forward",
+                format!("rows {v0}..{} of a table of {all}", v0 + v),
+            ));
+        }
         // Without wpe the shader reads none; wte fills the binding.
         let wpe = bufs.wpe.map_or(bufs.wte.buffer, |w| &w.buffer);
         let (dispatch, params) = build(
@@ -371,8 +389,9 @@ impl EmbeddingForward {
             } else {
                 EmbeddingSpec::Forward
             },
-            [t, v, n, d],
+            [t, all, n, d],
             (bufs.scale, bufs.wpe.is_some()),
+            (v0, v),
             t * d,
             &[&bufs.ids.buffer, bufs.wte.buffer, wpe, &bufs.x.buffer],
         )?;
@@ -426,6 +445,7 @@ impl EmbeddingBackwardWte {
             EmbeddingSpec::BackwardWte,
             [t, v, 1, d],
             (1.0, false),
+            (0, v),
             v * d,
             &[
                 &bufs.dx.buffer,
@@ -474,6 +494,7 @@ impl EmbeddingBackwardWpe {
             EmbeddingSpec::BackwardWpe,
             [t, 1, n, d],
             (1.0, false),
+            (0, 1),
             n * d,
             &[&bufs.dx.buffer, &bufs.dwpe.buffer],
         )?;

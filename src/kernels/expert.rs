@@ -288,7 +288,11 @@ gpu_params! {
         pub rows: u32,
         pub tile_expert: u32,
         pub max_tiles: u32,
+        pub e0: u32,
+        pub ec: u32,
         pub _pad0: u32,
+        pub _pad1: u32,
+        pub _pad2: u32,
     }
 }
 
@@ -331,7 +335,8 @@ impl ExpertShape {
     /// u32 indices, the storage-binding size of the stacked weights (which
     /// can pass the adapter's limit, 128 MiB by default, before anything
     /// else does), the indirect grid.
-    pub fn check_limits(&self, ctx: &GpuContext, spec: &ExpertSpec) -> Result<()> {
+    /// `ec`: the experts whose weights one dispatch binds (E, or a part's).
+    pub fn check_limits(&self, ctx: &GpuContext, spec: &ExpertSpec, ec: usize) -> Result<()> {
         let (t, k, e, d, f) = (self.t, self.k, self.e, self.d, self.f);
         if t == 0 || k == 0 || e == 0 || d == 0 || f == 0 {
             return Err(Error::invalid(
@@ -341,7 +346,7 @@ impl ExpertShape {
         }
         let layout = self.layout(spec);
         let rows = layout.max_rows() as u64;
-        let weights = e as u64 * d as u64 * f as u64;
+        let weights = ec.min(e) as u64 * d as u64 * f as u64;
         let wsize = if spec.core.b16 { 2 } else { 4 };
         let sizes = [
             ("expert_ffn: x [T, D]", t as u64 * d as u64, 4),
@@ -385,12 +390,15 @@ pub struct ExpertBuffers<'a> {
     pub token_of_slot: &'a Tensor<u32>,
     /// routing [RoutingLayout::len()], with `INDIRECT` usage
     pub routing: &'a Tensor<u32>,
-    /// w1 [E, D, F] (f32, or f16 as w3 and w2 are)
+    /// w1 [Ec, D, F] (f32, or f16 as w3 and w2 are): experts
+    /// `e0 .. e0 + Ec` (all E of them, or one part of a split bank)
     pub w1: WeightRef<'a>,
-    /// w3 [E, D, F], SwiGLU only
+    /// w3 [Ec, D, F], SwiGLU only
     pub w3: Option<WeightRef<'a>>,
-    /// w2 [E, F, D]
+    /// w2 [Ec, F, D]
     pub w2: WeightRef<'a>,
+    /// The first expert the weights hold.
+    pub e0: usize,
     /// h [R, F]
     pub h: &'a Tensor<f32>,
     /// y_expert [R, D]
@@ -443,7 +451,19 @@ impl ExpertFfn {
             core: spec.core.with_b16(bufs.w1.f16()),
             ..spec
         };
-        shape.check_limits(ctx, &spec)?;
+        let ec = bufs.w1.shape.first().copied().unwrap_or(0);
+        if ec == 0 || bufs.e0 + ec > shape.e {
+            return Err(Error::invalid(
+                "expert_ffn",
+                format!(
+                    "weights of experts {}..{} of E = {}",
+                    bufs.e0,
+                    bufs.e0 + ec,
+                    shape.e
+                ),
+            ));
+        }
+        shape.check_limits(ctx, &spec, ec)?;
         for (name, kept) in [("u", bufs.u), ("u3", bufs.u3)] {
             if let Some(t) = kept {
                 t.expect_shape(
@@ -456,8 +476,8 @@ impl ExpertFfn {
         let (t, e, d, f) = (shape.t, shape.e, shape.d, shape.f);
         let layout = shape.layout(&spec);
         let rows = layout.max_rows();
-        bufs.w1.expect_shape("expert_ffn", "w1", &[e, d, f])?;
-        bufs.w2.expect_shape("expert_ffn", "w2", &[e, f, d])?;
+        bufs.w1.expect_shape("expert_ffn", "w1", &[ec, d, f])?;
+        bufs.w2.expect_shape("expert_ffn", "w2", &[ec, f, d])?;
         let want: [(&str, &Tensor<f32>, Vec<usize>); 3] = [
             ("x", bufs.x, vec![t, d]),
             ("h", bufs.h, vec![rows, f]),
@@ -482,7 +502,7 @@ impl ExpertFfn {
             ));
         }
         match (shape.act, bufs.w3) {
-            (Activation::SwiGlu, Some(w3)) => w3.expect_shape("expert_ffn", "w3", &[e, d, f])?,
+            (Activation::SwiGlu, Some(w3)) => w3.expect_shape("expert_ffn", "w3", &[ec, d, f])?,
             (Activation::SwiGlu, None) => {
                 return Err(Error::invalid("expert_ffn", "SwiGLU needs w3 [E, D, F]"))
             }
@@ -500,7 +520,11 @@ impl ExpertFfn {
             rows: rows as u32,
             tile_expert: layout.tile_expert() as u32,
             max_tiles: layout.max_tiles() as u32,
+            e0: bufs.e0 as u32,
+            ec: ec as u32,
             _pad0: 0,
+            _pad1: 0,
+            _pad2: 0,
         };
         let params_buf = uniform(ctx, &params);
         let gemm1 = ctx.pipeline(&Kernel::Expert(spec))?;

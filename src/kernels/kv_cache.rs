@@ -117,6 +117,10 @@ gpu_params! {
         pub window: u32,
         pub emb_scale: f32,
         pub has_wpe: u32,
+        pub v0: u32,
+        pub vc: u32,
+        pub _pad0: u32,
+        pub _pad1: u32,
     }
 }
 
@@ -267,6 +271,10 @@ impl KvShape {
             window: self.window.min(u32::MAX as usize) as u32,
             emb_scale: 1.0,
             has_wpe: 0,
+            v0: 0,
+            vc: v as u32,
+            _pad0: 0,
+            _pad1: 0,
         }
     }
 }
@@ -323,6 +331,9 @@ pub struct KvEmbedBuffers<'a> {
     pub x: &'a Tensor<f32>,
     /// Token embedding multiplier.
     pub scale: f32,
+    /// `(v0, V)`: `wte` holds rows `v0 ..` of a V-row table (one part of a
+    /// split table). None: the whole table.
+    pub rows: Option<(usize, usize)>,
 }
 
 /// `x[i, :] = wte[ids[i], :] * scale + wpe[pos0 + i, :]`, ready to record.
@@ -358,10 +369,19 @@ impl KvEmbed {
                 format!("T = {t}, D = {d}, V = {v}, scale {}", bufs.scale),
             ));
         }
+        let (v0, all) = bufs.rows.unwrap_or((0, v));
+        if v0 + v > all {
+            return Err(Error::invalid(
+                "kv_cache",
+                format!("wte rows {v0}..{} of a table of {all}", v0 + v),
+            ));
+        }
         let params = KvParams {
             emb_scale: bufs.scale,
             has_wpe: bufs.wpe.is_some() as u32,
-            ..KvShape::mha(t, 1, d, n).params(v)
+            v0: v0 as u32,
+            vc: v as u32,
+            ..KvShape::mha(t, 1, d, n).params(all)
         };
         let (dispatch, params) = build(
             ctx,

@@ -443,8 +443,8 @@ gpu_params! {
         pub a_sk: u32,
         pub b_sk: u32,
         pub b_sn: u32,
-        pub _pad0: u32,
-        pub _pad1: u32,
+        pub ldc: u32,
+        pub c0: u32,
     }
 }
 
@@ -537,8 +537,8 @@ impl MatmulShape {
             a_sk: a_sk as u32,
             b_sk: b_sk as u32,
             b_sn: b_sn as u32,
-            _pad0: 0,
-            _pad1: 0,
+            ldc: self.n as u32,
+            c0: 0,
         }
     }
 }
@@ -566,8 +566,40 @@ impl Matmul {
         b: impl Into<WeightRef<'b>>,
         c: &Tensor<f32>,
     ) -> Result<Self> {
+        Self::new_cols(ctx, shape, spec, a, b, c, 0)
+    }
+
+    /// As `new`, writing C into columns `col .. col + N` of `c [M, L]`
+    /// (the unembedding of one part of a split vocabulary: its logits go
+    /// to their columns of the full row).
+    pub fn new_cols<'b>(
+        ctx: &GpuContext,
+        shape: &MatmulShape,
+        spec: MatmulSpec,
+        a: &Tensor<f32>,
+        b: impl Into<WeightRef<'b>>,
+        c: &Tensor<f32>,
+        col: usize,
+    ) -> Result<Self> {
         let b = b.into();
-        shape.check(&a.shape, b.shape, &c.shape)?;
+        let ldc = match c.shape.as_slice() {
+            &[m, l] if m == shape.m && col + shape.n <= l => l,
+            _ => {
+                return Err(Error::shape(
+                    "matmul",
+                    format!("c [{}, >= {}]", shape.m, col + shape.n),
+                    format!("c {:?}", c.shape),
+                ))
+            }
+        };
+        shape.check(&a.shape, b.shape, &[shape.m, shape.n])?;
+        if shape.m as u64 * ldc as u64 > u32::MAX as u64 {
+            return Err(Error::Limit {
+                what: "matmul: elements of c".into(),
+                needed: shape.m as u64 * ldc as u64,
+                max: u32::MAX as u64,
+            });
+        }
         let spec = spec.with_beta(shape.beta != 0.0).with_b16(b.f16());
         spec.check(ctx)?;
         let max = ctx.limits.max_compute_workgroups_per_dimension;
@@ -588,7 +620,14 @@ impl Matmul {
             gz as u64,
         )?;
         let pipeline = ctx.pipeline(&Kernel::Matmul(spec))?;
-        let params = uniform(ctx, &shape.params(gx));
+        let params = uniform(
+            ctx,
+            &MatmulParams {
+                ldc: ldc as u32,
+                c0: col as u32,
+                ..shape.params(gx)
+            },
+        );
         let dispatch = Dispatch::new(
             ctx,
             pipeline,

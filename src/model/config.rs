@@ -685,6 +685,58 @@ impl ModelConfig {
         }
     }
 
+    /// How the parameters go onto an adapter whose storage binding holds
+    /// `binding` bytes, weights larger than `split` bytes (at most
+    /// `binding`) split in parts, the matmul weights stored as `dtype`: the
+    /// tensors split (name, parts), as the loaders split them (expert banks
+    /// by experts, the token table and the unembedding by the vocabulary);
+    /// or, when one does not fit, its name and the bytes of its smallest
+    /// piece (a tensor amoe does not split, or one expert).
+    pub fn split_plan(
+        &self,
+        dtype: crate::gpu::Dtype,
+        split: u64,
+        binding: u64,
+    ) -> std::result::Result<Vec<(String, usize)>, (String, u64)> {
+        use crate::model::params::{BlockParam as B, ParamId};
+        // As `gpu::Weight::upload_split` rounds it.
+        let split = split.min(binding) / 16 * 16;
+        let mut parts = Vec::new();
+        for (id, s) in self.param_specs().iter() {
+            let size = if id.is_matmul_weight() {
+                dtype.size()
+            } else {
+                4
+            };
+            let bytes = s.numel() as u64 * size;
+            let slices = match id {
+                ParamId::Wte => s.shape[0],
+                ParamId::WOut => s.shape[1],
+                ParamId::Block(
+                    _,
+                    B::W1 | B::W3 | B::W2 | B::SharedW1 | B::SharedW3 | B::SharedW2,
+                ) => s.shape[0],
+                _ => 0,
+            };
+            if slices == 0 {
+                // Not split: one buffer.
+                if bytes > binding {
+                    return Err((id.name(), bytes));
+                }
+                continue;
+            }
+            if bytes <= split {
+                continue;
+            }
+            let slice = bytes / slices as u64;
+            if slice > split {
+                return Err((id.name(), slice));
+            }
+            parts.push((id.name(), slices.div_ceil((split / slice) as usize)));
+        }
+        Ok(parts)
+    }
+
     /// Forward FLOPs per token with `slots_per_token` routed experts per MoE
     /// layer (1 for top-1, 2 for top-2, 1 + two-expert fraction for
     /// adaptive); training costs about three times this.
@@ -807,5 +859,34 @@ mod tests {
         assert_eq!(b.kv_cache, (2 * c.layers * c.context * d * 4) as u64);
         let largest = (c.vocab * d).max(e * d * f);
         assert_eq!(b.largest_tensor, 4 * largest as u64);
+    }
+
+    #[test]
+    fn split_plan_follows_the_loaders() {
+        use crate::gpu::Dtype;
+        let c = ModelConfig {
+            vocab: 1000,
+            d: 64,
+            experts: 8,
+            ffn: 32,
+            ..ModelConfig::default()
+        };
+        let big = 1 << 30;
+        assert_eq!(c.split_plan(Dtype::F32, big, big), Ok(vec![]));
+        // wte 1000 x 64 x 4 = 250 KiB in 64 KiB parts of 256 rows; each
+        // expert bank (8 x 64 x 32 x 4 = 64 KiB) fits.
+        let plan = c.split_plan(Dtype::F32, 64 * 1024, big).unwrap();
+        assert!(plan.contains(&("wte".to_string(), 4)), "{plan:?}");
+        assert!(plan.contains(&("w_out".to_string(), 4)), "{plan:?}");
+        assert!(!plan.iter().any(|(n, _)| n.contains("ffn")), "{plan:?}");
+        // f16 halves every part count's bytes.
+        let plan = c.split_plan(Dtype::F16, 64 * 1024, big).unwrap();
+        assert!(plan.contains(&("wte".to_string(), 2)), "{plan:?}");
+        // One expert (8 KiB) past a 4 KiB split: no split can hold it.
+        let err = c.split_plan(Dtype::F32, 4096, big).unwrap_err();
+        assert!(err.0.contains("ffn.w1") && err.1 == 8192, "{err:?}");
+        // A tensor amoe does not split, past the binding itself.
+        let err = c.split_plan(Dtype::F32, 1024, 16 * 1024).unwrap_err();
+        assert_eq!(err, ("wpe".to_string(), 128 * 64 * 4));
     }
 }

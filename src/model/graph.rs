@@ -16,7 +16,7 @@
 //! `model::reference::forward` (batch) and `infer::reference` (generation).
 
 use crate::error::{Error, Result};
-use crate::gpu::{GpuContext, Tensor, Weight, WeightRef};
+use crate::gpu::{GpuContext, Tensor, Weight, WeightPart, WeightRef};
 use crate::kernels::add::Add;
 use crate::kernels::attention::{
     supports_head_dim, AttentionConfig, AttentionForward, AttentionForwardBuffers,
@@ -79,19 +79,6 @@ pub(crate) fn mm<'b>(
     gemm(ctx, mnk, trans, 1.0, beta, a, b, c)
 }
 
-/// `c = alpha a b` of shape (m, n, k).
-fn mm_alpha<'b>(
-    ctx: &GpuContext,
-    mnk: (usize, usize, usize),
-    trans: Trans,
-    alpha: f32,
-    a: &Tensor<f32>,
-    b: impl Into<WeightRef<'b>>,
-    c: &Tensor<f32>,
-) -> Result<Matmul> {
-    gemm(ctx, mnk, trans, alpha, 0.0, a, b, c)
-}
-
 #[allow(clippy::too_many_arguments)]
 fn gemm<'b>(
     ctx: &GpuContext,
@@ -115,12 +102,13 @@ fn gemm<'b>(
     Matmul::new(ctx, &shape, spec, a, b, c)
 }
 
-/// How tokens become the first residual stream.
+/// How tokens become the first residual stream: one lookup per part of
+/// the token table (one for a table in one buffer).
 enum Embed {
     /// Positions 0..N of each sequence.
-    Batch(EmbeddingForward),
+    Batch(Vec<EmbeddingForward>),
     /// Positions from the cache's step.
-    Cached(KvEmbed),
+    Cached(Vec<KvEmbed>),
 }
 
 impl Embed {
@@ -131,41 +119,59 @@ impl Embed {
         ids: &Tensor<u32>,
         x: &Tensor<f32>,
     ) -> Result<Embed> {
-        let wte = model.params.wte.view();
         let wpe = match &model.params.wpe {
             Some(w) => Some(w.f32("position embedding")?),
             None => None,
         };
         let scale = model.cfg.embedding_multiplier;
+        let v = model.cfg.vocab;
+        let parts = model.params.wte.parts();
+        let rows = |p: &WeightPart| (parts.len() > 1).then_some((p.range.start, v));
         Ok(match mode.kv() {
-            None => Embed::Batch(EmbeddingForward::new(
-                ctx,
-                &EmbeddingForwardBuffers {
-                    ids,
-                    wte,
-                    wpe,
-                    x,
-                    scale,
-                },
-            )?),
-            Some(kv) => Embed::Cached(KvEmbed::new(
-                ctx,
-                &KvEmbedBuffers {
-                    step: kv.step,
-                    ids,
-                    wte,
-                    wpe,
-                    x,
-                    scale,
-                },
-            )?),
+            None => Embed::Batch(
+                parts
+                    .iter()
+                    .map(|p| {
+                        EmbeddingForward::new(
+                            ctx,
+                            &EmbeddingForwardBuffers {
+                                ids,
+                                wte: p.view,
+                                wpe,
+                                x,
+                                scale,
+                                rows: rows(p),
+                            },
+                        )
+                    })
+                    .collect::<Result<_>>()?,
+            ),
+            Some(kv) => Embed::Cached(
+                parts
+                    .iter()
+                    .map(|p| {
+                        KvEmbed::new(
+                            ctx,
+                            &KvEmbedBuffers {
+                                step: kv.step,
+                                ids,
+                                wte: p.view,
+                                wpe,
+                                x,
+                                scale,
+                                rows: rows(p),
+                            },
+                        )
+                    })
+                    .collect::<Result<_>>()?,
+            ),
         })
     }
 
     fn record(&self, pass: &mut wgpu::ComputePass<'_>) {
         match self {
-            Embed::Batch(e) => e.record(pass),
-            Embed::Cached(e) => e.record(pass),
+            Embed::Batch(e) => e.iter().for_each(|e| e.record(pass)),
+            Embed::Cached(e) => e.iter().for_each(|e| e.record(pass)),
         }
     }
 }
@@ -330,7 +336,15 @@ impl Block {
                 rstd: &rstd1,
             },
         )?;
-        let qkv_mm = mm(ctx, (t, qkv_w, d), Trans::NN, 0.0, &a, &p.wqkv, &qkv)?;
+        let qkv_mm = mm(
+            ctx,
+            (t, qkv_w, d),
+            Trans::NN,
+            0.0,
+            &a,
+            p.wqkv.view("qkv projection")?,
+            &qkv,
+        )?;
         let qshape = QkvShape { t, h, hkv, dh };
         let prep = QkPrep {
             bias: match &p.bqkv {
@@ -436,7 +450,15 @@ impl Block {
             Mode::Prefill(_) => flash(1, t)?,
             Mode::Decode(kv) => cached(kv)?,
         };
-        let proj_mm = mm(ctx, (t, d, qw), Trans::NN, 0.0, &o, &p.wo, &proj)?;
+        let proj_mm = mm(
+            ctx,
+            (t, d, qw),
+            Trans::NN,
+            0.0,
+            &o,
+            p.wo.view("output projection")?,
+            &proj,
+        )?;
         let rm = cfg.residual_multiplier;
         let add1 = Add::scaled(ctx, x, &proj, rm, &xm)?;
         let norm2 = RmsNormForward::new(
@@ -521,7 +543,9 @@ pub struct Head {
     /// logits [T, V]
     pub logits: Tensor<f32>,
     norm_f: RmsNormForward,
-    out_mm: Matmul,
+    /// One GEMM per part of the unembedding (or of the tied table), each
+    /// writing its columns of the logits.
+    out_mm: Vec<Matmul>,
 }
 
 impl Head {
@@ -542,20 +566,30 @@ impl Head {
         )?;
         let logits = Tensor::zeros(ctx, "logits", &[t, v])?;
         // Untied: xf W_out; tied: xf wteᵀ. Logits divided by Granite's
-        // logits_scaling (alpha = 1 for every other model: exact).
+        // logits_scaling (alpha = 1 for every other model: exact). A split
+        // table (W_out by column blocks, wte by row blocks) gives each part
+        // its columns of the logits.
         let (w, trans) = match &model.params.w_out {
             Some(w) => (w, Trans::NN),
             None => (&model.params.wte, Trans::NT),
         };
-        let out_mm = mm_alpha(
-            ctx,
-            (t, v, d),
-            trans,
-            1.0 / cfg.logits_scaling,
-            &xf,
-            w,
-            &logits,
-        )?;
+        let out_mm = w
+            .parts()
+            .iter()
+            .map(|p| {
+                let (n, col) = (p.range.len(), p.range.start);
+                let shape = MatmulShape {
+                    m: t,
+                    n,
+                    k: d,
+                    trans,
+                    alpha: 1.0 / cfg.logits_scaling,
+                    beta: 0.0,
+                };
+                let spec = MatmulSpec::choose(ctx, t, n, d, trans);
+                Matmul::new_cols(ctx, &shape, spec, &xf, p.view, &logits, col)
+            })
+            .collect::<Result<Vec<_>>>()?;
         Ok(Head {
             x: x.clone(),
             xf,
@@ -568,7 +602,9 @@ impl Head {
 
     fn record(&self, pass: &mut wgpu::ComputePass<'_>) {
         self.norm_f.record(pass);
-        self.out_mm.record(pass);
+        for mm in &self.out_mm {
+            mm.record(pass);
+        }
     }
 }
 

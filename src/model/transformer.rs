@@ -235,7 +235,19 @@ impl Model {
                     } else {
                         Dtype::F32
                     };
-                    Weight::upload(ctx, &id.name(), &t.shape, &t.data, dtype)?
+                    // The vocabulary-sized tables split (when larger than
+                    // one storage binding) along the vocabulary: wte [V, D]
+                    // by rows, w_out [D, V] by columns.
+                    let name = id.name();
+                    match id {
+                        ParamId::Wte => {
+                            Weight::upload_split(ctx, &name, &t.shape, &t.data, dtype, 0)?
+                        }
+                        ParamId::WOut => {
+                            Weight::upload_split(ctx, &name, &t.shape, &t.data, dtype, 1)?
+                        }
+                        _ => Weight::upload(ctx, &name, &t.shape, &t.data, dtype)?,
+                    }
                 }
             })
         })?;
