@@ -150,6 +150,33 @@ fn tok_err(what: &str, e: impl std::fmt::Display) -> Error {
     Error::Tokenizer(format!("{what}: {e}"))
 }
 
+/// Every token has its own id: two tokens sharing one (a hand-edited or
+/// corrupt file) would make one of them encode as the other.
+fn check_ids(inner: &tokenizers::Tokenizer) -> Result<()> {
+    let vocab = inner.get_vocab(true);
+    let mut by_id: std::collections::HashMap<u32, &str> = std::collections::HashMap::new();
+    let mut clash: Option<(u32, String, String)> = None;
+    for (tok, &id) in &vocab {
+        if let Some(other) = by_id.insert(id, tok) {
+            // The smallest id for a stable message.
+            let (a, b) = if other < tok.as_str() {
+                (other, tok.as_str())
+            } else {
+                (tok.as_str(), other)
+            };
+            if clash.as_ref().is_none_or(|c| id < c.0) {
+                clash = Some((id, a.to_string(), b.to_string()));
+            }
+        }
+    }
+    match clash {
+        Some((id, a, b)) => Err(Error::Tokenizer(format!(
+            "tokens {a:?} and {b:?} share id {id} (every token needs its own id)"
+        ))),
+        None => Ok(()),
+    }
+}
+
 impl Tokenizer {
     /// Learns a BPE vocabulary of `vocab_size` tokens (bytes and [`EOT`] included) from
     /// `docs`. A corpus too small to yield that many merges gives a smaller vocabulary:
@@ -187,7 +214,7 @@ impl Tokenizer {
             .map_err(|e| tok_err("training", e))?;
         let mut tk = Self::pipeline(model)?;
         tk.add_special_tokens(&special);
-        Self::wrap(tokenizers::Tokenizer::from(tk))
+        Self::wrap(tokenizers::Tokenizer::from(tk), None)
     }
 
     /// Our pipeline around a BPE model: no normalizer, byte-level pre-tokenizer and decoder.
@@ -212,7 +239,11 @@ impl Tokenizer {
             .map_err(|e| tok_err("building the tokenizer", e))
     }
 
-    fn wrap(inner: tokenizers::Tokenizer) -> Result<Self> {
+    /// `json`: the file's text when read from one (kept as it is: the
+    /// `tokenizers` crate prints warnings to stdout while it serializes
+    /// some vocabularies), else None (serialized here).
+    fn wrap(inner: tokenizers::Tokenizer, json: Option<&str>) -> Result<Self> {
+        check_ids(&inner)?;
         let eot = inner
             .token_to_id(EOT)
             .ok_or_else(|| Error::Tokenizer(format!("no {EOT} token in the vocabulary")))?;
@@ -230,9 +261,12 @@ impl Tokenizer {
                 )));
             }
         }
-        let json = inner
-            .to_string(false)
-            .map_err(|e| tok_err("serializing", e))?;
+        let json = match json {
+            Some(j) => j.to_string(),
+            None => inner
+                .to_string(false)
+                .map_err(|e| tok_err("serializing", e))?,
+        };
         let ours = inner.get_normalizer().is_none()
             && matches!(inner.get_model(), ModelWrapper::BPE(_))
             && matches!(inner.get_pre_tokenizer(),
@@ -325,7 +359,7 @@ impl Tokenizer {
         let inner: tokenizers::Tokenizer = json
             .parse()
             .map_err(|e| tok_err("reading tokenizer.json", e))?;
-        Self::wrap(inner)
+        Self::wrap(inner, Some(json))
     }
 
     /// Reads a published model's `tokenizer.json`: any model the `tokenizers` crate
@@ -336,6 +370,7 @@ impl Tokenizer {
         let inner: tokenizers::Tokenizer = json
             .parse()
             .map_err(|e| tok_err("reading tokenizer.json", e))?;
+        check_ids(&inner)?;
         let vocab = inner.get_vocab_size(true);
         if !(1..=MAX_PRETRAINED_VOCAB).contains(&vocab) {
             return Err(Error::Tokenizer(format!(
@@ -350,14 +385,11 @@ impl Tokenizer {
                 )))
             }
         };
-        let json = inner
-            .to_string(false)
-            .map_err(|e| tok_err("serializing", e))?;
         Ok(Tokenizer {
             inner,
             eot,
             vocab,
-            json,
+            json: json.to_string(),
             fast: None,
             special: true,
         })
@@ -438,6 +470,23 @@ mod tests {
         assert_eq!(c.vocab_size(), a.vocab_size());
         let text = "Whether 'tis nobler, the earth";
         assert_eq!(c.encode(text).unwrap(), a.encode(text).unwrap());
+    }
+
+    /// Two tokens with one id: refused by name, by both readers.
+    #[test]
+    fn a_shared_id_is_an_error() {
+        let tk = small();
+        let mut v: serde_json::Value = serde_json::from_str(&tk.to_json()).unwrap();
+        let id = v["model"]["vocab"]["a"].clone();
+        v["model"]["vocab"]["b"] = id.clone();
+        let text = v.to_string();
+        for e in [
+            Tokenizer::from_json(&text).err(),
+            Tokenizer::from_pretrained_json(&text, None).err(),
+        ] {
+            let e = e.expect("a shared id").to_string();
+            assert!(e.contains("share id") && e.contains(&id.to_string()), "{e}");
+        }
     }
 
     #[test]

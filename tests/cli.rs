@@ -962,3 +962,75 @@ fn resume_refuses_flags_that_would_change_the_run() {
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A run whose save was killed between its two renames (no `checkpoint/`,
+/// a whole `.checkpoint.old` and a whole new `.checkpoint.tmp`): generate
+/// reads the newest whole checkpoint and says so, and `--resume` continues
+/// from it and leaves the run directory in order. (On GL: its pipelines
+/// build in a fraction of lavapipe's time, and the backend is not what
+/// this checks.)
+#[test]
+fn a_run_killed_between_the_renames_of_a_save_still_loads() {
+    let dir = std::env::temp_dir().join(format!("amoe_killed_{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let d = dir.to_str().unwrap();
+    let base = [
+        "train",
+        "--steps",
+        "2",
+        "--vocab",
+        "300",
+        "--data",
+        "web/assets/sonnets.txt",
+        "--eval-batches",
+        "1",
+        "--backend",
+        "gl",
+        "--out",
+        d,
+    ];
+    let out = amoe_toy(&base, &[]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // The state the kill leaves: the previous checkpoint moved aside, the
+    // new one complete in .tmp.
+    std::fs::rename(dir.join("checkpoint"), dir.join(".checkpoint.old")).unwrap();
+    std::fs::create_dir(dir.join(".checkpoint.tmp")).unwrap();
+    for f in std::fs::read_dir(dir.join(".checkpoint.old")).unwrap() {
+        let f = f.unwrap();
+        std::fs::copy(f.path(), dir.join(".checkpoint.tmp").join(f.file_name())).unwrap();
+    }
+    for what in [d.to_string(), format!("{d}/checkpoint")] {
+        let out = amoe(&[
+            "generate",
+            "--checkpoint",
+            &what,
+            "--prompt",
+            "Shall I",
+            "--max-tokens",
+            "3",
+            "--backend",
+            "gl",
+        ]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{what}: {err}");
+        assert!(
+            err.contains("interrupted") && err.contains(".checkpoint.tmp"),
+            "{what}: {err}"
+        );
+    }
+    let out = Command::new(env!("CARGO_BIN_EXE_amoe"))
+        .args(["train", "--resume", d, "--steps", "3", "--backend", "gl"])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(err.contains("interrupted"), "{err}");
+    assert!(dir.join("checkpoint").join("state.json").exists());
+    assert!(!dir.join(".checkpoint.old").exists() && !dir.join(".checkpoint.tmp").exists());
+    std::fs::remove_dir_all(&dir).unwrap();
+}

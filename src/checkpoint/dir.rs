@@ -101,8 +101,12 @@ fn remove_dir_if_present(path: &Path) -> Result<()> {
 /// Where a save is, for the fault-injection hook of the tests.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Step {
+    /// `.<name>.tmp` written and synced; nothing renamed yet.
     Written,
+    /// The previous checkpoint renamed to `.<name>.old` (first rename).
     OldMovedAside,
+    /// The new one renamed into place (second rename); old not yet removed.
+    Renamed,
 }
 
 /// Writes the checkpoint to `dir` atomically (see the module docs).
@@ -150,19 +154,47 @@ fn save_with<C: Serialize, S: Serialize>(
     if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
         sync_dir(parent)?;
     }
+    hook(Step::Renamed)?;
     if had_old {
         remove_dir_if_present(&old)?;
     }
     Ok(())
 }
 
-/// After a save interrupted between its two renames, `dir` is missing and `.<name>.old`
-/// holds the previous checkpoint: put it back. Does nothing otherwise.
+/// The whole checkpoint to read for `dir`, newest first: `dir` itself; or,
+/// after a save interrupted between its two renames (`dir` missing,
+/// `.<name>.old` present), `.<name>.tmp`, the new checkpoint, which was
+/// written and synced before the old one was moved aside; or `.<name>.old`
+/// if the new one is gone. None when there is no checkpoint. (A `.tmp`
+/// without an `.old` may be a save cut short: never read.)
+pub fn whole_checkpoint(dir: impl AsRef<Path>) -> Result<Option<PathBuf>> {
+    let dir = dir.as_ref();
+    let (tmp, old) = siblings(dir)?;
+    Ok(if dir.is_dir() {
+        Some(dir.to_path_buf())
+    } else if old.is_dir() && tmp.is_dir() {
+        Some(tmp)
+    } else if old.is_dir() {
+        Some(old)
+    } else {
+        None
+    })
+}
+
+/// After a save interrupted between its two renames, `dir` is missing: put
+/// the newest whole checkpoint in its place (see [`whole_checkpoint`]) and
+/// remove the older one. Does nothing otherwise.
 pub fn recover(dir: impl AsRef<Path>) -> Result<()> {
     let dir = dir.as_ref();
     let (_, old) = siblings(dir)?;
-    if !dir.exists() && old.is_dir() {
-        std::fs::rename(&old, dir).map_err(|e| io(&old, e))?;
+    if dir.exists() {
+        return Ok(());
+    }
+    if let Some(whole) = whole_checkpoint(dir)? {
+        std::fs::rename(&whole, dir).map_err(|e| io(&whole, e))?;
+        if whole != old {
+            remove_dir_if_present(&old)?;
+        }
     }
     Ok(())
 }
@@ -227,17 +259,14 @@ fn read_json<T: DeserializeOwned>(path: &Path) -> Result<T> {
 pub fn load<C: DeserializeOwned, S: DeserializeOwned>(
     dir: impl AsRef<Path>,
 ) -> Result<LoadedCheckpoint<C, S>> {
-    let dir = dir.as_ref();
-    let (_, old) = siblings(dir)?;
-    let dir = if !dir.exists() && old.is_dir() {
-        old
-    } else if dir.is_dir() {
-        dir.to_path_buf()
-    } else {
-        return Err(Error::checkpoint(
-            dir.display(),
-            "no checkpoint directory here",
-        ));
+    let dir = match whole_checkpoint(dir.as_ref())? {
+        Some(d) => d,
+        None => {
+            return Err(Error::checkpoint(
+                dir.as_ref().display(),
+                "no checkpoint directory here",
+            ))
+        }
     };
     let tokenizer_path = dir.join(TOKENIZER_FILE);
     let tokenizer_json = String::from_utf8(read_file(&tokenizer_path)?)
@@ -341,6 +370,82 @@ mod tests {
         std::fs::remove_dir_all(&root).unwrap();
     }
 
+    /// A save killed at each of its steps (after the new files are written,
+    /// after each rename) leaves a checkpoint that loads: the newest whole
+    /// one, and the next save puts everything in order.
+    #[test]
+    fn a_save_killed_at_every_step_leaves_a_loadable_checkpoint() {
+        for (at, want) in [
+            (Step::Written, 1),
+            (Step::OldMovedAside, 2),
+            (Step::Renamed, 2),
+        ] {
+            let root = tmp(&format!("kill_{at:?}"));
+            let dir = root.join("ckpt");
+            save_step(&dir, 1).unwrap();
+            let (model, opt) = tensors(2);
+            let data = CheckpointData {
+                model: &model,
+                optimizer: &opt,
+                config: &Cfg { d: 8, layers: 2 },
+                tokenizer_json: "{}",
+                state: &State {
+                    step: 2,
+                    order: vec![],
+                },
+            };
+            let killed = save_with(&dir, &data, &mut |s| {
+                if s == at {
+                    Err(Error::checkpoint("test", "killed"))
+                } else {
+                    Ok(())
+                }
+            });
+            assert!(killed.is_err());
+            assert_eq!(step_of(&dir), want, "killed at {at:?}");
+            save_step(&dir, 3).unwrap();
+            assert_eq!(step_of(&dir), 3, "after {at:?}");
+            let names: Vec<_> = std::fs::read_dir(&root)
+                .unwrap()
+                .map(|e| e.unwrap().file_name().into_string().unwrap())
+                .collect();
+            assert_eq!(names, ["ckpt"], "after {at:?}");
+            std::fs::remove_dir_all(&root).unwrap();
+        }
+        // The first save of a run, killed before its rename: no checkpoint
+        // (the unfinished .tmp is never read); killed after it: the new one.
+        let root = tmp("kill_first");
+        let dir = root.join("ckpt");
+        let (model, opt) = tensors(5);
+        let data = CheckpointData {
+            model: &model,
+            optimizer: &opt,
+            config: &Cfg { d: 8, layers: 2 },
+            tokenizer_json: "{}",
+            state: &State {
+                step: 5,
+                order: vec![],
+            },
+        };
+        let _ = save_with(&dir, &data, &mut |s| {
+            if s == Step::Written {
+                Err(Error::checkpoint("test", "killed"))
+            } else {
+                Ok(())
+            }
+        });
+        assert!(load::<Cfg, State>(&dir).is_err());
+        let _ = save_with(&dir, &data, &mut |s| {
+            if s == Step::Renamed {
+                Err(Error::checkpoint("test", "killed"))
+            } else {
+                Ok(())
+            }
+        });
+        assert_eq!(step_of(&dir), 5);
+        std::fs::remove_dir_all(&root).unwrap();
+    }
+
     #[test]
     fn failed_save_keeps_previous() {
         let root = tmp("fail");
@@ -388,10 +493,10 @@ mod tests {
         assert!(!dir.exists());
         assert_eq!(
             step_of(&dir),
-            1,
-            "load falls back to the previous checkpoint"
+            3,
+            "load reads the new checkpoint, whole in .tmp once the old one moved aside"
         );
-        // The next save restores and then replaces it, cleaning up.
+        // The next save puts it in place and then replaces it, cleaning up.
         save_step(&dir, 4).unwrap();
         assert_eq!(step_of(&dir), 4);
         assert!(!root.join(".ckpt.old").exists() && !root.join(".ckpt.tmp").exists());

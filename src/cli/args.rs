@@ -179,7 +179,19 @@ impl ModelPick {
                 demo_dir()
             }
         });
-        let mut ck = InferCheckpoint::load(dir)?;
+        let mut ck = InferCheckpoint::load(&dir)?;
+        let read = std::path::Path::new(&ck.source);
+        if read
+            .file_name()
+            .and_then(|n| n.to_str())
+            .is_some_and(|n| n.starts_with(".checkpoint."))
+        {
+            eprintln!(
+                "note: {}: the last save was interrupted; reading the newest whole checkpoint, {}",
+                dir.display(),
+                ck.source
+            );
+        }
         if let Some(n) = self.context {
             ck.set_context(n)?;
         }

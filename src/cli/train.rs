@@ -371,6 +371,22 @@ pub fn run(adapter: &AdapterArgs, args: &TrainArgs) -> Result<ExitCode> {
 fn train(ctx: &GpuContext, args: &TrainArgs) -> Result<RunSummary> {
     let mut run = match &args.resume {
         Some(dir) => {
+            // After a save interrupted between its renames, say which
+            // checkpoint the run continues from.
+            let ck = if dir.join("state.json").exists() {
+                dir.clone()
+            } else {
+                dir.join("checkpoint")
+            };
+            if !ck.exists() {
+                if let Ok(Some(whole)) = amoe::checkpoint::whole_checkpoint(&ck) {
+                    eprintln!(
+                        "note: {}: the last save was interrupted; continuing from the newest whole checkpoint, {}",
+                        dir.display(),
+                        whole.display()
+                    );
+                }
+            }
             let mut run = Run::resume(ctx, dir, args.steps)?;
             // What a resumed run may change (see RESUME_FLAGS).
             let c = &mut run.cfg;

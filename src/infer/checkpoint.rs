@@ -120,8 +120,20 @@ impl InferCheckpoint {
             TOKENIZER_FILE,
         };
         let mut dir = dir.as_ref().to_path_buf();
-        if !dir.join(CONFIG_FILE).exists() && dir.join("checkpoint").join(CONFIG_FILE).exists() {
-            dir = dir.join("checkpoint");
+        if !dir.join(CONFIG_FILE).exists() {
+            // A run directory's checkpoint/, or, after a save interrupted
+            // between its renames, the newest whole checkpoint beside it
+            // (`checkpoint::whole_checkpoint`); the same for a checkpoint
+            // directory given by its missing path.
+            let whole = |d: &std::path::Path| {
+                crate::checkpoint::whole_checkpoint(d)
+                    .ok()
+                    .flatten()
+                    .filter(|w| w.join(CONFIG_FILE).exists())
+            };
+            if let Some(w) = whole(&dir.join("checkpoint")).or_else(|| whole(&dir)) {
+                dir = w;
+            }
         }
         if !dir.is_dir() {
             return Err(Error::checkpoint(

@@ -137,7 +137,10 @@ impl Run {
 
     /// Continue the run saved in `dir` (a run directory or its checkpoint).
     pub fn resume(ctx: &GpuContext, dir: &Path, steps: Option<u64>) -> Result<Run> {
-        let ck_dir = if dir.join("state.json").exists() || dir.join(".checkpoint.old").exists() {
+        // A checkpoint directory (it holds state.json), else a run
+        // directory whose checkpoint/ `checkpoint::load` reads (or, after an
+        // interrupted save, the newest whole one beside it).
+        let ck_dir = if dir.join("state.json").exists() {
             dir.to_path_buf()
         } else {
             checkpoint_dir(dir)
