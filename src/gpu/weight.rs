@@ -1,5 +1,7 @@
 //! Weights on the GPU: f32, or f16 (IEEE binary16, two to a u32 word,
-//! element `i` in the low half of word `i / 2` when `i` is even).
+//! element `i` in the low half of word `i / 2` when `i` is even); in one
+//! buffer, or, larger than one storage binding, in parts along one axis
+//! (see [`Weight::upload_split`]).
 //!
 //! f16 storage halves the bytes of the matmul weights (the experts, the
 //! attention projections, the embedding and the unembedding) with the math
@@ -362,17 +364,13 @@ impl Weight {
 impl From<Tensor<f32>> for Weight {
     fn from(t: Tensor<f32>) -> Self {
         Weight {
-            label: buffer_name(&t.buffer),
+            label: "weight".to_string(),
             shape: t.shape.clone(),
             dtype: Dtype::F32,
             axis: 0,
             parts: vec![(0, Part::F32(t))],
         }
     }
-}
-
-fn buffer_name(_b: &wgpu::Buffer) -> String {
-    "weight".to_string()
 }
 
 /// A borrowed weight: the buffer a kernel binds, its logical shape and its

@@ -275,11 +275,13 @@ async function trainingPanel(page) {
 }
 
 async function conformance(page) {
+  const started = Date.now();
   await page.click("#conformance");
   await page.waitForFunction(() => window.amoeApp.lastConformance || !document.getElementById("conf-error").hidden, null, {
-    timeout: 900_000,
+    timeout: 1_500_000,
   });
   const rep = await page.evaluate(() => window.amoeApp.lastConformance);
+  if (rep) rep.seconds = (Date.now() - started) / 1000;
   const rows = await page.$$eval("#conf-table tbody tr", (trs) => trs.length);
   const failed = rep ? rep.report.kernels.filter((k) => !k.pass) : [];
   check(
@@ -483,7 +485,7 @@ async function main() {
     numbers.train_loss = await training(page);
     await trainingPanel(page);
     const rep = await conformance(page);
-    numbers.conformance = rep && { pass: rep.pass, cases: rep.report.kernels.length, not_applicable: rep.report.not_applicable.length };
+    numbers.conformance = rep && { pass: rep.pass, cases: rep.report.kernels.length, not_applicable: rep.report.not_applicable.length, seconds: rep.seconds };
     await badInput(page);
     await hfFolder(page);
     await busy(page);
