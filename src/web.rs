@@ -155,7 +155,20 @@ impl Gpu {
                     )));
                 }
             }
-            let cases = crate::conformance::cases(family.as_deref());
+            let mut cases = crate::conformance::cases(family.as_deref());
+            // f16 weights are not offered in the page yet: the f16 GEMM
+            // (`matmul[blocked 32x128 f16]`) never completes on Chromium's
+            // SwiftShader (the device goes quiet; lavapipe and llvmpipe run
+            // it). Those cases are listed as skipped, not run.
+            let skipped: Vec<String> = cases
+                .iter()
+                .filter(|c| c.names().1.contains("f16"))
+                .map(|c| {
+                    let (k, n) = c.names();
+                    format!("{k} [{n}]: f16 weights are not offered in the page yet")
+                })
+                .collect();
+            cases.retain(|c| !c.names().1.contains("f16"));
             let report = crate::conformance::run_cases(&ctx, &cases, |r| {
                 if let (Some(f), Ok(s)) = (&on_row, serde_json::to_string(r)) {
                     let _ = f.call1(&JsValue::NULL, &JsValue::from_str(&s));
@@ -166,6 +179,7 @@ impl Gpu {
                 "adapter": adapter,
                 "pass": report.pass(),
                 "report": report,
+                "skipped": skipped,
             }))?))
         })
     }
@@ -252,9 +266,16 @@ impl Generator {
         ck: InferCheckpoint,
         dtype: Option<String>,
     ) -> Result<Generator, JsValue> {
+        // f32 in the page for now: the f16 GEMM does not complete on
+        // Chromium's SwiftShader (see `Gpu::conformance`).
         let dtype = match dtype.as_deref() {
-            Some(d) => d.parse::<crate::model::DtypeChoice>().map_err(js)?,
-            None => crate::model::DtypeChoice::Auto,
+            None | Some("auto") | Some("f32") => crate::model::DtypeChoice::F32,
+            Some(d) => {
+                d.parse::<crate::model::DtypeChoice>().map_err(js)?;
+                return Err(js_msg(format!(
+                    "dtype {d}: f16 weights are not offered in the page yet (f32 only)"
+                )));
+            }
         };
         let gate = ck.gate(None, None).map_err(js)?;
         let engine = Engine::with_dtype(&ctx, &ck, gate, dtype).map_err(js)?;
