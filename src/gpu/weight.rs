@@ -8,7 +8,8 @@
 //! and the accumulation in f32: a kernel reads a word and widens its two
 //! halves with integer operations (`shaders/f16.wgsl`). That needs no
 //! `SHADER_F16` (nor the capability WGSL's `unpack2x16float` needs, which
-//! lavapipe lacks), so every adapter and every browser gets it;
+//! lavapipe lacks), so no adapter feature is needed (the page keeps f32 for
+//! now: the f16 GEMM does not complete on Chromium's SwiftShader);
 //! `SHADER_F16` would only add f16 arithmetic, which amoe does not want.
 //! The twin of a kernel reading f16 weights is its f32 twin on the weights
 //! rounded to f16 ([`round_f16`]): the widening is exact, so the kernel

@@ -278,7 +278,7 @@ async function conformance(page) {
   const started = Date.now();
   await page.click("#conformance");
   await page.waitForFunction(() => window.amoeApp.lastConformance || !document.getElementById("conf-error").hidden, null, {
-    timeout: 1_500_000,
+    timeout: 900_000,
   });
   const rep = await page.evaluate(() => window.amoeApp.lastConformance);
   if (rep) rep.seconds = (Date.now() - started) / 1000;
