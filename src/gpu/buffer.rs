@@ -123,15 +123,26 @@ impl<T: Pod> Tensor<T> {
 
     /// Fail with `Error::Shape` unless the shape is `want`.
     pub fn expect_shape(&self, op: &'static str, name: &str, want: &[usize]) -> Result<()> {
-        if self.shape != want {
-            return Err(Error::shape(
-                op,
-                format!("{name} {want:?}"),
-                format!("{name} {:?}", self.shape),
-            ));
-        }
-        Ok(())
+        expect_shape(op, name, &self.shape, want)
     }
+}
+
+/// `Error::Shape` naming `name` unless `got` is `want` (tensors and weight
+/// views alike).
+pub(crate) fn expect_shape(
+    op: &'static str,
+    name: &str,
+    got: &[usize],
+    want: &[usize],
+) -> Result<()> {
+    if got != want {
+        return Err(Error::shape(
+            op,
+            format!("{name} {want:?}"),
+            format!("{name} {got:?}"),
+        ));
+    }
+    Ok(())
 }
 
 fn padded_bytes<T>(n: usize) -> u64 {

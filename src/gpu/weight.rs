@@ -395,14 +395,7 @@ impl WeightRef<'_> {
 
     /// Fail with `Error::Shape` unless the shape is `want`.
     pub fn expect_shape(&self, op: &'static str, name: &str, want: &[usize]) -> Result<()> {
-        if self.shape != want {
-            return Err(Error::shape(
-                op,
-                format!("{name} {want:?}"),
-                format!("{name} {:?}", self.shape),
-            ));
-        }
-        Ok(())
+        super::buffer::expect_shape(op, name, self.shape, want)
     }
 }
 
