@@ -163,15 +163,56 @@ impl MoeLayer {
         cfg.validate()?;
         weights.validate(&cfg)?;
         let (d, f, e) = (cfg.d, cfg.f, cfg.e);
-        Ok(MoeLayer {
+        Self::from_parts(
             cfg,
-            w_router: Tensor::from_slice(ctx, "w_router", &[d, e], &weights.w_router)?,
-            w1: Weight::upload_split(ctx, "w1", &[e, d, f], &weights.w1, dtype, 0)?,
-            w3: match &weights.w3 {
+            Tensor::from_slice(ctx, "w_router", &[d, e], &weights.w_router)?,
+            Weight::upload_split(ctx, "w1", &[e, d, f], &weights.w1, dtype, 0)?,
+            match &weights.w3 {
                 Some(w3) => Some(Weight::upload_split(ctx, "w3", &[e, d, f], w3, dtype, 0)?),
                 None => None,
             },
-            w2: Weight::upload_split(ctx, "w2", &[e, f, d], &weights.w2, dtype, 0)?,
+            Weight::upload_split(ctx, "w2", &[e, f, d], &weights.w2, dtype, 0)?,
+        )
+    }
+
+    /// A layer of weights already on the GPU (a model uploads its
+    /// parameters one at a time), checked against `cfg`: w_router [D, E],
+    /// w1 and (SwiGLU only) w3 [E, D, F], w2 [E, F, D].
+    pub fn from_parts(
+        cfg: MoeConfig,
+        w_router: Tensor<f32>,
+        w1: Weight,
+        w3: Option<Weight>,
+        w2: Weight,
+    ) -> Result<Self> {
+        cfg.validate()?;
+        let (d, f, e) = (cfg.d, cfg.f, cfg.e);
+        w_router.expect_shape("moe_layer", "w_router", &[d, e])?;
+        let shape = |w: &Weight, name: &str, want: &[usize]| {
+            crate::gpu::expect_shape("moe_layer", name, w.shape(), want)
+        };
+        shape(&w1, "w1", &[e, d, f])?;
+        shape(&w2, "w2", &[e, f, d])?;
+        match (&w3, cfg.activation == Activation::SwiGlu) {
+            (Some(w3), true) => shape(w3, "w3", &[e, d, f])?,
+            (None, false) => {}
+            (_, swiglu) => {
+                return Err(Error::invalid(
+                    "moe_layer",
+                    format!(
+                        "w3 is {} but the activation is {}",
+                        if w3.is_some() { "given" } else { "missing" },
+                        if swiglu { "SwiGLU" } else { "GELU" }
+                    ),
+                ))
+            }
+        }
+        Ok(MoeLayer {
+            cfg,
+            w_router,
+            w1,
+            w3,
+            w2,
         })
     }
 

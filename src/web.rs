@@ -280,6 +280,11 @@ impl Generator {
         let gate = ck.gate(None, None).map_err(js)?;
         let engine = Engine::with_dtype(&ctx, &ck, gate, dtype).map_err(js)?;
         ctx.check_errors("loading the checkpoint").map_err(js)?;
+        // The weights are on the GPU: let the files' bytes go.
+        let ck = InferCheckpoint {
+            weights: ck.weights.released(),
+            ..ck
+        };
         Ok(Generator {
             ctx,
             state: Rc::new(RefCell::new(GenState { ck, engine })),
@@ -298,7 +303,7 @@ impl Generator {
         gpu: &Gpu,
         source: &str,
         config: &[u8],
-        model: &[u8],
+        model: Vec<u8>,
         tokenizer: &[u8],
         state: Option<Vec<u8>>,
         dtype: Option<String>,
@@ -309,9 +314,13 @@ impl Generator {
                 "not UTF-8 text",
             ))
         })?;
-        let tensors =
-            crate::checkpoint::parse_safetensors(&format!("{source}/model.safetensors"), model)
-                .map_err(js)?;
+        // Read lazily: the upload converts one tensor at a time, and the
+        // file's bytes are the only copy of the weights in this tab.
+        let tensors = crate::checkpoint::parse_raw(
+            &format!("{source}/model.safetensors"),
+            crate::checkpoint::FileBytes::new(model),
+        )
+        .map_err(js)?;
         let ck = InferCheckpoint::from_parts(source, config, tensors, tokenizer, state.as_deref())
             .map_err(js)?;
         Self::from_checkpoint(gpu.ctx.clone(), ck, dtype)
@@ -334,7 +343,7 @@ impl Generator {
     ) -> Result<Generator, JsValue> {
         use crate::checkpoint::hf::{load_hf_parts, HfFiles, GENERATION_CONFIG_FILE};
         use crate::checkpoint::{
-            parse_safetensors, parse_shards, CONFIG_FILE, MODEL_FILE, SHARD_INDEX_FILE,
+            parse_raw, parse_shards, FileBytes, CONFIG_FILE, MODEL_FILE, SHARD_INDEX_FILE,
             TOKENIZER_FILE,
         };
         if names.len() != blobs.length() as usize {
@@ -343,16 +352,23 @@ impl Generator {
                 format!("{} names for {} files", names.len(), blobs.length()),
             )));
         }
-        let files: std::collections::HashMap<&str, Vec<u8>> = names
+        // One copy of each file in this tab's memory; the safetensors
+        // files are read lazily from it.
+        let files: std::collections::HashMap<&str, FileBytes> = names
             .iter()
             .zip(blobs.iter())
-            .map(|(n, b)| (n.as_str(), js_sys::Uint8Array::new(&b).to_vec()))
+            .map(|(n, b)| {
+                (
+                    n.as_str(),
+                    FileBytes::new(js_sys::Uint8Array::new(&b).to_vec()),
+                )
+            })
             .collect();
         let at = |name: &str| format!("{source}/{name}");
         let get = |name: &str| -> Result<(String, &[u8]), JsValue> {
             files
                 .get(name)
-                .map(|b| (at(name), b.as_slice()))
+                .map(|b| (at(name), b.bytes()))
                 .ok_or_else(|| {
                     js(Error::checkpoint(
                         at(name),
@@ -364,7 +380,7 @@ impl Generator {
         let tokenizer = get(TOKENIZER_FILE)?;
         let generation = files
             .get(GENERATION_CONFIG_FILE)
-            .map(|b| (at(GENERATION_CONFIG_FILE), b.as_slice()));
+            .map(|b| (at(GENERATION_CONFIG_FILE), b.bytes()));
         let m = load_hf_parts(
             HfFiles {
                 config: (&config.0, config.1),
@@ -374,7 +390,7 @@ impl Generator {
             |_| {
                 if let Some(b) = files.get(MODEL_FILE) {
                     let src = at(MODEL_FILE);
-                    return Ok((src.clone(), parse_safetensors(&src, b)?));
+                    return Ok((src.clone(), parse_raw(&src, b.clone())?));
                 }
                 let index = files.get(SHARD_INDEX_FILE).ok_or_else(|| {
                     Error::checkpoint(
@@ -383,12 +399,12 @@ impl Generator {
                     )
                 })?;
                 let src = at(SHARD_INDEX_FILE);
-                let tensors = parse_shards(&src, index, |shard| {
+                let tensors = parse_shards(&src, index.bytes(), |shard| {
                     let s = at(shard);
                     let b = files.get(shard).ok_or_else(|| {
                         Error::checkpoint(&s, "missing (a shard the index names)")
                     })?;
-                    Ok((s.clone(), parse_safetensors(&s, b)?))
+                    Ok((s.clone(), parse_raw(&s, b.clone())?))
                 })?;
                 Ok((src, tensors))
             },
@@ -401,7 +417,7 @@ impl Generator {
     /// JSON: the model's config, parameter count, GPU bytes and default gating.
     pub fn info(&self) -> Result<String, JsValue> {
         let st = self.state.try_borrow().map_err(|_| busy("the model"))?;
-        let params: usize = st.ck.host.numel();
+        let params: usize = st.ck.weights.numel();
         json(&serde_json::json!({
             "source": st.ck.source,
             "config": st.ck.cfg,
@@ -646,7 +662,7 @@ async fn session_checkpoint(
     let host = s.model.download(ctx).await?;
     Ok(InferCheckpoint {
         cfg: s.cfg.model.clone(),
-        host,
+        weights: host.into_lazy(),
         stop_ids: vec![s.data.tokenizer.eot_id()],
         tokenizer: s.data.tokenizer.clone(),
         eval_gating: s.cfg.eval_gating,

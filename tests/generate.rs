@@ -37,7 +37,8 @@ fn greedy_generation_equals_the_cpu_twin_on_the_demo_checkpoint() {
     let steps = 12;
     for gating in [ck.eval_gating, Gating::Adaptive] {
         let gate = ck.gate(Some(gating), None).unwrap();
-        let want = generate_greedy(&ck.cfg, &ck.host, &prompt, steps, gate, None).unwrap();
+        let want =
+            generate_greedy(&ck.cfg, &ck.host().unwrap(), &prompt, steps, gate, None).unwrap();
         assert_eq!(want.len(), steps);
         common::for_each_adapter(|ctx| {
             let mut engine = Engine::new(ctx, ck, gate).unwrap();
@@ -188,7 +189,7 @@ fn tiny_with(context: usize, activation: amoe::kernels::Activation) -> InferChec
         ..ModelConfig::default()
     };
     InferCheckpoint {
-        host: HostParams::init(&cfg, 11),
+        weights: HostParams::init(&cfg, 11).into_lazy(),
         cfg,
         stop_ids: vec![tokenizer.eot_id()],
         tokenizer,
@@ -203,7 +204,7 @@ fn tiny_with(context: usize, activation: amoe::kernels::Activation) -> InferChec
 /// the fewest window slides seen.
 fn engine_matches_the_twin(ck: &InferCheckpoint, prompt: &[u32], steps: usize) -> usize {
     let gate = ck.gate(Some(Gating::Adaptive), Some(0.3)).unwrap();
-    let want = generate_greedy(&ck.cfg, &ck.host, prompt, steps, gate, None).unwrap();
+    let want = generate_greedy(&ck.cfg, &ck.host().unwrap(), prompt, steps, gate, None).unwrap();
     let mut slides = usize::MAX;
     common::for_each_adapter(|ctx| {
         let mut engine = Engine::new(ctx, ck, gate).unwrap();
@@ -229,7 +230,7 @@ fn sliding_window_matches_the_twin() {
 #[test]
 fn swiglu_generation_matches_the_twin() {
     let ck = tiny_with(32, amoe::kernels::Activation::SwiGlu);
-    assert!(ck.host.blocks[0].ffn.w3.is_some());
+    assert!(ck.weights.blocks[0].ffn.w3.is_some());
     let prompt: Vec<u32> = (1..=20).collect();
     engine_matches_the_twin(&ck, &prompt, 8);
 }
@@ -335,14 +336,22 @@ fn eval_matches_the_twin_on_its_windows() {
         let (mut sum, mut count) = (0.0f64, 0usize);
         for w in windows(&ids, n, cfg.stride).unwrap() {
             let c = w.targets.iter().filter(|&&t| t != UNUSED).count();
-            let mean = forward_loss(&ck.cfg, &ck.host, &w.ids, &w.targets, 1, Some(gate)).unwrap();
+            let mean = forward_loss(
+                &ck.cfg,
+                &ck.host().unwrap(),
+                &w.ids,
+                &w.targets,
+                1,
+                Some(gate),
+            )
+            .unwrap();
             sum += mean as f64 * c as f64;
             count += c;
         }
         assert_eq!(count, ids.len() - 1);
         let want = sum / count as f64;
         common::for_each_adapter(|ctx| {
-            let model = amoe::model::Model::new(ctx, &ck.cfg, &ck.host).unwrap();
+            let model = amoe::model::Model::new(ctx, &ck.cfg, &ck.host().unwrap()).unwrap();
             let mut calls = 0;
             let r = pollster::block_on(evaluate(ctx, &model, gate, &ids, cfg, &mut |_, _| {
                 calls += 1

@@ -66,7 +66,7 @@ fn logits_match_the_reference() {
             .iter()
             .flat_map(json_floats)
             .collect();
-        let got = cpu::logits(&m.cfg, &m.params, &input).unwrap();
+        let got = cpu::logits(&m.cfg, &m.params.to_host().unwrap(), &input).unwrap();
         assert_eq!(got.len(), want.len(), "{name}");
         let err = got
             .iter()
@@ -98,7 +98,7 @@ fn greedy_continuation_matches_the_reference() {
         let mut seq = json_ids(&exp["input_ids"]);
         for (step, (&w, &margin)) in want.iter().zip(&margins).enumerate() {
             // Full recomputation of the whole sequence, as the reference.
-            let logits = cpu::logits(&m.cfg, &m.params, &seq).unwrap();
+            let logits = cpu::logits(&m.cfg, &m.params.to_host().unwrap(), &seq).unwrap();
             let (tok, ours) = argmax(&logits[logits.len() - v..]);
             if tok as u32 != w {
                 assert!(
@@ -303,6 +303,6 @@ fn every_fixture_maps_onto_its_family() {
     for name in HF_FIXTURES {
         let m = load(name);
         assert_eq!(Family::from_model_type(name), Some(m.family));
-        m.params.validate(&m.cfg).unwrap();
+        m.params.to_host().unwrap().validate(&m.cfg).unwrap();
     }
 }

@@ -365,8 +365,8 @@ fn round_trip(name: &str, cfg: ModelConfig, family: Family) -> Value {
     let run = scratch(name);
     save_run(&run, &cfg, &p);
     let ck = InferCheckpoint::load(&run).unwrap();
-    assert_eq!((&ck.cfg, &ck.host), (&cfg, &p));
-    let hf: HfExport = export(&ck.cfg, &ck.host, &ck.tokenizer).unwrap();
+    assert_eq!((&ck.cfg, &ck.host().unwrap()), (&cfg, &p));
+    let hf: HfExport = export(&ck.cfg, &ck.host().unwrap(), &ck.tokenizer).unwrap();
     assert_eq!(hf.family, family);
     let out = run.join("hf");
     write_hf_dir(&out, &hf, false).unwrap();
@@ -374,8 +374,8 @@ fn round_trip(name: &str, cfg: ModelConfig, family: Family) -> Value {
     let m = load_hf_dir(&out).unwrap();
     assert_eq!(m.family, family);
     assert_same_computation(&cfg, &m.cfg);
-    assert_same_params(&cfg, &p, &m.params);
-    assert_same_logits((&cfg, &p), (&m.cfg, &m.params));
+    assert_same_params(&cfg, &p, &m.params.to_host().unwrap());
+    assert_same_logits((&cfg, &p), (&m.cfg, &m.params.to_host().unwrap()));
     let eot = tokenizer().eot_id();
     assert_eq!((m.eos.as_slice(), m.bos), ([eot].as_slice(), Some(eot)));
     assert_eq!(m.tokenizer.to_json(), tokenizer().to_json());
@@ -481,13 +481,16 @@ fn mistral_dense_with_a_window() {
 fn fixtures_of_the_three_families_survive_a_round_trip() {
     for family in [Family::Mixtral, Family::Llama, Family::Mistral] {
         let a = load_hf_dir(&fixture(family.model_type())).unwrap();
-        let hf = export(&a.cfg, &a.params, &a.tokenizer).unwrap();
+        let hf = export(&a.cfg, &a.params.to_host().unwrap(), &a.tokenizer).unwrap();
         assert_eq!(hf.family, family);
         let out = scratch(family.model_type());
         write_hf_dir(&out, &hf, true).unwrap();
         let b = load_hf_dir(&out).unwrap();
         assert_eq!(b.cfg, a.cfg, "{family}");
-        assert!(b.params == a.params, "{family}: parameters differ");
+        assert!(
+            b.params.to_host().unwrap() == a.params.to_host().unwrap(),
+            "{family}: parameters differ"
+        );
         assert_eq!((b.eos, b.bos), (a.eos, a.bos));
 
         let mut ours = read_json(&out.join("config.json"));
@@ -742,7 +745,7 @@ fn cli_exports_a_run_directory() {
     );
     assert_names(&stdout, &["mixtral", "MixtralForCausalLM", "top-2"]);
     let m = load_hf_dir(&out).unwrap();
-    assert_same_logits((&cfg, &p), (&m.cfg, &m.params));
+    assert_same_logits((&cfg, &p), (&m.cfg, &m.params.to_host().unwrap()));
 
     // Again: refused without --overwrite, done with it.
     let r = amoe_cli(&args);

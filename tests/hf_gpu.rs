@@ -75,7 +75,7 @@ fn fixtures_match_the_reference_on_the_gpu() {
         {
             assert_eq!(ck.model_type.as_deref(), exp["model_type"].as_str());
             let gate = ck.gate(None, None).unwrap();
-            let stored_16 = ck.host.resolve_dtype(DtypeChoice::Auto) == Dtype::F16;
+            let stored_16 = ck.weights.resolve_dtype(DtypeChoice::Auto) == Dtype::F16;
             let tol = if dtype == DtypeChoice::F16 && !stored_16 {
                 F16_LOGIT_TOL
             } else {
@@ -94,7 +94,7 @@ fn fixtures_match_the_reference_on_the_gpu() {
             let err = max_err(&out.logits, &want);
             if tol != LOGIT_TOL {
                 // What the GPU computes: the model on f16-rounded weights.
-                let mut rounded = ck.host.clone();
+                let mut rounded = ck.host().unwrap();
                 for (id, t) in rounded.iter_mut() {
                     if id.is_matmul_weight() {
                         t.data = rounded_f16(&t.data);
@@ -199,7 +199,7 @@ fn wide_heads_and_every_axis_match_the_cpu_forward() {
             let dh = cfg.head_dim();
             let ck = InferCheckpoint {
                 cfg: cfg.clone(),
-                host: p.clone(),
+                weights: p.clone().into_lazy(),
                 tokenizer: amoe::tokenizer::Tokenizer::train(["abc def ghi"].into_iter(), 300)
                     .unwrap(),
                 eval_gating: cfg.gate.gating,
@@ -278,7 +278,7 @@ fn f16_storage_is_the_f32_model_on_rounded_weights() {
     }
     let ck = InferCheckpoint {
         cfg: cfg.clone(),
-        host: p.clone(),
+        weights: p.clone().into_lazy(),
         tokenizer: amoe::tokenizer::Tokenizer::train(["abc def ghi"].into_iter(), 300).unwrap(),
         eval_gating: cfg.gate.gating,
         source: "random, f16-exact weights".into(),
@@ -327,7 +327,7 @@ fn f16_refuses_weights_past_its_range() {
     assert_eq!(p.resolve_dtype(DtypeChoice::Auto), Dtype::F32);
     let ck = InferCheckpoint {
         cfg: cfg.clone(),
-        host: p,
+        weights: p.into_lazy(),
         tokenizer: amoe::tokenizer::Tokenizer::train(["abc def ghi"].into_iter(), 300).unwrap(),
         eval_gating: cfg.gate.gating,
         source: "random".into(),
@@ -381,7 +381,7 @@ fn weights_larger_than_a_binding_run_in_parts() {
             let p = random_params(&cfg, 90);
             let ck = InferCheckpoint {
                 cfg: cfg.clone(),
-                host: p,
+                weights: p.into_lazy(),
                 tokenizer: amoe::tokenizer::Tokenizer::train(["abc def ghi"].into_iter(), 300)
                     .unwrap(),
                 eval_gating: cfg.gate.gating,
@@ -416,7 +416,7 @@ fn weights_larger_than_a_binding_run_in_parts() {
         let cfg = wide(32);
         let ck = InferCheckpoint {
             cfg: cfg.clone(),
-            host: random_params(&cfg, 91),
+            weights: random_params(&cfg, 91).into_lazy(),
             tokenizer: amoe::tokenizer::Tokenizer::train(["abc def ghi"].into_iter(), 300).unwrap(),
             eval_gating: cfg.gate.gating,
             source: "random".into(),

@@ -3,8 +3,8 @@
 //! its renames (see the module docs of `checkpoint` for the format).
 
 use super::{
-    check_tensors, parse_safetensors, parse_shards, safetensors_bytes, NamedTensor, CONFIG_FILE,
-    MODEL_FILE, OPTIMIZER_FILE, SHARD_INDEX_FILE, STATE_FILE, TOKENIZER_FILE,
+    check_tensors, parse_raw, parse_shards, safetensors_bytes, FileBytes, NamedTensor, RawTensor,
+    CONFIG_FILE, MODEL_FILE, OPTIMIZER_FILE, SHARD_INDEX_FILE, STATE_FILE, TOKENIZER_FILE,
 };
 use crate::error::{Error, Result};
 use serde::de::DeserializeOwned;
@@ -213,38 +213,53 @@ fn read_file(path: &Path) -> Result<Vec<u8>> {
 }
 
 /// The tensors of one safetensors file (F32, F16 or BF16, as f32), sorted
-/// by name. The file is memory-mapped: its bytes are not copied into memory
-/// first, only the f32 values are made.
+/// by name, read into memory.
 pub fn read_tensors(path: impl AsRef<Path>) -> Result<Vec<NamedTensor>> {
+    Ok(read_raw(path)?.iter().map(RawTensor::to_named).collect())
+}
+
+/// The tensors of one safetensors file, sorted by name, over a memory map
+/// of it: nothing is read until a tensor's values are asked for.
+pub fn read_raw(path: impl AsRef<Path>) -> Result<Vec<RawTensor>> {
     let path = path.as_ref();
     let source = path.display().to_string();
     let file = std::fs::File::open(path).map_err(|e| file_error(path, e))?;
     let len = file.metadata().map_err(|e| io(path, e))?.len();
     if len == 0 {
         // Nothing to map; the parser says what is wrong with an empty file.
-        return parse_safetensors(&source, &[]);
+        return parse_raw(&source, FileBytes::new(Vec::new()));
     }
-    // SAFETY: a read-only map that lives only for this parse. As with any
-    // memory map, a file truncated by another process during the read
-    // would fault; a file rewritten in place can only give wrong values,
-    // which the parse checks as far as the format allows.
+    // SAFETY: a read-only map, kept while the tensors over it live (a
+    // model's load). As with any memory-mapped loader, a file truncated by
+    // another process meanwhile would fault; a file rewritten in place can
+    // only give wrong values, which the parse checks as far as the format
+    // allows.
     let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| io(path, e))?;
-    parse_safetensors(&source, &map)
+    parse_raw(&source, FileBytes::new(map))
 }
 
 /// The model tensors of a directory: `model.safetensors`, or the shards
-/// that `model.safetensors.index.json` names (each checked against it).
+/// that `model.safetensors.index.json` names (each checked against it),
+/// read into memory.
 pub fn read_model_tensors(dir: impl AsRef<Path>) -> Result<Vec<NamedTensor>> {
+    Ok(read_model_raw(dir)?
+        .iter()
+        .map(RawTensor::to_named)
+        .collect())
+}
+
+/// [`read_model_tensors`] over memory maps, nothing read yet.
+pub fn read_model_raw(dir: impl AsRef<Path>) -> Result<Vec<RawTensor>> {
     let dir = dir.as_ref();
     let single = dir.join(MODEL_FILE);
     let index = dir.join(SHARD_INDEX_FILE);
     if single.exists() || !index.exists() {
-        return read_tensors(single);
+        return read_raw(single);
     }
     let bytes = read_file(&index)?;
     parse_shards(&index.display().to_string(), &bytes, |file| {
         let path = dir.join(file);
-        Ok((path.display().to_string(), read_tensors(&path)?))
+        Ok((path.display().to_string(), read_raw(&path)?))
     })
 }
 

@@ -44,11 +44,11 @@
 //! is checked for its shape and every file tensor must be used: the problems
 //! are listed together in one error naming the file.
 
-use crate::checkpoint::NamedTensor;
+use crate::checkpoint::{LazyParams, LazyTensor, NamedTensor, Op, RawTensor};
 use crate::error::{Error, Result};
 use crate::kernels::{Activation, GateConfig, Gating, RouterScore, SingleWeight};
 use crate::model::config::{FfnKind, ModelConfig, QkNorm, Rope, RopeScaling};
-use crate::model::params::{BlockParam, HostTensor, ParamId, ParamSpec};
+use crate::model::params::{BlockParam, ParamId, ParamSpec};
 use crate::model::transformer::HostParams;
 use crate::tokenizer::Tokenizer;
 use serde_json::{Map, Value};
@@ -738,25 +738,6 @@ pub fn parse_generation_config(
     })
 }
 
-/// How one amoe parameter is made from file tensors.
-#[derive(Clone, Debug, PartialEq)]
-enum Op {
-    /// The one source as stored.
-    Copy,
-    /// 2-D `[out_i, in]` Linear weights, each transposed, side by side:
-    /// `[in, sum out_i]` (one source: a plain transpose).
-    Cols,
-    /// 1-D sources end to end.
-    Concat,
-    /// One `[out, in]` Linear weight per expert: `[E, in, out]`.
-    Experts,
-    /// A fused bank `[E, R, in]`: rows `start..start + len` of each expert,
-    /// transposed: `[E, in, len]` (Granite).
-    Bank { start: usize, len: usize },
-    /// No file tensor: zeros (a dense FFN's one-expert router).
-    Zeros,
-}
-
 /// The sources of one parameter (file name and expected shape) and how to
 /// combine them.
 #[derive(Clone, Debug, PartialEq)]
@@ -933,42 +914,34 @@ fn granite_bank(l: usize, proj: Proj, s: &[usize]) -> Recipe {
     }
 }
 
-/// File tensors by name, each given out as often as recipes use it (the
-/// last use moves it out, so a copied tensor is never duplicated).
-struct Pool {
-    tensors: HashMap<String, NamedTensor>,
-    uses: HashMap<String, usize>,
-}
-
-impl Pool {
-    fn take(&mut self, name: &str) -> Result<std::borrow::Cow<'_, NamedTensor>> {
-        let left = self.uses.get_mut(name).ok_or_else(|| {
-            Error::invalid("hf params", format!("{name} used more often than counted"))
-        })?;
-        *left -= 1;
-        let t = if *left == 0 {
-            self.tensors.remove(name).map(std::borrow::Cow::Owned)
-        } else {
-            self.tensors.get(name).map(std::borrow::Cow::Borrowed)
-        };
-        t.ok_or_else(|| Error::invalid("hf params", format!("{name} is gone")))
-    }
-}
-
 /// The file tensors of a Hugging Face checkpoint of `family` onto amoe's
-/// parameter tree for `cfg` (from [`parse_config`]), consuming them. Every
-/// parameter must find its tensors with their shapes and every tensor must
-/// be used; the problems (missing, unexpected, repeated or misshapen
-/// tensors) are listed together in one error naming `file`. Dropped without
-/// a word: `rotary_emb.inv_freq` buffers of old checkpoints (recomputed
-/// from the config) and, with a tied head, an `lm_head.weight` equal to the
-/// embeddings.
+/// parameter tree for `cfg` (from [`parse_config`]), read into host memory
+/// (tests and small models; loading reads them lazily: [`lazy_params`]).
 pub fn params_from_tensors(
     family: Family,
     cfg: &ModelConfig,
     file: &str,
     tensors: Vec<NamedTensor>,
 ) -> Result<HostParams> {
+    let raw = tensors.into_iter().map(RawTensor::from_named).collect();
+    lazy_params(family, cfg, file, raw)?.to_host()
+}
+
+/// The file tensors of a Hugging Face checkpoint of `family` onto amoe's
+/// parameter tree for `cfg` (from [`parse_config`]), each parameter a
+/// recipe over them whose values are made when it is uploaded. Every
+/// parameter must find its tensors with their shapes and every tensor must
+/// be used; the problems (missing, unexpected, repeated or misshapen
+/// tensors) are listed together in one error naming `file`. Dropped without
+/// a word: `rotary_emb.inv_freq` buffers of old checkpoints (recomputed
+/// from the config) and, with a tied head, an `lm_head.weight` equal to the
+/// embeddings.
+pub fn lazy_params(
+    family: Family,
+    cfg: &ModelConfig,
+    file: &str,
+    tensors: Vec<RawTensor>,
+) -> Result<LazyParams> {
     if cfg.rope.is_none() || cfg.activation != Activation::SwiGlu {
         return Err(Error::invalid(
             "hf params",
@@ -978,35 +951,27 @@ pub fn params_from_tensors(
     let specs = cfg.param_specs();
     let recipes = specs.map(|id, spec| recipe(family, cfg, id, spec));
     let mut problems = Vec::new();
-    let mut pool = Pool {
-        tensors: HashMap::with_capacity(tensors.len()),
-        uses: HashMap::new(),
-    };
+    let mut pool: HashMap<String, RawTensor> = HashMap::with_capacity(tensors.len());
     for t in tensors {
-        let n: usize = t.shape.iter().product();
-        if n != t.data.len() {
-            problems.push(format!(
-                "tensor {} has {} values for shape {:?}",
-                t.name,
-                t.data.len(),
-                t.shape
-            ));
-        }
         if t.name.ends_with(".rotary_emb.inv_freq") {
             continue;
         }
-        if pool.tensors.contains_key(&t.name) {
+        if pool.contains_key(&t.name) {
             problems.push(format!("tensor {} appears twice", t.name));
             continue;
         }
-        pool.tensors.insert(t.name.clone(), t);
+        pool.insert(t.name.clone(), t);
     }
     if cfg.tied {
-        if let Some(head) = pool.tensors.remove("lm_head.weight") {
-            let same = pool
-                .tensors
-                .get("model.embed_tokens.weight")
-                .is_some_and(|e| e.shape == head.shape && e.data == head.data);
+        if let Some(head) = pool.remove("lm_head.weight") {
+            let same = pool.get("model.embed_tokens.weight").is_some_and(|e| {
+                e.shape == head.shape
+                    && if e.dtype == head.dtype {
+                        e.bytes() == head.bytes()
+                    } else {
+                        e.values() == head.values()
+                    }
+            });
             if !same {
                 problems.push(
                     "tensor lm_head.weight differs from model.embed_tokens.weight, but \
@@ -1016,15 +981,14 @@ pub fn params_from_tensors(
             }
         }
     }
+    let mut used = std::collections::HashSet::new();
     for (_, r) in recipes.iter() {
         for (name, shape) in &r.sources {
-            let first = !pool.uses.contains_key(name);
-            *pool.uses.entry(name.clone()).or_insert(0) += 1;
-            if !first {
+            if !used.insert(name.as_str()) {
                 // Granite's input_linear feeds w1 and w3: checked once.
                 continue;
             }
-            match pool.tensors.get(name) {
+            match pool.get(name) {
                 None => problems.push(format!("missing tensor {name} {shape:?}")),
                 Some(t) if t.shape != *shape => problems.push(format!(
                     "tensor {name}: expected shape {shape:?}, found {:?}",
@@ -1034,10 +998,9 @@ pub fn params_from_tensors(
             }
         }
     }
-    let mut unexpected: Vec<&NamedTensor> = pool
-        .tensors
+    let mut unexpected: Vec<&RawTensor> = pool
         .values()
-        .filter(|t| !pool.uses.contains_key(&t.name))
+        .filter(|t| !used.contains(t.name.as_str()))
         .collect();
     unexpected.sort_by(|a, b| a.name.cmp(&b.name));
     for t in unexpected {
@@ -1058,73 +1021,17 @@ pub fn params_from_tensors(
             .get(id)
             .map(|s| s.shape.clone())
             .ok_or_else(|| Error::invalid("hf params", format!("no spec for {id}")))?;
-        let data = build(r, &shape, &mut pool)?;
-        if data.len() != shape.iter().product::<usize>() {
-            return Err(Error::shape(
-                "hf params",
-                format!("{id} {shape:?}"),
-                data.len(),
-            ));
-        }
-        Ok(HostTensor { shape, data })
+        let sources = r
+            .sources
+            .iter()
+            .map(|(name, _)| {
+                pool.get(name)
+                    .cloned()
+                    .ok_or_else(|| Error::invalid("hf params", format!("{name} is gone")))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(LazyTensor::new(shape, r.op.clone(), sources))
     })
-}
-
-/// One parameter's values (`shape` its amoe shape) from checked sources.
-fn build(r: &Recipe, shape: &[usize], pool: &mut Pool) -> Result<Vec<f32>> {
-    let numel: usize = shape.iter().product();
-    let mut out = Vec::with_capacity(numel);
-    match r.op {
-        Op::Zeros => out.resize(numel, 0.0),
-        Op::Copy => {
-            let t = pool.take(&r.sources[0].0)?;
-            out = t.into_owned().data;
-        }
-        Op::Concat => {
-            for (name, _) in &r.sources {
-                out.extend_from_slice(&pool.take(name)?.data);
-            }
-        }
-        Op::Cols => {
-            // [in, sum out_i]: row i holds column i of every source in turn.
-            let n_in = shape[0];
-            let width = shape[1];
-            out.resize(numel, 0.0);
-            let mut col = 0;
-            for (name, s) in &r.sources {
-                let t = pool.take(name)?;
-                let n_out = s[0];
-                for o in 0..n_out {
-                    for i in 0..n_in {
-                        out[i * width + col + o] = t.data[o * n_in + i];
-                    }
-                }
-                col += n_out;
-            }
-        }
-        Op::Experts => {
-            // Expert e: [out, in] transposed into out[e] = [in, out].
-            let (n_in, n_out) = (shape[1], shape[2]);
-            for (name, _) in &r.sources {
-                let t = pool.take(name)?;
-                for i in 0..n_in {
-                    out.extend((0..n_out).map(|o| t.data[o * n_in + i]));
-                }
-            }
-        }
-        Op::Bank { start, len } => {
-            let (name, s) = &r.sources[0];
-            let (e, rows, n_in) = (s[0], s[1], s[2]);
-            let t = pool.take(name)?;
-            for x in 0..e {
-                let bank = &t.data[x * rows * n_in..(x + 1) * rows * n_in];
-                for i in 0..n_in {
-                    out.extend((start..start + len).map(|row| bank[row * n_in + i]));
-                }
-            }
-        }
-    }
-    Ok(out)
 }
 
 /// The generation settings file of a Hugging Face directory.
@@ -1135,7 +1042,8 @@ pub const GENERATION_CONFIG_FILE: &str = "generation_config.json";
 pub struct HfModel {
     pub family: Family,
     pub cfg: ModelConfig,
-    pub params: HostParams,
+    /// Read lazily from the files.
+    pub params: LazyParams,
     /// Ids that end generation (`eos_token_id`).
     pub eos: Vec<u32>,
     pub bos: Option<u32>,
@@ -1157,7 +1065,7 @@ pub struct HfFiles<'a> {
 /// tree. Errors name the file and the key or tensor.
 pub fn load_hf_parts(
     files: HfFiles,
-    tensors: impl FnOnce(&ModelConfig) -> Result<(String, Vec<NamedTensor>)>,
+    tensors: impl FnOnce(&ModelConfig) -> Result<(String, Vec<RawTensor>)>,
 ) -> Result<HfModel> {
     let (config_source, config_bytes) = files.config;
     let (family, cfg) = parse_config(config_source, config_bytes)?;
@@ -1193,7 +1101,7 @@ pub fn load_hf_parts(
         ));
     }
     let (file, tensors) = tensors(&cfg)?;
-    let params = params_from_tensors(family, &cfg, &file, tensors)?;
+    let params = lazy_params(family, &cfg, &file, tensors)?;
     Ok(HfModel {
         family,
         cfg,

@@ -4,7 +4,7 @@
 //! amoe's types with `checkpoint::hf` (see its docs for the mapping).
 
 use super::hf::{load_hf_parts, HfFiles, HfModel, GENERATION_CONFIG_FILE};
-use super::{read_model_tensors, CONFIG_FILE, MODEL_FILE, SHARD_INDEX_FILE, TOKENIZER_FILE};
+use super::{read_model_raw, CONFIG_FILE, MODEL_FILE, SHARD_INDEX_FILE, TOKENIZER_FILE};
 use crate::error::{Error, Result};
 use std::path::Path;
 
@@ -51,7 +51,7 @@ pub fn load_hf_dir(dir: &Path) -> Result<HfModel> {
             } else {
                 dir.join(SHARD_INDEX_FILE)
             };
-            Ok((file.display().to_string(), read_model_tensors(dir)?))
+            Ok((file.display().to_string(), read_model_raw(dir)?))
         },
     )
 }

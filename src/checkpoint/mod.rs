@@ -188,21 +188,10 @@ pub fn parse_safetensors(source: &str, bytes: &[u8]) -> Result<Vec<NamedTensor>>
 /// Little-endian `bytes` of `dtype` as f32 values; None for a dtype amoe
 /// does not read.
 fn to_f32(dtype: Dtype, bytes: &[u8]) -> Option<Vec<f32>> {
-    Some(match dtype {
-        Dtype::F32 => bytes
-            .chunks_exact(4)
-            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-            .collect(),
-        Dtype::F16 => bytes
-            .chunks_exact(2)
-            .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
-            .collect(),
-        Dtype::BF16 => bytes
-            .chunks_exact(2)
-            .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
-            .collect(),
-        _ => return None,
-    })
+    let dtype = FileDtype::of(dtype)?;
+    let mut out = Vec::with_capacity(bytes.len() / dtype.size());
+    dtype.decode(bytes, &mut out);
+    Some(out)
 }
 
 /// `model.safetensors.index.json`: which shard file holds each tensor.
@@ -241,16 +230,16 @@ pub fn parse_shard_index(source: &str, bytes: &[u8]) -> Result<Vec<(String, Vec<
 /// `read(file) -> (where it was read, its tensors)`, checked against the
 /// index: every tensor it names must be in its shard, and a shard may hold
 /// no tensor the index does not name there. Sorted by name.
-pub fn parse_shards(
+pub fn parse_shards<T: Named>(
     index_source: &str,
     index: &[u8],
-    mut read: impl FnMut(&str) -> Result<(String, Vec<NamedTensor>)>,
-) -> Result<Vec<NamedTensor>> {
+    mut read: impl FnMut(&str) -> Result<(String, Vec<T>)>,
+) -> Result<Vec<T>> {
     let mut out = Vec::new();
     for (file, names) in parse_shard_index(index_source, index)? {
         let (source, tensors) = read(&file)?;
         for n in &names {
-            if !tensors.iter().any(|t| t.name == *n) {
+            if !tensors.iter().any(|t| t.name() == n) {
                 return Err(Error::checkpoint(
                     &source,
                     format!(
@@ -259,23 +248,45 @@ pub fn parse_shards(
                 ));
             }
         }
-        if let Some(t) = tensors.iter().find(|t| !names.contains(&t.name)) {
+        if let Some(t) = tensors
+            .iter()
+            .find(|t| !names.iter().any(|n| n == t.name()))
+        {
             return Err(Error::checkpoint(
                 &source,
                 format!(
                     "holds tensor {}, which {index_source} does not name here",
-                    t.name
+                    t.name()
                 ),
             ));
         }
         out.extend(tensors);
     }
-    out.sort_by(|a, b| a.name.cmp(&b.name));
+    out.sort_by(|a, b| a.name().cmp(b.name()));
     Ok(out)
+}
+
+/// A tensor that has a name in its file.
+pub trait Named {
+    fn name(&self) -> &str;
+}
+
+impl Named for NamedTensor {
+    fn name(&self) -> &str {
+        &self.name
+    }
+}
+
+impl Named for RawTensor {
+    fn name(&self) -> &str {
+        &self.name
+    }
 }
 
 pub mod hf;
 pub mod hf_export;
+mod raw;
+pub use raw::*;
 
 #[cfg(not(target_arch = "wasm32"))]
 mod dir;

@@ -121,7 +121,7 @@ fn synthetic(shape: BenchShape, args: &BenchInferArgs) -> Result<InferCheckpoint
         cfg.num_params()
     );
     Ok(InferCheckpoint {
-        host: amoe::model::HostParams::init(&cfg, 1),
+        weights: amoe::model::HostParams::init(&cfg, 1).into_lazy(),
         eval_gating: cfg.gate.gating,
         cfg,
         stop_ids: vec![],

@@ -65,8 +65,8 @@ fn eval(ctx: &GpuContext, args: &EvalArgs) -> Result<()> {
         stride: args.stride.unwrap_or(ck.cfg.context),
         batch: args.batch,
     };
-    let dtype = ck.host.resolve_dtype(args.model.dtype);
-    let model = Model::with_dtype(ctx, &ck.cfg, &ck.host, dtype)?;
+    let dtype = ck.weights.resolve_dtype(args.model.dtype);
+    let model = Model::with_dtype(ctx, &ck.cfg, &ck.weights, dtype)?;
     let bar = if std::io::stderr().is_terminal() {
         let bar = ProgressBar::new(0);
         bar.set_style(

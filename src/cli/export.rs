@@ -58,7 +58,7 @@ pub fn run(args: &ExportArgs) -> Result<ExitCode> {
         ));
     }
     let ck = InferCheckpoint::load(&args.checkpoint)?;
-    let hf = export(&ck.cfg, &ck.host, &ck.tokenizer)?;
+    let hf = export(&ck.cfg, &ck.host()?, &ck.tokenizer)?;
     write_hf_dir(&args.out, &hf, args.overwrite)?;
     let cfg = &ck.cfg;
     let params: usize = hf.tensors.iter().map(|t| t.data.len()).sum();

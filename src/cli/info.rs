@@ -70,7 +70,7 @@ pub fn run(adapter: &AdapterArgs, args: &InfoArgs) -> Result<ExitCode> {
         .limits
         .max_storage_buffer_binding_size
         .min(ctx.limits.max_buffer_size);
-    let dtype = ck.host.resolve_dtype(args.model.dtype);
+    let dtype = ck.weights.resolve_dtype(args.model.dtype);
     let bytes = cfg.gpu_bytes(dtype);
     // Weights past the split size (the binding limit, or AMOE_SPLIT_BYTES)
     // go in parts.

@@ -86,15 +86,26 @@ impl<T: Pod> Tensor<T> {
         }
         let bytes = padded_bytes::<T>(n);
         check_buffer(ctx, label, bytes)?;
-        let mut contents = bytemuck::cast_slice::<T, u8>(data).to_vec();
-        contents.resize(bytes as usize, 0);
-        let buffer = ctx
-            .device
-            .create_buffer_init(&wgpu::util::BufferInitDescriptor {
-                label: Some(label),
-                contents: &contents,
-                usage: STORAGE_USAGE,
-            });
+        // Written through the creation mapping: no padded copy of `data`.
+        let buffer = ctx.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some(label),
+            size: bytes,
+            usage: STORAGE_USAGE,
+            mapped_at_creation: true,
+        });
+        {
+            let src = bytemuck::cast_slice::<T, u8>(data);
+            let mut dst = buffer
+                .slice(..)
+                .get_mapped_range_mut()
+                .map_err(|e| Error::Gpu {
+                    op: "upload".into(),
+                    msg: format!("{label}: {e}"),
+                })?;
+            // The padding stays as created: zeros.
+            dst.slice(..src.len()).copy_from_slice(src);
+        }
+        buffer.unmap();
         Ok(Tensor {
             buffer,
             shape: shape.to_vec(),

@@ -471,6 +471,17 @@ impl GpuContext {
         self.check_errors("submit")
     }
 
+    /// Let the staging memory of the uploads so far go: natively, uploads
+    /// (`Tensor::from_slice`, `Tensor::write`) keep a host copy of their
+    /// bytes until a submit has run, so a model uploaded without one would
+    /// hold twice its size in host memory at its peak. In the browser the
+    /// GPU process owns that memory: a submit is all it takes.
+    pub fn flush_uploads(&self) -> Result<()> {
+        self.queue.submit(std::iter::empty());
+        self.wait()?;
+        self.check_errors("upload")
+    }
+
     /// Natively: block until all submitted work is done. In the browser this is a
     /// no-op; use the async readback functions, which resolve when work is done.
     pub fn wait(&self) -> Result<()> {

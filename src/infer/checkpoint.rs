@@ -3,17 +3,19 @@
 //! was evaluated with). `optimizer.safetensors` is not read, so a published
 //! checkpoint can leave it out.
 
-use crate::checkpoint::NamedTensor;
+use crate::checkpoint::{LazyParams, LazyTensor, RawTensor};
 use crate::error::{Error, Result};
 use crate::kernels::{GateConfig, Gating};
-use crate::model::{HostParams, ModelConfig};
+use crate::model::{HostParams, ModelConfig, ParamId};
 use crate::tokenizer::Tokenizer;
 
 /// A model ready to upload: config, weights, tokenizer.
 #[derive(Clone)]
 pub struct InferCheckpoint {
     pub cfg: ModelConfig,
-    pub host: HostParams,
+    /// The weights, read from the files only when uploaded (natively over
+    /// memory maps): a loaded checkpoint holds no copy of them.
+    pub weights: LazyParams,
     pub tokenizer: Tokenizer,
     /// The gating rule the run validated with (`state.json`), else top-1
     /// (what the paper evaluates with); a Hugging Face model's own top-k.
@@ -33,7 +35,7 @@ impl InferCheckpoint {
     pub fn from_parts(
         source: &str,
         config_json: &[u8],
-        tensors: Vec<NamedTensor>,
+        tensors: Vec<RawTensor>,
         tokenizer_json: &str,
         state_json: Option<&[u8]>,
     ) -> Result<Self> {
@@ -41,11 +43,19 @@ impl InferCheckpoint {
             .map_err(|e| Error::checkpoint(format!("{source}/config.json"), e.to_string()))?;
         cfg.validate()
             .map_err(|e| Error::checkpoint(format!("{source}/config.json"), e.to_string()))?;
-        let host = HostParams::from_named(&cfg, &format!("{source}/model.safetensors"), tensors)?;
-        if let Some((id, _)) = host
-            .iter()
-            .find(|(_, t)| t.data.iter().any(|x| !x.is_finite()))
-        {
+        let tensors = tensors
+            .into_iter()
+            .map(|t| (t.name.clone(), t.shape.clone(), t))
+            .collect();
+        let weights = cfg
+            .param_specs()
+            .assign(
+                &format!("{source}/model.safetensors"),
+                tensors,
+                ParamId::name,
+            )?
+            .into_map(|_, (_, t)| LazyTensor::copy(t));
+        if let Some(id) = weights.first_non_finite() {
             return Err(Error::checkpoint(
                 format!("{source}/model.safetensors"),
                 format!("tensor {id} holds NaN or infinite values"),
@@ -79,7 +89,7 @@ impl InferCheckpoint {
         };
         Ok(InferCheckpoint {
             cfg,
-            host,
+            weights,
             stop_ids: vec![tokenizer.eot_id()],
             tokenizer,
             eval_gating,
@@ -91,11 +101,7 @@ impl InferCheckpoint {
     /// A Hugging Face model (`checkpoint::load_hf_dir`, or the page's
     /// files): its own router, its end-of-sequence ids.
     pub fn from_hf(m: crate::checkpoint::HfModel, source: &str) -> Result<Self> {
-        if let Some((id, _)) = m
-            .params
-            .iter()
-            .find(|(_, t)| t.data.iter().any(|x| !x.is_finite()))
-        {
+        if let Some(id) = m.params.first_non_finite() {
             return Err(Error::checkpoint(
                 source,
                 format!("tensor {id} holds NaN or infinite values"),
@@ -104,7 +110,7 @@ impl InferCheckpoint {
         Ok(InferCheckpoint {
             eval_gating: m.cfg.gate.gating,
             cfg: m.cfg,
-            host: m.params,
+            weights: m.params,
             tokenizer: m.tokenizer,
             source: source.to_string(),
             stop_ids: m.eos,
@@ -116,8 +122,7 @@ impl InferCheckpoint {
     #[cfg(not(target_arch = "wasm32"))]
     pub fn load(dir: impl AsRef<std::path::Path>) -> Result<Self> {
         use crate::checkpoint::{
-            read_model_tensors, CONFIG_FILE, MODEL_FILE, SHARD_INDEX_FILE, STATE_FILE,
-            TOKENIZER_FILE,
+            read_model_raw, CONFIG_FILE, MODEL_FILE, SHARD_INDEX_FILE, STATE_FILE, TOKENIZER_FILE,
         };
         let mut dir = dir.as_ref().to_path_buf();
         if !dir.join(CONFIG_FILE).exists() {
@@ -168,7 +173,7 @@ impl InferCheckpoint {
         if !dir.join(MODEL_FILE).exists() && !dir.join(SHARD_INDEX_FILE).exists() {
             read(MODEL_FILE)?;
         }
-        let tensors = read_model_tensors(&dir)?;
+        let tensors = read_model_raw(&dir)?;
         let state = dir.join(STATE_FILE);
         let state = if state.exists() {
             Some(read(STATE_FILE)?)
@@ -182,6 +187,12 @@ impl InferCheckpoint {
             &tokenizer,
             state.as_deref(),
         )
+    }
+
+    /// Every weight read into host memory (the CPU reference, the export,
+    /// training from a checkpoint; inference uploads from `weights`).
+    pub fn host(&self) -> Result<HostParams> {
+        self.weights.to_host()
     }
 
     /// Change the context (the KV cache's capacity). Rotary models only:

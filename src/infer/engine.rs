@@ -344,7 +344,7 @@ impl Engine {
         dtype: DtypeChoice,
     ) -> Result<Engine> {
         let cfg = ck.cfg.clone();
-        let model = Model::with_dtype(ctx, &cfg, &ck.host, ck.host.resolve_dtype(dtype))?;
+        let model = Model::with_dtype(ctx, &cfg, &ck.weights, ck.weights.resolve_dtype(dtype))?;
         let caches = (0..cfg.layers)
             .map(|_| KvCache::new(ctx, cfg.kv_heads(), cfg.context, cfg.head_dim()))
             .collect::<Result<Vec<_>>>()?;

@@ -503,7 +503,40 @@ crate::choice::choice! { DtypeChoice, "dtype",
     F16 = "f16": "f16 weights: half the bytes, math still in f32",
 }
 
-impl Params<HostTensor> {
+/// What the GPU upload needs of one parameter: its shape and its values.
+/// [`HostTensor`] holds them; a checkpoint read lazily
+/// (`checkpoint::LazyTensor`) makes them from its file when asked, so that
+/// loading a model never holds a second copy of it in host memory.
+pub trait TensorValues {
+    fn shape(&self) -> &[usize];
+    /// The values, row-major, as f32 (an error naming the tensor when they
+    /// cannot be read).
+    fn values(&self) -> Result<std::borrow::Cow<'_, [f32]>>;
+    /// Whether every value is exactly a 16-bit float (bf16 or f16) that
+    /// f16 holds: `--dtype auto` stores such matmul weights in f16.
+    fn fits_f16(&self) -> bool;
+}
+
+impl TensorValues for HostTensor {
+    fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+
+    fn values(&self) -> Result<std::borrow::Cow<'_, [f32]>> {
+        Ok(std::borrow::Cow::Borrowed(&self.data))
+    }
+
+    fn fits_f16(&self) -> bool {
+        values_fit_f16(&self.data)
+    }
+}
+
+/// Whether `data` are exactly 16-bit floats within f16's range.
+pub fn values_fit_f16(data: &[f32]) -> bool {
+    is_16_bit(data) && data.iter().all(|x| x.abs() <= F16_MAX)
+}
+
+impl<T: TensorValues> Params<T> {
     /// The storage `choice` resolves to for these weights (f16 is checked
     /// again, value by value, on upload: a value past f16's range is an
     /// error naming the tensor).
@@ -515,7 +548,7 @@ impl Params<HostTensor> {
                 let fits = self
                     .iter()
                     .filter(|(id, _)| id.is_matmul_weight())
-                    .all(|(_, t)| is_16_bit(&t.data) && t.data.iter().all(|x| x.abs() <= F16_MAX));
+                    .all(|(_, t)| t.fits_f16());
                 if fits {
                     Dtype::F16
                 } else {
@@ -523,6 +556,36 @@ impl Params<HostTensor> {
                 }
             }
         }
+    }
+
+    /// Values in total (from the shapes).
+    pub fn numel(&self) -> usize {
+        self.values()
+            .map(|t| t.shape().iter().product::<usize>())
+            .sum()
+    }
+
+    /// Check the tree against `cfg` (a checkpoint of another model is a
+    /// shape error naming the tensor).
+    pub fn validate_shapes(&self, cfg: &crate::model::ModelConfig) -> Result<()> {
+        let want = cfg.param_specs();
+        if want.len() != self.len() {
+            return Err(Error::shape(
+                "model parameters",
+                format!("{} tensors", want.len()),
+                format!("{} tensors", self.len()),
+            ));
+        }
+        for ((wid, ws), (id, t)) in want.iter().zip(self.iter()) {
+            if wid != id || ws.shape != t.shape() {
+                return Err(Error::shape(
+                    "model parameters",
+                    format!("{wid} {:?}", ws.shape),
+                    format!("{id} {:?}", t.shape()),
+                ));
+            }
+        }
+        Ok(())
     }
 }
 

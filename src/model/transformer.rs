@@ -33,8 +33,8 @@ use crate::kernels::rmsnorm::{
 use crate::kernels::{GateConfig, RoutingLayout, UNUSED};
 use crate::model::config::ModelConfig;
 use crate::model::graph::{mm, Block, Graph, Mode};
-use crate::model::params::{BlockParam, FfnParams, HostTensor, ParamId, Params};
-use crate::moe::{MoeConfig, MoeLayer, MoeWeights};
+use crate::model::params::{BlockParam, FfnParams, HostTensor, ParamId, Params, TensorValues};
+use crate::moe::{MoeConfig, MoeLayer};
 
 /// Scale of the unembedding's init relative to 1/sqrt(D): the logits of a
 /// fresh model have a standard deviation of about this.
@@ -95,22 +95,17 @@ impl Params<HostTensor> {
     }
 
     /// Check the tree against `cfg` (a checkpoint of another model is a
-    /// shape error naming the tensor).
+    /// shape error naming the tensor), each tensor holding as many values
+    /// as its shape.
     pub fn validate(&self, cfg: &ModelConfig) -> Result<()> {
-        let want = cfg.param_specs();
-        if want.len() != self.len() {
-            return Err(Error::shape(
-                "model parameters",
-                format!("{} tensors", want.len()),
-                format!("{} tensors", self.len()),
-            ));
-        }
-        for ((wid, ws), (id, t)) in want.iter().zip(self.iter()) {
-            if wid != id || ws.shape != t.shape || t.data.len() != ws.numel() {
+        self.validate_shapes(cfg)?;
+        for (id, t) in self.iter() {
+            let n: usize = t.shape.iter().product();
+            if t.data.len() != n {
                 return Err(Error::shape(
                     "model parameters",
-                    format!("{wid} {:?}", ws.shape),
-                    format!("{id} {:?} ({} values)", t.shape, t.data.len()),
+                    format!("{id} {:?}", t.shape),
+                    format!("{} values", t.data.len()),
                 ));
             }
         }
@@ -131,34 +126,6 @@ impl Params<HostTensor> {
             .collect();
         let tree = cfg.param_specs().assign(file, tensors, ParamId::name)?;
         Ok(tree.into_map(|_, (shape, data)| HostTensor { shape, data }))
-    }
-
-    /// Values in total.
-    pub fn numel(&self) -> usize {
-        self.values().map(|t| t.data.len()).sum()
-    }
-
-    fn moe_weights(&self, l: usize) -> Result<MoeWeights> {
-        let f = &self
-            .blocks
-            .get(l)
-            .ok_or_else(|| Error::invalid("model parameters", format!("no block {l}")))?
-            .ffn;
-        Ok(Self::ffn_weights(f))
-    }
-
-    /// The shared expert of block `l`, if it has one.
-    fn shared_weights(&self, l: usize) -> Option<MoeWeights> {
-        self.blocks.get(l)?.shared.as_ref().map(Self::ffn_weights)
-    }
-
-    fn ffn_weights(f: &FfnParams<HostTensor>) -> MoeWeights {
-        MoeWeights {
-            w_router: f.w_router.data.clone(),
-            w1: f.w1.data.clone(),
-            w3: f.w3.as_ref().map(|t| t.data.clone()),
-            w2: f.w2.data.clone(),
-        }
     }
 }
 
@@ -185,26 +152,67 @@ impl Model {
     }
 
     /// The model with its matmul weights stored as `dtype` (f16: half the
-    /// bytes, math still in f32; for inference).
-    pub fn with_dtype(
+    /// bytes, math still in f32; for inference). The parameters are read and
+    /// uploaded one at a time, in canonical order: from a lazily read
+    /// checkpoint (`checkpoint::LazyTensor`) the host holds one tensor's
+    /// values at a time, never the model. An error drops what was uploaded.
+    pub fn with_dtype<T: TensorValues>(
         ctx: &GpuContext,
         cfg: &ModelConfig,
-        host: &HostParams,
+        host: &Params<T>,
         dtype: Dtype,
     ) -> Result<Model> {
         cfg.validate()?;
-        host.validate(cfg)?;
+        host.validate_shapes(cfg)?;
+        let params = host.try_map(|id, t| {
+            let values = t.values()?;
+            let (shape, name) = (t.shape(), id.name());
+            let n: usize = shape.iter().product();
+            if values.len() != n {
+                return Err(Error::shape(
+                    "model parameters",
+                    format!("{id} {shape:?}"),
+                    format!("{} values", values.len()),
+                ));
+            }
+            let dtype = if id.is_matmul_weight() {
+                dtype
+            } else {
+                Dtype::F32
+            };
+            // What may be larger than one storage binding splits: the
+            // vocabulary-sized tables along the vocabulary (wte [V, D] by
+            // rows, w_out [D, V] by columns), expert banks [E, ..] by
+            // experts (w1, w3 and w2 have the same size, so they split at
+            // the same experts).
+            use BlockParam::*;
+            let w = match id {
+                ParamId::WOut => Weight::upload_split(ctx, &name, shape, &values, dtype, 1),
+                ParamId::Wte
+                | ParamId::Block(_, W1 | W3 | W2 | SharedW1 | SharedW3 | SharedW2) => {
+                    Weight::upload_split(ctx, &name, shape, &values, dtype, 0)
+                }
+                _ => Weight::upload(ctx, &name, shape, &values, dtype),
+            }?;
+            // One tensor's staging copy at a time, not the model's.
+            ctx.flush_uploads()?;
+            Ok(w)
+        })?;
+        let layer = |c: MoeConfig, f: &FfnParams<Weight>| {
+            MoeLayer::from_parts(
+                c,
+                f.w_router.f32("router")?.clone(),
+                f.w1.clone(),
+                f.w3.clone(),
+                f.w2.clone(),
+            )
+        };
         let mut ffn = Vec::with_capacity(cfg.layers);
         let mut shared = Vec::with_capacity(cfg.layers);
-        for l in 0..cfg.layers {
-            ffn.push(MoeLayer::with_dtype(
-                ctx,
-                cfg.ffn_config(l),
-                &host.moe_weights(l)?,
-                dtype,
-            )?);
-            shared.push(match (cfg.shared_config(l), host.shared_weights(l)) {
-                (Some(c), Some(w)) => Some(MoeLayer::with_dtype(ctx, c, &w, dtype)?),
+        for (l, b) in params.blocks.iter().enumerate() {
+            ffn.push(layer(cfg.ffn_config(l), &b.ffn)?);
+            shared.push(match (cfg.shared_config(l), &b.shared) {
+                (Some(c), Some(w)) => Some(layer(c, w)?),
                 (None, None) => None,
                 _ => {
                     return Err(Error::invalid(
@@ -214,43 +222,6 @@ impl Model {
                 }
             });
         }
-        let missing =
-            |id: ParamId| Error::invalid("model parameters", format!("{id}: no such layer"));
-        let params = host.try_map(|id, t| {
-            let layer = |l: usize| &ffn[l];
-            let sh = |l: usize| shared[l].as_ref().ok_or_else(|| missing(id));
-            let w3 = |m: &MoeLayer| m.w3.clone().ok_or_else(|| missing(id));
-            Ok(match id {
-                ParamId::Block(l, BlockParam::Router) => layer(l).w_router.clone().into(),
-                ParamId::Block(l, BlockParam::W1) => layer(l).w1.clone(),
-                ParamId::Block(l, BlockParam::W3) => w3(layer(l))?,
-                ParamId::Block(l, BlockParam::W2) => layer(l).w2.clone(),
-                ParamId::Block(l, BlockParam::SharedGate) => sh(l)?.w_router.clone().into(),
-                ParamId::Block(l, BlockParam::SharedW1) => sh(l)?.w1.clone(),
-                ParamId::Block(l, BlockParam::SharedW3) => w3(sh(l)?)?,
-                ParamId::Block(l, BlockParam::SharedW2) => sh(l)?.w2.clone(),
-                _ => {
-                    let dtype = if id.is_matmul_weight() {
-                        dtype
-                    } else {
-                        Dtype::F32
-                    };
-                    // The vocabulary-sized tables split (when larger than
-                    // one storage binding) along the vocabulary: wte [V, D]
-                    // by rows, w_out [D, V] by columns.
-                    let name = id.name();
-                    match id {
-                        ParamId::Wte => {
-                            Weight::upload_split(ctx, &name, &t.shape, &t.data, dtype, 0)?
-                        }
-                        ParamId::WOut => {
-                            Weight::upload_split(ctx, &name, &t.shape, &t.data, dtype, 1)?
-                        }
-                        _ => Weight::upload(ctx, &name, &t.shape, &t.data, dtype)?,
-                    }
-                }
-            })
-        })?;
         let rope = match &cfg.rope {
             Some(r) => {
                 let dh = cfg.head_dim();

@@ -1,0 +1,531 @@
+//! Tensors read lazily: a safetensors file's tensors as (dtype, shape,
+//! byte range) over the file's bytes ([`RawTensor`]), and each model
+//! parameter as a recipe over them ([`LazyTensor`]) whose f32 values are
+//! made only when the GPU upload asks for them, one parameter at a time.
+//!
+//! Natively the bytes are a memory map, so loading a model of many
+//! gigabytes holds in host memory the file's pages (the kernel's page
+//! cache, given back under pressure) and one tensor's f32 values at a time,
+//! never an f32 copy of the model. In the page they are the file the user
+//! picked. Wasm-safe.
+
+use super::NamedTensor;
+use crate::error::{Error, Result};
+use crate::model::params::{values_fit_f16, TensorValues};
+use crate::model::Params;
+use safetensors::tensor::Dtype;
+use std::borrow::Cow;
+use std::ops::Range;
+use std::sync::Arc;
+
+/// The bytes of one file that tensors read from, shared by them.
+#[derive(Clone)]
+pub struct FileBytes(Arc<dyn AsRef<[u8]> + Send + Sync>);
+
+impl FileBytes {
+    pub fn new(bytes: impl AsRef<[u8]> + Send + Sync + 'static) -> Self {
+        FileBytes(Arc::new(bytes))
+    }
+
+    pub fn bytes(&self) -> &[u8] {
+        (*self.0).as_ref()
+    }
+}
+
+impl std::fmt::Debug for FileBytes {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "FileBytes({} bytes)", self.bytes().len())
+    }
+}
+
+/// The element types amoe reads from a file.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FileDtype {
+    F32,
+    F16,
+    BF16,
+}
+
+impl FileDtype {
+    pub(crate) fn of(dtype: Dtype) -> Option<FileDtype> {
+        match dtype {
+            Dtype::F32 => Some(FileDtype::F32),
+            Dtype::F16 => Some(FileDtype::F16),
+            Dtype::BF16 => Some(FileDtype::BF16),
+            _ => None,
+        }
+    }
+
+    /// Bytes per value.
+    pub fn size(self) -> usize {
+        match self {
+            FileDtype::F32 => 4,
+            FileDtype::F16 | FileDtype::BF16 => 2,
+        }
+    }
+
+    /// Little-endian values as f32 (exact: every F16 and BF16 value is an
+    /// f32), appended to `out`.
+    pub(crate) fn decode(self, bytes: &[u8], out: &mut Vec<f32>) {
+        match self {
+            FileDtype::F32 => out.extend(
+                bytes
+                    .chunks_exact(4)
+                    .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])),
+            ),
+            FileDtype::F16 => out.extend(
+                bytes
+                    .chunks_exact(2)
+                    .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32()),
+            ),
+            FileDtype::BF16 => out.extend(
+                bytes
+                    .chunks_exact(2)
+                    .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32()),
+            ),
+        }
+    }
+
+    /// Whether any value is NaN or infinite (all exponent bits set), read
+    /// from the bits without converting.
+    fn any_non_finite(self, bytes: &[u8]) -> bool {
+        match self {
+            FileDtype::F32 => bytes
+                .chunks_exact(4)
+                .any(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]) & 0x7f80_0000 == 0x7f80_0000),
+            FileDtype::F16 => bytes
+                .chunks_exact(2)
+                .any(|c| u16::from_le_bytes([c[0], c[1]]) & 0x7c00 == 0x7c00),
+            FileDtype::BF16 => bytes
+                .chunks_exact(2)
+                .any(|c| u16::from_le_bytes([c[0], c[1]]) & 0x7f80 == 0x7f80),
+        }
+    }
+}
+
+/// One tensor of a safetensors file, not yet read.
+#[derive(Clone, Debug)]
+pub struct RawTensor {
+    pub name: String,
+    pub shape: Vec<usize>,
+    pub dtype: FileDtype,
+    file: FileBytes,
+    /// Its bytes in the file.
+    range: Range<usize>,
+}
+
+/// Values decoded per step when a tensor is scanned (bounded memory).
+const SCAN_CHUNK: usize = 1 << 16;
+
+impl RawTensor {
+    /// An f32 tensor held in memory (tests, amoe's own tensors made on the
+    /// host); `data.len()` must equal the product of `shape`.
+    pub fn from_f32(name: impl Into<String>, shape: Vec<usize>, data: &[f32]) -> Result<Self> {
+        let t = NamedTensor::new(name, shape, data.to_vec())?;
+        Ok(Self::from_named(t))
+    }
+
+    /// A tensor of values in memory.
+    pub fn from_named(t: NamedTensor) -> Self {
+        let bytes: Vec<u8> = t.data.iter().flat_map(|v| v.to_le_bytes()).collect();
+        let len = bytes.len();
+        RawTensor {
+            name: t.name,
+            shape: t.shape,
+            dtype: FileDtype::F32,
+            file: FileBytes::new(bytes),
+            range: 0..len,
+        }
+    }
+
+    pub fn numel(&self) -> usize {
+        self.shape.iter().product()
+    }
+
+    /// Its bytes, as stored.
+    pub fn bytes(&self) -> &[u8] {
+        &self.file.bytes()[self.range.clone()]
+    }
+
+    /// Every value, as f32.
+    pub fn values(&self) -> Vec<f32> {
+        self.values_range(0..self.numel())
+    }
+
+    /// Values `range` (flat, row-major indices), as f32.
+    pub fn values_range(&self, range: Range<usize>) -> Vec<f32> {
+        let w = self.dtype.size();
+        let mut out = Vec::with_capacity(range.len());
+        self.dtype
+            .decode(&self.bytes()[range.start * w..range.end * w], &mut out);
+        out
+    }
+
+    /// The tensor read into memory.
+    pub fn to_named(&self) -> NamedTensor {
+        NamedTensor {
+            name: self.name.clone(),
+            shape: self.shape.clone(),
+            data: self.values(),
+        }
+    }
+
+    /// Whether any value is NaN or infinite.
+    pub fn any_non_finite(&self) -> bool {
+        self.dtype.any_non_finite(self.bytes())
+    }
+
+    /// Whether every value is exactly a 16-bit float that f16 holds (see
+    /// [`TensorValues::fits_f16`]); decoded a chunk at a time, stopping at
+    /// the first value that is not.
+    pub fn fits_f16(&self) -> bool {
+        if self.dtype == FileDtype::F16 {
+            return true;
+        }
+        let w = self.dtype.size();
+        let mut buf = Vec::with_capacity(SCAN_CHUNK);
+        self.bytes().chunks(SCAN_CHUNK * w).all(|c| {
+            buf.clear();
+            self.dtype.decode(c, &mut buf);
+            values_fit_f16(&buf)
+        })
+    }
+}
+
+/// The tensors of a safetensors file's bytes, sorted by name, their values
+/// not read (see [`RawTensor`]). A dtype other than F32, F16 and BF16 is an
+/// error naming the tensor; `source` names the file in errors.
+pub fn parse_raw(source: &str, file: FileBytes) -> Result<Vec<RawTensor>> {
+    use safetensors::tensor::SafeTensors;
+    let bytes = file.bytes();
+    let st = SafeTensors::deserialize(bytes).map_err(|e| {
+        Error::checkpoint(
+            source,
+            format!("not a valid safetensors file (truncated or corrupt?): {e}"),
+        )
+    })?;
+    let base = bytes.as_ptr() as usize;
+    let mut tensors = st.tensors();
+    tensors.sort_by(|a, b| a.0.cmp(&b.0));
+    let mut out = Vec::with_capacity(tensors.len());
+    for (name, view) in tensors {
+        let dtype = FileDtype::of(view.dtype()).ok_or_else(|| {
+            Error::checkpoint(
+                source,
+                format!(
+                    "tensor {name} is {:?}: amoe reads F32, F16 and BF16 tensors",
+                    view.dtype()
+                ),
+            )
+        })?;
+        // The view borrows the file's bytes: its place in them.
+        let start = view.data().as_ptr() as usize - base;
+        let range = start..start + view.data().len();
+        out.push(RawTensor {
+            name,
+            shape: view.shape().to_vec(),
+            dtype,
+            file: file.clone(),
+            range,
+        });
+    }
+    Ok(out)
+}
+
+/// How one parameter is made from file tensors.
+#[derive(Clone, Debug, PartialEq)]
+pub(crate) enum Op {
+    /// The one source as stored.
+    Copy,
+    /// 2-D `[out_i, in]` Linear weights, each transposed, side by side:
+    /// `[in, sum out_i]` (one source: a plain transpose).
+    Cols,
+    /// 1-D sources end to end.
+    Concat,
+    /// One `[out, in]` Linear weight per expert: `[E, in, out]`.
+    Experts,
+    /// A fused bank `[E, R, in]`: rows `start..start + len` of each expert,
+    /// transposed: `[E, in, len]` (Granite).
+    Bank { start: usize, len: usize },
+    /// No file tensor: zeros (a dense FFN's one-expert router).
+    Zeros,
+    /// Let go after the upload ([`LazyParams::released`]): no values.
+    Released,
+}
+
+/// One parameter of a model read lazily: its shape and how its values are
+/// made from file tensors (checked against the shapes when it was built).
+#[derive(Clone, Debug)]
+pub struct LazyTensor {
+    pub shape: Vec<usize>,
+    op: Op,
+    sources: Vec<RawTensor>,
+}
+
+/// A model's parameters read lazily.
+pub type LazyParams = Params<LazyTensor>;
+
+impl LazyTensor {
+    /// The file tensor as stored.
+    pub fn copy(t: RawTensor) -> Self {
+        LazyTensor {
+            shape: t.shape.clone(),
+            op: Op::Copy,
+            sources: vec![t],
+        }
+    }
+
+    /// `shape` made by `op` from `sources`, whose shapes the caller checked.
+    pub(crate) fn new(shape: Vec<usize>, op: Op, sources: Vec<RawTensor>) -> Self {
+        LazyTensor { shape, op, sources }
+    }
+
+    /// The file tensors it reads.
+    pub fn sources(&self) -> &[RawTensor] {
+        &self.sources
+    }
+
+    /// Its values (see [`Op`]), row-major in its shape.
+    pub fn build(&self) -> Result<Vec<f32>> {
+        let shape = &self.shape;
+        let numel: usize = shape.iter().product();
+        let src = |i: usize| {
+            self.sources
+                .get(i)
+                .ok_or_else(|| Error::invalid("lazy tensor", "a recipe lacks a source"))
+        };
+        let mut out = Vec::with_capacity(numel);
+        match self.op {
+            Op::Zeros => out.resize(numel, 0.0),
+            Op::Released => {
+                return Err(Error::invalid(
+                    "model weights",
+                    "released after their upload to the GPU",
+                ))
+            }
+            Op::Copy => out = src(0)?.values(),
+            Op::Concat => {
+                for t in &self.sources {
+                    out.extend(t.values());
+                }
+            }
+            Op::Cols => {
+                // [in, sum out_i]: row i holds column i of every source in turn.
+                let (n_in, width) = (shape[0], shape[1]);
+                out.resize(numel, 0.0);
+                let mut col = 0;
+                for t in &self.sources {
+                    let n_out = t.shape[0];
+                    let v = t.values();
+                    for o in 0..n_out {
+                        for i in 0..n_in {
+                            out[i * width + col + o] = v[o * n_in + i];
+                        }
+                    }
+                    col += n_out;
+                }
+            }
+            Op::Experts => {
+                // Expert e: [out, in] transposed into out[e] = [in, out].
+                let (n_in, n_out) = (shape[1], shape[2]);
+                for t in &self.sources {
+                    let v = t.values();
+                    for i in 0..n_in {
+                        out.extend((0..n_out).map(|o| v[o * n_in + i]));
+                    }
+                }
+            }
+            Op::Bank { start, len } => {
+                let t = src(0)?;
+                let (e, rows, n_in) = (t.shape[0], t.shape[1], t.shape[2]);
+                for x in 0..e {
+                    let bank = t.values_range(x * rows * n_in..(x + 1) * rows * n_in);
+                    for i in 0..n_in {
+                        out.extend((start..start + len).map(|row| bank[row * n_in + i]));
+                    }
+                }
+            }
+        }
+        if out.len() != numel {
+            return Err(Error::shape(
+                "lazy tensor",
+                format!("{numel} values for {shape:?}"),
+                out.len(),
+            ));
+        }
+        Ok(out)
+    }
+}
+
+impl TensorValues for LazyTensor {
+    fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+
+    fn values(&self) -> Result<Cow<'_, [f32]>> {
+        self.build().map(Cow::Owned)
+    }
+
+    fn fits_f16(&self) -> bool {
+        self.sources.iter().all(RawTensor::fits_f16)
+    }
+}
+
+impl Params<LazyTensor> {
+    /// Every parameter's values in host memory (what training, the CPU
+    /// reference and the export read; inference uploads from the lazy tree).
+    pub fn to_host(&self) -> Result<crate::model::HostParams> {
+        self.try_map(|_, t| {
+            Ok(crate::model::HostTensor {
+                shape: t.shape.clone(),
+                data: t.build()?,
+            })
+        })
+    }
+
+    /// The first parameter holding a NaN or an infinite value, found from
+    /// the files' bits (no f32 copy is made).
+    pub fn first_non_finite(&self) -> Option<crate::model::ParamId> {
+        self.iter()
+            .find(|(_, t)| t.sources.iter().any(RawTensor::any_non_finite))
+            .map(|(id, _)| id)
+    }
+
+    /// The same tree with shapes alone, holding no file: what is kept of a
+    /// checkpoint once its weights are on the GPU (the page); asking it for
+    /// values is an error.
+    pub fn released(self) -> LazyParams {
+        self.into_map(|_, t| LazyTensor::new(t.shape, Op::Released, Vec::new()))
+    }
+}
+
+impl crate::model::HostParams {
+    /// The tree as lazy tensors over its values (a model made on the host,
+    /// given where a checkpoint is expected), one tensor moved at a time.
+    pub fn into_lazy(self) -> LazyParams {
+        self.into_map(|id, t| {
+            LazyTensor::copy(RawTensor::from_named(NamedTensor {
+                name: id.name(),
+                shape: t.shape,
+                data: t.data,
+            }))
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn file(tensors: &[NamedTensor], dtype: Dtype) -> FileBytes {
+        use safetensors::tensor::TensorView;
+        let bytes: Vec<Vec<u8>> = tensors
+            .iter()
+            .map(|t| match dtype {
+                Dtype::F32 => t.data.iter().flat_map(|v| v.to_le_bytes()).collect(),
+                Dtype::F16 => t
+                    .data
+                    .iter()
+                    .flat_map(|v| half::f16::from_f32(*v).to_le_bytes())
+                    .collect(),
+                _ => t
+                    .data
+                    .iter()
+                    .flat_map(|v| half::bf16::from_f32(*v).to_le_bytes())
+                    .collect(),
+            })
+            .collect();
+        let views: Vec<(&str, TensorView)> = tensors
+            .iter()
+            .zip(&bytes)
+            .map(|(t, b)| {
+                (
+                    t.name.as_str(),
+                    TensorView::new(dtype, t.shape.clone(), b).unwrap(),
+                )
+            })
+            .collect();
+        FileBytes::new(safetensors::serialize(views, None).unwrap())
+    }
+
+    #[test]
+    fn raw_tensors_read_what_the_file_holds_in_every_dtype() {
+        let a = NamedTensor::new("b", vec![2, 3], vec![1.0, -2.5, 0.125, 3.0, 0.0, -0.0]).unwrap();
+        let z = NamedTensor::new("a", vec![3], vec![65504.0, -1.0, 0.5]).unwrap();
+        for dtype in [Dtype::F32, Dtype::F16, Dtype::BF16] {
+            let raw = parse_raw("f", file(&[a.clone(), z.clone()], dtype)).unwrap();
+            assert_eq!(
+                raw.iter().map(|t| t.name.as_str()).collect::<Vec<_>>(),
+                ["a", "b"]
+            );
+            let parsed =
+                super::super::parse_safetensors("f", file(&[a.clone(), z.clone()], dtype).bytes())
+                    .unwrap();
+            for (r, p) in raw.iter().zip(&parsed) {
+                assert_eq!(r.to_named(), *p, "{dtype:?}");
+                assert_eq!(r.values_range(1..3), p.data[1..3].to_vec());
+                assert!(!r.any_non_finite());
+            }
+            assert_eq!(raw[1].values(), a.data, "{dtype:?}");
+            // 65504 is f16's largest value: bf16 rounds it to 65536.
+            assert_eq!(raw[0].fits_f16(), dtype != Dtype::BF16, "{dtype:?}");
+        }
+        let bad = NamedTensor::new("n", vec![2], vec![1.0, f32::NAN]).unwrap();
+        let inf = NamedTensor::new("i", vec![1], vec![f32::NEG_INFINITY]).unwrap();
+        for dtype in [Dtype::F32, Dtype::F16, Dtype::BF16] {
+            for t in [&bad, &inf] {
+                let raw = parse_raw("f", file(std::slice::from_ref(t), dtype)).unwrap();
+                assert!(raw[0].any_non_finite(), "{dtype:?} {}", t.name);
+            }
+        }
+        let msg = parse_raw("dir/x.safetensors", FileBytes::new(vec![1u8, 2, 3]))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            msg.contains("dir/x.safetensors") && msg.contains("not a valid"),
+            "{msg}"
+        );
+    }
+
+    #[test]
+    fn recipes_transpose_concatenate_and_slice_banks() {
+        let t = |name: &str, shape: Vec<usize>| {
+            let n = shape.iter().product::<usize>();
+            RawTensor::from_f32(name, shape, &(0..n).map(|i| i as f32).collect::<Vec<_>>()).unwrap()
+        };
+        // Cols: [2 out, 3 in] and [1 out, 3 in] -> [3, 3].
+        let cols = LazyTensor::new(
+            vec![3, 3],
+            Op::Cols,
+            vec![t("q", vec![2, 3]), t("k", vec![1, 3])],
+        );
+        assert_eq!(
+            cols.build().unwrap(),
+            [0.0, 3.0, 0.0, 1.0, 4.0, 1.0, 2.0, 5.0, 2.0]
+        );
+        let cat = LazyTensor::new(vec![5], Op::Concat, vec![t("a", vec![2]), t("b", vec![3])]);
+        assert_eq!(cat.build().unwrap(), [0.0, 1.0, 0.0, 1.0, 2.0]);
+        let ex = LazyTensor::new(
+            vec![2, 2, 1],
+            Op::Experts,
+            vec![t("e0", vec![1, 2]), t("e1", vec![1, 2])],
+        );
+        assert_eq!(ex.build().unwrap(), [0.0, 1.0, 0.0, 1.0]);
+        // Bank [2 experts, 4 rows, 2 in]: rows 2..4 of each, transposed.
+        let bank = LazyTensor::new(
+            vec![2, 2, 2],
+            Op::Bank { start: 2, len: 2 },
+            vec![t("w", vec![2, 4, 2])],
+        );
+        assert_eq!(
+            bank.build().unwrap(),
+            [4.0, 6.0, 5.0, 7.0, 12.0, 14.0, 13.0, 15.0]
+        );
+        let zeros = LazyTensor::new(vec![2, 1], Op::Zeros, vec![]);
+        assert_eq!(zeros.build().unwrap(), [0.0, 0.0]);
+        // A recipe whose sources do not make its shape is an error, never
+        // a tensor of the wrong size.
+        let short = LazyTensor::new(vec![9], Op::Concat, vec![t("a", vec![2])]);
+        assert!(short.build().is_err());
+    }
+}
