@@ -76,3 +76,36 @@ fn complexity_matches_twin() {
 fn qk_matches_twin() {
     common::conformance_family("qk");
 }
+
+/// f16 weights never get the register-blocked GEMM core (its f16 dispatch
+/// never completes on Chromium's SwiftShader), on any adapter and shape;
+/// f32 weights keep the choice they had, and f16 keeps every other core.
+#[test]
+fn f16_weights_never_take_the_blocked_core() {
+    use amoe::kernels::matmul::{MatmulSpec, MatmulVariant, Trans};
+    common::for_each_adapter(|ctx| {
+        for (m, n, k) in [
+            (1, 64, 64),
+            (4, 512, 64),
+            (7, 13, 5),
+            (64, 16, 64),
+            (256, 256, 256),
+        ] {
+            for trans in [Trans::NN, Trans::NT] {
+                let f32 = MatmulSpec::choose(ctx, m, n, k, trans);
+                let f16 = MatmulSpec::choose_for(ctx, m, n, k, trans, true);
+                assert!(f16.b16 && !f32.b16, "{m}x{n}x{k}");
+                assert_ne!(
+                    f16.variant,
+                    MatmulVariant::Blocked,
+                    "{m}x{n}x{k}: {}",
+                    f16.label()
+                );
+                if f32.variant != MatmulVariant::Blocked {
+                    assert_eq!(f16, f32.with_b16(true), "{m}x{n}x{k}");
+                }
+                assert_eq!(MatmulSpec::choose_for(ctx, m, n, k, trans, false), f32);
+            }
+        }
+    });
+}

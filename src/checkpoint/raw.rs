@@ -527,5 +527,11 @@ mod tests {
         // a tensor of the wrong size.
         let short = LazyTensor::new(vec![9], Op::Concat, vec![t("a", vec![2])]);
         assert!(short.build().is_err());
+        // Released weights (the page, after the upload) keep their shapes
+        // and refuse to give values.
+        let released = LazyTensor::new(vec![2, 1], Op::Released, vec![]);
+        assert_eq!(released.shape(), &[2, 1]);
+        let msg = released.build().unwrap_err().to_string();
+        assert!(msg.contains("released"), "{msg}");
     }
 }

@@ -303,6 +303,33 @@ impl MatmulSpec {
     ///   get blocks of that shape, so lanes do not compute padding.
     /// - GPUs: classic 64 x 64 workgroup-memory tiles.
     pub fn choose(ctx: &GpuContext, m: usize, n: usize, k: usize, trans: Trans) -> MatmulSpec {
+        Self::choose_for(ctx, m, n, k, trans, false)
+    }
+
+    /// [`MatmulSpec::choose`] for a B operand stored in f16 (`b16`): the
+    /// register-blocked core is never taken for it, the tiled core is. On
+    /// Chromium's SwiftShader (a CPU adapter without subgroups: the page's
+    /// fallback) a blocked f16 GEMM dispatch never completes, while the
+    /// tiled one does; lavapipe's subgroup cores and GPUs' tiles are as for
+    /// f32. One rule on every adapter, so that native tests run the page's
+    /// choice.
+    pub fn choose_for(
+        ctx: &GpuContext,
+        m: usize,
+        n: usize,
+        k: usize,
+        trans: Trans,
+        b16: bool,
+    ) -> MatmulSpec {
+        let pick = Self::choose_f32(ctx, m, n, k, trans);
+        if b16 && pick.variant == MatmulVariant::Blocked && Self::TILED.available(ctx) {
+            Self::TILED.with_b16(true)
+        } else {
+            pick.with_b16(b16)
+        }
+    }
+
+    fn choose_f32(ctx: &GpuContext, m: usize, n: usize, k: usize, trans: Trans) -> MatmulSpec {
         let _ = (k, trans);
         let cpu = ctx.info.device_type == wgpu::DeviceType::Cpu;
         let pick = if !cpu {

@@ -98,7 +98,8 @@ fn gemm<'b>(
         alpha,
         beta,
     };
-    let spec = MatmulSpec::choose(ctx, m, n, k, trans).with_beta(beta != 0.0);
+    let b = b.into();
+    let spec = MatmulSpec::choose_for(ctx, m, n, k, trans, b.f16()).with_beta(beta != 0.0);
     Matmul::new(ctx, &shape, spec, a, b, c)
 }
 
@@ -586,7 +587,7 @@ impl Head {
                     alpha: 1.0 / cfg.logits_scaling,
                     beta: 0.0,
                 };
-                let spec = MatmulSpec::choose(ctx, t, n, d, trans);
+                let spec = MatmulSpec::choose_for(ctx, t, n, d, trans, p.view.f16());
                 Matmul::new_cols(ctx, &shape, spec, &xf, p.view, &logits, col)
             })
             .collect::<Result<Vec<_>>>()?;

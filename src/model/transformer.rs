@@ -188,8 +188,7 @@ impl Model {
             use BlockParam::*;
             let w = match id {
                 ParamId::WOut => Weight::upload_split(ctx, &name, shape, &values, dtype, 1),
-                ParamId::Wte
-                | ParamId::Block(_, W1 | W3 | W2 | SharedW1 | SharedW3 | SharedW2) => {
+                ParamId::Wte | ParamId::Block(_, W1 | W3 | W2 | SharedW1 | SharedW3 | SharedW2) => {
                     Weight::upload_split(ctx, &name, shape, &values, dtype, 0)
                 }
                 _ => Weight::upload(ctx, &name, shape, &values, dtype),

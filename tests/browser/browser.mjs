@@ -351,6 +351,8 @@ async function hfFolder(page) {
   const err = await page.textContent("#model-error");
   check("(e) a Hugging Face folder (qwen2_moe, 3 f16 shards) loads in the page", !err, err || (await page.textContent("#model-info")));
   if (err) return;
+  const info = await page.textContent("#model-info");
+  check("(e) ... with its matmul weights stored in f16 (--dtype auto)", /f16 weights/.test(info), info);
   const n = exp.greedy.new_tokens.length;
   const web = JSON.parse(
     await page.evaluate(
