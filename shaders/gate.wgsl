@@ -26,7 +26,9 @@ struct GateParams {
     threshold: f32,
     // workgroups along x of the (possibly folded) grid
     nx: u32,
-    // topk: bit 0 renormalize the k weights, bit 1 sigmoid scores
+    // topk: bit 0 renormalize the weights, bit 1 sigmoid scores, bits 2-3
+    // how many of the k a token takes (0 all, 1 gap, 2 ratio, 3 mass; the
+    // parameter is threshold)
     flags: u32,
 }
 
@@ -196,9 +198,51 @@ fn gate_topk_token(tok: u32) {
         pv = bv;
         pi = best;
     }
+    // How many of the k: the first always, then expert j joins while the
+    // rule holds (ExpertRule in src/kernels/common.rs).
+    let rule = (params.flags >> 2u) & 3u;
+    var c = k;
+    if rule != 0u {
+        let p1 = topk_weights[tok * k];
+        var taken = p1;
+        c = 1u;
+        for (var j = 1u; j < k; j++) {
+            let prev = topk_weights[tok * k + j - 1u];
+            let cur = topk_weights[tok * k + j];
+            var join = false;
+            if rule == 1u {
+                var g = prev - cur;
+                if params.gap_mode != 0u {
+                    g = g / sum;
+                }
+                join = clamp(g, 0.0, 1.0) <= params.threshold;
+            } else if rule == 2u {
+                join = cur >= params.threshold * p1;
+            } else {
+                join = params.threshold >= 1.0 || taken < params.threshold;
+            }
+            if !join {
+                break;
+            }
+            taken += cur;
+            c += 1u;
+        }
+        for (var j = c; j < k; j++) {
+            topk_ids[tok * k + j] = UNUSED;
+            topk_weights[tok * k + j] = 0.0;
+        }
+    }
     if (params.flags & 1u) != 0u {
-        for (var j = 0u; j < k; j++) {
-            topk_weights[tok * k + j] = topk_weights[tok * k + j] / sum;
+        // Renormalized over the experts taken (all k: the sum above).
+        var chosen = sum;
+        if c < k {
+            chosen = 0.0;
+            for (var j = 0u; j < c; j++) {
+                chosen += topk_weights[tok * k + j];
+            }
+        }
+        for (var j = 0u; j < c; j++) {
+            topk_weights[tok * k + j] = topk_weights[tok * k + j] / chosen;
         }
     }
 }

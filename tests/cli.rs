@@ -605,6 +605,87 @@ fn eval_reports_perplexity_and_experts_per_token() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// A top-k model's expert count per token: each rule takes between 1 and
+/// k experts on average, --max-experts caps k; bad choices are errors
+/// naming the flag.
+#[test]
+fn expert_rules_set_the_experts_per_token_of_a_top_k_model() {
+    let fixture = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/hf/qwen3_moe");
+    let dir = std::env::temp_dir().join(format!("amoe_cli_rules_{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let json = dir.join("eval.json");
+    let j = json.to_str().unwrap();
+    let eval = |extra: &[&str]| -> (f64, Vec<f64>, String) {
+        let mut args = vec![
+            "eval",
+            "--checkpoint",
+            fixture,
+            "--max-tokens",
+            "300",
+            "--json",
+            j,
+        ];
+        args.extend(extra);
+        let out = amoe(&args);
+        assert!(
+            out.status.success(),
+            "{extra:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let v: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+        let means = v["experts_per_token"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|l| l["mean_experts"].as_f64().unwrap())
+            .collect();
+        (
+            v["loss"].as_f64().unwrap(),
+            means,
+            v["gate"].as_str().unwrap().to_string(),
+        )
+    };
+    let (_, k8, desc) = eval(&[]);
+    assert!(k8.iter().all(|&m| m == 8.0), "{k8:?}");
+    assert_eq!(desc, "top-8");
+    for (rule, mid) in [("gap", "0.02"), ("ratio", "0.5"), ("mass", "0.5")] {
+        let (_, m, desc) = eval(&["--rule", rule, "--threshold", mid]);
+        assert!(m.iter().all(|&m| m > 1.0 && m < 8.0), "{rule}: {m:?}");
+        assert!(desc.contains(rule), "{desc}");
+    }
+    // The extremes of every rule are the fixed top-1 and top-k bit for
+    // bit: the gate conformance's `same as fixed top-k` cases.
+    let (_, m, _) = eval(&["--max-experts", "3"]);
+    assert!(m.iter().all(|&m| m == 3.0), "{m:?}");
+    for (args, want) in [
+        (vec!["--rule", "gap"], "--threshold"),
+        (vec!["--max-experts", "0"], "max-experts"),
+        (vec!["--max-experts", "17"], "max-experts"),
+        (vec!["--rule", "mass", "--threshold", "0"], "(0, 1]"),
+        (vec!["--rule", "ratio", "--threshold", "NaN"], "threshold"),
+        (
+            vec![
+                "--rule",
+                "ratio",
+                "--threshold",
+                "0.5",
+                "--gating",
+                "adaptive",
+            ],
+            "top-k",
+        ),
+        (vec!["--rule", "most"], "rule"),
+    ] {
+        let mut a = vec!["eval", "--checkpoint", fixture, "--max-tokens", "100"];
+        a.extend(&args);
+        let out = amoe(&a);
+        assert!(!out.status.success(), "{args:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(want), "{args:?}: {err}");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 /// Output that cannot be written (a full disk: /dev/full) is an error with
 /// a non-zero status, in text and in JSON mode, not a silent success or a
 /// panic.

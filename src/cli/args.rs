@@ -4,8 +4,9 @@
 use amoe::choice::Choice;
 use amoe::gpu::AdapterFilter;
 use amoe::infer::checkpoint::demo_dir;
+use amoe::infer::checkpoint::ExpertCount;
 use amoe::infer::InferCheckpoint;
-use amoe::kernels::{Activation, Gating};
+use amoe::kernels::{Activation, ExpertRule, GateConfig, Gating};
 use amoe::model::DtypeChoice;
 use amoe::train::trainer::TrainConfig;
 use amoe::Result;
@@ -164,12 +165,33 @@ pub struct ModelPick {
     /// Adaptive threshold in [0, 1] (default: the training's).
     #[arg(long)]
     pub threshold: Option<f32>,
+    /// How many of a top-k model's experts each token takes: all (fixed),
+    /// or by a rule whose parameter is --threshold: gap (p(i-1) - p(i) <= T),
+    /// ratio (p(i) >= r p1), mass (the experts taken hold less than P).
+    #[arg(long, value_parser = choice::<ExpertRule>())]
+    pub rule: Option<ExpertRule>,
+    /// The most experts a token takes under --rule (default: the model's k).
+    #[arg(long)]
+    pub max_experts: Option<usize>,
     /// How the matmul weights are stored on the GPU (math is f32 either way).
     #[arg(long, value_parser = choice::<DtypeChoice>(), default_value = "auto")]
     pub dtype: DtypeChoice,
 }
 
 impl ModelPick {
+    /// The gate for `ck`: `gating` (default: the checkpoint's), --threshold,
+    /// --rule and --max-experts.
+    pub fn gate(&self, ck: &InferCheckpoint, gating: Option<Gating>) -> Result<GateConfig> {
+        ck.gate_counted(
+            gating,
+            self.threshold,
+            ExpertCount {
+                rule: self.rule,
+                max_experts: self.max_experts,
+            },
+        )
+    }
+
     pub fn load(&self) -> Result<InferCheckpoint> {
         let dir = self.checkpoint.clone().unwrap_or_else(|| {
             let local = PathBuf::from("data/demo");

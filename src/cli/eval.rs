@@ -43,6 +43,8 @@ struct Report<'a> {
     adapter: String,
     gating: String,
     threshold: f32,
+    /// The gate in words (with a top-k rule: which, and its parameter).
+    gate: String,
     #[serde(flatten)]
     eval: &'a EvalReport,
 }
@@ -59,7 +61,7 @@ fn eval(ctx: &GpuContext, args: &EvalArgs) -> Result<()> {
         ));
     }
     let ck = args.model.load()?;
-    let gate = ck.gate(args.model.gating, args.model.threshold)?;
+    let gate = args.model.gate(&ck, args.model.gating)?;
     let ids = text_ids(&ck.tokenizer, args.data.as_deref(), args.max_tokens)?;
     let cfg = EvalConfig {
         stride: args.stride.unwrap_or(ck.cfg.context),
@@ -98,17 +100,17 @@ fn eval(ctx: &GpuContext, args: &EvalArgs) -> Result<()> {
         adapter: ctx.adapter_label(),
         gating: gate.gating.to_string(),
         threshold: gate.threshold,
+        gate: gate.describe(),
         eval: &report,
     };
     outln!(
-        "{} on {}: {} tokens ({} windows, stride {}), gating {} (threshold {})",
+        "{} on {}: {} tokens ({} windows, stride {}), gating {}",
         r.checkpoint,
         r.adapter,
         report.tokens,
         report.windows,
         report.stride,
-        r.gating,
-        r.threshold
+        r.gate
     )?;
     outln!(
         "loss {:.4}, perplexity {:.2}, {:.0} tokens/s ({:.1} s)",

@@ -144,7 +144,7 @@ fn generate(ctx: &GpuContext, args: &GenerateArgs) -> Result<()> {
         ));
     }
     let ck = args.model.load()?;
-    let gate = ck.gate(args.model.gating, args.model.threshold)?;
+    let gate = args.model.gate(&ck, args.model.gating)?;
     let prompt_ids = ck.tokenizer.encode(&args.prompt)?;
     let mut engine = Engine::with_dtype(ctx, &ck, gate, args.model.dtype)?;
     let cfg = GenConfig {

@@ -10,7 +10,7 @@ use crate::error::{Error, Result};
 use crate::gpu::{GpuContext, Tensor};
 use crate::kernels::gate::{kernel_name, Gate, GateBuffers};
 use crate::kernels::{
-    GapMode, GateConfig, Gating, RouterScore, RoutingLayout, SingleWeight, UNUSED,
+    ExpertRule, GapMode, GateConfig, Gating, RouterScore, RoutingLayout, SingleWeight, UNUSED,
 };
 use crate::reference::gate::{gap, gate_forward, top2_of, top2_probs, GateOutput};
 use crate::tol::{compare_exact, Comparison, Tol};
@@ -47,6 +47,15 @@ pub enum Case {
         gap: GapMode,
         threshold_one: bool,
     },
+    /// A top-k rule (`ExpertRule`) at its extremes is the fixed top-1
+    /// (`top_one`) or the fixed top-k, ids and weights bit for bit. GPU
+    /// against GPU.
+    RuleExtreme {
+        config: GateConfig,
+        t: usize,
+        e: usize,
+        top_one: bool,
+    },
     /// Bad shapes and arguments give typed errors and no wgpu error.
     BadInputs,
 }
@@ -71,8 +80,13 @@ fn gap_name(g: GapMode) -> &'static str {
 fn describe(c: &GateConfig) -> String {
     let mut s = String::new();
     if c.gating == Gating::TopK {
+        let rule = match c.rule {
+            ExpertRule::Fixed => String::new(),
+            ExpertRule::Gap => format!(" rule=gap T={} gap={}", c.threshold, gap_name(c.gap)),
+            r => format!(" rule={r} {}", c.threshold),
+        };
         return format!(
-            " k={} {} {}",
+            " k={} {} {}{rule}",
             c.k,
             c.score,
             if c.renorm { "renormalized" } else { "raw" }
@@ -122,9 +136,22 @@ impl Case {
                     if *threshold_one { "top2" } else { "top1" }
                 ),
             ),
+            Case::RuleExtreme {
+                config,
+                t,
+                e,
+                top_one,
+            } => (
+                kernel_name(Gating::TopK).to_string(),
+                format!(
+                    "T={t} E={e}{}, same as fixed top-{}",
+                    describe(config),
+                    if *top_one { 1 } else { config.k }
+                ),
+            ),
             Case::BadInputs => (
                 "gate_adaptive_forward".into(),
-                "bad inputs: K > E, T = 0, threshold outside [0, 1] or NaN, shape mismatch".into(),
+                "bad inputs: K > E, T = 0, threshold outside [0, 1] or NaN, shape mismatch, top-k rules out of place".into(),
             ),
         }
     }
@@ -234,6 +261,73 @@ pub fn cases() -> Vec<Case> {
             seed: 500 + j as u64,
         });
     }
+    // Adaptive expert counts on a top-k router: each rule with the
+    // model's weights raw or renormalized, k = 1 to 8, both gap measures,
+    // sigmoid scores, ties at the extremes, NaN.
+    let rule = |k, renorm, score, rule, threshold, gap| GateConfig {
+        rule,
+        threshold,
+        gap,
+        ..GateConfig::top_k(k, renorm, score)
+    };
+    use ExpertRule::{Gap, Mass, Ratio};
+    use RouterScore::Sigmoid;
+    let sm = RouterScore::Softmax;
+    for (j, (t, e, config, logits)) in [
+        (
+            130,
+            64,
+            rule(8, false, sm, Gap, 0.01, Softmax),
+            Logits::Random,
+        ),
+        (97, 16, rule(4, true, sm, Gap, 0.3, Top2), Logits::Random),
+        (65, 32, rule(8, true, sm, Ratio, 0.5, Top2), Logits::Random),
+        (70, 8, rule(2, false, sm, Ratio, 0.2, Top2), Logits::Random),
+        (130, 64, rule(8, false, sm, Mass, 0.5, Top2), Logits::Random),
+        (66, 16, rule(4, true, sm, Mass, 0.9, Top2), Logits::Random),
+        (
+            70,
+            16,
+            rule(4, true, Sigmoid, Ratio, 0.9, Top2),
+            Logits::Random,
+        ),
+        (33, 8, rule(1, true, sm, Gap, 1.0, Top2), Logits::Random),
+        (67, 8, rule(4, true, sm, Gap, 0.0, Softmax), Logits::Ties),
+        (67, 8, rule(4, false, sm, Ratio, 1.0, Top2), Logits::Ties),
+        (67, 7, rule(4, true, sm, Mass, 1.0, Top2), Logits::Ties),
+        (
+            70,
+            12,
+            rule(8, true, sm, Mass, 0.6, Top2),
+            Logits::NonFinite,
+        ),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        v.push(Case::Twin {
+            config,
+            t,
+            e,
+            logits,
+            seed: 600 + j as u64,
+        });
+    }
+    for (config, top_one) in [
+        (rule(8, true, sm, Gap, 0.0, Top2), true),
+        (rule(8, false, sm, Gap, 1.0, Softmax), false),
+        (rule(4, false, sm, Ratio, 1.0, Top2), true),
+        (rule(8, true, sm, Ratio, 0.0, Top2), false),
+        (rule(8, false, sm, Mass, 1e-6, Top2), true),
+        (rule(8, true, sm, Mass, 1.0, Top2), false),
+    ] {
+        v.push(Case::RuleExtreme {
+            config,
+            t: 129,
+            e: 32,
+            top_one,
+        });
+    }
     for (t, e, gap) in [(200, 16, Top2), (65, 64, Softmax)] {
         for threshold_one in [false, true] {
             v.push(Case::Equivalence {
@@ -258,7 +352,12 @@ pub fn make_logits(config: &GateConfig, t: usize, e: usize, kind: Logits, seed: 
             Logits::Ties => tie_row(&mut rng, e, tok),
             _ => loop {
                 let row = rng.vec_sym(e, 3.0);
-                if config.gating != Gating::Adaptive || clear_of_threshold(config, &row) {
+                let clear = match (config.gating, config.rule) {
+                    (Gating::Adaptive, _) => clear_of_threshold(config, &row),
+                    (Gating::TopK, r) if r != ExpertRule::Fixed => rule_clear(config, &row),
+                    _ => true,
+                };
+                if clear {
                     break row;
                 }
             },
@@ -279,6 +378,46 @@ fn clear_of_threshold(config: &GateConfig, row: &[f32]) -> bool {
     let s: f32 = row.iter().map(|&v| (v - l1).exp()).sum();
     let (p1, p2) = top2_probs(l1, l2, i2 != UNUSED, s);
     (gap(config.gap, p1, p2) - config.threshold).abs() > 1e-3
+}
+
+/// Whether every decision of a top-k rule on `row` (computed with the
+/// twin's own formulas) lies more than 1e-3 from its threshold, so that the
+/// GPU's exp cannot flip it.
+fn rule_clear(config: &GateConfig, row: &[f32]) -> bool {
+    let Ok(out) = gate_forward(
+        &GateConfig {
+            rule: ExpertRule::Fixed,
+            renorm: false,
+            ..*config
+        },
+        row,
+        1,
+        row.len(),
+    ) else {
+        return false;
+    };
+    let w = &out.topk_weights;
+    let sum: f32 = w.iter().sum();
+    let t = config.threshold;
+    let mut taken = w[0];
+    (1..w.len()).all(|j| {
+        let margin = match config.rule {
+            ExpertRule::Gap => {
+                let g = w[j - 1] - w[j];
+                let g = if config.gap == GapMode::Top2 {
+                    g / sum
+                } else {
+                    g
+                };
+                g - t
+            }
+            ExpertRule::Ratio => w[j] / w[0] - t,
+            ExpertRule::Mass => taken - t,
+            ExpertRule::Fixed => 1.0,
+        };
+        taken += w[j];
+        margin.abs() > 1e-3
+    })
 }
 
 /// Rows with exact ties, of small integers (exactly representable).
@@ -433,6 +572,56 @@ pub async fn run(ctx: &GpuContext, case: &Case) -> Result<CheckResult> {
                 ))
             }
         }
+        Case::RuleExtreme {
+            config,
+            t,
+            e,
+            top_one,
+        } => {
+            let x = make_logits(
+                &GateConfig::top_k(config.k, config.renorm, config.score),
+                *t,
+                *e,
+                Logits::Random,
+                700,
+            );
+            let a = run_gpu(ctx, config, &x, *t, *e).await?;
+            let fixed = GateConfig::top_k(
+                if *top_one { 1 } else { config.k },
+                config.renorm,
+                config.score,
+            );
+            let b = run_gpu(ctx, &fixed, &x, *t, *e).await?;
+            let (k, kb) = (config.k, fixed.k);
+            // The rule's first kb slots are the fixed top-kb's; the rest unused.
+            let ids: Vec<u32> = a
+                .topk_ids
+                .chunks(k)
+                .flat_map(|r| r[..kb].to_vec())
+                .collect();
+            let w: Vec<f32> = a
+                .topk_weights
+                .chunks(k)
+                .flat_map(|r| r[..kb].to_vec())
+                .collect();
+            let rest: Vec<u32> = a
+                .topk_ids
+                .chunks(k)
+                .flat_map(|r| r[kb..].to_vec())
+                .collect();
+            Ok(CheckResult::from_comparisons(
+                kernel,
+                name,
+                &[
+                    ("ids", compare_exact(&ids, &b.topk_ids)),
+                    ("weights (bit for bit)", compare_exact(&w, &b.topk_weights)),
+                    (
+                        "slots past the rule's",
+                        compare_exact(&rest, &vec![UNUSED; rest.len()]),
+                    ),
+                ],
+            ))
+        }
         Case::BadInputs => Ok(bad_inputs(ctx, &kernel, &name)),
     }
 }
@@ -479,5 +668,46 @@ fn bad_inputs(ctx: &GpuContext, kernel: &str, case: &str) -> CheckResult {
     try_gate("threshold 1.5", th(1.5), 4, 4, 4, is_invalid);
     try_gate("threshold -0.1", th(-0.1), 4, 4, 4, is_invalid);
     try_gate("probs [T, E-1]", GateConfig::default(), 4, 4, 3, is_shape);
+    let topk_rule = |rule, threshold, score| GateConfig {
+        rule,
+        threshold,
+        ..GateConfig::top_k(4, true, score)
+    };
+    let sm = RouterScore::Softmax;
+    try_gate(
+        "mass P = 0",
+        topk_rule(ExpertRule::Mass, 0.0, sm),
+        4,
+        8,
+        8,
+        is_invalid,
+    );
+    try_gate(
+        "mass on sigmoid scores",
+        topk_rule(ExpertRule::Mass, 0.5, RouterScore::Sigmoid),
+        4,
+        8,
+        8,
+        is_invalid,
+    );
+    try_gate(
+        "ratio r NaN",
+        topk_rule(ExpertRule::Ratio, f32::NAN, sm),
+        4,
+        8,
+        8,
+        is_invalid,
+    );
+    try_gate(
+        "a top-k rule under adaptive gating",
+        GateConfig {
+            rule: ExpertRule::Gap,
+            ..GateConfig::default()
+        },
+        4,
+        8,
+        8,
+        is_invalid,
+    );
     bad_inputs_result(kernel, case, checks)
 }

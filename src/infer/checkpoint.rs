@@ -5,9 +5,19 @@
 
 use crate::checkpoint::{LazyParams, LazyTensor, RawTensor};
 use crate::error::{Error, Result};
-use crate::kernels::{GateConfig, Gating};
+use crate::kernels::{ExpertRule, GateConfig, Gating, MAX_TOPK};
 use crate::model::{HostParams, ModelConfig, ParamId};
 use crate::tokenizer::Tokenizer;
+
+/// How a user asks a top-k model to count its experts per token
+/// (`--rule`, `--max-experts`; see `ExpertRule`).
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct ExpertCount {
+    /// The rule (its parameter is the gate's threshold); None: all k.
+    pub rule: Option<ExpertRule>,
+    /// The most experts a token takes (default: the model's k).
+    pub max_experts: Option<usize>,
+}
 
 /// A model ready to upload: config, weights, tokenizer.
 #[derive(Clone)]
@@ -217,6 +227,57 @@ impl InferCheckpoint {
         cfg.validate()?;
         self.cfg = cfg;
         Ok(())
+    }
+
+    /// [`InferCheckpoint::gate`], then a top-k model's expert count per
+    /// token: `count.rule` with parameter `threshold` (required with a
+    /// rule), over at most `count.max_experts` candidates (1 to 8, at most
+    /// E). The weights follow the model's own rule over the experts taken
+    /// (renormalized where it renormalizes its top-k, raw otherwise).
+    pub fn gate_counted(
+        &self,
+        gating: Option<Gating>,
+        threshold: Option<f32>,
+        count: ExpertCount,
+    ) -> Result<GateConfig> {
+        let mut g = self.gate(gating, threshold)?;
+        if count == ExpertCount::default() {
+            return Ok(g);
+        }
+        if g.gating != Gating::TopK || self.cfg.gate.gating != Gating::TopK {
+            return Err(Error::invalid(
+                "rule",
+                format!(
+                    "--rule and --max-experts choose among a top-k router's experts; {} is \
+                     {} here (a published model's own top-k is `--gating topk`)",
+                    self.source, g.gating
+                ),
+            ));
+        }
+        if let Some(k) = count.max_experts {
+            let most = MAX_TOPK.min(self.cfg.experts);
+            if !(1..=most).contains(&k) {
+                return Err(Error::invalid(
+                    "max-experts",
+                    format!(
+                        "{k}: must be 1..={most} (the model has {} experts)",
+                        self.cfg.experts
+                    ),
+                ));
+            }
+            g.k = k;
+        }
+        if let Some(rule) = count.rule {
+            if rule != ExpertRule::Fixed && threshold.is_none() {
+                return Err(Error::invalid(
+                    "rule",
+                    format!("--rule {rule} needs its parameter: --threshold X"),
+                ));
+            }
+            g.rule = rule;
+        }
+        g.validate(self.cfg.experts)?;
+        Ok(g)
     }
 
     /// The MoE layers' rule at inference: `gating` (default: what the run was

@@ -49,6 +49,49 @@ choice! { RouterScore, "router score",
     Sigmoid = "sigmoid": "A sigmoid per expert",
 }
 
+/// How many of a top-k router's k experts a token takes (`Gating::TopK`):
+/// all of them, or by a rule on its ranked scores p1 >= p2 >= ... >= pk.
+/// The first expert always; then expert i joins while the rule holds, and
+/// the first that fails ends the list. `GateConfig::threshold` is the
+/// rule's parameter (T, r or P). At the extremes a rule is the fixed top-1
+/// (gap 0, ratio 1, mass near 0) or the fixed top-k (gap 1, ratio 0,
+/// mass 1), exact ties aside.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum ExpertRule {
+    /// All k (the model's own rule).
+    #[default]
+    Fixed,
+    /// p(i-1) - p(i) <= T: the paper's rule, generalized. With
+    /// `GapMode::Top2` the gap is measured on the top-k-renormalized
+    /// scores, (p(i-1) - p(i)) / (p1 + ... + pk) (for k = 2 the paper's
+    /// (p1 - p2) / (p1 + p2)).
+    Gap,
+    /// p(i) >= r p1.
+    Ratio,
+    /// The experts already taken hold less than P of the probability
+    /// (top-p routing; softmax scores only).
+    Mass,
+}
+
+choice! { ExpertRule, "expert rule",
+    Fixed = "fixed": "All k experts of the model's top-k",
+    Gap = "gap": "Expert i joins while p(i-1) - p(i) <= T",
+    Ratio = "ratio": "Expert i joins while p(i) >= r p1",
+    Mass = "mass": "Expert i joins while the experts taken hold less than P of the probability",
+}
+
+impl ExpertRule {
+    /// Its code in the gate kernel's flags (bits 2-3).
+    pub fn code(self) -> u32 {
+        match self {
+            ExpertRule::Fixed => 0,
+            ExpertRule::Gap => 1,
+            ExpertRule::Ratio => 2,
+            ExpertRule::Mass => 3,
+        }
+    }
+}
+
 /// How the adaptive rule measures the gap between the top two experts.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum GapMode {
@@ -97,6 +140,13 @@ pub struct GateConfig {
     /// `Gating::TopK`: softmax or sigmoid scores.
     #[serde(default, skip_serializing_if = "is_softmax")]
     pub score: RouterScore,
+    /// `Gating::TopK`: how many of the k each token takes.
+    #[serde(default, skip_serializing_if = "is_fixed")]
+    pub rule: ExpertRule,
+}
+
+fn is_fixed(r: &ExpertRule) -> bool {
+    *r == ExpertRule::Fixed
 }
 
 fn is_zero(k: &usize) -> bool {
@@ -121,6 +171,7 @@ impl Default for GateConfig {
             k: 0,
             renorm: false,
             score: RouterScore::Softmax,
+            rule: ExpertRule::Fixed,
         }
     }
 }
@@ -145,6 +196,24 @@ impl GateConfig {
         }
     }
 
+    /// The rule in words, for reports: `top1`, `top2`, `adaptive
+    /// (threshold 0.1)`, `top-8`, `top-8, ratio rule r = 0.5`.
+    pub fn describe(&self) -> String {
+        match (self.gating, self.rule) {
+            (Gating::Adaptive, _) => format!("adaptive (threshold {})", self.threshold),
+            (Gating::TopK, ExpertRule::Fixed) => format!("top-{}", self.k),
+            (Gating::TopK, rule) => {
+                let p = match rule {
+                    ExpertRule::Gap => "T",
+                    ExpertRule::Ratio => "r",
+                    _ => "P",
+                };
+                format!("top-{}, {rule} rule {p} = {}", self.k, self.threshold)
+            }
+            (g, _) => g.to_string(),
+        }
+    }
+
     /// K: the most experts a token can use (the slots per token).
     pub fn max_k(&self) -> usize {
         match self.gating {
@@ -159,6 +228,7 @@ impl GateConfig {
         match self.gating {
             Gating::Top1 | Gating::Adaptive => 1,
             Gating::Top2 => 2,
+            Gating::TopK if self.rule != ExpertRule::Fixed => 1,
             Gating::TopK => self.k,
         }
     }
@@ -182,6 +252,31 @@ impl GateConfig {
                 "gate",
                 format!("threshold {} is outside [0, 1]", self.threshold),
             ));
+        }
+        if self.rule != ExpertRule::Fixed {
+            if self.gating != Gating::TopK {
+                return Err(Error::invalid(
+                    "gate",
+                    format!(
+                        "the {} rule chooses among a top-k router's experts, not under {} gating",
+                        self.rule, self.gating
+                    ),
+                ));
+            }
+            if self.rule == ExpertRule::Mass {
+                if self.score != RouterScore::Softmax {
+                    return Err(Error::invalid(
+                        "gate",
+                        "the mass rule needs softmax scores (a sigmoid router's scores are not a distribution)",
+                    ));
+                }
+                if self.threshold <= 0.0 {
+                    return Err(Error::invalid(
+                        "gate",
+                        format!("mass P = {} must be in (0, 1]", self.threshold),
+                    ));
+                }
+            }
         }
         if self.max_k() > e {
             return Err(Error::invalid(

@@ -209,7 +209,8 @@ impl Gate {
             threshold: config.threshold,
             nx: grid.0,
             flags: config.renorm as u32
-                | (((config.score == crate::kernels::RouterScore::Sigmoid) as u32) << 1),
+                | (((config.score == crate::kernels::RouterScore::Sigmoid) as u32) << 1)
+                | (config.rule.code() << 2),
         };
         let pipeline = ctx.pipeline(&Kernel::Gate(GateSpec {
             gating: config.gating,

@@ -5,7 +5,7 @@
 
 use crate::error::{Error, Result};
 use crate::kernels::{
-    GapMode, GateConfig, Gating, RouterScore, SingleWeight, STATUS_NONFINITE, UNUSED,
+    ExpertRule, GapMode, GateConfig, Gating, RouterScore, SingleWeight, STATUS_NONFINITE, UNUSED,
 };
 
 /// Everything the gate writes, for T tokens, E experts and K = `gating.max_k()`.
@@ -173,11 +173,52 @@ fn top_k_token(config: &GateConfig, row: &[f32], tok: usize, out: &mut GateOutpu
         out.topk_weights[tok * k + j] = w;
         sum += w;
     }
+    let ids = &mut out.topk_ids[tok * k..(tok + 1) * k];
+    let w = &mut out.topk_weights[tok * k..(tok + 1) * k];
+    let c = rule_count(config, w, sum);
+    ids[c..].fill(UNUSED);
+    w[c..].fill(0.0);
     if config.renorm {
-        for w in &mut out.topk_weights[tok * k..(tok + 1) * k] {
-            *w /= sum;
+        let chosen = if c < k { w[..c].iter().sum() } else { sum };
+        for w in &mut w[..c] {
+            *w /= chosen;
         }
     }
+}
+
+/// How many of the ranked scores `w` (p1 >= p2 >= ..., summing to `sum`)
+/// a token takes under `config.rule` with parameter `config.threshold`:
+/// the first always, then p(j) while the rule holds (`ExpertRule`), in the
+/// gate kernel's operations and order.
+pub fn rule_count(config: &GateConfig, w: &[f32], sum: f32) -> usize {
+    let k = w.len();
+    if config.rule == ExpertRule::Fixed || k == 0 {
+        return k;
+    }
+    let (p1, t) = (w[0], config.threshold);
+    let mut taken = p1;
+    let mut c = 1;
+    for j in 1..k {
+        let (prev, cur) = (w[j - 1], w[j]);
+        let join = match config.rule {
+            ExpertRule::Gap => {
+                let mut g = prev - cur;
+                if config.gap == GapMode::Top2 {
+                    g /= sum;
+                }
+                g.clamp(0.0, 1.0) <= t
+            }
+            ExpertRule::Ratio => cur >= t * p1,
+            ExpertRule::Mass => t >= 1.0 || taken < t,
+            ExpertRule::Fixed => true,
+        };
+        if !join {
+            break;
+        }
+        taken += cur;
+        c += 1;
+    }
+    c
 }
 
 #[cfg(test)]
@@ -355,5 +396,62 @@ mod tests {
             gate_forward(&nan, &r, 1, 4),
             Err(Error::InvalidArgument { .. })
         ));
+    }
+
+    #[test]
+    fn expert_rules_count_as_written() {
+        let rule = |rule, threshold, gap| GateConfig {
+            rule,
+            threshold,
+            gap,
+            ..GateConfig::top_k(4, true, RouterScore::Softmax)
+        };
+        let w = [0.4f32, 0.3, 0.2, 0.05];
+        let sum = 0.95f32;
+        use ExpertRule::*;
+        use GapMode::{Softmax, Top2};
+        // gaps 0.1, 0.1, 0.15 (softmax); / 0.95 with Top2.
+        assert_eq!(rule_count(&rule(Gap, 0.12, Softmax), &w, sum), 3);
+        assert_eq!(rule_count(&rule(Gap, 0.09, Softmax), &w, sum), 1);
+        assert_eq!(rule_count(&rule(Gap, 0.16, Top2), &w, sum), 4);
+        assert_eq!(rule_count(&rule(Gap, 0.0, Top2), &w, sum), 1);
+        assert_eq!(rule_count(&rule(Gap, 1.0, Top2), &w, sum), 4);
+        // ratios 0.75, 0.5, 0.125.
+        assert_eq!(rule_count(&rule(Ratio, 0.5, Top2), &w, sum), 3);
+        assert_eq!(rule_count(&rule(Ratio, 0.8, Top2), &w, sum), 1);
+        assert_eq!(rule_count(&rule(Ratio, 0.0, Top2), &w, sum), 4);
+        // taken mass 0.4, 0.7, 0.9 before experts 2, 3, 4.
+        assert_eq!(rule_count(&rule(Mass, 0.5, Top2), &w, sum), 2);
+        assert_eq!(rule_count(&rule(Mass, 0.75, Top2), &w, sum), 3);
+        assert_eq!(rule_count(&rule(Mass, 1e-6, Top2), &w, sum), 1);
+        assert_eq!(rule_count(&rule(Mass, 1.0, Top2), &w, sum), 4);
+        assert_eq!(rule_count(&rule(Fixed, 0.0, Top2), &w, sum), 4);
+        // Through the gate: the weights renormalize over the experts taken
+        // (or stay raw), and the slots past them are unused.
+        let logits = [2.0f32, 1.0, 0.5, -1.0, -3.0];
+        for renorm in [true, false] {
+            let c = GateConfig {
+                renorm,
+                ..rule(Mass, 0.5, Top2)
+            };
+            let out = gate_forward(&c, &logits, 1, 5).unwrap();
+            assert_eq!(out.topk_ids[2..], [UNUSED, UNUSED]);
+            let fixed = gate_forward(
+                &GateConfig::top_k(4, false, RouterScore::Softmax),
+                &logits,
+                1,
+                5,
+            )
+            .unwrap();
+            let n = out.topk_ids.iter().filter(|&&i| i != UNUSED).count();
+            assert!((1..4).contains(&n), "{out:?}");
+            assert_eq!(out.topk_ids[..n], fixed.topk_ids[..n]);
+            let s: f32 = out.topk_weights.iter().sum();
+            if renorm {
+                assert!((s - 1.0).abs() < 1e-6);
+            } else {
+                assert_eq!(out.topk_weights[..n], fixed.topk_weights[..n]);
+            }
+        }
     }
 }
