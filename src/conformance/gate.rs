@@ -399,6 +399,12 @@ fn rule_clear(config: &GateConfig, row: &[f32]) -> bool {
     let w = &out.topk_weights;
     let sum: f32 = w.iter().sum();
     let t = config.threshold;
+    // Parameters that decide without comparing a score: nothing to flip.
+    match config.rule {
+        ExpertRule::Mass if t >= 1.0 => return true,
+        ExpertRule::Ratio if t <= 0.0 => return true,
+        _ => {}
+    }
     let mut taken = w[0];
     (1..w.len()).all(|j| {
         let margin = match config.rule {
