@@ -156,42 +156,14 @@ pub fn safetensors_bytes_with(
 /// Any other dtype is an error naming the tensor. `source` names the file
 /// in errors.
 pub fn parse_safetensors(source: &str, bytes: &[u8]) -> Result<Vec<NamedTensor>> {
-    use safetensors::tensor::SafeTensors;
-    let st = SafeTensors::deserialize(bytes).map_err(|e| {
-        Error::checkpoint(
-            source,
-            format!("not a valid safetensors file (truncated or corrupt?): {e}"),
-        )
-    })?;
-    let mut tensors = st.tensors();
-    tensors.sort_by(|a, b| a.0.cmp(&b.0));
-    let mut out = Vec::with_capacity(tensors.len());
-    for (name, view) in tensors {
-        let data = to_f32(view.dtype(), view.data()).ok_or_else(|| {
-            Error::checkpoint(
-                source,
-                format!(
-                    "tensor {name} is {:?}: amoe reads F32, F16 and BF16 tensors",
-                    view.dtype()
-                ),
-            )
-        })?;
-        out.push(NamedTensor {
-            name,
-            shape: view.shape().to_vec(),
-            data,
-        });
-    }
-    Ok(out)
-}
-
-/// Little-endian `bytes` of `dtype` as f32 values; None for a dtype amoe
-/// does not read.
-fn to_f32(dtype: Dtype, bytes: &[u8]) -> Option<Vec<f32>> {
-    let dtype = FileDtype::of(dtype)?;
-    let mut out = Vec::with_capacity(bytes.len() / dtype.size());
-    dtype.decode(bytes, &mut out);
-    Some(out)
+    Ok(raw::entries(source, bytes)?
+        .into_iter()
+        .map(|(name, shape, dtype, range)| {
+            let mut data = Vec::with_capacity(range.len() / dtype.size());
+            dtype.decode(&bytes[range], &mut data);
+            NamedTensor { name, shape, data }
+        })
+        .collect())
 }
 
 /// `model.safetensors.index.json`: which shard file holds each tensor.

@@ -196,8 +196,27 @@ impl RawTensor {
 /// not read (see [`RawTensor`]). A dtype other than F32, F16 and BF16 is an
 /// error naming the tensor; `source` names the file in errors.
 pub fn parse_raw(source: &str, file: FileBytes) -> Result<Vec<RawTensor>> {
+    Ok(entries(source, file.bytes())?
+        .into_iter()
+        .map(|(name, shape, dtype, range)| RawTensor {
+            name,
+            shape,
+            dtype,
+            file: file.clone(),
+            range,
+        })
+        .collect())
+}
+
+/// One tensor of a safetensors file: name, shape, dtype, byte range.
+pub(crate) type Entry = (String, Vec<usize>, FileDtype, Range<usize>);
+
+/// The tensors of a safetensors file's bytes, sorted by name: name, shape,
+/// dtype and byte range (what [`parse_raw`] and
+/// `checkpoint::parse_safetensors` read). A dtype amoe does not read, or
+/// bytes that are not a safetensors file, are errors naming `source`.
+pub(crate) fn entries(source: &str, bytes: &[u8]) -> Result<Vec<Entry>> {
     use safetensors::tensor::SafeTensors;
-    let bytes = file.bytes();
     let st = SafeTensors::deserialize(bytes).map_err(|e| {
         Error::checkpoint(
             source,
@@ -221,13 +240,7 @@ pub fn parse_raw(source: &str, file: FileBytes) -> Result<Vec<RawTensor>> {
         // The view borrows the file's bytes: its place in them.
         let start = view.data().as_ptr() as usize - base;
         let range = start..start + view.data().len();
-        out.push(RawTensor {
-            name,
-            shape: view.shape().to_vec(),
-            dtype,
-            file: file.clone(),
-            range,
-        });
+        out.push((name, view.shape().to_vec(), dtype, range));
     }
     Ok(out)
 }
