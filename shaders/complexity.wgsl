@@ -1,6 +1,7 @@
 // Curriculum complexity of one MoE layer: for each sequence of the batch, the
-// fraction of its N tokens that the gate sent to two experts (the router's
-// decision, before any capacity drop), written into one column of
+// share of its N (K - 1) slots past the first that the gate used (with K = 2
+// the fraction of tokens sent to two experts; the router's decision, before
+// any capacity drop), written into one column of
 // complexity [B, COLS] (one column per MoE layer). A training step then reads
 // back B * COLS floats instead of every layer's topk_ids.
 // Twin: src/reference/complexity.rs (sequence_complexity).
@@ -12,7 +13,7 @@ struct ComplexityParams {
     b: u32,
     // tokens per sequence N
     n: u32,
-    // slots per token K (1 or 2)
+    // slots per token K (1..=8)
     k: u32,
     // the column this layer writes, and the columns of `complexity`
     col: u32,
@@ -33,11 +34,11 @@ fn sequence_complexity(@builtin(global_invocation_id) gid: vec3<u32>) {
         return;
     }
     var two = 0u;
-    if params.k == 2u {
-        let base = s * params.n;
-        for (var i = 0u; i < params.n; i++) {
-            two += select(0u, 1u, topk_ids[(base + i) * 2u + 1u] != UNUSED);
+    let base = s * params.n;
+    for (var i = 0u; i < params.n; i++) {
+        for (var j = 1u; j < params.k; j++) {
+            two += select(0u, 1u, topk_ids[(base + i) * params.k + j] != UNUSED);
         }
     }
-    complexity[s * params.cols + params.col] = f32(two) / f32(params.n);
+    complexity[s * params.cols + params.col] = f32(two) / f32(params.n * max(params.k - 1u, 1u));
 }

@@ -31,6 +31,12 @@ struct MoeBackParams {
     z_loss: f32,
     // word of routing holding the padded row count
     padded_rows_word: u32,
+    // gate_backward of a top-k router (K up to 8): 0 no (top1, top2,
+    // adaptive), 1 weights renormalized over the experts taken, 2 raw
+    topk: u32,
+    _pad0: u32,
+    _pad1: u32,
+    _pad2: u32,
 }
 
 @group(0) @binding(0) var<uniform> p: MoeBackParams;
@@ -165,6 +171,42 @@ fn gate_stats(@builtin(local_invocation_index) lid: u32) {
 // dz [T, E]
 @group(0) @binding(7) var<storage, read_write> dz: array<f32>;
 
+// A top-k router's token: S = its used slots (weights w_j, gradients g_j).
+// Renormalized over S: dz_e = w_e (g_e - sum_j w_j g_j) for e in S (one
+// expert weighs 1: no gradient); raw scores (w_j = p_j):
+// dz_e = p_e ([e in S] g_e - sum_j w_j g_j). Then the auxiliary terms.
+fn gate_backward_topk(t: u32, row: u32, bal: f32, zs: f32, dot: f32) {
+    var mean = 0.0;
+    for (var j = 0u; j < p.k; j++) {
+        if (topk_ids[t * p.k + j] != UNUSED) {
+            mean = fma(topk_weights[t * p.k + j], dw[t * p.k + j], mean);
+        }
+    }
+    for (var e = 0u; e < p.e; e++) {
+        let pe = probs[row + e];
+        var taken = false;
+        var w = 0.0;
+        var g = 0.0;
+        for (var j = 0u; j < p.k; j++) {
+            if (topk_ids[t * p.k + j] == e) {
+                taken = true;
+                w = topk_weights[t * p.k + j];
+                g = dw[t * p.k + j];
+            }
+        }
+        var v = 0.0;
+        if (p.topk == 1u) {
+            if (taken) {
+                v = w * (g - mean);
+            }
+        } else {
+            v = pe * (g - mean);
+        }
+        v += bal * pe * (stats[e] - dot) + zs * pe;
+        dz[row + e] = v;
+    }
+}
+
 @compute @workgroup_size(WG)
 fn gate_backward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
     let t = linear(wid, lid);
@@ -179,6 +221,10 @@ fn gate_backward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocatio
     var dot = 0.0;
     for (var e = 0u; e < p.e; e++) {
         dot = fma(stats[e], probs[row + e], dot);
+    }
+    if (p.topk != 0u) {
+        gate_backward_topk(t, row, bal, zs, dot);
+        return;
     }
     let e1 = topk_ids[t * p.k];
     var e2 = UNUSED;

@@ -351,6 +351,8 @@ pub async fn bench_kernels(
 pub struct InferFigure {
     pub gating: String,
     pub threshold: f32,
+    /// The gate in words (a top-k rule, per-layer thresholds).
+    pub gate: String,
     /// Prompt tokens per second of one prefill call (median of `samples`).
     pub prefill_tps: f64,
     /// Tokens per second of the decode loop (one submit and readback per
@@ -378,13 +380,13 @@ pub struct InferBench {
 }
 
 /// Prefill `prompt` and decode `decode_tokens` greedy tokens under each
-/// gating rule in `gatings`, after a warm-up that builds every pipeline.
+/// gate of `gates`, after a warm-up that builds every pipeline.
 pub async fn bench_infer(
     ctx: &GpuContext,
     ck: &crate::infer::InferCheckpoint,
     prompt: &[u32],
     decode_tokens: usize,
-    gatings: &[Gating],
+    gates: &[crate::kernels::Gates],
     dtype: crate::model::DtypeChoice,
     mut log: impl FnMut(&str),
 ) -> Result<InferBench> {
@@ -393,11 +395,14 @@ pub async fn bench_infer(
     let samples = 3;
     let n = ck.cfg.context;
     let decode_tokens = decode_tokens.min(n.saturating_sub(prompt.len())).max(1);
-    let mut engine = Engine::with_dtype(ctx, ck, ck.gate(Some(gatings[0]), None)?, dtype)?;
+    let Some(first) = gates.first() else {
+        return Err(crate::Error::invalid("bench infer", "no gate to measure"));
+    };
+    let mut engine = Engine::with_dtype(ctx, ck, first.clone(), dtype)?;
     let mut results = Vec::new();
-    for &g in gatings {
-        let gate = ck.gate(Some(g), None)?;
-        engine.set_gate(ctx, gate)?;
+    for gates in gates {
+        let gate = gates.gate;
+        engine.set_gate(ctx, gates.clone())?;
         // Warm-up: every pipeline and the prefill pass of this length.
         let out = engine.prefill(ctx, prompt, false).await?;
         engine.decode(ctx, argmax(out.last())?).await?;
@@ -430,8 +435,9 @@ pub async fn bench_infer(
         times.sort_by(f64::total_cmp);
         let decode_s = times[times.len() / 2];
         let f = InferFigure {
-            gating: format!("{g:?}").to_lowercase(),
+            gating: gate.gating.to_string(),
             threshold: gate.threshold,
+            gate: gates.describe(),
             prefill_tps: prompt.len() as f64 / prefill_s,
             decode_tps: decode_tokens as f64 / decode_s,
             gpu_bytes: engine.gpu_bytes(),
@@ -441,8 +447,8 @@ pub async fn bench_infer(
             mean_experts_per_token: used as f64 / routes.max(1) as f64,
         };
         log(&format!(
-            "{}: prefill {:.0} tok/s, decode {:.1} tok/s",
-            f.gating, f.prefill_tps, f.decode_tps
+            "{}: prefill {:.0} tok/s, decode {:.1} tok/s, {:.2} experts per token",
+            f.gate, f.prefill_tps, f.decode_tps, f.mean_experts_per_token
         ));
         results.push(f);
     }

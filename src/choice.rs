@@ -198,9 +198,10 @@ mod tests {
         assert_eq!(Top1.split(), (false, Gating::Top1));
         assert_eq!(Top2.split(), (false, Gating::Top2));
         assert_eq!(Adaptive.split(), (false, Gating::Adaptive));
-        for g in [Dense, Top1, Top2, Adaptive] {
+        assert_eq!(TopK.split(), (false, Gating::TopK));
+        for g in [Dense, Top1, Top2, Adaptive, TopK] {
             let (dense, gating) = g.split();
-            assert_eq!(TrainGating::of(dense, gating), Some(g));
+            assert_eq!(TrainGating::of(dense, gating), g);
         }
     }
 }

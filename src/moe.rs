@@ -450,10 +450,13 @@ impl MoeLayer {
         aux: &AuxConfig,
         split: usize,
     ) -> Result<MoeTrainPlan> {
-        if self.cfg.gate.gating == crate::kernels::Gating::TopK {
+        let g = &self.cfg.gate;
+        if g.gating == crate::kernels::Gating::TopK
+            && g.score != crate::kernels::RouterScore::Softmax
+        {
             return Err(Error::invalid(
                 "moe_layer",
-                "training takes top1, top2 or adaptive gating, not a pretrained model's fixed top-k",
+                "training takes a top-k router with softmax scores, not sigmoid ones",
             ));
         }
         let fwd = self.plan_with(ctx, t, Path::Grouped, true, None)?;
@@ -496,6 +499,7 @@ impl MoeLayer {
             d,
             f,
             raw_single: self.cfg.gate.single_weight == SingleWeight::RawP1,
+            topk: crate::kernels::moe_backward::TopKWeights::of(&self.cfg.gate),
             balance: aux.balance,
             z_loss: aux.z_loss,
             split,

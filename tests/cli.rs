@@ -1115,3 +1115,266 @@ fn a_run_killed_between_the_renames_of_a_save_still_loads() {
     assert!(!dir.join(".checkpoint.old").exists() && !dir.join(".checkpoint.tmp").exists());
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// `--gating topk --max-experts K` trains a fixed top-K router and
+/// `--gating adaptive --max-experts K --rule R` a per-token count of up to
+/// K; the summary gives experts per token, the checkpoint serves with its
+/// rule; flags that do not go together are refused before anything runs.
+#[test]
+fn top_k_and_rule_training_then_eval() {
+    for (args, want) in [
+        (vec!["--gating", "top2", "--rule", "gap"], "--rule"),
+        (
+            vec!["--gating", "top1", "--max-experts", "3"],
+            "--max-experts",
+        ),
+        (vec!["--gating", "topk", "--max-experts", "9"], "k = 9"),
+        (vec!["--gating", "topk", "--max-experts", "5"], "experts"),
+        (vec!["--rule", "fixed", "--max-experts", "3"], "topk"),
+        (vec!["--rule", "mass", "--threshold", "0"], "(0, 1]"),
+    ] {
+        let mut a = vec!["train", "--steps", "1"];
+        a.extend(&args);
+        let out = amoe_toy(&a, &["--out", "/nonexistent/amoe-never-written"]);
+        assert_eq!(out.status.code(), Some(2), "{args:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains(want) && !err.contains("panicked"),
+            "{args:?}: {err}"
+        );
+    }
+    let dir = std::env::temp_dir().join(format!("amoe-cli-topk-{}", std::process::id()));
+    let data = concat!(env!("CARGO_MANIFEST_DIR"), "/web/assets/sonnets.txt");
+    for (gating, want_desc) in [
+        (vec!["--gating", "topk", "--max-experts", "3"], "top-3"),
+        (
+            vec![
+                "--gating",
+                "adaptive",
+                "--max-experts",
+                "3",
+                "--rule",
+                "ratio",
+                "--threshold",
+                "0.6",
+            ],
+            "top-3, ratio rule r = 0.6",
+        ),
+    ] {
+        let _ = std::fs::remove_dir_all(&dir);
+        let mut head = vec!["train", "--backend", "vulkan", "--data", data];
+        head.extend(&gating);
+        let out = amoe_toy(
+            &head,
+            &[
+                "--vocab",
+                "300",
+                "--steps",
+                "3",
+                "--warmup",
+                "1",
+                "--eval-every",
+                "3",
+                "--eval-batches",
+                "1",
+                "--json",
+                "--out",
+                dir.to_str().unwrap(),
+            ],
+        );
+        assert!(
+            out.status.success(),
+            "{gating:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let s: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(s["max_experts"], 3, "{s}");
+        let extra = s["two_expert_fraction"].as_f64().unwrap();
+        if want_desc == "top-3" {
+            assert_eq!(extra, 2.0, "every token takes 3 experts");
+        } else {
+            assert!(
+                extra > 0.0 && extra < 2.0,
+                "the rule varies the count: {extra}"
+            );
+        }
+        let json = dir.join("eval.json");
+        let out = amoe(&[
+            "eval",
+            "--backend",
+            "vulkan",
+            "--checkpoint",
+            dir.to_str().unwrap(),
+            "--data",
+            data,
+            "--max-tokens",
+            "200",
+            "--json",
+            json.to_str().unwrap(),
+        ]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let v: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+        assert_eq!(v["gate"], want_desc);
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// `amoe calibrate` writes per-layer thresholds that `--calibration`
+/// applies (eval measures what the file says); `amoe eval --sweep` gives the
+/// fixed top-1 .. top-k and each rule's points, as JSON and an SVG plot.
+/// Bad files and flags are refused with what is wrong.
+#[test]
+fn calibrate_then_sweep_a_top_k_model() {
+    let fixture = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/hf/qwen3_moe");
+    let dir = std::env::temp_dir().join(format!("amoe_cli_calibrate_{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let cal = dir.join("cal.json");
+    let c = cal.to_str().unwrap();
+    let run = |args: &[&str]| {
+        let out = amoe(args);
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        out
+    };
+    run(&[
+        "calibrate",
+        "--checkpoint",
+        fixture,
+        "--max-tokens",
+        "300",
+        "--rule",
+        "ratio",
+        "--target-experts",
+        "3",
+        "--out",
+        c,
+    ]);
+    let file: serde_json::Value = serde_json::from_slice(&std::fs::read(&cal).unwrap()).unwrap();
+    let layers = file["layers"].as_array().unwrap();
+    assert!(!layers.is_empty());
+    let mean = file["mean_experts"].as_f64().unwrap();
+    assert!(
+        (mean - 3.0).abs() < 0.5,
+        "measured {mean} for a target of 3"
+    );
+    let json = dir.join("eval.json");
+    let j = json.to_str().unwrap();
+    run(&[
+        "eval",
+        "--checkpoint",
+        fixture,
+        "--max-tokens",
+        "300",
+        "--calibration",
+        c,
+        "--json",
+        j,
+    ]);
+    let v: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+    assert!(
+        v["gate"].as_str().unwrap().contains("per-layer thresholds"),
+        "{}",
+        v["gate"]
+    );
+    for (l, e) in layers
+        .iter()
+        .zip(v["experts_per_token"].as_array().unwrap())
+    {
+        let (want, got) = (
+            l["mean_experts"].as_f64().unwrap(),
+            e["mean_experts"].as_f64().unwrap(),
+        );
+        assert!(
+            (want - got).abs() < 1e-9,
+            "the file's {want} vs eval's {got}"
+        );
+    }
+    // A file for another model, a broken file, flags that it overrides.
+    let other = dir.join("other.json");
+    let mut f = file.clone();
+    f["experts"] = 64.into();
+    std::fs::write(&other, f.to_string()).unwrap();
+    let broken = dir.join("broken.json");
+    std::fs::write(&broken, "{\"format\": \"amoe-calibration\"").unwrap();
+    let (o, b) = (other.to_str().unwrap(), broken.to_str().unwrap());
+    for (args, want) in [
+        (vec!["--calibration", o], "64 experts"),
+        (vec!["--calibration", b], "not an amoe calibration file"),
+        (
+            vec!["--calibration", c, "--rule", "gap"],
+            "leave out --rule",
+        ),
+        (vec!["--calibration", "/nonexistent/cal.json"], "cal.json"),
+        (vec!["--sweep", "rule=fixed"], "gap, ratio or mass"),
+        (vec!["--sweep", "rule=most"], "not a rule"),
+        (vec!["--sweep", "gap", "--points", "0"], "--points 0"),
+        (vec!["--plot", "x.svg"], "--sweep"),
+    ] {
+        let mut a = vec!["eval", "--checkpoint", fixture, "--max-tokens", "100"];
+        a.extend(&args);
+        let out = amoe(&a);
+        assert_eq!(out.status.code(), Some(2), "{args:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains(want) && !err.contains("panicked"),
+            "{args:?}: {err}"
+        );
+    }
+    // The demo is not a top-k model.
+    for args in [
+        vec!["eval", "--calibration", c],
+        vec!["eval", "--sweep", "gap"],
+        vec!["calibrate", "--rule", "gap", "--target-experts", "1.5"],
+    ] {
+        let out = amoe(&args);
+        assert_eq!(out.status.code(), Some(2), "{args:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("top-k"), "{args:?}: {err}");
+    }
+    let svg = dir.join("sweep.svg");
+    run(&[
+        "eval",
+        "--checkpoint",
+        fixture,
+        "--max-tokens",
+        "200",
+        "--sweep",
+        "rule=gap,mass",
+        "--points",
+        "2",
+        "--decode-tokens",
+        "2",
+        "--json",
+        j,
+        "--plot",
+        svg.to_str().unwrap(),
+    ]);
+    let v: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+    let fixed = v["fixed"].as_array().unwrap();
+    assert_eq!(fixed.len(), 8);
+    for (j, p) in fixed.iter().enumerate() {
+        assert_eq!(p["mean_experts"].as_f64().unwrap(), (j + 1) as f64);
+        assert!(p["decode_tokens_per_s"].as_f64().unwrap() > 0.0);
+    }
+    let rules = v["rules"].as_array().unwrap();
+    assert_eq!(rules.len(), 4);
+    for p in rules {
+        let m = p["mean_experts"].as_f64().unwrap();
+        assert!(m > 1.0 && m < 8.0, "{p}");
+        assert!(p["perplexity"].as_f64().unwrap().is_finite());
+    }
+    let plot = std::fs::read_to_string(&svg).unwrap();
+    assert!(
+        plot.starts_with("<svg") && plot.contains("gap rule"),
+        "{}",
+        &plot[..100.min(plot.len())]
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}

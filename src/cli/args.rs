@@ -3,13 +3,14 @@
 
 use amoe::choice::Choice;
 use amoe::gpu::AdapterFilter;
+use amoe::infer::calibration::Calibration;
 use amoe::infer::checkpoint::demo_dir;
 use amoe::infer::checkpoint::ExpertCount;
 use amoe::infer::InferCheckpoint;
-use amoe::kernels::{Activation, ExpertRule, GateConfig, Gating};
+use amoe::kernels::{Activation, ExpertRule, GateConfig, Gates, Gating};
 use amoe::model::DtypeChoice;
 use amoe::train::trainer::TrainConfig;
-use amoe::Result;
+use amoe::{Error, Result};
 use clap::builder::{PossibleValue, PossibleValuesParser, TypedValueParser};
 use std::path::PathBuf;
 
@@ -173,6 +174,10 @@ pub struct ModelPick {
     /// The most experts a token takes under --rule (default: the model's k).
     #[arg(long)]
     pub max_experts: Option<usize>,
+    /// Per-layer thresholds of a rule from `amoe calibrate` (a top-k model:
+    /// sets the rule, its thresholds and the most experts per token).
+    #[arg(long, value_name = "FILE")]
+    pub calibration: Option<PathBuf>,
     /// How the matmul weights are stored on the GPU (math is f32 either way).
     #[arg(long, value_parser = choice::<DtypeChoice>(), default_value = "auto")]
     pub dtype: DtypeChoice,
@@ -190,6 +195,39 @@ impl ModelPick {
                 max_experts: self.max_experts,
             },
         )
+    }
+
+    /// `gate`, or with --calibration the file's rule and per-layer
+    /// thresholds on the model's own top-k router.
+    pub fn gates(&self, ck: &InferCheckpoint, gating: Option<Gating>) -> Result<Gates> {
+        let Some(path) = &self.calibration else {
+            return Ok(self.gate(ck, gating)?.into());
+        };
+        if self.rule.is_some() || self.threshold.is_some() || self.max_experts.is_some() {
+            return Err(Error::invalid(
+                "calibration",
+                "--calibration sets the rule, its per-layer thresholds and the most experts per token: leave out --rule, --threshold and --max-experts",
+            ));
+        }
+        if gating.is_some_and(|g| g != Gating::TopK) {
+            return Err(Error::invalid(
+                "calibration",
+                "--calibration applies to the model's own top-k router (--gating topk or no --gating)",
+            ));
+        }
+        let calibration = Calibration::load(path)?;
+        if ck.cfg.gate.gating != Gating::TopK {
+            return Err(Error::invalid(
+                "calibration",
+                format!(
+                    "a calibration chooses among a top-k router's experts; {} is {}",
+                    ck.source,
+                    ck.cfg.gate.describe()
+                ),
+            ));
+        }
+        let base = self.gate(ck, Some(Gating::TopK))?;
+        calibration.gates(&ck.cfg, base, &ck.source)
     }
 
     pub fn load(&self) -> Result<InferCheckpoint> {

@@ -5,7 +5,7 @@ use super::{contexts, with_ctx, write_file};
 use amoe::bench::BenchShape;
 use amoe::gpu::GpuContext;
 use amoe::infer::InferCheckpoint;
-use amoe::kernels::Gating;
+use amoe::kernels::{Gates, Gating};
 use amoe::train::data::{shipped_dir, Corpus, Domain};
 use amoe::{Error, Result};
 use clap::Subcommand;
@@ -157,18 +157,33 @@ fn bench_infer(ctx: &GpuContext, args: &BenchInferArgs) -> Result<String> {
         ));
     }
     ids.truncate(p);
-    let gatings = match args.model.gating {
-        Some(g) => vec![g],
-        // A pretrained model: its own top-k, and top-1 for comparison.
-        None if ck.cfg.gate.gating == Gating::TopK => vec![Gating::TopK, Gating::Top1],
-        None => vec![Gating::Top1, Gating::Top2, Gating::Adaptive],
-    };
+    let m = &args.model;
+    let gates: Vec<Gates> =
+        if m.calibration.is_some() || m.rule.is_some() || m.max_experts.is_some() {
+            // A per-token rule: against the model's fixed top-k.
+            let fixed = amoe::kernels::GateConfig {
+                rule: amoe::kernels::ExpertRule::Fixed,
+                ..ck.gate(Some(Gating::TopK), None)?
+            };
+            vec![fixed.into(), m.gates(&ck, m.gating)?]
+        } else {
+            let gatings = match m.gating {
+                Some(g) => vec![g],
+                // A pretrained model: its own top-k, and top-1 for comparison.
+                None if ck.cfg.gate.gating == Gating::TopK => vec![Gating::TopK, Gating::Top1],
+                None => vec![Gating::Top1, Gating::Top2, Gating::Adaptive],
+            };
+            gatings
+                .into_iter()
+                .map(|g| ck.gate(Some(g), None).map(Gates::from))
+                .collect::<Result<_>>()?
+        };
     let r = pollster::block_on(amoe::bench::bench_infer(
         ctx,
         &ck,
         &ids,
         args.decode_tokens,
-        &gatings,
+        &gates,
         args.model.dtype,
         |m| eprintln!("   {m}"),
     ))?;

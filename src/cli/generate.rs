@@ -144,9 +144,10 @@ fn generate(ctx: &GpuContext, args: &GenerateArgs) -> Result<()> {
         ));
     }
     let ck = args.model.load()?;
-    let gate = args.model.gate(&ck, args.model.gating)?;
+    let gates = args.model.gates(&ck, args.model.gating)?;
+    let gate = gates.gate;
     let prompt_ids = ck.tokenizer.encode(&args.prompt)?;
-    let mut engine = Engine::with_dtype(ctx, &ck, gate, args.model.dtype)?;
+    let mut engine = Engine::with_dtype(ctx, &ck, gates, args.model.dtype)?;
     let cfg = GenConfig {
         max_tokens: args.max_tokens,
         sampling,

@@ -62,7 +62,7 @@ struct Info {
 
 pub fn run(adapter: &AdapterArgs, args: &InfoArgs) -> Result<ExitCode> {
     let ck = args.model.load()?;
-    let gate = args.model.gate(&ck, args.model.gating)?;
+    let gate = args.model.gates(&ck, args.model.gating)?.gate;
     let cfg = &ck.cfg;
     let (min_k, max_k) = (gate.min_k(), gate.max_k());
     let ctx = context(adapter)?;

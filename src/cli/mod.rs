@@ -15,6 +15,7 @@ macro_rules! outln {
 
 mod args;
 mod bench;
+mod calibrate;
 mod conformance;
 mod devices;
 mod eval;
@@ -95,6 +96,15 @@ enum Command {
         #[command(flatten)]
         args: Box<eval::EvalArgs>,
     },
+    /// Per-layer thresholds of a per-token expert rule (--rule gap, ratio or
+    /// mass) for a top-k model, so that the mean experts per token over a
+    /// text is --target-experts; written as JSON for --calibration.
+    Calibrate {
+        #[command(flatten)]
+        adapter: AdapterArgs,
+        #[command(flatten)]
+        args: Box<calibrate::CalibrateArgs>,
+    },
     /// What a checkpoint is (architecture, parameters in total and active per
     /// token) and what it takes on the chosen adapter, before loading it there.
     Info {
@@ -127,6 +137,7 @@ pub fn main() -> ExitCode {
         Command::Generate { adapter, args } => generate::run(&adapter, &args),
         Command::Routes { adapter, args } => routes::run(&adapter, &args),
         Command::Eval { adapter, args } => eval::run(&adapter, &args),
+        Command::Calibrate { adapter, args } => calibrate::run(&adapter, &args),
         Command::Info { adapter, args } => info::run(&adapter, &args),
         Command::Export { args } => export::run(&args),
         Command::Bench { what } => bench::run(what),

@@ -84,7 +84,11 @@ fn reproduce(ctx: &GpuContext, a: &ReproduceArgs) -> Result<amoe::train::reprodu
         {
             bar.set_style(style);
         }
-        Box::new(Bar { bar, val: None })
+        Box::new(Bar {
+            bar,
+            val: None,
+            max_experts: 2,
+        })
     };
     let report = pollster::block_on(reproduce(ctx, &rc, &mut make, &stop))?;
     outln!("{}", table(&report))?;

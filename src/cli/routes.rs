@@ -42,7 +42,12 @@ fn routes(ctx: &GpuContext, args: &RoutesArgs) -> Result<()> {
     // Default rule: the one the model was trained with (top-1 routes
     // every token to one expert, which would show nothing).
     let gating = args.model.gating.unwrap_or(ck.cfg.gate.gating);
-    let gate = args.model.gate(&ck, Some(gating))?;
+    let gating = if args.model.calibration.is_some() {
+        args.model.gating
+    } else {
+        Some(gating)
+    };
+    let gate = args.model.gates(&ck, gating)?;
     let ids = text_ids(&ck.tokenizer, args.data.as_deref(), args.max_tokens)?;
     let mut engine = Engine::with_dtype(ctx, &ck, gate, args.model.dtype)?;
     let quiet = args.json || !std::io::stderr().is_terminal();

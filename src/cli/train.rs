@@ -3,7 +3,7 @@
 use super::args::{choice, on_off, AdapterArgs, ModelArgs};
 use super::context;
 use amoe::gpu::GpuContext;
-use amoe::kernels::{GapMode, Gating, SingleWeight};
+use amoe::kernels::{ExpertRule, GapMode, GateConfig, Gating, SingleWeight};
 use amoe::train::data::Domain;
 use amoe::train::trainer::{
     interrupt_flag, DataSource, Metric, Progress, Run, RunSummary, TrainConfig,
@@ -31,9 +31,20 @@ pub struct TrainArgs {
     /// Weight of a token routed to one expert.
     #[arg(long, value_parser = choice::<SingleWeight>(), default_value = "raw")]
     pub weight: SingleWeight,
-    /// Gating rule at validation (the paper evaluates with top-1).
-    #[arg(long, value_parser = choice::<Gating>(), default_value = "top1")]
-    pub eval_gating: Gating,
+    /// Experts a token may take: adaptive's cap (2: the paper's rule;
+    /// more: the top-k router's gap rule, or --rule's, over that many), or
+    /// topk's k (default 2).
+    #[arg(long, value_name = "K")]
+    pub max_experts: Option<usize>,
+    /// Adaptive with a cap: which rule decides how many of the ranked
+    /// experts a token takes (gap: p(i-1) - p(i) <= T; ratio: p(i) / p1 >= T;
+    /// mass: the experts taken hold less than T of the probability).
+    #[arg(long, value_parser = choice::<ExpertRule>())]
+    pub rule: Option<ExpertRule>,
+    /// Gating rule at validation (default: top1 as in the paper; a top-k
+    /// router its own rule).
+    #[arg(long, value_parser = choice::<Gating>())]
+    pub eval_gating: Option<Gating>,
     /// Order each epoch's sequences by their two-expert complexity (adaptive only).
     #[arg(long, value_parser = on_off(), action = clap::ArgAction::Set, default_value = "on")]
     pub curriculum: bool,
@@ -90,6 +101,51 @@ pub struct TrainArgs {
 }
 
 impl TrainArgs {
+    /// `--max-experts` and `--rule`: a top-k router for `--gating topk`,
+    /// or for adaptive gating past the paper's two experts or under another
+    /// rule (renormalized over the experts taken; a lone expert weighs 1).
+    /// Adaptive with K = 2 and the gap rule stays the paper's gating.
+    fn top_k(&self, gate: &mut GateConfig) -> Result<()> {
+        let adaptive = self.gating == TrainGating::Adaptive;
+        if !adaptive && self.rule.is_some() {
+            return Err(Error::invalid(
+                "rule",
+                format!("--rule decides a per-token expert count: it goes with --gating adaptive, not {}", self.gating),
+            ));
+        }
+        if !adaptive && self.gating != TrainGating::TopK && self.max_experts.is_some() {
+            return Err(Error::invalid(
+                "max-experts",
+                format!(
+                    "--max-experts goes with --gating adaptive or topk, not {}",
+                    self.gating
+                ),
+            ));
+        }
+        let k = self.max_experts.unwrap_or(2);
+        let rule = match self.gating {
+            TrainGating::TopK => ExpertRule::Fixed,
+            _ => self.rule.unwrap_or(ExpertRule::Gap),
+        };
+        if adaptive && rule == ExpertRule::Fixed {
+            return Err(Error::invalid(
+                "rule",
+                "--rule fixed takes every expert: that is --gating topk --max-experts K",
+            ));
+        }
+        let paper = adaptive && k == 2 && rule == ExpertRule::Gap;
+        if paper || !(adaptive || self.gating == TrainGating::TopK) {
+            return Ok(());
+        }
+        *gate = GateConfig {
+            rule,
+            threshold: gate.threshold,
+            gap: gate.gap,
+            ..GateConfig::top_k(k, true, amoe::kernels::RouterScore::Softmax)
+        };
+        Ok(())
+    }
+
     pub fn config(&self) -> Result<TrainConfig> {
         let mut c = TrainConfig::default();
         let m = &mut c.model;
@@ -97,6 +153,7 @@ impl TrainArgs {
         m.gate.threshold = self.threshold;
         m.gate.gap = self.gap;
         m.gate.single_weight = self.weight;
+        self.top_k(&mut m.gate)?;
         m.aux.balance = self.balance;
         m.aux.z_loss = self.z_loss;
         m.capacity_factor = self.capacity_factor;
@@ -120,7 +177,10 @@ impl TrainArgs {
             c.opt.clip = (clip != 0.0).then_some(clip);
         }
         c.target_loss = self.target_loss;
-        c.eval_gating = self.eval_gating;
+        c.eval_gating = self.eval_gating.unwrap_or(match c.model.gate.gating {
+            Gating::TopK => Gating::TopK,
+            _ => Gating::Top1,
+        });
         c.curriculum = self.curriculum;
         c.data = match &self.data {
             Some(p) => DataSource::Path(p.clone()),
@@ -139,6 +199,18 @@ impl TrainArgs {
 pub(super) struct Bar {
     pub(super) bar: ProgressBar,
     pub(super) val: Option<f32>,
+    /// The gate's K: past 2, the bar shows experts per token.
+    pub(super) max_experts: usize,
+}
+
+/// The run's expert use in words: the two-expert fraction of top-2 and
+/// adaptive gating, or the mean experts per token of a wider router.
+fn experts_in_words(extra: f32, max_experts: usize) -> String {
+    if max_experts > 2 {
+        format!("{:.2} experts per token", 1.0 + extra)
+    } else {
+        format!("two-expert fraction {:.1}%", 100.0 * extra)
+    }
 }
 
 impl Progress for Bar {
@@ -154,7 +226,11 @@ impl Progress for Bar {
             m.tokens_per_s.unwrap_or(0.0)
         );
         if let Some(f) = m.two_expert_fraction {
-            msg.push_str(&format!("  2-expert {:.0}%", 100.0 * f));
+            if self.max_experts > 2 {
+                msg.push_str(&format!("  experts/token {:.2}", 1.0 + f));
+            } else {
+                msg.push_str(&format!("  2-expert {:.0}%", 100.0 * f));
+            }
         }
         if let Some(i) = m.expert_imbalance {
             msg.push_str(&format!("  load max/mean {i:.2}"));
@@ -343,7 +419,7 @@ pub fn run(adapter: &AdapterArgs, args: &TrainArgs) -> Result<ExitCode> {
         outln!("{}", serde_json::to_string_pretty(&s)?)?;
     } else {
         outln!(
-            "{} steps in {:.1} s ({:.3} s/step), final train loss {:.4}, validation loss {}, two-expert fraction {:.1}%{}",
+            "{} steps in {:.1} s ({:.3} s/step), final train loss {:.4}, validation loss {}, {}{}",
             s.steps,
             s.wall_s,
             s.mean_step_s,
@@ -351,7 +427,7 @@ pub fn run(adapter: &AdapterArgs, args: &TrainArgs) -> Result<ExitCode> {
             s.val_loss
                 .map(|v| format!("{v:.4} (perplexity {:.2})", v.exp()))
                 .unwrap_or_else(|| "n/a".into()),
-            100.0 * s.two_expert_fraction,
+            experts_in_words(s.two_expert_fraction, s.max_experts),
             if s.interrupted { ", interrupted" } else { "" }
         )?;
         outln!(
@@ -418,8 +494,10 @@ fn train(ctx: &GpuContext, args: &TrainArgs) -> Result<RunSummary> {
         c.model.d,
         c.model.experts,
         c.model.ffn,
-        TrainGating::of(c.model.dense, c.model.gate.gating)
-            .map_or_else(|| c.model.gate.gating.to_string(), |g| g.to_string()),
+        match c.model.gate.gating {
+            Gating::TopK if !c.model.dense => c.model.gate.describe(),
+            _ => TrainGating::of(c.model.dense, c.model.gate.gating).to_string(),
+        },
         if c.model.gate.gating == Gating::Adaptive && !c.model.dense {
             format!(" (threshold {}, curriculum {})", c.model.gate.threshold, if c.curriculum { "on" } else { "off" })
         } else {
@@ -458,7 +536,12 @@ fn train(ctx: &GpuContext, args: &TrainArgs) -> Result<RunSummary> {
         )
         .map_err(|e| Error::invalid("train", e.to_string()))?,
     );
-    let mut progress = Bar { bar, val: None };
+    let max_experts = run.cfg.model.gate.max_k();
+    let mut progress = Bar {
+        bar,
+        val: None,
+        max_experts,
+    };
     let summary = pollster::block_on(run.train(ctx, &mut progress, &stop))?;
     Ok(summary)
 }

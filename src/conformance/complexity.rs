@@ -7,6 +7,7 @@ use super::{bad_inputs_result, expect_error, is_shape, submit_pass, CheckResult}
 use crate::error::Result;
 use crate::gpu::{GpuContext, Tensor};
 use crate::kernels::complexity::{ComplexitySpec, SequenceComplexity};
+use crate::kernels::UNUSED;
 use crate::reference::complexity::sequence_complexity;
 use crate::tol::compare_exact;
 
@@ -52,6 +53,8 @@ pub fn cases() -> Vec<Case> {
         c(16, 128, 2, 4, 3),
         c(70, 33, 2, 3, 4),
         c(8, 32, 1, 2, 5),
+        c(6, 40, 8, 2, 6),
+        c(3, 17, 5, 1, 7),
         Case::BadInputs,
     ]
 }
@@ -76,7 +79,20 @@ pub async fn run(ctx: &GpuContext, case: &Case) -> Result<CheckResult> {
     for col in 0..cols {
         // A different share of two-expert tokens in every layer.
         let two_pct = [20, 50, 90, 5][col % 4];
-        let host = make_ids(t, k, 8, Ids::Adaptive { two_pct }, seed + col as u64);
+        let host = if k > 2 {
+            // A top-k rule's prefix of 1..=k experts per token.
+            let mut rng = crate::util::Rng::new(seed + col as u64);
+            let mut v = vec![UNUSED; t * k];
+            for tok in 0..t {
+                let c = 1 + rng.below(k);
+                for j in 0..c {
+                    v[tok * k + j] = rng.below(16) as u32;
+                }
+            }
+            v
+        } else {
+            make_ids(t, k, 8, Ids::Adaptive { two_pct }, seed + col as u64)
+        };
         for (s, v) in sequence_complexity(&host, b, n, k).into_iter().enumerate() {
             want[s * cols + col] = v;
         }
@@ -110,7 +126,7 @@ fn bad_inputs(ctx: &GpuContext, kernel: &str, case: &str) -> CheckResult {
         checks.push(expect_error(ctx, what, r, is_shape));
     };
     try_new("T = 10 for B = 3", 3, &[10, 2], &[3, 1], 0);
-    try_new("K = 3", 2, &[8, 3], &[2, 1], 0);
+    try_new("K = 9", 2, &[8, 9], &[2, 1], 0);
     try_new("column 2 of 2", 2, &[8, 2], &[2, 2], 2);
     try_new("complexity [B + 1, cols]", 2, &[8, 2], &[3, 2], 0);
     bad_inputs_result(kernel, case, checks)

@@ -8,7 +8,7 @@
 use super::CheckResult;
 use crate::error::Result;
 use crate::gpu::GpuContext;
-use crate::kernels::{Activation, AuxConfig, GateConfig, Gating};
+use crate::kernels::{Activation, AuxConfig, ExpertRule, GateConfig, Gating, RouterScore};
 use crate::moe::{MoeConfig, MoeLayer, MoeWeights};
 use crate::reference::moe_backward::compose;
 use crate::tol::{compare_exact, Tol};
@@ -17,6 +17,8 @@ use crate::util::Rng;
 #[derive(Clone, Debug)]
 pub struct Case {
     pub gating: Gating,
+    /// `Gating::TopK`: (k, renormalized, rule, its parameter).
+    pub topk: Option<(usize, bool, ExpertRule, f32)>,
     pub t: usize,
     pub split: usize,
     /// Capacity factor of the training plan (None: dropless).
@@ -26,12 +28,37 @@ pub struct Case {
 }
 
 impl Case {
+    fn gate(&self) -> GateConfig {
+        match self.topk {
+            Some((k, renorm, rule, threshold)) => GateConfig {
+                rule,
+                threshold,
+                ..GateConfig::top_k(k, renorm, RouterScore::Softmax)
+            },
+            None => GateConfig {
+                threshold: 0.4,
+                ..GateConfig::new(self.gating)
+            },
+        }
+    }
+
     pub fn names(&self) -> (String, String) {
         (
             "moe_layer_backward".into(),
             format!(
                 "{}{} T={} D=24 F=40 E=6 split-K {}{}",
-                self.gating.name(),
+                match self.topk {
+                    Some(_) => format!(
+                        "{}{}",
+                        self.gate().describe(),
+                        if self.gate().renorm {
+                            " renorm"
+                        } else {
+                            " raw"
+                        }
+                    ),
+                    None => self.gating.name().to_string(),
+                },
                 if self.activation == Activation::SwiGlu {
                     " swiglu"
                 } else {
@@ -51,6 +78,7 @@ impl Case {
 pub fn cases() -> Vec<Case> {
     let c = |gating, t, split, seed| Case {
         gating,
+        topk: None,
         t,
         split,
         capacity_factor: None,
@@ -59,14 +87,25 @@ pub fn cases() -> Vec<Case> {
     };
     let cap = |gating, t, split, factor, seed| Case {
         gating,
+        topk: None,
         t,
         split,
         capacity_factor: Some(factor),
         activation: Activation::Gelu,
         seed,
     };
+    let topk = |k, renorm, rule, threshold, capacity_factor, seed| Case {
+        gating: Gating::TopK,
+        topk: Some((k, renorm, rule, threshold)),
+        t: 70,
+        split: 2,
+        capacity_factor,
+        activation: Activation::SwiGlu,
+        seed,
+    };
     let swiglu = |gating, t, split, capacity_factor, seed| Case {
         gating,
+        topk: None,
         t,
         split,
         capacity_factor,
@@ -87,6 +126,12 @@ pub fn cases() -> Vec<Case> {
         swiglu(Gating::Top1, 50, 1, None, 9),
         swiglu(Gating::Adaptive, 130, 3, None, 10),
         swiglu(Gating::Top2, 50, 2, Some(0.75), 11),
+        // Top-k routers (training `--gating topk` and `--max-experts K`):
+        // every slot, a rule that takes 1..k, raw weights, dropped slots.
+        topk(5, true, ExpertRule::Fixed, 0.0, None, 12),
+        topk(4, false, ExpertRule::Fixed, 0.0, None, 13),
+        topk(6, true, ExpertRule::Gap, 0.1, None, 14),
+        topk(4, true, ExpertRule::Mass, 0.7, Some(0.8), 15),
     ]
 }
 
@@ -98,10 +143,7 @@ pub async fn run(ctx: &GpuContext, case: &Case) -> Result<CheckResult> {
         f: 40,
         e: 6,
         activation: case.activation,
-        gate: GateConfig {
-            threshold: 0.4,
-            ..GateConfig::new(case.gating)
-        },
+        gate: case.gate(),
         capacity_factor: case.capacity_factor,
     };
     let w = MoeWeights::random(&cfg, case.seed);

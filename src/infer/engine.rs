@@ -21,7 +21,7 @@ use crate::infer::checkpoint::InferCheckpoint;
 use crate::infer::sampling::{Sampler, Sampling};
 use crate::kernels::embedding::check_ids;
 use crate::kernels::kv_cache::{check_span, KvCache, KvStep};
-use crate::kernels::{GateConfig, UNUSED};
+use crate::kernels::{GateConfig, Gates, UNUSED};
 use crate::model::graph::{Graph, KvRefs, Mode};
 use crate::model::{DtypeChoice, Model, ModelConfig};
 use crate::moe::MoeLayer;
@@ -312,7 +312,10 @@ impl EngineState {
 /// length, the readback and sampling.
 pub struct Engine {
     pub cfg: ModelConfig,
+    /// The MoE layers' rule (the first MoE layer's, with per-layer thresholds).
     pub gate: GateConfig,
+    /// With its per-layer thresholds, if any.
+    pub gates: Gates,
     state: EngineState,
     decode: Pass,
     /// Prefill passes by length, most recent last.
@@ -332,7 +335,7 @@ const PREFILL_KEEP: usize = 4;
 impl Engine {
     /// Upload `ck` (weights stored as `--dtype auto` picks) and build the
     /// decode pass under `gate`.
-    pub fn new(ctx: &GpuContext, ck: &InferCheckpoint, gate: GateConfig) -> Result<Engine> {
+    pub fn new(ctx: &GpuContext, ck: &InferCheckpoint, gate: impl Into<Gates>) -> Result<Engine> {
         Self::with_dtype(ctx, ck, gate, DtypeChoice::Auto)
     }
 
@@ -340,19 +343,21 @@ impl Engine {
     pub fn with_dtype(
         ctx: &GpuContext,
         ck: &InferCheckpoint,
-        gate: GateConfig,
+        gate: impl Into<Gates>,
         dtype: DtypeChoice,
     ) -> Result<Engine> {
+        let gates: Gates = gate.into();
         let cfg = ck.cfg.clone();
         let model = Model::with_dtype(ctx, &cfg, &ck.weights, ck.weights.resolve_dtype(dtype))?;
         let caches = (0..cfg.layers)
             .map(|_| KvCache::new(ctx, cfg.kv_heads(), cfg.context, cfg.head_dim()))
             .collect::<Result<Vec<_>>>()?;
         let step = KvStep::new(ctx, cfg.context)?;
-        if !cfg.moe_layers().is_empty() {
-            gate.validate(cfg.experts)?;
+        let moe_layers = cfg.moe_layers().len();
+        if moe_layers > 0 {
+            gates.validate(cfg.experts, moe_layers)?;
         }
-        let layers = model.ffn_with_gate(Some(gate));
+        let layers = model.ffn_with_gate(Some(&gates));
         let state = EngineState {
             model,
             layers,
@@ -362,7 +367,8 @@ impl Engine {
         let decode = Pass::new(ctx, &state, 1, false)?;
         Ok(Engine {
             cfg,
-            gate,
+            gate: gates.layer(0),
+            gates,
             state,
             decode,
             prefill: Vec::new(),
@@ -372,16 +378,24 @@ impl Engine {
     }
 
     /// Switch the MoE layers' rule (same weights); the cache is reset.
-    pub fn set_gate(&mut self, ctx: &GpuContext, gate: GateConfig) -> Result<()> {
-        if !self.cfg.moe_layers().is_empty() {
-            gate.validate(self.cfg.experts)?;
+    pub fn set_gate(&mut self, ctx: &GpuContext, gate: impl Into<Gates>) -> Result<()> {
+        let gates: Gates = gate.into();
+        let moe_layers = self.cfg.moe_layers().len();
+        if moe_layers > 0 {
+            gates.validate(self.cfg.experts, moe_layers)?;
         }
-        self.state.layers = self.state.model.ffn_with_gate(Some(gate));
-        self.gate = gate;
+        self.state.layers = self.state.model.ffn_with_gate(Some(&gates));
+        self.gate = gates.layer(0);
+        self.gates = gates;
         self.prefill.clear();
         self.decode = Pass::new(ctx, &self.state, 1, false)?;
         self.pos = 0;
         Ok(())
+    }
+
+    /// The model on the GPU (for a batched evaluation with the same weights).
+    pub fn model(&self) -> &Model {
+        &self.state.model
     }
 
     /// How the matmul weights are stored on the GPU.

@@ -12,7 +12,7 @@
 
 use crate::error::{Error, Result};
 use crate::gpu::GpuContext;
-use crate::kernels::{GateConfig, UNUSED};
+use crate::kernels::{Gates, UNUSED};
 use crate::model::{EvalStep, Model};
 use crate::util::Stopwatch;
 use serde::Serialize;
@@ -103,26 +103,79 @@ pub struct EvalReport {
 pub async fn evaluate(
     ctx: &GpuContext,
     model: &Model,
-    gate: GateConfig,
+    gate: impl Into<Gates>,
     ids: &[u32],
     cfg: EvalConfig,
     progress: &mut dyn FnMut(usize, usize),
 ) -> Result<EvalReport> {
+    Ok(
+        evaluate_with(ctx, model, gate.into(), ids, cfg, 0, progress)
+            .await?
+            .0,
+    )
+}
+
+/// Every scored token's `k` highest router scores, per MoE layer, ranked.
+#[derive(Clone, Debug, PartialEq)]
+pub struct RankedScores {
+    /// Scores kept per token.
+    pub k: usize,
+    /// Per MoE layer (transformer layer index, scores [tokens, k], each
+    /// row descending).
+    pub layers: Vec<(usize, Vec<f32>)>,
+}
+
+/// `evaluate`, also keeping each scored token's `k` highest router scores
+/// per MoE layer (the statistics that thresholds are chosen from).
+pub async fn evaluate_ranked(
+    ctx: &GpuContext,
+    model: &Model,
+    gate: impl Into<Gates>,
+    ids: &[u32],
+    cfg: EvalConfig,
+    k: usize,
+    progress: &mut dyn FnMut(usize, usize),
+) -> Result<(EvalReport, RankedScores)> {
+    if k == 0 || k > model.cfg.experts {
+        return Err(Error::invalid(
+            "eval",
+            format!("{k} ranked scores of {} experts", model.cfg.experts),
+        ));
+    }
+    evaluate_with(ctx, model, gate.into(), ids, cfg, k, progress).await
+}
+
+/// `k` = 0: no scores.
+async fn evaluate_with(
+    ctx: &GpuContext,
+    model: &Model,
+    gate: Gates,
+    ids: &[u32],
+    cfg: EvalConfig,
+    k: usize,
+    progress: &mut dyn FnMut(usize, usize),
+) -> Result<(EvalReport, RankedScores)> {
     let n = model.cfg.context;
     let wins = windows(ids, n, cfg.stride)?;
     if cfg.batch == 0 {
         return Err(Error::invalid("eval", "batch of 0 windows"));
     }
-    if !model.cfg.moe_layers().is_empty() {
-        gate.validate(model.cfg.experts)?;
+    let moe_layers = model.cfg.moe_layers().len();
+    if moe_layers > 0 {
+        gate.validate(model.cfg.experts, moe_layers)?;
     }
     // Heads wider than the flash kernel takes: one window at a time
     // (the model graph attends over a scratch cache).
     let wide = !crate::kernels::attention::supports_head_dim(model.cfg.head_dim());
     let b = if wide { 1 } else { cfg.batch.min(wins.len()) };
-    let step = EvalStep::new(ctx, model, b, gate)?;
+    let step = EvalStep::with_scores(ctx, model, b, gate, k > 0)?;
     let moe = model.cfg.moe_layers();
     let mut experts = vec![0u64; moe.len()];
+    let mut ranked = RankedScores {
+        k,
+        layers: moe.iter().map(|&l| (l, Vec::new())).collect(),
+    };
+    let e = model.cfg.experts;
     let (mut sum, mut count, mut scored) = (0.0f64, 0.0f64, 0usize);
     let clock = Stopwatch::start();
     for (i, chunk) in wins.chunks(b).enumerate() {
@@ -147,6 +200,13 @@ pub async fn evaluate(
                     .count() as u64;
             }
         }
+        for ((_, out), probs) in ranked.layers.iter_mut().zip(&out.scores) {
+            for (row, _) in targets.iter().enumerate().filter(|(_, &t)| t != UNUSED) {
+                let mut p = probs[row * e..(row + 1) * e].to_vec();
+                p.sort_by(|a, b| b.total_cmp(a));
+                out.extend_from_slice(&p[..k]);
+            }
+        }
         scored += targets.iter().filter(|&&t| t != UNUSED).count();
         progress(((i + 1) * b).min(wins.len()), wins.len());
     }
@@ -158,7 +218,7 @@ pub async fn evaluate(
             msg: format!("mean loss {loss} over {scored} tokens"),
         });
     }
-    Ok(EvalReport {
+    let report = EvalReport {
         tokens: ids.len(),
         scored,
         windows: wins.len(),
@@ -175,7 +235,8 @@ pub async fn evaluate(
                 mean_experts: e as f64 / scored.max(1) as f64,
             })
             .collect(),
-    })
+    };
+    Ok((report, ranked))
 }
 
 #[cfg(test)]

@@ -10,12 +10,14 @@
 //! A decode step is one encoder and one submit; what comes back is one row
 //! of logits and each MoE layer's experts and weights for the token.
 
+pub mod calibration;
 pub mod checkpoint;
 pub mod engine;
 pub mod eval;
 pub mod reference;
 pub mod routes;
 pub mod sampling;
+pub mod sweep;
 
 pub use checkpoint::InferCheckpoint;
 pub use engine::{Engine, GenConfig, GenToken, Generation, LayerRoute, StepOut, StopReason};

@@ -214,6 +214,11 @@ impl GateConfig {
         }
     }
 
+    /// The rule with another parameter (a per-layer threshold).
+    pub fn with_threshold(&self, threshold: f32) -> GateConfig {
+        GateConfig { threshold, ..*self }
+    }
+
     /// K: the most experts a token can use (the slots per token).
     pub fn max_k(&self) -> usize {
         match self.gating {
@@ -384,5 +389,64 @@ impl RoutingLayout {
     }
     pub fn is_empty(&self) -> bool {
         false
+    }
+}
+
+/// The MoE layers' rule: one gate, with optionally its threshold per MoE
+/// layer (a calibration's, in the order of the model's MoE layers).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Gates {
+    pub gate: GateConfig,
+    pub thresholds: Option<Vec<f32>>,
+}
+
+impl From<GateConfig> for Gates {
+    fn from(gate: GateConfig) -> Self {
+        Gates {
+            gate,
+            thresholds: None,
+        }
+    }
+}
+
+impl Gates {
+    /// The gate of MoE layer `i` (0 = the first MoE layer).
+    pub fn layer(&self, i: usize) -> GateConfig {
+        match self.thresholds.as_deref() {
+            Some(t) if !t.is_empty() => self.gate.with_threshold(t[i.min(t.len() - 1)]),
+            _ => self.gate,
+        }
+    }
+
+    /// Check every layer's gate against `e` experts and the thresholds
+    /// against the `moe_layers` MoE layers.
+    pub fn validate(&self, e: usize, moe_layers: usize) -> Result<()> {
+        if let Some(t) = &self.thresholds {
+            if t.len() != moe_layers {
+                return Err(Error::invalid(
+                    "gate",
+                    format!(
+                        "{} per-layer thresholds for a model with {moe_layers} MoE layers",
+                        t.len()
+                    ),
+                ));
+            }
+        }
+        (0..moe_layers.max(1)).try_for_each(|i| self.layer(i).validate(e))
+    }
+
+    /// The rule in words; per-layer thresholds listed.
+    pub fn describe(&self) -> String {
+        match &self.thresholds {
+            Some(t) => {
+                let list: Vec<String> = t.iter().map(|x| format!("{x:.4}")).collect();
+                let rule = match self.gate.gating {
+                    Gating::TopK => format!("top-{}, {} rule", self.gate.k, self.gate.rule),
+                    g => g.to_string(),
+                };
+                format!("{rule}, per-layer thresholds [{}]", list.join(", "))
+            }
+            None => self.gate.describe(),
+        }
     }
 }

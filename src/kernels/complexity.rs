@@ -66,7 +66,7 @@ pub struct SequenceComplexity {
 }
 
 impl SequenceComplexity {
-    /// `topk_ids [B N, K]` (K 1 or 2) of `b` sequences into column `col` of
+    /// `topk_ids [B N, K]` (K 1..=8) of `b` sequences into column `col` of
     /// `complexity [B, cols]`.
     pub fn new(
         ctx: &GpuContext,
@@ -84,10 +84,10 @@ impl SequenceComplexity {
             ));
         }
         let (t, k) = (topk_ids.shape[0], topk_ids.shape[1]);
-        if t == 0 || !t.is_multiple_of(b) || !(1..=2).contains(&k) {
+        if t == 0 || !t.is_multiple_of(b) || !(1..=crate::kernels::MAX_TOPK).contains(&k) {
             return Err(Error::shape(
                 op,
-                format!("topk_ids [{b} N, 1 or 2]"),
+                format!("topk_ids [{b} N, 1..={}]", crate::kernels::MAX_TOPK),
                 format!("{:?}", topk_ids.shape),
             ));
         }

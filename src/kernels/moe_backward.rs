@@ -228,6 +228,10 @@ gpu_params! {
         pub balance: f32,
         pub z_loss: f32,
         pub padded_rows_word: u32,
+        pub topk: u32,
+        pub _pad0: u32,
+        pub _pad1: u32,
+        pub _pad2: u32,
     }
 }
 
@@ -263,6 +267,34 @@ pub fn params_layouts() -> Vec<ParamsLayout> {
     v
 }
 
+/// A top-k router's combine weights, for its gradient: renormalized over
+/// the experts a token takes, or the raw scores.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TopKWeights {
+    Renorm,
+    Raw,
+}
+
+impl TopKWeights {
+    /// The gate's rule as the backward sees it.
+    pub fn of(gate: &crate::kernels::GateConfig) -> Option<TopKWeights> {
+        (gate.gating == crate::kernels::Gating::TopK).then_some(if gate.renorm {
+            TopKWeights::Renorm
+        } else {
+            TopKWeights::Raw
+        })
+    }
+
+    /// `MoeBackParams::topk`.
+    pub fn code(w: Option<TopKWeights>) -> u32 {
+        match w {
+            None => 0,
+            Some(TopKWeights::Renorm) => 1,
+            Some(TopKWeights::Raw) => 2,
+        }
+    }
+}
+
 /// Shape and rule of one layer's backward.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct MoeBackwardShape {
@@ -271,6 +303,9 @@ pub struct MoeBackwardShape {
     pub f: usize,
     /// A one-expert token's weight is the raw p1 (it carries a gradient).
     pub raw_single: bool,
+    /// How a top-k router's weights depend on its scores (`None`: top-1,
+    /// top-2 or adaptive gating).
+    pub topk: Option<TopKWeights>,
     /// Load-balancing coefficient (0.01).
     pub balance: f32,
     /// Router z-loss coefficient (0 = off).
@@ -485,6 +520,10 @@ impl MoeBackward {
                 balance: shape.balance,
                 z_loss: shape.z_loss,
                 padded_rows_word: RoutingLayout::PADDED_ROWS as u32,
+                topk: TopKWeights::code(shape.topk),
+                _pad0: 0,
+                _pad1: 0,
+                _pad2: 0,
             };
             (uniform(ctx, &p), grid)
         };

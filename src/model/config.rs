@@ -419,8 +419,9 @@ impl ModelConfig {
 
     /// Refuse what the training step does not take yet. It takes learned
     /// or rotary positions, GQA, any head width of up to 64, sliding
-    /// windows and score scales; not q/k/v biases, QK-norm, a tied head,
-    /// a shared expert, per-layer FFN kinds, multipliers or a fixed top-k.
+    /// windows, score scales and softmax top-k routers; not q/k/v biases,
+    /// QK-norm, a tied head, a shared expert, per-layer FFN kinds,
+    /// multipliers or sigmoid router scores.
     pub fn check_trainable(&self) -> Result<()> {
         let mut not = Vec::new();
         if self.qkv_bias || self.qk_norm != QkNorm::None {
@@ -443,8 +444,8 @@ impl ModelConfig {
         {
             not.push("embedding, residual or logit multipliers");
         }
-        if self.gate.gating == Gating::TopK {
-            not.push("a fixed top-k router");
+        if self.gate.gating == Gating::TopK && self.gate.score != RouterScore::Softmax {
+            not.push("a top-k router with sigmoid scores");
         }
         if not.is_empty() {
             return Ok(());

@@ -30,7 +30,7 @@ use crate::kernels::qk::{QkvShape, RopeTables, Rotary};
 use crate::kernels::rmsnorm::{
     RmsNormBackward, RmsNormBackwardBuffers, RmsNormBackwardGain, RmsNormBackwardGainBuffers,
 };
-use crate::kernels::{GateConfig, RoutingLayout, UNUSED};
+use crate::kernels::{Gates, RoutingLayout, UNUSED};
 use crate::model::config::ModelConfig;
 use crate::model::graph::{mm, Block, Graph, Mode};
 use crate::model::params::{BlockParam, FfnParams, HostTensor, ParamId, Params, TensorValues};
@@ -272,17 +272,21 @@ impl Model {
 
     /// The FFN layers with another gating rule (for evaluation), sharing
     /// the weights.
-    pub(crate) fn ffn_with_gate(&self, gate: Option<GateConfig>) -> Vec<MoeLayer> {
+    pub(crate) fn ffn_with_gate(&self, gate: Option<&Gates>) -> Vec<MoeLayer> {
+        let mut moe = 0;
         self.ffn
             .iter()
             .map(|m| {
                 let cfg = match gate {
                     // Evaluation and inference are dropless.
-                    Some(g) if m.cfg.e > 1 => MoeConfig {
-                        gate: g,
-                        capacity_factor: None,
-                        ..m.cfg
-                    },
+                    Some(g) if m.cfg.e > 1 => {
+                        moe += 1;
+                        MoeConfig {
+                            gate: g.layer(moe - 1),
+                            capacity_factor: None,
+                            ..m.cfg
+                        }
+                    }
                     _ => m.cfg,
                 };
                 MoeLayer {
@@ -321,7 +325,7 @@ impl Forward {
         model: &Model,
         b: usize,
         train: bool,
-        gate: Option<GateConfig>,
+        gate: Option<&Gates>,
     ) -> Result<Forward> {
         let cfg = &model.cfg;
         if b == 0 {
@@ -1111,10 +1115,12 @@ impl TrainStep {
 /// Forward-only evaluation of batches under an inference gating rule.
 pub struct EvalStep {
     fwd: Forward,
-    /// The loss (sum, count), then each MoE layer's `topk_ids [T, K]`.
+    /// The loss (sum, count), then each MoE layer's `topk_ids [T, K]`
+    /// (and, when asked for, its router scores `probs [T, E]`).
     readback: Readback,
     loss: PartId,
     routes: Vec<(usize, PartId)>,
+    scores: Vec<PartId>,
 }
 
 /// What one evaluation batch gives back.
@@ -1126,12 +1132,32 @@ pub struct EvalOut {
     /// Per MoE layer (layer index, `topk_ids [T, K]` with `UNUSED` for a
     /// slot not taken): the experts of every token.
     pub routes: Vec<(usize, Vec<u32>)>,
+    /// Per MoE layer, every token's router scores `probs [T, E]` (empty
+    /// unless the step was built `with_scores`).
+    pub scores: Vec<Vec<f32>>,
 }
 
 impl EvalStep {
     /// `gate`: the MoE layers' rule at evaluation (the paper: top-1).
-    pub fn new(ctx: &GpuContext, model: &Model, b: usize, gate: GateConfig) -> Result<EvalStep> {
-        let fwd = Forward::new(ctx, model, b, false, Some(gate))?;
+    pub fn new(
+        ctx: &GpuContext,
+        model: &Model,
+        b: usize,
+        gate: impl Into<Gates>,
+    ) -> Result<EvalStep> {
+        Self::with_scores(ctx, model, b, gate, false)
+    }
+
+    /// As `new`; with `scores`, each batch also reads back every MoE
+    /// layer's router scores.
+    pub fn with_scores(
+        ctx: &GpuContext,
+        model: &Model,
+        b: usize,
+        gate: impl Into<Gates>,
+        scores: bool,
+    ) -> Result<EvalStep> {
+        let fwd = Forward::new(ctx, model, b, false, Some(&gate.into()))?;
         let mut layout = ReadbackLayout::new();
         let loss = layout.push_tensor(&fwd.loss_out);
         let routes = model
@@ -1145,11 +1171,22 @@ impl EvalStep {
                 )
             })
             .collect();
+        let scores = if scores {
+            model
+                .cfg
+                .moe_layers()
+                .into_iter()
+                .map(|l| layout.push_tensor(&fwd.graph.blocks[l].ffn.fwd().probs))
+                .collect()
+        } else {
+            Vec::new()
+        };
         Ok(EvalStep {
             readback: layout.build(ctx, "eval readback")?,
             fwd,
             loss,
             routes,
+            scores,
         })
     }
 
@@ -1207,6 +1244,9 @@ impl EvalStep {
             for &(_, part) in &self.routes {
                 self.readback.record(&mut enc, part);
             }
+            for &part in &self.scores {
+                self.readback.record(&mut enc, part);
+            }
         }
         ctx.queue.submit(Some(enc.finish()));
         let words = self.readback.read(ctx).await?;
@@ -1219,6 +1259,11 @@ impl EvalStep {
                     .iter()
                     .map(|&(l, part)| (l, words.u32s(part).to_vec()))
                     .collect()
+            } else {
+                Vec::new()
+            },
+            scores: if routes {
+                self.scores.iter().map(|&p| words.f32s(p)).collect()
             } else {
                 Vec::new()
             },

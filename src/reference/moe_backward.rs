@@ -6,6 +6,7 @@
 // Index loops mirror the kernels' (and the math's) subscripts.
 #![allow(clippy::needless_range_loop)]
 
+use crate::kernels::moe_backward::TopKWeights;
 use crate::kernels::{RoutingLayout, UNUSED};
 use crate::reference::moe_train::{gelu_grad, silu, silu_grad};
 
@@ -107,6 +108,7 @@ pub fn gate_backward(
     k: usize,
     e: usize,
     raw_single: bool,
+    topk: Option<TopKWeights>,
     balance: f32,
     z_loss: f32,
 ) -> Vec<f32> {
@@ -117,6 +119,27 @@ pub fn gate_backward(
         let p = &probs[tok * e..(tok + 1) * e];
         let zs = 2.0 * z_loss * lse[tok] / tf;
         let dot = (0..e).fold(0.0f32, |a, i| stats[i].mul_add(p[i], a));
+        if let Some(mode) = topk {
+            // The shader's gate_backward_topk.
+            let ids = &topk_ids[tok * k..(tok + 1) * k];
+            let ws = &topk_weights[tok * k..(tok + 1) * k];
+            let gs = &dw[tok * k..(tok + 1) * k];
+            let mean = (0..k)
+                .filter(|&j| ids[j] != UNUSED)
+                .fold(0.0f32, |a, j| ws[j].mul_add(gs[j], a));
+            for i in 0..e {
+                let slot = ids.iter().rposition(|&x| x == i as u32);
+                let (w, g) = slot.map(|j| (ws[j], gs[j])).unwrap_or((0.0, 0.0));
+                let mut v = match mode {
+                    TopKWeights::Renorm if slot.is_some() => w * (g - mean),
+                    TopKWeights::Renorm => 0.0,
+                    TopKWeights::Raw => p[i] * (g - mean),
+                };
+                v += bal * p[i] * (stats[i] - dot) + zs * p[i];
+                dz[tok * e + i] = v;
+            }
+            continue;
+        }
         let e1 = topk_ids[tok * k];
         let e2 = if k > 1 { topk_ids[tok * k + 1] } else { UNUSED };
         let (w1, g1) = (topk_weights[tok * k], dw[tok * k]);
@@ -466,6 +489,7 @@ pub mod compose {
             k,
             e,
             raw,
+            TopKWeights::of(&cfg.gate),
             aux.balance,
             aux.z_loss,
         );
@@ -539,16 +563,33 @@ mod tests {
         .chain([
             (Gating::Top2, 7, None, Activation::SwiGlu),
             (Gating::Adaptive, 8, Some(0.5), Activation::SwiGlu),
+            (Gating::TopK, 9, None, Activation::Gelu),
+            (Gating::TopK, 10, Some(0.6), Activation::SwiGlu),
+            (Gating::TopK, 11, None, Activation::SwiGlu),
         ]) {
+            // Top-k: k = 4 of 5, renormalized (odd seeds) or raw, the ratio
+            // rule on one case.
+            let gate = match gating {
+                Gating::TopK => GateConfig {
+                    threshold: 0.5,
+                    rule: if seed == 11 {
+                        crate::kernels::ExpertRule::Ratio
+                    } else {
+                        crate::kernels::ExpertRule::Fixed
+                    },
+                    ..GateConfig::top_k(4, seed % 2 == 1, crate::kernels::RouterScore::Softmax)
+                },
+                _ => GateConfig {
+                    threshold: 0.4,
+                    ..GateConfig::new(gating)
+                },
+            };
             let cfg = MoeConfig {
                 d: 12,
                 f: 20,
                 e: 5,
                 activation,
-                gate: GateConfig {
-                    threshold: 0.4,
-                    ..GateConfig::new(gating)
-                },
+                gate,
                 capacity_factor,
             };
             let t = 23;

@@ -28,7 +28,7 @@
 use crate::error::{Error, Result};
 use crate::kernels::moe_config::MoeConfig;
 pub use crate::kernels::AuxConfig;
-use crate::kernels::{Activation, GapMode, Gating, SingleWeight, UNUSED};
+use crate::kernels::{Activation, ExpertRule, GapMode, Gating, SingleWeight, UNUSED};
 use num_traits::Float;
 
 /// A layer's parameters in any float type (row-major).
@@ -115,10 +115,70 @@ pub fn gelu_grad<F: Float>(x: F) -> F {
         + half * x * (F::one() - th * th) * k * (F::one() + c::<F>(3.0) * a * x * x)
 }
 
-/// The selection of one token from its router logits: (ids, weights) with
-/// the gate kernel's rules (ties to the lower index, gap mode, threshold,
-/// single-expert weight policy).
-pub fn select<F: Float>(cfg: &MoeConfig, row: &[F], probs: &[F]) -> ([u32; 2], [F; 2]) {
+/// The selection of one token from its router logits: ids and weights of
+/// its K slots (`UNUSED` / 0 past the experts taken), with the gate
+/// kernel's rules (ties to the lower index, gap mode, threshold,
+/// single-expert weight policy; a top-k router's `ExpertRule`).
+pub fn select<F: Float>(cfg: &MoeConfig, row: &[F], probs: &[F]) -> (Vec<u32>, Vec<F>) {
+    if cfg.gate.gating == Gating::TopK {
+        return select_topk(cfg, row, probs);
+    }
+    let (ids, ws) = select_pair(cfg, row, probs);
+    let k = cfg.k();
+    (ids[..k].to_vec(), ws[..k].to_vec())
+}
+
+/// A top-k router (softmax scores): rank by logit, take the first, then
+/// expert j while the rule holds (`reference::gate::rule_count` in F);
+/// weights renormalized over the experts taken, or raw.
+fn select_topk<F: Float>(cfg: &MoeConfig, row: &[F], probs: &[F]) -> (Vec<u32>, Vec<F>) {
+    let g = &cfg.gate;
+    let k = g.k.min(row.len());
+    let mut order: Vec<usize> = (0..row.len()).collect();
+    // Stable: equal logits keep the lower index first.
+    order.sort_by(|&a, &b| {
+        row[b]
+            .partial_cmp(&row[a])
+            .unwrap_or(std::cmp::Ordering::Equal)
+    });
+    let w: Vec<F> = order[..k].iter().map(|&i| probs[i]).collect();
+    let sum = w.iter().fold(F::zero(), |a, &b| a + b);
+    let t = c::<F>(g.threshold as f64);
+    let mut count = k;
+    if g.rule != ExpertRule::Fixed {
+        let mut taken = w[0];
+        count = 1;
+        for j in 1..k {
+            let join = match g.rule {
+                ExpertRule::Gap => {
+                    let mut gap = w[j - 1] - w[j];
+                    if g.gap == GapMode::Top2 {
+                        gap = gap / sum;
+                    }
+                    gap.max(F::zero()).min(F::one()) <= t
+                }
+                ExpertRule::Ratio => w[j] >= t * w[0],
+                ExpertRule::Mass => g.threshold >= 1.0 || taken < t,
+                ExpertRule::Fixed => true,
+            };
+            if !join {
+                break;
+            }
+            taken = taken + w[j];
+            count += 1;
+        }
+    }
+    let chosen = w[..count].iter().fold(F::zero(), |a, &b| a + b);
+    let mut ids = vec![UNUSED; g.k];
+    let mut ws = vec![F::zero(); g.k];
+    for j in 0..count {
+        ids[j] = order[j] as u32;
+        ws[j] = if g.renorm { w[j] / chosen } else { w[j] };
+    }
+    (ids, ws)
+}
+
+fn select_pair<F: Float>(cfg: &MoeConfig, row: &[F], probs: &[F]) -> ([u32; 2], [F; 2]) {
     let mut i1 = 0usize;
     let mut i2 = usize::MAX;
     for i in 1..row.len() {
@@ -140,7 +200,7 @@ pub fn select<F: Float>(cfg: &MoeConfig, row: &[F], probs: &[F]) -> ([u32; 2], [
         && match g.gating {
             Gating::Top1 => false,
             Gating::Top2 => true,
-            // Training refuses a fixed top-k (`MoeLayer::plan_train`).
+            // `select_topk`.
             Gating::TopK => g.k >= 2,
             Gating::Adaptive => {
                 let gap = match g.gap {
@@ -332,7 +392,7 @@ pub fn moe_layer_backward<F: Float>(
         let p = &cache.probs[tok * e..(tok + 1) * e];
         let mut dz = vec![F::zero(); e];
         // Gradient of each used slot's weight, and the expert backward.
-        let mut dws = [F::zero(); 2];
+        let mut dws = vec![F::zero(); k];
         for j in 0..k {
             let slot = tok * k + j;
             if !cache.kept[slot] {
@@ -377,7 +437,30 @@ pub fn moe_layer_backward<F: Float>(
         // Router: through the combine weights.
         let ids = &cache.topk_ids[tok * k..(tok + 1) * k];
         let ws = &cache.topk_weights[tok * k..(tok + 1) * k];
-        if k == 2 && ids[1] != UNUSED {
+        if cfg.gate.gating == Gating::TopK {
+            // Over the experts taken S: renormalized, the softmax over S's
+            // logits; raw, w_j = p_j.
+            let mut mean = F::zero();
+            for j in 0..k {
+                if ids[j] != UNUSED {
+                    mean = mean + ws[j] * dws[j];
+                }
+            }
+            for j in 0..k {
+                if ids[j] != UNUSED && cfg.gate.renorm {
+                    let ex = ids[j] as usize;
+                    dz[ex] = dz[ex] + ws[j] * (dws[j] - mean);
+                }
+            }
+            if !cfg.gate.renorm {
+                for i in 0..e {
+                    let g = (0..k)
+                        .find(|&j| ids[j] == i as u32)
+                        .map_or(F::zero(), |j| dws[j]);
+                    dz[i] = dz[i] + p[i] * (g - mean);
+                }
+            }
+        } else if k == 2 && ids[1] != UNUSED {
             let mean = ws[0] * dws[0] + ws[1] * dws[1];
             for j in 0..2 {
                 let ex = ids[j] as usize;
@@ -553,6 +636,37 @@ mod tests {
     fn backward_matches_finite_differences_adaptive() {
         // A threshold between 0 and 1 that mixes one- and two-expert tokens.
         check_fd(&config(Gating::Adaptive, SingleWeight::RawP1, 0.3), 13);
+    }
+
+    /// A top-`k` router over 6 experts, renormalized or raw, under `rule`.
+    fn topk_config(k: usize, renorm: bool, rule: ExpertRule, threshold: f32) -> MoeConfig {
+        let mut cfg = config(Gating::TopK, SingleWeight::One, threshold);
+        cfg.e = 6;
+        cfg.gate.k = k;
+        cfg.gate.renorm = renorm;
+        cfg.gate.rule = rule;
+        cfg
+    }
+
+    #[test]
+    fn backward_matches_finite_differences_top_k() {
+        for (k, renorm, rule, threshold, seed) in [
+            (4, true, ExpertRule::Fixed, 0.0, 21),
+            (4, false, ExpertRule::Fixed, 0.0, 22),
+            (5, true, ExpertRule::Ratio, 0.5, 23),
+            (5, false, ExpertRule::Mass, 0.6, 24),
+            (3, true, ExpertRule::Gap, 0.1, 25),
+        ] {
+            let cfg = topk_config(k, renorm, rule, threshold);
+            let (used, _) = check_fd(&cfg, seed);
+            let t = 7;
+            if rule == ExpertRule::Fixed {
+                assert_eq!(used, t * k);
+            } else {
+                // The rule takes fewer than k for some tokens, more than one for others.
+                assert!(used > t && used < t * k, "{rule:?}: {used} used slots");
+            }
+        }
     }
 
     #[test]

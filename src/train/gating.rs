@@ -12,6 +12,9 @@ pub enum TrainGating {
     Top1,
     Top2,
     Adaptive,
+    /// A fixed top-k router (k from `--max-experts`), weights renormalized
+    /// over the k: the router of Mixtral, Granite-MoE or Qwen3-MoE.
+    TopK,
 }
 
 choice! { TrainGating, "gating",
@@ -19,6 +22,7 @@ choice! { TrainGating, "gating",
     Top1 = "top1",
     Top2 = "top2",
     Adaptive = "adaptive",
+    TopK = "topk": "A fixed top-k router (k = --max-experts), weights renormalized over the k",
 }
 
 impl TrainGating {
@@ -29,18 +33,19 @@ impl TrainGating {
             TrainGating::Top1 => (false, Gating::Top1),
             TrainGating::Top2 => (false, Gating::Top2),
             TrainGating::Adaptive => (false, Gating::Adaptive),
+            TrainGating::TopK => (false, Gating::TopK),
         }
     }
 
-    /// The choice a model's `(dense, gate.gating)` was made with; None
-    /// for a pretrained model's fixed top-k, which training does not take.
-    pub fn of(dense: bool, gating: Gating) -> Option<TrainGating> {
+    /// The choice a model's `(dense, gate.gating)` was made with (a
+    /// top-k router with a rule is `--gating adaptive --max-experts K`).
+    pub fn of(dense: bool, gating: Gating) -> TrainGating {
         match (dense, gating) {
-            (true, _) => Some(TrainGating::Dense),
-            (false, Gating::Top1) => Some(TrainGating::Top1),
-            (false, Gating::Top2) => Some(TrainGating::Top2),
-            (false, Gating::Adaptive) => Some(TrainGating::Adaptive),
-            (false, Gating::TopK) => None,
+            (true, _) => TrainGating::Dense,
+            (false, Gating::Top1) => TrainGating::Top1,
+            (false, Gating::Top2) => TrainGating::Top2,
+            (false, Gating::Adaptive) => TrainGating::Adaptive,
+            (false, Gating::TopK) => TrainGating::TopK,
         }
     }
 }

@@ -10,6 +10,8 @@ use std::path::Path;
 pub struct Series {
     pub name: String,
     pub points: Vec<(f64, f64)>,
+    /// Drawn as separate marked points instead of a line.
+    pub markers: bool,
 }
 
 impl Series {
@@ -17,6 +19,15 @@ impl Series {
         Series {
             name: name.into(),
             points,
+            markers: false,
+        }
+    }
+
+    /// Points drawn as markers, not joined.
+    pub fn markers(name: impl Into<String>, points: Vec<(f64, f64)>) -> Self {
+        Series {
+            markers: true,
+            ..Series::new(name, points)
         }
     }
 }
@@ -100,6 +111,14 @@ pub fn plot_series(path: impl AsRef<Path>, labels: &PlotLabels, series: &[Series
         .map_err(|e| plot_err(path, e))?;
     for (i, (s, pts)) in series.iter().zip(finite).enumerate() {
         let color = Palette99::pick(i).to_rgba();
+        if s.markers {
+            chart
+                .draw_series(pts.iter().map(|&p| Circle::new(p, 5, color.filled())))
+                .map_err(|e| plot_err(path, e))?
+                .label(s.name.as_str())
+                .legend(move |(x, y)| Circle::new((x + 10, y), 5, color.filled()));
+            continue;
+        }
         chart
             .draw_series(LineSeries::new(pts, color.stroke_width(2)))
             .map_err(|e| plot_err(path, e))?

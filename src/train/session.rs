@@ -290,8 +290,10 @@ impl Session {
 
     /// Whether sequences are reordered by complexity before each epoch.
     pub fn uses_curriculum(&self) -> bool {
+        let g = &self.cfg.model.gate;
         self.cfg.curriculum
-            && self.cfg.model.gate.gating == Gating::Adaptive
+            && (g.gating == Gating::Adaptive
+                || (g.gating == Gating::TopK && g.rule != crate::kernels::ExpertRule::Fixed))
             && !self.cfg.model.moe_layers().is_empty()
     }
 
@@ -478,8 +480,14 @@ impl SessionConfig {
         t.model.context = self.context;
         t.model.ffn = self.ffn;
         t.model.experts = self.experts;
-        (t.model.dense, t.model.gate.gating) =
-            self.gating.parse::<crate::train::TrainGating>()?.split();
+        let gating = self.gating.parse::<crate::train::TrainGating>()?;
+        if gating == crate::train::TrainGating::TopK {
+            return Err(crate::Error::invalid(
+                "gating",
+                "the page trains dense, top1, top2 or adaptive models (a top-k router: amoe train --gating topk --max-experts K)",
+            ));
+        }
+        (t.model.dense, t.model.gate.gating) = gating.split();
         // As `amoe train`: a top-2 model weighs a lone expert 1.
         if t.model.gate.gating == Gating::Top2 {
             t.model.gate.single_weight = crate::kernels::SingleWeight::One;

@@ -48,7 +48,11 @@ pub struct RunSummary {
     /// Wall time and step at which the target validation loss was reached.
     pub target_reached: Option<(f64, u64)>,
     pub mean_step_s: f64,
+    /// Mean used expert slots past the first per token (for top-2 and
+    /// adaptive gating the two-expert fraction).
     pub two_expert_fraction: f32,
+    /// The most experts a token may take (the gate's K; 0 for a dense model).
+    pub max_experts: usize,
     pub interrupted: bool,
     pub out: PathBuf,
 }
@@ -387,6 +391,11 @@ impl Run {
             target_reached,
             mean_step_s: step_times.iter().sum::<f64>() / n,
             two_expert_fraction: (two_sum / n) as f32,
+            max_experts: if self.cfg.model.dense {
+                0
+            } else {
+                self.cfg.model.gate.max_k()
+            },
             interrupted,
             out: self.out.clone(),
         })
