@@ -49,6 +49,9 @@ pub struct KernelBench {
     pub copy_buffer_gbs: f64,
     pub matmul: Vec<MatmulFigure>,
     pub moe_layer: Vec<MoeFigure>,
+    /// A top-8 layer (E = 32, renormalized): fixed top-8 and top-4, then
+    /// each per-token rule at a threshold giving about 4 experts per token.
+    pub moe_layer_topk: Vec<MoeFigure>,
     pub grouped_over_dense: f64,
     pub grouped_gflops: f64,
     pub dense_equal_flops_gflops: f64,
@@ -219,6 +222,100 @@ pub async fn moe_layer_figure(
     ))
 }
 
+/// The top-k layer of `moe_layer_topk`: E = 32, k = 8 renormalized, SwiGLU
+/// (Granite's router, scaled down), T = 4096, D = 512, F = 256 (quick:
+/// T = 512, D = 256, F = 128).
+pub fn bench_topk_config(quick: bool) -> (usize, MoeConfig) {
+    let (t, d, f) = if quick {
+        (512, 256, 128)
+    } else {
+        (4096, 512, 256)
+    };
+    (
+        t,
+        MoeConfig {
+            d,
+            f,
+            e: 32,
+            activation: Activation::SwiGlu,
+            gate: GateConfig::top_k(8, true, crate::kernels::RouterScore::Softmax),
+            capacity_factor: None,
+        },
+    )
+}
+
+/// One top-k MoE layer forward under fixed top-8, fixed top-4 and each
+/// per-token rule at the threshold (found from the router's ranked scores
+/// of the same tokens) that gives 4 experts per token on average: what a
+/// rule saves in the layer itself.
+pub async fn moe_layer_topk_figures(
+    ctx: &GpuContext,
+    quick: bool,
+    log: &mut dyn FnMut(&str),
+) -> Result<Vec<MoeFigure>> {
+    use crate::kernels::ExpertRule;
+    let (t, cfg) = bench_topk_config(quick);
+    let mut w = MoeWeights::random(&cfg, 13);
+    w.w_router.iter_mut().for_each(|v| *v *= ROUTER_SCALE);
+    let mut rng = crate::util::Rng::new(7);
+    let x = rng.vec_sym(t * cfg.d, 1.0);
+    let (e, k) = (cfg.e, cfg.gate.k);
+    // The router's ranked scores under the fixed top-8.
+    let layer = MoeLayer::new(ctx, cfg, &w)?;
+    let plan = layer.plan(ctx, t, Path::Grouped)?;
+    layer.forward(ctx, &plan, &x)?;
+    let probs = plan.probs.read(ctx).await?;
+    let mut ranked = Vec::with_capacity(t * k);
+    for row in probs.chunks_exact(e) {
+        let mut p = row.to_vec();
+        p.sort_by(|a, b| b.total_cmp(a));
+        ranked.extend_from_slice(&p[..k]);
+    }
+    let mut gates = vec![
+        cfg.gate,
+        GateConfig {
+            k: k / 2,
+            ..cfg.gate
+        },
+    ];
+    for rule in [ExpertRule::Gap, ExpertRule::Ratio, ExpertRule::Mass] {
+        let g = GateConfig { rule, ..cfg.gate };
+        let threshold = crate::infer::sweep::threshold_for(&[&ranked], k, g, (k / 2) as f64);
+        gates.push(g.with_threshold(threshold));
+    }
+    let mut out = Vec::new();
+    for gate in gates {
+        let c = MoeConfig { gate, ..cfg };
+        let layer = MoeLayer::new(ctx, c, &w)?;
+        let plan = layer.plan(ctx, t, Path::Grouped)?;
+        layer.forward(ctx, &plan, &x)?;
+        let summary = plan.routing_summary(ctx, e).await?;
+        let s = time_dispatches(ctx, 1, 3, |enc| {
+            layer.record(&plan, enc);
+            Ok(())
+        })?;
+        let fig = MoeFigure {
+            gating: gate.describe(),
+            tokens_per_s: t as f64 / s,
+            two_expert_fraction: summary.two_expert_fraction,
+            slots_per_token: summary.used_slots as f64 / t as f64,
+            ms_per_forward: s * 1e3,
+        };
+        let base = out
+            .first()
+            .map_or(fig.ms_per_forward, |f: &MoeFigure| f.ms_per_forward);
+        log(&format!(
+            "moe layer {}: {:.2} experts per token, {:.1} ms ({:.2}x top-{k})",
+            fig.gating,
+            fig.slots_per_token,
+            fig.ms_per_forward,
+            fig.ms_per_forward / base
+        ));
+        out.push(fig);
+    }
+    Ok(out)
+}
+
 /// The dense GEMMs with the FLOPs of the expert FFN over `slots` rows, as if
 /// all slots went to one expert: [S,D]x[D,F] then [S,F]x[F,D]. GFLOP/s.
 pub fn dense_equal_flops_gflops(ctx: &GpuContext, slots: usize, d: usize, f: usize) -> Result<f64> {
@@ -324,6 +421,7 @@ pub async fn bench_kernels(
         }
         moe_layer.push(fig);
     }
+    let moe_layer_topk = moe_layer_topk_figures(ctx, quick, &mut log).await?;
     let (_, cfg) = bench_layer_config(Gating::Top2, quick);
     let dense = dense_equal_flops_gflops(ctx, grouped.1, cfg.d, cfg.f)?;
     log(&format!(
@@ -340,6 +438,7 @@ pub async fn bench_kernels(
         copy_buffer_gbs: copy_bw,
         matmul,
         moe_layer,
+        moe_layer_topk,
         grouped_over_dense: grouped.0 / dense,
         grouped_gflops: grouped.0,
         dense_equal_flops_gflops: dense,

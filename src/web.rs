@@ -202,6 +202,11 @@ struct GenOptions {
     /// "top1" | "top2" | "adaptive" (default: the run's evaluation gating).
     gating: Option<String>,
     threshold: Option<f32>,
+    /// A top-k model's per-token rule: "fixed" | "gap" | "ratio" | "mass"
+    /// (its parameter: `threshold`).
+    rule: Option<String>,
+    /// The most experts a token takes (default: the model's k).
+    max_experts: Option<usize>,
     stop_at_eot: bool,
 }
 
@@ -215,6 +220,8 @@ impl Default for GenOptions {
             seed: 0,
             gating: None,
             threshold: None,
+            rule: None,
+            max_experts: None,
             stop_at_eot: true,
         }
     }
@@ -248,7 +255,20 @@ impl GenState {
             .map(str::parse::<Gating>)
             .transpose()
             .map_err(js)?;
-        let gate = self.ck.gate(gating, o.threshold).map_err(js)?;
+        let rule = o
+            .rule
+            .as_deref()
+            .map(str::parse::<crate::kernels::ExpertRule>)
+            .transpose()
+            .map_err(js)?;
+        let count = crate::infer::checkpoint::ExpertCount {
+            rule,
+            max_experts: o.max_experts,
+        };
+        let gate = self
+            .ck
+            .gate_counted(gating, o.threshold, count)
+            .map_err(js)?;
         if gate != self.engine.gate {
             self.engine.set_gate(ctx, gate).map_err(js)?;
         }
@@ -514,9 +534,19 @@ impl Generator {
                 .iter()
                 .map(|&i| st.ck.tokenizer.decode(&[i]).unwrap_or_default())
                 .collect();
+            // Experts per (token, MoE layer) while decoding.
+            let routes: Vec<usize> = g
+                .tokens
+                .iter()
+                .flat_map(|t| t.routes.iter().map(|r| r.experts.len()))
+                .collect();
+            let mean_experts = routes.iter().sum::<usize>() as f64 / routes.len().max(1) as f64;
             Ok(JsValue::from_str(&json(&serde_json::json!({
                 "gating": gate.gating,
                 "threshold": gate.threshold,
+                "gate": gate.describe(),
+                "max_experts": gate.max_k(),
+                "mean_experts": mean_experts,
                 "prompt_ids": g.prompt_ids,
                 "prompt_text": prompt_text,
                 "prompt_routes": g.prompt_routes,

@@ -265,10 +265,20 @@ function routeTitle(t) {
   return `token ${t.id} ${JSON.stringify(t.text)}\n${layers}`;
 }
 
+// Experts a token used: the most over its MoE layers.
+function tokenExperts(t) {
+  return t.routes.reduce((m, r) => Math.max(m, r.experts.length), 0);
+}
+
 function tokenSpan(t, prompt) {
   const s = document.createElement("span");
-  const two = t.routes.some((r) => r.experts.length > 1);
-  s.className = `tok ${two ? "two" : "one"}${prompt ? " prompt" : ""}`;
+  const n = tokenExperts(t);
+  s.className = `tok ${n > 1 ? "two" : "one"}${prompt ? " prompt" : ""}`;
+  if (n > 2) {
+    // Three to eight experts: the "more" color, stronger with more.
+    s.style.background = `color-mix(in srgb, var(--many) ${Math.min(100, 30 + 10 * n)}%, var(--two))`;
+  }
+  s.dataset.experts = n;
   s.textContent = t.text;
   s.title = routeTitle(t);
   s.dataset.id = t.id;
@@ -286,6 +296,8 @@ function genOptions() {
   };
   if ($("gating").value) o.gating = $("gating").value;
   if ($("threshold").value !== "") o.threshold = num("threshold");
+  if ($("rule").value) o.rule = $("rule").value;
+  if ($("max-experts").value !== "") o.max_experts = num("max-experts");
   return o;
 }
 
@@ -306,11 +318,21 @@ async function generate() {
   out.append(head);
   setBusy(true);
   let n = 0;
+  let used = 0;
+  let routes = 0;
+  const started = performance.now();
   try {
     const json = await app.generator.generate(prompt, JSON.stringify(genOptions()), (tj) => {
-      out.append(tokenSpan(JSON.parse(tj), false));
+      const t = JSON.parse(tj);
+      out.append(tokenSpan(t, false));
       n += 1;
-      $("gen-stats").textContent = `${n} tokens…`;
+      for (const r of t.routes) {
+        used += r.experts.length;
+        routes += 1;
+      }
+      const mean = routes ? ` · ${(used / routes).toFixed(2)} experts per token` : "";
+      const rate = (n / ((performance.now() - started) / 1000)).toFixed(1);
+      $("gen-stats").textContent = `${n} tokens…${mean} · ${rate} tok/s`;
     });
     const g = JSON.parse(json);
     // The prompt, now with its routing.
@@ -319,9 +341,12 @@ async function generate() {
     );
     head.replaceWith(...spans);
     const two = g.tokens.filter((t) => t.routes.some((r) => r.experts.length > 1)).length;
+    const use = g.max_experts > 2
+      ? `${g.mean_experts.toFixed(2)} of ${g.max_experts} experts per token on average`
+      : `${two} of ${g.tokens.length} took two experts in some layer`;
     $("gen-stats").textContent =
       `${g.tokens.length} tokens (${g.stop === "end_of_text" ? "end of text" : "max tokens"}), ` +
-      `${g.gating} gating, ${two} of ${g.tokens.length} took two experts in some layer · ` +
+      `${g.gate}, ${use} · ` +
       `prefill ${g.prefill_tps.toFixed(1)} tok/s · decode ${g.decode_tps.toFixed(1)} tok/s · ${app.gpu.adapter}`;
     app.lastGeneration = g;
     out.dataset.state = "done";
@@ -430,6 +455,8 @@ async function useTrained() {
   try {
     await useGenerator(await app.trainer.generator(), { kind: "trained" });
     $("gating").value = "";
+    $("rule").value = "";
+    $("max-experts").value = "";
     $("prompt").value = "Shall I compare thee";
     document.getElementById("generate-panel").scrollIntoView();
   } catch (e) {

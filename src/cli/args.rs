@@ -260,17 +260,23 @@ impl ModelPick {
 }
 
 /// The ids of a text to analyze or score: the documents of `data` (a file or
-/// directory) or, without it, the held-out part of the shipped corpus, each
-/// followed by the end-of-text token, at most `max_tokens` of them.
+/// directory) or, without it, the held-out part of the shipped corpus (its
+/// `domain`: "both", "kjv" or "shakespeare"), each followed by the
+/// end-of-text token, at most `max_tokens` of them.
 pub fn text_ids(
     tokenizer: &amoe::tokenizer::Tokenizer,
     data: Option<&std::path::Path>,
+    domain: &str,
     max_tokens: usize,
 ) -> Result<Vec<u32>> {
     use amoe::train::data::{shipped_dir, Corpus, Domain};
     let docs = match data {
         Some(p) => Corpus::load(p)?.docs,
-        None => Corpus::shipped(shipped_dir(), Domain::Both)?.split()?.val,
+        None => {
+            Corpus::shipped(shipped_dir(), domain.parse::<Domain>()?)?
+                .split()?
+                .val
+        }
     };
     let mut ids = Vec::new();
     for d in &docs {

@@ -21,6 +21,10 @@ pub struct CalibrateArgs {
     /// .jsonl.gz). Default: the held-out part of the shipped corpus.
     #[arg(long)]
     pub data: Option<PathBuf>,
+    /// Without --data: the held-out part of this part of the shipped corpus
+    /// (shakespeare, kjv or both).
+    #[arg(long, default_value = "both")]
+    pub domain: String,
     /// Use at most this many tokens of the text.
     #[arg(long, default_value_t = 16384)]
     pub max_tokens: usize,
@@ -103,10 +107,15 @@ fn calibrate_cmd(ctx: &GpuContext, args: &CalibrateArgs) -> Result<()> {
         };
         dir.join(format!("calibration-{rule}-{}.json", args.target_experts))
     });
-    let ids = text_ids(&ck.tokenizer, args.data.as_deref(), args.max_tokens)?;
+    let ids = text_ids(
+        &ck.tokenizer,
+        args.data.as_deref(),
+        &args.domain,
+        args.max_tokens,
+    )?;
     let data = match &args.data {
         Some(p) => p.display().to_string(),
-        None => "the held-out part of the shipped corpus".to_string(),
+        None => format!("the held-out part of the shipped corpus ({})", args.domain),
     };
     let mut engine = Engine::with_dtype(ctx, &ck, gate, m.dtype)?;
     let quiet = !std::io::stderr().is_terminal();

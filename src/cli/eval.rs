@@ -26,6 +26,10 @@ pub struct EvalArgs {
     /// Default: the held-out part of the shipped corpus.
     #[arg(long)]
     pub data: Option<PathBuf>,
+    /// Without --data: the held-out part of this part of the shipped corpus
+    /// (shakespeare, kjv or both).
+    #[arg(long, default_value = "both")]
+    pub domain: String,
     /// Tokens between window starts (default: the context length, windows
     /// side by side; smaller gives each scored token more context).
     #[arg(long)]
@@ -114,7 +118,12 @@ fn eval(ctx: &GpuContext, args: &EvalArgs) -> Result<()> {
     let ck = args.model.load()?;
     let gates = args.model.gates(&ck, args.model.gating)?;
     let gate = gates.gate;
-    let ids = text_ids(&ck.tokenizer, args.data.as_deref(), args.max_tokens)?;
+    let ids = text_ids(
+        &ck.tokenizer,
+        args.data.as_deref(),
+        &args.domain,
+        args.max_tokens,
+    )?;
     let cfg = EvalConfig {
         stride: args.stride.unwrap_or(ck.cfg.context),
         batch: args.batch,

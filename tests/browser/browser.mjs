@@ -366,6 +366,24 @@ async function hfFolder(page) {
   check("(e) the page's greedy tokens equal the reference library's", JSON.stringify(web.ids) === JSON.stringify(exp.greedy.new_tokens),
     `page ${JSON.stringify(web.ids)}, reference ${JSON.stringify(exp.greedy.new_tokens)}`);
   check("(e) ... and native's", JSON.stringify(web.ids) === JSON.stringify(nat.ids), `native ${JSON.stringify(nat.ids)}`);
+  // The per-token expert rule from the page's controls: the tokens native
+  // gives under the same rule, fewer experts than the model's 4 on average.
+  await page.fill("#prompt", exp.prompt);
+  await page.fill("#max-tokens", String(n));
+  await page.fill("#threshold", "0.5");
+  await page.selectOption("#rule", "ratio");
+  const ruled = await clickAndGenerate(page, "#generate");
+  const natRuled = JSON.parse(native(["generate", "--checkpoint", dir, "--prompt", exp.prompt, "--max-tokens", String(n),
+    "--json", "--rule", "ratio", "--threshold", "0.5"]));
+  check("(e) the page's expert rule controls (ratio 0.5) give native's tokens under that rule",
+    ruled && JSON.stringify(ruled.ids) === JSON.stringify(natRuled.ids),
+    `page ${ruled && JSON.stringify(ruled.ids)}, native ${JSON.stringify(natRuled.ids)}`);
+  check("(e) ... with fewer experts per token than the model's top-4, shown live",
+    ruled && ruled.gate.includes("ratio rule") && ruled.mean_experts >= 1 && ruled.mean_experts < 4 &&
+      /experts per token/.test(await page.textContent("#gen-stats")),
+    ruled && `${ruled.gate}: ${ruled.mean_experts}; ${await page.textContent("#gen-stats")}`);
+  await page.selectOption("#rule", "");
+  await page.fill("#threshold", "");
   // A shard left out: a message naming it; the model stays.
   const shard = files.find((n) => /-00002-of-/.test(n));
   await page.setInputFiles("#ckpt-files", files.filter((n) => n !== shard).map((n) => path.join(dir, n)));
