@@ -357,6 +357,15 @@ mod files {
                 "unsupported file type (expected .txt, .md, .jsonl or .jsonl.gz)",
             )
         })?;
+        // A FIFO, socket or device named like a text file would block or
+        // never end: only regular files are data.
+        let meta = std::fs::metadata(path).map_err(|e| io_data(path, e))?;
+        if !meta.is_file() {
+            return Err(Error::data(
+                path.display(),
+                "not a regular file (a pipe, socket or device would block or never end): give a file or a directory of files",
+            ));
+        }
         let text = read_text(path)?;
         match kind {
             Kind::Text => Ok(vec![Document {
@@ -1098,6 +1107,25 @@ mod tests {
 #[cfg(all(test, not(target_arch = "wasm32")))]
 mod corpus_tests {
     use super::*;
+
+    /// A named pipe given as data (or found in a data directory) is
+    /// refused at once instead of blocking the run for ever.
+    #[cfg(unix)]
+    #[test]
+    fn a_fifo_is_refused_not_read() {
+        let dir = std::env::temp_dir().join(format!("amoe-fifo-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let fifo = dir.join("text.txt");
+        let made = std::process::Command::new("mkfifo").arg(&fifo).status();
+        if !made.is_ok_and(|s| s.success()) {
+            panic!("mkfifo failed: cannot make the test's pipe");
+        }
+        for p in [fifo.as_path(), dir.as_path()] {
+            let e = Corpus::load(p).unwrap_err().to_string();
+            assert!(e.contains("not a regular file"), "{e}");
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 
     /// The real pipeline on the shipped corpus: tokenizer trained on the training split only,
     /// deterministic, and validation sequences decode back to held-out text.
