@@ -1330,7 +1330,7 @@ fn calibrate_then_sweep_a_top_k_model() {
     // The demo is not a top-k model.
     for args in [
         vec!["eval", "--calibration", c],
-        vec!["eval", "--sweep", "gap"],
+        vec!["eval", "--sweep", "ratio"],
         vec!["calibrate", "--rule", "gap", "--target-experts", "1.5"],
     ] {
         let out = amoe(&args);

@@ -48,8 +48,8 @@ pub struct EvalArgs {
     /// spread its mean experts per token between 1 and k.
     #[arg(long, value_name = "rule=R[,R..]")]
     pub sweep: Option<String>,
-    /// Thresholds per rule of --sweep (default 2k - 3: mean experts 1.5,
-    /// 2, .., k - 0.5).
+    /// Thresholds per rule of --sweep (default 2k - 3, at least 5: for
+    /// k = 8 mean experts 1.5, 2, .., 7.5).
     #[arg(long, value_name = "N")]
     pub points: Option<usize>,
     /// With --sweep: draw perplexity against mean experts per token (one
@@ -219,7 +219,7 @@ fn sweep(
     let k = gate.k.max(2);
     let cfg = SweepConfig {
         rules,
-        points: args.points.unwrap_or(2 * k - 3),
+        points: args.points.unwrap_or((2 * k - 3).max(5)),
         eval,
         decode_tokens: args.decode_tokens,
     };

@@ -145,14 +145,27 @@ pub async fn sweep(
     cfg: &SweepConfig,
     progress: &mut dyn FnMut(&str),
 ) -> Result<SweepReport> {
-    let base = engine.gate;
     let own = engine.gates.clone();
-    if base.gating != Gating::TopK || base.k < 2 {
+    // A model trained with top-2 or adaptive gating (the paper's): k = 2,
+    // its fixed top-1 and top-2, and the gap rule is its own adaptive gate.
+    let trained = engine.cfg.gate;
+    let pair = matches!(trained.gating, Gating::Top2 | Gating::Adaptive);
+    let base = if pair { trained } else { engine.gate };
+    if !pair && (base.gating != Gating::TopK || base.k < 2) {
         return Err(Error::invalid(
             "sweep",
             format!(
-                "--sweep chooses among a top-k router's experts (k >= 2); this model's gate is {}",
+                "--sweep chooses among a top-k router's experts (k >= 2) or a two-expert model's; this model's gate is {}",
                 base.describe()
+            ),
+        ));
+    }
+    if pair && cfg.rules.iter().any(|&r| r != ExpertRule::Gap) {
+        return Err(Error::invalid(
+            "sweep",
+            format!(
+                "a model trained with {} gating sweeps its own rule, the gap rule (--sweep rule=gap): ratio and mass go with top-k routers",
+                trained.gating
             ),
         ));
     }
@@ -168,14 +181,46 @@ pub async fn sweep(
             format!("--points {}: must be 1..=64", cfg.points),
         ));
     }
-    let k = base.k;
+    let k = if pair { 2 } else { base.k };
     let fixed = GateConfig {
         rule: ExpertRule::Fixed,
         ..base
     };
+    // The gate of fixed top-j, and of a rule at a threshold.
+    let top = |j: usize| match (pair, j) {
+        (true, 1) => GateConfig {
+            gating: Gating::Top1,
+            ..base
+        },
+        (true, _) => GateConfig {
+            gating: Gating::Top2,
+            ..base
+        },
+        (false, _) => GateConfig { k: j, ..fixed },
+    };
+    let ruled = |rule: ExpertRule, threshold: f32| match pair {
+        true => GateConfig {
+            gating: Gating::Adaptive,
+            threshold,
+            ..base
+        },
+        false => GateConfig {
+            rule,
+            threshold,
+            ..fixed
+        },
+    };
     progress(&format!("top-{k} (and the router's ranked scores)"));
-    let (top_k, ranked) =
-        evaluate_ranked(ctx, engine.model(), fixed, ids, cfg.eval, k, &mut |_, _| {}).await?;
+    let (top_k, ranked) = evaluate_ranked(
+        ctx,
+        engine.model(),
+        top(k),
+        ids,
+        cfg.eval,
+        k,
+        &mut |_, _| {},
+    )
+    .await?;
     let mut report = SweepReport {
         k,
         tokens: top_k.tokens,
@@ -184,7 +229,7 @@ pub async fn sweep(
         rules: Vec::new(),
     };
     for j in 1..=k {
-        let gate = GateConfig { k: j, ..fixed };
+        let gate = top(j);
         let eval = if j == k {
             top_k.clone()
         } else {
@@ -200,13 +245,17 @@ pub async fn sweep(
     for &rule in &cfg.rules {
         for i in 1..=cfg.points {
             let target = 1.0 + (k - 1) as f64 * i as f64 / (cfg.points + 1) as f64;
-            let gate = GateConfig {
+            // The count of a two-expert model's adaptive gate is the gap
+            // rule's over its two ranked scores.
+            let counting = GateConfig {
+                gating: Gating::TopK,
+                k,
                 rule,
                 threshold: 0.0,
                 ..fixed
             };
-            let threshold = threshold_for(&layers, k, gate, target);
-            let gate = GateConfig { threshold, ..gate };
+            let threshold = threshold_for(&layers, k, counting, target);
+            let gate = ruled(rule, threshold);
             progress(&gate.describe());
             let eval = evaluate(ctx, engine.model(), gate, ids, cfg.eval, &mut |_, _| {}).await?;
             let decode = decode_rate(ctx, engine, gate, ids, cfg.decode_tokens).await?;
