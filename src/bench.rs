@@ -36,6 +36,12 @@ pub struct MoeFigure {
     /// Routed (token, expert) pairs per token: the compute the layer really does.
     pub slots_per_token: f64,
     pub ms_per_forward: f64,
+    /// The one-token decode path (mat-vec per expert): mean ms per token
+    /// over `DECODE_TOKENS` tokens, and their experts per token.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub decode_ms_per_token: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub decode_slots_per_token: Option<f64>,
 }
 
 /// What `amoe bench kernels` prints.
@@ -216,6 +222,8 @@ pub async fn moe_layer_figure(
             two_expert_fraction: summary.two_expert_fraction,
             slots_per_token: summary.used_slots as f64 / t as f64,
             ms_per_forward: s * 1e3,
+            decode_ms_per_token: None,
+            decode_slots_per_token: None,
         },
         expert_gflops,
         summary.used_slots,
@@ -243,6 +251,9 @@ pub fn bench_topk_config(quick: bool) -> (usize, MoeConfig) {
         },
     )
 }
+
+/// Tokens timed one at a time through a top-k layer's decode path.
+const DECODE_TOKENS: usize = 64;
 
 /// One top-k MoE layer forward under fixed top-8, fixed top-4 and each
 /// per-token rule at the threshold (found from the router's ranked scores
@@ -294,22 +305,43 @@ pub async fn moe_layer_topk_figures(
             layer.record(&plan, enc);
             Ok(())
         })?;
+        // Decode: one token at a time through the mat-vec path.
+        let one = layer.plan(ctx, 1, Path::Decode)?;
+        let (mut decode_s, mut decode_slots) = (0.0, 0usize);
+        for row in x.chunks_exact(cfg.d).take(DECODE_TOKENS) {
+            layer.forward(ctx, &one, row)?;
+            decode_slots += one.routing_summary(ctx, e).await?.used_slots;
+            decode_s += time_dispatches(ctx, 1, 3, |enc| {
+                layer.record(&one, enc);
+                Ok(())
+            })?;
+        }
         let fig = MoeFigure {
             gating: gate.describe(),
             tokens_per_s: t as f64 / s,
             two_expert_fraction: summary.two_expert_fraction,
             slots_per_token: summary.used_slots as f64 / t as f64,
             ms_per_forward: s * 1e3,
+            decode_ms_per_token: Some(decode_s * 1e3 / DECODE_TOKENS as f64),
+            decode_slots_per_token: Some(decode_slots as f64 / DECODE_TOKENS as f64),
         };
-        let base = out
-            .first()
-            .map_or(fig.ms_per_forward, |f: &MoeFigure| f.ms_per_forward);
+        let (base, base_decode) = out.first().map_or(
+            (fig.ms_per_forward, fig.decode_ms_per_token),
+            |f: &MoeFigure| (f.ms_per_forward, f.decode_ms_per_token),
+        );
+        let decode_ratio = fig
+            .decode_ms_per_token
+            .zip(base_decode)
+            .map_or(f64::NAN, |(a, b)| a / b);
         log(&format!(
-            "moe layer {}: {:.2} experts per token, {:.1} ms ({:.2}x top-{k})",
+            "moe layer {}: {:.2} experts per token, {:.1} ms ({:.2}x top-{k}); decode {:.2} experts, {:.3} ms per token ({:.2}x)",
             fig.gating,
             fig.slots_per_token,
             fig.ms_per_forward,
-            fig.ms_per_forward / base
+            fig.ms_per_forward / base,
+            fig.decode_slots_per_token.unwrap_or(0.0),
+            fig.decode_ms_per_token.unwrap_or(0.0),
+            decode_ratio
         ));
         out.push(fig);
     }
