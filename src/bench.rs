@@ -278,9 +278,7 @@ pub async fn moe_layer_topk_figures(
     let probs = plan.probs.read(ctx).await?;
     let mut ranked = Vec::with_capacity(t * k);
     for row in probs.chunks_exact(e) {
-        let mut p = row.to_vec();
-        p.sort_by(|a, b| b.total_cmp(a));
-        ranked.extend_from_slice(&p[..k]);
+        ranked.extend(crate::infer::eval::highest(row, k));
     }
     let mut gates = vec![
         cfg.gate,

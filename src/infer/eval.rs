@@ -145,6 +145,14 @@ pub async fn evaluate_ranked(
     evaluate_with(ctx, model, gate.into(), ids, cfg, k, progress).await
 }
 
+/// The `k` highest of one token's router scores, highest first.
+pub fn highest(scores: &[f32], k: usize) -> Vec<f32> {
+    let mut p = scores.to_vec();
+    p.sort_by(|a, b| b.total_cmp(a));
+    p.truncate(k);
+    p
+}
+
 /// `k` = 0: no scores.
 async fn evaluate_with(
     ctx: &GpuContext,
@@ -202,9 +210,7 @@ async fn evaluate_with(
         }
         for ((_, out), probs) in ranked.layers.iter_mut().zip(&out.scores) {
             for (row, _) in targets.iter().enumerate().filter(|(_, &t)| t != UNUSED) {
-                let mut p = probs[row * e..(row + 1) * e].to_vec();
-                p.sort_by(|a, b| b.total_cmp(a));
-                out.extend_from_slice(&p[..k]);
+                out.extend(highest(&probs[row * e..(row + 1) * e], k));
             }
         }
         scored += targets.iter().filter(|&&t| t != UNUSED).count();

@@ -19,7 +19,6 @@ use super::Engine;
 use crate::error::{Error, Result};
 use crate::gpu::GpuContext;
 use crate::kernels::{ExpertRule, GateConfig, Gating};
-use crate::reference::gate::rule_count;
 use crate::util::Stopwatch;
 use serde::Serialize;
 
@@ -96,15 +95,7 @@ impl SweepReport {
 /// Mean experts per token of one layer's ranked scores `[tokens, k]`
 /// under `gate` (its rule and threshold over those k).
 pub fn mean_experts(ranked: &[f32], k: usize, gate: &GateConfig) -> f64 {
-    let rows = ranked.len() / k.max(1);
-    if rows == 0 {
-        return 0.0;
-    }
-    let total: usize = ranked
-        .chunks_exact(k)
-        .map(|w| rule_count(gate, w, w.iter().sum()))
-        .sum();
-    total as f64 / rows as f64
+    super::calibration::layer_use(ranked, k, gate).0
 }
 
 /// The threshold of `gate.rule` in [0, 1] whose mean experts per token,
