@@ -144,12 +144,38 @@ fn store_h(row: u32, cols: vec4<u32>, n: u32, v: vec4<f32>) {
     }
 }
 
+// decode_up's grid is (K, column blocks, T), and workgroup w of a token
+// works on slot slot_at(w): the slots in bit-reversed order, those past K
+// skipped (for K = 8: 0 4 2 6 1 5 3 7). A driver may hand each of its
+// threads one contiguous run of workgroups (lavapipe does), and a rule
+// leaves a token's last slots unused (UNUSED): in rank order one thread got
+// every used slot and the others only zeros to write, so 4 of 8 slots took
+// 0.85x the time of 8. Bit-reversed, any run of 2^n workgroups holds ranks
+// spread over 0 .. K (4 of 8: 0.50x, measured on lavapipe, 2 threads).
+fn slot_at(w: u32, k: u32) -> u32 {
+    var bits = 0u;
+    while (1u << bits) < k {
+        bits++;
+    }
+    var n = 0u;
+    for (var i = 0u; i < (1u << bits); i++) {
+        let r = select(reverseBits(i) >> (32u - bits), 0u, bits == 0u);
+        if r < k {
+            if n == w {
+                return r;
+            }
+            n++;
+        }
+    }
+    return w;
+}
+
 fn decode_up(wid: vec3<u32>, lid: u32, swiglu: bool) {
-    let tj = wid.y;
-    let t = tj / params.k;
+    let t = wid.z;
+    let tj = t * params.k + slot_at(wid.x, params.k);
     let d_n = params.d;
     let f_n = params.f;
-    let cols = my_cols(wid.x, lid);
+    let cols = my_cols(wid.y, lid);
     let gid = topk_ids[tj];
     if cols.x >= f_n {
         return;

@@ -258,7 +258,9 @@ const DECODE_TOKENS: usize = 64;
 /// One top-k MoE layer forward under fixed top-8, fixed top-4 and each
 /// per-token rule at the threshold (found from the router's ranked scores
 /// of the same tokens) that gives 4 experts per token on average: what a
-/// rule saves in the layer itself.
+/// rule saves in the layer itself. The decode path runs the first
+/// `DECODE_TOKENS` tokens one at a time, each rule at the threshold that
+/// gives those tokens 4 experts on average.
 pub async fn moe_layer_topk_figures(
     ctx: &GpuContext,
     quick: bool,
@@ -280,20 +282,37 @@ pub async fn moe_layer_topk_figures(
     for row in probs.chunks_exact(e) {
         ranked.extend(crate::infer::eval::highest(row, k));
     }
+    // Each rule's threshold for k/2 experts per token on average: over all
+    // T tokens for the grouped forward, over the decoded tokens alone for
+    // the decode path (their own mean differs from the whole batch's).
+    let decoded = &ranked[..DECODE_TOKENS.min(t) * k];
     let mut gates = vec![
-        cfg.gate,
-        GateConfig {
-            k: k / 2,
-            ..cfg.gate
-        },
+        (cfg.gate, cfg.gate),
+        (
+            GateConfig {
+                k: k / 2,
+                ..cfg.gate
+            },
+            GateConfig {
+                k: k / 2,
+                ..cfg.gate
+            },
+        ),
     ];
     for rule in [ExpertRule::Gap, ExpertRule::Ratio, ExpertRule::Mass] {
         let g = GateConfig { rule, ..cfg.gate };
-        let threshold = crate::infer::sweep::threshold_for(&[&ranked], k, g, (k / 2) as f64);
-        gates.push(g.with_threshold(threshold));
+        let at_half = |scores: &[f32]| {
+            g.with_threshold(crate::infer::sweep::threshold_for(
+                &[scores],
+                k,
+                g,
+                (k / 2) as f64,
+            ))
+        };
+        gates.push((at_half(&ranked), at_half(decoded)));
     }
     let mut out = Vec::new();
-    for gate in gates {
+    for (gate, decode_gate) in gates {
         let c = MoeConfig { gate, ..cfg };
         let layer = MoeLayer::new(ctx, c, &w)?;
         let plan = layer.plan(ctx, t, Path::Grouped)?;
@@ -304,6 +323,18 @@ pub async fn moe_layer_topk_figures(
             Ok(())
         })?;
         // Decode: one token at a time through the mat-vec path.
+        let layer = if decode_gate == gate {
+            layer
+        } else {
+            MoeLayer::new(
+                ctx,
+                MoeConfig {
+                    gate: decode_gate,
+                    ..cfg
+                },
+                &w,
+            )?
+        };
         let one = layer.plan(ctx, 1, Path::Decode)?;
         let (mut decode_s, mut decode_slots) = (0.0, 0usize);
         for row in x.chunks_exact(cfg.d).take(DECODE_TOKENS) {

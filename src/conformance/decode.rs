@@ -119,6 +119,13 @@ pub fn cases() -> Vec<Case> {
         c(Gelu, 3, 2, 8, 30, 50, random, 9),
         c(SwiGlu, 2, 2, 4, 97, 300, random, 10),
         c(SwiGlu, 5, 2, 6, 64, 302, Ids::Adaptive { two_pct: 50 }, 11),
+        // K not a power of two (decode_up visits the slots in bit-reversed
+        // order, skipping those past K), with unused slots, and two column
+        // blocks (F > 256).
+        c(SwiGlu, 3, 5, 16, 64, 96, Ids::Random { unused_pct: 30 }, 19),
+        c(Gelu, 2, 6, 8, 32, 300, random, 20),
+        c(SwiGlu, 4, 3, 8, 64, 64, Ids::Random { unused_pct: 25 }, 21),
+        c(SwiGlu, 1, 7, 8, 32, 520, random, 22),
         // One decode step of a mid-sized model: big enough to time.
         c(SwiGlu, 1, 2, 4, 512, 2048, random, 8),
         // f16 weights: the vec4 path, the scalar path, adaptive slots, and

@@ -305,7 +305,8 @@ impl DecodeFfn {
             ));
         }
         let DecodeShape { t, k, e, d, f } = shape;
-        ctx.check_workgroups("decode_up: slots T * K", (t * k) as u64)?;
+        ctx.check_workgroups("decode_up: tokens T", t as u64)?;
+        ctx.check_workgroups("decode_up: slots K", k as u64)?;
         let h = Tensor::<f32>::zeros(ctx, "decode h", &[t, k, f])?;
         let (e0, all, accumulate) = bufs
             .part
@@ -343,7 +344,7 @@ impl DecodeFfn {
                 w16,
             }))?,
             &buffers,
-            Grid::Direct(f.div_ceil(block) as u32, (t * k) as u32, 1),
+            Grid::Direct(k as u32, f.div_ceil(block) as u32, t as u32),
         )?;
         let down = Dispatch::new(
             ctx,
