@@ -22,7 +22,9 @@
 //
 // Spec constants prepended by the launcher: WG, VEC4 (0 or 1), UNUSED.
 // Section `//#if w16`: the weights are stored as f16 (two to a u32 word;
-// math in f32), read through the same accessors (w1v, w1s, ...).
+// math in f32), read through the same accessors (w1v, w1s, ...). Section
+// `//#if packed`: block-quantized, q8 (flag q8) or q4 (shaders/quant.wgsl),
+// dequantized in registers by the same accessors.
 // Needs shaders/activation.wgsl before it. Every entry point shares one
 // binding table.
 
@@ -43,6 +45,12 @@ struct DecodeParams {
 @group(0) @binding(1) var<storage, read> x: array<vec4<f32>>;       // x [T, D]
 @group(0) @binding(2) var<storage, read> topk_ids: array<u32>;      // topk_ids [T, K]
 @group(0) @binding(3) var<storage, read> topk_weights: array<f32>;  // topk_weights [T, K]
+//#if packed
+// Block-quantized weights (shaders/quant.wgsl), packed u32 words.
+@group(0) @binding(4) var<storage, read> w1: array<u32>;            // w1 [E, D, F]
+@group(0) @binding(5) var<storage, read> w3: array<u32>;            // w3 [E, D, F] (SwiGLU; W1 again for GELU)
+@group(0) @binding(6) var<storage, read> w2: array<u32>;            // w2 [E, F, D]
+//#else
 //#if w16
 // The weights as f16: four halves (two u32 words) per vec4 group.
 @group(0) @binding(4) var<storage, read> w1: array<vec2<u32>>;      // w1 [E, D, F]
@@ -53,6 +61,7 @@ struct DecodeParams {
 @group(0) @binding(5) var<storage, read> w3: array<vec4<f32>>;      // w3 [E, D, F] (SwiGLU; W1 again for GELU)
 @group(0) @binding(6) var<storage, read> w2: array<vec4<f32>>;      // w2 [E, F, D]
 //#endif
+//#endif
 @group(0) @binding(7) var<storage, read_write> h: array<f32>;       // h [T, K, F]
 @group(0) @binding(8) var<storage, read_write> y: array<f32>;       // y [T, D]
 
@@ -61,6 +70,71 @@ fn x_at(i: u32) -> f32 {
     return x[i >> 2u][i & 3u];
 }
 
+//#if packed
+// Group r of four weights (VEC4 path), and element i (scalar path),
+// dequantized in registers.
+//#if q8
+fn w1v(r: u32) -> vec4<f32> {
+    let at = q8_group_at(r);
+    return q8_group(w1[at.x], w1[at.y], r);
+}
+
+fn w3v(r: u32) -> vec4<f32> {
+    let at = q8_group_at(r);
+    return q8_group(w3[at.x], w3[at.y], r);
+}
+
+fn w2v(r: u32) -> vec4<f32> {
+    let at = q8_group_at(r);
+    return q8_group(w2[at.x], w2[at.y], r);
+}
+
+fn w1s(i: u32) -> f32 {
+    let at = q8_value_at(i);
+    return q8_value(w1[at.x], w1[at.y], i);
+}
+
+fn w3s(i: u32) -> f32 {
+    let at = q8_value_at(i);
+    return q8_value(w3[at.x], w3[at.y], i);
+}
+
+fn w2s(i: u32) -> f32 {
+    let at = q8_value_at(i);
+    return q8_value(w2[at.x], w2[at.y], i);
+}
+//#else
+fn w1v(r: u32) -> vec4<f32> {
+    let at = q4_group_at(r);
+    return q4_group(w1[at.x], w1[at.y], r);
+}
+
+fn w3v(r: u32) -> vec4<f32> {
+    let at = q4_group_at(r);
+    return q4_group(w3[at.x], w3[at.y], r);
+}
+
+fn w2v(r: u32) -> vec4<f32> {
+    let at = q4_group_at(r);
+    return q4_group(w2[at.x], w2[at.y], r);
+}
+
+fn w1s(i: u32) -> f32 {
+    let at = q4_value_at(i);
+    return q4_value(w1[at.x], w1[at.y], i);
+}
+
+fn w3s(i: u32) -> f32 {
+    let at = q4_value_at(i);
+    return q4_value(w3[at.x], w3[at.y], i);
+}
+
+fn w2s(i: u32) -> f32 {
+    let at = q4_value_at(i);
+    return q4_value(w2[at.x], w2[at.y], i);
+}
+//#endif
+//#else
 //#if w16
 // Group r of four weights (VEC4 path), and element i (scalar path).
 fn w1v(r: u32) -> vec4<f32> {
@@ -113,6 +187,7 @@ fn w3s(i: u32) -> f32 {
 fn w2s(i: u32) -> f32 {
     return w2[i >> 2u][i & 3u];
 }
+//#endif
 //#endif
 
 fn w1_4(at: vec4<u32>) -> vec4<f32> {

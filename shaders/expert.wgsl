@@ -18,7 +18,9 @@
 // shaders/matmul.wgsl (`//#begin core` .. `//#end core`), which runs the K
 // loop and calls the loaders and the epilogue defined here. Sections
 // `//#if gemm1`, `//#if swiglu` pick the stage; `//#if b16`: the weights are
-// stored as f16 pairs in u32 words (math in f32).
+// stored as f16 pairs in u32 words (math in f32); `//#if packed`: block-
+// quantized (q8 with flag q8, else q4; shaders/quant.wgsl, needs
+// shaders/f16.wgsl), dequantized in registers as the tiles load.
 
 struct ExpertParams {
     t: u32,
@@ -47,16 +49,16 @@ struct ExpertParams {
 @group(0) @binding(2) var<storage, read> token_of_slot: array<u32>;
 // routing [RoutingLayout::len()]: tile_expert [max_tiles] at p.tile_expert
 @group(0) @binding(3) var<storage, read> routing: array<u32>;
-//#if b16
-// w1 [E, D, F] (f16 pairs in u32 words)
+//#if words
+// w1 [E, D, F] (f16 pairs, or block-quantized, in u32 words)
 @group(0) @binding(4) var<storage, read> w1: array<u32>;
 //#else
 // w1 [E, D, F]
 @group(0) @binding(4) var<storage, read> w1: array<f32>;
 //#endif
 //#if swiglu
-//#if b16
-// w3 [E, D, F] (f16 pairs in u32 words)
+//#if words
+// w3 [E, D, F] (f16 pairs, or block-quantized, in u32 words)
 @group(0) @binding(5) var<storage, read> w3: array<u32>;
 //#else
 // w3 [E, D, F]
@@ -82,8 +84,8 @@ struct ExpertParams {
 @group(0) @binding(1) var<storage, read> h: array<f32>;
 // routing [RoutingLayout::len()]: tile_expert [max_tiles] at p.tile_expert
 @group(0) @binding(2) var<storage, read> routing: array<u32>;
-//#if b16
-// w2 [E, F, D] (f16 pairs in u32 words)
+//#if words
+// w2 [E, F, D] (f16 pairs, or block-quantized, in u32 words)
 @group(0) @binding(3) var<storage, read> w2: array<u32>;
 //#else
 // w2 [E, F, D]
@@ -121,6 +123,49 @@ fn a_at(i: u32) -> f32 {
     return x[i];
 }
 
+//#if packed
+// Block-quantized W_w (shaders/quant.wgsl): value group r (values
+// 4r .. 4r + 3) and value i, dequantized in registers.
+fn b_group(w: u32, r: u32) -> vec4<f32> {
+//#if q8
+    let at = q8_group_at(r);
+//#if swiglu
+    if (w == 1u) {
+        return q8_group(w3[at.x], w3[at.y], r);
+    }
+//#endif
+    return q8_group(w1[at.x], w1[at.y], r);
+//#else
+    let at = q4_group_at(r);
+//#if swiglu
+    if (w == 1u) {
+        return q4_group(w3[at.x], w3[at.y], r);
+    }
+//#endif
+    return q4_group(w1[at.x], w1[at.y], r);
+//#endif
+}
+
+fn b_at(w: u32, i: u32) -> f32 {
+//#if q8
+    let at = q8_value_at(i);
+//#if swiglu
+    if (w == 1u) {
+        return q8_value(w3[at.x], w3[at.y], i);
+    }
+//#endif
+    return q8_value(w1[at.x], w1[at.y], i);
+//#else
+    let at = q4_value_at(i);
+//#if swiglu
+    if (w == 1u) {
+        return q4_value(w3[at.x], w3[at.y], i);
+    }
+//#endif
+    return q4_value(w1[at.x], w1[at.y], i);
+//#endif
+}
+//#else
 //#if b16
 // Word i of W_w: two f16 weights.
 fn b_pair(w: u32, i: u32) -> vec2<f32> {
@@ -144,6 +189,7 @@ fn b_at(w: u32, i: u32) -> f32 {
 //#endif
     return w1[i];
 }
+//#endif
 //#endif
 
 fn gemm_store4(m: u32, n: u32, v: vec4<f32>, v2: vec4<f32>) {
@@ -220,6 +266,27 @@ fn a_at(i: u32) -> f32 {
     return h[i];
 }
 
+//#if packed
+fn b_group(w: u32, r: u32) -> vec4<f32> {
+//#if q8
+    let at = q8_group_at(r);
+    return q8_group(w2[at.x], w2[at.y], r);
+//#else
+    let at = q4_group_at(r);
+    return q4_group(w2[at.x], w2[at.y], r);
+//#endif
+}
+
+fn b_at(w: u32, i: u32) -> f32 {
+//#if q8
+    let at = q8_value_at(i);
+    return q8_value(w2[at.x], w2[at.y], i);
+//#else
+    let at = q4_value_at(i);
+    return q4_value(w2[at.x], w2[at.y], i);
+//#endif
+}
+//#else
 //#if b16
 fn b_pair(w: u32, i: u32) -> vec2<f32> {
     return unpack_f16x2(w2[i]);
@@ -232,6 +299,7 @@ fn b_at(w: u32, i: u32) -> f32 {
 fn b_at(w: u32, i: u32) -> f32 {
     return w2[i];
 }
+//#endif
 //#endif
 
 fn gemm_store4(m: u32, n: u32, v: vec4<f32>, v2: vec4<f32>) {
@@ -275,6 +343,13 @@ fn gemm_load_b4(w: u32, k: u32, n: u32) -> vec4<f32> {
     if ((nd & 3u) == 0u) {
         let i = (w_base + min(k, kd - 1u) * nd + min(n, nd - 4u)) >> 1u;
         return select(vec4<f32>(0.0), vec4<f32>(b_pair(w, i), b_pair(w, i + 1u)), live);
+    }
+//#endif
+//#if packed
+    // Likewise the four values are one group: one word and one scale.
+    if ((nd & 3u) == 0u) {
+        let r = (w_base + min(k, kd - 1u) * nd + min(n, nd - 4u)) >> 2u;
+        return select(vec4<f32>(0.0), b_group(w, r), live);
     }
 //#endif
     let i = vec4<u32>(w_base + min(k, kd - 1u) * nd) + min(ns, vec4<u32>(nd - 1u));

@@ -16,6 +16,7 @@ pub mod infer;
 pub mod kernels;
 pub mod model;
 pub mod moe;
+pub mod quant;
 pub mod reference;
 pub mod tokenizer;
 pub mod tol;

@@ -1,8 +1,9 @@
 //! Conformance cases of the decode FFN (`decode_up_gelu` / `decode_up_swiglu`
 //! then `decode_down`, recorded by `kernels::decode::DecodeFfn`) against the
 //! twin `reference::decode::decode_ffn`: `h` within `Tol::reduction(D)`, `y`
-//! within `Tol::reduction(F)`; with f32 weights and with f16 ones (the twin
-//! on the weights rounded to f16).
+//! within `Tol::reduction(F)`; with f32 weights, f16 ones (the twin on the
+//! weights rounded to f16) and block-quantized q8 and q4 ones (the twin on
+//! the weights through `quant::rounded`, as the shader dequantizes them).
 
 use super::route::{make_ids, Ids};
 use super::CheckResult;
@@ -23,8 +24,8 @@ pub enum Case {
         shape: DecodeShape,
         ids: Ids,
         seed: u64,
-        /// The weights stored as f16 (the twin reads them rounded).
-        f16: bool,
+        /// How the weights are stored (the twin reads them rounded so).
+        storage: Dtype,
         /// The expert bank in this many parts (both kernels once per part,
         /// later parts adding to y).
         parts: usize,
@@ -39,7 +40,7 @@ impl Case {
                 activation,
                 shape: s,
                 ids,
-                f16,
+                storage,
                 parts,
                 ..
             } => (
@@ -56,7 +57,11 @@ impl Case {
                     s.d,
                     s.f,
                     ids.label(),
-                    if *f16 { " f16 weights" } else { "" }
+                    if *storage == Dtype::F32 {
+                        String::new()
+                    } else {
+                        format!(" {storage} weights")
+                    }
                 ) + &if *parts > 1 {
                     format!(", bank in {parts} parts")
                 } else {
@@ -77,7 +82,7 @@ pub fn cases() -> Vec<Case> {
         shape: DecodeShape { t, k, e, d, f },
         ids,
         seed,
-        f16: false,
+        storage: Dtype::F32,
         parts: 1,
     };
     let c16 = |activation, t, k, e, d, f, ids, seed| Case::Twin {
@@ -85,15 +90,15 @@ pub fn cases() -> Vec<Case> {
         shape: DecodeShape { t, k, e, d, f },
         ids,
         seed,
-        f16: true,
+        storage: Dtype::F16,
         parts: 1,
     };
-    let split = |activation, t, k, e, d, f, ids, seed, f16, parts| Case::Twin {
+    let split = |activation, t, k, e, d, f, ids, seed, storage, parts| Case::Twin {
         activation,
         shape: DecodeShape { t, k, e, d, f },
         ids,
         seed,
-        f16,
+        storage,
         parts,
     };
     use Activation::{Gelu, SwiGlu};
@@ -145,11 +150,33 @@ pub fn cases() -> Vec<Case> {
             96,
             Ids::Random { unused_pct: 25 },
             16,
-            false,
+            Dtype::F32,
             3,
         ),
-        split(Gelu, 3, 2, 8, 30, 50, random, 17, true, 2),
-        split(SwiGlu, 2, 8, 16, 32, 48, random, 18, false, 4),
+        split(Gelu, 3, 2, 8, 30, 50, random, 17, Dtype::F16, 2),
+        split(SwiGlu, 2, 8, 16, 32, 48, random, 18, Dtype::F32, 4),
+        // Block-quantized weights (q8, q4): the vec4 path, the scalar path
+        // (D or F not a multiple of 4; blocks then straddle rows), unused
+        // slots, top-8 with empty slots, a bank in parts, the timed shape.
+        split(SwiGlu, 3, 2, 8, 64, 96, random, 23, Dtype::Q8, 1),
+        split(SwiGlu, 3, 2, 8, 64, 96, random, 24, Dtype::Q4, 1),
+        split(Gelu, 2, 2, 4, 30, 50, random, 25, Dtype::Q8, 1),
+        split(SwiGlu, 2, 2, 4, 97, 302, random, 26, Dtype::Q4, 1),
+        split(
+            SwiGlu,
+            4,
+            8,
+            16,
+            64,
+            128,
+            Ids::Random { unused_pct: 40 },
+            27,
+            Dtype::Q4,
+            1,
+        ),
+        split(SwiGlu, 2, 8, 16, 32, 64, random, 28, Dtype::Q8, 4),
+        split(SwiGlu, 1, 2, 4, 512, 2048, random, 29, Dtype::Q8, 1),
+        split(SwiGlu, 1, 2, 4, 512, 2048, random, 30, Dtype::Q4, 1),
         Case::BadInputs,
     ]
 }
@@ -161,7 +188,7 @@ pub async fn run(ctx: &GpuContext, case: &Case) -> Result<CheckResult> {
         shape: s,
         ids,
         seed,
-        f16,
+        storage,
         parts,
     } = *case
     else {
@@ -172,12 +199,23 @@ pub async fn run(ctx: &GpuContext, case: &Case) -> Result<CheckResult> {
     let ids_host = make_ids(t, k, e, ids, seed);
     let weights: Vec<f32> = (0..t * k).map(|_| rng.uniform()).collect();
     let x = rng.vec_sym(t * d, 1.0);
-    let round = |w: Vec<f32>| if f16 { rounded_f16(&w) } else { w };
-    let dtype = if f16 { Dtype::F16 } else { Dtype::F32 };
-    let w1 = round(rng.vec_sym(e * d * f, 1.0 / (d as f32).sqrt()));
-    let w3 = (activation == Activation::SwiGlu)
-        .then(|| round(rng.vec_sym(e * d * f, 1.0 / (d as f32).sqrt())));
-    let w2 = round(rng.vec_sym(e * f * d, 1.0 / (f as f32).sqrt()));
+    // What the kernel reads of each stored weight. A quantized bank in
+    // parts is quantized part by part: the cases keep D * F a multiple of
+    // a pair of blocks, so that this is the whole bank's rounding.
+    let round = |w: Vec<f32>| -> Result<Vec<f32>> {
+        Ok(match storage.quant() {
+            None if storage == Dtype::F16 => rounded_f16(&w),
+            None => w,
+            Some(q) => crate::quant::rounded(q, "w", &w)?,
+        })
+    };
+    let dtype = storage;
+    let w1 = round(rng.vec_sym(e * d * f, 1.0 / (d as f32).sqrt()))?;
+    let w3 = match activation {
+        Activation::SwiGlu => Some(round(rng.vec_sym(e * d * f, 1.0 / (d as f32).sqrt()))?),
+        Activation::Gelu => None,
+    };
+    let w2 = round(rng.vec_sym(e * f * d, 1.0 / (f as f32).sqrt()))?;
     let (want_h, want_y) = decode_ffn(
         &s,
         activation,

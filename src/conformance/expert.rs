@@ -6,7 +6,8 @@
 //! and the routing edge cases: T = 1, T not a multiple of the tile, E > T, an
 //! empty expert, all tokens on one expert, 1-token experts, K = 1, K = 2 with
 //! unused slots, D and F not multiples of 4; weights stored as f16 with D
-//! and F multiples of 4 and not. One more case checks that
+//! and F multiples of 4 and not, block-quantized q8 (D and F not multiples
+//! of 4) and q4 (multiples, and in parts). One more case checks that
 //! stacked weights past the storage-binding limit give `Error::Limit`.
 
 use super::CheckResult;
@@ -38,8 +39,9 @@ pub struct FfnCase {
     /// topk_ids [T, K]
     pub ids: Vec<u32>,
     pub seed: u64,
-    /// The weights stored as f16 (the twin reads them rounded to f16).
-    pub f16: bool,
+    /// How the weights are stored (the twin reads them rounded so: to
+    /// f16, or through `quant::rounded`).
+    pub storage: Dtype,
     /// The expert bank split into this many parts (a bank larger than one
     /// storage binding): both GEMMs run once per part.
     pub parts: usize,
@@ -64,8 +66,11 @@ impl Case {
                         s.e,
                         s.d,
                         s.f,
-                        c.core.with_b16(c.f16).label()
-                    ) + &if c.parts > 1 {
+                        c.core.with_b16(c.storage == Dtype::F16).label()
+                    ) + &match c.storage.quant() {
+                        Some(q) => format!(", {q} weights"),
+                        None => String::new(),
+                    } + &if c.parts > 1 {
                         format!(", bank in {} parts", c.parts)
                     } else {
                         String::new()
@@ -145,11 +150,30 @@ pub fn cases() -> Vec<Case> {
                 // A split bank (E = 4): 4 parts of one expert in f32, 2 of
                 // two in f16.
                 let split_too = what.starts_with("several");
-                for (f16, parts) in [(false, 1), (true, 1), (false, 4), (true, 2)] {
-                    // f16 with SwiGLU only (the published models'; GELU's
-                    // GEMM 1 shares its loaders): fewer pipelines to build.
-                    let f16_here = f16_too && act == Activation::SwiGlu;
-                    if (f16 && !f16_here) || (parts > 1 && !split_too) {
+                // Block-quantized weights likewise: q8 on the odd shapes
+                // (one value per load), q4 on the others (one word per
+                // four values), and q4 in 2 parts.
+                for (storage, parts) in [
+                    (Dtype::F32, 1),
+                    (Dtype::F16, 1),
+                    (Dtype::F32, 4),
+                    (Dtype::F16, 2),
+                    (Dtype::Q8, 1),
+                    (Dtype::Q4, 1),
+                    (Dtype::Q4, 2),
+                ] {
+                    // f16 and quantized with SwiGLU only (the published
+                    // models'; GELU's GEMM 1 shares its loaders): fewer
+                    // pipelines to build.
+                    let stored_here = f16_too && act == Activation::SwiGlu;
+                    let odd = what.starts_with("T not");
+                    let here = match storage {
+                        Dtype::F32 => true,
+                        Dtype::F16 => stored_here,
+                        Dtype::Q8 => stored_here && odd,
+                        Dtype::Q4 => stored_here && !odd,
+                    };
+                    if !here || (parts > 1 && !split_too) {
                         continue;
                     }
                     seed += 1;
@@ -159,7 +183,7 @@ pub fn cases() -> Vec<Case> {
                         core,
                         ids: ids.clone(),
                         seed,
-                        f16,
+                        storage,
                         parts,
                     }));
                 }
@@ -188,6 +212,7 @@ async fn run_ffn(
     let spec = ExpertSpec {
         stage: ExpertStage::gemm1(s.act),
         core: c.core,
+        quant: c.storage.quant(),
     };
     let (t, e, d, f) = (s.t, s.e, s.d, s.f);
     let layout = s.layout(&spec);
@@ -209,14 +234,18 @@ async fn run_ffn(
     let mut w1 = rng.vec_sym(e * d * f, a_in);
     let mut w3 = rng.vec_sym(e * d * f, a_in);
     let mut w2 = rng.vec_sym(e * f * d, (3.0 / f as f32).sqrt());
-    let dtype = if c.f16 {
-        for w in [&mut w1, &mut w3, &mut w2] {
-            *w = rounded_f16(w);
+    // A quantized bank in parts is quantized part by part: D * F is a
+    // multiple of a pair of blocks in those cases, so this is the same.
+    for w in [&mut w1, &mut w3, &mut w2] {
+        match c.storage {
+            Dtype::F32 => {}
+            Dtype::F16 => *w = rounded_f16(w),
+            Dtype::Q8 | Dtype::Q4 => {
+                *w = crate::quant::rounded(c.storage.quant().expect("quantized"), "w", w)?
+            }
         }
-        Dtype::F16
-    } else {
-        Dtype::F32
-    };
+    }
+    let dtype = c.storage;
     let swiglu = s.act == Activation::SwiGlu;
 
     let xt = Tensor::from_slice(ctx, "x", &[t, d], &x)?;

@@ -15,6 +15,7 @@
 //! rounded to f16 ([`round_f16`]): the widening is exact, so the kernel
 //! computes exactly that and the same tolerances hold.
 
+use crate::quant::QuantFormat;
 use half::f16;
 
 use super::{GpuContext, Tensor};
@@ -25,6 +26,9 @@ use crate::error::{Error, Result};
 pub enum Dtype {
     F32,
     F16,
+    /// Block-quantized (`quant`): 8 or 4 bits with an f16 scale per 32.
+    Q8,
+    Q4,
 }
 
 impl Dtype {
@@ -32,14 +36,29 @@ impl Dtype {
         match self {
             Dtype::F32 => "f32",
             Dtype::F16 => "f16",
+            Dtype::Q8 => "q8",
+            Dtype::Q4 => "q4",
         }
     }
 
-    /// Bytes per element.
-    pub fn size(self) -> u64 {
+    /// The block-quantized format, if this is one.
+    pub fn quant(self) -> Option<QuantFormat> {
         match self {
-            Dtype::F32 => 4,
-            Dtype::F16 => 2,
+            Dtype::Q8 => Some(QuantFormat::Q8),
+            Dtype::Q4 => Some(QuantFormat::Q4),
+            Dtype::F32 | Dtype::F16 => None,
+        }
+    }
+
+    /// Bytes that `numel` values take in this storage.
+    pub fn bytes(self, numel: u64) -> u64 {
+        match self {
+            Dtype::F32 => numel * 4,
+            Dtype::F16 => numel * 2,
+            Dtype::Q8 | Dtype::Q4 => {
+                let f = self.quant().expect("quantized");
+                numel.div_ceil(crate::quant::PAIR as u64) * f.pair_words() as u64 * 4
+            }
         }
     }
 }
@@ -91,6 +110,12 @@ pub fn to_f16(label: &str, data: &[f32]) -> Result<Vec<f16>> {
 enum Part {
     F32(Tensor<f32>),
     F16(Tensor<f16>),
+    /// Packed words (`quant`) of a tensor of `shape`.
+    Packed {
+        format: QuantFormat,
+        shape: Vec<usize>,
+        words: Tensor<u32>,
+    },
 }
 
 impl Part {
@@ -98,6 +123,18 @@ impl Part {
         match self {
             Part::F32(t) => t.into(),
             Part::F16(t) => t.into(),
+            Part::Packed {
+                format,
+                shape,
+                words,
+            } => WeightRef {
+                buffer: &words.buffer,
+                shape,
+                dtype: match format {
+                    QuantFormat::Q8 => Dtype::Q8,
+                    QuantFormat::Q4 => Dtype::Q4,
+                },
+            },
         }
     }
 
@@ -105,6 +142,11 @@ impl Part {
         Ok(match self {
             Part::F32(t) => t.read(ctx).await?,
             Part::F16(t) => t.read(ctx).await?.iter().map(|h| h.to_f32()).collect(),
+            Part::Packed {
+                format,
+                shape,
+                words,
+            } => crate::quant::dequantize(*format, &words.read(ctx).await?, shape.iter().product()),
         })
     }
 
@@ -123,6 +165,15 @@ impl Part {
                 shape,
                 &to_f16(label, data)?,
             )?),
+            Dtype::Q8 | Dtype::Q4 => {
+                let format = dtype.quant().expect("quantized");
+                let words = crate::quant::quantize(format, label, data)?;
+                Part::Packed {
+                    format,
+                    shape: shape.to_vec(),
+                    words: Tensor::from_slice(ctx, label, &[words.len()], &words)?,
+                }
+            }
         })
     }
 }
@@ -195,7 +246,7 @@ impl Weight {
                 ),
             ));
         }
-        if numel as u64 * dtype.size() <= limit {
+        if dtype.bytes(numel as u64) <= limit {
             // One part, still described along `axis` (`parts` ranges over it).
             return Ok(Weight {
                 axis,
@@ -204,7 +255,7 @@ impl Weight {
         }
         let along = shape[axis];
         let slice = numel / along.max(1);
-        let slice_bytes = slice as u64 * dtype.size();
+        let slice_bytes = dtype.bytes(slice as u64);
         if slice_bytes > limit {
             return Err(Error::Limit {
                 what: format!(
@@ -259,7 +310,7 @@ impl Weight {
 
     /// Bytes of the contents (all parts).
     pub fn bytes(&self) -> u64 {
-        self.numel() as u64 * self.dtype.size()
+        self.parts.iter().map(|(_, p)| p.view().bytes()).sum()
     }
 
     /// Whether the weight is in more than one part.
@@ -309,9 +360,12 @@ impl Weight {
     pub fn f32(&self, what: &'static str) -> Result<&Tensor<f32>> {
         match self.parts.as_slice() {
             [(_, Part::F32(t))] => Ok(t),
-            [(_, Part::F16(_))] => Err(Error::invalid(
+            [(_, Part::F16(_) | Part::Packed { .. })] => Err(Error::invalid(
                 what,
-                "needs f32 weights; this model is stored in f16 (load it with --dtype f32)",
+                format!(
+                    "needs f32 weights; this model is stored in {} (load it with --dtype f32)",
+                    self.dtype
+                ),
             )),
             _ => Err(Error::invalid(
                 what,
@@ -354,6 +408,9 @@ impl Weight {
         match self.parts.as_slice() {
             [(_, Part::F32(t))] => t.write(ctx, data),
             [(_, Part::F16(t))] => t.write(ctx, &to_f16(&self.label, data)?),
+            [(_, Part::Packed { format, words, .. })] => {
+                words.write(ctx, &crate::quant::quantize(*format, &self.label, data)?)
+            }
             _ => Err(Error::invalid(
                 "weight write",
                 format!("{} is split in {} parts", self.label, self.parts.len()),
@@ -390,7 +447,20 @@ impl WeightRef<'_> {
 
     /// Bytes of the contents.
     pub fn bytes(&self) -> u64 {
-        self.shape.iter().product::<usize>() as u64 * self.dtype.size()
+        self.dtype
+            .bytes(self.shape.iter().product::<usize>() as u64)
+    }
+
+    /// `Error::InvalidArgument` naming `op` for block-quantized storage: for
+    /// the kernels that read only f32 or f16 weights.
+    pub fn expect_float(&self, op: &'static str) -> Result<()> {
+        match self.dtype.quant() {
+            None => Ok(()),
+            Some(f) => Err(Error::invalid(
+                op,
+                format!("this kernel does not read {f} weights (only f32 and f16)"),
+            )),
+        }
     }
 
     /// Fail with `Error::Shape` unless the shape is `want`.

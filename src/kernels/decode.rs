@@ -10,7 +10,9 @@
 use super::matmul::wgsl_select;
 use super::{Activation, Kernel, ParamsLayout, UNUSED};
 use crate::error::{Error, Result};
-use crate::gpu::{uniform, Binding, Dispatch, GpuContext, Grid, KernelDef, Tensor, WeightRef};
+use crate::gpu::{
+    uniform, Binding, Dispatch, Dtype, GpuContext, Grid, KernelDef, Tensor, WeightRef,
+};
 use crate::gpu_params;
 
 /// Invocations per workgroup.
@@ -22,18 +24,19 @@ const ACTIVATION_WGSL: &str = include_str!("../../shaders/activation.wgsl");
 const DECODE_WGSL: &str = include_str!("../../shaders/decode.wgsl");
 
 /// The decode kernels. `vec4`: D and F are multiples of 4, so weight rows are
-/// read with vec4 loads (the fast path); otherwise scalar loads. `w16`: the
-/// weights are stored as f16 (`gpu::Dtype::F16`).
+/// read with vec4 loads (the fast path); otherwise scalar loads. `storage`:
+/// how the weights are stored (f32, f16, or block-quantized q8 / q4,
+/// dequantized in registers).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum DecodeSpec {
     /// `h = act(x · W1[e])` (GELU) or `silu(x · W1[e]) * (x · W3[e])` (SwiGLU).
     Up {
         activation: Activation,
         vec4: bool,
-        w16: bool,
+        storage: Dtype,
     },
     /// `y = sum_j w_j * (h_j · W2[e_j])`.
-    Down { vec4: bool, w16: bool },
+    Down { vec4: bool, storage: Dtype },
 }
 
 impl DecodeSpec {
@@ -58,25 +61,38 @@ impl DecodeSpec {
         }
     }
 
-    fn w16(&self) -> bool {
+    fn storage(&self) -> Dtype {
         match *self {
-            DecodeSpec::Up { w16, .. } | DecodeSpec::Down { w16, .. } => w16,
+            DecodeSpec::Up { storage, .. } | DecodeSpec::Down { storage, .. } => storage,
         }
     }
 
     pub fn def(&self) -> KernelDef {
-        let (vec4, w16) = (self.vec4(), self.w16());
-        let flags: &[&str] = if w16 { &["w16"] } else { &[] };
+        let (vec4, storage) = (self.vec4(), self.storage());
+        let flags: &[&str] = match storage {
+            Dtype::F32 => &[],
+            Dtype::F16 => &["w16"],
+            Dtype::Q8 => &["packed", "q8"],
+            Dtype::Q4 => &["packed"],
+        };
         KernelDef::new(
             format!(
                 "{}{}{}",
                 self.name(),
                 if vec4 { "_vec4" } else { "_scalar" },
-                if w16 { "_f16" } else { "" }
+                match storage {
+                    Dtype::F32 => String::new(),
+                    other => format!("_{other}"),
+                }
             ),
             &[
                 ACTIVATION_WGSL,
-                super::f16_source(w16),
+                super::f16_source(storage != Dtype::F32),
+                if storage.quant().is_some() {
+                    super::QUANT_WGSL
+                } else {
+                    ""
+                },
                 &wgsl_select(DECODE_WGSL, flags),
             ],
             self.name(),
@@ -98,16 +114,16 @@ impl DecodeSpec {
 
     pub fn all() -> Vec<Self> {
         let mut v = Vec::new();
-        for w16 in [false, true] {
+        for storage in [Dtype::F32, Dtype::F16, Dtype::Q8, Dtype::Q4] {
             for vec4 in [false, true] {
                 for activation in [Activation::Gelu, Activation::SwiGlu] {
                     v.push(DecodeSpec::Up {
                         activation,
                         vec4,
-                        w16,
+                        storage,
                     });
                 }
-                v.push(DecodeSpec::Down { vec4, w16 });
+                v.push(DecodeSpec::Down { vec4, storage });
             }
         }
         v
@@ -132,7 +148,7 @@ pub fn params_layouts() -> Vec<ParamsLayout> {
     vec![ParamsLayout::of::<DecodeParams>(Kernel::Decode(
         DecodeSpec::Down {
             vec4: true,
-            w16: false,
+            storage: Dtype::F32,
         },
     ))]
 }
@@ -297,11 +313,11 @@ pub struct DecodeFfn {
 impl DecodeFfn {
     pub fn new(ctx: &GpuContext, activation: Activation, bufs: &DecodeBuffers<'_>) -> Result<Self> {
         let shape = check(activation, &bufs.shapes())?;
-        let w16 = bufs.w1.f16();
-        if bufs.w2.dtype != bufs.w1.dtype || bufs.w3.is_some_and(|w3| w3.dtype != bufs.w1.dtype) {
+        let storage = bufs.w1.dtype;
+        if bufs.w2.dtype != storage || bufs.w3.is_some_and(|w3| w3.dtype != storage) {
             return Err(Error::invalid(
                 "decode",
-                "w1, w3 and w2 must share one storage (f32 or f16)",
+                "w1, w3 and w2 must share one storage (f32, f16, q8 or q4)",
             ));
         }
         let DecodeShape { t, k, e, d, f } = shape;
@@ -341,14 +357,14 @@ impl DecodeFfn {
             ctx.pipeline(&Kernel::Decode(DecodeSpec::Up {
                 activation,
                 vec4,
-                w16,
+                storage,
             }))?,
             &buffers,
             Grid::Direct(k as u32, f.div_ceil(block) as u32, t as u32),
         )?;
         let down = Dispatch::new(
             ctx,
-            ctx.pipeline(&Kernel::Decode(DecodeSpec::Down { vec4, w16 }))?,
+            ctx.pipeline(&Kernel::Decode(DecodeSpec::Down { vec4, storage }))?,
             &buffers,
             Grid::Direct(d.div_ceil(block) as u32, t as u32, 1),
         )?;

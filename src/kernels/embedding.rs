@@ -382,6 +382,7 @@ impl EmbeddingForward {
         }
         // Without wpe the shader reads none; wte fills the binding.
         let wpe = bufs.wpe.map_or(bufs.wte.buffer, |w| &w.buffer);
+        bufs.wte.expect_float("embedding")?;
         let (dispatch, params) = build(
             ctx,
             if bufs.wte.f16() {

@@ -14,6 +14,7 @@ use super::{Activation, Kernel, ParamsLayout, RoutingLayout};
 use crate::error::{Error, Result};
 use crate::gpu::{uniform, Binding, Dispatch, GpuContext, Grid, KernelDef, Tensor, WeightRef};
 use crate::gpu_params;
+use crate::quant::QuantFormat;
 
 const ACTIVATION_WGSL: &str = include_str!("../../shaders/activation.wgsl");
 const EXPERT_WGSL: &str = include_str!("../../shaders/expert.wgsl");
@@ -128,6 +129,9 @@ impl ExpertStage {
 pub struct ExpertSpec {
     pub stage: ExpertStage,
     pub core: MatmulSpec,
+    /// Block-quantized weights (inference stages only), dequantized in
+    /// registers as the tiles load; `core.b16` stays off.
+    pub quant: Option<QuantFormat>,
 }
 
 impl ExpertSpec {
@@ -177,6 +181,7 @@ impl ExpertSpec {
         ExpertSpec {
             stage: ExpertStage::gemm1(shape.act),
             core,
+            quant: None,
         }
     }
 
@@ -202,7 +207,12 @@ impl ExpertSpec {
     pub fn def(&self) -> KernelDef {
         let mut flags = self.stage.flags();
         if self.core.b16 {
-            flags.push("b16");
+            flags.extend(["b16", "words"]);
+        }
+        match self.quant {
+            Some(QuantFormat::Q8) => flags.extend(["packed", "words", "q8"]),
+            Some(QuantFormat::Q4) => flags.extend(["packed", "words"]),
+            None => {}
         }
         grouped_gemm_def(
             self.stage.name(),
@@ -228,11 +238,26 @@ impl ExpertSpec {
                     ExpertStage::Gemm1GeluTrain | ExpertStage::Gemm1SwiGluTrain
                 );
                 Self::cores().into_iter().flat_map(move |core| {
-                    let f16 = (!train).then_some(ExpertSpec {
+                    let plain = ExpertSpec {
                         stage,
-                        core: core.with_b16(true),
-                    });
-                    std::iter::once(ExpertSpec { stage, core }).chain(f16)
+                        core,
+                        quant: None,
+                    };
+                    let stored = [
+                        ExpertSpec {
+                            core: core.with_b16(true),
+                            ..plain
+                        },
+                        ExpertSpec {
+                            quant: Some(QuantFormat::Q8),
+                            ..plain
+                        },
+                        ExpertSpec {
+                            quant: Some(QuantFormat::Q4),
+                            ..plain
+                        },
+                    ];
+                    std::iter::once(plain).chain(stored.into_iter().filter(move |_| !train))
                 })
             })
             .collect()
@@ -254,10 +279,23 @@ pub(crate) fn grouped_gemm_def(
 ) -> KernelDef {
     let core = core.with_beta(false);
     KernelDef::new(
-        format!("{entry}[{}]", core.label()),
+        format!(
+            "{entry}[{}{}]",
+            core.label(),
+            match (flags.contains(&"packed"), flags.contains(&"q8")) {
+                (true, true) => " q8",
+                (true, false) => " q4",
+                _ => "",
+            }
+        ),
         &[
             ACTIVATION_WGSL,
-            super::f16_source(flags.contains(&"b16")),
+            super::f16_source(flags.contains(&"words")),
+            if flags.contains(&"packed") {
+                super::QUANT_WGSL
+            } else {
+                ""
+            },
             &wgsl_select(gemm_core(), &core.flags()),
             &wgsl_select(stage_wgsl, flags),
         ],
@@ -303,6 +341,7 @@ pub fn params_layouts() -> Vec<ParamsLayout> {
             ParamsLayout::of::<ExpertParams>(Kernel::Expert(ExpertSpec {
                 stage,
                 core: MatmulSpec::BLOCKED_SQUARE,
+                quant: None,
             }))
         })
         .collect()
@@ -347,6 +386,8 @@ impl ExpertShape {
         let layout = self.layout(spec);
         let rows = layout.max_rows() as u64;
         let weights = ec.min(e) as u64 * d as u64 * f as u64;
+        // Elements of a weight (a u32 index reaches each; packed words are
+        // fewer than the elements).
         let wsize = if spec.core.b16 { 2 } else { 4 };
         let sizes = [
             ("expert_ffn: x [T, D]", t as u64 * d as u64, 4),
@@ -444,11 +485,19 @@ impl ExpertFfn {
         if bufs.w2.dtype != bufs.w1.dtype || bufs.w3.is_some_and(|w3| w3.dtype != bufs.w1.dtype) {
             return Err(Error::invalid(
                 "expert_ffn",
-                "w1, w3 and w2 must share one storage (f32 or f16)",
+                "w1, w3 and w2 must share one storage (f32, f16, q8 or q4)",
+            ));
+        }
+        let quant = bufs.w1.dtype.quant();
+        if quant.is_some() && (bufs.u.is_some() || bufs.u3.is_some()) {
+            return Err(Error::invalid(
+                "expert_ffn",
+                "training reads f32 weights, not block-quantized ones",
             ));
         }
         let spec = ExpertSpec {
             core: spec.core.with_b16(bufs.w1.f16()),
+            quant,
             ..spec
         };
         let ec = bufs.w1.shape.first().copied().unwrap_or(0);
@@ -655,6 +704,7 @@ mod tests {
         let s = ExpertSpec {
             stage: ExpertStage::Gemm2,
             core: MatmulSpec::SUBGROUP_SQUARE,
+            quant: None,
         };
         assert_eq!(s.tile_m(), 96);
         assert_eq!(tile_m(&s), 96);

@@ -383,6 +383,7 @@ impl KvEmbed {
             vc: v as u32,
             ..KvShape::mha(t, 1, d, n).params(all)
         };
+        bufs.wte.expect_float("kv_cache")?;
         let (dispatch, params) = build(
             ctx,
             if bufs.wte.f16() {

@@ -627,6 +627,7 @@ impl Matmul {
                 max: u32::MAX as u64,
             });
         }
+        b.expect_float("matmul")?;
         let spec = spec.with_beta(shape.beta != 0.0).with_b16(b.f16());
         spec.check(ctx)?;
         let max = ctx.limits.max_compute_workgroups_per_dimension;

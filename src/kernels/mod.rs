@@ -28,6 +28,8 @@ pub mod route;
 /// The f16 widening every kernel reading f16 weights prepends
 /// (`shaders/f16.wgsl`).
 pub(crate) const F16_WGSL: &str = include_str!("../../shaders/f16.wgsl");
+/// Block-quantized weights' index and dequantization helpers (needs F16_WGSL).
+pub(crate) const QUANT_WGSL: &str = include_str!("../../shaders/quant.wgsl");
 
 /// `F16_WGSL` when a kernel reads f16 weights, else nothing.
 pub(crate) fn f16_source(f16: bool) -> &'static str {

@@ -661,20 +661,17 @@ impl ModelConfig {
     /// the largest single tensor (which must fit one storage binding).
     pub fn gpu_bytes(&self, dtype: crate::gpu::Dtype) -> GpuBytes {
         let specs = self.param_specs();
-        let size = |id: crate::model::params::ParamId| {
+        let size = |id: crate::model::params::ParamId, numel: usize| {
             if id.is_matmul_weight() {
-                dtype.size()
+                dtype.bytes(numel as u64)
             } else {
-                4
+                numel as u64 * 4
             }
         };
-        let params = specs
-            .iter()
-            .map(|(id, s)| s.numel() as u64 * size(id))
-            .sum();
+        let params = specs.iter().map(|(id, s)| size(id, s.numel())).sum();
         let largest = specs
             .iter()
-            .map(|(id, s)| (s.numel() as u64 * size(id), id.name()))
+            .map(|(id, s)| (size(id, s.numel()), id.name()))
             .max()
             .unwrap_or_default();
         let kv = 2 * (self.layers * self.kv_heads() * self.context * self.head_dim()) as u64 * 4;
@@ -704,12 +701,12 @@ impl ModelConfig {
         let split = split.min(binding) / 16 * 16;
         let mut parts = Vec::new();
         for (id, s) in self.param_specs().iter() {
-            let size = if id.is_matmul_weight() {
-                dtype.size()
+            let storage = if id.is_matmul_weight() {
+                dtype
             } else {
-                4
+                crate::gpu::Dtype::F32
             };
-            let bytes = s.numel() as u64 * size;
+            let bytes = storage.bytes(s.numel() as u64);
             let slices = match id {
                 ParamId::Wte => s.shape[0],
                 ParamId::WOut => s.shape[1],
