@@ -536,6 +536,8 @@ pub struct InferBench {
     pub checkpoint: String,
     /// How the matmul weights were stored (f32 or f16).
     pub dtype: String,
+    /// How the expert banks were stored (`dtype`, or q8 / q4).
+    pub experts_dtype: String,
     pub results: Vec<InferFigure>,
 }
 
@@ -547,7 +549,7 @@ pub async fn bench_infer(
     prompt: &[u32],
     decode_tokens: usize,
     gates: &[crate::kernels::Gates],
-    dtype: crate::model::DtypeChoice,
+    storage: impl Into<crate::model::StorageChoice>,
     mut log: impl FnMut(&str),
 ) -> Result<InferBench> {
     use crate::infer::sampling::argmax;
@@ -558,7 +560,7 @@ pub async fn bench_infer(
     let Some(first) = gates.first() else {
         return Err(crate::Error::invalid("bench infer", "no gate to measure"));
     };
-    let mut engine = Engine::with_dtype(ctx, ck, first.clone(), dtype)?;
+    let mut engine = Engine::with_dtype(ctx, ck, first.clone(), storage)?;
     let mut results = Vec::new();
     for gates in gates {
         let gate = gates.gate;
@@ -617,6 +619,7 @@ pub async fn bench_infer(
         backend: ctx.backend(),
         checkpoint: ck.source.clone(),
         dtype: engine.dtype().to_string(),
+        experts_dtype: engine.experts_dtype().to_string(),
         results,
     })
 }

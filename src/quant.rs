@@ -42,14 +42,12 @@ pub enum QuantFormat {
     Q4,
 }
 
-impl QuantFormat {
-    pub fn name(self) -> &'static str {
-        match self {
-            QuantFormat::Q8 => "q8",
-            QuantFormat::Q4 => "q4",
-        }
-    }
+crate::choice::choice! { QuantFormat, "quantization",
+    Q8 = "q8": "8-bit codes, an f16 scale per 32 values (8.5 bits a weight)",
+    Q4 = "q4": "4-bit codes, an f16 scale per 32 values (4.5 bits a weight)",
+}
 
+impl QuantFormat {
     /// Words per pair of blocks (codes and the scale word).
     pub fn pair_words(self) -> usize {
         match self {
@@ -87,12 +85,6 @@ impl QuantFormat {
             QuantFormat::Q4 => 1.0,
         };
         steps * step + amax * (1.0 / 2048.0) * 1.01 + f32::EPSILON * amax
-    }
-}
-
-impl std::fmt::Display for QuantFormat {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.name())
     }
 }
 

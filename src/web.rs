@@ -285,15 +285,22 @@ pub struct Generator {
 
 impl Generator {
     /// `dtype`: how the matmul weights are stored ("auto", "f32", "f16";
-    /// None is "auto").
+    /// None is "auto"), or "q8" / "q4": the expert banks block-quantized as
+    /// they load, the other matmul weights as "auto" stores them.
     fn from_checkpoint(
         ctx: Rc<GpuContext>,
         ck: InferCheckpoint,
         dtype: Option<String>,
     ) -> Result<Generator, JsValue> {
-        let dtype = match dtype.as_deref() {
-            None => crate::model::DtypeChoice::Auto,
-            Some(d) => d.parse::<crate::model::DtypeChoice>().map_err(js)?,
+        let dtype: crate::model::StorageChoice = match dtype.as_deref() {
+            None => crate::model::DtypeChoice::Auto.into(),
+            Some(d) => match d.parse::<crate::quant::QuantFormat>() {
+                Ok(q) => crate::model::StorageChoice {
+                    dtype: crate::model::DtypeChoice::Auto,
+                    experts: Some(q),
+                },
+                Err(_) => d.parse::<crate::model::DtypeChoice>().map_err(js)?.into(),
+            },
         };
         let gate = ck.gate(None, None).map_err(js)?;
         let engine = Engine::with_dtype(&ctx, &ck, gate, dtype).map_err(js)?;
@@ -315,8 +322,9 @@ impl Generator {
     /// Upload a checkpoint from its files: config.json, model.safetensors,
     /// tokenizer.json and, optionally, state.json. `source` names it in
     /// messages; `dtype` ("auto", "f32" or "f16"; omitted: "auto") is how
-    /// the matmul weights are stored. Every mismatch or corruption is an
-    /// exception.
+    /// the matmul weights are stored, "q8" or "q4" stores the expert banks
+    /// block-quantized (the rest as "auto"). Every mismatch or corruption
+    /// is an exception.
     pub fn load(
         gpu: &Gpu,
         source: &str,
@@ -442,6 +450,7 @@ impl Generator {
             "params": params,
             "gpu_bytes": st.engine.gpu_bytes(),
             "dtype": st.engine.dtype().name(),
+            "experts_dtype": st.engine.experts_dtype().name(),
             "eval_gating": st.ck.eval_gating,
             "threshold": st.ck.cfg.gate.threshold,
             "model_type": st.ck.model_type,

@@ -527,25 +527,45 @@ fn dtype_picks_the_weight_storage() {
     assert_eq!(bad.status.code(), Some(2));
     let err = String::from_utf8_lossy(&bad.stderr);
     assert!(err.contains("auto") && err.contains("f16"), "{err}");
-    // Generation with f16 weights runs and prints text.
-    let out = amoe(&[
-        "generate",
-        "--checkpoint",
-        mixtral,
-        "--dtype",
-        "f16",
-        "--prompt",
-        "the",
-        "--max-tokens",
-        "4",
-        "--backend",
-        "vulkan",
-    ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    // Experts quantized on load: the expert banks in 8.5 or 4.5 bits a
+    // value, the rest as --dtype says.
+    let experts = demo["params"]["experts"].as_u64().unwrap();
+    for (format, bits) in [("q8", 8.5), ("q4", 4.5)] {
+        let q = info(&["--quantize-on-load", format]);
+        assert_eq!(
+            (&q["dtype"], &q["experts_dtype"]),
+            (&"f32".into(), &format.into())
+        );
+        let saved = (bytes(&demo) - bytes(&q)) as f64;
+        let want = experts as f64 * (4.0 - bits / 8.0);
+        assert!(
+            (saved - want).abs() < 0.01 * want,
+            "{format}: {saved} bytes saved, {want} expected"
+        );
+    }
+    let bad = amoe(&["info", "--quantize-on-load", "q3"]);
+    assert_eq!(bad.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&bad.stderr);
+    assert!(err.contains("q8") && err.contains("q4"), "{err}");
+    // Generation with f16 weights, and with q4 experts, runs and prints text.
+    for storage in [["--dtype", "f16"], ["--quantize-on-load", "q4"]] {
+        let mut args = vec!["generate", "--checkpoint", mixtral];
+        args.extend(storage);
+        args.extend([
+            "--prompt",
+            "the",
+            "--max-tokens",
+            "4",
+            "--backend",
+            "vulkan",
+        ]);
+        let out = amoe(&args);
+        assert!(
+            out.status.success(),
+            "{storage:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
 }
 
 /// `amoe eval` on a text: a JSON report whose numbers agree with each

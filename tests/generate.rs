@@ -375,3 +375,97 @@ fn eval_matches_the_twin_on_its_windows() {
         });
     }
 }
+
+/// Experts quantized as the model loads (q8, q4) compute what f32 experts
+/// holding the dequantized values compute (the kernels dequantize in
+/// registers, in the f32 kernels' order), and stay near the unquantized
+/// model: the batched evaluation (grouped GEMMs) and the decode path
+/// (mat-vecs, through the cached generation) both read them.
+#[test]
+fn quantized_experts_compute_their_dequantized_values() {
+    use amoe::gpu::Dtype;
+    use amoe::infer::eval::{evaluate, EvalConfig};
+    use amoe::model::{HostTensor, Model, Storage, StorageChoice};
+    use amoe::quant::{rounded, QuantFormat};
+    let ck = demo();
+    let text = "And the LORD spake unto Moses, saying, Speak unto the children of Israel, \
+                that they bring me an offering: of every man that giveth it willingly with \
+                his heart ye shall take my offering. ";
+    let ids = ck.tokenizer.encode(&text.repeat(4)).unwrap();
+    let n = ck.cfg.context;
+    let cfg = EvalConfig {
+        stride: n / 2,
+        batch: 2,
+    };
+    let gate = ck.gate(Some(Gating::Adaptive), None).unwrap();
+    let host = ck.host().unwrap();
+    let prompt = ck.tokenizer.encode(PROMPT).unwrap();
+    // The quantized kernels are checked on every adapter by their
+    // conformance cases (decode, expert); this checks the model's wiring.
+    common::on_first_adapter(|ctx| {
+        let loss = |params: &HostParams, storage: Storage| {
+            let model = Model::with_dtype(ctx, &ck.cfg, params, storage).unwrap();
+            assert_eq!(
+                (model.dtype, model.experts_dtype),
+                (storage.matmul, storage.experts)
+            );
+            pollster::block_on(evaluate(ctx, &model, gate, &ids, cfg, &mut |_, _| {}))
+                .unwrap()
+                .loss
+        };
+        let plain = loss(&host, Dtype::F32.into());
+        for (format, dtype, near) in [
+            (QuantFormat::Q8, Dtype::Q8, 0.01),
+            (QuantFormat::Q4, Dtype::Q4, 0.1),
+        ] {
+            let dequantized = host.map(|id, t| {
+                if id.is_expert_bank() {
+                    HostTensor {
+                        shape: t.shape.clone(),
+                        data: rounded(format, "w", &t.data).unwrap(),
+                    }
+                } else {
+                    t.clone()
+                }
+            });
+            let storage = Storage {
+                matmul: Dtype::F32,
+                experts: dtype,
+            };
+            let q = loss(&host, storage);
+            let want = loss(&dequantized, Dtype::F32.into());
+            assert!(
+                (q - want).abs() <= 1e-5 * want,
+                "{format}: loss {q} vs {want} on the dequantized f32 weights"
+            );
+            assert!(q != plain, "{format}: the same loss as unquantized ({q})");
+            assert!(
+                (q - plain).abs() <= near,
+                "{format}: loss {q} vs {plain} unquantized"
+            );
+            // The decode path: greedy tokens equal those of an engine whose
+            // weights are the dequantized values (ties aside, which this
+            // prompt does not reach on the demo).
+            let choice = StorageChoice {
+                dtype: amoe::model::DtypeChoice::F32,
+                experts: Some(format),
+            };
+            let mut engine = Engine::with_dtype(ctx, ck, gate, choice).unwrap();
+            assert_eq!(engine.experts_dtype(), dtype);
+            let g = pollster::block_on(engine.generate(
+                ctx,
+                &ck.tokenizer,
+                &prompt,
+                &greedy(10),
+                |_| {},
+            ))
+            .unwrap();
+            let want_ids = generate_greedy(&ck.cfg, &dequantized, &prompt, 10, gate, None).unwrap();
+            assert_eq!(
+                g.ids(),
+                want_ids,
+                "{format}: GPU decode vs the twin on dequantized weights"
+            );
+        }
+    });
+}

@@ -143,7 +143,7 @@ function describeModel(g) {
   $("model-info").textContent =
     `${i.source}${i.model_type ? ` (Hugging Face ${i.model_type})` : ""}: ${(i.params / 1e6).toFixed(2)}M parameters, ` +
     `d=${c.d}, ${c.layers} layers, ${moe}, ${i.positions} positions${axes}, context ${c.context}, ` +
-    `vocabulary ${c.vocab}; ${gating}; ${(i.gpu_bytes / 2 ** 20).toFixed(1)} MiB on the GPU (${i.dtype} weights).`;
+    `vocabulary ${c.vocab}; ${gating}; ${(i.gpu_bytes / 2 ** 20).toFixed(1)} MiB on the GPU (${i.dtype} weights${i.experts_dtype && i.experts_dtype !== i.dtype ? `, ${i.experts_dtype} experts` : ''}).`;
   return i;
 }
 

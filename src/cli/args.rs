@@ -8,7 +8,8 @@ use amoe::infer::checkpoint::demo_dir;
 use amoe::infer::checkpoint::ExpertCount;
 use amoe::infer::InferCheckpoint;
 use amoe::kernels::{Activation, ExpertRule, GateConfig, Gates, Gating};
-use amoe::model::DtypeChoice;
+use amoe::model::{DtypeChoice, StorageChoice};
+use amoe::quant::QuantFormat;
 use amoe::train::trainer::TrainConfig;
 use amoe::{Error, Result};
 use clap::builder::{PossibleValue, PossibleValuesParser, TypedValueParser};
@@ -181,9 +182,21 @@ pub struct ModelPick {
     /// How the matmul weights are stored on the GPU (math is f32 either way).
     #[arg(long, value_parser = choice::<DtypeChoice>(), default_value = "auto")]
     pub dtype: DtypeChoice,
+    /// Store the expert banks block-quantized on the GPU, quantized as the
+    /// model loads (no second copy on disk); the other weights follow --dtype.
+    #[arg(long, value_name = "FORMAT", value_parser = choice::<QuantFormat>())]
+    pub quantize_on_load: Option<QuantFormat>,
 }
 
 impl ModelPick {
+    /// --dtype and --quantize-on-load.
+    pub fn storage(&self) -> StorageChoice {
+        StorageChoice {
+            dtype: self.dtype,
+            experts: self.quantize_on_load,
+        }
+    }
+
     /// The gate for `ck`: `gating` (default: the checkpoint's), --threshold,
     /// --rule and --max-experts.
     pub fn gate(&self, ck: &InferCheckpoint, gating: Option<Gating>) -> Result<GateConfig> {

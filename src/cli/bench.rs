@@ -184,7 +184,7 @@ fn bench_infer(ctx: &GpuContext, args: &BenchInferArgs) -> Result<String> {
         &ids,
         args.decode_tokens,
         &gates,
-        args.model.dtype,
+        args.model.storage(),
         |m| eprintln!("   {m}"),
     ))?;
     Ok(serde_json::to_string_pretty(&r)?)

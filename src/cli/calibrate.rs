@@ -117,7 +117,7 @@ fn calibrate_cmd(ctx: &GpuContext, args: &CalibrateArgs) -> Result<()> {
         Some(p) => p.display().to_string(),
         None => format!("the held-out part of the shipped corpus ({})", args.domain),
     };
-    let mut engine = Engine::with_dtype(ctx, &ck, gate, m.dtype)?;
+    let mut engine = Engine::with_dtype(ctx, &ck, gate, m.storage())?;
     let quiet = !std::io::stderr().is_terminal();
     let cfg = CalibrateConfig {
         rule,

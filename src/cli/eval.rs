@@ -131,8 +131,8 @@ fn eval(ctx: &GpuContext, args: &EvalArgs) -> Result<()> {
     if let Some(rules) = rules {
         return sweep(ctx, args, &ck, gates, &ids, cfg, rules);
     }
-    let dtype = ck.weights.resolve_dtype(args.model.dtype);
-    let model = Model::with_dtype(ctx, &ck.cfg, &ck.weights, dtype)?;
+    let storage = ck.weights.resolve_storage(args.model.storage());
+    let model = Model::with_dtype(ctx, &ck.cfg, &ck.weights, storage)?;
     let bar = if std::io::stderr().is_terminal() {
         let bar = ProgressBar::new(0);
         bar.set_style(
@@ -223,7 +223,7 @@ fn sweep(
         eval,
         decode_tokens: args.decode_tokens,
     };
-    let mut engine = Engine::with_dtype(ctx, ck, gates.clone(), args.model.dtype)?;
+    let mut engine = Engine::with_dtype(ctx, ck, gates.clone(), args.model.storage())?;
     let quiet = !std::io::stderr().is_terminal();
     let report = pollster::block_on(amoe::infer::sweep::sweep(
         ctx,

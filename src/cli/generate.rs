@@ -147,7 +147,7 @@ fn generate(ctx: &GpuContext, args: &GenerateArgs) -> Result<()> {
     let gates = args.model.gates(&ck, args.model.gating)?;
     let gate = gates.gate;
     let prompt_ids = ck.tokenizer.encode(&args.prompt)?;
-    let mut engine = Engine::with_dtype(ctx, &ck, gates, args.model.dtype)?;
+    let mut engine = Engine::with_dtype(ctx, &ck, gates, args.model.storage())?;
     let cfg = GenConfig {
         max_tokens: args.max_tokens,
         sampling,

@@ -47,6 +47,9 @@ struct Info {
     params: ParamCounts,
     /// How the matmul weights would be stored (`--dtype`).
     dtype: String,
+    /// How the expert banks would be stored (`--dtype`, or
+    /// `--quantize-on-load`).
+    experts_dtype: String,
     /// In that storage.
     bytes: GpuBytes,
     adapter: String,
@@ -70,11 +73,11 @@ pub fn run(adapter: &AdapterArgs, args: &InfoArgs) -> Result<ExitCode> {
         .limits
         .max_storage_buffer_binding_size
         .min(ctx.limits.max_buffer_size);
-    let dtype = ck.weights.resolve_dtype(args.model.dtype);
-    let bytes = cfg.gpu_bytes(dtype);
+    let storage = ck.weights.resolve_storage(args.model.storage());
+    let bytes = cfg.gpu_bytes(storage);
     // Weights past the split size (the binding limit, or AMOE_SPLIT_BYTES)
     // go in parts.
-    let plan = cfg.split_plan(dtype, ctx.split_bytes(), limit);
+    let plan = cfg.split_plan(storage, ctx.split_bytes(), limit);
     let info = Info {
         checkpoint: ck.source.clone(),
         model_type: ck.model_type.clone(),
@@ -113,7 +116,8 @@ pub fn run(adapter: &AdapterArgs, args: &InfoArgs) -> Result<ExitCode> {
         too_large: plan
             .err()
             .map(|(name, b)| format!("{name}: {} in one piece", mib(b))),
-        dtype: dtype.to_string(),
+        dtype: storage.matmul.to_string(),
+        experts_dtype: storage.experts.to_string(),
         bytes,
         adapter: format!("{}/{}", ctx.backend(), ctx.info.name),
         binding_limit: limit,
@@ -211,7 +215,11 @@ fn text(i: &Info) -> String {
         active,
         experts,
         i.adapter,
-        i.dtype,
+        if i.experts_dtype == i.dtype {
+            i.dtype.clone()
+        } else {
+            format!("{}, experts {}", i.dtype, i.experts_dtype)
+        },
         mib(b.params),
         mib(b.kv_cache),
         mib(b.params + b.kv_cache),

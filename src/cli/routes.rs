@@ -49,7 +49,7 @@ fn routes(ctx: &GpuContext, args: &RoutesArgs) -> Result<()> {
     };
     let gate = args.model.gates(&ck, gating)?;
     let ids = text_ids(&ck.tokenizer, args.data.as_deref(), "both", args.max_tokens)?;
-    let mut engine = Engine::with_dtype(ctx, &ck, gate, args.model.dtype)?;
+    let mut engine = Engine::with_dtype(ctx, &ck, gate, args.model.storage())?;
     let quiet = args.json || !std::io::stderr().is_terminal();
     let report = pollster::block_on(analyze(
         &mut engine,

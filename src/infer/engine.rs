@@ -23,7 +23,7 @@ use crate::kernels::embedding::check_ids;
 use crate::kernels::kv_cache::{check_span, KvCache, KvStep};
 use crate::kernels::{GateConfig, Gates, UNUSED};
 use crate::model::graph::{Graph, KvRefs, Mode};
-use crate::model::{DtypeChoice, Model, ModelConfig};
+use crate::model::{DtypeChoice, Model, ModelConfig, StorageChoice};
 use crate::moe::MoeLayer;
 use crate::tokenizer::Tokenizer;
 use crate::util::Stopwatch;
@@ -339,16 +339,17 @@ impl Engine {
         Self::with_dtype(ctx, ck, gate, DtypeChoice::Auto)
     }
 
-    /// Upload `ck` with its matmul weights stored as `dtype` resolves to.
+    /// Upload `ck` with its weights stored as `storage` resolves to (a
+    /// `DtypeChoice`, or a `StorageChoice` that also quantizes the experts).
     pub fn with_dtype(
         ctx: &GpuContext,
         ck: &InferCheckpoint,
         gate: impl Into<Gates>,
-        dtype: DtypeChoice,
+        storage: impl Into<StorageChoice>,
     ) -> Result<Engine> {
         let gates: Gates = gate.into();
         let cfg = ck.cfg.clone();
-        let model = Model::with_dtype(ctx, &cfg, &ck.weights, ck.weights.resolve_dtype(dtype))?;
+        let model = Model::with_dtype(ctx, &cfg, &ck.weights, ck.weights.resolve_storage(storage))?;
         let caches = (0..cfg.layers)
             .map(|_| KvCache::new(ctx, cfg.kv_heads(), cfg.context, cfg.head_dim()))
             .collect::<Result<Vec<_>>>()?;
@@ -401,6 +402,11 @@ impl Engine {
     /// How the matmul weights are stored on the GPU.
     pub fn dtype(&self) -> crate::gpu::Dtype {
         self.state.model.dtype
+    }
+
+    /// How the expert banks are stored on the GPU (`dtype`, or quantized).
+    pub fn experts_dtype(&self) -> crate::gpu::Dtype {
+        self.state.model.experts_dtype
     }
 
     /// Bytes of the model's weights on the GPU.

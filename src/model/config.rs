@@ -659,15 +659,11 @@ impl ModelConfig {
     /// What the model takes on the GPU with f32 storage: the parameters,
     /// the K/V caches of generation (every layer, the whole context) and
     /// the largest single tensor (which must fit one storage binding).
-    pub fn gpu_bytes(&self, dtype: crate::gpu::Dtype) -> GpuBytes {
+    pub fn gpu_bytes(&self, storage: impl Into<crate::model::params::Storage>) -> GpuBytes {
+        let storage = storage.into();
         let specs = self.param_specs();
-        let size = |id: crate::model::params::ParamId, numel: usize| {
-            if id.is_matmul_weight() {
-                dtype.bytes(numel as u64)
-            } else {
-                numel as u64 * 4
-            }
-        };
+        let size =
+            |id: crate::model::params::ParamId, numel: usize| storage.of(id).bytes(numel as u64);
         let params = specs.iter().map(|(id, s)| size(id, s.numel())).sum();
         let largest = specs
             .iter()
@@ -692,21 +688,17 @@ impl ModelConfig {
     /// piece (a tensor amoe does not split, or one expert).
     pub fn split_plan(
         &self,
-        dtype: crate::gpu::Dtype,
+        storage: impl Into<crate::model::params::Storage>,
         split: u64,
         binding: u64,
     ) -> std::result::Result<Vec<(String, usize)>, (String, u64)> {
         use crate::model::params::{BlockParam as B, ParamId};
         // As `gpu::Weight::upload_split` rounds it.
         let split = split.min(binding) / 16 * 16;
+        let storage = storage.into();
         let mut parts = Vec::new();
         for (id, s) in self.param_specs().iter() {
-            let storage = if id.is_matmul_weight() {
-                dtype
-            } else {
-                crate::gpu::Dtype::F32
-            };
-            let bytes = storage.bytes(s.numel() as u64);
+            let bytes = storage.of(id).bytes(s.numel() as u64);
             let slices = match id {
                 ParamId::Wte => s.shape[0],
                 ParamId::WOut => s.shape[1],

@@ -159,6 +159,23 @@ impl ParamId {
         }
     }
 
+    /// Whether this is an expert bank [E, ..] (routed or shared experts'
+    /// w1, w3, w2): what `--quantize-on-load` stores block-quantized.
+    pub fn is_expert_bank(self) -> bool {
+        matches!(
+            self,
+            ParamId::Block(
+                _,
+                BlockParam::W1
+                    | BlockParam::W3
+                    | BlockParam::W2
+                    | BlockParam::SharedW1
+                    | BlockParam::SharedW3
+                    | BlockParam::SharedW2
+            )
+        )
+    }
+
     /// Whether AdamW's decoupled weight decay applies (matrices; not gains,
     /// embeddings or the router).
     pub fn decay(self) -> bool {
@@ -503,6 +520,55 @@ crate::choice::choice! { DtypeChoice, "dtype",
     F16 = "f16": "f16 weights: half the bytes, math still in f32",
 }
 
+/// The storage the user asks for: `--dtype` for the matmul weights, and
+/// `--quantize-on-load` for the expert banks (routed and shared experts'
+/// w1, w3, w2), which otherwise follow `--dtype`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct StorageChoice {
+    pub dtype: DtypeChoice,
+    pub experts: Option<crate::quant::QuantFormat>,
+}
+
+impl From<DtypeChoice> for StorageChoice {
+    fn from(dtype: DtypeChoice) -> Self {
+        StorageChoice {
+            dtype,
+            experts: None,
+        }
+    }
+}
+
+/// How a model's weights are stored on the GPU: the matmul weights in
+/// `matmul`, the expert banks in `experts` (the same, or block-quantized),
+/// everything else in f32.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Storage {
+    pub matmul: Dtype,
+    pub experts: Dtype,
+}
+
+impl From<Dtype> for Storage {
+    fn from(d: Dtype) -> Self {
+        Storage {
+            matmul: d,
+            experts: d,
+        }
+    }
+}
+
+impl Storage {
+    /// The storage of parameter `id`.
+    pub fn of(&self, id: ParamId) -> Dtype {
+        if id.is_expert_bank() {
+            self.experts
+        } else if id.is_matmul_weight() {
+            self.matmul
+        } else {
+            Dtype::F32
+        }
+    }
+}
+
 /// What the GPU upload needs of one parameter: its shape and its values.
 /// [`HostTensor`] holds them; a checkpoint read lazily
 /// (`checkpoint::LazyTensor`) makes them from its file when asked, so that
@@ -555,6 +621,21 @@ impl<T: TensorValues> Params<T> {
                     Dtype::F32
                 }
             }
+        }
+    }
+
+    /// The storage `choice` resolves to: [`Params::resolve_dtype`] for the
+    /// matmul weights, the expert banks quantized when asked.
+    pub fn resolve_storage(&self, choice: impl Into<StorageChoice>) -> Storage {
+        let choice = choice.into();
+        let matmul = self.resolve_dtype(choice.dtype);
+        Storage {
+            matmul,
+            experts: match choice.experts {
+                Some(crate::quant::QuantFormat::Q8) => Dtype::Q8,
+                Some(crate::quant::QuantFormat::Q4) => Dtype::Q4,
+                None => matmul,
+            },
         }
     }
 

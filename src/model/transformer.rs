@@ -33,7 +33,9 @@ use crate::kernels::rmsnorm::{
 use crate::kernels::{Gates, RoutingLayout, UNUSED};
 use crate::model::config::ModelConfig;
 use crate::model::graph::{mm, Block, Graph, Mode};
-use crate::model::params::{BlockParam, FfnParams, HostTensor, ParamId, Params, TensorValues};
+use crate::model::params::{
+    BlockParam, FfnParams, HostTensor, ParamId, Params, Storage, TensorValues,
+};
 use crate::moe::{MoeConfig, MoeLayer};
 
 /// Scale of the unembedding's init relative to 1/sqrt(D): the logits of a
@@ -134,10 +136,13 @@ impl Params<HostTensor> {
 /// handles to them.
 pub struct Model {
     pub cfg: ModelConfig,
-    /// Every parameter; the matmul weights in `dtype`, the others in f32.
+    /// Every parameter; the matmul weights in `dtype`, the expert banks in
+    /// `experts_dtype`, the others in f32.
     pub params: Params<Weight>,
     /// How the matmul weights are stored (`ParamId::is_matmul_weight`).
     pub dtype: Dtype,
+    /// How the expert banks are stored (`dtype`, or block-quantized).
+    pub experts_dtype: Dtype,
     pub ffn: Vec<MoeLayer>,
     /// Per layer, the sigmoid-gated shared expert (Qwen2-MoE).
     pub shared: Vec<Option<MoeLayer>>,
@@ -151,8 +156,10 @@ impl Model {
         Self::with_dtype(ctx, cfg, host, Dtype::F32)
     }
 
-    /// The model with its matmul weights stored as `dtype` (f16: half the
-    /// bytes, math still in f32; for inference). The parameters are read and
+    /// The model with its matmul weights stored as `storage` says (a
+    /// `Dtype` for all of them, or `Storage` with the expert banks apart;
+    /// f16: half the bytes, q8 / q4 experts: about a quarter and an eighth;
+    /// math still in f32; for inference). The parameters are read and
     /// uploaded one at a time, in canonical order: from a lazily read
     /// checkpoint (`checkpoint::LazyTensor`) the host holds one tensor's
     /// values at a time, never the model. An error drops what was uploaded.
@@ -160,8 +167,9 @@ impl Model {
         ctx: &GpuContext,
         cfg: &ModelConfig,
         host: &Params<T>,
-        dtype: Dtype,
+        storage: impl Into<Storage>,
     ) -> Result<Model> {
+        let storage: Storage = storage.into();
         cfg.validate()?;
         host.validate_shapes(cfg)?;
         let params = host.try_map(|id, t| {
@@ -175,11 +183,7 @@ impl Model {
                     format!("{} values", values.len()),
                 ));
             }
-            let dtype = if id.is_matmul_weight() {
-                dtype
-            } else {
-                Dtype::F32
-            };
+            let dtype = storage.of(id);
             // What may be larger than one storage binding splits: the
             // vocabulary-sized tables along the vocabulary (wte [V, D] by
             // rows, w_out [D, V] by columns), expert banks [E, ..] by
@@ -232,7 +236,8 @@ impl Model {
         Ok(Model {
             cfg: cfg.clone(),
             params,
-            dtype,
+            dtype: storage.matmul,
+            experts_dtype: storage.experts,
             ffn,
             shared,
             rope,

@@ -55,6 +55,20 @@ pub fn for_each_adapter(mut body: impl FnMut(&GpuContext)) -> usize {
     ctxs.len()
 }
 
+/// `body` on the first adapter only: for model-level tests whose kernels
+/// the conformance cases already check on every adapter, where a second
+/// (slow, llvmpipe GL) run would prove nothing more.
+pub fn on_first_adapter(mut body: impl FnMut(&GpuContext)) -> usize {
+    let mut ran = false;
+    for_each_adapter(|ctx| {
+        if !ran {
+            ran = true;
+            body(ctx);
+        }
+    })
+    .min(1)
+}
+
 /// Run every conformance case of `family` on every adapter and fail with a
 /// table of every failing case.
 pub fn conformance_family(family: &str) {
