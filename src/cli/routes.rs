@@ -88,20 +88,35 @@ fn routes(ctx: &GpuContext, args: &RoutesArgs) -> Result<()> {
 
 fn print_routes(r: &RoutesReport, source: &str, adapter: &str) -> Result<()> {
     outln!(
-        "{} tokens of text through {source} on {adapter}, gating {} (threshold {})",
+        "{} tokens of text through {source} on {adapter}, gating {}{}",
         r.tokens,
         r.gating,
-        r.threshold
+        if r.gating == "adaptive" {
+            format!(" (threshold {})", r.threshold)
+        } else {
+            String::new()
+        }
     )?;
-    outln!(
-        "two-expert fraction over all MoE layers: {:.1}%\n",
-        100.0 * r.two_expert_fraction
-    )?;
+    // A top-k model (more than two experts a token): experts per token,
+    // and "more than one expert" where the paper's gating says two.
+    let many = r.max_experts > 2;
+    if many {
+        outln!(
+            "experts per token over all MoE layers: {:.2} (more than one: {:.1}%)\n",
+            r.mean_experts,
+            100.0 * r.two_expert_fraction
+        )?;
+    } else {
+        outln!(
+            "two-expert fraction over all MoE layers: {:.1}%\n",
+            100.0 * r.two_expert_fraction
+        )?;
+    }
     let e = r.layers.first().map_or(0, |l| l.expert_load.len());
     out!(
         "{:<6} {:>8}  load per expert (% of routed pairs)",
         "layer",
-        "2-expert"
+        if many { "experts" } else { "2-expert" }
     )?;
     outln!()?;
     out!("{:<6} {:>8} ", "", "")?;
@@ -110,17 +125,26 @@ fn print_routes(r: &RoutesReport, source: &str, adapter: &str) -> Result<()> {
     }
     outln!()?;
     for l in &r.layers {
-        out!("{:<6} {:>7.1}% ", l.layer, 100.0 * l.two_expert_fraction)?;
+        if many {
+            out!("{:<6} {:>8.2} ", l.layer, l.mean_experts)?;
+        } else {
+            out!("{:<6} {:>7.1}% ", l.layer, 100.0 * l.two_expert_fraction)?;
+        }
         for x in &l.expert_load {
             out!(" {:>5.1}", 100.0 * x)?;
         }
         outln!()?;
     }
+    let (take, col) = if many {
+        ("more than one expert", ">1 expert")
+    } else {
+        ("two experts", "2-expert")
+    };
     outln!(
-        "\nwords that most often take two experts (seen >= {} times):",
+        "\nwords that most often take {take} (seen >= {} times):",
         r.min_count
     )?;
-    outln!("{:<20} {:>6} {:>9}", "word", "count", "2-expert")?;
+    outln!("{:<20} {:>6} {:>9}", "word", "count", col)?;
     for w in &r.most_two_expert_words {
         outln!(
             "{:<20} {:>6} {:>8.1}%",
@@ -129,7 +153,7 @@ fn print_routes(r: &RoutesReport, source: &str, adapter: &str) -> Result<()> {
             100.0 * w.two_expert_fraction
         )?;
     }
-    outln!("\nfrequent words that never took two experts:")?;
+    outln!("\nfrequent words that never took {take}:")?;
     outln!("{:<20} {:>6}", "word", "count")?;
     for w in &r.never_two_expert_words {
         outln!("{:<20} {:>6}", w.word, w.count)?;

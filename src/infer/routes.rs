@@ -14,8 +14,11 @@ use std::collections::HashMap;
 #[derive(Clone, Debug, Serialize)]
 pub struct LayerStats {
     pub layer: usize,
-    /// Tokens that used two experts / tokens.
+    /// Tokens that used two experts (more than one, for a top-k model) /
+    /// tokens.
     pub two_expert_fraction: f64,
+    /// Routed (token, expert) pairs / tokens.
+    pub mean_experts: f64,
     /// Routed (token, expert) pairs per expert / all routed pairs.
     pub expert_load: Vec<f64>,
 }
@@ -37,6 +40,10 @@ pub struct RoutesReport {
     pub tokens: usize,
     /// Fraction over every (token, MoE layer).
     pub two_expert_fraction: f64,
+    /// Experts per token, over every (token, MoE layer).
+    pub mean_experts: f64,
+    /// The most experts any token took in any layer.
+    pub max_experts: usize,
     pub layers: Vec<LayerStats>,
     /// Words (seen at least `min_count` times) that most often use two experts.
     pub most_two_expert_words: Vec<WordStat>,
@@ -50,6 +57,8 @@ pub struct RoutesReport {
 pub struct RouteStats {
     tokens: usize,
     experts: usize,
+    /// The most experts one token took in one layer.
+    max_taken: usize,
     /// Per MoE layer (in order): layer index, two-expert tokens, load per expert.
     layers: Vec<(usize, usize, Vec<usize>)>,
     /// word -> (count, sum of per-token two-expert fractions)
@@ -90,6 +99,7 @@ impl RouteStats {
         }
         let mut two = 0usize;
         for (acc, r) in self.layers.iter_mut().zip(routes) {
+            self.max_taken = self.max_taken.max(r.experts.len());
             if r.experts.len() > 1 {
                 acc.1 += 1;
                 two += 1;
@@ -128,19 +138,25 @@ impl RouteStats {
             .layers
             .iter()
             .map(|(l, two, load)| {
-                let total = load.iter().sum::<usize>().max(1) as f64;
+                let pairs = load.iter().sum::<usize>();
+                let total = pairs.max(1) as f64;
                 LayerStats {
                     layer: *l,
                     two_expert_fraction: *two as f64 / t,
+                    mean_experts: pairs as f64 / t,
                     expert_load: load.iter().map(|&c| c as f64 / total).collect(),
                 }
             })
             .collect();
-        let overall = if layers.is_empty() {
-            0.0
-        } else {
-            layers.iter().map(|l| l.two_expert_fraction).sum::<f64>() / layers.len() as f64
+        let mean = |f: fn(&LayerStats) -> f64| {
+            if layers.is_empty() {
+                0.0
+            } else {
+                layers.iter().map(f).sum::<f64>() / layers.len() as f64
+            }
         };
+        let overall = mean(|l| l.two_expert_fraction);
+        let mean_experts = mean(|l| l.mean_experts);
         let mut words: Vec<WordStat> = self
             .words
             .iter()
@@ -174,6 +190,8 @@ impl RouteStats {
             threshold,
             tokens: self.tokens,
             two_expert_fraction: overall,
+            mean_experts,
+            max_experts: self.max_taken,
             layers,
             most_two_expert_words: most,
             never_two_expert_words: never,
@@ -213,7 +231,12 @@ pub async fn analyze(
         progress(done, ids.len());
     }
     let g = engine.gate;
-    let name = format!("{:?}", g.gating).to_lowercase();
+    // A top-k router by its description ("top-8", "top-8, mass rule P =
+    // 0.5"); the paper's gatings by name, with their threshold beside.
+    let name = match g.gating {
+        crate::kernels::Gating::TopK => g.describe(),
+        other => format!("{other:?}").to_lowercase(),
+    };
     Ok(stats.report(&name, g.threshold, min_count))
 }
 
@@ -244,6 +267,10 @@ mod tests {
         assert_eq!(rep.layers.len(), 2);
         assert!((rep.layers[0].two_expert_fraction - 0.5).abs() < 1e-12);
         assert_eq!(rep.layers[1].two_expert_fraction, 0.0);
+        assert!((rep.layers[0].mean_experts - 1.5).abs() < 1e-12);
+        assert_eq!(rep.layers[1].mean_experts, 1.0);
+        assert!((rep.mean_experts - 1.25).abs() < 1e-12);
+        assert_eq!(rep.max_experts, 2);
         // Layer 0: experts 1 (6 times), 0 (6), 3 (6) of 18 routed pairs.
         assert!((rep.layers[0].expert_load[3] - 1.0 / 3.0).abs() < 1e-12);
         assert_eq!(rep.most_two_expert_words[0].word, "LORD");
