@@ -570,6 +570,125 @@ fn dtype_picks_the_weight_storage() {
 
 /// `amoe eval` on a text: a JSON report whose numbers agree with each
 /// other; a stride past the context and a text of one token are errors.
+/// `amoe quantize` of a Hugging Face directory (f16, shared experts, an
+/// end-of-sequence id from generation_config.json): what `info` and
+/// `generate` make of the result is what quantizing on load makes of the
+/// source; bad requests are refused before anything is written.
+#[test]
+fn quantize_writes_a_checkpoint_that_loads_in_its_format() {
+    let src = "tests/fixtures/hf/qwen2_moe";
+    let dir = std::env::temp_dir().join(format!("amoe-cli-quantize-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let out = dir.join("q4");
+    let out_s = out.to_str().unwrap();
+    let ok = |args: &[&str]| -> serde_json::Value {
+        let o = amoe(args);
+        assert!(
+            o.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        serde_json::from_slice(&o.stdout).expect("valid JSON")
+    };
+    let q = ok(&[
+        "quantize",
+        "--checkpoint",
+        src,
+        "--out",
+        out_s,
+        "--format",
+        "q4",
+        "--json",
+    ]);
+    // Three MoE layers of w1, w3, w2, routed and shared: 12 banks (the
+    // dense first layer's FFN is one expert: 3 more).
+    assert_eq!(q["packed_tensors"], 15, "{q}");
+    assert!(q["bytes"].as_u64().unwrap() < q["source_bytes"].as_u64().unwrap());
+    let info = ok(&["info", "--json", "--checkpoint", out_s]);
+    let on_load = ok(&[
+        "info",
+        "--json",
+        "--checkpoint",
+        src,
+        "--quantize-on-load",
+        "q4",
+    ]);
+    assert_eq!(
+        (&info["dtype"], &info["experts_dtype"]),
+        (&"f16".into(), &"q4".into())
+    );
+    assert_eq!(info["bytes"], on_load["bytes"]);
+    assert_eq!(info["model_type"], "qwen2_moe");
+    let gen = |args: &[&str]| -> Vec<serde_json::Value> {
+        let mut all = vec![
+            "generate",
+            "--prompt",
+            "hello world",
+            "--max-tokens",
+            "12",
+            "--json",
+        ];
+        all.extend_from_slice(args);
+        ok(&all)["ids"].as_array().unwrap().clone()
+    };
+    let from_file = gen(&["--checkpoint", out_s]);
+    assert_eq!(
+        from_file,
+        gen(&["--checkpoint", src, "--quantize-on-load", "q4"])
+    );
+    // A q4 file asked for q8 on load: its values, quantized again.
+    assert!(!gen(&["--checkpoint", out_s, "--quantize-on-load", "q8"]).is_empty());
+    let refused = |args: &[&str], want: &str| {
+        let o = amoe(args);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(2), "{args:?}: {err}");
+        assert!(err.contains(want), "{args:?}: {err}");
+    };
+    let again = [
+        "quantize",
+        "--checkpoint",
+        src,
+        "--out",
+        out_s,
+        "--format",
+        "q8",
+    ];
+    refused(&again, "not empty (pass --overwrite");
+    refused(
+        &[
+            "quantize",
+            "--checkpoint",
+            out_s,
+            "--out",
+            out_s,
+            "--format",
+            "q8",
+        ],
+        "holds the checkpoint",
+    );
+    refused(
+        &[
+            "quantize",
+            "--checkpoint",
+            src,
+            "--out",
+            out_s,
+            "--format",
+            "q3",
+        ],
+        "q4",
+    );
+    // --overwrite replaces it: now q8.
+    let mut over = again.to_vec();
+    over.push("--overwrite");
+    assert!(amoe(&over).status.success());
+    assert_eq!(
+        ok(&["info", "--json", "--checkpoint", out_s])["experts_dtype"],
+        "q8"
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
 #[test]
 fn eval_reports_perplexity_and_experts_per_token() {
     let dir = std::env::temp_dir().join(format!("amoe_cli_eval_{}", std::process::id()));

@@ -466,6 +466,42 @@ fn quantized_experts_compute_their_dequantized_values() {
                 want_ids,
                 "{format}: GPU decode vs the twin on dequantized weights"
             );
+            // `amoe quantize`'s checkpoint: its weights read back are the
+            // dequantized values, it loads in its format with no flag, and
+            // the GPU holds the same words as quantizing on load (the same
+            // loss, bit for bit, and the same tokens).
+            let dir = std::env::temp_dir()
+                .join(format!("amoe-quantized-{}-{format}", std::process::id()));
+            let _ = std::fs::remove_dir_all(&dir);
+            amoe::checkpoint::quantized::write_quantized(
+                &dir,
+                false,
+                &ck.cfg,
+                &ck.weights,
+                &ck.tokenizer,
+                &ck.inference_state(),
+                format,
+            )
+            .unwrap();
+            let qck = InferCheckpoint::load(&dir).unwrap();
+            assert_eq!(qck.eval_gating, ck.eval_gating);
+            assert_eq!(qck.stop_ids, ck.stop_ids);
+            let read = qck.host().unwrap();
+            assert!(read == dequantized, "{format}: the file's values");
+            assert_eq!(loss(&read, storage).to_bits(), q.to_bits(), "{format}");
+            let mut engine =
+                Engine::with_dtype(ctx, &qck, gate, amoe::model::DtypeChoice::F32).unwrap();
+            assert_eq!(engine.experts_dtype(), dtype);
+            let from_file = pollster::block_on(engine.generate(
+                ctx,
+                &qck.tokenizer,
+                &prompt,
+                &greedy(10),
+                |_| {},
+            ))
+            .unwrap();
+            assert_eq!(from_file.ids(), g.ids(), "{format}: quantized file");
+            std::fs::remove_dir_all(&dir).unwrap();
         }
     });
 }

@@ -85,7 +85,8 @@ fn sync_dir(dir: &Path) -> Result<()> {
     Ok(())
 }
 
-fn write_synced(path: &Path, bytes: &[u8]) -> Result<()> {
+/// Write `bytes` to `path` and fsync it.
+pub fn write_synced(path: &Path, bytes: &[u8]) -> Result<()> {
     let mut f = std::fs::File::create(path).map_err(|e| io(path, e))?;
     f.write_all(bytes).map_err(|e| io(path, e))?;
     f.sync_all().map_err(|e| io(path, e))
@@ -294,6 +295,80 @@ pub fn load<C: DeserializeOwned, S: DeserializeOwned>(
         state: read_json(&dir.join(STATE_FILE))?,
         dir,
     })
+}
+
+/// Write a directory `out` atomically: `fill` writes its files into the
+/// sibling `.<name>.<op>-tmp` (each fsynced, see [`write_synced`]), which is
+/// then fsynced and renamed into place, so that `out` never holds half of
+/// it. `out` must be absent or an empty directory unless `overwrite` (its
+/// old contents are then removed once the new ones are in place). `op`
+/// names the command in errors.
+pub fn write_dir_atomic(
+    out: &Path,
+    overwrite: bool,
+    op: &'static str,
+    fill: impl FnOnce(&Path) -> Result<()>,
+) -> Result<()> {
+    let exists = match std::fs::symlink_metadata(out) {
+        Ok(m) if m.is_dir() => true,
+        Ok(_) => {
+            return Err(Error::invalid(
+                op,
+                format!("{} exists and is not a directory", out.display()),
+            ))
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => false,
+        Err(e) => return Err(io(out, e)),
+    };
+    if exists && !overwrite {
+        let mut entries = std::fs::read_dir(out).map_err(|e| io(out, e))?;
+        if entries.next().is_some() {
+            return Err(Error::invalid(
+                op,
+                format!(
+                    "{} is not empty (pass --overwrite to replace it)",
+                    out.display()
+                ),
+            ));
+        }
+    }
+    let name = out
+        .file_name()
+        .ok_or_else(|| Error::invalid(op, format!("{}: not a directory name", out.display())))?
+        .to_string_lossy()
+        .into_owned();
+    let parent = match out.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    std::fs::create_dir_all(&parent).map_err(|e| io(&parent, e))?;
+    let tmp = parent.join(format!(".{name}.{op}-tmp"));
+    let old = parent.join(format!(".{name}.{op}-old"));
+    let remove = remove_dir_if_present;
+    remove(&tmp)?;
+    std::fs::create_dir(&tmp).map_err(|e| io(&tmp, e))?;
+    if let Err(e) = fill(&tmp) {
+        // Nothing half-written is left behind.
+        let _ = std::fs::remove_dir_all(&tmp);
+        return Err(e);
+    }
+    #[cfg(unix)]
+    std::fs::File::open(&tmp)
+        .and_then(|f| f.sync_all())
+        .map_err(|e| io(&tmp, e))?;
+    if exists {
+        remove(&old)?;
+        std::fs::rename(out, &old).map_err(|e| io(out, e))?;
+    }
+    std::fs::rename(&tmp, out).map_err(|e| io(&tmp, e))?;
+    #[cfg(unix)]
+    std::fs::File::open(&parent)
+        .and_then(|f| f.sync_all())
+        .map_err(|e| io(&parent, e))?;
+    if exists {
+        remove(&old)?;
+    }
+    Ok(())
 }
 
 #[cfg(test)]

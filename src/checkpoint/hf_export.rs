@@ -535,84 +535,17 @@ pub fn safetensors_pt_bytes(tensors: &[NamedTensor]) -> Result<Vec<u8>> {
     super::safetensors_bytes_with(tensors, Some(meta))
 }
 
-/// Writes `export` into the directory `out`: every file into the sibling
-/// `.<name>.export-tmp`, fsynced, then renamed into place, so that `out`
-/// never holds half an export. `out` must be absent or empty unless
-/// `overwrite` (then its old contents are removed once the new ones are in
-/// place).
+/// Writes `export` into the directory `out` atomically
+/// ([`super::write_dir_atomic`]): `out` must be absent or empty unless
+/// `overwrite`.
 #[cfg(not(target_arch = "wasm32"))]
 pub fn write_hf_dir(out: &std::path::Path, export: &HfExport, overwrite: bool) -> Result<()> {
-    use std::io::Write;
-    let io = |p: &std::path::Path, source: std::io::Error| Error::Io {
-        path: p.display().to_string(),
-        source,
-    };
-    let exists = match std::fs::symlink_metadata(out) {
-        Ok(m) if m.is_dir() => true,
-        Ok(_) => {
-            return Err(Error::invalid(
-                "export",
-                format!("{} exists and is not a directory", out.display()),
-            ))
+    super::write_dir_atomic(out, overwrite, "export", |tmp| {
+        for (file, bytes) in export.files()? {
+            super::write_synced(&tmp.join(file), &bytes)?;
         }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => false,
-        Err(e) => return Err(io(out, e)),
-    };
-    if exists && !overwrite {
-        let mut entries = std::fs::read_dir(out).map_err(|e| io(out, e))?;
-        if entries.next().is_some() {
-            return Err(Error::invalid(
-                "export",
-                format!(
-                    "{} is not empty (pass --overwrite to replace it)",
-                    out.display()
-                ),
-            ));
-        }
-    }
-    let name = out
-        .file_name()
-        .ok_or_else(|| {
-            Error::invalid("export", format!("{}: not a directory name", out.display()))
-        })?
-        .to_string_lossy()
-        .into_owned();
-    let parent = match out.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-        _ => std::path::PathBuf::from("."),
-    };
-    std::fs::create_dir_all(&parent).map_err(|e| io(&parent, e))?;
-    let tmp = parent.join(format!(".{name}.export-tmp"));
-    let old = parent.join(format!(".{name}.export-old"));
-    let remove = |p: &std::path::Path| match std::fs::remove_dir_all(p) {
-        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(io(p, e)),
-        _ => Ok(()),
-    };
-    remove(&tmp)?;
-    std::fs::create_dir(&tmp).map_err(|e| io(&tmp, e))?;
-    for (file, bytes) in export.files()? {
-        let path = tmp.join(file);
-        let mut f = std::fs::File::create(&path).map_err(|e| io(&path, e))?;
-        f.write_all(&bytes).map_err(|e| io(&path, e))?;
-        f.sync_all().map_err(|e| io(&path, e))?;
-    }
-    #[cfg(unix)]
-    std::fs::File::open(&tmp)
-        .and_then(|f| f.sync_all())
-        .map_err(|e| io(&tmp, e))?;
-    if exists {
-        remove(&old)?;
-        std::fs::rename(out, &old).map_err(|e| io(out, e))?;
-    }
-    std::fs::rename(&tmp, out).map_err(|e| io(&tmp, e))?;
-    #[cfg(unix)]
-    std::fs::File::open(&parent)
-        .and_then(|f| f.sync_all())
-        .map_err(|e| io(&parent, e))?;
-    if exists {
-        remove(&old)?;
-    }
-    Ok(())
+        Ok(())
+    })
 }
 
 #[cfg(test)]

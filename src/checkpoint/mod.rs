@@ -159,8 +159,9 @@ pub fn parse_safetensors(source: &str, bytes: &[u8]) -> Result<Vec<NamedTensor>>
     Ok(raw::entries(source, bytes)?
         .into_iter()
         .map(|(name, shape, dtype, range)| {
-            let mut data = Vec::with_capacity(range.len() / dtype.size());
-            dtype.decode(&bytes[range], &mut data);
+            let numel = shape.iter().product();
+            let mut data = Vec::with_capacity(numel);
+            dtype.decode(&bytes[range], numel, &mut data);
             NamedTensor { name, shape, data }
         })
         .collect())
@@ -266,6 +267,8 @@ mod dir;
 pub use dir::*;
 #[cfg(not(target_arch = "wasm32"))]
 pub mod hf_dir;
+#[cfg(not(target_arch = "wasm32"))]
+pub mod quantized;
 pub use hf::HfModel;
 #[cfg(not(target_arch = "wasm32"))]
 pub use hf_dir::load_hf_dir;

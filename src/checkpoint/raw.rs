@@ -13,6 +13,7 @@ use super::NamedTensor;
 use crate::error::{Error, Result};
 use crate::model::params::{values_fit_f16, TensorValues};
 use crate::model::Params;
+use crate::quant::{QuantFormat, BLOCK};
 use safetensors::tensor::Dtype;
 use std::borrow::Cow;
 use std::ops::Range;
@@ -44,6 +45,56 @@ pub enum FileDtype {
     F32,
     F16,
     BF16,
+    /// Block-quantized words (`quant`), as `amoe quantize` writes them: a
+    /// U32 tensor of the packed words whose logical shape and format the
+    /// file's metadata give ([`QUANT_METADATA`]).
+    Packed(QuantFormat),
+}
+
+/// The safetensors metadata key that describes a file's block-quantized
+/// tensors: a JSON object `{"block": 32, "tensors": {name: {"format":
+/// "q4", "shape": [..]}}}`. Each such tensor is stored as U32 words.
+pub const QUANT_METADATA: &str = "amoe.quantized";
+
+/// What [`QUANT_METADATA`] holds.
+#[derive(Clone, Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct QuantMetadata {
+    /// Values per block (one scale each): `quant::BLOCK`.
+    pub block: usize,
+    pub tensors: std::collections::BTreeMap<String, PackedTensor>,
+}
+
+/// One packed tensor of a quantized file.
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PackedTensor {
+    pub format: String,
+    pub shape: Vec<usize>,
+}
+
+/// Values per slice along the first axis of `shape` (what a weight split
+/// into parts along that axis keeps together).
+pub fn slice_numel(shape: &[usize]) -> usize {
+    shape.iter().skip(1).product()
+}
+
+/// Why a packed tensor of `shape` cannot be stored: its slices along the
+/// first axis must hold whole blocks, so that the blocks are the same
+/// whether the weight is uploaded whole or split into parts (an expert's
+/// weights never share a block with the next expert's).
+pub fn check_packable(name: &str, shape: &[usize]) -> Result<()> {
+    let slice = slice_numel(shape);
+    if shape.len() < 2 || !slice.is_multiple_of(BLOCK) {
+        return Err(Error::invalid(
+            "quantized tensor",
+            format!(
+                "{name} {shape:?}: {slice} values per slice of its first axis is not a \
+                 multiple of the block ({BLOCK} values), so blocks would straddle its slices"
+            ),
+        ));
+    }
+    Ok(())
 }
 
 impl FileDtype {
@@ -56,18 +107,34 @@ impl FileDtype {
         }
     }
 
-    /// Bytes per value.
+    /// Bytes per value (a packed format: per word; see
+    /// [`FileDtype::bytes`]).
     pub fn size(self) -> usize {
         match self {
-            FileDtype::F32 => 4,
+            FileDtype::F32 | FileDtype::Packed(_) => 4,
             FileDtype::F16 | FileDtype::BF16 => 2,
         }
     }
 
-    /// Little-endian values as f32 (exact: every F16 and BF16 value is an
-    /// f32), appended to `out`.
-    pub(crate) fn decode(self, bytes: &[u8], out: &mut Vec<f32>) {
+    /// Bytes that `numel` values take.
+    pub fn bytes(self, numel: usize) -> usize {
         match self {
+            FileDtype::Packed(f) => f.bytes(numel) as usize,
+            _ => numel * self.size(),
+        }
+    }
+
+    /// Little-endian values as f32 (exact: every F16 and BF16 value is an
+    /// f32), appended to `out`; packed words: the `numel` values they hold.
+    pub(crate) fn decode(self, bytes: &[u8], numel: usize, out: &mut Vec<f32>) {
+        match self {
+            FileDtype::Packed(f) => {
+                let words: Vec<u32> = bytes
+                    .chunks_exact(4)
+                    .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                    .collect();
+                out.extend(crate::quant::dequantize(f, &words, numel));
+            }
             FileDtype::F32 => out.extend(
                 bytes
                     .chunks_exact(4)
@@ -90,6 +157,11 @@ impl FileDtype {
     /// from the bits without converting.
     fn any_non_finite(self, bytes: &[u8]) -> bool {
         match self {
+            // The scales (two f16 in the last word of each pair).
+            FileDtype::Packed(f) => bytes
+                .chunks_exact(4 * f.pair_words())
+                .map(|pair| u32::from_le_bytes(pair[pair.len() - 4..].try_into().unwrap()))
+                .any(|w| w & 0x7c00 == 0x7c00 || (w >> 16) & 0x7c00 == 0x7c00),
             FileDtype::F32 => bytes
                 .chunks_exact(4)
                 .any(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]) & 0x7f80_0000 == 0x7f80_0000),
@@ -154,11 +226,29 @@ impl RawTensor {
 
     /// Values `range` (flat, row-major indices), as f32.
     pub fn values_range(&self, range: Range<usize>) -> Vec<f32> {
-        let w = self.dtype.size();
         let mut out = Vec::with_capacity(range.len());
-        self.dtype
-            .decode(&self.bytes()[range.start * w..range.end * w], &mut out);
+        if let FileDtype::Packed(_) = self.dtype {
+            // Blocks need not start at `range`: decode all, keep the range.
+            self.dtype.decode(self.bytes(), self.numel(), &mut out);
+            out.truncate(range.end);
+            out.drain(..range.start);
+            return out;
+        }
+        let w = self.dtype.size();
+        self.dtype.decode(
+            &self.bytes()[range.start * w..range.end * w],
+            range.len(),
+            &mut out,
+        );
         out
+    }
+
+    /// The block-quantized format it is stored in, if any.
+    pub fn quant(&self) -> Option<QuantFormat> {
+        match self.dtype {
+            FileDtype::Packed(f) => Some(f),
+            _ => None,
+        }
     }
 
     /// The tensor read into memory.
@@ -179,14 +269,18 @@ impl RawTensor {
     /// [`TensorValues::fits_f16`]); decoded a chunk at a time, stopping at
     /// the first value that is not.
     pub fn fits_f16(&self) -> bool {
-        if self.dtype == FileDtype::F16 {
-            return true;
+        match self.dtype {
+            FileDtype::F16 => return true,
+            // Codes times f16 scales: not 16-bit floats in general (the
+            // format, not --dtype, decides how they are stored).
+            FileDtype::Packed(_) => return false,
+            _ => {}
         }
         let w = self.dtype.size();
         let mut buf = Vec::with_capacity(SCAN_CHUNK);
         self.bytes().chunks(SCAN_CHUNK * w).all(|c| {
             buf.clear();
-            self.dtype.decode(c, &mut buf);
+            self.dtype.decode(c, c.len() / w, &mut buf);
             values_fit_f16(&buf)
         })
     }
@@ -223,26 +317,102 @@ pub(crate) fn entries(source: &str, bytes: &[u8]) -> Result<Vec<Entry>> {
             format!("not a valid safetensors file (truncated or corrupt?): {e}"),
         )
     })?;
+    let quant = quant_metadata(source, bytes)?;
     let base = bytes.as_ptr() as usize;
     let mut tensors = st.tensors();
     tensors.sort_by(|a, b| a.0.cmp(&b.0));
     let mut out = Vec::with_capacity(tensors.len());
     for (name, view) in tensors {
+        // The view borrows the file's bytes: its place in them.
+        let start = view.data().as_ptr() as usize - base;
+        let range = start..start + view.data().len();
+        if let Some(packed) = quant.tensors.get(&name) {
+            let (dtype, shape) = packed_entry(source, &name, packed, &view)?;
+            out.push((name, shape, dtype, range));
+            continue;
+        }
         let dtype = FileDtype::of(view.dtype()).ok_or_else(|| {
             Error::checkpoint(
                 source,
                 format!(
-                    "tensor {name} is {:?}: amoe reads F32, F16 and BF16 tensors",
+                    "tensor {name} is {:?}: amoe reads F32, F16 and BF16 tensors (and U32 \
+                     words that the metadata's {QUANT_METADATA} describes)",
                     view.dtype()
                 ),
             )
         })?;
-        // The view borrows the file's bytes: its place in them.
-        let start = view.data().as_ptr() as usize - base;
-        let range = start..start + view.data().len();
         out.push((name, view.shape().to_vec(), dtype, range));
     }
+    if let Some(name) = quant
+        .tensors
+        .keys()
+        .find(|n| !out.iter().any(|(m, ..)| m == *n))
+    {
+        return Err(Error::checkpoint(
+            source,
+            format!("the metadata's {QUANT_METADATA} names tensor {name}, which the file lacks"),
+        ));
+    }
     Ok(out)
+}
+
+/// The file's [`QUANT_METADATA`] (empty when it has none), its block
+/// checked.
+fn quant_metadata(source: &str, bytes: &[u8]) -> Result<QuantMetadata> {
+    use safetensors::tensor::SafeTensors;
+    let (_, meta) = SafeTensors::read_metadata(bytes)
+        .map_err(|e| Error::checkpoint(source, format!("not a valid safetensors file: {e}")))?;
+    let Some(text) = meta.metadata().as_ref().and_then(|m| m.get(QUANT_METADATA)) else {
+        return Ok(QuantMetadata::default());
+    };
+    let q: QuantMetadata = serde_json::from_str(text)
+        .map_err(|e| Error::checkpoint(source, format!("metadata {QUANT_METADATA}: {e}")))?;
+    if q.block != BLOCK {
+        return Err(Error::checkpoint(
+            source,
+            format!(
+                "metadata {QUANT_METADATA}: blocks of {} values; amoe reads blocks of {BLOCK}",
+                q.block
+            ),
+        ));
+    }
+    Ok(q)
+}
+
+/// A packed tensor's dtype and logical shape, checked against its words.
+fn packed_entry(
+    source: &str,
+    name: &str,
+    packed: &PackedTensor,
+    view: &safetensors::tensor::TensorView<'_>,
+) -> Result<(FileDtype, Vec<usize>)> {
+    let bad = |msg: String| Error::checkpoint(source, format!("quantized tensor {name}: {msg}"));
+    let format: QuantFormat = packed
+        .format
+        .parse()
+        .map_err(|e| bad(format!("format: {e}")))?;
+    if view.dtype() != Dtype::U32 || view.shape().len() != 1 {
+        return Err(bad(format!(
+            "stored as {:?} {:?}; packed words are a 1-D U32 tensor",
+            view.dtype(),
+            view.shape()
+        )));
+    }
+    let numel = packed
+        .shape
+        .iter()
+        .try_fold(1usize, |a, &d| a.checked_mul(d))
+        .ok_or_else(|| bad(format!("shape {:?} overflows", packed.shape)))?;
+    check_packable(name, &packed.shape).map_err(|e| Error::checkpoint(source, e.to_string()))?;
+    if view.shape()[0] != format.words(numel) {
+        return Err(bad(format!(
+            "{} words, but {format} of shape {:?} takes {}",
+            view.shape()[0],
+            packed.shape,
+            format.words(numel)
+        )));
+    }
+    Ok((FileDtype::Packed(format), packed.shape.clone()))
 }
 
 /// How one parameter is made from file tensors.
@@ -382,6 +552,13 @@ impl TensorValues for LazyTensor {
     fn fits_f16(&self) -> bool {
         self.sources.iter().all(RawTensor::fits_f16)
     }
+
+    fn quant(&self) -> Option<QuantFormat> {
+        match (&self.op, self.sources.as_slice()) {
+            (Op::Copy, [t]) => t.quant(),
+            _ => None,
+        }
+    }
 }
 
 impl Params<LazyTensor> {
@@ -497,6 +674,104 @@ mod tests {
         assert!(
             msg.contains("dir/x.safetensors") && msg.contains("not a valid"),
             "{msg}"
+        );
+    }
+
+    /// A file holding `words` as the packed tensor "w" with the metadata
+    /// `meta`, and an f32 tensor "b".
+    fn packed_file(words: &[u32], meta: &str) -> FileBytes {
+        use safetensors::tensor::TensorView;
+        let w: Vec<u8> = words.iter().flat_map(|x| x.to_le_bytes()).collect();
+        let b: Vec<u8> = [1.5f32, -2.0]
+            .iter()
+            .flat_map(|x| x.to_le_bytes())
+            .collect();
+        let views = vec![
+            (
+                "w",
+                TensorView::new(Dtype::U32, vec![words.len()], &w).unwrap(),
+            ),
+            ("b", TensorView::new(Dtype::F32, vec![2], &b).unwrap()),
+        ];
+        let meta =
+            std::collections::HashMap::from([(QUANT_METADATA.to_string(), meta.to_string())]);
+        FileBytes::new(safetensors::serialize(views, Some(meta)).unwrap())
+    }
+
+    #[test]
+    fn packed_tensors_read_back_their_values_and_bad_ones_are_named() {
+        use crate::quant::{dequantize, quantize};
+        // [2 experts, 4, 16]: each expert 64 values, two whole blocks.
+        let data: Vec<f32> = (0..128)
+            .map(|i| ((i * 37) % 23) as f32 * 0.1 - 1.0)
+            .collect();
+        for format in [QuantFormat::Q8, QuantFormat::Q4] {
+            let words = quantize(format, "w", &data).unwrap();
+            let meta = format!(
+                r#"{{"block":32,"tensors":{{"w":{{"format":"{format}","shape":[2,4,16]}}}}}}"#
+            );
+            let raw = parse_raw("f", packed_file(&words, &meta)).unwrap();
+            let w = raw.iter().find(|t| t.name == "w").unwrap();
+            assert_eq!((w.shape.clone(), w.quant()), (vec![2, 4, 16], Some(format)));
+            assert_eq!(w.values(), dequantize(format, &words, 128));
+            assert_eq!(w.values_range(40..70), w.values()[40..70].to_vec());
+            assert!(!w.any_non_finite() && !w.fits_f16());
+            // The upload packs the values read back into the same words.
+            assert_eq!(quantize(format, "w", &w.values()).unwrap(), words);
+            let b = raw.iter().find(|t| t.name == "b").unwrap();
+            assert_eq!((b.values(), b.quant()), (vec![1.5, -2.0], None));
+            // A NaN scale is found from the bits.
+            let mut nan = words.clone();
+            let last = format.pair_words() - 1;
+            nan[last] |= 0x7e00;
+            let raw = parse_raw("f", packed_file(&nan, &meta)).unwrap();
+            assert!(raw.iter().find(|t| t.name == "w").unwrap().any_non_finite());
+        }
+        let words = quantize(QuantFormat::Q4, "w", &data).unwrap();
+        let bad = |meta: &str, words: &[u32], want: &str| {
+            let msg = parse_raw("dir/model.safetensors", packed_file(words, meta))
+                .unwrap_err()
+                .to_string();
+            assert!(
+                msg.contains("dir/model.safetensors") && msg.contains(want),
+                "{meta}: {msg}"
+            );
+        };
+        let meta = |block: usize, format: &str, shape: &str| {
+            format!(
+                r#"{{"block":{block},"tensors":{{"w":{{"format":"{format}","shape":{shape}}}}}}}"#
+            )
+        };
+        bad(&meta(64, "q4", "[2,4,16]"), &words, "blocks of 64 values");
+        bad(&meta(32, "q3", "[2,4,16]"), &words, "tensor w: format");
+        bad(
+            &meta(32, "q4", "[2,4,17]"),
+            &words,
+            "not a multiple of the block",
+        );
+        bad(
+            &meta(32, "q4", "[128]"),
+            &words,
+            "not a multiple of the block",
+        );
+        bad(&meta(32, "q4", "[4,4,16]"), &words, "takes 36");
+        bad(&meta(32, "q8", "[2,4,16]"), &words, "takes 34");
+        bad(&meta(32, "q4", "[2,4,16]"), &words[..17], "takes 18");
+        bad(
+            r#"{"block":32,"tensors":{"w":{"format":"q4","shape":[2,4,16]},
+                "x":{"format":"q4","shape":[2,32]}}}"#,
+            &words,
+            "names tensor x, which the file lacks",
+        );
+        bad(r#"{"block":32}"#, &words, "metadata amoe.quantized");
+        bad("[1, 2]", &words, "metadata amoe.quantized");
+        // U32 words that the metadata does not describe.
+        bad(r#"{"block":32,"tensors":{}}"#, &words, "tensor w is U32");
+        // Packed words that claim an f32 tensor's place.
+        bad(
+            r#"{"block":32,"tensors":{"b":{"format":"q4","shape":[2,32]}}}"#,
+            &words,
+            "1-D U32 tensor",
         );
     }
 

@@ -34,7 +34,7 @@ pub struct ExportArgs {
 }
 
 /// Whether `a` is `b` or inside it (both made absolute where they exist).
-fn within(a: &Path, b: &Path) -> bool {
+pub(super) fn within(a: &Path, b: &Path) -> bool {
     match (a.canonicalize(), b.canonicalize()) {
         (Ok(a), Ok(b)) => a.starts_with(b),
         _ => false,

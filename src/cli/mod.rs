@@ -22,6 +22,7 @@ mod eval;
 mod export;
 mod generate;
 mod info;
+mod quantize;
 mod reproduce;
 mod routes;
 mod train;
@@ -119,6 +120,13 @@ enum Command {
         #[command(flatten)]
         args: export::ExportArgs,
     },
+    /// Write a checkpoint whose expert banks are block-quantized (q8 or q4):
+    /// from amoe's own checkpoint or a Hugging Face directory; every
+    /// command and the page load it like any other.
+    Quantize {
+        #[command(flatten)]
+        args: quantize::QuantizeArgs,
+    },
     /// Benchmarks that print numbers (JSON).
     Bench {
         #[command(subcommand)]
@@ -140,6 +148,7 @@ pub fn main() -> ExitCode {
         Command::Calibrate { adapter, args } => calibrate::run(&adapter, &args),
         Command::Info { adapter, args } => info::run(&adapter, &args),
         Command::Export { args } => export::run(&args),
+        Command::Quantize { args } => quantize::run(&args),
         Command::Bench { what } => bench::run(what),
     };
     match r {

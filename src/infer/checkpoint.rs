@@ -83,28 +83,59 @@ impl InferCheckpoint {
                 ),
             ));
         }
-        let eval_gating = match state_json {
+        let state: serde_json::Value = match state_json {
+            None => serde_json::Value::Null,
+            Some(bytes) => serde_json::from_slice(bytes)
+                .map_err(|e| Error::checkpoint(format!("{source}/state.json"), e.to_string()))?,
+        };
+        let field = |path: &str| state.pointer(path).filter(|v| !v.is_null()).cloned();
+        let parse = |v: serde_json::Value, what: &str| {
+            Error::checkpoint(format!("{source}/state.json"), format!("{what}: {v}"))
+        };
+        // A training run's state, or what `amoe quantize` keeps of its
+        // source for inference (`InferCheckpoint::inference_state`).
+        let eval_gating = match field("/train/eval_gating").or(field("/inference/eval_gating")) {
+            Some(g) => serde_json::from_value(g.clone())
+                .map_err(|e| parse(g, &format!("eval_gating ({e})")))?,
             None => Gating::Top1,
-            Some(bytes) => {
-                let v: serde_json::Value = serde_json::from_slice(bytes).map_err(|e| {
-                    Error::checkpoint(format!("{source}/state.json"), e.to_string())
-                })?;
-                match v.pointer("/train/eval_gating") {
-                    Some(g) => serde_json::from_value(g.clone()).map_err(|e| {
-                        Error::checkpoint(format!("{source}/state.json"), e.to_string())
-                    })?,
-                    None => Gating::Top1,
-                }
-            }
+        };
+        let stop_ids: Vec<u32> = match field("/inference/stop_ids") {
+            Some(ids) => serde_json::from_value(ids.clone())
+                .map_err(|e| parse(ids, &format!("stop_ids ({e})")))?,
+            None => vec![tokenizer.eot_id()],
+        };
+        if let Some(&id) = stop_ids.iter().find(|&&id| id as usize >= cfg.vocab) {
+            return Err(Error::checkpoint(
+                format!("{source}/state.json"),
+                format!("stop id {id} is outside the vocabulary of {}", cfg.vocab),
+            ));
+        }
+        let model_type = match field("/inference/model_type") {
+            Some(serde_json::Value::String(t)) => Some(t),
+            Some(v) => return Err(parse(v, "model_type is not a string")),
+            None => None,
         };
         Ok(InferCheckpoint {
             cfg,
             weights,
-            stop_ids: vec![tokenizer.eot_id()],
+            stop_ids,
             tokenizer,
             eval_gating,
             source: source.to_string(),
-            model_type: None,
+            model_type,
+        })
+    }
+
+    /// What inference needs of this checkpoint besides its config, weights
+    /// and tokenizer, as `state.json` holds it for `from_parts` (a
+    /// checkpoint written for inference alone, e.g. by `amoe quantize`).
+    pub fn inference_state(&self) -> serde_json::Value {
+        serde_json::json!({
+            "inference": {
+                "eval_gating": self.eval_gating,
+                "stop_ids": self.stop_ids,
+                "model_type": self.model_type,
+            }
         })
     }
 

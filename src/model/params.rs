@@ -581,6 +581,12 @@ pub trait TensorValues {
     /// Whether every value is exactly a 16-bit float (bf16 or f16) that
     /// f16 holds: `--dtype auto` stores such matmul weights in f16.
     fn fits_f16(&self) -> bool;
+    /// The block-quantized format the values are stored in (a checkpoint
+    /// written by `amoe quantize`): they then load in that format unless
+    /// the user asks for another.
+    fn quant(&self) -> Option<crate::quant::QuantFormat> {
+        None
+    }
 }
 
 impl TensorValues for HostTensor {
@@ -611,9 +617,11 @@ impl<T: TensorValues> Params<T> {
             DtypeChoice::F32 => Dtype::F32,
             DtypeChoice::F16 => Dtype::F16,
             DtypeChoice::Auto => {
+                // Weights stored quantized load in their format, whatever
+                // --dtype says: they do not decide it.
                 let fits = self
                     .iter()
-                    .filter(|(id, _)| id.is_matmul_weight())
+                    .filter(|(id, t)| id.is_matmul_weight() && t.quant().is_none())
                     .all(|(_, t)| t.fits_f16());
                 if fits {
                     Dtype::F16
@@ -625,13 +633,18 @@ impl<T: TensorValues> Params<T> {
     }
 
     /// The storage `choice` resolves to: [`Params::resolve_dtype`] for the
-    /// matmul weights, the expert banks quantized when asked.
+    /// matmul weights, the expert banks quantized when asked, else in the
+    /// format a quantized checkpoint stores them in.
     pub fn resolve_storage(&self, choice: impl Into<StorageChoice>) -> Storage {
         let choice = choice.into();
         let matmul = self.resolve_dtype(choice.dtype);
+        let stored = self
+            .iter()
+            .filter(|(id, _)| id.is_expert_bank())
+            .find_map(|(_, t)| t.quant());
         Storage {
             matmul,
-            experts: match choice.experts {
+            experts: match choice.experts.or(stored) {
                 Some(crate::quant::QuantFormat::Q8) => Dtype::Q8,
                 Some(crate::quant::QuantFormat::Q4) => Dtype::Q4,
                 None => matmul,
