@@ -352,6 +352,24 @@ impl Generator {
         Self::from_checkpoint(gpu.ctx.clone(), ck, dtype)
     }
 
+    /// Upload a GGUF file's model (llama.cpp's format; see
+    /// `checkpoint::gguf`): `bytes` is the file. `dtype` as for `load`.
+    /// Every unsupported architecture or tensor type, truncation or
+    /// mismatch is an exception naming the file.
+    #[wasm_bindgen(js_name = loadGguf)]
+    pub fn load_gguf(
+        gpu: &Gpu,
+        source: &str,
+        bytes: Vec<u8>,
+        dtype: Option<String>,
+    ) -> Result<Generator, JsValue> {
+        let m =
+            crate::checkpoint::gguf::load_gguf(source, crate::checkpoint::FileBytes::new(bytes))
+                .map_err(js)?;
+        let ck = InferCheckpoint::from_hf(m, source).map_err(js)?;
+        Self::from_checkpoint(gpu.ctx.clone(), ck, dtype)
+    }
+
     /// Upload a Hugging Face model from the files a user picked or dropped:
     /// `names[i]` is the file name of `blobs[i]` (a `Uint8Array`):
     /// `config.json`, `tokenizer.json`, `generation_config.json` (optional)

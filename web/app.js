@@ -219,10 +219,27 @@ async function loadHfFiles(fileList, files) {
   }
 }
 
+/** One GGUF file (llama.cpp's format). */
+async function loadGgufFile(fileList, file) {
+  setBusy(true);
+  try {
+    const g = Generator.loadGguf(app.gpu, file.name, new Uint8Array(await file.arrayBuffer()));
+    await useGenerator(g, { kind: "files", files: fileList });
+    return true;
+  } catch (e) {
+    showError("model-error", `That GGUF file did not load; the previous model stays. ${message(e)}`);
+    return false;
+  } finally {
+    setBusy(false);
+  }
+}
+
 async function loadFiles(fileList) {
   clearError("model-error");
   const files = {};
   for (const f of fileList) files[f.name] = f;
+  const gguf = Object.values(files).filter((f) => f.name.toLowerCase().endsWith(".gguf"));
+  if (gguf.length === 1) return loadGgufFile(fileList, gguf[0]);
   if (await isHfFolder(files)) return loadHfFiles(fileList, files);
   const missing = CKPT_FILES.filter((n) => !files[n]);
   if (missing.length) {

@@ -223,12 +223,16 @@ pub fn read_tensors(path: impl AsRef<Path>) -> Result<Vec<NamedTensor>> {
 /// of it: nothing is read until a tensor's values are asked for.
 pub fn read_raw(path: impl AsRef<Path>) -> Result<Vec<RawTensor>> {
     let path = path.as_ref();
-    let source = path.display().to_string();
+    parse_raw(&path.display().to_string(), map_file(path)?)
+}
+
+/// A file's bytes through a read-only memory map (an empty file: no bytes).
+pub fn map_file(path: &Path) -> Result<FileBytes> {
     let file = std::fs::File::open(path).map_err(|e| file_error(path, e))?;
     let len = file.metadata().map_err(|e| io(path, e))?.len();
     if len == 0 {
         // Nothing to map; the parser says what is wrong with an empty file.
-        return parse_raw(&source, FileBytes::new(Vec::new()));
+        return Ok(FileBytes::new(Vec::new()));
     }
     // SAFETY: a read-only map, kept while the tensors over it live (a
     // model's load). As with any memory-mapped loader, a file truncated by
@@ -236,7 +240,7 @@ pub fn read_raw(path: impl AsRef<Path>) -> Result<Vec<RawTensor>> {
     // only give wrong values, which the parse checks as far as the format
     // allows.
     let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| io(path, e))?;
-    parse_raw(&source, FileBytes::new(map))
+    Ok(FileBytes::new(map))
 }
 
 /// The model tensors of a directory: `model.safetensors`, or the shards

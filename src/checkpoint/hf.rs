@@ -50,6 +50,7 @@ use crate::kernels::{Activation, GateConfig, Gating, RouterScore, SingleWeight};
 use crate::model::config::{FfnKind, ModelConfig, QkNorm, Rope, RopeScaling};
 use crate::model::params::{BlockParam, ParamId, ParamSpec};
 use crate::model::transformer::HostParams;
+use crate::model::Params;
 use crate::tokenizer::Tokenizer;
 use serde_json::{Map, Value};
 use std::cell::RefCell;
@@ -741,9 +742,9 @@ pub fn parse_generation_config(
 /// The sources of one parameter (file name and expected shape) and how to
 /// combine them.
 #[derive(Clone, Debug, PartialEq)]
-struct Recipe {
-    op: Op,
-    sources: Vec<(String, Vec<usize>)>,
+pub(crate) struct Recipe {
+    pub(crate) op: Op,
+    pub(crate) sources: Vec<(String, Vec<usize>)>,
 }
 
 fn copy(name: String, shape: &[usize]) -> Recipe {
@@ -951,20 +952,23 @@ pub fn lazy_params(
     let specs = cfg.param_specs();
     let recipes = specs.map(|id, spec| recipe(family, cfg, id, spec));
     let mut problems = Vec::new();
-    let mut pool: HashMap<String, RawTensor> = HashMap::with_capacity(tensors.len());
+    let mut kept = Vec::with_capacity(tensors.len());
+    let mut head = None;
     for t in tensors {
         if t.name.ends_with(".rotary_emb.inv_freq") {
             continue;
         }
-        if pool.contains_key(&t.name) {
-            problems.push(format!("tensor {} appears twice", t.name));
+        if cfg.tied && t.name == "lm_head.weight" && head.is_none() {
+            head = Some(t);
             continue;
         }
-        pool.insert(t.name.clone(), t);
+        kept.push(t);
     }
-    if cfg.tied {
-        if let Some(head) = pool.remove("lm_head.weight") {
-            let same = pool.get("model.embed_tokens.weight").is_some_and(|e| {
+    if let Some(head) = head {
+        let same = kept
+            .iter()
+            .find(|e| e.name == "model.embed_tokens.weight")
+            .is_some_and(|e| {
                 e.shape == head.shape
                     && if e.dtype == head.dtype {
                         e.bytes() == head.bytes()
@@ -972,14 +976,45 @@ pub fn lazy_params(
                         e.values() == head.values()
                     }
             });
-            if !same {
-                problems.push(
-                    "tensor lm_head.weight differs from model.embed_tokens.weight, but \
-                     tie_word_embeddings is true"
-                        .into(),
-                );
-            }
+        if !same {
+            problems.push(
+                "tensor lm_head.weight differs from model.embed_tokens.weight, but \
+                 tie_word_embeddings is true"
+                    .into(),
+            );
         }
+    }
+    assign_recipes(
+        &format!("the {family} config"),
+        cfg,
+        file,
+        kept,
+        recipes,
+        problems,
+    )
+}
+
+/// Each parameter made by its recipe over `tensors`: every recipe must
+/// find its tensors with their shapes and every tensor must be used; the
+/// problems (missing, unexpected, repeated or misshapen tensors, and the
+/// caller's `problems`) are listed together in one error naming `file` and
+/// `what` the tensors should match.
+pub(crate) fn assign_recipes(
+    what: &str,
+    cfg: &ModelConfig,
+    file: &str,
+    tensors: Vec<RawTensor>,
+    recipes: Params<Recipe>,
+    mut problems: Vec<String>,
+) -> Result<LazyParams> {
+    let specs = cfg.param_specs();
+    let mut pool: HashMap<String, RawTensor> = HashMap::with_capacity(tensors.len());
+    for t in tensors {
+        if pool.contains_key(&t.name) {
+            problems.push(format!("tensor {} appears twice", t.name));
+            continue;
+        }
+        pool.insert(t.name.clone(), t);
     }
     let mut used = std::collections::HashSet::new();
     for (_, r) in recipes.iter() {
@@ -1010,7 +1045,7 @@ pub fn lazy_params(
         return Err(Error::checkpoint(
             file,
             format!(
-                "does not match the {family} config ({} problem(s)): {}",
+                "does not match {what} ({} problem(s)): {}",
                 problems.len(),
                 problems.join("; ")
             ),

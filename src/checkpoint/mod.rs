@@ -256,6 +256,7 @@ impl Named for RawTensor {
     }
 }
 
+pub mod gguf;
 pub mod hf;
 pub mod hf_export;
 mod raw;

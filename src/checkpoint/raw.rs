@@ -49,6 +49,8 @@ pub enum FileDtype {
     /// U32 tensor of the packed words whose logical shape and format the
     /// file's metadata give ([`QUANT_METADATA`]).
     Packed(QuantFormat),
+    /// A block-quantized ggml type of a GGUF file, dequantized when read.
+    Ggml(super::gguf::GgmlType),
 }
 
 /// The safetensors metadata key that describes a file's block-quantized
@@ -113,14 +115,7 @@ impl FileDtype {
         match self {
             FileDtype::F32 | FileDtype::Packed(_) => 4,
             FileDtype::F16 | FileDtype::BF16 => 2,
-        }
-    }
-
-    /// Bytes that `numel` values take.
-    pub fn bytes(self, numel: usize) -> usize {
-        match self {
-            FileDtype::Packed(f) => f.bytes(numel) as usize,
-            _ => numel * self.size(),
+            FileDtype::Ggml(t) => t.block_bytes(),
         }
     }
 
@@ -128,6 +123,7 @@ impl FileDtype {
     /// f32), appended to `out`; packed words: the `numel` values they hold.
     pub(crate) fn decode(self, bytes: &[u8], numel: usize, out: &mut Vec<f32>) {
         match self {
+            FileDtype::Ggml(t) => t.dequantize(bytes, out),
             FileDtype::Packed(f) => {
                 let words: Vec<u32> = bytes
                     .chunks_exact(4)
@@ -157,6 +153,7 @@ impl FileDtype {
     /// from the bits without converting.
     fn any_non_finite(self, bytes: &[u8]) -> bool {
         match self {
+            FileDtype::Ggml(t) => t.any_non_finite(bytes),
             // The scales (two f16 in the last word of each pair).
             FileDtype::Packed(f) => bytes
                 .chunks_exact(4 * f.pair_words())
@@ -184,6 +181,10 @@ pub struct RawTensor {
     file: FileBytes,
     /// Its bytes in the file.
     range: Range<usize>,
+    /// Rows stored in llama.cpp's rotary order for this many heads (q or
+    /// k of a GGUF `llama` / `granitemoe` file): read back in the order of
+    /// the Hugging Face layout ([`RawTensor::unpermuted`]).
+    unpermute: Option<usize>,
 }
 
 /// Values decoded per step when a tensor is scanned (bounded memory).
@@ -207,6 +208,37 @@ impl RawTensor {
             dtype: FileDtype::F32,
             file: FileBytes::new(bytes),
             range: 0..len,
+            unpermute: None,
+        }
+    }
+
+    /// A tensor of `file`'s bytes `range` (checked by the caller to hold
+    /// `shape` in `dtype`).
+    pub(crate) fn over(
+        name: String,
+        shape: Vec<usize>,
+        dtype: FileDtype,
+        file: FileBytes,
+        range: Range<usize>,
+    ) -> Self {
+        RawTensor {
+            name,
+            shape,
+            dtype,
+            file,
+            range,
+            unpermute: None,
+        }
+    }
+
+    /// The same tensor whose rows (the first axis: `heads` heads of
+    /// `rows / heads`) are stored as llama.cpp's converter permutes q and
+    /// k, read back in the original order: stored row `2b + a` of a head
+    /// is row `a * half + b` (`half` = half the head's rows).
+    pub(crate) fn unpermuted(self, heads: usize) -> Self {
+        RawTensor {
+            unpermute: Some(heads),
+            ..self
         }
     }
 
@@ -227,11 +259,45 @@ impl RawTensor {
     /// Values `range` (flat, row-major indices), as f32.
     pub fn values_range(&self, range: Range<usize>) -> Vec<f32> {
         let mut out = Vec::with_capacity(range.len());
-        if let FileDtype::Packed(_) = self.dtype {
-            // Blocks need not start at `range`: decode all, keep the range.
-            self.dtype.decode(self.bytes(), self.numel(), &mut out);
+        if let Some(heads) = self.unpermute {
+            let all = self.decode_all();
+            let rows = self.shape.first().copied().unwrap_or(1);
+            let width = self.numel() / rows.max(1);
+            let per_head = rows / heads.max(1);
+            let half = per_head / 2;
+            out.resize(self.numel(), 0.0);
+            for r in 0..rows {
+                let (h, i) = (r / per_head.max(1), r % per_head.max(1));
+                // Original row i = a * half + b was stored at 2b + a.
+                let (a, b) = (i / half.max(1), i % half.max(1));
+                let stored = h * per_head + 2 * b + a;
+                out[r * width..(r + 1) * width]
+                    .copy_from_slice(&all[stored * width..(stored + 1) * width]);
+            }
             out.truncate(range.end);
             out.drain(..range.start);
+            return out;
+        }
+        let block = match self.dtype {
+            FileDtype::Ggml(t) => t.block(),
+            _ => 1,
+        };
+        if matches!(self.dtype, FileDtype::Packed(_))
+            || !range.start.is_multiple_of(block)
+            || !range.end.is_multiple_of(block)
+        {
+            // Blocks need not start at `range`: decode all, keep the range.
+            out = self.decode_all();
+            out.truncate(range.end);
+            out.drain(..range.start);
+            return out;
+        }
+        if let FileDtype::Ggml(t) = self.dtype {
+            let (a, b) = (range.start / block, range.end / block);
+            t.dequantize(
+                &self.bytes()[a * t.block_bytes()..b * t.block_bytes()],
+                &mut out,
+            );
             return out;
         }
         let w = self.dtype.size();
@@ -243,10 +309,19 @@ impl RawTensor {
         out
     }
 
-    /// The block-quantized format it is stored in, if any.
+    /// Every value, decoded in the stored order.
+    fn decode_all(&self) -> Vec<f32> {
+        let mut out = Vec::with_capacity(self.numel());
+        self.dtype.decode(self.bytes(), self.numel(), &mut out);
+        out
+    }
+
+    /// The block-quantized format it is stored in (packed words), or the
+    /// one that holds a GGUF type's values best (`GgmlType::nearest_quant`).
     pub fn quant(&self) -> Option<QuantFormat> {
         match self.dtype {
             FileDtype::Packed(f) => Some(f),
+            FileDtype::Ggml(t) => t.nearest_quant(),
             _ => None,
         }
     }
@@ -273,7 +348,7 @@ impl RawTensor {
             FileDtype::F16 => return true,
             // Codes times f16 scales: not 16-bit floats in general (the
             // format, not --dtype, decides how they are stored).
-            FileDtype::Packed(_) => return false,
+            FileDtype::Packed(_) | FileDtype::Ggml(_) => return false,
             _ => {}
         }
         let w = self.dtype.size();
@@ -292,13 +367,7 @@ impl RawTensor {
 pub fn parse_raw(source: &str, file: FileBytes) -> Result<Vec<RawTensor>> {
     Ok(entries(source, file.bytes())?
         .into_iter()
-        .map(|(name, shape, dtype, range)| RawTensor {
-            name,
-            shape,
-            dtype,
-            file: file.clone(),
-            range,
-        })
+        .map(|(name, shape, dtype, range)| RawTensor::over(name, shape, dtype, file.clone(), range))
         .collect())
 }
 
@@ -554,10 +623,12 @@ impl TensorValues for LazyTensor {
     }
 
     fn quant(&self) -> Option<QuantFormat> {
-        match (&self.op, self.sources.as_slice()) {
-            (Op::Copy, [t]) => t.quant(),
-            _ => None,
-        }
+        // Every source quantized alike (a GGUF bank, q/k/v of one type).
+        let first = self.sources.first()?.quant()?;
+        self.sources
+            .iter()
+            .all(|t| t.quant() == Some(first))
+            .then_some(first)
     }
 }
 

@@ -166,6 +166,19 @@ impl InferCheckpoint {
             read_model_raw, CONFIG_FILE, MODEL_FILE, SHARD_INDEX_FILE, STATE_FILE, TOKENIZER_FILE,
         };
         let mut dir = dir.as_ref().to_path_buf();
+        if dir.is_file() {
+            // A GGUF file (llama.cpp's, or an ollama blob).
+            let file = crate::checkpoint::map_file(&dir)?;
+            let source = dir.display().to_string();
+            if !crate::checkpoint::gguf::is_gguf(file.bytes()) {
+                return Err(Error::checkpoint(
+                    &source,
+                    "a file that is not GGUF: give a GGUF file or a checkpoint directory",
+                ));
+            }
+            let m = crate::checkpoint::gguf::load_gguf(&source, file)?;
+            return Self::from_hf(m, &source);
+        }
         if !dir.join(CONFIG_FILE).exists() {
             // A run directory's checkpoint/, or, after a save interrupted
             // between its renames, the newest whole checkpoint beside it
