@@ -152,6 +152,58 @@ fn tok_err(what: &str, e: impl std::fmt::Display) -> Error {
 
 /// Every token has its own id: two tokens sharing one (a hand-edited or
 /// corrupt file) would make one of them encode as the other.
+/// A `tokenizer.json` text read by the `tokenizers` crate. Its syntax is
+/// checked first: the crate's decoder field panics (`expect("Helper")`) on
+/// JSON cut short inside it, which the fuzz test found.
+fn parse_tokenizer_json(json: &str) -> Result<tokenizers::Tokenizer> {
+    let v: serde_json::Value = serde_json::from_str(json)
+        .map_err(|e| tok_err("reading tokenizer.json", format!("not valid JSON: {e}")))?;
+    check_bpe_merges(&v)?;
+    // Natively, any other panic of the crate on a malformed file is an
+    // error too (in the browser a panic aborts: the checks above are what
+    // the fuzz test found).
+    #[cfg(not(target_arch = "wasm32"))]
+    let parsed =
+        std::panic::catch_unwind(|| json.parse::<tokenizers::Tokenizer>()).map_err(|_| {
+            tok_err(
+                "reading tokenizer.json",
+                "the tokenizers crate failed on it",
+            )
+        })?;
+    #[cfg(target_arch = "wasm32")]
+    let parsed = json.parse::<tokenizers::Tokenizer>();
+    parsed.map_err(|e| tok_err("reading tokenizer.json", e))
+}
+
+/// A BPE model's merges each end in at least its
+/// `continuing_subword_prefix` (the crate slices past it: a shorter second
+/// part panics).
+fn check_bpe_merges(v: &serde_json::Value) -> Result<()> {
+    let model = &v["model"];
+    let Some(prefix) = model["continuing_subword_prefix"].as_str() else {
+        return Ok(());
+    };
+    let Some(merges) = model["merges"].as_array() else {
+        return Ok(());
+    };
+    for m in merges {
+        let second = match m {
+            serde_json::Value::String(s) => s.split_once(' ').map(|(_, b)| b),
+            serde_json::Value::Array(p) => p.get(1).and_then(|b| b.as_str()),
+            _ => None,
+        };
+        if let Some(b) = second {
+            if b.len() < prefix.len() || !b.is_char_boundary(prefix.len()) {
+                return Err(tok_err(
+                    "reading tokenizer.json",
+                    format!("merge {m} is shorter than the continuing_subword_prefix {prefix:?}"),
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
 fn check_ids(inner: &tokenizers::Tokenizer) -> Result<()> {
     let vocab = inner.get_vocab(true);
     let mut by_id: std::collections::HashMap<u32, &str> = std::collections::HashMap::new();
@@ -356,9 +408,7 @@ impl Tokenizer {
     /// Reads a `tokenizer.json` text written by [`Tokenizer::to_json`] (or any byte-level
     /// BPE with an [`EOT`] token).
     pub fn from_json(json: &str) -> Result<Self> {
-        let inner: tokenizers::Tokenizer = json
-            .parse()
-            .map_err(|e| tok_err("reading tokenizer.json", e))?;
+        let inner = parse_tokenizer_json(json)?;
         Self::wrap(inner, Some(json))
     }
 
@@ -367,9 +417,7 @@ impl Tokenizer {
     /// [`MAX_PRETRAINED_VOCAB`] tokens. The end of a text is `eos` (the model's
     /// `eos_token_id`), else its [`EOT`] token.
     pub fn from_pretrained_json(json: &str, eos: Option<u32>) -> Result<Self> {
-        let inner: tokenizers::Tokenizer = json
-            .parse()
-            .map_err(|e| tok_err("reading tokenizer.json", e))?;
+        let inner = parse_tokenizer_json(json)?;
         check_ids(&inner)?;
         let vocab = inner.get_vocab_size(true);
         if !(1..=MAX_PRETRAINED_VOCAB).contains(&vocab) {
@@ -420,6 +468,30 @@ impl Tokenizer {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Regression (fuzz): files the `tokenizers` crate panicked on are
+    /// errors: JSON cut inside the decoder, a BPE merge shorter than the
+    /// continuing-subword prefix.
+    #[test]
+    fn files_the_crate_panicked_on_are_errors() {
+        let json = std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/fixtures/hf/qwen2_moe/tokenizer.json"
+        ))
+        .unwrap();
+        let at = json.find("\"decoder\"").unwrap();
+        let cut = &json[..at + 30];
+        let m = Tokenizer::from_pretrained_json(cut, Some(0))
+            .unwrap_err()
+            .to_string();
+        assert!(m.contains("not valid JSON"), "{m}");
+        let mut v: serde_json::Value = serde_json::from_str(&json).unwrap();
+        v["model"]["continuing_subword_prefix"] = "xx".into();
+        let m = Tokenizer::from_pretrained_json(&v.to_string(), Some(0))
+            .unwrap_err()
+            .to_string();
+        assert!(m.contains("continuing_subword_prefix"), "{m}");
+    }
 
     const DOCS: [&str; 3] = [
         "To be, or not to be, that is the question:\nWhether 'tis nobler in the mind to suffer",

@@ -467,6 +467,10 @@ impl Generator {
             "config": st.ck.cfg,
             "params": params,
             "gpu_bytes": st.engine.gpu_bytes(),
+            "bytes": st.ck.cfg.gpu_bytes(crate::model::Storage {
+                matmul: st.engine.dtype(),
+                experts: st.engine.experts_dtype(),
+            }),
             "dtype": st.engine.dtype().name(),
             "experts_dtype": st.engine.experts_dtype().name(),
             "eval_gating": st.ck.eval_gating,

@@ -132,6 +132,16 @@ async function fetchBytes(url, optional = false) {
   return new Uint8Array(await r.arrayBuffer());
 }
 
+/** The weight storage the model panel's select asks for ("auto", "f32",
+ * "f16", or "q8" / "q4": the experts block-quantized as they load). */
+function storage() {
+  return $("storage")?.value || "auto";
+}
+
+function mib(bytes) {
+  return `${(bytes / 2 ** 20).toFixed(1)} MiB`;
+}
+
 function describeModel(g) {
   const i = JSON.parse(g.info());
   const c = i.config;
@@ -143,7 +153,9 @@ function describeModel(g) {
   $("model-info").textContent =
     `${i.source}${i.model_type ? ` (Hugging Face ${i.model_type})` : ""}: ${(i.params / 1e6).toFixed(2)}M parameters, ` +
     `d=${c.d}, ${c.layers} layers, ${moe}, ${i.positions} positions${axes}, context ${c.context}, ` +
-    `vocabulary ${c.vocab}; ${gating}; ${(i.gpu_bytes / 2 ** 20).toFixed(1)} MiB on the GPU (${i.dtype} weights${i.experts_dtype && i.experts_dtype !== i.dtype ? `, ${i.experts_dtype} experts` : ''}).`;
+    `vocabulary ${c.vocab}; ${gating}; ${mib(i.gpu_bytes)} on the GPU (${i.dtype} weights${i.experts_dtype && i.experts_dtype !== i.dtype ? `, ${i.experts_dtype} experts` : ''}: ` +
+    `experts ${mib(i.bytes.parts.experts)}, attention ${mib(i.bytes.parts.attention)}, ` +
+    `embeddings ${mib(i.bytes.parts.embeddings)}, KV cache ${mib(i.bytes.kv_cache)}).`;
   return i;
 }
 
@@ -176,7 +188,7 @@ async function loadDemo() {
       fetchBytes("demo/tokenizer.json"),
       fetchBytes("demo/state.json", true),
     ]);
-    await useGenerator(Generator.load(app.gpu, "demo", config, model, tokenizer, state), { kind: "demo" });
+    await useGenerator(Generator.load(app.gpu, "demo", config, model, tokenizer, state, storage()), { kind: "demo" });
     app.state = "ready";
     setStatus("Ready.", "ready");
   } catch (e) {
@@ -208,7 +220,7 @@ async function loadHfFiles(fileList, files) {
     const blobs = [];
     for (const n of names) blobs.push(new Uint8Array(await files[n].arrayBuffer()));
     const name = files["config.json"].webkitRelativePath?.split("/")[0] || "picked files";
-    const g = Generator.loadHf(app.gpu, name, names, blobs);
+    const g = Generator.loadHf(app.gpu, name, names, blobs, storage());
     await useGenerator(g, { kind: "files", files: fileList });
     return true;
   } catch (e) {
@@ -223,7 +235,7 @@ async function loadHfFiles(fileList, files) {
 async function loadGgufFile(fileList, file) {
   setBusy(true);
   try {
-    const g = Generator.loadGguf(app.gpu, file.name, new Uint8Array(await file.arrayBuffer()));
+    const g = Generator.loadGguf(app.gpu, file.name, new Uint8Array(await file.arrayBuffer()), storage());
     await useGenerator(g, { kind: "files", files: fileList });
     return true;
   } catch (e) {
@@ -262,6 +274,7 @@ async function loadFiles(fileList) {
       await bytes("model.safetensors"),
       await bytes("tokenizer.json"),
       await bytes("state.json"),
+      storage(),
     );
     await useGenerator(g, { kind: "files", files: fileList });
     return true;

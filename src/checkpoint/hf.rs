@@ -401,10 +401,18 @@ fn common(k: &Keys) -> Result<ModelConfig> {
             ));
         }
     }
+    let layers = k.usize("num_hidden_layers")?;
+    if layers > crate::model::config::MAX_LAYERS {
+        // Bounded before anything is sized by it (per-layer lists).
+        return Err(k.err(
+            "num_hidden_layers",
+            format!("{layers}: at most {}", crate::model::config::MAX_LAYERS),
+        ));
+    }
     Ok(ModelConfig {
         vocab: k.usize("vocab_size")?,
         d,
-        layers: k.usize("num_hidden_layers")?,
+        layers,
         heads,
         context: max_positions.min(DEFAULT_CONTEXT_CAP),
         ffn: 1,
@@ -1150,6 +1158,23 @@ pub fn load_hf_parts(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Regression (fuzz): a huge layer count is refused before per-layer
+    /// lists are sized by it (it ran the allocator out).
+    #[test]
+    fn a_huge_layer_count_is_refused_first() {
+        let mut v: Value = serde_json::from_slice(fixture_config("qwen2_moe")).unwrap();
+        v["num_hidden_layers"] = (1u64 << 45).into();
+        v["use_sliding_window"] = true.into();
+        v["sliding_window"] = 4096.into();
+        let m = parse_config("c", v.to_string().as_bytes())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            m.contains("num_hidden_layers") && m.contains("at most"),
+            "{m}"
+        );
+    }
     use crate::model::config::RopeScaling;
 
     fn fixture_config(name: &str) -> &'static [u8] {

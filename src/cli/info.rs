@@ -52,6 +52,8 @@ struct Info {
     experts_dtype: String,
     /// In that storage.
     bytes: GpuBytes,
+    /// The same in each storage a user can pick, and whether it fits.
+    formats: Vec<Format>,
     adapter: String,
     /// The adapter's largest storage binding (and buffer).
     binding_limit: u64,
@@ -61,6 +63,20 @@ struct Info {
     fits: bool,
     /// Why not, when it does not.
     too_large: Option<String>,
+}
+
+/// What the model takes in one storage.
+#[derive(Serialize)]
+struct Format {
+    /// The flags that pick it.
+    flags: String,
+    dtype: String,
+    experts_dtype: String,
+    params: u64,
+    experts: u64,
+    /// Parameters and KV cache.
+    total: u64,
+    fits: bool,
 }
 
 pub fn run(adapter: &AdapterArgs, args: &InfoArgs) -> Result<ExitCode> {
@@ -78,6 +94,31 @@ pub fn run(adapter: &AdapterArgs, args: &InfoArgs) -> Result<ExitCode> {
     // Weights past the split size (the binding limit, or AMOE_SPLIT_BYTES)
     // go in parts.
     let plan = cfg.split_plan(storage, ctx.split_bytes(), limit);
+    let formats = {
+        use amoe::gpu::Dtype;
+        use amoe::model::Storage;
+        [
+            ("--dtype f32", Dtype::F32, Dtype::F32),
+            ("--dtype f16", Dtype::F16, Dtype::F16),
+            ("--dtype f16 --quantize-on-load q8", Dtype::F16, Dtype::Q8),
+            ("--dtype f16 --quantize-on-load q4", Dtype::F16, Dtype::Q4),
+        ]
+        .into_iter()
+        .map(|(flags, matmul, experts)| {
+            let s = Storage { matmul, experts };
+            let b = cfg.gpu_bytes(s);
+            Format {
+                flags: flags.into(),
+                dtype: matmul.to_string(),
+                experts_dtype: experts.to_string(),
+                params: b.params,
+                experts: b.parts.experts,
+                total: b.params + b.kv_cache,
+                fits: cfg.split_plan(s, ctx.split_bytes(), limit).is_ok(),
+            }
+        })
+        .collect()
+    };
     let info = Info {
         checkpoint: ck.source.clone(),
         model_type: ck.model_type.clone(),
@@ -119,6 +160,7 @@ pub fn run(adapter: &AdapterArgs, args: &InfoArgs) -> Result<ExitCode> {
         dtype: storage.matmul.to_string(),
         experts_dtype: storage.experts.to_string(),
         bytes,
+        formats,
         adapter: format!("{}/{}", ctx.backend(), ctx.info.name),
         binding_limit: limit,
     };
@@ -202,7 +244,9 @@ fn text(i: &Info) -> String {
          architecture: {} layers ({moe}), D={}, {heads}, context {}, vocabulary {}, {} positions{axes}\n\
          FFN: {ffn}\n\
          parameters: {} total ({} embeddings, {} in experts); active per token: {} ({} expert(s) per MoE layer)\n\
-         on {} ({} weights): parameters {}, KV cache {}, total {}; largest tensor {} ({}) of a {} binding limit: {}\n",
+         on {} ({} weights): parameters {}, KV cache {}, total {}; largest tensor {} ({}) of a {} binding limit: {}\n\
+         by part: experts {}, attention {}, embeddings {}, norms and routers {}, KV cache {}\n\
+         in each storage (parameters + KV cache):{}\n",
         i.checkpoint,
         i.layers,
         i.d,
@@ -238,5 +282,19 @@ fn text(i: &Info) -> String {
                     .join(", ")
             ),
         },
+        mib(b.parts.experts),
+        mib(b.parts.attention),
+        mib(b.parts.embeddings),
+        mib(b.parts.other),
+        mib(b.kv_cache),
+        i.formats
+            .iter()
+            .map(|f| format!(
+                "\n  {:<36} {:>10}{}",
+                f.flags,
+                mib(f.total),
+                if f.fits { "" } else { "  (does not fit)" }
+            ))
+            .collect::<String>(),
     )
 }

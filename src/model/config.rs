@@ -24,9 +24,24 @@ pub struct ParamCounts {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct GpuBytes {
     pub params: u64,
+    /// `params` by part of the model.
+    pub parts: PartBytes,
     pub kv_cache: u64,
     pub largest_tensor: u64,
     pub largest_tensor_name: String,
+}
+
+/// A model's parameter bytes by part.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct PartBytes {
+    /// Expert banks (routed and shared; a dense FFN is one expert).
+    pub experts: u64,
+    /// q/k/v and output projections, their biases and norms.
+    pub attention: u64,
+    /// Token table, learned positions, unembedding.
+    pub embeddings: u64,
+    /// Norms, routers, shared-expert gates.
+    pub other: u64,
 }
 
 /// Which FFN a layer has.
@@ -232,6 +247,10 @@ pub struct ModelConfig {
 
 /// The widest attention head any kernel takes.
 pub const MAX_HEAD_DIM: usize = 256;
+/// Most layers a config may have (published models have up to ~128).
+pub const MAX_LAYERS: usize = 4096;
+/// Most parameters (values) a config may describe: 2^40, about 1.1e12.
+pub const MAX_PARAMS: u128 = 1 << 40;
 
 fn gelu() -> Activation {
     Activation::Gelu
@@ -309,6 +328,7 @@ impl ModelConfig {
                 "head_dim = {dh}: must be a multiple of 4 up to {MAX_HEAD_DIM}"
             ));
         }
+        self.check_sizes()?;
         if let Some(rope) = &self.rope {
             if !rope.theta.is_finite() || rope.theta <= 1.0 {
                 return bad(format!("rope_theta = {}", rope.theta));
@@ -387,6 +407,59 @@ impl ModelConfig {
             if let Some(c) = self.shared_config(l) {
                 c.validate()?;
             }
+        }
+        Ok(())
+    }
+
+    /// The sizes bounded before anything is sized from them: at most
+    /// [`MAX_LAYERS`] layers and [`MAX_PARAMS`] parameters, and no tensor
+    /// (nor the KV cache) whose element count overflows this platform's
+    /// `usize` arithmetic (a lying config is an error, not a hang, an
+    /// overflow or an allocation failure). Computed in u128.
+    fn check_sizes(&self) -> Result<()> {
+        let bad = |msg: String| Err(Error::invalid("model config", msg));
+        if self.layers > MAX_LAYERS {
+            return bad(format!("layers = {}: at most {MAX_LAYERS}", self.layers));
+        }
+        let u = |x: usize| x as u128;
+        let (d, dh) = (u(self.d), u(self.head_dim()));
+        let (qw, kw) = (u(self.heads) * dh, u(self.kv_heads()) * dh);
+        let e = u(self.experts);
+        let f = u(self.ffn).max(u(self.dense_ffn.unwrap_or(0)));
+        let fs = u(self.shared_ffn.unwrap_or(0));
+        let layer = d * (qw + 2 * kw)
+            + qw * d
+            + 3 * (qw + 2 * kw)
+            + 4 * d
+            + d * e
+            + e * 3 * d * f
+            + 3 * d * fs
+            + d;
+        let total = 2 * u(self.vocab) * d + u(self.context) * d + u(self.layers) * layer + d;
+        let largest = [
+            u(self.vocab) * d,
+            e * d * f,
+            d * (qw + 2 * kw),
+            u(self.context) * d,
+        ]
+        .into_iter()
+        .max()
+        .unwrap_or(0);
+        let kv = 2 * u(self.layers) * kw * u(self.context);
+        if total > MAX_PARAMS {
+            return bad(format!(
+                "{total} parameters: at most {MAX_PARAMS} (d = {}, layers = {}, experts = {}, \
+                 ffn = {}, vocab = {})",
+                self.d, self.layers, self.experts, self.ffn, self.vocab
+            ));
+        }
+        let room = usize::MAX as u128 / 16;
+        if largest > room || kv > room {
+            return bad(format!(
+                "a tensor of {} values (or a KV cache of {kv}) is more than this platform \
+                 can address",
+                largest
+            ));
         }
         Ok(())
     }
@@ -665,6 +738,19 @@ impl ModelConfig {
         let size =
             |id: crate::model::params::ParamId, numel: usize| storage.of(id).bytes(numel as u64);
         let params = specs.iter().map(|(id, s)| size(id, s.numel())).sum();
+        let mut parts = PartBytes::default();
+        for (id, s) in specs.iter() {
+            use crate::model::params::{BlockParam as B, ParamId};
+            let b = size(id, s.numel());
+            match id {
+                _ if id.is_expert_bank() => parts.experts += b,
+                ParamId::Wte | ParamId::Wpe | ParamId::WOut => parts.embeddings += b,
+                ParamId::Block(_, B::Wqkv | B::Bqkv | B::Wo | B::QNorm | B::KNorm) => {
+                    parts.attention += b
+                }
+                _ => parts.other += b,
+            }
+        }
         let largest = specs
             .iter()
             .map(|(id, s)| (size(id, s.numel()), id.name()))
@@ -673,6 +759,7 @@ impl ModelConfig {
         let kv = 2 * (self.layers * self.kv_heads() * self.context * self.head_dim()) as u64 * 4;
         GpuBytes {
             params,
+            parts,
             kv_cache: kv,
             largest_tensor: largest.0,
             largest_tensor_name: largest.1,
@@ -751,6 +838,51 @@ impl ModelConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Regression (fuzz): sizes that would hang, overflow or exhaust
+    /// memory are refused by validate, quickly.
+    #[test]
+    fn absurd_sizes_are_refused_before_anything_is_sized() {
+        let demo: ModelConfig =
+            serde_json::from_str(include_str!("../../data/demo/config.json")).unwrap();
+        demo.validate().unwrap();
+        for (what, c) in [
+            (
+                "layers",
+                ModelConfig {
+                    layers: 89977434547421184,
+                    ..demo.clone()
+                },
+            ),
+            (
+                "parameters",
+                ModelConfig {
+                    d: 1 << 20,
+                    heads: 1 << 15,
+                    ..demo.clone()
+                },
+            ),
+            (
+                "parameters",
+                ModelConfig {
+                    vocab: 1 << 40,
+                    ..demo.clone()
+                },
+            ),
+            (
+                "parameters",
+                ModelConfig {
+                    experts: 1 << 30,
+                    ..demo.clone()
+                },
+            ),
+        ] {
+            let t = std::time::Instant::now();
+            let m = c.validate().unwrap_err().to_string();
+            assert!(m.contains(what), "{m}");
+            assert!(t.elapsed().as_secs_f64() < 1.0);
+        }
+    }
 
     #[test]
     fn default_is_valid_and_every_layer_is_moe() {
@@ -846,6 +978,9 @@ mod tests {
         assert_eq!((p.active_min, p.active_max), (p.total, p.total));
         let b = c.gpu_bytes(crate::gpu::Dtype::F32);
         assert_eq!(b.params, 4 * c.num_params() as u64);
+        let p = b.parts;
+        assert_eq!(p.experts + p.attention + p.embeddings + p.other, b.params);
+        assert_eq!(p.experts, 4 * c.param_counts(1, 2).experts as u64);
         assert_eq!(b.kv_cache, (2 * c.layers * c.context * d * 4) as u64);
         let largest = (c.vocab * d).max(e * d * f);
         assert_eq!(b.largest_tensor, 4 * largest as u64);

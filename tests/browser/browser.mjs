@@ -390,12 +390,49 @@ async function hfFolder(page) {
   await page.waitForSelector("#model-error:not([hidden])");
   const msg = await page.textContent("#model-error");
   check("(e) a Hugging Face folder without one of its shards: a message naming the shard", msg.includes(shard), msg);
+  // A GGUF file (olmoe, Q4_0): its experts load as q4, and its greedy
+  // tokens equal native's on the same file; a truncated one is a message.
+  const gguf = path.join(repo, "tests", "fixtures", "gguf", "olmoe-q4_0.gguf");
+  const gexp = JSON.parse(fs.readFileSync(gguf.replace(/\.gguf$/, ".expected.json"), "utf8"));
+  await page.setInputFiles("#ckpt-files", gguf);
+  await page.waitForFunction(
+    () => /olmoe-q4_0/.test(document.getElementById("model-info").textContent) ||
+      !document.getElementById("model-error").hidden,
+    null,
+    { timeout: 300_000 },
+  );
+  const gerr = await page.textContent("#model-error");
+  const ginfo = await page.textContent("#model-info");
+  check("(e) a GGUF file (olmoe, Q4_0) loads in the page, its experts stored in q4", !gerr && /q4 experts/.test(ginfo),
+    gerr || ginfo);
+  if (!gerr) {
+    const gweb = JSON.parse(
+      await page.evaluate(
+        ([p, n]) => window.amoeApp.generator.generate(p, JSON.stringify({ max_tokens: n, stop_at_eot: false }), null),
+        [gexp.prompt, 12],
+      ),
+    );
+    const gnat = JSON.parse(native(["generate", "--checkpoint", gguf, "--prompt", gexp.prompt, "--max-tokens", "12",
+      "--json", "--no-stop"]));
+    check("(e) ... its prompt ids are the reference's and its greedy tokens native's",
+      JSON.stringify(gweb.prompt_ids) === JSON.stringify(gexp.input_ids) &&
+        JSON.stringify(gweb.ids) === JSON.stringify(gnat.ids),
+      `page ${JSON.stringify(gweb.ids)}, native ${JSON.stringify(gnat.ids)}`);
+  }
+  await page.setInputFiles("#ckpt-files", {
+    name: "cut.gguf",
+    mimeType: "application/octet-stream",
+    buffer: fs.readFileSync(gguf).subarray(0, 5000),
+  });
+  await page.waitForSelector("#model-error:not([hidden])");
+  const gmsg = await page.textContent("#model-error");
+  check("(e) a truncated GGUF file: a message naming it", /cut\.gguf/.test(gmsg) && /GGUF/.test(gmsg), gmsg);
   const demo = path.join(repo, "data", "demo");
   await page.setInputFiles(
     "#ckpt-files",
     ["config.json", "tokenizer.json", "model.safetensors", "state.json"].map((n) => path.join(demo, n)),
   );
-  await page.waitForFunction(() => !/qwen2_moe/.test(document.getElementById("model-info").textContent),
+  await page.waitForFunction(() => !/olmoe-q4_0/.test(document.getElementById("model-info").textContent),
     null, { timeout: 300_000 });
   check("(e) the demo loads again after the Hugging Face model", (await page.textContent("#model-error")) === "");
 }
