@@ -543,6 +543,23 @@ fn dtype_picks_the_weight_storage() {
             "{format}: {saved} bytes saved, {want} expected"
         );
     }
+    // By part, and per storage a user can pick, before loading.
+    let parts = &demo["bytes"]["parts"];
+    let sum: u64 = ["experts", "attention", "embeddings", "other"]
+        .iter()
+        .map(|k| parts[k].as_u64().unwrap())
+        .sum();
+    assert_eq!(sum, bytes(&demo));
+    let formats = demo["formats"].as_array().unwrap();
+    let totals: Vec<u64> = formats.iter().map(|f| f["total"].as_u64().unwrap()).collect();
+    assert_eq!(totals.len(), 4);
+    assert!(totals.windows(2).all(|w| w[0] > w[1]), "{totals:?}");
+    assert!(formats.iter().all(|f| f["fits"] == true));
+    assert_eq!(
+        formats[3]["total"].as_u64().unwrap(),
+        info(&["--dtype", "f16", "--quantize-on-load", "q4"])["bytes"]["params"].as_u64().unwrap()
+            + demo["bytes"]["kv_cache"].as_u64().unwrap()
+    );
     let bad = amoe(&["info", "--quantize-on-load", "q3"]);
     assert_eq!(bad.status.code(), Some(2));
     let err = String::from_utf8_lossy(&bad.stderr);
