@@ -71,7 +71,13 @@ impl QuantFormat {
 
     /// Packed bytes for `numel` values.
     pub fn bytes(self, numel: usize) -> u64 {
-        self.words(numel) as u64 * 4
+        self.bytes_u64(numel as u64)
+    }
+
+    /// [`QuantFormat::bytes`] of a count that may not fit `usize` (a
+    /// model's size on a 32-bit target).
+    pub fn bytes_u64(self, numel: u64) -> u64 {
+        numel.div_ceil(PAIR as u64) * self.pair_words() as u64 * 4
     }
 
     /// The largest error of one value of a block whose largest magnitude is

@@ -551,13 +551,18 @@ fn dtype_picks_the_weight_storage() {
         .sum();
     assert_eq!(sum, bytes(&demo));
     let formats = demo["formats"].as_array().unwrap();
-    let totals: Vec<u64> = formats.iter().map(|f| f["total"].as_u64().unwrap()).collect();
+    let totals: Vec<u64> = formats
+        .iter()
+        .map(|f| f["total"].as_u64().unwrap())
+        .collect();
     assert_eq!(totals.len(), 4);
     assert!(totals.windows(2).all(|w| w[0] > w[1]), "{totals:?}");
     assert!(formats.iter().all(|f| f["fits"] == true));
     assert_eq!(
         formats[3]["total"].as_u64().unwrap(),
-        info(&["--dtype", "f16", "--quantize-on-load", "q4"])["bytes"]["params"].as_u64().unwrap()
+        info(&["--dtype", "f16", "--quantize-on-load", "q4"])["bytes"]["params"]
+            .as_u64()
+            .unwrap()
             + demo["bytes"]["kv_cache"].as_u64().unwrap()
     );
     let bad = amoe(&["info", "--quantize-on-load", "q3"]);

@@ -55,10 +55,7 @@ impl Dtype {
         match self {
             Dtype::F32 => numel * 4,
             Dtype::F16 => numel * 2,
-            Dtype::Q8 | Dtype::Q4 => {
-                let f = self.quant().expect("quantized");
-                numel.div_ceil(crate::quant::PAIR as u64) * f.pair_words() as u64 * 4
-            }
+            Dtype::Q8 | Dtype::Q4 => self.quant().expect("quantized").bytes_u64(numel),
         }
     }
 }
