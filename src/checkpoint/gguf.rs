@@ -599,10 +599,12 @@ pub fn parse_gguf(source: &str, file: FileBytes) -> Result<Gguf> {
     let mut tensors = Vec::with_capacity(infos.len());
     for (name, ne, ty, offset) in infos {
         let bad = |msg: String| Error::checkpoint(source, format!("GGUF: tensor {name}: {msg}"));
+        let most = bytes.len() as u64 * 8;
         let numel = ne
             .iter()
             .try_fold(1u64, |a, &d| a.checked_mul(d))
-            .filter(|&n| n <= bytes.len() as u64 * 8)
+            // Each dimension too (a zero elsewhere would hide a huge one).
+            .filter(|&n| n <= most && ne.iter().all(|&d| d <= most))
             .ok_or_else(|| bad(format!("dimensions {ne:?} hold more values than the file")))?;
         if ne[0] % ty.block() as u64 != 0 {
             return Err(bad(format!(
@@ -1371,6 +1373,11 @@ pub(crate) mod tests {
             cases += 1;
         }
         assert_eq!(cases, 3000);
+        // A zero dimension beside huge ones (their product would overflow).
+        let mut w = Writer::new("olmoe");
+        w.raw_tensor("z", &[1 << 62, 1 << 62, 0], 0, Vec::new());
+        let m = parse(w.bytes()).unwrap_err().to_string();
+        assert!(m.contains("hold more values than the file"), "{m}");
         let msg = |bytes: Vec<u8>| parse(bytes).unwrap_err().to_string();
         assert!(msg(b"GGML".to_vec()).contains("not a GGUF file"));
         let mut v = good.clone();
