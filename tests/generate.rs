@@ -6,7 +6,7 @@ mod common;
 
 use amoe::error::Error;
 use amoe::infer::checkpoint::demo_dir;
-use amoe::infer::reference::generate_greedy;
+use amoe::infer::reference::generate_greedy_margins;
 use amoe::infer::sampling::argmax;
 use amoe::infer::{Engine, GenConfig, InferCheckpoint, Sampling};
 use amoe::kernels::{GateConfig, Gating};
@@ -37,8 +37,9 @@ fn greedy_generation_equals_the_cpu_twin_on_the_demo_checkpoint() {
     let steps = 12;
     for gating in [ck.eval_gating, Gating::Adaptive] {
         let gate = ck.gate(Some(gating), None).unwrap();
-        let want =
-            generate_greedy(&ck.cfg, &ck.host().unwrap(), &prompt, steps, gate, None).unwrap();
+        let (want, margins) =
+            generate_greedy_margins(&ck.cfg, &ck.host().unwrap(), &prompt, steps, gate, None)
+                .unwrap();
         assert_eq!(want.len(), steps);
         common::for_each_adapter(|ctx| {
             let mut engine = Engine::new(ctx, ck, gate).unwrap();
@@ -50,12 +51,16 @@ fn greedy_generation_equals_the_cpu_twin_on_the_demo_checkpoint() {
                 |_| {},
             ))
             .unwrap();
-            assert_eq!(
-                g.ids(),
-                want,
-                "{gating:?}: GPU {:?} vs twin {:?}",
-                g.text,
-                ck.tokenizer.decode(&want).unwrap()
+            common::assert_same_greedy(
+                &g.ids(),
+                &want,
+                &margins,
+                &format!(
+                    "{gating:?} on {}: GPU {:?} vs twin {:?}",
+                    ctx.adapter_label(),
+                    g.text,
+                    ck.tokenizer.decode(&want).unwrap()
+                ),
             );
         });
     }
@@ -204,14 +209,15 @@ fn tiny_with(context: usize, activation: amoe::kernels::Activation) -> InferChec
 /// the fewest window slides seen.
 fn engine_matches_the_twin(ck: &InferCheckpoint, prompt: &[u32], steps: usize) -> usize {
     let gate = ck.gate(Some(Gating::Adaptive), Some(0.3)).unwrap();
-    let want = generate_greedy(&ck.cfg, &ck.host().unwrap(), prompt, steps, gate, None).unwrap();
+    let (want, margins) =
+        generate_greedy_margins(&ck.cfg, &ck.host().unwrap(), prompt, steps, gate, None).unwrap();
     let mut slides = usize::MAX;
     common::for_each_adapter(|ctx| {
         let mut engine = Engine::new(ctx, ck, gate).unwrap();
         let g =
             pollster::block_on(engine.generate(ctx, &ck.tokenizer, prompt, &greedy(steps), |_| {}))
                 .unwrap();
-        assert_eq!(g.ids(), want, "on {}", ctx.adapter_label());
+        common::assert_same_greedy(&g.ids(), &want, &margins, &ctx.adapter_label());
         slides = slides.min(g.slides);
     });
     slides
@@ -443,9 +449,8 @@ fn quantized_experts_compute_their_dequantized_values() {
                 (q - plain).abs() <= near,
                 "{format}: loss {q} vs {plain} unquantized"
             );
-            // The decode path: greedy tokens equal those of an engine whose
-            // weights are the dequantized values (ties aside, which this
-            // prompt does not reach on the demo).
+            // The decode path: greedy tokens equal those of the twin on
+            // the dequantized values (up to a near-tie of the twin's logits).
             let choice = StorageChoice {
                 dtype: amoe::model::DtypeChoice::F32,
                 experts: Some(format),
@@ -460,11 +465,13 @@ fn quantized_experts_compute_their_dequantized_values() {
                 |_| {},
             ))
             .unwrap();
-            let want_ids = generate_greedy(&ck.cfg, &dequantized, &prompt, 10, gate, None).unwrap();
-            assert_eq!(
-                g.ids(),
-                want_ids,
-                "{format}: GPU decode vs the twin on dequantized weights"
+            let (want_ids, margins) =
+                generate_greedy_margins(&ck.cfg, &dequantized, &prompt, 10, gate, None).unwrap();
+            common::assert_same_greedy(
+                &g.ids(),
+                &want_ids,
+                &margins,
+                &format!("{format}: GPU decode vs the twin on dequantized weights"),
             );
             // `amoe quantize`'s checkpoint: its weights read back are the
             // dequantized values, it loads in its format with no flag, and
@@ -504,4 +511,22 @@ fn quantized_experts_compute_their_dequantized_values() {
             std::fs::remove_dir_all(&dir).unwrap();
         }
     });
+}
+
+/// The near-tie rule of the GPU-vs-twin comparisons fails where it must.
+#[test]
+fn the_near_tie_rule_allows_only_near_ties() {
+    use common::assert_same_greedy as same;
+    same(&[1, 2, 3], &[1, 2, 3], &[1.0, 1.0, 1.0], "equal");
+    same(
+        &[1, 5, 9],
+        &[1, 2, 3],
+        &[1.0, 1e-3, 1.0],
+        "a near-tie at token 1",
+    );
+    let fails = |gpu: &'static [u32], twin: &'static [u32], m: &'static [f32]| {
+        std::panic::catch_unwind(|| same(gpu, twin, m, "x")).is_err()
+    };
+    assert!(fails(&[1, 5], &[1, 2], &[1.0, 0.5]), "a clear margin");
+    assert!(fails(&[1], &[1, 2], &[1.0, 1.0]), "a token short");
 }

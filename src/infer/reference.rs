@@ -58,12 +58,26 @@ pub fn generate_greedy(
     gate: GateConfig,
     eot: Option<u32>,
 ) -> Result<Vec<u32>> {
+    Ok(generate_greedy_margins(cfg, host, prompt, max_tokens, gate, eot)?.0)
+}
+
+/// [`generate_greedy`], with each step's margin: its best logit minus the
+/// runner-up (where another adapter's rounding may pick the other token).
+pub fn generate_greedy_margins(
+    cfg: &ModelConfig,
+    host: &HostParams,
+    prompt: &[u32],
+    max_tokens: usize,
+    gate: GateConfig,
+    eot: Option<u32>,
+) -> Result<(Vec<u32>, Vec<f32>)> {
     check_prompt(cfg, prompt)?;
     let params = to_float::<f32>(host);
     let v = cfg.vocab;
     let mut seq = prompt.to_vec();
     let mut start = 0usize;
     let mut out = Vec::new();
+    let mut margins = Vec::new();
     let (logits, _) = window_forward(cfg, &params, &seq, gate)?;
     let mut last = logits[logits.len() - v..].to_vec();
     for _ in 0..max_tokens {
@@ -71,6 +85,14 @@ pub fn generate_greedy(
         if Some(id) == eot {
             break;
         }
+        let best = last[id as usize];
+        let second = last
+            .iter()
+            .enumerate()
+            .filter(|&(i, _)| i != id as usize)
+            .map(|(_, &x)| x)
+            .fold(f32::NEG_INFINITY, f32::max);
+        margins.push(best - second);
         if let Some(s) = slide(start, seq.len(), cfg.context) {
             start = s;
         }
@@ -79,5 +101,5 @@ pub fn generate_greedy(
         let (logits, _) = window_forward(cfg, &params, &seq[start..], gate)?;
         last = logits[logits.len() - v..].to_vec();
     }
-    Ok(out)
+    Ok((out, margins))
 }
