@@ -253,18 +253,6 @@ impl Drop for Watchdog {
     }
 }
 
-const HF: &[&str] = &[
-    "mixtral",
-    "qwen2_moe",
-    "qwen3_moe",
-    "olmoe",
-    "granitemoe",
-    "llama",
-    "mistral",
-    "qwen2",
-    "qwen3",
-];
-
 #[test]
 fn fuzz_safetensors_and_the_shard_index() {
     let seeds = vec![
@@ -329,7 +317,7 @@ fn fuzz_configs() {
             }
         }
     });
-    let hf: Vec<Vec<u8>> = HF
+    let hf: Vec<Vec<u8>> = common::HF_FIXTURES
         .iter()
         .map(|n| read(&format!("tests/fixtures/hf/{n}/config.json")))
         .collect();
@@ -339,7 +327,7 @@ fn fuzz_configs() {
             let _ = cfg.split_plan(amoe::gpu::Dtype::F16, 1 << 27, 1 << 27);
         }
     });
-    let generation: Vec<Vec<u8>> = HF
+    let generation: Vec<Vec<u8>> = common::HF_FIXTURES
         .iter()
         .map(|n| read(&format!("tests/fixtures/hf/{n}/generation_config.json")))
         .collect();

@@ -7,6 +7,8 @@
 
 mod common;
 
+use common::max_err;
+
 use amoe::checkpoint::gguf::{load_gguf, parse_gguf, GgmlType};
 use amoe::checkpoint::{map_file, HfModel};
 use amoe::infer::{Engine, InferCheckpoint};
@@ -39,14 +41,6 @@ fn load(name: &str) -> HfModel {
     let p = path(name);
     load_gguf(&p.display().to_string(), map_file(&p).unwrap())
         .unwrap_or_else(|e| panic!("{name}: {e}"))
-}
-
-fn max_err(a: &[f32], b: &[f32]) -> f32 {
-    assert_eq!(a.len(), b.len());
-    a.iter()
-        .zip(b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0.0, f32::max)
 }
 
 /// |ours - reference| on the prompt's logits, both f32 on the same

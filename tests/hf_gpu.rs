@@ -9,6 +9,8 @@
 
 mod common;
 
+use common::max_err;
+
 use amoe::gpu::{rounded_f16, Dtype};
 use amoe::infer::{Engine, InferCheckpoint};
 use amoe::kernels::{Activation, GateConfig, RouterScore};
@@ -38,14 +40,6 @@ const LOGIT_TOL: f32 = 3e-5;
 /// f16 storage (bf16 values inside f16's normal range are f16 values), so
 /// it keeps `LOGIT_TOL` against the reference itself.
 const F16_LOGIT_TOL: f32 = 1.5e-2;
-
-fn max_err(a: &[f32], b: &[f32]) -> f32 {
-    assert_eq!(a.len(), b.len());
-    a.iter()
-        .zip(b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0.0, f32::max)
-}
 
 fn argmax(row: &[f32]) -> usize {
     let mut best = 0;

@@ -198,3 +198,12 @@ pub fn assert_same_greedy(gpu: &[u32], twin: &[u32], margins: &[f32], label: &st
         ),
     }
 }
+
+/// Largest |a - b| of two equally long slices.
+pub fn max_err(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
+}
