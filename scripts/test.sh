@@ -15,7 +15,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-log() { printf '\n== %s\n' "$*"; }
+# Each step is stamped with the minutes since the start: where CI's time goes.
+start_s=$SECONDS
+log() { printf '\n== [%d:%02d] %s\n' $(((SECONDS - start_s) / 60)) $(((SECONDS - start_s) % 60)) "$*"; }
 
 as_root() {
     if [ "$(id -u)" -eq 0 ]; then "$@"; elif command -v sudo >/dev/null; then sudo "$@"; else
@@ -98,5 +100,9 @@ if [ "$node_major" -lt 20 ]; then
     exit 1
 fi
 (cd tests/browser && npm ci --no-audit --no-fund --loglevel=error)
+log "browser package (scripts/web.sh)"
 bash scripts/web.sh --build-only
+log "browser test (tests/browser/browser.mjs)"
 node tests/browser/browser.mjs
+log "done"
+

@@ -7,9 +7,10 @@
 #
 # Needs a Rust toolchain (rustup adds the wasm32 target if missing) and Node.js
 # for the server. wasm-bindgen-cli must match the wasm-bindgen version in
-# Cargo.lock exactly; the script builds that version into target/tools once
-# (about 4 minutes) when no matching one is on PATH or there. wasm-pack is not
-# used: it downloads binaries at run time.
+# Cargo.lock exactly; the script installs that version with cargo (into
+# cargo's bin directory, outside the checkout, so that a clean checkout on the
+# same machine finds it) once (about 4 minutes) when no matching one is on
+# PATH or there. wasm-pack is not used: it downloads binaries at run time.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -33,20 +34,22 @@ if command -v rustup >/dev/null && ! rustup target list --installed | grep -qx w
 fi
 
 version_of() { "$1" --version 2>/dev/null | awk '{ print $2 }'; }
+cargo_bin="${CARGO_HOME:-$HOME/.cargo}/bin"
 bindgen=""
-for b in "$(command -v wasm-bindgen || true)" target/tools/bin/wasm-bindgen; do
+for b in "$(command -v wasm-bindgen || true)" "$cargo_bin/wasm-bindgen"; do
     if [ -n "$b" ] && [ -x "$b" ] && [ "$(version_of "$b")" = "$want" ]; then
         bindgen="$b"
         break
     fi
 done
 if [ -z "$bindgen" ]; then
-    echo "== installing wasm-bindgen-cli $want into target/tools (once, a few minutes)"
+    echo "== installing wasm-bindgen-cli $want into $cargo_bin (once, a few minutes)"
     # The CLI's own lock file can name a dependency version that the registry has
-    # yanked since; fall back to a fresh resolution then.
-    cargo install --quiet wasm-bindgen-cli --version "$want" --locked --root target/tools 2>/dev/null ||
-        cargo install --quiet wasm-bindgen-cli --version "$want" --root target/tools
-    bindgen=target/tools/bin/wasm-bindgen
+    # yanked since; fall back to a fresh resolution then. --force replaces
+    # another version of it.
+    cargo install --quiet --force wasm-bindgen-cli --version "$want" --locked 2>/dev/null ||
+        cargo install --quiet --force wasm-bindgen-cli --version "$want"
+    bindgen="$cargo_bin/wasm-bindgen"
 fi
 
 echo "== building the wasm (release)"

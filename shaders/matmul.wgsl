@@ -1,5 +1,6 @@
-// Dense matmul, f32 in (B also as f16 pairs in u32 words: `//#if b16`) /
-// f32 accumulate, row-major:
+// Dense matmul, f32 in (B also as f16 pairs in u32 words: `//#if b16`, or
+// block-quantized q8/q4: `//#if packed`, needs shaders/quant.wgsl) / f32
+// accumulate, row-major:
 //   C[M, N] = alpha * op(A) · op(B) + beta * C
 // nn: A [M, K], B [K, N]; nt: B given as [N, K] (A · Bᵀ); tn: A given as
 // [K, M] (Aᵀ · B). The transpose is a pair of strides in the params, so one
@@ -378,6 +379,32 @@ struct MatmulParams {
 @group(0) @binding(0) var<uniform> p: MatmulParams;
 // a [M, K] (nn, nt) or [K, M] (tn)
 @group(0) @binding(1) var<storage, read> a: array<f32>;
+//#if packed
+// b [K, N] (nn, tn) or [N, K] (nt), block-quantized (q8 with flag q8, else
+// q4; shaders/quant.wgsl): packed u32 words, dequantized in registers
+@group(0) @binding(2) var<storage, read> b: array<u32>;
+
+fn b_at(i: u32) -> f32 {
+//#if q8
+    let at = q8_value_at(i);
+    return q8_value(b[at.x], b[at.y], i);
+//#else
+    let at = q4_value_at(i);
+    return q4_value(b[at.x], b[at.y], i);
+//#endif
+}
+
+// Values 4r .. 4r + 3 of b (one block: one codes word and one scale).
+fn b_group(r: u32) -> vec4<f32> {
+//#if q8
+    let at = q8_group_at(r);
+    return q8_group(b[at.x], b[at.y], r);
+//#else
+    let at = q4_group_at(r);
+    return q4_group(b[at.x], b[at.y], r);
+//#endif
+}
+//#else
 //#if b16
 // b [K, N] (nn, tn) or [N, K] (nt), f16 pairs packed in u32 words
 @group(0) @binding(2) var<storage, read> b: array<u32>;
@@ -392,6 +419,7 @@ fn b_at(i: u32) -> f32 {
 fn b_at(i: u32) -> f32 {
     return b[i];
 }
+//#endif
 //#endif
 // c [M, N]
 @group(0) @binding(3) var<storage, read_write> c: array<f32>;
@@ -423,6 +451,14 @@ fn gemm_load_b4(w: u32, k: u32, n: u32) -> vec4<f32> {
         let i = (min(k, p.k - 1u) * p.b_sk + min(n, p.n - 4u)) >> 1u;
         let v = vec4<f32>(unpack_f16x2(b[i]), unpack_f16x2(b[i + 1u]));
         return select(vec4<f32>(0.0), v, live);
+    }
+//#endif
+//#if packed
+    // Likewise (row length a multiple of 4) the four values are one group
+    // of one block: one codes word and one scale word.
+    if (p.b_sn == 1u && (p.n & 3u) == 0u && (p.b_sk & 3u) == 0u) {
+        let r = (min(k, p.k - 1u) * p.b_sk + min(n, p.n - 4u)) >> 2u;
+        return select(vec4<f32>(0.0), b_group(r), live);
     }
 //#endif
     let i = vec4<u32>(min(k, p.k - 1u) * p.b_sk) + min(ns, vec4<u32>(p.n - 1u)) * p.b_sn;

@@ -538,6 +538,9 @@ pub struct InferBench {
     pub dtype: String,
     /// How the expert banks were stored (`dtype`, or q8 / q4).
     pub experts_dtype: String,
+    /// How the attention projections and an untied unembedding were stored
+    /// (`dtype`, or q8 / q4 with `--quantize all`).
+    pub projections_dtype: String,
     pub results: Vec<InferFigure>,
 }
 
@@ -618,8 +621,9 @@ pub async fn bench_infer(
         adapter: ctx.info.name.clone(),
         backend: ctx.backend(),
         checkpoint: ck.source.clone(),
-        dtype: engine.dtype().to_string(),
-        experts_dtype: engine.experts_dtype().to_string(),
+        dtype: engine.storage().matmul.to_string(),
+        experts_dtype: engine.storage().experts.to_string(),
+        projections_dtype: engine.storage().projections.to_string(),
         results,
     })
 }
@@ -642,6 +646,33 @@ crate::choice::choice! { BenchShape, "model shape",
 }
 
 impl BenchShape {
+    /// A model of `layers` such layers with random weights (seed 1), a
+    /// context of `context` and the vocabulary `vocab` (default: the
+    /// model's), holding `tokenizer` (a benchmark feeds it ids, not text):
+    /// what `amoe bench infer --shape` and the page's `Gpu.benchShape` run.
+    pub fn checkpoint(
+        self,
+        layers: usize,
+        context: usize,
+        vocab: Option<usize>,
+        tokenizer: crate::tokenizer::Tokenizer,
+    ) -> Result<crate::infer::InferCheckpoint> {
+        let mut cfg = self.config(layers, context);
+        if let Some(v) = vocab {
+            cfg.vocab = v;
+        }
+        cfg.validate()?;
+        Ok(crate::infer::InferCheckpoint {
+            weights: crate::model::HostParams::init(&cfg, 1).into_lazy(),
+            eval_gating: cfg.gate.gating,
+            cfg,
+            stop_ids: vec![],
+            tokenizer,
+            source: format!("random {self}"),
+            model_type: Some(self.to_string()),
+        })
+    }
+
     /// The config of `layers` such layers and a context of `context`.
     pub fn config(self, layers: usize, context: usize) -> crate::model::ModelConfig {
         use crate::kernels::{Activation, GateConfig, RouterScore};

@@ -5,7 +5,6 @@
 //! matmuls; one wgpu code path runs them on Vulkan, Metal, DX12, OpenGL and in
 //! the browser. See ARCHITECTURE.md for the data flow and decisions.
 
-#[cfg(not(target_arch = "wasm32"))]
 pub mod bench;
 pub mod checkpoint;
 pub mod choice;

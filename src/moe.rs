@@ -643,7 +643,6 @@ impl MoePlan {
 
     /// Record only the expert GEMMs (grouped path), reusing the routing of the
     /// last forward: what the grouped-over-dense benchmark times.
-    #[cfg(not(target_arch = "wasm32"))]
     pub(crate) fn record_expert_gemms(&self, pass: &mut wgpu::ComputePass<'_>) -> bool {
         match &self.experts {
             Experts::Grouped(g) => {

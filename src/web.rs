@@ -128,6 +128,58 @@ impl Gpu {
         }))
     }
 
+    /// `amoe bench infer --shape SHAPE --shape-layers LAYERS` in the page:
+    /// a model of a published family's layer shapes (`granite-1b-a400m`,
+    /// `olmoe-1b-7b`) with random weights, `vocab` tokens (default: the
+    /// model's), stored as `storage` says (as `Generator.load`'s dtype),
+    /// timed over a prefill of `prompt_tokens` and `decode_tokens` greedy
+    /// decode steps under its own top-k. Resolves to the same JSON as the
+    /// command's.
+    #[wasm_bindgen(js_name = benchShape)]
+    pub fn bench_shape(
+        &self,
+        shape: String,
+        layers: usize,
+        vocab: Option<usize>,
+        storage: Option<String>,
+        prompt_tokens: usize,
+        decode_tokens: usize,
+    ) -> js_sys::Promise {
+        let ctx = self.ctx.clone();
+        let adapter = self.adapter();
+        wasm_bindgen_futures::future_to_promise(async move {
+            let shape: crate::bench::BenchShape = shape.parse().map_err(js)?;
+            let storage = storage_choice(storage.as_deref())?;
+            let tokenizer = crate::tokenizer::Tokenizer::train(["random weights"].into_iter(), 260)
+                .map_err(js)?;
+            let context = (prompt_tokens + decode_tokens + 1).max(2);
+            let ck = shape
+                .checkpoint(layers, context, vocab, tokenizer)
+                .map_err(js)?;
+            // Ids spread over the vocabulary (no text: the weights are random).
+            let ids: Vec<u32> = (0..prompt_tokens.max(1))
+                .map(|i| ((i * 7919 + 11) % ck.cfg.vocab) as u32)
+                .collect();
+            let gate = ck.gate(None, None).map_err(js)?;
+            let r = crate::bench::bench_infer(
+                &ctx,
+                &ck,
+                &ids,
+                decode_tokens,
+                &[gate.into()],
+                storage,
+                |_| {},
+            )
+            .await
+            .map_err(js)?;
+            ctx.check_errors("the benchmark").map_err(js)?;
+            Ok(JsValue::from_str(&json(&crate::bench::InferBench {
+                adapter,
+                ..r
+            })?))
+        })
+    }
+
     /// The kernel families, in the order `conformance` runs them.
     pub fn families() -> Vec<String> {
         crate::conformance::FAMILIES
@@ -156,21 +208,25 @@ impl Gpu {
                 }
             }
             let mut cases = crate::conformance::cases(family.as_deref());
-            // The register-blocked GEMM core with f16 B never completes on
-            // Chromium's SwiftShader (the device goes quiet; lavapipe and
-            // llvmpipe run it), and no adapter is given it for f16 weights
-            // (`MatmulSpec::choose_for`): those cases are listed as
-            // skipped, not run. Every other f16 case runs.
+            // The register-blocked GEMM core with f16 or block-quantized B
+            // never completes on Chromium's SwiftShader (the device goes
+            // quiet; lavapipe and llvmpipe run it), and no adapter is given
+            // it for such weights (`MatmulSpec::choose_for`): those cases
+            // are listed as skipped, not run. Every other f16 and quantized
+            // case runs.
             let never_chosen = |c: &crate::conformance::Case| {
                 matches!(c, crate::conformance::Case::Matmul(m)
-                    if m.f16 && m.spec.variant == crate::kernels::matmul::MatmulVariant::Blocked)
+                    if m.b != crate::gpu::Dtype::F32
+                        && m.spec.variant == crate::kernels::matmul::MatmulVariant::Blocked)
             };
             let skipped: Vec<String> = cases
                 .iter()
                 .filter(|c| never_chosen(c))
                 .map(|c| {
                     let (k, n) = c.names();
-                    format!("{k} [{n}]: the blocked core is never chosen for f16 weights")
+                    format!(
+                        "{k} [{n}]: the blocked core is never chosen for f16 or quantized weights"
+                    )
                 })
                 .collect();
             cases.retain(|c| !never_chosen(c));
@@ -277,6 +333,27 @@ impl GenState {
 }
 
 /// A checkpoint on the GPU, ready to generate.
+/// The storage a page's `dtype` string asks for: "auto" (also None),
+/// "f32", "f16", "q8" / "q4" (the expert banks block-quantized as they
+/// load) or "q8 all" / "q4 all" (also the attention projections and an
+/// untied unembedding); the other matmul weights as "auto" stores them.
+fn storage_choice(dtype: Option<&str>) -> Result<crate::model::StorageChoice, JsValue> {
+    Ok(match dtype {
+        None => crate::model::DtypeChoice::Auto.into(),
+        Some(d) => {
+            let (q, scope) = d.split_once(' ').unwrap_or((d, "experts"));
+            match q.parse::<crate::quant::QuantFormat>() {
+                Ok(q) => crate::model::StorageChoice {
+                    dtype: crate::model::DtypeChoice::Auto,
+                    quant: Some(q),
+                    scope: scope.parse().map_err(js)?,
+                },
+                Err(_) => d.parse::<crate::model::DtypeChoice>().map_err(js)?.into(),
+            }
+        }
+    })
+}
+
 #[wasm_bindgen]
 pub struct Generator {
     ctx: Rc<GpuContext>,
@@ -286,22 +363,15 @@ pub struct Generator {
 impl Generator {
     /// `dtype`: how the matmul weights are stored ("auto", "f32", "f16";
     /// None is "auto"), or "q8" / "q4": the expert banks block-quantized as
-    /// they load, the other matmul weights as "auto" stores them.
+    /// they load, "q8 all" / "q4 all": also the attention projections and
+    /// an untied unembedding; the other matmul weights as "auto" stores
+    /// them.
     fn from_checkpoint(
         ctx: Rc<GpuContext>,
         ck: InferCheckpoint,
         dtype: Option<String>,
     ) -> Result<Generator, JsValue> {
-        let dtype: crate::model::StorageChoice = match dtype.as_deref() {
-            None => crate::model::DtypeChoice::Auto.into(),
-            Some(d) => match d.parse::<crate::quant::QuantFormat>() {
-                Ok(q) => crate::model::StorageChoice {
-                    dtype: crate::model::DtypeChoice::Auto,
-                    experts: Some(q),
-                },
-                Err(_) => d.parse::<crate::model::DtypeChoice>().map_err(js)?.into(),
-            },
-        };
+        let dtype = storage_choice(dtype.as_deref())?;
         let gate = ck.gate(None, None).map_err(js)?;
         let engine = Engine::with_dtype(&ctx, &ck, gate, dtype).map_err(js)?;
         ctx.check_errors("loading the checkpoint").map_err(js)?;
@@ -467,12 +537,10 @@ impl Generator {
             "config": st.ck.cfg,
             "params": params,
             "gpu_bytes": st.engine.gpu_bytes(),
-            "bytes": st.ck.cfg.gpu_bytes(crate::model::Storage {
-                matmul: st.engine.dtype(),
-                experts: st.engine.experts_dtype(),
-            }),
-            "dtype": st.engine.dtype().name(),
-            "experts_dtype": st.engine.experts_dtype().name(),
+            "bytes": st.ck.cfg.gpu_bytes(st.engine.storage()),
+            "dtype": st.engine.storage().matmul.name(),
+            "experts_dtype": st.engine.storage().experts.name(),
+            "projections_dtype": st.engine.storage().projections.name(),
             "eval_gating": st.ck.eval_gating,
             "threshold": st.ck.cfg.gate.threshold,
             "model_type": st.ck.model_type,
@@ -481,15 +549,20 @@ impl Generator {
         }))
     }
 
-    /// Run a two-token prefill and one decode step so that the browser
-    /// compiles every pipeline now, not inside the first generation's
-    /// timing (on a software adapter that takes seconds).
+    /// Compile every pipeline a generation can use now, not inside the
+    /// first generation's timing (on a software adapter that takes
+    /// seconds): the prefill passes of `Engine::warm_lengths` (built, not
+    /// run: a prompt of any length then waits for no compile), and a
+    /// two-token prefill and one decode step run.
     pub fn warm(&self) -> js_sys::Promise {
         let ctx = self.ctx.clone();
         let state = self.state.clone();
         wasm_bindgen_futures::future_to_promise(async move {
             let mut st = state.try_borrow_mut().map_err(|_| busy("the model"))?;
             let st = &mut *st;
+            for t in st.engine.warm_lengths() {
+                st.engine.compile_prefill(&ctx, t).map_err(js)?;
+            }
             let eot = st.ck.tokenizer.eot_id();
             let n = st.engine.cfg.context.min(2);
             st.engine

@@ -555,8 +555,11 @@ fn dtype_picks_the_weight_storage() {
         .iter()
         .map(|f| f["total"].as_u64().unwrap())
         .collect();
-    assert_eq!(totals.len(), 4);
-    assert!(totals.windows(2).all(|w| w[0] > w[1]), "{totals:?}");
+    assert_eq!(totals.len(), 6);
+    // f32 > f16 > q8 experts > q4 experts; --quantize all takes less again.
+    assert!(totals[..4].windows(2).all(|w| w[0] > w[1]), "{totals:?}");
+    assert!(totals[4] < totals[2] && totals[5] < totals[3], "{totals:?}");
+    assert_eq!(formats[5]["projections_dtype"], "q4");
     assert!(formats.iter().all(|f| f["fits"] == true));
     assert_eq!(
         formats[3]["total"].as_u64().unwrap(),
@@ -569,6 +572,20 @@ fn dtype_picks_the_weight_storage() {
     assert_eq!(bad.status.code(), Some(2));
     let err = String::from_utf8_lossy(&bad.stderr);
     assert!(err.contains("q8") && err.contains("q4"), "{err}");
+    // --quantize says what --quantize-on-load covers: alone it is refused.
+    let bad = amoe(&["info", "--quantize", "all"]);
+    assert_eq!(bad.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&bad.stderr);
+    assert!(err.contains("--quantize-on-load"), "{err}");
+    let all = info(&["--quantize-on-load", "q4", "--quantize", "all"]);
+    assert_eq!(
+        (
+            &all["dtype"],
+            &all["experts_dtype"],
+            &all["projections_dtype"]
+        ),
+        (&"f32".into(), &"q4".into(), &"q4".into())
+    );
     // Generation with f16 weights, and with q4 experts, runs and prints text.
     for storage in [["--dtype", "f16"], ["--quantize-on-load", "q4"]] {
         let mut args = vec!["generate", "--checkpoint", mixtral];
@@ -660,6 +677,34 @@ fn quantize_writes_a_checkpoint_that_loads_in_its_format() {
     );
     // A q4 file asked for q8 on load: its values, quantized again.
     assert!(!gen(&["--checkpoint", out_s, "--quantize-on-load", "q8"]).is_empty());
+    // --quantize all: the attention projections and the (untied)
+    // unembedding too, as quantizing them on load does.
+    let all = dir.join("q4-all");
+    let all_s = all.to_str().unwrap();
+    let q = ok(&[
+        "quantize",
+        "--checkpoint",
+        src,
+        "--out",
+        all_s,
+        "--format",
+        "q4",
+        "--quantize",
+        "all",
+        "--json",
+    ]);
+    // 15 banks, wqkv and wo of 3 layers, w_out.
+    assert_eq!(q["packed_tensors"], 22, "{q}");
+    assert_eq!(q["kept_in_floats"], serde_json::json!([]), "{q}");
+    let on_load_all = ["--quantize-on-load", "q4", "--quantize", "all"];
+    let info = ok(&["info", "--json", "--checkpoint", all_s]);
+    let mut args = vec!["info", "--json", "--checkpoint", src];
+    args.extend(on_load_all);
+    assert_eq!(info["projections_dtype"], "q4");
+    assert_eq!(info["bytes"], ok(&args)["bytes"]);
+    let mut args = vec!["--checkpoint", src];
+    args.extend(on_load_all);
+    assert_eq!(gen(&["--checkpoint", all_s]), gen(&args));
     let refused = |args: &[&str], want: &str| {
         let o = amoe(args);
         let err = String::from_utf8_lossy(&o.stderr);

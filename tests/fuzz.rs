@@ -288,6 +288,7 @@ fn fuzz_safetensors_and_the_shard_index() {
         &ck.tokenizer,
         &ck.inference_state(),
         amoe::quant::QuantFormat::Q4,
+        amoe::model::QuantScope::All,
     )
     .unwrap();
     let q = std::fs::read(dir.join("model.safetensors")).unwrap();

@@ -382,16 +382,17 @@ fn eval_matches_the_twin_on_its_windows() {
     }
 }
 
-/// Experts quantized as the model loads (q8, q4) compute what f32 experts
-/// holding the dequantized values compute (the kernels dequantize in
-/// registers, in the f32 kernels' order), and stay near the unquantized
-/// model: the batched evaluation (grouped GEMMs) and the decode path
+/// Experts (and with `--quantize all` the attention projections) quantized
+/// as the model loads (q8, q4) compute what f32 weights holding the
+/// dequantized values compute (the kernels dequantize in registers, in the
+/// f32 kernels' order), and stay near the unquantized model: the batched
+/// evaluation (grouped GEMMs, dense matmuls) and the decode path
 /// (mat-vecs, through the cached generation) both read them.
 #[test]
 fn quantized_experts_compute_their_dequantized_values() {
     use amoe::gpu::Dtype;
     use amoe::infer::eval::{evaluate, EvalConfig};
-    use amoe::model::{HostTensor, Model, Storage, StorageChoice};
+    use amoe::model::{HostTensor, Model, ParamId, QuantScope, Storage, StorageChoice};
     use amoe::quant::{rounded, QuantFormat};
     let ck = demo();
     let text = "And the LORD spake unto Moses, saying, Speak unto the children of Israel, \
@@ -411,21 +412,24 @@ fn quantized_experts_compute_their_dequantized_values() {
     common::on_first_adapter(|ctx| {
         let loss = |params: &HostParams, storage: Storage| {
             let model = Model::with_dtype(ctx, &ck.cfg, params, storage).unwrap();
-            assert_eq!(
-                (model.dtype, model.experts_dtype),
-                (storage.matmul, storage.experts)
-            );
+            assert_eq!(model.storage, storage);
             pollster::block_on(evaluate(ctx, &model, gate, &ids, cfg, &mut |_, _| {}))
                 .unwrap()
                 .loss
         };
         let plain = loss(&host, Dtype::F32.into());
-        for (format, dtype, near) in [
-            (QuantFormat::Q8, Dtype::Q8, 0.01),
-            (QuantFormat::Q4, Dtype::Q4, 0.1),
+        // The experts, or (`--quantize all`) also the attention projections
+        // (the demo ties its unembedding to the token table, which stays
+        // in floats).
+        for (format, dtype, scope, near) in [
+            (QuantFormat::Q8, Dtype::Q8, QuantScope::Experts, 0.01),
+            (QuantFormat::Q4, Dtype::Q4, QuantScope::Experts, 0.1),
+            (QuantFormat::Q4, Dtype::Q4, QuantScope::All, 0.1),
         ] {
+            let all = scope == QuantScope::All;
+            let covered = |id: ParamId| id.is_expert_bank() || (all && id.is_projection());
             let dequantized = host.map(|id, t| {
-                if id.is_expert_bank() {
+                if covered(id) {
                     HostTensor {
                         shape: t.shape.clone(),
                         data: rounded(format, "w", &t.data).unwrap(),
@@ -437,7 +441,9 @@ fn quantized_experts_compute_their_dequantized_values() {
             let storage = Storage {
                 matmul: Dtype::F32,
                 experts: dtype,
+                projections: if all { dtype } else { Dtype::F32 },
             };
+            let format = format!("{format} {scope}");
             let q = loss(&host, storage);
             let want = loss(&dequantized, Dtype::F32.into());
             assert!(
@@ -453,10 +459,11 @@ fn quantized_experts_compute_their_dequantized_values() {
             // the dequantized values (up to a near-tie of the twin's logits).
             let choice = StorageChoice {
                 dtype: amoe::model::DtypeChoice::F32,
-                experts: Some(format),
+                quant: Some(dtype.quant().unwrap()),
+                scope,
             };
             let mut engine = Engine::with_dtype(ctx, ck, gate, choice).unwrap();
-            assert_eq!(engine.experts_dtype(), dtype);
+            assert_eq!(engine.storage(), storage);
             let g = pollster::block_on(engine.generate(
                 ctx,
                 &ck.tokenizer,
@@ -477,8 +484,10 @@ fn quantized_experts_compute_their_dequantized_values() {
             // dequantized values, it loads in its format with no flag, and
             // the GPU holds the same words as quantizing on load (the same
             // loss, bit for bit, and the same tokens).
-            let dir = std::env::temp_dir()
-                .join(format!("amoe-quantized-{}-{format}", std::process::id()));
+            let dir = std::env::temp_dir().join(format!(
+                "amoe-quantized-{}-{dtype}-{scope}",
+                std::process::id()
+            ));
             let _ = std::fs::remove_dir_all(&dir);
             amoe::checkpoint::quantized::write_quantized(
                 &dir,
@@ -487,7 +496,8 @@ fn quantized_experts_compute_their_dequantized_values() {
                 &ck.weights,
                 &ck.tokenizer,
                 &ck.inference_state(),
-                format,
+                dtype.quant().unwrap(),
+                scope,
             )
             .unwrap();
             let qck = InferCheckpoint::load(&dir).unwrap();
@@ -498,7 +508,7 @@ fn quantized_experts_compute_their_dequantized_values() {
             assert_eq!(loss(&read, storage).to_bits(), q.to_bits(), "{format}");
             let mut engine =
                 Engine::with_dtype(ctx, &qck, gate, amoe::model::DtypeChoice::F32).unwrap();
-            assert_eq!(engine.experts_dtype(), dtype);
+            assert_eq!(engine.storage(), storage);
             let from_file = pollster::block_on(engine.generate(
                 ctx,
                 &qck.tokenizer,
@@ -529,4 +539,36 @@ fn the_near_tie_rule_allows_only_near_ties() {
     };
     assert!(fails(&[1, 5], &[1, 2], &[1.0, 0.5]), "a clear margin");
     assert!(fails(&[1], &[1, 2], &[1.0, 1.0]), "a token short");
+}
+
+/// The page's warm-up (`Engine::warm_lengths`, `compile_prefill`) leaves no
+/// prompt length a compile: after it, prefills of every regime (a few
+/// tokens, the decode mat-vecs' up to 16, the grouped GEMMs', the whole
+/// context) build no new pipeline.
+#[test]
+fn warm_lengths_compile_every_prefill() {
+    let ck = demo();
+    let gate = ck.gate(Some(Gating::Adaptive), None).unwrap();
+    let ids: Vec<u32> = (0..ck.cfg.context as u32).map(|i| i % 200 + 5).collect();
+    common::for_each_adapter(|ctx| {
+        let mut engine = Engine::with_dtype(ctx, ck, gate, amoe::model::DtypeChoice::F32).unwrap();
+        let lengths = engine.warm_lengths();
+        assert_eq!(lengths, [2, 16, 17, ck.cfg.context], "{lengths:?}");
+        for &t in &lengths {
+            engine.compile_prefill(ctx, t).unwrap();
+        }
+        let out = pollster::block_on(engine.prefill(ctx, &ids[..2], false)).unwrap();
+        pollster::block_on(engine.decode(ctx, argmax(out.last()).unwrap())).unwrap();
+        let built = ctx.pipelines_built();
+        for t in [1, 3, 5, 9, 16, 17, 40, 100, ck.cfg.context] {
+            pollster::block_on(engine.prefill(ctx, &ids[..t], false)).unwrap();
+            assert_eq!(
+                ctx.pipelines_built(),
+                built,
+                "a prefill of {t} tokens compiled a pipeline the warm-up did not"
+            );
+        }
+        // Past the context: refused, as a prefill would be.
+        assert!(engine.compile_prefill(ctx, ck.cfg.context + 1).is_err());
+    });
 }

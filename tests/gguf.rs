@@ -66,10 +66,13 @@ fn gguf_logits_match_the_reference_on_the_dequantized_weights() {
     }
 }
 
-/// The GPU holds the experts in amoe's format (requantized from the
-/// file's blocks) and the other matmul weights in f16: it computes the
-/// CPU forward on exactly those values, and the requantization's effect
-/// on the logits is printed (the README's table).
+/// The GPU holds the quantized tensors (experts, and attention projections
+/// and an untied unembedding stored quantized in the file) in amoe's
+/// nearest format, requantized from the file's blocks, and the other
+/// matmul weights in f16: it computes the CPU forward on exactly the values
+/// it holds (read back), each held tensor is the requantization of the
+/// file's values, and the requantization's effect on the logits is printed
+/// (the README's table).
 #[test]
 fn gguf_models_run_on_the_gpu_in_their_storage() {
     let cks: Vec<(&str, &str, InferCheckpoint)> = FIXTURES
@@ -88,28 +91,29 @@ fn gguf_models_run_on_the_gpu_in_their_storage() {
             let gate = ck.gate(None, None).unwrap();
             let mut engine =
                 Engine::with_dtype(ctx, ck, gate, amoe::model::DtypeChoice::Auto).unwrap();
-            assert_eq!(engine.experts_dtype().name(), *q, "{name}");
+            let storage = engine.storage();
+            assert_eq!(storage.experts.name(), *q, "{name}");
             let input = json_ids(&exp["input_ids"]);
             let out = pollster::block_on(engine.prefill(ctx, &input, true)).unwrap();
             let file = ck.host().unwrap();
-            let mut held = file.clone();
-            let experts = engine.experts_dtype();
-            // Relative RMS change of the expert weights by the requantization.
-            let (mut diff, mut norm) = (0f64, 0f64);
-            for (id, t) in held.iter_mut() {
-                if id.is_expert_bank() && experts.quant().is_some() {
-                    let r = rounded(experts.quant().unwrap(), "w", &t.data).unwrap();
-                    for (a, b) in r.iter().zip(&t.data) {
-                        diff += ((a - b) as f64).powi(2);
-                        norm += (*b as f64).powi(2);
+            let held = pollster::block_on(engine.model().download(ctx)).unwrap();
+            // Relative RMS change of the requantized weights, experts and
+            // projections apart.
+            let (mut diff, mut norm) = ([0f64; 2], [0f64; 2]);
+            for ((id, h), (_, f)) in held.iter().zip(file.iter()) {
+                let dtype = storage.of(id);
+                let want = match dtype.quant() {
+                    Some(format) => rounded(format, "w", &f.data).unwrap(),
+                    None if dtype == amoe::gpu::Dtype::F16 => amoe::gpu::rounded_f16(&f.data),
+                    None => f.data.clone(),
+                };
+                assert!(h.data == want, "{name}: {id} held as {dtype}");
+                if dtype.quant().is_some() {
+                    let k = usize::from(id.is_projection());
+                    for (a, b) in h.data.iter().zip(&f.data) {
+                        diff[k] += ((a - b) as f64).powi(2);
+                        norm[k] += (*b as f64).powi(2);
                     }
-                    t.data = r;
-                } else if id.is_matmul_weight() && engine.dtype() == amoe::gpu::Dtype::F16 {
-                    t.data = t
-                        .data
-                        .iter()
-                        .map(|&x| half::f16::from_f32(x).to_f32())
-                        .collect();
                 }
             }
             let cpu = cpu::logits(&ck.cfg, &held, &input).unwrap();
@@ -124,12 +128,12 @@ fn gguf_models_run_on_the_gpu_in_their_storage() {
                     .sqrt()
             };
             println!(
-                "{name:>16} ({} experts, {} others): GPU vs CPU on the stored values {e:.2e}; \
-                 experts' relative RMS change {:.4}; logits vs the reference on the file's \
-                 values: RMS {:.2e}, max {:.2e}",
-                experts.name(),
-                engine.dtype().name(),
-                (diff / norm.max(1e-30)).sqrt(),
+                "{name:>16} ({}): GPU vs CPU on the stored values {e:.2e}; relative RMS \
+                 change: experts {:.4}, projections {:.4}; logits vs the reference on the \
+                 file's values: RMS {:.2e}, max {:.2e}",
+                storage.describe(),
+                (diff[0] / norm[0].max(1e-30)).sqrt(),
+                (diff[1] / norm[1].max(1e-30)).sqrt(),
                 rms(&out.logits, &reference),
                 max_err(&out.logits, &reference),
             );

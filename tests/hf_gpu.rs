@@ -76,7 +76,7 @@ fn fixtures_match_the_reference_on_the_gpu() {
                 LOGIT_TOL
             };
             let mut engine = Engine::with_dtype(ctx, ck, gate, dtype).unwrap();
-            assert_eq!(engine.dtype().name(), dtype.name());
+            assert_eq!(engine.storage().matmul.name(), dtype.name());
             let input = json_ids(&exp["input_ids"]);
             let want: Vec<f32> = exp["logits"]
                 .as_array()
@@ -337,6 +337,67 @@ fn f16_refuses_weights_past_its_range() {
     });
 }
 
+/// `--quantize-on-load q8|q4 --quantize all` on the fixtures whose
+/// unembedding is untied: the GPU holds the experts, the attention
+/// projections and the unembedding block-quantized (their values read back
+/// are the quantizer's), computes the CPU forward on exactly the values it
+/// holds within `LOGIT_TOL`, and stays near the reference (printed).
+#[test]
+fn quantized_projections_compute_their_stored_values() {
+    use amoe::model::{QuantScope, StorageChoice};
+    use amoe::quant::{rounded, QuantFormat};
+    let names = ["mixtral", "qwen2_moe", "olmoe"];
+    let cks: Vec<(&str, InferCheckpoint, Value)> = names
+        .iter()
+        .map(|&name| {
+            let ck = InferCheckpoint::load(hf_fixture(name)).unwrap();
+            assert!(!ck.cfg.tied, "{name}: an untied fixture");
+            (name, ck, hf_expected(name))
+        })
+        .collect();
+    common::on_first_adapter(|ctx| {
+        for (name, ck, exp) in &cks {
+            let input = json_ids(&exp["input_ids"]);
+            let reference: Vec<f32> = exp["logits"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .flat_map(json_floats)
+                .collect();
+            let file = ck.host().unwrap();
+            for format in [QuantFormat::Q8, QuantFormat::Q4] {
+                let choice = StorageChoice {
+                    dtype: DtypeChoice::F32,
+                    quant: Some(format),
+                    scope: QuantScope::All,
+                };
+                let gate = ck.gate(None, None).unwrap();
+                let mut engine = Engine::with_dtype(ctx, ck, gate, choice).unwrap();
+                let q = engine.storage().projections;
+                assert_eq!(q.quant(), Some(format), "{name}");
+                assert_eq!(engine.storage().experts, q, "{name}");
+                let held = pollster::block_on(engine.model().download(ctx)).unwrap();
+                for ((id, h), (_, f)) in held.iter().zip(file.iter()) {
+                    let want = if id.is_projection() || id.is_expert_bank() {
+                        rounded(format, "w", &f.data).unwrap()
+                    } else {
+                        f.data.clone()
+                    };
+                    assert!(h.data == want, "{name} {format}: {id} on the GPU");
+                }
+                let out = pollster::block_on(engine.prefill(ctx, &input, true)).unwrap();
+                let cpu = cpu::logits(&ck.cfg, &held, &input).unwrap();
+                let e = max_err(&out.logits, &cpu);
+                let r = max_err(&out.logits, &reference);
+                eprintln!(
+                    "   {name:>10} ({format} all): GPU vs CPU on the held values {e:.2e}, vs the reference {r:.2e}"
+                );
+                assert!(e <= LOGIT_TOL, "{name} {format}: {e}");
+            }
+        }
+    });
+}
+
 /// Puts a context's split size back when dropped (also when a test body
 /// panics, so that later tests of this binary see the real limit).
 struct SplitAt<'a>(&'a amoe::gpu::GpuContext);
@@ -361,15 +422,29 @@ impl Drop for SplitAt<'_> {
 /// one: prefill (grouped expert GEMMs, one per part; the head's GEMM per
 /// block of columns) bit for bit, decode (the mat-vecs add each part's
 /// slots to y in turn, a different order of f32 sums) within 1e-6. Tied in
-/// f32 (wte by rows, the transposed head per row block) and untied in f16
-/// (w_out by columns). A single expert larger than a binding is an error
-/// naming the weight.
+/// f32 (wte by rows, the transposed head per row block), untied in f16
+/// (w_out by columns), and untied with q4 experts, projections and
+/// unembedding (`--quantize all`, split at 2.5 KiB: w_out [64, 96] in parts
+/// of 64 and 32 columns (71 would fit), cut at whole blocks, so each part
+/// holds the unsplit weight's blocks and the same values). A single expert larger
+/// than a binding is an error naming the weight.
 #[test]
 fn weights_larger_than_a_binding_run_in_parts() {
+    use amoe::model::{QuantScope, StorageChoice};
     let mut rng = amoe::util::Rng::new(9);
     let ids: Vec<u32> = (0..30).map(|_| rng.below(96) as u32).collect();
+    let q4_all = StorageChoice {
+        dtype: DtypeChoice::F16,
+        quant: Some(amoe::quant::QuantFormat::Q4),
+        scope: QuantScope::All,
+    };
     common::for_each_adapter(|ctx| {
-        for (tied, dtype) in [(true, DtypeChoice::F32), (false, DtypeChoice::F16)] {
+        for (tied, dtype, split) in [
+            (true, DtypeChoice::F32.into(), 16 * 1024),
+            (false, DtypeChoice::F16.into(), 16 * 1024),
+            (false, q4_all, 2560),
+        ] {
+            let dtype: StorageChoice = dtype;
             let cfg = ModelConfig { tied, ..wide(32) };
             cfg.validate().unwrap();
             let p = random_params(&cfg, 90);
@@ -393,17 +468,26 @@ fn weights_larger_than_a_binding_run_in_parts() {
                 for &id in &ids[20..] {
                     decode.extend(pollster::block_on(engine.decode(ctx, id)).unwrap().logits);
                 }
-                (prefill, decode, engine.weight_bytes())
+                let out_parts = engine
+                    .model()
+                    .params
+                    .w_out
+                    .as_ref()
+                    .map_or(0, |w| w.parts().len());
+                (prefill, decode, engine.weight_bytes(), out_parts)
             };
-            let (p1, d1, b1) = run(None);
-            let (p2, d2, b2) = run(Some(16 * 1024));
+            let (p1, d1, b1, _) = run(None);
+            let (p2, d2, b2, out_parts) = run(Some(split));
+            if dtype.quant.is_some() {
+                assert_eq!(out_parts, 2, "w_out [64, 96] in q4 at 2.5 KiB");
+            }
             let same = p1.iter().zip(&p2).all(|(a, b)| a.to_bits() == b.to_bits());
             let err = max_err(&d1, &d2);
             eprintln!(
-                "   tied {tied}, {dtype}: prefill bit for bit {same}, decode max |diff| {err:.1e}"
+                "   tied {tied}, {dtype:?}: prefill bit for bit {same}, decode max |diff| {err:.1e}"
             );
-            assert!(same, "tied {tied} {dtype}: prefill logits differ");
-            assert!(err <= 1e-6, "tied {tied} {dtype}: decode {err}");
+            assert!(same, "tied {tied} {dtype:?}: prefill logits differ");
+            assert!(err <= 1e-6, "tied {tied} {dtype:?}: decode {err}");
             assert_eq!(b1, b2);
         }
         // One expert (64 x 32 f32 = 8 KiB) past a 4 KiB binding.

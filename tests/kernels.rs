@@ -77,11 +77,13 @@ fn qk_matches_twin() {
     common::conformance_family("qk");
 }
 
-/// f16 weights never get the register-blocked GEMM core (its f16 dispatch
-/// never completes on Chromium's SwiftShader), on any adapter and shape;
-/// f32 weights keep the choice they had, and f16 keeps every other core.
+/// f16 and block-quantized weights never get the register-blocked GEMM
+/// core (its dispatches reading them never complete on Chromium's
+/// SwiftShader), on any adapter and shape; f32 weights keep the choice they
+/// had, and the stored formats keep every other core.
 #[test]
-fn f16_weights_never_take_the_blocked_core() {
+fn stored_weights_never_take_the_blocked_core() {
+    use amoe::gpu::Dtype;
     use amoe::kernels::matmul::{MatmulSpec, MatmulVariant, Trans};
     common::for_each_adapter(|ctx| {
         for (m, n, k) in [
@@ -93,18 +95,21 @@ fn f16_weights_never_take_the_blocked_core() {
         ] {
             for trans in [Trans::NN, Trans::NT] {
                 let f32 = MatmulSpec::choose(ctx, m, n, k, trans);
-                let f16 = MatmulSpec::choose_for(ctx, m, n, k, trans, true);
-                assert!(f16.b16 && !f32.b16, "{m}x{n}x{k}");
-                assert_ne!(
-                    f16.variant,
-                    MatmulVariant::Blocked,
-                    "{m}x{n}x{k}: {}",
-                    f16.label()
-                );
-                if f32.variant != MatmulVariant::Blocked {
-                    assert_eq!(f16, f32.with_b16(true), "{m}x{n}x{k}");
+                assert_eq!(f32.b, Dtype::F32);
+                for b in [Dtype::F16, Dtype::Q8, Dtype::Q4] {
+                    let stored = MatmulSpec::choose_for(ctx, m, n, k, trans, b);
+                    assert_eq!(stored.b, b, "{m}x{n}x{k}");
+                    assert_ne!(
+                        stored.variant,
+                        MatmulVariant::Blocked,
+                        "{m}x{n}x{k}: {}",
+                        stored.label()
+                    );
+                    if f32.variant != MatmulVariant::Blocked {
+                        assert_eq!(stored, f32.with_b(b), "{m}x{n}x{k}");
+                    }
                 }
-                assert_eq!(MatmulSpec::choose_for(ctx, m, n, k, trans, false), f32);
+                assert_eq!(MatmulSpec::choose_for(ctx, m, n, k, trans, Dtype::F32), f32);
             }
         }
     });

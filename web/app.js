@@ -133,7 +133,8 @@ async function fetchBytes(url, optional = false) {
 }
 
 /** The weight storage the model panel's select asks for ("auto", "f32",
- * "f16", or "q8" / "q4": the experts block-quantized as they load). */
+ * "f16", or "q8" / "q4": the experts block-quantized as they load, "q8 all"
+ * / "q4 all": also the attention projections and an untied unembedding). */
 function storage() {
   return $("storage")?.value || "auto";
 }
@@ -153,7 +154,7 @@ function describeModel(g) {
   $("model-info").textContent =
     `${i.source}${i.model_type ? ` (Hugging Face ${i.model_type})` : ""}: ${(i.params / 1e6).toFixed(2)}M parameters, ` +
     `d=${c.d}, ${c.layers} layers, ${moe}, ${i.positions} positions${axes}, context ${c.context}, ` +
-    `vocabulary ${c.vocab}; ${gating}; ${mib(i.gpu_bytes)} on the GPU (${i.dtype} weights${i.experts_dtype && i.experts_dtype !== i.dtype ? `, ${i.experts_dtype} experts` : ''}: ` +
+    `vocabulary ${c.vocab}; ${gating}; ${mib(i.gpu_bytes)} on the GPU (${i.dtype} weights${i.experts_dtype && i.experts_dtype !== i.dtype ? `, ${i.experts_dtype} experts` : ''}${i.projections_dtype && i.projections_dtype !== i.dtype ? `, ${i.projections_dtype} projections` : ''}: ` +
     `experts ${mib(i.bytes.parts.experts)}, attention ${mib(i.bytes.parts.attention)}, ` +
     `embeddings ${mib(i.bytes.parts.embeddings)}, KV cache ${mib(i.bytes.kv_cache)}).`;
   return i;

@@ -1,4 +1,5 @@
-//! `amoe quantize`: a checkpoint whose expert banks are stored
+//! `amoe quantize`: a checkpoint whose expert banks (and with `--quantize
+//! all` its attention projections and an untied unembedding) are stored
 //! block-quantized (`quant`), written one tensor at a time (native only).
 //!
 //! The directory is an amoe checkpoint for inference: `config.json` (the
@@ -6,7 +7,7 @@
 //! directory), `tokenizer.json`, `state.json` (what inference needs of the
 //! source: the gating it evaluates with, the ids that end a generation, the
 //! source's `model_type`, and what was quantized) and `model.safetensors`.
-//! In that file each quantized bank is a 1-D U32 tensor of the packed
+//! In that file each quantized tensor is a 1-D U32 tensor of the packed
 //! words the kernels read, under the parameter's own name; the metadata key
 //! [`QUANT_METADATA`] gives each one's format and logical shape. The other
 //! tensors are f16 when every value is a 16-bit float that f16 holds (a
@@ -14,14 +15,16 @@
 //!
 //! Loading reads the words back to values and the upload packs them again:
 //! the same words, as re-quantizing dequantized values is exact and the
-//! blocks are the same (a bank's slices along its first axis hold whole
-//! blocks, so a bank split into parts keeps them). A bank whose slices do
-//! not is kept in floats in the file and quantized as it loads.
+//! blocks are the same: a tensor's slices along its first axis hold whole
+//! blocks, so a bank split into parts by experts keeps them, and so does
+//! an unembedding [D, V] split by columns (its rows are whole blocks and
+//! the upload cuts it at multiples of the block). A tensor whose slices do
+//! not is kept in floats in the file.
 
 use super::raw::{check_packable, slice_numel, PackedTensor, QuantMetadata, QUANT_METADATA};
 use super::{LazyParams, LazyTensor, CONFIG_FILE, MODEL_FILE, STATE_FILE, TOKENIZER_FILE};
 use crate::error::{Error, Result};
-use crate::model::params::TensorValues;
+use crate::model::params::{ParamId, QuantScope, TensorValues};
 use crate::model::ModelConfig;
 use crate::quant::{QuantFormat, BLOCK};
 use crate::tokenizer::Tokenizer;
@@ -131,8 +134,10 @@ impl View for LazyView<'_> {
 
 /// Write `weights` of `cfg` as a quantized checkpoint directory `out`
 /// (atomically: see `write_dir_atomic`): the expert banks (routed and
-/// shared) in `format`, the rest as described in the module docs.
-/// `state` is written as `state.json`.
+/// shared), and with `QuantScope::All` the attention projections and an
+/// untied unembedding, in `format`; the rest as described in the module
+/// docs. `state` is written as `state.json`.
+#[allow(clippy::too_many_arguments)]
 pub fn write_quantized(
     out: &Path,
     overwrite: bool,
@@ -141,6 +146,7 @@ pub fn write_quantized(
     tokenizer: &Tokenizer,
     state: &serde_json::Value,
     format: QuantFormat,
+    scope: QuantScope,
 ) -> Result<QuantizeReport> {
     let err = RefCell::new(None);
     let mut report = QuantizeReport::default();
@@ -149,23 +155,50 @@ pub fn write_quantized(
         ..Default::default()
     };
     let mut views = Vec::new();
+    // What `scope` quantizes, and of that what the file can hold packed
+    // (the rest is kept in floats; the loader quantizes it in the format
+    // of its kind's packed tensors, so say so only when there are some).
+    let covered =
+        |id: ParamId| id.is_expert_bank() || (scope == QuantScope::All && id.is_projection());
+    let packable =
+        |id: ParamId, shape: &[usize]| covered(id) && check_packable(&id.name(), shape).is_ok();
+    let any_packed = |kind: fn(ParamId) -> bool| {
+        weights
+            .iter()
+            .any(|(id, t)| kind(id) && packable(id, &t.shape))
+    };
+    let (banks_packed, projections_packed) = (
+        any_packed(ParamId::is_expert_bank),
+        any_packed(ParamId::is_projection),
+    );
     for (id, t) in weights.iter() {
         let name = id.name();
         let numel: usize = t.shape.iter().product();
-        let stored = if id.is_expert_bank() {
-            match check_packable(&name, &t.shape) {
-                Ok(()) => Some(Stored::Packed(format)),
-                Err(_) => {
-                    report.kept.push(format!(
-                        "{name} {:?}: {} values per expert are not whole blocks of {BLOCK}; \
-                         kept in floats, quantized as it loads",
-                        t.shape,
-                        slice_numel(&t.shape)
-                    ));
-                    None
-                }
-            }
+        let stored = if packable(id, &t.shape) {
+            Some(Stored::Packed(format))
         } else {
+            if covered(id) {
+                let loads = if (id.is_expert_bank() && banks_packed)
+                    || (id.is_projection() && projections_packed)
+                {
+                    "quantized as it loads".to_string()
+                } else {
+                    format!(
+                        "loaded in floats unless --quantize-on-load {format}{} is given",
+                        if id.is_projection() {
+                            " --quantize all"
+                        } else {
+                            ""
+                        }
+                    )
+                };
+                report.kept.push(format!(
+                    "{name} {:?}: {} values per slice of its first axis are not whole blocks \
+                     of {BLOCK}; kept in floats, {loads}",
+                    t.shape,
+                    slice_numel(&t.shape)
+                ));
+            }
             None
         };
         let stored = stored.unwrap_or(if t.fits_f16() {

@@ -8,7 +8,7 @@ use amoe::infer::checkpoint::demo_dir;
 use amoe::infer::checkpoint::ExpertCount;
 use amoe::infer::InferCheckpoint;
 use amoe::kernels::{Activation, ExpertRule, GateConfig, Gates, Gating};
-use amoe::model::{DtypeChoice, StorageChoice};
+use amoe::model::{DtypeChoice, QuantScope, StorageChoice};
 use amoe::quant::QuantFormat;
 use amoe::train::trainer::TrainConfig;
 use amoe::{Error, Result};
@@ -151,9 +151,9 @@ impl ModelArgs {
 /// Which checkpoint and which rule.
 #[derive(clap::Args, Clone, Debug)]
 pub struct ModelPick {
-    /// Checkpoint directory (or a run directory holding checkpoint/), or a
-    /// Hugging Face model directory (config.json, safetensors, tokenizer.json).
-    /// Default: the demo checkpoint in data/demo.
+    /// Checkpoint directory (or a run directory holding checkpoint/), a
+    /// Hugging Face model directory (config.json, safetensors, tokenizer.json)
+    /// or a GGUF file. Default: the demo checkpoint in data/demo.
     #[arg(long)]
     pub checkpoint: Option<PathBuf>,
     /// Context in tokens (rotary models only: up to the model's
@@ -186,14 +186,25 @@ pub struct ModelPick {
     /// model loads (no second copy on disk); the other weights follow --dtype.
     #[arg(long, value_name = "FORMAT", value_parser = choice::<QuantFormat>())]
     pub quantize_on_load: Option<QuantFormat>,
+    /// What --quantize-on-load covers: the expert banks, or all: also the
+    /// attention projections and an untied unembedding.
+    #[arg(
+        long,
+        value_name = "WHICH",
+        value_parser = choice::<QuantScope>(),
+        default_value = "experts",
+        requires = "quantize_on_load"
+    )]
+    pub quantize: QuantScope,
 }
 
 impl ModelPick {
-    /// --dtype and --quantize-on-load.
+    /// --dtype, --quantize-on-load and --quantize.
     pub fn storage(&self) -> StorageChoice {
         StorageChoice {
             dtype: self.dtype,
-            experts: self.quantize_on_load,
+            quant: self.quantize_on_load,
+            scope: self.quantize,
         }
     }
 

@@ -109,26 +109,19 @@ pub struct BenchInferArgs {
 /// A model of `shape` with random weights (context: --context, else 512).
 fn synthetic(shape: BenchShape, args: &BenchInferArgs) -> Result<InferCheckpoint> {
     let demo = InferCheckpoint::load(amoe::infer::checkpoint::demo_dir())?;
-    let mut cfg = shape.config(args.shape_layers, args.model.context.unwrap_or(512));
-    if let Some(v) = args.shape_vocab {
-        cfg.vocab = v;
-    }
-    cfg.validate()?;
+    let ck = shape.checkpoint(
+        args.shape_layers,
+        args.model.context.unwrap_or(512),
+        args.shape_vocab,
+        demo.tokenizer,
+    )?;
     eprintln!(
         "   {shape}: {} layers of random weights, vocabulary {}, {} parameters",
-        cfg.layers,
-        cfg.vocab,
-        cfg.num_params()
+        ck.cfg.layers,
+        ck.cfg.vocab,
+        ck.cfg.num_params()
     );
-    Ok(InferCheckpoint {
-        weights: amoe::model::HostParams::init(&cfg, 1).into_lazy(),
-        eval_gating: cfg.gate.gating,
-        cfg,
-        stop_ids: vec![],
-        tokenizer: demo.tokenizer,
-        source: format!("random {shape}"),
-        model_type: Some(shape.to_string()),
-    })
+    Ok(ck)
 }
 
 fn bench_infer(ctx: &GpuContext, args: &BenchInferArgs) -> Result<String> {

@@ -50,6 +50,11 @@ struct Info {
     /// How the expert banks would be stored (`--dtype`, or
     /// `--quantize-on-load`).
     experts_dtype: String,
+    /// How the attention projections and an untied unembedding would be
+    /// stored (`--dtype`, or `--quantize-on-load` with `--quantize all`).
+    projections_dtype: String,
+    #[serde(skip)]
+    storage: amoe::model::Storage,
     /// In that storage.
     bytes: GpuBytes,
     /// The same in each storage a user can pick, and whether it fits.
@@ -72,6 +77,7 @@ struct Format {
     flags: String,
     dtype: String,
     experts_dtype: String,
+    projections_dtype: String,
     params: u64,
     experts: u64,
     /// Parameters and KV cache.
@@ -97,20 +103,38 @@ pub fn run(adapter: &AdapterArgs, args: &InfoArgs) -> Result<ExitCode> {
     let formats = {
         use amoe::gpu::Dtype;
         use amoe::model::Storage;
+        let (f32, f16, q8, q4) = (Dtype::F32, Dtype::F16, Dtype::Q8, Dtype::Q4);
         [
-            ("--dtype f32", Dtype::F32, Dtype::F32),
-            ("--dtype f16", Dtype::F16, Dtype::F16),
-            ("--dtype f16 --quantize-on-load q8", Dtype::F16, Dtype::Q8),
-            ("--dtype f16 --quantize-on-load q4", Dtype::F16, Dtype::Q4),
+            ("--dtype f32", f32, f32, f32),
+            ("--dtype f16", f16, f16, f16),
+            ("--dtype f16 --quantize-on-load q8", f16, q8, f16),
+            ("--dtype f16 --quantize-on-load q4", f16, q4, f16),
+            (
+                "--dtype f16 --quantize-on-load q8 --quantize all",
+                f16,
+                q8,
+                q8,
+            ),
+            (
+                "--dtype f16 --quantize-on-load q4 --quantize all",
+                f16,
+                q4,
+                q4,
+            ),
         ]
         .into_iter()
-        .map(|(flags, matmul, experts)| {
-            let s = Storage { matmul, experts };
+        .map(|(flags, matmul, experts, projections)| {
+            let s = Storage {
+                matmul,
+                experts,
+                projections,
+            };
             let b = cfg.gpu_bytes(s);
             Format {
                 flags: flags.into(),
                 dtype: matmul.to_string(),
                 experts_dtype: experts.to_string(),
+                projections_dtype: projections.to_string(),
                 params: b.params,
                 experts: b.parts.experts,
                 total: b.params + b.kv_cache,
@@ -159,6 +183,8 @@ pub fn run(adapter: &AdapterArgs, args: &InfoArgs) -> Result<ExitCode> {
             .map(|(name, b)| format!("{name}: {} in one piece", mib(b))),
         dtype: storage.matmul.to_string(),
         experts_dtype: storage.experts.to_string(),
+        projections_dtype: storage.projections.to_string(),
+        storage,
         bytes,
         formats,
         adapter: format!("{}/{}", ctx.backend(), ctx.info.name),
@@ -259,11 +285,7 @@ fn text(i: &Info) -> String {
         active,
         experts,
         i.adapter,
-        if i.experts_dtype == i.dtype {
-            i.dtype.clone()
-        } else {
-            format!("{}, experts {}", i.dtype, i.experts_dtype)
-        },
+        i.storage.describe(),
         mib(b.params),
         mib(b.kv_cache),
         mib(b.params + b.kv_cache),
@@ -290,7 +312,7 @@ fn text(i: &Info) -> String {
         i.formats
             .iter()
             .map(|f| format!(
-                "\n  {:<36} {:>10}{}",
+                "\n  {:<50} {:>10}{}",
                 f.flags,
                 mib(f.total),
                 if f.fits { "" } else { "  (does not fit)" }

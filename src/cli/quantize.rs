@@ -1,11 +1,13 @@
-//! `amoe quantize`: a checkpoint whose expert banks are stored
-//! block-quantized, from amoe's own checkpoint or a Hugging Face directory
-//! (`checkpoint::quantized`). `generate`, `eval`, `routes`, `info`,
+//! `amoe quantize`: a checkpoint whose expert banks (and with `--quantize
+//! all` the attention projections and an untied unembedding) are stored
+//! block-quantized, from amoe's own checkpoint, a Hugging Face directory or
+//! a GGUF file (`checkpoint::quantized`). `generate`, `eval`, `routes`, `info`,
 //! `bench infer` and the page load it like any other.
 
 use super::args::choice;
 use amoe::checkpoint::quantized::{write_quantized, Stored};
 use amoe::infer::InferCheckpoint;
+use amoe::model::QuantScope;
 use amoe::quant::QuantFormat;
 use amoe::{Error, Result};
 use std::path::PathBuf;
@@ -13,8 +15,8 @@ use std::process::ExitCode;
 
 #[derive(clap::Args, Clone, Debug)]
 pub struct QuantizeArgs {
-    /// Checkpoint directory (or a run directory holding checkpoint/), or a
-    /// Hugging Face model directory.
+    /// Checkpoint directory (or a run directory holding checkpoint/), a
+    /// Hugging Face model directory or a GGUF file.
     #[arg(long)]
     pub checkpoint: PathBuf,
     /// Directory to write (created; must be absent or empty unless --overwrite).
@@ -23,6 +25,10 @@ pub struct QuantizeArgs {
     /// Format of the expert banks (routed and shared experts).
     #[arg(long, value_parser = choice::<QuantFormat>())]
     pub format: QuantFormat,
+    /// What to quantize: the expert banks, or all: also the attention
+    /// projections and an untied unembedding.
+    #[arg(long, value_name = "WHICH", value_parser = choice::<QuantScope>(), default_value = "experts")]
+    pub quantize: QuantScope,
     /// Replace the contents of a non-empty --out.
     #[arg(long)]
     pub overwrite: bool,
@@ -53,8 +59,16 @@ pub fn run(args: &QuantizeArgs) -> Result<ExitCode> {
         &ck.tokenizer,
         &ck.inference_state(),
         args.format,
+        args.quantize,
     )?;
     let packed = report.bytes_of(Stored::Packed(args.format));
+    let expert_bytes: u64 = report
+        .tensors
+        .iter()
+        .filter(|t| t.2 == Stored::Packed(args.format))
+        .filter(|t| amoe::model::ParamId::parse(&t.0).is_some_and(|id| id.is_expert_bank()))
+        .map(|t| t.3)
+        .sum();
     let total = report.bytes();
     let source: u64 = ck
         .weights
@@ -69,10 +83,12 @@ pub fn run(args: &QuantizeArgs) -> Result<ExitCode> {
                 "checkpoint": ck.source,
                 "out": args.out.display().to_string(),
                 "format": args.format.to_string(),
+                "quantize": args.quantize.to_string(),
                 "tensors": report.tensors.len(),
                 "packed_tensors": report.tensors.iter().filter(|t| t.2 == Stored::Packed(args.format)).count(),
                 "bytes": total,
-                "expert_bytes": packed,
+                "expert_bytes": expert_bytes,
+                "packed_bytes": packed,
                 "source_bytes": source,
                 "kept_in_floats": report.kept,
             })
@@ -80,9 +96,13 @@ pub fn run(args: &QuantizeArgs) -> Result<ExitCode> {
     } else {
         let mb = |b: u64| b as f64 / 1e6;
         outln!(
-            "{} -> {}: expert banks in {} ({:.2} MB), {} tensors, {:.2} MB in all ({:.2} MB read)",
+            "{} -> {}: {} in {} ({:.2} MB), {} tensors, {:.2} MB in all ({:.2} MB read)",
             ck.source,
             args.out.display(),
+            match args.quantize {
+                QuantScope::Experts => "expert banks",
+                QuantScope::All => "expert banks and projections",
+            },
             args.format,
             mb(packed),
             report.tensors.len(),

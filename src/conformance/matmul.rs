@@ -1,9 +1,10 @@
 //! Conformance cases of the matmul kernel (`kernels::matmul`): every
 //! specialization, every transpose, edge shapes (1x1x1, sizes that are not
 //! multiples of any tile, M = 1, narrow N, K = 0, alpha and beta, B stored as
-//! f16 with N a multiple of 4 and not), against the
-//! twin `reference::matmul::matmul`. One timed case per specialization
-//! reports GFLOP/s.
+//! f16 with N a multiple of 4 and not, B block-quantized (q8, q4) with rows
+//! that are not whole blocks, blocks across tile edges, all-zero blocks and
+//! extreme scales), against the twin `reference::matmul::matmul`. One timed
+//! case per specialization reports GFLOP/s.
 
 use super::CheckResult;
 use crate::error::Result;
@@ -21,8 +22,9 @@ pub struct Case {
     pub seed: u64,
     /// Time the GPU run and report GFLOP/s.
     pub timed: bool,
-    /// B stored as f16 (the twin reads B rounded to f16).
-    pub f16: bool,
+    /// How B is stored (the twin reads B rounded to f16, or through
+    /// `quant::rounded`).
+    pub b: Dtype,
     /// `(c0, L)`: C is columns `c0 .. c0 + N` of a `[M, L]` matrix whose
     /// other columns must stay as they were (`Matmul::new_cols`).
     pub cols: Option<(usize, usize)>,
@@ -38,7 +40,7 @@ impl Case {
         if let Some((c0, l)) = self.cols {
             case += &format!(" into columns {c0}.. of C [M, {l}]");
         }
-        let spec = self.spec.with_beta(s.beta != 0.0).with_b16(self.f16);
+        let spec = self.spec.with_beta(s.beta != 0.0).with_b(self.b);
         case += &format!(" [{}]", spec.label());
         (self.spec.name().to_string(), case)
     }
@@ -58,10 +60,30 @@ const SHAPES: &[(usize, usize, usize, f32, f32)] = &[
     (33, 20, 17, 0.5, -1.5),
 ];
 
-/// (M, N, K) of the cases with B stored as f16 (NN and NT: how the model
-/// reads its weights): N a multiple of 4 (B read two words at a time) and
-/// not (one half at a time).
-const F16_SHAPES: &[(usize, usize, usize)] = &[(7, 13, 5), (129, 64, 33)];
+/// (M, N, K, storage) of the cases with B stored as f16 or block-quantized
+/// (NN and NT: how the model reads its weights). f16: N a multiple of 4 (B
+/// read two words at a time) and not (one half at a time). Quantized, B's
+/// values in blocks of mixed scale (`block_scaled`): N not a multiple of 4
+/// (one value per load), N = 200 (a multiple of 4, not of 32: blocks run
+/// across rows and across the 64-, 96- and 128-column tiles), and a
+/// mat-vec (decode).
+const STORED_SHAPES: &[(usize, usize, usize, Dtype)] = &[
+    (7, 13, 5, Dtype::F16),
+    (129, 64, 33, Dtype::F16),
+    (7, 13, 5, Dtype::Q8),
+    (129, 200, 33, Dtype::Q8),
+    (129, 200, 33, Dtype::Q4),
+    (1, 256, 96, Dtype::Q4),
+];
+
+/// Scale the blocks of 32 values of `b` (its stored order) by 1, 0 (an
+/// all-zero block), 1e-3 (subnormal f16 scales) and 1e4 in turn.
+fn block_scaled(b: &mut [f32]) {
+    for (i, block) in b.chunks_mut(crate::quant::BLOCK).enumerate() {
+        let s = [1.0, 0.0, 1e-3, 1e4][i % 4];
+        block.iter_mut().for_each(|x| *x *= s);
+    }
+}
 
 /// The timed case of every specialization.
 const TIMED: (usize, usize, usize) = (512, 512, 512);
@@ -100,17 +122,17 @@ pub fn cases() -> Vec<Case> {
                     spec,
                     seed,
                     timed: false,
-                    f16: false,
+                    b: Dtype::F32,
                     cols: None,
                 });
             }
             if trans == Trans::TN {
                 continue;
             }
-            // f16 B on the configurations whose beta path is checked: the
-            // loaders are shared by all of them (each f16 configuration is
-            // one more large pipeline to compile, a minute in the page).
-            for &(m, n, k) in F16_SHAPES.iter().filter(|_| beta_checked(&spec)) {
+            // Stored B on the configurations whose beta path is checked: the
+            // loaders are shared by all of them (each stored configuration
+            // is one more large pipeline to compile, a minute in the page).
+            for &(m, n, k, b) in STORED_SHAPES.iter().filter(|_| beta_checked(&spec)) {
                 seed += 1;
                 v.push(Case {
                     shape: MatmulShape {
@@ -120,7 +142,7 @@ pub fn cases() -> Vec<Case> {
                     spec,
                     seed,
                     timed: false,
-                    f16: true,
+                    b,
                     cols: None,
                 });
             }
@@ -137,7 +159,7 @@ pub fn cases() -> Vec<Case> {
                 spec,
                 seed,
                 timed: false,
-                f16: false,
+                b: Dtype::F32,
                 cols: Some((5, 22)),
             });
         }
@@ -148,7 +170,7 @@ pub fn cases() -> Vec<Case> {
             spec,
             seed,
             timed: true,
-            f16: false,
+            b: Dtype::F32,
             cols: None,
         });
     }
@@ -161,8 +183,13 @@ pub async fn run(ctx: &GpuContext, case: &Case) -> Result<CheckResult> {
     let mut rng = Rng::new(case.seed);
     let a = rng.vec_sym(s.m * s.k, 1.0);
     let mut b = rng.vec_sym(s.k * s.n, 1.0);
-    if case.f16 {
-        b = rounded_f16(&b);
+    match case.b {
+        Dtype::F32 => {}
+        Dtype::F16 => b = rounded_f16(&b),
+        Dtype::Q8 | Dtype::Q4 => {
+            block_scaled(&mut b);
+            b = crate::quant::rounded(case.b.quant().expect("quantized"), "b", &b)?;
+        }
     }
     let (col, ldc) = case.cols.unwrap_or((0, s.n));
     let c0 = rng.vec_sym(s.m * ldc, 1.0);
@@ -187,13 +214,7 @@ pub async fn run(ctx: &GpuContext, case: &Case) -> Result<CheckResult> {
     }
 
     let at = Tensor::from_slice(ctx, "a", &s.trans.a_shape(s.m, s.k), &a)?;
-    let bw = Weight::upload(
-        ctx,
-        "b",
-        &s.trans.b_shape(s.k, s.n),
-        &b,
-        if case.f16 { Dtype::F16 } else { Dtype::F32 },
-    )?;
+    let bw = Weight::upload(ctx, "b", &s.trans.b_shape(s.k, s.n), &b, case.b)?;
     let ct = Tensor::from_slice(ctx, "c", &[s.m, ldc], &c0)?;
     let mm = Matmul::new_cols(ctx, s, case.spec, &at, bw.view("matmul")?, &ct, col)?;
     let reps = if case.timed { 3 } else { 1 };
@@ -206,11 +227,15 @@ pub async fn run(ctx: &GpuContext, case: &Case) -> Result<CheckResult> {
     run_once(ctx, &mm, 1)?;
     let seconds = sw.seconds();
     let got = ct.read(ctx).await?;
-    let mut r = CheckResult::from_comparisons(
-        kernel,
-        name,
-        &[("c", Tol::reduction(s.k).compare(&got, &want))],
-    );
+    // Inputs of order 1, except B's 1e4 blocks (quantized cases): the
+    // rounding of the sums grows with the largest |B|.
+    let bmax = b.iter().fold(1.0f32, |m, x| m.max(x.abs()));
+    let tol = Tol::reduction(s.k);
+    let tol = Tol {
+        atol: tol.atol * bmax,
+        ..tol
+    };
+    let mut r = CheckResult::from_comparisons(kernel, name, &[("c", tol.compare(&got, &want))]);
     if case.timed {
         // beta = 0 here, so repeated runs write the same C.
         let sw = Stopwatch::start();

@@ -431,6 +431,12 @@ impl GpuContext {
         self.pipelines.get_or_build(self, kernel)
     }
 
+    /// Pipelines built on this context so far (each kernel specialization
+    /// once): how a test sees that a warm-up left nothing to compile.
+    pub fn pipelines_built(&self) -> usize {
+        self.pipelines.built()
+    }
+
     /// Forget errors collected so far (before an operation whose errors we want).
     pub fn capture_errors(&self) {
         if let Ok(mut v) = self.errors.lock() {

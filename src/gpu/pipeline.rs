@@ -206,6 +206,7 @@ pub trait KernelKey: Hash + Eq + Clone + Send + Sync + Debug + 'static {
 #[derive(Default)]
 pub(crate) struct PipelineCache {
     maps: Mutex<HashMap<TypeId, Box<dyn Any + Send + Sync>>>,
+    built: std::sync::atomic::AtomicUsize,
 }
 
 /// naga capabilities matching the device's enabled features.
@@ -222,6 +223,11 @@ pub fn naga_capabilities(features: wgpu::Features) -> naga::valid::Capabilities 
 }
 
 impl PipelineCache {
+    /// Pipelines built so far (of every key type).
+    pub(crate) fn built(&self) -> usize {
+        self.built.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     pub(crate) fn get_or_build<K: KernelKey>(
         &self,
         ctx: &GpuContext,
@@ -245,6 +251,8 @@ impl PipelineCache {
         let def = kernel.def();
         let p = Arc::new(build(ctx, &def)?);
         map.insert(kernel.clone(), p.clone());
+        self.built
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         Ok(p)
     }
 }

@@ -262,7 +262,14 @@ impl Weight {
                 max: limit,
             });
         }
-        let per = ((limit / slice_bytes) as usize).max(1);
+        let mut per = ((limit / slice_bytes) as usize).max(1);
+        if axis != 0 && dtype.quant().is_some() && per >= crate::quant::BLOCK {
+            // Column blocks of a quantized matrix start at multiples of the
+            // block: with rows of whole blocks (what a quantized checkpoint
+            // stores), each part's blocks are the whole's, so its values
+            // are the file's exactly.
+            per -= per % crate::quant::BLOCK;
+        }
         let mut parts = Vec::new();
         let mut start = 0;
         while start < along {

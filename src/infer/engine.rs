@@ -399,14 +399,9 @@ impl Engine {
         &self.state.model
     }
 
-    /// How the matmul weights are stored on the GPU.
-    pub fn dtype(&self) -> crate::gpu::Dtype {
-        self.state.model.dtype
-    }
-
-    /// How the expert banks are stored on the GPU (`dtype`, or quantized).
-    pub fn experts_dtype(&self) -> crate::gpu::Dtype {
-        self.state.model.experts_dtype
+    /// How the weights are stored on the GPU.
+    pub fn storage(&self) -> crate::model::Storage {
+        self.state.model.storage
     }
 
     /// Bytes of the model's weights on the GPU.
@@ -422,6 +417,33 @@ impl Engine {
     /// Bytes of the parameters and of the K/V caches on the GPU.
     pub fn gpu_bytes(&self) -> u64 {
         self.state.model.bytes() + self.state.caches.iter().map(KvCache::bytes).sum::<u64>()
+    }
+
+    /// Prompt lengths whose prefill passes, together, use every kernel
+    /// variant a prefill of this model can take: the matmul core switches
+    /// at 4 and 16 tokens, the MoE layers from the decode mat-vecs to the
+    /// grouped GEMMs past `moe::DECODE_MAX_T` tokens, and the expert GEMM's
+    /// core at 48 rows per expert (`ExpertSpec::choose`). Up to the context.
+    pub fn warm_lengths(&self) -> Vec<usize> {
+        let cfg = &self.cfg;
+        let (e, k) = (cfg.experts.max(1), self.gate.max_k().max(1));
+        let d = crate::moe::DECODE_MAX_T;
+        let mut v: Vec<usize> = [2, d, d + 1, (48 * e).div_ceil(k)]
+            .into_iter()
+            .map(|t| t.clamp(1, cfg.context))
+            .collect();
+        v.sort_unstable();
+        v.dedup();
+        v
+    }
+
+    /// Build the prefill pass of `t` tokens and let it go: its pipelines
+    /// stay compiled (the context's cache), its buffers are freed. What
+    /// the page's warm-up does for every length of `warm_lengths`, so that
+    /// no prompt waits for a compile.
+    pub fn compile_prefill(&self, ctx: &GpuContext, t: usize) -> Result<()> {
+        check_span(0, t, self.cfg.context)?;
+        Pass::new(ctx, &self.state, t, true).map(drop)
     }
 
     /// The index of the prefill pass for `t` tokens, built (pipelines

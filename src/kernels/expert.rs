@@ -206,7 +206,7 @@ impl ExpertSpec {
 
     pub fn def(&self) -> KernelDef {
         let mut flags = self.stage.flags();
-        if self.core.b16 {
+        if self.core.b16() {
             flags.extend(["b16", "words"]);
         }
         match self.quant {
@@ -388,7 +388,7 @@ impl ExpertShape {
         let weights = ec.min(e) as u64 * d as u64 * f as u64;
         // Elements of a weight (a u32 index reaches each; packed words are
         // fewer than the elements).
-        let wsize = if spec.core.b16 { 2 } else { 4 };
+        let wsize = if spec.core.b16() { 2 } else { 4 };
         let sizes = [
             ("expert_ffn: x [T, D]", t as u64 * d as u64, 4),
             ("expert_ffn: w1 [E, D, F]", weights, wsize),

@@ -21,7 +21,9 @@ use std::fmt;
 
 use super::{grid_1d, Kernel, ParamsLayout};
 use crate::error::{Error, Result};
-use crate::gpu::{uniform, Binding, Dispatch, GpuContext, Grid, KernelDef, Tensor, WeightRef};
+use crate::gpu::{
+    uniform, Binding, Dispatch, Dtype, GpuContext, Grid, KernelDef, Tensor, WeightRef,
+};
 use crate::gpu_params;
 
 const MATMUL_WGSL: &str = include_str!("../../shaders/matmul.wgsl");
@@ -134,8 +136,10 @@ pub struct MatmulSpec {
     pub cv: u32,
     /// The kernel reads C (beta != 0). `Matmul::new` sets it from the shape.
     pub beta: bool,
-    /// B is stored as f16 (`gpu::Dtype::F16`). `Matmul::new` sets it from B.
-    pub b16: bool,
+    /// How B is stored: f32, f16 (two to a word) or block-quantized (q8,
+    /// q4: `quant`, dequantized in registers as B loads). `Matmul::new`
+    /// sets it from B.
+    pub b: Dtype,
 }
 
 impl MatmulSpec {
@@ -163,7 +167,7 @@ impl MatmulSpec {
             ng,
             cv,
             beta: false,
-            b16: false,
+            b: Dtype::F32,
         }
     }
 
@@ -190,9 +194,19 @@ impl MatmulSpec {
         MatmulSpec { beta, ..self }
     }
 
+    /// This configuration with B stored as `b`.
+    pub fn with_b(self, b: Dtype) -> Self {
+        MatmulSpec { b, ..self }
+    }
+
     /// This configuration with B stored as f16 or f32.
     pub fn with_b16(self, b16: bool) -> Self {
-        MatmulSpec { b16, ..self }
+        self.with_b(if b16 { Dtype::F16 } else { Dtype::F32 })
+    }
+
+    /// Whether B is stored as f16.
+    pub fn b16(&self) -> bool {
+        self.b == Dtype::F16
     }
 
     pub fn tile_rows(&self) -> u32 {
@@ -204,7 +218,7 @@ impl MatmulSpec {
     }
 
     /// e.g. `subgroup 96x96` (the outputs of one workgroup), then ` beta`
-    /// when C is read and ` f16` when B is stored as f16.
+    /// when C is read and B's storage unless f32 (` f16`, ` q8`, ` q4`).
     pub fn label(&self) -> String {
         format!(
             "{} {}x{}{}{}",
@@ -212,7 +226,10 @@ impl MatmulSpec {
             self.tile_rows(),
             self.tile_cols(),
             if self.beta { " beta" } else { "" },
-            if self.b16 { " f16" } else { "" }
+            match self.b {
+                Dtype::F32 => String::new(),
+                b => format!(" {b}"),
+            }
         )
     }
 
@@ -239,9 +256,7 @@ impl MatmulSpec {
             MatmulVariant::Subgroup if self.wx != SUBGROUP_SIZE => {
                 bad(format!("the subgroup core needs wx = {SUBGROUP_SIZE}"))
             }
-            MatmulVariant::Tiled
-                if *self != Self::TILED.with_beta(self.beta).with_b16(self.b16) =>
-            {
+            MatmulVariant::Tiled if *self != Self::TILED.with_beta(self.beta).with_b(self.b) => {
                 bad("the tiled core is fixed at wx = wy = 16, ng = 4, cv = 1".into())
             }
             _ => Ok(()),
@@ -303,29 +318,30 @@ impl MatmulSpec {
     ///   get blocks of that shape, so lanes do not compute padding.
     /// - GPUs: classic 64 x 64 workgroup-memory tiles.
     pub fn choose(ctx: &GpuContext, m: usize, n: usize, k: usize, trans: Trans) -> MatmulSpec {
-        Self::choose_for(ctx, m, n, k, trans, false)
+        Self::choose_for(ctx, m, n, k, trans, Dtype::F32)
     }
 
-    /// [`MatmulSpec::choose`] for a B operand stored in f16 (`b16`): the
-    /// register-blocked core is never taken for it, the tiled core is. On
-    /// Chromium's SwiftShader (a CPU adapter without subgroups: the page's
-    /// fallback) a blocked f16 GEMM dispatch never completes, while the
-    /// tiled one does; lavapipe's subgroup cores and GPUs' tiles are as for
-    /// f32. One rule on every adapter, so that native tests run the page's
-    /// choice.
+    /// [`MatmulSpec::choose`] for a B operand stored as `b`. For f16 and
+    /// the block-quantized formats the register-blocked core is never
+    /// taken, the tiled core is: on Chromium's SwiftShader (a CPU adapter
+    /// without subgroups: the page's fallback) a blocked GEMM dispatch
+    /// reading f16 or packed words never completes (tried: the page's
+    /// conformance stalls at the first such case), while the tiled one
+    /// does. lavapipe's subgroup cores and GPUs' tiles are as for f32. One
+    /// rule on every adapter, so that native tests run the page's choice.
     pub fn choose_for(
         ctx: &GpuContext,
         m: usize,
         n: usize,
         k: usize,
         trans: Trans,
-        b16: bool,
+        b: Dtype,
     ) -> MatmulSpec {
         let pick = Self::choose_f32(ctx, m, n, k, trans);
-        if b16 && pick.variant == MatmulVariant::Blocked && Self::TILED.available(ctx) {
-            Self::TILED.with_b16(true)
+        if b != Dtype::F32 && pick.variant == MatmulVariant::Blocked && Self::TILED.available(ctx) {
+            Self::TILED.with_b(b)
         } else {
-            pick.with_b16(b16)
+            pick.with_b(b)
         }
     }
 
@@ -361,7 +377,12 @@ impl MatmulSpec {
         KernelDef::new(
             format!("{}[{}]", self.name(), self.label()),
             &[
-                super::f16_source(self.b16),
+                super::f16_source(self.b != Dtype::F32),
+                if self.b.quant().is_some() {
+                    super::QUANT_WGSL
+                } else {
+                    ""
+                },
                 &wgsl_select(MATMUL_WGSL, &self.flags()),
             ],
             "matmul",
@@ -383,26 +404,30 @@ impl MatmulSpec {
     }
 
     /// The `//#if` flags of `shaders/matmul.wgsl` this variant keeps (the
-    /// GEMM core's, and `b16` for the loaders of f16 weights).
+    /// GEMM core's, then `b16` for the loaders of f16 weights, `packed`
+    /// (and `q8`) for block-quantized ones).
     pub(crate) fn flags(&self) -> Vec<&'static str> {
         let mut f = match self.variant {
             MatmulVariant::Blocked => vec![],
             MatmulVariant::Subgroup => vec!["subgroup"],
             MatmulVariant::Tiled => vec!["tiled"],
         };
-        if self.b16 {
-            f.push("b16");
+        match self.b {
+            Dtype::F32 => {}
+            Dtype::F16 => f.push("b16"),
+            Dtype::Q8 => f.extend(["packed", "q8"]),
+            Dtype::Q4 => f.push("packed"),
         }
         f
     }
 
     /// Every specialization (each configuration with and without beta,
-    /// with B in f32 and in f16).
+    /// with B in each storage).
     pub fn all() -> Vec<Self> {
         Self::configs()
             .into_iter()
             .flat_map(|s| [s, s.with_beta(true)])
-            .flat_map(|s| [s, s.with_b16(true)])
+            .flat_map(|s| [Dtype::F32, Dtype::F16, Dtype::Q8, Dtype::Q4].map(|b| s.with_b(b)))
             .collect()
     }
 }
@@ -582,9 +607,9 @@ pub struct Matmul {
 
 impl Matmul {
     /// `a`, `b`, `c` must have the shapes `shape.trans` implies; `b` is
-    /// an f32 tensor or a weight in either storage. `spec` (usually from
+    /// an f32 tensor or a weight in any storage. `spec` (usually from
     /// `MatmulSpec::choose`) gets its `beta` flag from the shape and its
-    /// `b16` flag from `b`.
+    /// B storage from `b`.
     pub fn new<'b>(
         ctx: &GpuContext,
         shape: &MatmulShape,
@@ -627,8 +652,7 @@ impl Matmul {
                 max: u32::MAX as u64,
             });
         }
-        b.expect_float("matmul")?;
-        let spec = spec.with_beta(shape.beta != 0.0).with_b16(b.f16());
+        let spec = spec.with_beta(shape.beta != 0.0).with_b(b.dtype);
         spec.check(ctx)?;
         let max = ctx.limits.max_compute_workgroups_per_dimension;
         let tiles_m = shape.m.div_ceil(spec.tile_rows() as usize) as u64;

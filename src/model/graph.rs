@@ -99,7 +99,7 @@ fn gemm<'b>(
         beta,
     };
     let b = b.into();
-    let spec = MatmulSpec::choose_for(ctx, m, n, k, trans, b.f16()).with_beta(beta != 0.0);
+    let spec = MatmulSpec::choose_for(ctx, m, n, k, trans, b.dtype).with_beta(beta != 0.0);
     Matmul::new(ctx, &shape, spec, a, b, c)
 }
 
@@ -587,7 +587,7 @@ impl Head {
                     alpha: 1.0 / cfg.logits_scaling,
                     beta: 0.0,
                 };
-                let spec = MatmulSpec::choose_for(ctx, t, n, d, trans, p.view.f16());
+                let spec = MatmulSpec::choose_for(ctx, t, n, d, trans, p.view.dtype);
                 Matmul::new_cols(ctx, &shape, spec, &xf, p.view, &logits, col)
             })
             .collect::<Result<Vec<_>>>()?;

@@ -13,7 +13,7 @@ pub mod transformer;
 pub use config::{FfnKind, ModelConfig};
 pub use params::{
     BlockParam, BlockParams, DtypeChoice, FfnParams, HostTensor, ParamId, ParamSpec, Params,
-    Storage, StorageChoice,
+    QuantScope, Storage, StorageChoice,
 };
 pub use transformer::{
     EvalOut, EvalStep, HostParams, Model, OptConfig, StepArgs, StepStats, TrainStep,

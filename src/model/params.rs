@@ -159,6 +159,17 @@ impl ParamId {
         }
     }
 
+    /// Whether this is a dense matmul weight that `--quantize all` stores
+    /// block-quantized: the attention projections and an untied
+    /// unembedding. (A tied one is the token table, which the embedding
+    /// lookup reads in floats.)
+    pub fn is_projection(self) -> bool {
+        matches!(
+            self,
+            ParamId::WOut | ParamId::Block(_, BlockParam::Wqkv | BlockParam::Wo)
+        )
+    }
+
     /// Whether this is an expert bank [E, ..] (routed or shared experts'
     /// w1, w3, w2): what `--quantize-on-load` stores block-quantized.
     pub fn is_expert_bank(self) -> bool {
@@ -520,31 +531,52 @@ crate::choice::choice! { DtypeChoice, "dtype",
     F16 = "f16": "f16 weights: half the bytes, math still in f32",
 }
 
+/// Which weights block quantization covers (`--quantize`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum QuantScope {
+    /// The expert banks (routed and shared experts' w1, w3, w2).
+    #[default]
+    Experts,
+    /// The expert banks, the attention projections and an untied
+    /// unembedding ([`ParamId::is_projection`]).
+    All,
+}
+
+crate::choice::choice! { QuantScope, "quantize scope",
+    Experts = "experts": "the expert banks (most of an MoE model's weights)",
+    All = "all": "the experts, the attention projections and an untied unembedding",
+}
+
 /// The storage the user asks for: `--dtype` for the matmul weights, and
-/// `--quantize-on-load` for the expert banks (routed and shared experts'
-/// w1, w3, w2), which otherwise follow `--dtype`.
+/// `--quantize-on-load` (`quant`) for the expert banks, with `--quantize
+/// all` (`scope`) also for the attention projections and an untied
+/// unembedding; what it does not cover follows `--dtype`.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct StorageChoice {
     pub dtype: DtypeChoice,
-    pub experts: Option<crate::quant::QuantFormat>,
+    pub quant: Option<crate::quant::QuantFormat>,
+    pub scope: QuantScope,
 }
 
 impl From<DtypeChoice> for StorageChoice {
     fn from(dtype: DtypeChoice) -> Self {
         StorageChoice {
             dtype,
-            experts: None,
+            ..Default::default()
         }
     }
 }
 
-/// How a model's weights are stored on the GPU: the matmul weights in
-/// `matmul`, the expert banks in `experts` (the same, or block-quantized),
-/// everything else in f32.
+/// How a model's weights are stored on the GPU: the expert banks in
+/// `experts`, the attention projections and an untied unembedding in
+/// `projections` (each the same as `matmul`, or block-quantized), the
+/// other matmul weights (the token table) in `matmul`, everything else in
+/// f32.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct Storage {
     pub matmul: Dtype,
     pub experts: Dtype,
+    pub projections: Dtype,
 }
 
 impl From<Dtype> for Storage {
@@ -552,6 +584,7 @@ impl From<Dtype> for Storage {
         Storage {
             matmul: d,
             experts: d,
+            projections: d,
         }
     }
 }
@@ -561,10 +594,28 @@ impl Storage {
     pub fn of(&self, id: ParamId) -> Dtype {
         if id.is_expert_bank() {
             self.experts
+        } else if id.is_projection() {
+            self.projections
         } else if id.is_matmul_weight() {
             self.matmul
         } else {
             Dtype::F32
+        }
+    }
+
+    /// e.g. `f16`, `f16, experts q4` or `f16, experts and projections q4`.
+    pub fn describe(&self) -> String {
+        let (m, e, p) = (self.matmul, self.experts, self.projections);
+        if e == m && p == m {
+            m.to_string()
+        } else if e == p {
+            format!("{m}, experts and projections {e}")
+        } else if p == m {
+            format!("{m}, experts {e}")
+        } else if e == m {
+            format!("{m}, projections {p}")
+        } else {
+            format!("{m}, experts {e}, projections {p}")
         }
     }
 }
@@ -633,22 +684,32 @@ impl<T: TensorValues> Params<T> {
     }
 
     /// The storage `choice` resolves to: [`Params::resolve_dtype`] for the
-    /// matmul weights, the expert banks quantized when asked, else in the
-    /// format a quantized checkpoint stores them in.
+    /// matmul weights; the expert banks (and with `--quantize all` the
+    /// projections) quantized when asked, else in the format a quantized
+    /// checkpoint stores them in.
     pub fn resolve_storage(&self, choice: impl Into<StorageChoice>) -> Storage {
         let choice = choice.into();
         let matmul = self.resolve_dtype(choice.dtype);
-        let stored = self
-            .iter()
-            .filter(|(id, _)| id.is_expert_bank())
-            .find_map(|(_, t)| t.quant());
+        let stored = |which: fn(ParamId) -> bool| {
+            self.iter()
+                .filter(|(id, _)| which(*id))
+                .find_map(|(_, t)| t.quant())
+        };
+        let dtype = |q: Option<crate::quant::QuantFormat>| match q {
+            Some(crate::quant::QuantFormat::Q8) => Dtype::Q8,
+            Some(crate::quant::QuantFormat::Q4) => Dtype::Q4,
+            None => matmul,
+        };
+        let all = choice.scope == QuantScope::All;
         Storage {
             matmul,
-            experts: match choice.experts.or(stored) {
-                Some(crate::quant::QuantFormat::Q8) => Dtype::Q8,
-                Some(crate::quant::QuantFormat::Q4) => Dtype::Q4,
-                None => matmul,
-            },
+            experts: dtype(choice.quant.or(stored(ParamId::is_expert_bank))),
+            projections: dtype(
+                choice
+                    .quant
+                    .filter(|_| all)
+                    .or(stored(ParamId::is_projection)),
+            ),
         }
     }
 

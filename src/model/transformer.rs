@@ -136,13 +136,10 @@ impl Params<HostTensor> {
 /// handles to them.
 pub struct Model {
     pub cfg: ModelConfig,
-    /// Every parameter; the matmul weights in `dtype`, the expert banks in
-    /// `experts_dtype`, the others in f32.
+    /// Every parameter, stored as `storage` says.
     pub params: Params<Weight>,
-    /// How the matmul weights are stored (`ParamId::is_matmul_weight`).
-    pub dtype: Dtype,
-    /// How the expert banks are stored (`dtype`, or block-quantized).
-    pub experts_dtype: Dtype,
+    /// How the weights are stored (`Storage::of`).
+    pub storage: Storage,
     pub ffn: Vec<MoeLayer>,
     /// Per layer, the sigmoid-gated shared expert (Qwen2-MoE).
     pub shared: Vec<Option<MoeLayer>>,
@@ -236,8 +233,7 @@ impl Model {
         Ok(Model {
             cfg: cfg.clone(),
             params,
-            dtype: storage.matmul,
-            experts_dtype: storage.experts,
+            storage,
             ffn,
             shared,
             rope,

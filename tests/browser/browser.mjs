@@ -390,7 +390,8 @@ async function hfFolder(page) {
   await page.waitForSelector("#model-error:not([hidden])");
   const msg = await page.textContent("#model-error");
   check("(e) a Hugging Face folder without one of its shards: a message naming the shard", msg.includes(shard), msg);
-  // A GGUF file (olmoe, Q4_0): its experts load as q4, and its greedy
+  // A GGUF file (olmoe, Q4_0): its experts and attention projections load
+  // as q4 (the packed expert and dense kernels in the page), and its greedy
   // tokens equal native's on the same file; a truncated one is a message.
   const gguf = path.join(repo, "tests", "fixtures", "gguf", "olmoe-q4_0.gguf");
   const gexp = JSON.parse(fs.readFileSync(gguf.replace(/\.gguf$/, ".expected.json"), "utf8"));
@@ -403,7 +404,8 @@ async function hfFolder(page) {
   );
   const gerr = await page.textContent("#model-error");
   const ginfo = await page.textContent("#model-info");
-  check("(e) a GGUF file (olmoe, Q4_0) loads in the page, its experts stored in q4", !gerr && /q4 experts/.test(ginfo),
+  check("(e) a GGUF file (olmoe, Q4_0) loads in the page, its experts and attention projections stored in q4",
+    !gerr && /q4 experts, q4 projections/.test(ginfo),
     gerr || ginfo);
   if (!gerr) {
     const gweb = JSON.parse(
