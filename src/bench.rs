@@ -541,11 +541,18 @@ pub struct InferBench {
     /// How the attention projections and an untied unembedding were stored
     /// (`dtype`, or q8 / q4 with `--quantize all`).
     pub projections_dtype: String,
+    /// Seconds from the start of the model's upload to the first token's
+    /// logits under the first gate: the upload, every pipeline the prefill
+    /// and the first decode need, and one prefill of the prompt (what a
+    /// user waits for before the first token; pipelines compiled earlier in
+    /// this process, or kept in the driver's disk cache, shorten it).
+    pub time_to_first_token_s: f64,
     pub results: Vec<InferFigure>,
 }
 
 /// Prefill `prompt` and decode `decode_tokens` greedy tokens under each
-/// gate of `gates`, after a warm-up that builds every pipeline.
+/// gate of `gates`, after a warm-up that builds every pipeline; and the
+/// time to the first token before it.
 pub async fn bench_infer(
     ctx: &GpuContext,
     ck: &crate::infer::InferCheckpoint,
@@ -563,7 +570,14 @@ pub async fn bench_infer(
     let Some(first) = gates.first() else {
         return Err(crate::Error::invalid("bench infer", "no gate to measure"));
     };
+    let sw = Stopwatch::start();
     let mut engine = Engine::with_dtype(ctx, ck, first.clone(), storage)?;
+    let out = engine.prefill(ctx, prompt, false).await?;
+    argmax(out.last())?;
+    let time_to_first_token_s = sw.seconds();
+    log(&format!(
+        "time to the first token: {time_to_first_token_s:.2} s (upload, pipelines, one prefill)"
+    ));
     let mut results = Vec::new();
     for gates in gates {
         let gate = gates.gate;
@@ -624,6 +638,7 @@ pub async fn bench_infer(
         dtype: engine.storage().matmul.to_string(),
         experts_dtype: engine.storage().experts.to_string(),
         projections_dtype: engine.storage().projections.to_string(),
+        time_to_first_token_s,
         results,
     })
 }

@@ -784,6 +784,15 @@ fn eval_reports_perplexity_and_experts_per_token() {
     let v: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
     assert_eq!(v["gating"], "adaptive");
     assert_eq!(v["stride"], 32);
+    // "--json -": the same report alone on standard output (valid JSON).
+    let out = amoe(&[
+        "eval", "--data", t, "--gating", "adaptive", "--stride", "32", "--json", "-",
+    ]);
+    assert!(out.status.success());
+    let on_stdout: serde_json::Value =
+        serde_json::from_slice(&out.stdout).expect("--json -: JSON on stdout");
+    assert_eq!(on_stdout["loss"], v["loss"]);
+    assert!(!std::path::Path::new("-").exists());
     assert_eq!(
         v["scored"].as_u64().unwrap() + 1,
         v["tokens"].as_u64().unwrap()

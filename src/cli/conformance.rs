@@ -1,7 +1,7 @@
 //! `amoe conformance`: every kernel against its CPU twin, a table per adapter, optional JSON.
 
 use super::args::AdapterArgs;
-use super::{contexts, write_file};
+use super::{contexts, write_json};
 use amoe::conformance::{self, AdapterReport};
 use amoe::{Error, Result};
 use std::process::ExitCode;
@@ -110,11 +110,7 @@ pub fn run(adapter: &AdapterArgs, args: &ConformanceArgs) -> Result<ExitCode> {
     let ok = reports.iter().all(|r| r.pass());
     if let Some(path) = json {
         let text = serde_json::to_string_pretty(&serde_json::json!({ "adapters": reports }))?;
-        if path == "-" {
-            outln!("{text}")?;
-        } else {
-            write_file(path, &text)?;
-        }
+        write_json(path, &text)?;
     }
     Ok(if ok {
         ExitCode::SUCCESS

@@ -3,7 +3,7 @@
 //! token of each MoE layer, as text or JSON.
 
 use super::args::{text_ids, AdapterArgs, ModelPick};
-use super::{with_ctx, write_file};
+use super::{with_ctx, write_json};
 use amoe::gpu::GpuContext;
 use amoe::infer::eval::{evaluate, EvalConfig, EvalReport};
 use amoe::infer::sweep::{SweepConfig, SweepReport};
@@ -40,7 +40,8 @@ pub struct EvalArgs {
     /// Windows per GPU batch.
     #[arg(long, default_value_t = 8)]
     pub batch: usize,
-    /// Also write the report as JSON to this file.
+    /// Also write the report as JSON to this file ("-": only the JSON, on
+    /// standard output).
     #[arg(long)]
     pub json: Option<String>,
     /// Quality against compute for a top-k model: the fixed top-1 .. top-k,
@@ -167,6 +168,12 @@ fn eval(ctx: &GpuContext, args: &EvalArgs) -> Result<()> {
         gate: gates.describe(),
         eval: &report,
     };
+    if let Some(path) = &args.json {
+        write_json(path, &serde_json::to_string_pretty(&r)?)?;
+        if path == "-" {
+            return Ok(());
+        }
+    }
     outln!(
         "{} on {}: {} tokens ({} windows, stride {}), gating {}",
         r.checkpoint,
@@ -190,9 +197,6 @@ fn eval(ctx: &GpuContext, args: &EvalArgs) -> Result<()> {
             .map(|l| format!("{}: {:.3}", l.layer, l.mean_experts))
             .collect();
         outln!("mean experts per token by layer: {}", per.join(", "))?;
-    }
-    if let Some(path) = &args.json {
-        write_file(path, &serde_json::to_string_pretty(&r)?)?;
     }
     Ok(())
 }
@@ -236,61 +240,64 @@ fn sweep(
             }
         },
     ))?;
-    outln!(
-        "{} on {}: {} tokens, gate {}",
-        ck.source,
-        ctx.adapter_label(),
-        report.scored,
-        gates.describe()
-    )?;
-    outln!(
-        "{:<6} {:>9} {:>7} {:>8}  {:<22} {:>9} {:>9} {:>9}",
-        "rule",
-        "threshold",
-        "target",
-        "experts",
-        "per layer",
-        "ppl",
-        "eval t/s",
-        "decode t/s"
-    )?;
-    for p in report.fixed.iter().chain(&report.rules) {
-        let rule = match p.rule.as_str() {
-            "fixed" => format!("top-{}", p.max_experts),
-            r => r.to_string(),
-        };
-        let per: Vec<String> = p
-            .experts_per_layer
-            .iter()
-            .map(|l| format!("{:.2}", l.mean_experts))
-            .collect();
+    // "--json -": the JSON alone on standard output, no table.
+    if args.json.as_deref() != Some("-") {
         outln!(
-            "{:<6} {:>9} {:>7} {:>8.3}  {:<22} {:>9.3} {:>9.0} {:>9}",
-            rule,
-            p.threshold.map_or("-".into(), |t| format!("{t:.4}")),
-            p.target_experts.map_or("-".into(), |t| format!("{t:.2}")),
-            p.mean_experts,
-            per.join(" "),
-            p.perplexity,
-            p.eval_tokens_per_s,
-            p.decode_tokens_per_s
-                .map_or("-".into(), |d| format!("{d:.1}"))
+            "{} on {}: {} tokens, gate {}",
+            ck.source,
+            ctx.adapter_label(),
+            report.scored,
+            gates.describe()
         )?;
-    }
-    // At half the model's experts: each rule against fixed top-k and top-k/2.
-    if report.k % 2 == 0 {
-        let half = report.k / 2;
-        let ppl_of = |j: usize| report.fixed.get(j - 1).map(|p| p.perplexity);
-        if let (Some(full), Some(halved)) = (ppl_of(report.k), ppl_of(half)) {
-            for rule in &cfg.rules {
-                let name = rule.to_string();
-                if let Some(ppl) = report.perplexity_at(&name, half as f64) {
-                    outln!(
-                        "at {half} experts per token: {name} perplexity {ppl:.3} ({:+.2}% against top-{}, {:+.2}% against top-{half})",
-                        100.0 * (ppl / full - 1.0),
-                        report.k,
-                        100.0 * (ppl / halved - 1.0)
-                    )?;
+        outln!(
+            "{:<6} {:>9} {:>7} {:>8}  {:<22} {:>9} {:>9} {:>9}",
+            "rule",
+            "threshold",
+            "target",
+            "experts",
+            "per layer",
+            "ppl",
+            "eval t/s",
+            "decode t/s"
+        )?;
+        for p in report.fixed.iter().chain(&report.rules) {
+            let rule = match p.rule.as_str() {
+                "fixed" => format!("top-{}", p.max_experts),
+                r => r.to_string(),
+            };
+            let per: Vec<String> = p
+                .experts_per_layer
+                .iter()
+                .map(|l| format!("{:.2}", l.mean_experts))
+                .collect();
+            outln!(
+                "{:<6} {:>9} {:>7} {:>8.3}  {:<22} {:>9.3} {:>9.0} {:>9}",
+                rule,
+                p.threshold.map_or("-".into(), |t| format!("{t:.4}")),
+                p.target_experts.map_or("-".into(), |t| format!("{t:.2}")),
+                p.mean_experts,
+                per.join(" "),
+                p.perplexity,
+                p.eval_tokens_per_s,
+                p.decode_tokens_per_s
+                    .map_or("-".into(), |d| format!("{d:.1}"))
+            )?;
+        }
+        // At half the model's experts: each rule against fixed top-k and top-k/2.
+        if report.k % 2 == 0 {
+            let half = report.k / 2;
+            let ppl_of = |j: usize| report.fixed.get(j - 1).map(|p| p.perplexity);
+            if let (Some(full), Some(halved)) = (ppl_of(report.k), ppl_of(half)) {
+                for rule in &cfg.rules {
+                    let name = rule.to_string();
+                    if let Some(ppl) = report.perplexity_at(&name, half as f64) {
+                        outln!(
+                            "at {half} experts per token: {name} perplexity {ppl:.3} ({:+.2}% against top-{}, {:+.2}% against top-{half})",
+                            100.0 * (ppl / full - 1.0),
+                            report.k,
+                            100.0 * (ppl / halved - 1.0)
+                        )?;
+                    }
                 }
             }
         }
@@ -336,7 +343,7 @@ fn sweep(
             gate: gates.describe(),
             sweep: &report,
         };
-        write_file(path, &serde_json::to_string_pretty(&out)?)?;
+        write_json(path, &serde_json::to_string_pretty(&out)?)?;
     }
     Ok(())
 }

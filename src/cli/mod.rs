@@ -212,6 +212,16 @@ fn with_ctx(adapter: &AdapterArgs, f: impl FnOnce(&GpuContext) -> Result<()>) ->
     Ok(ExitCode::SUCCESS)
 }
 
+/// Write a JSON report to the file `path`, or to standard output when it
+/// is "-" (the `--json` flags of the reporting commands).
+fn write_json(path: &str, text: &str) -> Result<()> {
+    if path == "-" {
+        outln!("{text}")
+    } else {
+        write_file(path, text)
+    }
+}
+
 fn write_file(path: &str, text: &str) -> Result<()> {
     std::fs::write(path, text).map_err(|source| Error::Io {
         path: path.to_string(),

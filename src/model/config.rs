@@ -809,7 +809,13 @@ impl ModelConfig {
             if slice > split {
                 return Err((id.name(), slice));
             }
-            parts.push((id.name(), slices.div_ceil((split / slice) as usize)));
+            let mut per = (split / slice) as usize;
+            if id == ParamId::WOut && storage.of(id).quant().is_some() && per >= crate::quant::BLOCK
+            {
+                // Quantized column blocks are cut at whole blocks.
+                per -= per % crate::quant::BLOCK;
+            }
+            parts.push((id.name(), slices.div_ceil(per.max(1))));
         }
         Ok(parts)
     }
