@@ -547,6 +547,9 @@ pub struct InferBench {
     /// user waits for before the first token; pipelines compiled earlier in
     /// this process, or kept in the driver's disk cache, shorten it).
     pub time_to_first_token_s: f64,
+    /// The pipelines built within that time and where their builds spent
+    /// it (amoe's naga validation, wgpu's translation, the driver).
+    pub first_token_pipelines: crate::gpu::BuildTimes,
     pub results: Vec<InferFigure>,
 }
 
@@ -570,13 +573,21 @@ pub async fn bench_infer(
     let Some(first) = gates.first() else {
         return Err(crate::Error::invalid("bench infer", "no gate to measure"));
     };
+    let before = ctx.pipeline_build_times();
     let sw = Stopwatch::start();
     let mut engine = Engine::with_dtype(ctx, ck, first.clone(), storage)?;
     let out = engine.prefill(ctx, prompt, false).await?;
     argmax(out.last())?;
     let time_to_first_token_s = sw.seconds();
+    let first_token_pipelines = ctx.pipeline_build_times().since(&before);
     log(&format!(
-        "time to the first token: {time_to_first_token_s:.2} s (upload, pipelines, one prefill)"
+        "time to the first token: {time_to_first_token_s:.2} s (upload, pipelines, one prefill); \
+         {} pipelines built in {:.2} s (naga {:.2} s, wgpu's translation {:.2} s, the driver {:.2} s)",
+        first_token_pipelines.pipelines,
+        first_token_pipelines.total_s(),
+        first_token_pipelines.naga_s,
+        first_token_pipelines.module_s,
+        first_token_pipelines.driver_s,
     ));
     let mut results = Vec::new();
     for gates in gates {
@@ -639,6 +650,7 @@ pub async fn bench_infer(
         experts_dtype: engine.storage().experts.to_string(),
         projections_dtype: engine.storage().projections.to_string(),
         time_to_first_token_s,
+        first_token_pipelines,
         results,
     })
 }

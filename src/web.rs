@@ -61,6 +61,27 @@ fn busy(what: &str) -> JsValue {
     ))
 }
 
+/// Let the browser run its event loop (input, painting) before going on: a
+/// macrotask (`setTimeout(0)`), which a resolved promise is not. Long runs of
+/// GPU work in the page (the conformance cases) yield between their steps.
+pub(crate) async fn yield_to_browser() {
+    let p = js_sys::Promise::new(&mut |resolve, _| {
+        let global = js_sys::global();
+        let timeout = js_sys::Reflect::get(&global, &JsValue::from_str("setTimeout"))
+            .ok()
+            .and_then(|f| f.dyn_into::<js_sys::Function>().ok());
+        match timeout {
+            Some(f) => {
+                let _ = f.call2(&global, &resolve, &JsValue::from(0));
+            }
+            None => {
+                let _ = resolve.call0(&JsValue::NULL);
+            }
+        }
+    });
+    let _ = wasm_bindgen_futures::JsFuture::from(p).await;
+}
+
 /// The browser's WebGPU adapter and a device on it.
 #[wasm_bindgen]
 pub struct Gpu {
@@ -77,12 +98,20 @@ impl Gpu {
     /// `label` names the adapter in results (e.g. from `GPUAdapter.info`).
     /// Rejects with a message when the browser has no WebGPU adapter.
     pub async fn request(label: Option<String>) -> Result<Gpu, JsValue> {
-        let ctx = GpuContext::new(&AdapterFilter::default())
+        let mut ctx = GpuContext::new(&AdapterFilter::default())
             .await
             .map_err(js)?;
+        let label = label.filter(|l| !l.trim().is_empty());
+        // wgpu reads only the adapter's description, often empty: results
+        // and messages that name the adapter use the page's label then.
+        if ctx.info.name.trim().is_empty() {
+            if let Some(l) = &label {
+                ctx.info.name = l.clone();
+            }
+        }
         Ok(Gpu {
             ctx: Rc::new(ctx),
-            label: label.filter(|l| !l.trim().is_empty()),
+            label,
         })
     }
 
@@ -373,7 +402,11 @@ impl Generator {
     ) -> Result<Generator, JsValue> {
         let dtype = storage_choice(dtype.as_deref())?;
         let gate = ck.gate(None, None).map_err(js)?;
-        let engine = Engine::with_dtype(&ctx, &ck, gate, dtype).map_err(js)?;
+        let engine = ctx
+            .scoped("loading the checkpoint", || {
+                Engine::with_dtype(&ctx, &ck, gate, dtype)
+            })
+            .map_err(js)?;
         ctx.check_errors("loading the checkpoint").map_err(js)?;
         // The weights are on the GPU: let the files' bytes go.
         let ck = InferCheckpoint {
@@ -419,7 +452,7 @@ impl Generator {
         .map_err(js)?;
         let ck = InferCheckpoint::from_parts(source, config, tensors, tokenizer, state.as_deref())
             .map_err(js)?;
-        Self::from_checkpoint(gpu.ctx.clone(), ck, dtype)
+        Self::from_checkpoint(Rc::new(gpu.ctx.handle()), ck, dtype)
     }
 
     /// Upload a GGUF file's model (llama.cpp's format; see
@@ -437,7 +470,7 @@ impl Generator {
             crate::checkpoint::gguf::load_gguf(source, crate::checkpoint::FileBytes::new(bytes))
                 .map_err(js)?;
         let ck = InferCheckpoint::from_hf(m, source).map_err(js)?;
-        Self::from_checkpoint(gpu.ctx.clone(), ck, dtype)
+        Self::from_checkpoint(Rc::new(gpu.ctx.handle()), ck, dtype)
     }
 
     /// Upload a Hugging Face model from the files a user picked or dropped:
@@ -525,7 +558,7 @@ impl Generator {
         )
         .map_err(js)?;
         let ck = InferCheckpoint::from_hf(m, source).map_err(js)?;
-        Self::from_checkpoint(gpu.ctx.clone(), ck, dtype)
+        Self::from_checkpoint(Rc::new(gpu.ctx.handle()), ck, dtype)
     }
 
     /// JSON: the model's config, parameter count, GPU bytes and default gating.
@@ -726,12 +759,17 @@ impl Trainer {
         } else {
             serde_json::from_str(config).map_err(|e| js_msg(format!("training options: {e}")))?
         };
-        let session = Session::from_text(&gpu.ctx, cfg, name, text).map_err(js)?;
-        gpu.ctx
-            .check_errors("building the training step")
+        // The trainer's own handle: its GPU errors are its own, not the
+        // generators' that share the device (and theirs are not its).
+        let ctx = Rc::new(gpu.ctx.handle());
+        let session = ctx
+            .scoped("building the training step", || {
+                Session::from_text(&ctx, cfg, name, text)
+            })
             .map_err(js)?;
+        ctx.check_errors("building the training step").map_err(js)?;
         Ok(Trainer {
-            ctx: gpu.ctx.clone(),
+            ctx,
             session: Rc::new(RefCell::new(session)),
         })
     }
@@ -779,7 +817,7 @@ impl Trainer {
                     .await
                     .map_err(js)?
             };
-            Ok(Generator::from_checkpoint(ctx, ck, None)?.into())
+            Ok(Generator::from_checkpoint(Rc::new(ctx.handle()), ck, None)?.into())
         })
     }
 }

@@ -1176,6 +1176,123 @@ fn sigterm_saves_and_stops_a_run() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// SIGKILL at random moments of a run that saves after every step (so many
+/// kills land inside a save) never leaves a run that does not load: 20
+/// kills at seeded random times, each followed by a load of the run and a
+/// `--resume` of it, which is the next run killed. (On GL: its pipelines
+/// come from Mesa's disk cache after the first start; the backend is not
+/// what this checks.)
+#[cfg(target_os = "linux")]
+#[test]
+fn sigkill_at_random_moments_never_leaves_a_run_that_does_not_load() {
+    use std::time::{Duration, Instant};
+    let bin = env!("CARGO_BIN_EXE_amoe");
+    let dir = std::env::temp_dir().join(format!("amoe_sigkill_{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let d = dir.to_str().unwrap().to_string();
+    let model = [
+        "--d",
+        "32",
+        "--layers",
+        "1",
+        "--heads",
+        "2",
+        "--experts",
+        "2",
+        "--ffn",
+        "32",
+        "--context",
+        "16",
+        "--batch",
+        "2",
+        "--vocab",
+        "300",
+        "--data",
+        "web/assets/sonnets.txt",
+        "--eval-batches",
+        "1",
+        "--eval-every",
+        "100000",
+        "--checkpoint-every",
+        "1",
+        "--backend",
+        "gl",
+    ];
+    let mut state = 0x2545_f491_4f6c_dd1du64;
+    let mut next = move || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        state
+    };
+    let started = Instant::now();
+    let mut kills = 0;
+    let mut steps_seen = Vec::new();
+    while kills < 20 {
+        let mut cmd = Command::new(bin);
+        if kills == 0 {
+            cmd.args(["train", "--steps", "100000"])
+                .args(model)
+                .args(["--out", &d]);
+        } else {
+            cmd.args([
+                "train",
+                "--resume",
+                &d,
+                "--steps",
+                "100000",
+                "--backend",
+                "gl",
+            ]);
+        }
+        let mut child = cmd
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("the amoe binary runs");
+        if kills == 0 {
+            // The first kill waits for the first save: before it there is
+            // no run to load.
+            while !dir.join("checkpoint").join("state.json").exists() {
+                assert!(
+                    started.elapsed() < Duration::from_secs(300),
+                    "no checkpoint within 5 minutes"
+                );
+                assert!(child.try_wait().unwrap().is_none(), "the run ended early");
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        std::thread::sleep(Duration::from_millis(next() % 1500));
+        child.kill().expect("SIGKILL");
+        child.wait().expect("it ends");
+        kills += 1;
+        let ck = amoe::infer::InferCheckpoint::load(&dir).unwrap_or_else(|e| {
+            let listing: Vec<String> = std::fs::read_dir(&dir)
+                .map(|r| {
+                    r.flatten()
+                        .map(|e| e.file_name().to_string_lossy().into_owned())
+                        .collect()
+                })
+                .unwrap_or_default();
+            panic!("after kill {kills}: the run does not load: {e} (run directory: {listing:?})")
+        });
+        drop(ck);
+        let m = std::fs::read_to_string(dir.join("metrics.jsonl")).unwrap_or_default();
+        steps_seen.push(m.lines().count());
+    }
+    // The kills fell on a run that made progress (and so on saves).
+    assert!(
+        steps_seen.last() > steps_seen.first(),
+        "no progress between kills: {steps_seen:?}"
+    );
+    eprintln!(
+        "20 SIGKILLs in {:.1} s, metrics lines after each: {steps_seen:?}",
+        started.elapsed().as_secs_f64()
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 /// A prompt of one space is a prompt (it encodes to one token), not "empty".
 #[test]
 fn a_space_is_a_prompt() {

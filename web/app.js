@@ -29,6 +29,12 @@ function setStatus(text, state) {
   if (state) $("status").dataset.state = state;
 }
 
+/** Let the browser paint what was just written before a long synchronous
+ * call (compiling kernels blocks the page's thread). */
+function paint() {
+  return new Promise((r) => requestAnimationFrame(() => setTimeout(r, 0)));
+}
+
 function message(e) {
   return (e && e.message) || String(e);
 }
@@ -164,7 +170,8 @@ function describeModel(g) {
  *  old model. The shaders compile first, so that generation times the GPU. */
 async function useGenerator(g, source) {
   const before = $("status").textContent;
-  setStatus("Compiling the kernels for this model…", "loading");
+  setStatus("Compiling the kernels for this model (the first time can take a minute on a software GPU)…", "loading");
+  await paint();
   try {
     await g.warm();
   } catch (e) {
@@ -176,12 +183,60 @@ async function useGenerator(g, source) {
   if (app.generator && app.generator !== g) app.generator.free();
   app.generator = g;
   app.source = source;
+  if (source.kind !== "trained" && app.sampledPreview) {
+    // The trained model's sampled preview is not another model's default.
+    $("temperature").value = "0";
+    $("top-k").value = "0";
+    app.sampledPreview = false;
+  }
   app.modelInfo = describeModel(g);
+  // What the page is about: a model trained with adaptive gating generates
+  // with it (its checkpoint may evaluate with top-1, "as trained"); a
+  // pretrained top-k model with its own router.
+  const c = app.modelInfo.config;
+  $("gating").value = !app.modelInfo.model_type && c.gate && c.gate.gating === "adaptive" ? "adaptive" : "";
+  explainGating();
+}
+
+/** Say what the gating select's choice does for the loaded model. */
+function explainGating() {
+  const i = app.modelInfo;
+  const v = $("gating").value;
+  const asTrained = !i
+    ? "the checkpoint's own gating"
+    : i.model_type
+      ? `the model's own router: its top-${i.config.gate.k} experts per token`
+      : `the checkpoint's evaluation gating (${i.eval_gating})`;
+  const text = {
+    "": `As trained: ${asTrained}.`,
+    adaptive:
+      "Adaptive (the method): every token takes its router's top expert, and a second one only where the router " +
+      "is unsure, when the top two router probabilities differ by less than the threshold. Orange tokens took two.",
+    top1: "Top-1: every token takes its single top expert (the cheapest rule).",
+    top2: "Top-2: every token takes its top two experts, weighted by the router (twice the expert work).",
+    topk: "Top-k: a pretrained model's own routing, k experts per token from its config.",
+  }[v];
+  $("gating-hint").textContent = text || "";
+}
+
+/** Say in the model panel what is loading; `done(ok)` puts back the old
+ * description when the load failed. */
+function modelLoading(what) {
+  const el = $("model-info");
+  const before = el.textContent;
+  el.textContent = `Loading ${what}…`;
+  el.dataset.state = "loading";
+  return (ok) => {
+    delete el.dataset.state;
+    if (!ok) el.textContent = before;
+  };
 }
 
 async function loadDemo() {
   clearError("model-error");
   setBusy(true);
+  const done = modelLoading("the demo checkpoint");
+  let ok = false;
   try {
     const [config, model, tokenizer, state] = await Promise.all([
       fetchBytes("demo/config.json"),
@@ -190,6 +245,7 @@ async function loadDemo() {
       fetchBytes("demo/state.json", true),
     ]);
     await useGenerator(Generator.load(app.gpu, "demo", config, model, tokenizer, state, storage()), { kind: "demo" });
+    ok = true;
     app.state = "ready";
     setStatus("Ready.", "ready");
   } catch (e) {
@@ -197,6 +253,7 @@ async function loadDemo() {
     app.state = "ready-without-model";
     setStatus("Ready, without a model: load a checkpoint.", "ready");
   } finally {
+    done(ok);
     setBusy(false);
   }
 }
@@ -216,6 +273,8 @@ async function isHfFolder(files) {
 
 async function loadHfFiles(fileList, files) {
   setBusy(true);
+  const done = modelLoading("the Hugging Face model");
+  let ok = false;
   try {
     const names = Object.keys(files);
     const blobs = [];
@@ -223,11 +282,13 @@ async function loadHfFiles(fileList, files) {
     const name = files["config.json"].webkitRelativePath?.split("/")[0] || "picked files";
     const g = Generator.loadHf(app.gpu, name, names, blobs, storage());
     await useGenerator(g, { kind: "files", files: fileList });
+    ok = true;
     return true;
   } catch (e) {
     showError("model-error", `That model did not load; the previous model stays. ${message(e)}`);
     return false;
   } finally {
+    done(ok);
     setBusy(false);
   }
 }
@@ -235,14 +296,18 @@ async function loadHfFiles(fileList, files) {
 /** One GGUF file (llama.cpp's format). */
 async function loadGgufFile(fileList, file) {
   setBusy(true);
+  const done = modelLoading(file.name);
+  let ok = false;
   try {
     const g = Generator.loadGguf(app.gpu, file.name, new Uint8Array(await file.arrayBuffer()), storage());
     await useGenerator(g, { kind: "files", files: fileList });
+    ok = true;
     return true;
   } catch (e) {
     showError("model-error", `That GGUF file did not load; the previous model stays. ${message(e)}`);
     return false;
   } finally {
+    done(ok);
     setBusy(false);
   }
 }
@@ -265,6 +330,8 @@ async function loadFiles(fileList) {
     return false;
   }
   setBusy(true);
+  const done = modelLoading("the checkpoint");
+  let ok = false;
   try {
     const bytes = async (n) => (files[n] ? new Uint8Array(await files[n].arrayBuffer()) : undefined);
     const name = files["model.safetensors"].webkitRelativePath?.split("/")[0] || "picked files";
@@ -278,18 +345,20 @@ async function loadFiles(fileList) {
       storage(),
     );
     await useGenerator(g, { kind: "files", files: fileList });
+    ok = true;
     return true;
   } catch (e) {
     showError("model-error", `That checkpoint did not load; the previous model stays. ${message(e)}`);
     return false;
   } finally {
+    done(ok);
     setBusy(false);
   }
 }
 
 // ---------------------------------------------------------------- generate
 
-function routeTitle(t) {
+function routeText(t) {
   const layers = t.routes
     .map((r) => `layer ${r.layer}: ` + r.experts.map((e, j) => `expert ${e} (${r.weights[j].toFixed(3)})`).join(" + "))
     .join("\n");
@@ -311,9 +380,27 @@ function tokenSpan(t, prompt) {
   }
   s.dataset.experts = n;
   s.textContent = t.text;
-  s.title = routeTitle(t);
+  // Shown by the token tip (hover, or tap on a touch screen): see showTip.
+  s.dataset.route = routeText(t);
   s.dataset.id = t.id;
   return s;
+}
+
+/** The routing of a token under the pointer (or tapped): a tip that shows at
+ * once, on touch screens too, unlike a title tooltip. */
+function showTip(span) {
+  const tip = $("tok-tip");
+  if (!span || !span.dataset.route) {
+    tip.hidden = true;
+    return;
+  }
+  tip.textContent = span.dataset.route;
+  tip.hidden = false;
+  const r = span.getBoundingClientRect();
+  const top = r.bottom + window.scrollY + 4;
+  const left = Math.min(r.left + window.scrollX, window.scrollX + document.documentElement.clientWidth - tip.offsetWidth - 8);
+  tip.style.top = `${top}px`;
+  tip.style.left = `${Math.max(window.scrollX + 4, left)}px`;
 }
 
 function genOptions() {
@@ -403,7 +490,15 @@ function drawChart(log) {
   ctx.font = "11px sans-serif";
   ctx.strokeStyle = "#ccd";
   ctx.strokeRect(L, T, W - L - R, H - T - B);
-  if (!log.length) return;
+  if (!log.length) {
+    if (app.trainPhase && app.trainPhase !== "idle") {
+      ctx.fillStyle = "#555";
+      ctx.font = "14px sans-serif";
+      const say = { preparing: "Training the tokenizer and building the model…", compiling: "Compiling the training kernels (step 1)…" };
+      ctx.fillText(say[app.trainPhase] || "", L + 16, T + (H - T - B) / 2);
+    }
+    return;
+  }
   const steps = log[log.length - 1].step;
   const losses = log.map((m) => m.loss);
   const lo = Math.min(...losses), hi = Math.max(...losses);
@@ -442,6 +537,14 @@ async function trainText() {
   return { name: "sonnets.txt", text: await r.text() };
 }
 
+/** Where a training run is: idle, preparing (tokenizer, model), compiling
+ * (step 1), training. The chart and the panel's data-phase show it. */
+function setTrainPhase(phase) {
+  app.trainPhase = phase;
+  $("train-panel").dataset.phase = phase;
+  if (!app.trainLog.length) drawChart([]);
+}
+
 async function train() {
   clearError("train-error");
   stopTraining = false;
@@ -452,15 +555,27 @@ async function train() {
   try {
     const { name, text } = await trainText();
     const steps = Number($("train-steps").value);
+    setTrainPhase("preparing");
     $("train-stats").textContent = "Training the tokenizer and building the model…";
-    await new Promise((r) => setTimeout(r, 0));
+    await paint();
     if (app.trainer) app.trainer.free();
     app.trainer = null;
     const t = Trainer.create(app.gpu, name, text, JSON.stringify({ steps, gating: $("train-gating").value }));
     app.trainer = t;
     const info = JSON.parse(t.info());
     for (let s = 0; s < steps && !stopTraining; s++) {
+      if (s === 0) {
+        // The first step builds every training kernel: on a software GPU
+        // (SwiftShader) that is a minute or more, and the tab cannot redraw
+        // until it is done. Say so before it starts.
+        setTrainPhase("compiling");
+        $("train-stats").textContent =
+          "Step 1 compiles the training kernels: about a minute or two on a software GPU, seconds on a real one. " +
+          "The page does not respond until it is done.";
+        await paint();
+      }
       const m = JSON.parse(await t.step());
+      if (s === 0) setTrainPhase("training");
       app.trainLog.push(m);
       drawChart(app.trainLog);
       const two = m.two_expert_fraction == null ? "" : `, two-expert fraction ${m.two_expert_fraction.toFixed(3)}`;
@@ -474,6 +589,7 @@ async function train() {
   } catch (e) {
     showError("train-error", message(e));
   } finally {
+    setTrainPhase("idle");
     $("train-stop").disabled = true;
     setBusy(false);
   }
@@ -485,10 +601,14 @@ async function useTrained() {
   setBusy(true);
   try {
     await useGenerator(await app.trainer.generator(), { kind: "trained" });
-    $("gating").value = "";
     $("rule").value = "";
     $("max-experts").value = "";
     $("prompt").value = "Shall I compare thee";
+    // A model this small repeats itself under greedy decoding: sample the
+    // preview (temperature 0.8, top-k 40; the seed makes it repeatable).
+    $("temperature").value = "0.8";
+    $("top-k").value = "40";
+    app.sampledPreview = true;
     document.getElementById("generate-panel").scrollIntoView();
   } catch (e) {
     $("output").dataset.state = "error";
@@ -600,6 +720,16 @@ dz.addEventListener("drop", (ev) => {
   dz.classList.remove("over");
   if (app.gpu) loadFiles([...ev.dataTransfer.files]);
 });
+$("gating").addEventListener("change", explainGating);
+const out = $("output");
+out.addEventListener("pointerover", (ev) => {
+  if (ev.pointerType === "mouse") showTip(ev.target.closest(".tok"));
+});
+out.addEventListener("pointerleave", (ev) => {
+  if (ev.pointerType === "mouse") showTip(null);
+});
+// A tap (touch, pen) or a click shows a token's routing until the next tap.
+out.addEventListener("click", (ev) => showTip(ev.target.closest(".tok")));
 $("train").addEventListener("click", train);
 $("train-stop").addEventListener("click", () => (stopTraining = true));
 $("use-trained").addEventListener("click", useTrained);

@@ -61,6 +61,8 @@ fn kernels(adapter: &AdapterArgs, args: &BenchKernelsArgs) -> Result<ExitCode> {
     let ctxs = contexts(adapter)?;
     let mut out = Vec::new();
     for ctx in &ctxs {
+        // Kernel throughput: the kernels of a long run (training's).
+        ctx.set_long_running(true);
         eprintln!("== bench on {}", ctx.adapter_label());
         let r = pollster::block_on(amoe::bench::bench_kernels(ctx, quick, |msg| {
             eprintln!("   {msg}")
@@ -104,6 +106,11 @@ pub struct BenchInferArgs {
     /// V x D x 4 bytes, as long as tensors are not split).
     #[arg(long)]
     pub shape_vocab: Option<usize>,
+    /// Choose kernels for a long run, as training does: on lavapipe its
+    /// subgroup GEMM cores (faster prefills, but about 13 s more before the
+    /// first token). By default kernels that compile fast are chosen.
+    #[arg(long)]
+    pub long_running: bool,
 }
 
 /// A model of `shape` with random weights (context: --context, else 512).
@@ -125,6 +132,7 @@ fn synthetic(shape: BenchShape, args: &BenchInferArgs) -> Result<InferCheckpoint
 }
 
 fn bench_infer(ctx: &GpuContext, args: &BenchInferArgs) -> Result<String> {
+    ctx.set_long_running(args.long_running);
     let ck = match args.shape {
         Some(shape) => synthetic(shape, args)?,
         None => args.model.load()?,

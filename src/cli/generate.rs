@@ -147,6 +147,10 @@ fn generate(ctx: &GpuContext, args: &GenerateArgs) -> Result<()> {
     let gates = args.model.gates(&ck, args.model.gating)?;
     let gate = gates.gate;
     let prompt_ids = ck.tokenizer.encode(&args.prompt)?;
+    let mut slow = Some(super::SlowStart::notice(
+        std::time::Duration::from_secs(2),
+        "compiling kernels (a first run on this adapter; the driver's cache makes later runs start at once)...",
+    ));
     let mut engine = Engine::with_dtype(ctx, &ck, gates, args.model.storage())?;
     let cfg = GenConfig {
         max_tokens: args.max_tokens,
@@ -164,6 +168,7 @@ fn generate(ctx: &GpuContext, args: &GenerateArgs) -> Result<()> {
     let mut printed = 0usize;
     let tk = &ck.tokenizer;
     let g: Generation = pollster::block_on(engine.generate(ctx, tk, &prompt_ids, &cfg, |t| {
+        slow.take();
         if !stream {
             return;
         }
@@ -182,6 +187,7 @@ fn generate(ctx: &GpuContext, args: &GenerateArgs) -> Result<()> {
             }
         }
     }))?;
+    drop(slow);
     let gating = gate.gating.to_string();
     let prefill_tps = g.prompt_ids.len() as f64 / g.prefill_s.max(1e-9);
     let decode_tps = g.tokens.len() as f64 / g.decode_s.max(1e-9);

@@ -197,6 +197,39 @@ pub(crate) fn write_out(args: std::fmt::Arguments) -> Result<()> {
 }
 
 /// The one adapter the flags pick.
+/// A one-line notice on a terminal's stderr when the first result is slow
+/// to come: a first run of a model on an adapter compiles its kernels (the
+/// driver keeps them in its disk cache for later runs). Nothing is printed
+/// when the result comes within `after`, or when stderr is not a terminal.
+/// Dropping it (the first result came) stops it.
+pub(crate) struct SlowStart {
+    done: Option<std::sync::mpsc::Sender<()>>,
+}
+
+impl SlowStart {
+    pub(crate) fn notice(after: std::time::Duration, msg: &'static str) -> SlowStart {
+        use std::io::IsTerminal;
+        if !std::io::stderr().is_terminal() {
+            return SlowStart { done: None };
+        }
+        let (tx, rx) = std::sync::mpsc::channel::<()>();
+        std::thread::spawn(move || {
+            if let Err(std::sync::mpsc::RecvTimeoutError::Timeout) = rx.recv_timeout(after) {
+                eprintln!("{msg}");
+            }
+        });
+        SlowStart { done: Some(tx) }
+    }
+}
+
+impl Drop for SlowStart {
+    fn drop(&mut self) {
+        if let Some(tx) = self.done.take() {
+            let _ = tx.send(());
+        }
+    }
+}
+
 fn context(adapter: &AdapterArgs) -> Result<GpuContext> {
     pollster::block_on(GpuContext::new(&adapter.filter()?))
 }

@@ -414,6 +414,9 @@ pub fn run(adapter: &AdapterArgs, args: &TrainArgs) -> Result<ExitCode> {
         }
     }
     let ctx = context(adapter)?;
+    // A run of many steps: the fastest kernels, even where they take longer
+    // to compile (lavapipe's subgroup GEMM cores).
+    ctx.set_long_running(true);
     let s = train(&ctx, args)?;
     if args.json {
         outln!("{}", serde_json::to_string_pretty(&s)?)?;

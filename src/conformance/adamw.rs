@@ -295,7 +295,7 @@ async fn run_norm(
 fn bad_inputs(ctx: &GpuContext, kernel: &str, case: &str) -> CheckResult {
     let mut checks = Vec::new();
     let mut try_adamw = |what: &str, g: &[usize], clip: &[usize], config: AdamWConfig, want| {
-        ctx.capture_errors();
+        let scope = ctx.error_scope();
         let r = (|| -> Result<AdamW> {
             let p = Tensor::<f32>::zeros(ctx, "p", &[8, 4])?;
             let g = Tensor::<f32>::zeros(ctx, "g", g)?;
@@ -314,7 +314,7 @@ fn bad_inputs(ctx: &GpuContext, kernel: &str, case: &str) -> CheckResult {
                 },
             )
         })();
-        checks.push(expect_error(ctx, what, r, want));
+        checks.push(expect_error(scope, what, r, want));
     };
     let ok = AdamWConfig::default();
     try_adamw("g [4, 8]", &[4, 8], &[2], ok, is_shape);
@@ -322,7 +322,7 @@ fn bad_inputs(ctx: &GpuContext, kernel: &str, case: &str) -> CheckResult {
     let beta = AdamWConfig { beta1: 1.0, ..ok };
     try_adamw("beta1 = 1", &[8, 4], &[2], beta, is_invalid);
 
-    ctx.capture_errors();
+    let scope = ctx.error_scope();
     let r = (|| -> Result<()> {
         let t = |l: &str| Tensor::<f32>::zeros(ctx, l, &[8]);
         let (p, g, m, v) = (t("p")?, t("g")?, t("m")?, t("v")?);
@@ -336,14 +336,14 @@ fn bad_inputs(ctx: &GpuContext, kernel: &str, case: &str) -> CheckResult {
         };
         AdamW::new(ctx, &ok, &bufs)?.set_step(ctx, 0.1, 0)
     })();
-    checks.push(expect_error(ctx, "step 0", r, is_invalid));
+    checks.push(expect_error(scope, "step 0", r, is_invalid));
 
-    ctx.capture_errors();
+    let scope = ctx.error_scope();
     let r = (|| -> Result<GradNorm> {
         let g = Tensor::<f32>::zeros(ctx, "g", &[8])?;
         let clip = Tensor::<f32>::zeros(ctx, "clip", &[2])?;
         GradNorm::new(ctx, &[&g], &clip, Some(-1.0))
     })();
-    checks.push(expect_error(ctx, "max_norm < 0", r, is_invalid));
+    checks.push(expect_error(scope, "max_norm < 0", r, is_invalid));
     bad_inputs_result(kernel, case, checks)
 }

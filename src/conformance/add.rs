@@ -96,20 +96,20 @@ pub async fn run(ctx: &GpuContext, case: &Case) -> Result<CheckResult> {
 
 fn bad_inputs(ctx: &GpuContext, kernel: &str, case: &str) -> CheckResult {
     let mut checks = Vec::new();
-    ctx.capture_errors();
+    let scope = ctx.error_scope();
     let r = (|| -> Result<Add> {
         let a = Tensor::<f32>::zeros(ctx, "a", &[4, 3])?;
         let b = Tensor::<f32>::zeros(ctx, "b", &[3, 4])?;
         let out = Tensor::<f32>::zeros(ctx, "out", &[4, 3])?;
         Add::new(ctx, &a, &b, &out)
     })();
-    checks.push(expect_error(ctx, "b of another shape", r, is_shape));
-    ctx.capture_errors();
+    checks.push(expect_error(scope, "b of another shape", r, is_shape));
+    let scope = ctx.error_scope();
     let r = (|| -> Result<Add> {
         let a = Tensor::<f32>::zeros(ctx, "a", &[8])?;
         let b = Tensor::<f32>::zeros(ctx, "b", &[8])?;
         Add::new(ctx, &a, &b, &a)
     })();
-    checks.push(expect_error(ctx, "out aliases a", r, is_invalid));
+    checks.push(expect_error(scope, "out aliases a", r, is_invalid));
     bad_inputs_result(kernel, case, checks)
 }

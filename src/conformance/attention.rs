@@ -304,7 +304,7 @@ fn bad_inputs(ctx: &GpuContext, kernel: &str, case: &str) -> CheckResult {
     let cfg = AttentionConfig::mha;
     let mut try_fwd =
         |what: &str, c: AttentionConfig, q: &[usize], o: &[usize], l: &[usize], want| {
-            ctx.capture_errors();
+            let scope = ctx.error_scope();
             let r = (|| -> Result<AttentionForward> {
                 let qkv = Tensor::<f32>::zeros(ctx, "qkv", q)?;
                 let o = Tensor::<f32>::zeros(ctx, "o", o)?;
@@ -319,7 +319,7 @@ fn bad_inputs(ctx: &GpuContext, kernel: &str, case: &str) -> CheckResult {
                     },
                 )
             })();
-            checks.push(expect_error(ctx, what, r, want));
+            checks.push(expect_error(scope, what, r, want));
         };
     try_fwd(
         "B = 0",
@@ -386,7 +386,7 @@ fn bad_inputs(ctx: &GpuContext, kernel: &str, case: &str) -> CheckResult {
         is_shape,
     );
     let mut try_bwd = |what: &str, dout: &[usize], dqkv: &[usize], want| {
-        ctx.capture_errors();
+        let scope = ctx.error_scope();
         let r = (|| -> Result<AttentionBackward> {
             let qkv = Tensor::<f32>::zeros(ctx, "qkv", &[8, 96])?;
             let o = Tensor::<f32>::zeros(ctx, "o", &[8, 32])?;
@@ -405,7 +405,7 @@ fn bad_inputs(ctx: &GpuContext, kernel: &str, case: &str) -> CheckResult {
                 },
             )
         })();
-        checks.push(expect_error(ctx, what, r, want));
+        checks.push(expect_error(scope, what, r, want));
     };
     try_bwd("do [T-1, D]", &[7, 32], &[8, 96], is_shape);
     try_bwd("dqkv [T, D]", &[8, 32], &[8, 32], is_shape);

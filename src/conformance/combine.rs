@@ -122,7 +122,7 @@ fn bad_inputs(ctx: &GpuContext, kernel: &str, case: &str) -> CheckResult {
     let mut checks = Vec::new();
     let mut try_combine =
         |what: &str, w: [usize; 2], s: [usize; 2], ye: [usize; 2], yy: [usize; 2], want| {
-            ctx.capture_errors();
+            let scope = ctx.error_scope();
             let r = (|| -> Result<Combine> {
                 let topk_weights = Tensor::<f32>::zeros(ctx, "topk_weights", &w)?;
                 let slot_of_token = Tensor::<u32>::zeros(ctx, "slot_of_token", &s)?;
@@ -138,7 +138,7 @@ fn bad_inputs(ctx: &GpuContext, kernel: &str, case: &str) -> CheckResult {
                     },
                 )
             })();
-            checks.push(expect_error(ctx, what, r, want));
+            checks.push(expect_error(scope, what, r, want));
         };
     try_combine("T = 0", [0, 2], [0, 2], [16, 8], [0, 8], is_invalid);
     try_combine(

@@ -117,13 +117,13 @@ pub async fn run(ctx: &GpuContext, case: &Case) -> Result<CheckResult> {
 fn bad_inputs(ctx: &GpuContext, kernel: &str, case: &str) -> CheckResult {
     let mut checks = Vec::new();
     let mut try_new = |what: &str, b: usize, ids: &[usize], out: &[usize], col: usize| {
-        ctx.capture_errors();
+        let scope = ctx.error_scope();
         let r = (|| -> Result<SequenceComplexity> {
             let ids = Tensor::<u32>::zeros(ctx, "topk_ids", ids)?;
             let out = Tensor::<f32>::zeros(ctx, "complexity", out)?;
             SequenceComplexity::new(ctx, b, &ids, &out, col)
         })();
-        checks.push(expect_error(ctx, what, r, is_shape));
+        checks.push(expect_error(scope, what, r, is_shape));
     };
     try_new("T = 10 for B = 3", 3, &[10, 2], &[3, 1], 0);
     try_new("K = 9", 2, &[8, 9], &[2, 1], 0);

@@ -212,7 +212,7 @@ pub async fn run(ctx: &GpuContext, case: &Case) -> Result<CheckResult> {
 fn bad_inputs(ctx: &GpuContext, kernel: &str, case: &str) -> CheckResult {
     let mut checks = Vec::new();
     let mut try_ce = |what: &str, logits: &[usize], targets: &[usize], loss: &[usize], want| {
-        ctx.capture_errors();
+        let scope = ctx.error_scope();
         let r = (|| -> Result<CrossEntropy> {
             let logits = Tensor::<f32>::zeros(ctx, "logits", logits)?;
             let targets = Tensor::<u32>::zeros(ctx, "targets", targets)?;
@@ -227,14 +227,14 @@ fn bad_inputs(ctx: &GpuContext, kernel: &str, case: &str) -> CheckResult {
                 },
             )
         })();
-        checks.push(expect_error(ctx, what, r, want));
+        checks.push(expect_error(scope, what, r, want));
     };
     try_ce("T = 0", &[0, 8], &[0], &[0], is_invalid);
     try_ce("targets [T+1]", &[4, 8], &[5], &[4], is_shape);
     try_ce("loss [T, 1]", &[4, 8], &[4], &[4, 1], is_shape);
     try_ce("logits [T*V]", &[32], &[4], &[4], is_shape);
 
-    ctx.capture_errors();
+    let scope = ctx.error_scope();
     let r = (|| -> Result<LossSum> {
         let loss = Tensor::<f32>::zeros(ctx, "loss", &[4])?;
         let targets = Tensor::<u32>::zeros(ctx, "targets", &[4])?;
@@ -249,11 +249,11 @@ fn bad_inputs(ctx: &GpuContext, kernel: &str, case: &str) -> CheckResult {
             },
         )
     })();
-    checks.push(expect_error(ctx, "loss_sum out [1]", r, is_shape));
+    checks.push(expect_error(scope, "loss_sum out [1]", r, is_shape));
 
-    ctx.capture_errors();
+    let scope = ctx.error_scope();
     checks.push(expect_error(
-        ctx,
+        scope,
         "target >= V",
         check_targets(&[1, UNUSED, 8], 8),
         is_invalid,

@@ -301,7 +301,7 @@ fn bad_inputs(ctx: &GpuContext, kernel: &str, case: &str) -> CheckResult {
     let mut checks = Vec::new();
     let mut try_decode =
         |what: &str, act: Activation, s: DecodeShape, give_w3: bool, y_rows: usize, want| {
-            ctx.capture_errors();
+            let scope = ctx.error_scope();
             let r = (|| -> Result<DecodeFfn> {
                 let DecodeShape { t, k, e, d, f } = s;
                 let x = Tensor::<f32>::zeros(ctx, "x", &[t, d])?;
@@ -326,7 +326,7 @@ fn bad_inputs(ctx: &GpuContext, kernel: &str, case: &str) -> CheckResult {
                     },
                 )
             })();
-            checks.push(expect_error(ctx, what, r, want));
+            checks.push(expect_error(scope, what, r, want));
         };
     let sh = |t, k, e| DecodeShape {
         t,

@@ -266,7 +266,7 @@ pub async fn run(ctx: &GpuContext, case: &Case) -> Result<CheckResult> {
 fn bad_inputs(ctx: &GpuContext, kernel: &str, case: &str) -> CheckResult {
     let mut checks = Vec::new();
     let mut try_forward = |what: &str, ids: &[usize], wte, wpe, x, want| {
-        ctx.capture_errors();
+        let scope = ctx.error_scope();
         let r = (|| -> Result<EmbeddingForward> {
             let ids = Tensor::<u32>::zeros(ctx, "ids", ids)?;
             let wte = Tensor::<f32>::zeros(ctx, "wte", wte)?;
@@ -284,14 +284,14 @@ fn bad_inputs(ctx: &GpuContext, kernel: &str, case: &str) -> CheckResult {
                 },
             )
         })();
-        checks.push(expect_error(ctx, what, r, want));
+        checks.push(expect_error(scope, what, r, want));
     };
     try_forward("T = 0", &[0], &[8, 4], &[2, 4], &[0, 4], is_invalid);
     try_forward("wpe [N, D+1]", &[6], &[8, 4], &[2, 5], &[6, 4], is_shape);
     try_forward("x [T+1, D]", &[6], &[8, 4], &[2, 4], &[7, 4], is_shape);
     try_forward("ids [T, 1]", &[6, 1], &[8, 4], &[2, 4], &[6, 4], is_shape);
 
-    ctx.capture_errors();
+    let scope = ctx.error_scope();
     let r = (|| -> Result<EmbeddingBackwardWte> {
         let dx = Tensor::<f32>::zeros(ctx, "dx", &[6, 4])?;
         let offsets = Tensor::<u32>::zeros(ctx, "offsets", &[8])?;
@@ -307,9 +307,9 @@ fn bad_inputs(ctx: &GpuContext, kernel: &str, case: &str) -> CheckResult {
             },
         )
     })();
-    checks.push(expect_error(ctx, "offsets [V]", r, is_shape));
+    checks.push(expect_error(scope, "offsets [V]", r, is_shape));
 
-    ctx.capture_errors();
+    let scope = ctx.error_scope();
     let r = (|| -> Result<EmbeddingBackwardWpe> {
         let dx = Tensor::<f32>::zeros(ctx, "dx", &[6, 4])?;
         let dwpe = Tensor::<f32>::zeros(ctx, "dwpe", &[2, 3])?;
@@ -321,11 +321,11 @@ fn bad_inputs(ctx: &GpuContext, kernel: &str, case: &str) -> CheckResult {
             },
         )
     })();
-    checks.push(expect_error(ctx, "dwpe [N, D-1]", r, is_shape));
+    checks.push(expect_error(scope, "dwpe [N, D-1]", r, is_shape));
 
-    ctx.capture_errors();
+    let scope = ctx.error_scope();
     checks.push(expect_error(
-        ctx,
+        scope,
         "token id >= V",
         token_order(&[0, 3, 8, 1], 8),
         |e: &Error| matches!(e, Error::InvalidArgument { .. }),

@@ -640,7 +640,7 @@ fn bad_inputs(ctx: &GpuContext, kernel: &str, case: &str) -> CheckResult {
                         e: usize,
                         probs_e: usize,
                         want: fn(&Error) -> bool| {
-        ctx.capture_errors();
+        let scope = ctx.error_scope();
         let k = config.max_k();
         let r = (|| -> Result<Gate> {
             let logits = Tensor::<f32>::zeros(ctx, "router_logits", &[t, e])?;
@@ -662,7 +662,7 @@ fn bad_inputs(ctx: &GpuContext, kernel: &str, case: &str) -> CheckResult {
                 },
             )
         })();
-        checks.push(expect_error(ctx, what, r, want));
+        checks.push(expect_error(scope, what, r, want));
     };
     let th = |threshold| GateConfig {
         threshold,

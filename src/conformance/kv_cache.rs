@@ -307,14 +307,14 @@ fn bad_inputs(ctx: &GpuContext, kernel: &str, case: &str) -> CheckResult {
         let o = Tensor::<f32>::zeros(ctx, "o", &[t, h * dh])?;
         KvAttention::new(ctx, &shape, &step, &qkv, &cache, &o)
     };
-    ctx.capture_errors();
+    let scope = ctx.error_scope();
     checks.push(expect_error(
-        ctx,
+        scope,
         "Dh = 260",
         attention(1, 1, 260, 1),
         is_invalid,
     ));
-    ctx.capture_errors();
+    let scope = ctx.error_scope();
     let r = (|| -> Result<KvAppend> {
         let shape = KvShape {
             hkv: 2,
@@ -325,17 +325,17 @@ fn bad_inputs(ctx: &GpuContext, kernel: &str, case: &str) -> CheckResult {
         let cache = KvCache::new(ctx, 2, 8, 8)?;
         KvAppend::new(ctx, &shape, &step, &qkv, &cache)
     })();
-    checks.push(expect_error(ctx, "H = 3 over Hkv = 2", r, is_invalid));
-    ctx.capture_errors();
+    checks.push(expect_error(scope, "H = 3 over Hkv = 2", r, is_invalid));
+    let scope = ctx.error_scope();
     checks.push(expect_error(
-        ctx,
+        scope,
         "qkv with 2 rows for T = 1",
         attention(1, 2, 16, 2),
         is_shape,
     ));
-    ctx.capture_errors();
+    let scope = ctx.error_scope();
     let r = KvStep::new(ctx, 8).and_then(|s| s.set(ctx, 6, 3));
-    checks.push(expect_error(ctx, "positions 6..9 of 8", r, |e| {
+    checks.push(expect_error(scope, "positions 6..9 of 8", r, |e| {
         matches!(e, Error::Limit { .. })
     }));
     bad_inputs_result(kernel, case, checks)

@@ -180,6 +180,11 @@ impl Case {
         let r = match self {
             Case::Matmul(c) => c.spec.check(ctx),
             Case::Expert(expert::Case::Ffn(c)) => c.core.check(ctx),
+            Case::MoeBackward(c) if c.long_run && !moe_backward::long_run_differs(ctx) => {
+                return Err(
+                    "a long run takes the same kernels as a short one on this adapter".into(),
+                )
+            }
             _ => Ok(()),
         };
         r.map_err(|e| e.to_string())
@@ -268,6 +273,9 @@ pub async fn run_cases(
         let r = c.run(ctx).await;
         progress(&r);
         kernels.push(r);
+        // The page stays responsive between cases (its table grows).
+        #[cfg(target_arch = "wasm32")]
+        crate::web::yield_to_browser().await;
     }
     AdapterReport {
         backend: ctx.backend(),
@@ -298,14 +306,15 @@ pub(crate) fn submit_pass(
 }
 
 /// A bad-input check: `Ok(())` when `r` failed with the wanted error and wgpu
-/// reported nothing, else what went wrong.
+/// reported nothing in `scope` (opened before the attempt), else what went
+/// wrong.
 pub(crate) fn expect_error<T>(
-    ctx: &GpuContext,
+    scope: crate::gpu::ErrorScope<'_>,
     what: &str,
     r: Result<T>,
     want: fn(&Error) -> bool,
 ) -> std::result::Result<(), String> {
-    let gpu = ctx.check_errors(what);
+    let gpu = scope.finish(what);
     match (r, gpu) {
         (_, Err(e)) => Err(format!("{what}: wgpu reported {e}")),
         (Ok(_), _) => Err(format!("{what}: accepted")),

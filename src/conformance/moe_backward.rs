@@ -25,6 +25,9 @@ pub struct Case {
     pub capacity_factor: Option<f32>,
     pub activation: Activation,
     pub seed: u64,
+    /// With the kernels of a long run (`GpuContext::set_long_running`:
+    /// training's choice, lavapipe's subgroup GEMM cores).
+    pub long_run: bool,
 }
 
 impl Case {
@@ -70,7 +73,11 @@ impl Case {
                     Some(c) => format!(" capacity factor {c}"),
                     None => String::new(),
                 }
-            ),
+            ) + if self.long_run {
+                ", long-run kernels"
+            } else {
+                ""
+            },
         )
     }
 }
@@ -84,6 +91,7 @@ pub fn cases() -> Vec<Case> {
         capacity_factor: None,
         activation: Activation::Gelu,
         seed,
+        long_run: false,
     };
     let cap = |gating, t, split, factor, seed| Case {
         gating,
@@ -93,6 +101,7 @@ pub fn cases() -> Vec<Case> {
         capacity_factor: Some(factor),
         activation: Activation::Gelu,
         seed,
+        long_run: false,
     };
     let topk = |k, renorm, rule, threshold, capacity_factor, seed| Case {
         gating: Gating::TopK,
@@ -102,6 +111,7 @@ pub fn cases() -> Vec<Case> {
         capacity_factor,
         activation: Activation::SwiGlu,
         seed,
+        long_run: false,
     };
     let swiglu = |gating, t, split, capacity_factor, seed| Case {
         gating,
@@ -111,6 +121,7 @@ pub fn cases() -> Vec<Case> {
         capacity_factor,
         activation: Activation::SwiGlu,
         seed,
+        long_run: false,
     };
     vec![
         c(Gating::Top1, 50, 1, 1),
@@ -132,10 +143,36 @@ pub fn cases() -> Vec<Case> {
         topk(4, false, ExpertRule::Fixed, 0.0, None, 13),
         topk(6, true, ExpertRule::Gap, 0.1, None, 14),
         topk(4, true, ExpertRule::Mass, 0.7, Some(0.8), 15),
+        // Training's kernels where they differ (lavapipe's subgroup cores).
+        Case {
+            long_run: true,
+            ..c(Gating::Adaptive, 130, 3, 16)
+        },
+        Case {
+            long_run: true,
+            ..swiglu(Gating::Top2, 50, 2, Some(0.75), 17)
+        },
+        Case {
+            long_run: true,
+            ..topk(6, true, ExpertRule::Gap, 0.1, None, 18)
+        },
     ]
 }
 
+/// Whether a long run's kernels differ from the default ones here.
+pub fn long_run_differs(ctx: &GpuContext) -> bool {
+    crate::kernels::matmul::subgroups_of_8(ctx)
+}
+
 pub async fn run(ctx: &GpuContext, case: &Case) -> Result<CheckResult> {
+    let was = ctx.long_running();
+    ctx.set_long_running(was || case.long_run);
+    let r = run_case(ctx, case).await;
+    ctx.set_long_running(was);
+    r
+}
+
+async fn run_case(ctx: &GpuContext, case: &Case) -> Result<CheckResult> {
     let (kernel, name) = case.names();
     let t = case.t;
     let cfg = MoeConfig {

@@ -207,19 +207,19 @@ fn bad_inputs(ctx: &GpuContext, kernel: &str, case: &str) -> CheckResult {
         hkv: 2,
         dh: 8,
     };
-    ctx.capture_errors();
+    let scope = ctx.error_scope();
     let r = (|| -> Result<QkvBias> {
         let qkv = Tensor::<f32>::zeros(ctx, "qkv", &[2, 3 * 32])?;
         let b = Tensor::<f32>::zeros(ctx, "bias", &[96])?;
         QkvBias::new(ctx, shape, &b, &qkv)
     })();
-    checks.push(expect_error(ctx, "qkv [T, 3D] for GQA 4/2", r, is_shape));
-    ctx.capture_errors();
+    checks.push(expect_error(scope, "qkv [T, 3D] for GQA 4/2", r, is_shape));
+    let scope = ctx.error_scope();
     let r = (|| -> Result<QkNormKernel> {
         let qkv = Tensor::<f32>::zeros(ctx, "qkv", &[2, 64])?;
         let g = Tensor::<f32>::zeros(ctx, "g", &[16])?;
         QkNormKernel::new(ctx, shape, 1e-6, &g, &g, &qkv)
     })();
-    checks.push(expect_error(ctx, "gains of 16 for Dh = 8", r, is_shape));
+    checks.push(expect_error(scope, "gains of 16 for Dh = 8", r, is_shape));
     bad_inputs_result(kernel, case, checks)
 }

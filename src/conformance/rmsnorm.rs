@@ -147,7 +147,7 @@ pub async fn run(ctx: &GpuContext, case: &Case) -> Result<CheckResult> {
 fn bad_inputs(ctx: &GpuContext, kernel: &str, case: &str) -> CheckResult {
     let mut checks = Vec::new();
     let mut try_forward = |what: &str, x: &[usize], g: &[usize], y: &[usize], eps, want| {
-        ctx.capture_errors();
+        let scope = ctx.error_scope();
         let r = (|| -> Result<RmsNormForward> {
             let t = x.first().copied().unwrap_or(0);
             let x = Tensor::<f32>::zeros(ctx, "x", x)?;
@@ -165,14 +165,14 @@ fn bad_inputs(ctx: &GpuContext, kernel: &str, case: &str) -> CheckResult {
                 },
             )
         })();
-        checks.push(expect_error(ctx, what, r, want));
+        checks.push(expect_error(scope, what, r, want));
     };
     try_forward("T = 0", &[0, 8], &[8], &[0, 8], RMSNORM_EPS, is_invalid);
     try_forward("eps = 0", &[4, 8], &[8], &[4, 8], 0.0, is_invalid);
     try_forward("g [D+1]", &[4, 8], &[9], &[4, 8], RMSNORM_EPS, is_shape);
     try_forward("y [T, D-1]", &[4, 8], &[8], &[4, 7], RMSNORM_EPS, is_shape);
 
-    ctx.capture_errors();
+    let scope = ctx.error_scope();
     let r = (|| -> Result<RmsNormBackward> {
         let x = Tensor::<f32>::zeros(ctx, "x", &[4, 8])?;
         let g = Tensor::<f32>::zeros(ctx, "g", &[8])?;
@@ -190,9 +190,9 @@ fn bad_inputs(ctx: &GpuContext, kernel: &str, case: &str) -> CheckResult {
             },
         )
     })();
-    checks.push(expect_error(ctx, "rstd [T+1]", r, is_shape));
+    checks.push(expect_error(scope, "rstd [T+1]", r, is_shape));
 
-    ctx.capture_errors();
+    let scope = ctx.error_scope();
     let r = (|| -> Result<RmsNormBackwardGain> {
         let x = Tensor::<f32>::zeros(ctx, "x", &[4, 8])?;
         let dy = Tensor::<f32>::zeros(ctx, "dy", &[4, 8])?;
@@ -208,6 +208,6 @@ fn bad_inputs(ctx: &GpuContext, kernel: &str, case: &str) -> CheckResult {
             },
         )
     })();
-    checks.push(expect_error(ctx, "dg [T, D]", r, is_shape));
+    checks.push(expect_error(scope, "dg [T, D]", r, is_shape));
     bad_inputs_result(kernel, case, checks)
 }

@@ -271,7 +271,7 @@ fn bad_inputs(ctx: &GpuContext, kernel: &str, case: &str) -> CheckResult {
                          ids_k: usize,
                          rows: usize,
                          want| {
-        ctx.capture_errors();
+        let scope = ctx.error_scope();
         let r = (|| -> Result<Route> {
             let l = layout;
             let topk_ids = Tensor::<u32>::zeros(ctx, "topk_ids", &[l.t, ids_k])?;
@@ -294,7 +294,7 @@ fn bad_inputs(ctx: &GpuContext, kernel: &str, case: &str) -> CheckResult {
                 },
             )
         })();
-        checks.push(expect_error(ctx, what, r, want));
+        checks.push(expect_error(scope, what, r, want));
     };
     let l = |t, k, e, tile_m| RoutingLayout { t, k, e, tile_m };
     let ok = l(8, 2, 4, 4);

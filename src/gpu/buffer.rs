@@ -200,7 +200,7 @@ pub async fn read_buffer<T: Pod>(
             label: Some("readback"),
         });
     staging.copy_from(&mut enc, buffer, 0, 0, bytes.div_ceil(4) * 4);
-    ctx.queue.submit(Some(enc.finish()));
+    ctx.submit("readback", enc)?;
     staging.read(ctx, count, &buffer_label(buffer)).await
 }
 

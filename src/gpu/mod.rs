@@ -6,6 +6,8 @@
 //! (`kernels`, `moe`), so tests and the browser can bring their own context.
 
 mod buffer;
+#[cfg(not(target_arch = "wasm32"))]
+mod disk_cache;
 mod params;
 mod pipeline;
 mod weight;
@@ -89,7 +91,11 @@ impl fmt::Display for BackendChoice {
 
 /// The features amoe uses when present. Each has a fallback path.
 pub fn optional_features() -> wgpu::Features {
-    wgpu::Features::SHADER_F16 | wgpu::Features::SUBGROUP | wgpu::Features::TIMESTAMP_QUERY
+    let f = wgpu::Features::SHADER_F16 | wgpu::Features::SUBGROUP | wgpu::Features::TIMESTAMP_QUERY;
+    // Compiled pipelines kept on disk between runs (`gpu::disk_cache`).
+    #[cfg(not(target_arch = "wasm32"))]
+    let f = f | wgpu::Features::PIPELINE_CACHE;
+    f
 }
 
 /// What `amoe devices` prints about an adapter.
@@ -262,17 +268,108 @@ pub struct GpuContext {
     pub features: wgpu::Features,
     /// The limits requested: the adapter's real limits.
     pub limits: wgpu::Limits,
-    pipelines: PipelineCache,
-    /// Errors wgpu reported outside an error scope, collected instead of the
-    /// default handler's panic, and turned into `Error::Gpu` by `check_errors`.
-    errors: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+    /// Shared by every handle of the device (`handle`).
+    pipelines: std::sync::Arc<PipelineCache>,
+    /// Errors wgpu reported outside every error scope (another thread's
+    /// work), collected instead of the default handler's panic and turned
+    /// into `Error::Gpu` by the next `check_errors` of any handle. Each
+    /// fallible operation runs in its own scopes (`error_scope`), so this
+    /// is the exception.
+    uncaptured: ErrorList,
+    /// This handle's scoped errors whose answer came after the operation
+    /// returned (in the browser, a popped scope answers with a promise):
+    /// reported by this handle's next `check_errors`, never another's.
+    deferred: ErrorList,
     /// Why the device was lost, once it is (a driver reset, a browser tab
     /// whose GPU process restarted): every later call fails with it.
     lost: std::sync::Arc<std::sync::Mutex<Option<String>>>,
     /// Weights larger than this many bytes are split into parts (see
     /// `gpu::Weight`): the adapter's storage-binding limit, or less where
     /// `AMOE_SPLIT_BYTES` (bytes) or `set_split_bytes` asks for less.
-    split_bytes: std::sync::atomic::AtomicU64,
+    split_bytes: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    /// The driver's compiled pipelines kept on disk (where the adapter
+    /// offers a pipeline cache): written when the last handle goes.
+    #[cfg(not(target_arch = "wasm32"))]
+    disk_cache: Option<std::sync::Arc<disk_cache::DiskCache>>,
+    /// Kernels are chosen for a long run (see `set_long_running`).
+    long_running: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+type ErrorList = std::sync::Arc<std::sync::Mutex<Vec<String>>>;
+
+/// The error filters every scope catches.
+const SCOPE_FILTERS: [wgpu::ErrorFilter; 3] = [
+    wgpu::ErrorFilter::Validation,
+    wgpu::ErrorFilter::OutOfMemory,
+    wgpu::ErrorFilter::Internal,
+];
+
+/// The GPU errors of the calls made while it is open: validation,
+/// out-of-memory and internal error scopes pushed by
+/// `GpuContext::error_scope`, popped by `finish`. Scopes belong to the
+/// calling thread and nest; one must never be held across an `.await`
+/// (another object's work could run inside it), so they wrap synchronous
+/// stretches of work: a pipeline build, an upload, an encoder's submit.
+#[cfg_attr(not(target_arch = "wasm32"), allow(dead_code))]
+pub struct ErrorScope<'a> {
+    ctx: &'a GpuContext,
+    /// Innermost last.
+    guards: Vec<wgpu::ErrorScopeGuard>,
+}
+
+impl ErrorScope<'_> {
+    /// Pop the scopes (innermost first) and return what they caught, as
+    /// `Error::Gpu` naming `op`. Natively the answer is immediate. In the
+    /// browser it comes later: it is kept by this handle and reported by
+    /// its next `check_errors` (every object of the page calls it when its
+    /// operation's results are read back).
+    pub fn finish(mut self, op: &str) -> Result<()> {
+        let answers: Vec<_> = std::mem::take(&mut self.guards)
+            .into_iter()
+            .rev()
+            .map(|g| g.pop())
+            .collect();
+        #[cfg(not(target_arch = "wasm32"))]
+        {
+            let msgs: Vec<String> = answers
+                .into_iter()
+                .filter_map(pollster::block_on)
+                .map(|e| e.to_string())
+                .collect();
+            if msgs.is_empty() {
+                Ok(())
+            } else {
+                Err(Error::Gpu {
+                    op: op.into(),
+                    msg: msgs.join("; "),
+                })
+            }
+        }
+        #[cfg(target_arch = "wasm32")]
+        {
+            for answer in answers {
+                let sink = self.ctx.deferred.clone();
+                let op = op.to_string();
+                wasm_bindgen_futures::spawn_local(async move {
+                    if let Some(e) = answer.await {
+                        if let Ok(mut v) = sink.lock() {
+                            v.push(format!("{op}: {e}"));
+                        }
+                    }
+                });
+            }
+            Ok(())
+        }
+    }
+}
+
+impl Drop for ErrorScope<'_> {
+    /// An unfinished scope (an early return) still pops in order.
+    fn drop(&mut self) {
+        while let Some(g) = self.guards.pop() {
+            drop(g.pop());
+        }
+    }
 }
 
 impl fmt::Debug for GpuContext {
@@ -305,8 +402,8 @@ impl GpuContext {
                 adapter: info.name.clone(),
                 msg: e.to_string(),
             })?;
-        let errors = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
-        let sink = errors.clone();
+        let uncaptured: ErrorList = Default::default();
+        let sink = uncaptured.clone();
         device.on_uncaptured_error(std::sync::Arc::new(move |e: wgpu::Error| {
             if let Ok(mut v) = sink.lock() {
                 v.push(e.to_string());
@@ -328,19 +425,99 @@ impl GpuContext {
             .ok()
             .and_then(|v| v.trim().parse::<u64>().ok())
             .filter(|&b| b >= 1024);
+        #[cfg(not(target_arch = "wasm32"))]
+        let disk_cache = disk_cache::DiskCache::open(&device, &info).map(std::sync::Arc::new);
         Ok(GpuContext {
-            device,
             queue,
             info,
             features,
             limits,
-            pipelines: PipelineCache::default(),
-            errors,
+            pipelines: Default::default(),
+            uncaptured,
+            deferred: Default::default(),
             lost,
-            split_bytes: std::sync::atomic::AtomicU64::new(
+            split_bytes: std::sync::Arc::new(std::sync::atomic::AtomicU64::new(
                 asked.map_or(binding, |a| a.min(binding)),
-            ),
+            )),
+            #[cfg(not(target_arch = "wasm32"))]
+            disk_cache,
+            long_running: Default::default(),
+            device,
         })
+    }
+
+    /// Another handle on the same device, for another object (the page's
+    /// generator and trainer): the same queue, pipelines and limits, but
+    /// its own GPU errors, so an error in one object's work is reported by
+    /// that object and never cleared or taken by another.
+    pub fn handle(&self) -> GpuContext {
+        GpuContext {
+            device: self.device.clone(),
+            queue: self.queue.clone(),
+            info: self.info.clone(),
+            features: self.features,
+            limits: self.limits.clone(),
+            pipelines: self.pipelines.clone(),
+            uncaptured: self.uncaptured.clone(),
+            deferred: Default::default(),
+            lost: self.lost.clone(),
+            split_bytes: self.split_bytes.clone(),
+            #[cfg(not(target_arch = "wasm32"))]
+            disk_cache: self.disk_cache.clone(),
+            long_running: self.long_running.clone(),
+        }
+    }
+
+    /// Choose kernels for a long run from now on (training, `bench
+    /// kernels`): those that run fastest even where they take longest to
+    /// compile (lavapipe's subgroup GEMM cores, see
+    /// `kernels::matmul::subgroup_cores_pay`). By default a device favours
+    /// kernels that compile fast: the wait for a first token.
+    pub fn set_long_running(&self, long: bool) {
+        self.long_running
+            .store(long, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    pub fn long_running(&self) -> bool {
+        self.long_running.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// The pipeline cache pipelines are built with, if any.
+    pub(crate) fn driver_cache(&self) -> Option<&wgpu::PipelineCache> {
+        #[cfg(not(target_arch = "wasm32"))]
+        return self.disk_cache.as_ref().map(|c| &c.cache);
+        #[cfg(target_arch = "wasm32")]
+        None
+    }
+
+    /// A pipeline was built with `driver_cache`.
+    pub(crate) fn driver_cache_grew(&self) {
+        #[cfg(not(target_arch = "wasm32"))]
+        if let Some(c) = &self.disk_cache {
+            c.mark_dirty();
+        }
+    }
+
+    /// Bytes of compiled pipelines this device started with from disk (0:
+    /// none, or no pipeline cache on this adapter).
+    pub fn pipeline_cache_loaded_bytes(&self) -> usize {
+        #[cfg(not(target_arch = "wasm32"))]
+        return self.disk_cache.as_ref().map_or(0, |c| c.loaded_bytes);
+        #[cfg(target_arch = "wasm32")]
+        0
+    }
+
+    /// Write the pipeline cache now (it is written anyway when the last
+    /// handle of the device goes).
+    pub fn save_pipeline_cache(&self) -> Result<()> {
+        #[cfg(not(target_arch = "wasm32"))]
+        if let Some(c) = &self.disk_cache {
+            c.save().map_err(|e| Error::Gpu {
+                op: "saving the pipeline cache".into(),
+                msg: e.to_string(),
+            })?;
+        }
+        Ok(())
     }
 
     /// The first adapter matching `filter`.
@@ -437,11 +614,40 @@ impl GpuContext {
         self.pipelines.built()
     }
 
-    /// Forget errors collected so far (before an operation whose errors we want).
-    pub fn capture_errors(&self) {
-        if let Ok(mut v) = self.errors.lock() {
-            v.clear();
+    /// Where the pipeline builds on this device spent their time so far.
+    pub fn pipeline_build_times(&self) -> BuildTimes {
+        self.pipelines.times()
+    }
+
+    /// Open error scopes around the calls that follow (see `ErrorScope`).
+    pub fn error_scope(&self) -> ErrorScope<'_> {
+        ErrorScope {
+            ctx: self,
+            guards: SCOPE_FILTERS
+                .iter()
+                .map(|&f| self.device.push_error_scope(f))
+                .collect(),
         }
+    }
+
+    /// Run `f` inside error scopes: its own error first, else what the GPU
+    /// reported of its calls (`op` names them).
+    pub fn scoped<T>(&self, op: &str, f: impl FnOnce() -> Result<T>) -> Result<T> {
+        let scope = self.error_scope();
+        let r = f();
+        let gpu = scope.finish(op);
+        let v = r?;
+        gpu?;
+        Ok(v)
+    }
+
+    /// Finish and submit `encoder`, its errors caught as `op`'s (a command
+    /// encoder's recording errors surface when it is finished).
+    pub fn submit(&self, op: &str, encoder: wgpu::CommandEncoder) -> Result<()> {
+        self.scoped(op, || {
+            self.queue.submit(Some(encoder.finish()));
+            Ok(())
+        })
     }
 
     /// Why the device was lost, if it was.
@@ -449,8 +655,9 @@ impl GpuContext {
         self.lost.lock().ok().and_then(|l| l.clone())
     }
 
-    /// Turn errors wgpu reported since `capture_errors` into `Error::Gpu`
-    /// (a lost device is one too).
+    /// Turn what is pending into `Error::Gpu`: a lost device, this handle's
+    /// scoped errors that answered late (the browser), errors caught outside
+    /// every scope. Objects call it when an operation's results are read.
     pub fn check_errors(&self, op: &str) -> Result<()> {
         if let Some(why) = self.lost() {
             return Err(Error::Gpu {
@@ -458,21 +665,26 @@ impl GpuContext {
                 msg: format!("the GPU device was lost ({why})"),
             });
         }
-        let mut v = self.errors.lock().map_err(|_| Error::Gpu {
-            op: op.into(),
-            msg: "error sink poisoned".into(),
-        })?;
-        if v.is_empty() {
+        let mut msgs = Vec::new();
+        for list in [&self.deferred, &self.uncaptured] {
+            let mut v = list.lock().map_err(|_| Error::Gpu {
+                op: op.into(),
+                msg: "error list poisoned".into(),
+            })?;
+            msgs.append(&mut v);
+        }
+        if msgs.is_empty() {
             return Ok(());
         }
-        let msg = v.join("; ");
-        v.clear();
-        Err(Error::Gpu { op: op.into(), msg })
+        Err(Error::Gpu {
+            op: op.into(),
+            msg: msgs.join("; "),
+        })
     }
 
     /// Submit `encoder` and, natively, wait until the GPU is done.
     pub fn submit_and_wait(&self, encoder: wgpu::CommandEncoder) -> Result<()> {
-        self.queue.submit(Some(encoder.finish()));
+        self.submit("submit", encoder)?;
         self.wait()?;
         self.check_errors("submit")
     }
@@ -483,7 +695,10 @@ impl GpuContext {
     /// hold twice its size in host memory at its peak. In the browser the
     /// GPU process owns that memory: a submit is all it takes.
     pub fn flush_uploads(&self) -> Result<()> {
-        self.queue.submit(std::iter::empty());
+        self.scoped("upload", || {
+            self.queue.submit(std::iter::empty());
+            Ok(())
+        })?;
         self.wait()?;
         self.check_errors("upload")
     }

@@ -207,6 +207,38 @@ pub trait KernelKey: Hash + Eq + Clone + Send + Sync + Debug + 'static {
 pub(crate) struct PipelineCache {
     maps: Mutex<HashMap<TypeId, Box<dyn Any + Send + Sync>>>,
     built: std::sync::atomic::AtomicUsize,
+    times: Mutex<BuildTimes>,
+}
+
+/// Where pipeline builds spent their time, summed over the builds so far:
+/// what the time to a first token is made of (`bench infer` reports it).
+#[derive(Clone, Copy, Debug, Default, PartialEq, serde::Serialize)]
+pub struct BuildTimes {
+    /// Pipelines built.
+    pub pipelines: usize,
+    /// amoe's own naga parse and validation of the WGSL.
+    pub naga_s: f64,
+    /// `create_shader_module`: wgpu parses and validates the WGSL again and
+    /// translates it (SPIR-V, MSL, HLSL or GLSL).
+    pub module_s: f64,
+    /// `create_compute_pipeline`: the driver compiles the shader.
+    pub driver_s: f64,
+}
+
+impl BuildTimes {
+    /// What was spent between `earlier` and `self`.
+    pub fn since(&self, earlier: &BuildTimes) -> BuildTimes {
+        BuildTimes {
+            pipelines: self.pipelines - earlier.pipelines,
+            naga_s: self.naga_s - earlier.naga_s,
+            module_s: self.module_s - earlier.module_s,
+            driver_s: self.driver_s - earlier.driver_s,
+        }
+    }
+
+    pub fn total_s(&self) -> f64 {
+        self.naga_s + self.module_s + self.driver_s
+    }
 }
 
 /// naga capabilities matching the device's enabled features.
@@ -226,6 +258,10 @@ impl PipelineCache {
     /// Pipelines built so far (of every key type).
     pub(crate) fn built(&self) -> usize {
         self.built.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    pub(crate) fn times(&self) -> BuildTimes {
+        self.times.lock().map(|t| *t).unwrap_or_default()
     }
 
     pub(crate) fn get_or_build<K: KernelKey>(
@@ -249,7 +285,7 @@ impl PipelineCache {
             return Ok(p.clone());
         }
         let def = kernel.def();
-        let p = Arc::new(build(ctx, &def)?);
+        let p = Arc::new(build(ctx, &def, &self.times)?);
         map.insert(kernel.clone(), p.clone());
         self.built
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -257,7 +293,8 @@ impl PipelineCache {
     }
 }
 
-fn build(ctx: &GpuContext, def: &KernelDef) -> Result<Pipeline> {
+fn build(ctx: &GpuContext, def: &KernelDef, times: &Mutex<BuildTimes>) -> Result<Pipeline> {
+    let sw = crate::util::Stopwatch::start();
     if def
         .bindings
         .iter()
@@ -272,6 +309,7 @@ fn build(ctx: &GpuContext, def: &KernelDef) -> Result<Pipeline> {
         });
     }
     def.validate(naga_capabilities(ctx.features))?;
+    let naga_s = sw.seconds();
     let entries: Vec<wgpu::BindGroupLayoutEntry> = def
         .bindings
         .iter()
@@ -292,7 +330,7 @@ fn build(ctx: &GpuContext, def: &KernelDef) -> Result<Pipeline> {
         })
         .collect();
     let label = Some(def.name.as_str());
-    ctx.capture_errors();
+    let scope = ctx.error_scope();
     let layout = ctx
         .device
         .create_bind_group_layout(&wgpu::BindGroupLayoutDescriptor {
@@ -312,6 +350,7 @@ fn build(ctx: &GpuContext, def: &KernelDef) -> Result<Pipeline> {
             label,
             source: wgpu::ShaderSource::Wgsl(def.source.as_str().into()),
         });
+    let module_s = sw.seconds() - naga_s;
     let pipeline = ctx
         .device
         .create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
@@ -320,9 +359,17 @@ fn build(ctx: &GpuContext, def: &KernelDef) -> Result<Pipeline> {
             module: &module,
             entry_point: Some(def.entry),
             compilation_options: Default::default(),
-            cache: None,
+            cache: ctx.driver_cache(),
         });
-    ctx.check_errors(&format!("building kernel {}", def.name))
+    ctx.driver_cache_grew();
+    if let Ok(mut t) = times.lock() {
+        t.pipelines += 1;
+        t.naga_s += naga_s;
+        t.module_s += module_s;
+        t.driver_s += sw.seconds() - naga_s - module_s;
+    }
+    scope
+        .finish(&format!("building kernel {}", def.name))
         .map_err(|e| Error::Kernel {
             kernel: def.name.clone(),
             msg: e.to_string(),

@@ -143,7 +143,7 @@ impl Pass {
             (t - rows) as u64 * row_bytes,
             rows as u64 * row_bytes,
         );
-        ctx.queue.submit(Some(enc.finish()));
+        ctx.submit("infer_step", enc)?;
         let words = rb.read(ctx).await?;
         ctx.check_errors("infer_step")?;
         let mut routes = vec![Vec::with_capacity(self.routes.len()); t];

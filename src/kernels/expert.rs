@@ -9,7 +9,7 @@
 //! Both GEMMs run the dense matmul's GEMM core (`kernels::matmul`), with the
 //! same specializations; the row tile of the core is the routing `tile_m`.
 
-use super::matmul::{gemm_core, subgroups_of_8, wgsl_select, MatmulSpec, MatmulVariant};
+use super::matmul::{gemm_core, subgroup_cores_pay, wgsl_select, MatmulSpec, MatmulVariant};
 use super::{Activation, Kernel, ParamsLayout, RoutingLayout};
 use crate::error::{Error, Result};
 use crate::gpu::{uniform, Binding, Dispatch, GpuContext, Grid, KernelDef, Tensor, WeightRef};
@@ -164,7 +164,7 @@ impl ExpertSpec {
         let rows_per_expert = shape.t * shape.k / shape.e.max(1);
         let core = if !cpu {
             MatmulSpec::TILED
-        } else if subgroups_of_8(ctx) {
+        } else if subgroup_cores_pay(ctx) {
             if rows_per_expert >= 48 {
                 MatmulSpec::SUBGROUP_SQUARE
             } else {

@@ -1095,7 +1095,7 @@ impl TrainStep {
             self.record(&mut pass, complexity);
         }
         self.readback.record(&mut enc, complexity);
-        ctx.queue.submit(Some(enc.finish()));
+        ctx.submit("train_step", enc)?;
         let words = self.readback.rb.read(ctx).await?;
         ctx.check_errors("train_step")?;
         let (b, t) = self.batch();
@@ -1249,7 +1249,7 @@ impl EvalStep {
                 self.readback.record(&mut enc, part);
             }
         }
-        ctx.queue.submit(Some(enc.finish()));
+        ctx.submit("eval_step", enc)?;
         let words = self.readback.read(ctx).await?;
         ctx.check_errors("eval_step")?;
         Ok(EvalOut {

@@ -284,6 +284,9 @@ async function conformance(page) {
   if (rep) rep.seconds = (Date.now() - started) / 1000;
   const rows = await page.$$eval("#conf-table tbody tr", (trs) => trs.length);
   const failed = rep ? rep.report.kernels.filter((k) => !k.pass) : [];
+  const unnamed = rep ? rep.report.not_applicable.filter((w) => /browser\/ has/.test(w)) : [];
+  check("(b) the conformance report names the adapter where a case does not apply", rep && unnamed.length === 0,
+    unnamed.slice(0, 2).join("; "));
   check(
     "(b) in-browser conformance passes",
     rep && rep.pass && failed.length === 0 && rows === rep.report.kernels.length && rows > 100,
@@ -343,8 +346,9 @@ async function hfFolder(page) {
     .filter((n) => n !== "expected.json");
   await page.setInputFiles("#ckpt-files", files.map((n) => path.join(dir, n)));
   await page.waitForFunction(
-    () => /qwen2_moe/.test(document.getElementById("model-info").textContent) ||
-      !document.getElementById("model-error").hidden,
+    () => document.getElementById("model-info").dataset.state !== "loading" &&
+      (/qwen2_moe/.test(document.getElementById("model-info").textContent) ||
+        !document.getElementById("model-error").hidden),
     null,
     { timeout: 300_000 },
   );
@@ -397,8 +401,9 @@ async function hfFolder(page) {
   const gexp = JSON.parse(fs.readFileSync(gguf.replace(/\.gguf$/, ".expected.json"), "utf8"));
   await page.setInputFiles("#ckpt-files", gguf);
   await page.waitForFunction(
-    () => /olmoe-q4_0/.test(document.getElementById("model-info").textContent) ||
-      !document.getElementById("model-error").hidden,
+    () => document.getElementById("model-info").dataset.state !== "loading" &&
+      (/olmoe-q4_0/.test(document.getElementById("model-info").textContent) ||
+        !document.getElementById("model-error").hidden),
     null,
     { timeout: 300_000 },
   );
@@ -434,7 +439,8 @@ async function hfFolder(page) {
     "#ckpt-files",
     ["config.json", "tokenizer.json", "model.safetensors", "state.json"].map((n) => path.join(demo, n)),
   );
-  await page.waitForFunction(() => !/olmoe-q4_0/.test(document.getElementById("model-info").textContent),
+  await page.waitForFunction(() => document.getElementById("model-info").dataset.state !== "loading" &&
+      !/olmoe-q4_0/.test(document.getElementById("model-info").textContent),
     null, { timeout: 300_000 });
   check("(e) the demo loads again after the Hugging Face model", (await page.textContent("#model-error")) === "");
 }
@@ -523,8 +529,18 @@ async function main() {
     numbers.browser_adapter = adapter;
     check("the page starts on a WebGPU adapter and loads the demo checkpoint", state === "ready", `${adapter}; state ${state}`);
     if (state !== "ready") throw new Error("the page did not start");
+    const gsel = await page.inputValue("#gating");
+    const hint = await page.textContent("#gating-hint");
+    check("the demo generates with adaptive gating by default, and the page says what that does",
+      gsel === "adaptive" && /only where the router\s+is unsure/.test(hint), `${gsel}: ${hint}`);
 
     const a1 = await compareGeneration(page, null, true);
+    await page.hover("#output .tok:not(.prompt)");
+    const tip = await page.evaluate(() => {
+      const t = document.getElementById("tok-tip");
+      return t.hidden ? null : t.textContent;
+    });
+    check("hovering a token shows its experts and weights at once", tip && /layer \d+: expert \d+ \(/.test(tip), String(tip));
     await page.screenshot({ path: path.join(outDir, "generate.png"), fullPage: true });
     const a2 = await compareGeneration(page, "adaptive", false);
     numbers.logits_max_abs_diff = Math.max(a1 ? a1.maxAbs : NaN, a2 ? a2.maxAbs : NaN);

@@ -35,38 +35,71 @@ fn contexts() -> &'static [GpuContext] {
     })
 }
 
-/// Run `body` on every adapter. Returns how many adapters ran it.
+/// The lock of adapter `i`: one test body at a time on each adapter.
 ///
-/// GPU bodies of one test binary run one at a time: wgpu's GL backend gives
-/// up on its context lock after a few seconds (a panic, not an error), and a
-/// concurrent test compiling a large shader on llvmpipe can hold it longer.
+/// wgpu's GL backend gives up on its context lock after a few seconds (a
+/// panic, not an error), and a concurrent test compiling a large shader on
+/// llvmpipe can hold it longer; and tests that count the pipelines a step
+/// builds need the context to themselves. Bodies on different adapters
+/// (lavapipe and llvmpipe) run at once: two test threads keep both cores
+/// busy where one adapter's work leaves one idle (a pipeline compile is
+/// single-threaded).
+fn adapter_lock(i: usize) -> std::sync::MutexGuard<'static, ()> {
+    static LOCKS: OnceLock<Vec<std::sync::Mutex<()>>> = OnceLock::new();
+    let locks = LOCKS.get_or_init(|| (0..contexts().len()).map(|_| Default::default()).collect());
+    // A failed test poisons its lock; the next one may still run.
+    locks[i].lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Run `body` on every adapter, one after the other. Returns how many
+/// adapters ran it.
 pub fn for_each_adapter(mut body: impl FnMut(&GpuContext)) -> usize {
-    static GPU: std::sync::Mutex<()> = std::sync::Mutex::new(());
-    // A failed test poisons the lock; the next one may still run.
-    let _guard = GPU.lock().unwrap_or_else(|e| e.into_inner());
     let ctxs = contexts();
     if ctxs.is_empty() {
         eprintln!("no GPU adapter: GPU test skipped (set CI=true to make this a failure)");
     }
-    for ctx in ctxs {
+    for (i, ctx) in ctxs.iter().enumerate() {
+        let _guard = adapter_lock(i);
         eprintln!("-- on {}", ctx.adapter_label());
         body(ctx);
     }
     ctxs.len()
 }
 
+/// Run `body` on every adapter at once, a thread each (for a test whose
+/// adapters' runs are independent and long). A panic on one fails the
+/// test once all have finished. Returns how many adapters ran it.
+pub fn for_each_adapter_at_once(body: impl Fn(&GpuContext) + Sync) -> usize {
+    let ctxs = contexts();
+    if ctxs.is_empty() {
+        eprintln!("no GPU adapter: GPU test skipped (set CI=true to make this a failure)");
+    }
+    std::thread::scope(|s| {
+        for (i, ctx) in ctxs.iter().enumerate() {
+            let body = &body;
+            s.spawn(move || {
+                let _guard = adapter_lock(i);
+                eprintln!("-- on {}", ctx.adapter_label());
+                body(ctx);
+            });
+        }
+    });
+    ctxs.len()
+}
+
 /// `body` on the first adapter only: for model-level tests whose kernels
 /// the conformance cases already check on every adapter, where a second
 /// (slow, llvmpipe GL) run would prove nothing more.
-pub fn on_first_adapter(mut body: impl FnMut(&GpuContext)) -> usize {
-    let mut ran = false;
-    for_each_adapter(|ctx| {
-        if !ran {
-            ran = true;
-            body(ctx);
-        }
-    })
-    .min(1)
+pub fn on_first_adapter(body: impl FnOnce(&GpuContext)) -> usize {
+    let ctxs = contexts();
+    let Some(ctx) = ctxs.first() else {
+        eprintln!("no GPU adapter: GPU test skipped (set CI=true to make this a failure)");
+        return 0;
+    };
+    let _guard = adapter_lock(0);
+    eprintln!("-- on {}", ctx.adapter_label());
+    body(ctx);
+    1
 }
 
 /// Run every conformance case of `family` on every adapter and fail with a
@@ -77,7 +110,8 @@ pub fn conformance_family(family: &str) {
         !cases.is_empty(),
         "family {family} has no conformance cases"
     );
-    for_each_adapter(|ctx| {
+    // The adapters' runs are independent: both at once.
+    for_each_adapter_at_once(|ctx| {
         let report = pollster::block_on(amoe::conformance::run_cases(ctx, &cases, |_| {}));
         let bad: Vec<String> = report
             .kernels
