@@ -7,6 +7,9 @@
 //! None of these cases reaches a GPU kernel: each is refused (or recovered)
 //! before, in well under a second.
 
+// The cases use mkfifo and /dev/full.
+#![cfg(target_os = "linux")]
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 

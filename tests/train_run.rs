@@ -12,11 +12,9 @@ use amoe::Error;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
 
-fn tmp(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("amoe-train-run-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
+/// A scratch directory, removed when the test ends (passed or failed).
+fn tmp(name: &str) -> common::Scratch {
+    common::Scratch::new("amoe-train-run", name)
 }
 
 fn text_file(dir: &Path) -> PathBuf {
