@@ -1111,6 +1111,33 @@ fn train_refuses_an_occupied_run_directory() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// A tiny model on the sonnets for runs that a signal ends (D 32, 1 layer,
+/// 2 experts, context 16, batch 2; no evaluation).
+const LONG_TINY_RUN: [&str; 22] = [
+    "--d",
+    "32",
+    "--layers",
+    "1",
+    "--heads",
+    "2",
+    "--experts",
+    "2",
+    "--ffn",
+    "32",
+    "--context",
+    "16",
+    "--batch",
+    "2",
+    "--vocab",
+    "300",
+    "--data",
+    "web/assets/sonnets.txt",
+    "--eval-batches",
+    "1",
+    "--eval-every",
+    "100000",
+];
+
 /// SIGTERM (what a scheduler or `kill` sends) saves and stops a run as
 /// Ctrl-C does: a checkpoint that loads, status 130.
 #[cfg(target_os = "linux")]
@@ -1120,34 +1147,9 @@ fn sigterm_saves_and_stops_a_run() {
     let dir = std::env::temp_dir().join(format!("amoe_sigterm_{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     let child = Command::new(bin)
-        .args([
-            "train",
-            "--steps",
-            "100000",
-            "--d",
-            "32",
-            "--layers",
-            "1",
-            "--heads",
-            "2",
-            "--experts",
-            "2",
-            "--ffn",
-            "32",
-            "--context",
-            "16",
-            "--batch",
-            "2",
-            "--vocab",
-            "300",
-            "--data",
-            "web/assets/sonnets.txt",
-            "--eval-batches",
-            "1",
-            "--eval-every",
-            "100000",
-            "--out",
-        ])
+        .args(["train", "--steps", "100000"])
+        .args(LONG_TINY_RUN)
+        .arg("--out")
         .arg(&dir)
         .current_dir(env!("CARGO_MANIFEST_DIR"))
         .stdout(std::process::Stdio::null())
@@ -1190,34 +1192,11 @@ fn sigkill_at_random_moments_never_leaves_a_run_that_does_not_load() {
     let dir = std::env::temp_dir().join(format!("amoe_sigkill_{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     let d = dir.to_str().unwrap().to_string();
-    let model = [
-        "--d",
-        "32",
-        "--layers",
-        "1",
-        "--heads",
-        "2",
-        "--experts",
-        "2",
-        "--ffn",
-        "32",
-        "--context",
-        "16",
-        "--batch",
-        "2",
-        "--vocab",
-        "300",
-        "--data",
-        "web/assets/sonnets.txt",
-        "--eval-batches",
-        "1",
-        "--eval-every",
-        "100000",
-        "--checkpoint-every",
-        "1",
-        "--backend",
-        "gl",
-    ];
+    let model: Vec<&str> = LONG_TINY_RUN
+        .iter()
+        .copied()
+        .chain(["--checkpoint-every", "1", "--backend", "gl"])
+        .collect();
     let mut state = 0x2545_f491_4f6c_dd1du64;
     let mut next = move || {
         state ^= state << 13;
@@ -1232,7 +1211,7 @@ fn sigkill_at_random_moments_never_leaves_a_run_that_does_not_load() {
         let mut cmd = Command::new(bin);
         if kills == 0 {
             cmd.args(["train", "--steps", "100000"])
-                .args(model)
+                .args(&model)
                 .args(["--out", &d]);
         } else {
             cmd.args([
