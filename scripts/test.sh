@@ -41,8 +41,21 @@ rustup component list --installed 2>/dev/null | grep -q rustfmt || rustup compon
 # Mesa warns about this without a display session; harmless, keep logs clean.
 export XDG_RUNTIME_DIR="${XDG_RUNTIME_DIR:-$(mktemp -d)}"
 
+# Data-parallel training (`amoe train --distributed`, cargo feature `mpi`) is
+# built and tested with Open MPI; building the `mpi` crate needs libclang.
+features=()
+if [[ "$(uname -s)" == Linux ]]; then
+    if ! command -v mpirun >/dev/null || ! command -v mpicc >/dev/null || ! ldconfig -p 2>/dev/null | grep -q libclang; then
+        log "installing Open MPI and libclang (the mpi feature)"
+        apt_install openmpi-bin libopenmpi-dev libclang-dev
+    fi
+    features=(--features mpi)
+    # mpirun refuses root without these (a CI container runs as root).
+    export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
+fi
+
 log "build"
-cargo build --locked --all-targets
+cargo build --locked --all-targets "${features[@]}"
 
 # Which backends does wgpu see? Install Mesa's software drivers for the ones missing.
 backends() { ./target/debug/amoe devices --json 2>/dev/null | grep -o '"backend": *"[a-z0-9]*"' | sed 's/.*"\([a-z0-9]*\)"$/\1/' | sort -u | tr '\n' ' '; }
@@ -69,14 +82,18 @@ export AMOE_REQUIRE_ADAPTERS=1
 log "fmt"
 cargo fmt --all -- --check
 log "clippy"
-cargo clippy --locked --all-targets -- -D warnings
+cargo clippy --locked --all-targets "${features[@]}" -- -D warnings
+if [ ${#features[@]} -gt 0 ]; then
+    # The binary without MPI (what `cargo build` gives a user).
+    cargo clippy --locked --bin amoe -- -D warnings
+fi
 log "clippy (wasm32: the browser build)"
 if ! rustup target list --installed 2>/dev/null | grep -qx wasm32-unknown-unknown; then
     rustup target add wasm32-unknown-unknown
 fi
 cargo clippy --locked --lib --target wasm32-unknown-unknown -- -D warnings
 log "tests (adapters required: ${AMOE_REQUIRE_BACKENDS:-any})"
-cargo test --locked -- --test-threads="${AMOE_TEST_THREADS:-2}"
+cargo test --locked "${features[@]}" -- --test-threads="${AMOE_TEST_THREADS:-2}"
 
 log "browser test"
 if [ -n "${AMOE_SKIP_BROWSER:-}" ]; then

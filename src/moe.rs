@@ -588,6 +588,16 @@ impl MoeTrainPlan {
         self.backward.record(pass);
     }
 
+    /// The gate statistics alone (see `MoeBackward::record_stats`).
+    pub fn record_gate_stats(&self, pass: &mut wgpu::ComputePass<'_>) {
+        self.backward.record_stats(pass);
+    }
+
+    /// The backward past the gate statistics.
+    pub fn record_backward_after_stats(&self, pass: &mut wgpu::ComputePass<'_>) {
+        self.backward.record_after_stats(pass);
+    }
+
     /// stats [2E + 2] of the last backward: first-choice fractions, mean
     /// probabilities, the load-balancing and z losses.
     pub fn stats(&self) -> &Tensor<f32> {

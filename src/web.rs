@@ -201,7 +201,7 @@ impl Gpu {
             )
             .await
             .map_err(js)?;
-            ctx.check_errors("the benchmark").map_err(js)?;
+            ctx.settled_errors("the benchmark").await.map_err(js)?;
             Ok(JsValue::from_str(&json(&crate::bench::InferBench {
                 adapter,
                 ..r
@@ -605,7 +605,7 @@ impl Generator {
             if st.engine.cfg.context > n {
                 st.engine.decode(&ctx, eot).await.map_err(js)?;
             }
-            ctx.check_errors("warm-up").map_err(js)?;
+            ctx.settled_errors("warm-up").await.map_err(js)?;
             Ok(JsValue::UNDEFINED)
         })
     }
@@ -666,7 +666,7 @@ impl Generator {
                 })
                 .await
                 .map_err(js)?;
-            ctx.check_errors("generate").map_err(js)?;
+            ctx.settled_errors("generate").await.map_err(js)?;
             let prompt_text: Vec<String> = ids
                 .iter()
                 .map(|&i| st.ck.tokenizer.decode(&[i]).unwrap_or_default())
@@ -733,7 +733,7 @@ impl Generator {
                     logits = st.engine.decode(&ctx, id).await.map_err(js)?.logits;
                 }
             }
-            ctx.check_errors("score").map_err(js)?;
+            ctx.settled_errors("score").await.map_err(js)?;
             Ok(js_sys::Float32Array::from(&out[..]).into())
         })
     }
@@ -789,7 +789,7 @@ impl Trainer {
         wasm_bindgen_futures::future_to_promise(async move {
             let mut s = session.try_borrow_mut().map_err(|_| busy("the trainer"))?;
             let m = s.step(&ctx).await.map_err(js)?;
-            ctx.check_errors("training step").map_err(js)?;
+            ctx.settled_errors("training step").await.map_err(js)?;
             Ok(JsValue::from_str(&json(&m)?))
         })
     }

@@ -97,6 +97,15 @@ fn cases() -> Vec<Case> {
             says: "z-loss coefficient -1",
         },
         Case {
+            input: "data-parallel training outside an MPI launcher",
+            shown: "amoe train --distributed",
+            args: |d| s(&["train", "--distributed", "--out", &at(d, "run")]),
+            setup: nothing,
+            stdout_full: false,
+            exit: 2,
+            says: "--distributed needs an MPI launcher",
+        },
+        Case {
             input: "a NaN clipping norm",
             shown: "amoe train --clip NaN",
             args: |d| s(&["train", "--clip", "NaN", "--out", &at(d, "run")]),

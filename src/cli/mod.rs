@@ -18,6 +18,7 @@ mod bench;
 mod calibrate;
 mod conformance;
 mod devices;
+mod distributed;
 mod eval;
 mod export;
 mod generate;

@@ -4,6 +4,7 @@ use super::args::{choice, on_off, AdapterArgs, ModelArgs};
 use super::context;
 use amoe::gpu::GpuContext;
 use amoe::kernels::{ExpertRule, GapMode, GateConfig, Gating, SingleWeight};
+use amoe::train::collective::Comm;
 use amoe::train::data::Domain;
 use amoe::train::trainer::{
     interrupt_flag, DataSource, Metric, Progress, Run, RunSummary, TrainConfig,
@@ -91,6 +92,11 @@ pub struct TrainArgs {
     /// with --steps the run is extended and the learning-rate schedule follows the new total).
     #[arg(long)]
     pub resume: Option<PathBuf>,
+    /// Save and stop once the run reaches this step, keeping the schedule
+    /// of --steps (a job with a time limit: --resume continues it, on any
+    /// number of ranks).
+    #[arg(long)]
+    pub stop_at: Option<u64>,
     /// Replace what a non-empty --out holds (without it, a directory that
     /// holds anything is refused: --resume continues a run).
     #[arg(long)]
@@ -98,6 +104,12 @@ pub struct TrainArgs {
     /// Print the summary as JSON.
     #[arg(long)]
     pub json: bool,
+    /// One rank of a data-parallel run under an MPI launcher
+    /// (`mpirun -np N amoe train --distributed ...`): each rank takes B / N
+    /// sequences of every global batch of --batch B; rank 0 writes --out.
+    /// Needs a build with the `mpi` feature.
+    #[arg(long)]
+    pub distributed: bool,
 }
 
 impl TrainArgs {
@@ -288,6 +300,20 @@ fn check_out(out: &Path, overwrite: bool) -> Result<()> {
     Ok(())
 }
 
+/// Whether process `pid` runs: it exists (Linux: in /proc) and has not
+/// ended (a zombie, ended but not yet reaped by its parent, e.g. an MPI
+/// rank whose launcher has gone, holds nothing).
+fn process_alive(pid: u32) -> bool {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return false;
+    };
+    // "pid (comm) S ...": the state follows the last ')'.
+    let state = stat
+        .rsplit_once(')')
+        .and_then(|(_, rest)| rest.split_whitespace().next());
+    !matches!(state, Some("Z") | Some("X"))
+}
+
 /// Hold `dir` for this run: a lock file with our pid, refused while a live
 /// process holds it (a stale one, of a process that is gone, is taken
 /// over). Released when dropped.
@@ -302,7 +328,7 @@ impl DirLock {
         let path = dir.join(LOCK_FILE);
         if let Ok(text) = std::fs::read_to_string(&path) {
             let pid: Option<u32> = text.trim().parse().ok();
-            let alive = pid.is_some_and(|p| Path::new(&format!("/proc/{p}")).exists());
+            let alive = pid.is_some_and(process_alive);
             if alive && pid != Some(std::process::id()) {
                 return Err(Error::invalid(
                     "train",
@@ -338,6 +364,8 @@ const RESUME_FLAGS: &[&str] = &[
     "checkpoint-every",
     "target-loss",
     "json",
+    "distributed",
+    "stop-at",
     "backend",
     "adapter",
 ];
@@ -381,6 +409,39 @@ fn check_resume_flags(given: &[String]) -> Result<()> {
 }
 
 pub fn run(adapter: &AdapterArgs, args: &TrainArgs) -> Result<ExitCode> {
+    if !args.distributed {
+        return run_on(adapter, args, None);
+    }
+    // Bad flags first, before the job's ranks wait on each other.
+    if args.resume.is_none() {
+        args.config()?;
+    }
+    let comm = super::distributed::join()?;
+    let rank = comm.rank();
+    match run_on(adapter, args, Some(comm)) {
+        Ok(code) => Ok(code),
+        Err(e) => {
+            // The other ranks would wait for this one forever: end the job.
+            eprintln!("error: rank {rank}: {e}");
+            super::distributed::abort(2)
+        }
+    }
+}
+
+fn run_on(adapter: &AdapterArgs, args: &TrainArgs, comm: Option<Comm>) -> Result<ExitCode> {
+    // Rank 0 of a data-parallel run writes the run directory; the others
+    // only read (the data, a checkpoint to resume).
+    let writer = comm.as_ref().is_none_or(|c| c.rank() == 0);
+    if !writer {
+        let ctx = context(adapter)?;
+        ctx.set_long_running(true);
+        let s = train(&ctx, args, comm)?;
+        return Ok(if s.interrupted {
+            ExitCode::from(130)
+        } else {
+            ExitCode::SUCCESS
+        });
+    }
     // A bad flag or an occupied --out is reported before any adapter or
     // data is touched.
     let dir = match &args.resume {
@@ -417,7 +478,7 @@ pub fn run(adapter: &AdapterArgs, args: &TrainArgs) -> Result<ExitCode> {
     // A run of many steps: the fastest kernels, even where they take longer
     // to compile (lavapipe's subgroup GEMM cores).
     ctx.set_long_running(true);
-    let s = train(&ctx, args)?;
+    let s = train(&ctx, args, comm)?;
     if args.json {
         outln!("{}", serde_json::to_string_pretty(&s)?)?;
     } else {
@@ -431,8 +492,28 @@ pub fn run(adapter: &AdapterArgs, args: &TrainArgs) -> Result<ExitCode> {
                 .map(|v| format!("{v:.4} (perplexity {:.2})", v.exp()))
                 .unwrap_or_else(|| "n/a".into()),
             experts_in_words(s.two_expert_fraction, s.max_experts),
-            if s.interrupted { ", interrupted" } else { "" }
+            if s.interrupted {
+                ", interrupted".to_string()
+            } else if s.paused {
+                format!(
+                    ", stopped at step {} (--stop-at; --resume continues)",
+                    s.steps
+                )
+            } else {
+                String::new()
+            }
         )?;
+        if let Some(d) = &s.data_parallel {
+            outln!(
+                "data parallel over {} ranks, per step: compute {:.3} s, all-reduce {:.3} s, write and update {:.3} s; {:.2} MB sent by rank 0 ({} gradient floats)",
+                d.ranks,
+                d.compute_s,
+                d.all_reduce_s,
+                d.write_update_s,
+                d.bytes_sent / 1e6,
+                d.grad_floats
+            )?;
+        }
         outln!(
             "run directory {}: metrics.jsonl, loss.svg, checkpoint/",
             s.out.display()
@@ -447,7 +528,8 @@ pub fn run(adapter: &AdapterArgs, args: &TrainArgs) -> Result<ExitCode> {
     })
 }
 
-fn train(ctx: &GpuContext, args: &TrainArgs) -> Result<RunSummary> {
+fn train(ctx: &GpuContext, args: &TrainArgs, comm: Option<Comm>) -> Result<RunSummary> {
+    let ranks = comm.as_ref().map(|c| (c.rank(), c.size()));
     let mut run = match &args.resume {
         Some(dir) => {
             // After a save interrupted between its renames, say which
@@ -466,7 +548,7 @@ fn train(ctx: &GpuContext, args: &TrainArgs) -> Result<RunSummary> {
                     );
                 }
             }
-            let mut run = Run::resume(ctx, dir, args.steps)?;
+            let mut run = Run::resume_on(ctx, dir, args.steps, comm)?;
             // What a resumed run may change (see RESUME_FLAGS).
             let c = &mut run.cfg;
             if let Some(v) = args.eval_every {
@@ -483,9 +565,25 @@ fn train(ctx: &GpuContext, args: &TrainArgs) -> Result<RunSummary> {
             }
             run
         }
-        None => Run::new(ctx, args.config()?, &args.out)?,
+        None => Run::new_on(ctx, args.config()?, &args.out, comm)?,
     };
+    run.pause_at = args.stop_at;
     let c = &run.cfg;
+    if let Some((rank, size)) = ranks {
+        eprintln!(
+            "rank {rank} of {size} on {}: {} sequences of each global batch of {}",
+            ctx.adapter_label(),
+            c.batch / size,
+            c.batch
+        );
+        if rank != 0 {
+            let stop = interrupt_flag();
+            let flag = stop.clone();
+            let _ = ctrlc::set_handler(move || flag.store(true, Ordering::SeqCst));
+            super::distributed::stop_watchdog(stop.clone(), rank);
+            return pollster::block_on(run.train(ctx, &mut amoe::train::trainer::Quiet, &stop));
+        }
+    }
     eprintln!(
         "amoe train on {}: {} params, {} layers (MoE in {:?}), {} positions{}, D={} E={} F={}, gating {}{}, B={} N={}, {} train / {} val sequences, vocab {}",
         ctx.adapter_label(),
@@ -531,6 +629,9 @@ fn train(ctx: &GpuContext, args: &TrainArgs) -> Result<RunSummary> {
     });
     if let Err(e) = handler {
         eprintln!("warning: Ctrl-C handler not installed ({e})");
+    }
+    if let Some((rank, _)) = ranks {
+        super::distributed::stop_watchdog(stop.clone(), rank);
     }
     let bar = ProgressBar::new(run.cfg.steps);
     bar.set_style(

@@ -418,6 +418,12 @@ impl ReadbackWords<'_> {
         self.u32s(id).iter().map(|&w| f32::from_bits(w)).collect()
     }
 
+    /// Replace part `id`'s words (the same count).
+    pub fn set_u32s(&mut self, id: PartId, v: &[u32]) {
+        let p = &self.rb.parts[id.0];
+        self.words[p.word..p.word + p.words].copy_from_slice(v);
+    }
+
     /// Word `i` of part `id` as f32.
     pub fn f32_at(&self, id: PartId, i: usize) -> f32 {
         f32::from_bits(self.u32s(id)[i])

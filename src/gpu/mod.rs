@@ -280,6 +280,10 @@ pub struct GpuContext {
     /// returned (in the browser, a popped scope answers with a promise):
     /// reported by this handle's next `check_errors`, never another's.
     deferred: ErrorList,
+    /// This handle's popped scopes whose answer has not come yet (the
+    /// browser): `settled_errors` waits for them.
+    #[cfg_attr(not(target_arch = "wasm32"), allow(dead_code))]
+    unanswered: std::sync::Arc<std::sync::atomic::AtomicUsize>,
     /// Why the device was lost, once it is (a driver reset, a browser tab
     /// whose GPU process restarted): every later call fails with it.
     lost: std::sync::Arc<std::sync::Mutex<Option<String>>>,
@@ -349,6 +353,8 @@ impl ErrorScope<'_> {
         {
             for answer in answers {
                 let sink = self.ctx.deferred.clone();
+                let unanswered = self.ctx.unanswered.clone();
+                unanswered.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                 let op = op.to_string();
                 wasm_bindgen_futures::spawn_local(async move {
                     if let Some(e) = answer.await {
@@ -356,6 +362,7 @@ impl ErrorScope<'_> {
                             v.push(format!("{op}: {e}"));
                         }
                     }
+                    unanswered.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
                 });
             }
             Ok(())
@@ -435,6 +442,7 @@ impl GpuContext {
             pipelines: Default::default(),
             uncaptured,
             deferred: Default::default(),
+            unanswered: Default::default(),
             lost,
             split_bytes: std::sync::Arc::new(std::sync::atomic::AtomicU64::new(
                 asked.map_or(binding, |a| a.min(binding)),
@@ -460,6 +468,7 @@ impl GpuContext {
             pipelines: self.pipelines.clone(),
             uncaptured: self.uncaptured.clone(),
             deferred: Default::default(),
+            unanswered: Default::default(),
             lost: self.lost.clone(),
             split_bytes: self.split_bytes.clone(),
             #[cfg(not(target_arch = "wasm32"))]
@@ -680,6 +689,23 @@ impl GpuContext {
             op: op.into(),
             msg: msgs.join("; "),
         })
+    }
+
+    /// `check_errors` once every scope this handle has popped has answered:
+    /// in the browser a scope's answer is a promise that may resolve after
+    /// the operation's readback (the event loop runs until they have come,
+    /// at most about 10 s); natively they answered at once.
+    pub async fn settled_errors(&self, op: &str) -> Result<()> {
+        #[cfg(target_arch = "wasm32")]
+        {
+            let start = web_time::Instant::now();
+            while self.unanswered.load(std::sync::atomic::Ordering::SeqCst) > 0
+                && start.elapsed().as_secs_f64() < 10.0
+            {
+                crate::web::yield_to_browser().await;
+            }
+        }
+        self.check_errors(op)
     }
 
     /// Submit `encoder` and, natively, wait until the GPU is done.

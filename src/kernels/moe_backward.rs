@@ -781,9 +781,21 @@ impl MoeBackward {
     /// Record the whole backward of the layer (the forward of the same plan
     /// must have been recorded before, in this or an earlier submit).
     pub fn record(&self, pass: &mut wgpu::ComputePass<'_>) {
+        self.record_stats(pass);
+        self.record_after_stats(pass);
+    }
+
+    /// `gate_stats` alone: f, P and the losses, from the forward's routing
+    /// only. Data-parallel training records it before the backward and
+    /// replaces f with the global batch's between the two submits.
+    pub fn record_stats(&self, pass: &mut wgpu::ComputePass<'_>) {
+        self.stats.record(pass);
+    }
+
+    /// The backward past `gate_stats` (its stats must be in place).
+    pub fn record_after_stats(&self, pass: &mut wgpu::ComputePass<'_>) {
         self.slots.record(pass);
         self.weights.record(pass);
-        self.stats.record(pass);
         self.gate.record(pass);
         self.gemm2.record(pass);
         self.gemm1.record(pass);

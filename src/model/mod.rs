@@ -16,5 +16,6 @@ pub use params::{
     QuantScope, Storage, StorageChoice,
 };
 pub use transformer::{
-    EvalOut, EvalStep, HostParams, Model, OptConfig, StepArgs, StepStats, TrainStep,
+    DataParallelTimes, EvalOut, EvalStep, HostParams, Model, OptConfig, StepArgs, StepStats,
+    TrainStep,
 };

@@ -808,6 +808,19 @@ impl StepReadback {
         moe_layers: &[usize],
         complexity: &Tensor<f32>,
     ) -> Result<StepReadback> {
+        Ok(Self::with_extra(ctx, fwd, clip, moe_layers, complexity, &[])?.0)
+    }
+
+    /// As `new`, with `extra` tensors read back after the rest (the
+    /// gradients of a data-parallel step): their parts, in order.
+    fn with_extra(
+        ctx: &GpuContext,
+        fwd: &Forward,
+        clip: &Tensor<f32>,
+        moe_layers: &[usize],
+        complexity: &Tensor<f32>,
+        extra: &[&Tensor<f32>],
+    ) -> Result<(StepReadback, Vec<PartId>)> {
         let mut layout = ReadbackLayout::new();
         let loss = layout.push_tensor(&fwd.loss_out);
         let clip = layout.push_tensor(clip);
@@ -826,13 +839,17 @@ impl StepReadback {
             });
         }
         let complexity = (!moe_layers.is_empty()).then(|| layout.push_tensor(complexity));
-        Ok(StepReadback {
-            rb: layout.build(ctx, "step readback")?,
-            loss,
-            clip,
-            moe,
-            complexity,
-        })
+        let extra = extra.iter().map(|t| layout.push_tensor(t)).collect();
+        Ok((
+            StepReadback {
+                rb: layout.build(ctx, "step readback")?,
+                loss,
+                clip,
+                moe,
+                complexity,
+            },
+            extra,
+        ))
     }
 
     fn record(&self, enc: &mut wgpu::CommandEncoder, complexity: bool) {
@@ -907,6 +924,43 @@ pub struct TrainStep {
     adamw: Vec<AdamW>,
     readback: StepReadback,
     vocab: usize,
+    /// What a data-parallel step adds (`enable_data_parallel`).
+    dp: Option<DataParallel>,
+}
+
+/// A data-parallel step's own buffers: the gate statistics' f of every MoE
+/// layer (read back after the forward), the step's readback with every
+/// gradient appended (one staging buffer), and one flat buffer that the
+/// summed gradients are written to at once and copied from into each
+/// gradient; the gradient norm's readback after the update.
+struct DataParallel {
+    f_rb: Readback,
+    /// Per MoE layer: its f part and E.
+    f_parts: Vec<(PartId, usize)>,
+    rb: StepReadback,
+    grad_parts: Vec<PartId>,
+    grad_in: Tensor<f32>,
+    clip_rb: Readback,
+    clip_part: PartId,
+    /// Per MoE layer: the gate statistics tensor whose f is replaced.
+    moe_layers: Vec<usize>,
+}
+
+/// Where the time of a data-parallel step went (seconds) and the bytes
+/// this rank sent: the benchmark's numbers.
+#[derive(Clone, Copy, Debug, Default, serde::Serialize)]
+pub struct DataParallelTimes {
+    /// Forward (and gate statistics) plus backward on the GPU, with their
+    /// readbacks.
+    pub compute_s: f64,
+    /// The f and the gradient all-reduces and the complexity gather.
+    pub all_reduce_s: f64,
+    /// Writing the summed gradients and the update (norm, clip, AdamW).
+    pub write_update_s: f64,
+    /// Floats of gradient in the flat buffer.
+    pub grad_floats: usize,
+    /// Bytes this rank sent in the step.
+    pub bytes_sent: u64,
 }
 
 impl TrainStep {
@@ -1026,7 +1080,43 @@ impl TrainStep {
             adamw,
             readback,
             vocab: cfg.vocab,
+            dp: None,
         })
+    }
+
+    /// Build what `step_data_parallel` needs (once, before the first step).
+    pub fn enable_data_parallel(&mut self, ctx: &GpuContext, model: &Model) -> Result<()> {
+        let moe_layers = model.cfg.moe_layers();
+        let mut f_layout = ReadbackLayout::new();
+        let mut f_parts = Vec::with_capacity(moe_layers.len());
+        for &l in &moe_layers {
+            let plan = self.fwd.graph.blocks[l].ffn.train()?;
+            let e = plan.fwd.logits.shape[1];
+            f_parts.push((f_layout.push(&plan.stats().buffer, 0, e as u64 * 4), e));
+        }
+        let grads: Vec<&Tensor<f32>> = self.grads.values().collect();
+        let (rb, grad_parts) = StepReadback::with_extra(
+            ctx,
+            &self.fwd,
+            &self.clip,
+            &moe_layers,
+            &self.complexity,
+            &grads,
+        )?;
+        let total: usize = grads.iter().map(|g| g.numel()).sum();
+        let mut clip_layout = ReadbackLayout::new();
+        let clip_part = clip_layout.push_tensor(&self.clip);
+        self.dp = Some(DataParallel {
+            f_rb: f_layout.build(ctx, "gate statistics readback")?,
+            f_parts,
+            rb,
+            grad_parts,
+            grad_in: Tensor::zeros(ctx, "summed gradients", &[total.max(1)])?,
+            clip_rb: clip_layout.build(ctx, "gradient norm readback")?,
+            clip_part,
+            moe_layers,
+        });
+        Ok(())
     }
 
     fn record(&self, pass: &mut wgpu::ComputePass<'_>, complexity: bool) {
@@ -1050,6 +1140,222 @@ impl TrainStep {
         }
     }
 
+    /// The batch, its token order and the step's learning rate.
+    fn upload(&self, ctx: &GpuContext, model: &Model, args: &StepArgs<'_>) -> Result<()> {
+        self.fwd.upload(ctx, &model.cfg, args.ids, args.targets)?;
+        let (offsets, order) = token_order(args.ids, self.vocab)?;
+        self.edge.emb_offsets.write(ctx, &offsets)?;
+        self.edge.emb_order.write(ctx, &order)?;
+        for a in &self.adamw {
+            a.set_step(ctx, args.lr, args.step)?;
+        }
+        Ok(())
+    }
+
+    /// One data-parallel step: this rank's shard of the global batch in
+    /// `args` (B / N sequences), the same update on every rank. Three
+    /// submits:
+    /// 1. the forward and each MoE layer's gate statistics; the first-choice
+    ///    fractions f are read back and averaged over the ranks, and the
+    ///    global f replaces the local one, so that the load-balancing
+    ///    gradient is the global batch's (its loss is not linear in the
+    ///    tokens);
+    /// 2. the backward; the step's readback and every gradient come back in
+    ///    one staging buffer and are summed over the ranks in one flat
+    ///    all-reduce (gradients, loss sum and count, mean probabilities), the
+    ///    routing counts in a second one (integers) and the curriculum's
+    ///    per-sequence complexity gathered;
+    /// 3. the mean gradients are written at once to one buffer and copied
+    ///    into each gradient; the gradient norm, the clip and AdamW run.
+    ///
+    /// Each rank's gradient is of its shard's mean loss; the mean over ranks
+    /// (equal shards) is the global batch's. Returns the global batch's
+    /// numbers, as `step` gives for a one-process run.
+    pub async fn step_data_parallel(
+        &self,
+        ctx: &GpuContext,
+        model: &Model,
+        args: &StepArgs<'_>,
+        comm: &crate::train::collective::Comm,
+        times: &mut DataParallelTimes,
+    ) -> Result<StepStats> {
+        let dp = self
+            .dp
+            .as_ref()
+            .ok_or_else(|| Error::invalid("train", "enable_data_parallel was not called"))?;
+        let ranks = comm.size();
+        let sent0 = comm.bytes_sent();
+        let complexity = args.complexity;
+        let clock = web_time::Instant::now();
+        self.upload(ctx, model, args)?;
+        let blocks = &self.fwd.graph.blocks;
+        let mut enc = encode(
+            ctx,
+            "train_step forward",
+            |enc| self.fwd.clear(enc),
+            |pass| {
+                self.fwd.record(pass);
+                if complexity {
+                    for c in &self.complexity_kernels {
+                        c.record(pass);
+                    }
+                }
+                for &l in &dp.moe_layers {
+                    blocks[l].ffn.train()?.record_gate_stats(pass);
+                }
+                Ok(())
+            },
+        )?;
+        dp.f_rb.record_all(&mut enc);
+        ctx.submit("train_step forward", enc)?;
+        let mut f: Vec<f32> = {
+            let w = dp.f_rb.read(ctx).await?;
+            dp.f_parts.iter().flat_map(|&(id, _)| w.f32s(id)).collect()
+        };
+        ctx.check_errors("train_step forward")?;
+        let mut compute_s = clock.elapsed().as_secs_f64();
+
+        let clock = web_time::Instant::now();
+        comm.sum(&mut f)?;
+        let inv = 1.0 / ranks as f32;
+        f.iter_mut().for_each(|x| *x *= inv);
+        let mut all_reduce_s = clock.elapsed().as_secs_f64();
+        let mut at = 0;
+        for (&l, &(_, e)) in dp.moe_layers.iter().zip(&dp.f_parts) {
+            let stats = blocks[l].ffn.train()?.stats();
+            ctx.queue
+                .write_buffer(&stats.buffer, 0, bytemuck::cast_slice(&f[at..at + e]));
+            at += e;
+        }
+
+        let clock = web_time::Instant::now();
+        let mut enc = encode(
+            ctx,
+            "train_step backward",
+            |_| {},
+            |pass| {
+                self.edge.record_head(pass);
+                for (blk, bb) in blocks.iter().zip(&self.back).rev() {
+                    if let Ok(plan) = blk.ffn.train() {
+                        plan.record_backward_after_stats(pass);
+                    }
+                    bb.record(pass);
+                }
+                self.edge.record_embedding(pass);
+                Ok(())
+            },
+        )?;
+        dp.rb.record(&mut enc, complexity);
+        for &g in &dp.grad_parts {
+            dp.rb.rb.record(&mut enc, g);
+        }
+        ctx.submit("train_step backward", enc)?;
+        let mut words = dp.rb.rb.read(ctx).await?;
+        ctx.check_errors("train_step backward")?;
+        compute_s += clock.elapsed().as_secs_f64();
+
+        // One flat all-reduce of the floats: the gradients, then the loss
+        // (sum, count), then each MoE layer's mean probabilities P.
+        let clock = web_time::Instant::now();
+        let mut flat: Vec<f32> = Vec::with_capacity(dp.grad_in.numel() + 2);
+        for &g in &dp.grad_parts {
+            flat.extend(words.f32s(g));
+        }
+        let grad_floats = flat.len();
+        flat.extend(words.f32s(dp.rb.loss).iter().take(2));
+        for m in &dp.rb.moe {
+            flat.extend(&words.f32s(m.stats)[m.e..2 * m.e]);
+        }
+        comm.sum(&mut flat)?;
+        let mut counts: Vec<u32> = Vec::new();
+        for m in &dp.rb.moe {
+            let r = words.u32s(m.routing);
+            counts.push(r[RoutingLayout::USED_SLOTS]);
+            counts.push(r[RoutingLayout::DROPPED_SLOTS]);
+            counts.extend(&r[RoutingLayout::HEADER..RoutingLayout::HEADER + m.e]);
+        }
+        comm.sum(&mut counts)?;
+        let gathered = match (complexity, dp.rb.complexity) {
+            (true, Some(c)) => Some(comm.gather(&words.f32s(c))?),
+            _ => None,
+        };
+        all_reduce_s += clock.elapsed().as_secs_f64();
+
+        let clock = web_time::Instant::now();
+        let (grads, rest) = flat.split_at_mut(grad_floats);
+        grads.iter_mut().for_each(|x| *x *= inv);
+        dp.grad_in.write(ctx, grads)?;
+        let mut enc = encode(
+            ctx,
+            "train_step update",
+            |enc| {
+                let mut offset = 0u64;
+                for g in self.grads.values() {
+                    enc.copy_buffer_to_buffer(&dp.grad_in.buffer, offset, &g.buffer, 0, g.bytes());
+                    offset += g.bytes();
+                }
+            },
+            |pass| {
+                self.grad_norm.record(pass);
+                for a in &self.adamw {
+                    a.record(pass);
+                }
+                Ok(())
+            },
+        )?;
+        dp.clip_rb.record_all(&mut enc);
+        ctx.submit("train_step update", enc)?;
+        let grad_norm = dp.clip_rb.read(ctx).await?.f32_at(dp.clip_part, 0);
+        ctx.check_errors("train_step update")?;
+
+        // The global batch's numbers, in the words `parse` reads.
+        words.set_u32s(dp.rb.loss, &[rest[0].to_bits(), rest[1].to_bits()]);
+        let (mut p_at, mut c_at, mut f_at) = (2, 0, 0);
+        for (m, &(_, e)) in dp.rb.moe.iter().zip(&dp.f_parts) {
+            let f_l = &f[f_at..f_at + e];
+            f_at += e;
+            let p: Vec<f32> = rest[p_at..p_at + e].iter().map(|x| x * inv).collect();
+            p_at += e;
+            let balance = model.cfg.aux.balance
+                * e as f32
+                * f_l.iter().zip(&p).map(|(a, b)| a * b).sum::<f32>();
+            let mut st = words.u32s(m.stats).to_vec();
+            st[2 * e] = balance.to_bits();
+            words.set_u32s(m.stats, &st);
+            let mut r = words.u32s(m.routing).to_vec();
+            r[RoutingLayout::USED_SLOTS] = counts[c_at];
+            r[RoutingLayout::DROPPED_SLOTS] = counts[c_at + 1];
+            r[RoutingLayout::HEADER..RoutingLayout::HEADER + e]
+                .copy_from_slice(&counts[c_at + 2..c_at + 2 + e]);
+            c_at += 2 + e;
+            words.set_u32s(m.routing, &r);
+        }
+        let (b, t) = self.batch();
+        let mut s = dp.rb.parse(&words, b * ranks, t * ranks, false);
+        s.grad_norm = grad_norm;
+        if let Some(v) = gathered {
+            let cols = dp.rb.moe.len();
+            s.complexity = v.chunks(cols.max(1)).map(|c| c.to_vec()).collect();
+        }
+        *times = DataParallelTimes {
+            compute_s,
+            all_reduce_s,
+            write_update_s: clock.elapsed().as_secs_f64(),
+            grad_floats,
+            bytes_sent: comm.bytes_sent() - sent0,
+        };
+        if !s.loss.is_finite() || !s.grad_norm.is_finite() {
+            return Err(Error::NonFinite {
+                op: "train_step",
+                msg: format!(
+                    "loss {}, gradient norm {}: the step was skipped",
+                    s.loss, s.grad_norm
+                ),
+            });
+        }
+        Ok(s)
+    }
+
     /// Sequences per batch B and tokens per batch T = B N.
     pub fn batch(&self) -> (usize, usize) {
         (self.fwd.b, self.fwd.t())
@@ -1067,33 +1373,17 @@ impl TrainStep {
         model: &Model,
         args: &StepArgs<'_>,
     ) -> Result<StepStats> {
-        let StepArgs {
-            ids,
-            targets,
-            lr,
-            step,
-            complexity,
-        } = *args;
-        self.fwd.upload(ctx, &model.cfg, ids, targets)?;
-        let (offsets, order) = token_order(ids, self.vocab)?;
-        self.edge.emb_offsets.write(ctx, &offsets)?;
-        self.edge.emb_order.write(ctx, &order)?;
-        for a in &self.adamw {
-            a.set_step(ctx, lr, step)?;
-        }
-        let mut enc = ctx
-            .device
-            .create_command_encoder(&wgpu::CommandEncoderDescriptor {
-                label: Some("train_step"),
-            });
-        self.fwd.clear(&mut enc);
-        {
-            let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor {
-                label: Some("train_step"),
-                timestamp_writes: None,
-            });
-            self.record(&mut pass, complexity);
-        }
+        let complexity = args.complexity;
+        self.upload(ctx, model, args)?;
+        let mut enc = encode(
+            ctx,
+            "train_step",
+            |enc| self.fwd.clear(enc),
+            |pass| {
+                self.record(pass, complexity);
+                Ok(())
+            },
+        )?;
         self.readback.record(&mut enc, complexity);
         ctx.submit("train_step", enc)?;
         let words = self.readback.rb.read(ctx).await?;
@@ -1111,6 +1401,28 @@ impl TrainStep {
         }
         Ok(s)
     }
+}
+
+/// A command encoder labelled `label`: `before` records outside any pass
+/// (clears, copies), then `pass` records one compute pass.
+fn encode(
+    ctx: &GpuContext,
+    label: &str,
+    before: impl FnOnce(&mut wgpu::CommandEncoder),
+    pass: impl FnOnce(&mut wgpu::ComputePass<'_>) -> Result<()>,
+) -> Result<wgpu::CommandEncoder> {
+    let mut enc = ctx
+        .device
+        .create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some(label) });
+    before(&mut enc);
+    {
+        let mut p = enc.begin_compute_pass(&wgpu::ComputePassDescriptor {
+            label: Some(label),
+            timestamp_writes: None,
+        });
+        pass(&mut p)?;
+    }
+    Ok(enc)
 }
 
 /// Forward-only evaluation of batches under an inference gating rule.
@@ -1227,19 +1539,15 @@ impl EvalStep {
         routes: bool,
     ) -> Result<EvalOut> {
         self.fwd.upload(ctx, &model.cfg, ids, targets)?;
-        let mut enc = ctx
-            .device
-            .create_command_encoder(&wgpu::CommandEncoderDescriptor {
-                label: Some("eval_step"),
-            });
-        self.fwd.clear(&mut enc);
-        {
-            let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor {
-                label: Some("eval_step"),
-                timestamp_writes: None,
-            });
-            self.fwd.record(&mut pass);
-        }
+        let mut enc = encode(
+            ctx,
+            "eval_step",
+            |enc| self.fwd.clear(enc),
+            |pass| {
+                self.fwd.record(pass);
+                Ok(())
+            },
+        )?;
         self.readback.record(&mut enc, self.loss);
         if routes {
             for &(_, part) in &self.routes {

@@ -6,6 +6,7 @@
 //! `data` and `curriculum` compile for wasm32 (a browser page can batch); reading
 //! files, metrics logs and plots are native only.
 
+pub mod collective;
 pub mod curriculum;
 pub mod data;
 pub mod gating;

@@ -8,8 +8,11 @@
 use crate::error::{Error, Result};
 use crate::gpu::GpuContext;
 use crate::kernels::{GateConfig, Gating};
-use crate::model::{EvalStep, HostParams, Model, ModelConfig, OptConfig, StepArgs, TrainStep};
+use crate::model::{
+    DataParallelTimes, EvalStep, HostParams, Model, ModelConfig, OptConfig, StepArgs, TrainStep,
+};
 use crate::tokenizer::Tokenizer;
+use crate::train::collective::{fnv1a, Comm};
 use crate::train::curriculum::Curriculum;
 use crate::train::data::{eval_batches, Batch, Batcher, Corpus, Dataset, Document, Domain, Split};
 use serde::{Deserialize, Serialize};
@@ -228,6 +231,10 @@ pub struct Session {
     pub done: u64,
     /// Seconds spent in steps so far.
     pub wall_s: f64,
+    /// Data-parallel training: the ranks of the job (see `new_data_parallel`).
+    pub comm: Option<Comm>,
+    /// Where the last data-parallel step's time went.
+    pub dp_times: DataParallelTimes,
 }
 
 impl Session {
@@ -238,8 +245,63 @@ impl Session {
         data: Prepared,
         host: HostParams,
     ) -> Result<Session> {
+        Self::build(ctx, cfg, data, host, None)
+    }
+
+    /// One rank of a data-parallel run: `cfg.batch` is the global batch B,
+    /// and this rank trains on its B / N sequences of each (rows
+    /// `rank * B / N ..` of the batch a one-process run would take), with
+    /// the gradients summed over the ranks before the same update on every
+    /// rank. Every rank must hold the same configuration, data and initial
+    /// parameters: checked here by a hash (a clear error naming the ranks
+    /// that differ).
+    pub fn new_data_parallel(
+        ctx: &GpuContext,
+        cfg: TrainConfig,
+        data: Prepared,
+        host: HostParams,
+        comm: Comm,
+    ) -> Result<Session> {
+        let n = comm.size();
+        if n == 0 || !cfg.batch.is_multiple_of(n) {
+            return Err(Error::invalid(
+                "distributed",
+                format!(
+                    "the global batch {} does not split evenly over {n} ranks: use a batch that is a multiple of {n}",
+                    cfg.batch
+                ),
+            ));
+        }
+        let cfg_json = serde_json::to_string(&cfg).unwrap_or_default();
+        comm.check_same("the training configuration", fnv1a(cfg_json.as_bytes()))?;
+        let mut h = fnv1a(data.tokenizer.to_json().as_bytes());
+        for seq in &data.dataset.train {
+            h ^= fnv1a(bytemuck::cast_slice(&seq.tokens));
+            h = h.rotate_left(5);
+        }
+        comm.check_same("the data (tokenizer and training sequences)", h)?;
+        let mut p = 0u64;
+        for (_, t) in host.iter() {
+            p ^= fnv1a(bytemuck::cast_slice(&t.data));
+            p = p.rotate_left(7);
+        }
+        comm.check_same("the initial parameters", p)?;
+        Self::build(ctx, cfg, data, host, Some(comm))
+    }
+
+    fn build(
+        ctx: &GpuContext,
+        cfg: TrainConfig,
+        data: Prepared,
+        host: HostParams,
+        comm: Option<Comm>,
+    ) -> Result<Session> {
         let model = Model::new(ctx, &cfg.model, &host)?;
-        let step = TrainStep::new(ctx, &model, cfg.batch, &cfg.opt)?;
+        let ranks = comm.as_ref().map_or(1, Comm::size);
+        let mut step = TrainStep::new(ctx, &model, cfg.batch / ranks, &cfg.opt)?;
+        if comm.is_some() {
+            step.enable_data_parallel(ctx, &model)?;
+        }
         let eval = if data.dataset.val.is_empty() {
             None
         } else {
@@ -261,6 +323,8 @@ impl Session {
             curriculum,
             done: 0,
             wall_s: 0.0,
+            comm,
+            dp_times: DataParallelTimes::default(),
         })
     }
 
@@ -320,14 +384,33 @@ impl Session {
         let lr = self.cfg.lr(s);
         let complexity = self.uses_curriculum();
         let clock = web_time::Instant::now();
-        let args = StepArgs {
-            ids: &batch.ids,
-            targets: &batch.targets,
-            lr,
-            step: s,
-            complexity,
+        let stats = match &self.comm {
+            None => {
+                let args = StepArgs {
+                    ids: &batch.ids,
+                    targets: &batch.targets,
+                    lr,
+                    step: s,
+                    complexity,
+                };
+                self.step.step(ctx, &self.model, &args).await?
+            }
+            Some(comm) => {
+                // This rank's rows of the global batch.
+                let rows = batch.ids.len() / comm.size();
+                let mine = comm.rank() * rows..(comm.rank() + 1) * rows;
+                let args = StepArgs {
+                    ids: &batch.ids[mine.clone()],
+                    targets: &batch.targets[mine],
+                    lr,
+                    step: s,
+                    complexity,
+                };
+                self.step
+                    .step_data_parallel(ctx, &self.model, &args, comm, &mut self.dp_times)
+                    .await?
+            }
         };
-        let stats = self.step.step(ctx, &self.model, &args).await?;
         let dt = clock.elapsed().as_secs_f64();
         self.wall_s += dt;
         self.done = s;
@@ -387,10 +470,24 @@ impl Session {
         let batches = eval_batches(&self.data.dataset.val, self.cfg.batch)?;
         let mut sum = 0.0f64;
         let mut count = 0.0f64;
-        for b in batches.iter().take(self.cfg.eval_batches.max(1)) {
+        // Data parallel: rank r takes batches r, r + N, ...; the sums meet.
+        let (rank, ranks) = self.comm.as_ref().map_or((0, 1), |c| (c.rank(), c.size()));
+        for (i, b) in batches
+            .iter()
+            .take(self.cfg.eval_batches.max(1))
+            .enumerate()
+        {
+            if i % ranks != rank {
+                continue;
+            }
             let (s, c) = eval.loss(ctx, &self.model, &b.ids, &b.targets).await?;
             sum += s;
             count += c;
+        }
+        if let Some(comm) = &self.comm {
+            let mut v = [sum, count];
+            comm.sum(&mut v)?;
+            [sum, count] = v;
         }
         if !(sum / count.max(1.0)).is_finite() {
             return Err(Error::NonFinite {

@@ -13,6 +13,7 @@ use crate::error::{Error, Result};
 use crate::gpu::GpuContext;
 use crate::model::{HostParams, ModelConfig};
 use crate::tokenizer::Tokenizer;
+use crate::train::collective::Comm;
 use crate::train::curriculum::Curriculum;
 use crate::train::data::{shipped_dir, Batcher, BatcherState, Corpus};
 use crate::train::metrics::JsonlWriter;
@@ -54,7 +55,32 @@ pub struct RunSummary {
     /// The most experts a token may take (the gate's K; 0 for a dense model).
     pub max_experts: usize,
     pub interrupted: bool,
+    /// Stopped (and saved) at `pause_at` (`--stop-at`): `--resume` goes on.
+    pub paused: bool,
+    /// A data-parallel run: where its steps' time went (means per step).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub data_parallel: Option<DataParallelSummary>,
     pub out: PathBuf,
+}
+
+/// Means per step of a data-parallel run, on the rank that reports them
+/// (rank 0; every rank does the same work).
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct DataParallelSummary {
+    pub ranks: usize,
+    pub steps: u64,
+    /// Forward, gate statistics and backward on this rank's shard, with
+    /// their readbacks (s).
+    pub compute_s: f64,
+    /// The all-reduces (gate statistics, then gradients with the step's
+    /// numbers, routing counts) and the complexity gather (s).
+    pub all_reduce_s: f64,
+    /// Writing the summed gradients and the update: norm, clip, AdamW (s).
+    pub write_update_s: f64,
+    /// Gradient floats in the flat all-reduce.
+    pub grad_floats: usize,
+    /// Bytes this rank sent per step.
+    pub bytes_sent: f64,
 }
 
 /// What the loop reports as it goes (the CLI draws a progress bar).
@@ -116,12 +142,23 @@ fn checkpoint_dir(out: &Path) -> PathBuf {
 
 impl Run {
     /// A fresh run writing into `out`.
-    pub fn new(ctx: &GpuContext, mut cfg: TrainConfig, out: &Path) -> Result<Run> {
+    pub fn new(ctx: &GpuContext, cfg: TrainConfig, out: &Path) -> Result<Run> {
+        Self::new_on(ctx, cfg, out, None)
+    }
+
+    /// A fresh run, or with `comm` one rank of a data-parallel run (see
+    /// `Session::new_data_parallel`): only rank 0 writes into `out`.
+    pub fn new_on(
+        ctx: &GpuContext,
+        mut cfg: TrainConfig,
+        out: &Path,
+        comm: Option<Comm>,
+    ) -> Result<Run> {
         let data = prepare(&cfg, None)?;
         cfg.model.vocab = data.tokenizer.vocab_size();
         cfg.validate()?;
         let host = HostParams::init(&cfg.model, cfg.seed);
-        Self::assemble(ctx, cfg, data, host, None, out)
+        Self::assemble(ctx, cfg, data, host, None, out, comm)
     }
 
     /// A fresh run from given parameters and tokenizer (fine-tuning a
@@ -136,11 +173,23 @@ impl Run {
         cfg.model.vocab = tokenizer.vocab_size();
         cfg.validate()?;
         let data = prepare(&cfg, Some(tokenizer))?;
-        Self::assemble(ctx, cfg, data, host, None, out)
+        Self::assemble(ctx, cfg, data, host, None, out, None)
     }
 
     /// Continue the run saved in `dir` (a run directory or its checkpoint).
     pub fn resume(ctx: &GpuContext, dir: &Path, steps: Option<u64>) -> Result<Run> {
+        Self::resume_on(ctx, dir, steps, None)
+    }
+
+    /// `resume`, or with `comm` as one rank of a data-parallel run: the
+    /// checkpoint holds no trace of the rank count (the data position is
+    /// the global batches'), so a run resumes on any number of ranks.
+    pub fn resume_on(
+        ctx: &GpuContext,
+        dir: &Path,
+        steps: Option<u64>,
+        comm: Option<Comm>,
+    ) -> Result<Run> {
         // A checkpoint directory (it holds state.json), else a run
         // directory whose checkpoint/ `checkpoint::load` reads (or, after an
         // interrupted save, the newest whole one beside it).
@@ -186,7 +235,7 @@ impl Run {
             std::mem::take(&mut ck.model),
         )?;
         let data = prepare(&cfg, Some(tokenizer))?;
-        let mut run = Self::assemble(ctx, cfg, data, host, Some(&ck.optimizer), &out)?;
+        let mut run = Self::assemble(ctx, cfg, data, host, Some(&ck.optimizer), &out, comm)?;
         run.batcher = Batcher::from_state(state.batcher, run.data.dataset.train.len())?;
         run.curriculum = state.curriculum;
         run.done = state.step;
@@ -202,8 +251,13 @@ impl Run {
         host: HostParams,
         optimizer: Option<&[NamedTensor]>,
         out: &Path,
+        comm: Option<Comm>,
     ) -> Result<Run> {
-        let session = Session::new(ctx, cfg, data, host)?;
+        let writer = comm.as_ref().is_none_or(|c| c.rank() == 0);
+        let session = match comm {
+            None => Session::new(ctx, cfg, data, host)?,
+            Some(c) => Session::new_data_parallel(ctx, cfg, data, host, c)?,
+        };
         if let Some(opt) = optimizer {
             let step = &session.step;
             for ((id, p), (m, v)) in session
@@ -227,16 +281,24 @@ impl Run {
                 }
             }
         }
-        std::fs::create_dir_all(out).map_err(|e| Error::Io {
-            path: out.display().to_string(),
-            source: e,
-        })?;
+        if writer {
+            std::fs::create_dir_all(out).map_err(|e| Error::Io {
+                path: out.display().to_string(),
+                source: e,
+            })?;
+        }
         Ok(Run {
             session,
             best_val: None,
             out: out.to_path_buf(),
             pause_at: None,
         })
+    }
+
+    /// Whether this process writes the run's files: a one-process run, or
+    /// rank 0 of a data-parallel one.
+    pub fn writes(&self) -> bool {
+        self.comm.as_ref().is_none_or(|c| c.rank() == 0)
     }
 
     /// Mean validation loss under the evaluation gating rule.
@@ -300,10 +362,10 @@ impl Run {
         stop: &AtomicBool,
     ) -> Result<RunSummary> {
         let metrics_path = self.out.join("metrics.jsonl");
-        let mut metrics = if self.done > 0 {
-            JsonlWriter::append(&metrics_path)?
-        } else {
-            JsonlWriter::create(&metrics_path)?
+        let mut metrics = match (self.writes(), self.done > 0) {
+            (false, _) => None,
+            (true, true) => Some(JsonlWriter::append(&metrics_path)?),
+            (true, false) => Some(JsonlWriter::create(&metrics_path)?),
         };
         progress.start(self.cfg.steps, self.done);
         let mut last_loss = f32::NAN;
@@ -312,9 +374,20 @@ impl Run {
         let mut step_times = Vec::new();
         let mut two_sum = 0.0f64;
         let mut interrupted = false;
+        let mut paused = false;
+        let mut dp: Option<DataParallelSummary> = None;
         while self.done < self.cfg.steps {
-            if stop.load(Ordering::SeqCst) || self.pause_at.is_some_and(|p| self.done >= p) {
+            let mut stopping = stop.load(Ordering::SeqCst);
+            if let Some(c) = &self.comm {
+                // A stop on any rank stops every rank at this step.
+                stopping = c.any(stopping)?;
+            }
+            if stopping {
                 interrupted = true;
+                break;
+            }
+            if self.pause_at.is_some_and(|p| self.done >= p) {
+                paused = true;
                 break;
             }
             let s = self.done + 1;
@@ -333,9 +406,24 @@ impl Run {
                 Err(e) => return Err(e),
             };
             step_times.push(m.step_s.unwrap_or(0.0));
+            if let Some(c) = &self.session.comm {
+                let t = self.session.dp_times;
+                let d = dp.get_or_insert_with(|| DataParallelSummary {
+                    ranks: c.size(),
+                    ..Default::default()
+                });
+                d.steps += 1;
+                d.compute_s += t.compute_s;
+                d.all_reduce_s += t.all_reduce_s;
+                d.write_update_s += t.write_update_s;
+                d.grad_floats = t.grad_floats;
+                d.bytes_sent += t.bytes_sent as f64;
+            }
             two_sum += m.two_expert_fraction.unwrap_or(0.0) as f64;
             last_loss = m.loss;
-            metrics.write(&m)?;
+            if let Some(w) = &mut metrics {
+                w.write(&m)?;
+            }
             progress.step(&m);
             let eval_now = (self.cfg.eval_every > 0 && s.is_multiple_of(self.cfg.eval_every))
                 || s == self.cfg.steps;
@@ -357,7 +445,9 @@ impl Run {
                         dropped_fraction: None,
                         step_s: None,
                     };
-                    metrics.write(&vm)?;
+                    if let Some(w) = &mut metrics {
+                        w.write(&vm)?;
+                    }
                     progress.val(&vm);
                     if let Some(target) = self.cfg.target_loss {
                         if v <= target && target_reached.is_none() {
@@ -373,14 +463,19 @@ impl Run {
             if self.cfg.checkpoint_every > 0
                 && s.is_multiple_of(self.cfg.checkpoint_every)
                 && s < self.cfg.steps
+                && self.writes()
             {
                 self.save(ctx).await?;
             }
         }
-        let dir = self.save(ctx).await?;
-        progress.message(&format!("checkpoint saved in {}", dir.display()));
+        if self.writes() {
+            let dir = self.save(ctx).await?;
+            progress.message(&format!("checkpoint saved in {}", dir.display()));
+        }
         progress.finish();
-        self.plot()?;
+        if self.writes() {
+            self.plot()?;
+        }
         let n = step_times.len().max(1) as f64;
         Ok(RunSummary {
             steps: self.done,
@@ -397,6 +492,15 @@ impl Run {
                 self.cfg.model.gate.max_k()
             },
             interrupted,
+            paused,
+            data_parallel: dp.map(|mut d| {
+                let n = d.steps.max(1) as f64;
+                d.compute_s /= n;
+                d.all_reduce_s /= n;
+                d.write_update_s /= n;
+                d.bytes_sent /= n;
+                d
+            }),
             out: self.out.clone(),
         })
     }

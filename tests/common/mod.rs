@@ -274,3 +274,15 @@ impl Drop for Scratch {
         let _ = std::fs::remove_dir_all(&self.0);
     }
 }
+
+/// The first `lines` lines of the page's sonnets in `dir/sonnets.txt`: a
+/// small training text (a few batches per epoch for a tiny model).
+pub fn sonnets(dir: &std::path::Path, lines: usize) -> std::path::PathBuf {
+    let src = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("web/assets/sonnets.txt"),
+    )
+    .unwrap();
+    let p = dir.join("sonnets.txt");
+    std::fs::write(&p, src.lines().take(lines).collect::<Vec<_>>().join("\n")).unwrap();
+    p
+}
