@@ -1,5 +1,5 @@
 //! `amoe train --distributed` under `mpirun -np 2` (both ranks on the first
-//! adapter of this machine) against a one-process `amoe train` with the same
+//! adapter of this machine, with the kernels that compile fastest) against a one-process `amoe train` with the same
 //! global batch: the same checkpoint within float reassociation, resumed
 //! across rank counts, a rank killed mid-run, and bad input. Needs the `mpi`
 //! feature and Open MPI's `mpirun` (the test command installs both).
@@ -43,7 +43,8 @@ fn tiny(data: &Path, steps: u64) -> Vec<String> {
         "--gating",
         "adaptive",
         "--backend",
-        "gl",
+        "vulkan",
+        "--quick-start",
     ]
     .iter()
     .map(|s| s.to_string())
@@ -202,7 +203,7 @@ fn two_ranks_resume_across_rank_counts_and_survive_a_killed_rank() {
     ranks(2, &stop, &c);
     ok(
         Command::new(BIN)
-            .args(["train", "--backend", "gl", "--resume"])
+            .args(["train", "--backend", "vulkan", "--quick-start", "--resume"])
             .arg(&c)
             .output()
             .unwrap(),
@@ -215,7 +216,14 @@ fn two_ranks_resume_across_rank_counts_and_survive_a_killed_rank() {
     ok(
         mpirun(2)
             .arg(BIN)
-            .args(["train", "--distributed", "--backend", "gl", "--resume"])
+            .args([
+                "train",
+                "--distributed",
+                "--backend",
+                "vulkan",
+                "--quick-start",
+                "--resume",
+            ])
             .arg(&e)
             .output()
             .unwrap(),
@@ -285,7 +293,7 @@ fn two_ranks_resume_across_rank_counts_and_survive_a_killed_rank() {
         .count();
     ok(
         Command::new(BIN)
-            .args(["train", "--backend", "gl", "--resume"])
+            .args(["train", "--backend", "vulkan", "--quick-start", "--resume"])
             .arg(&k)
             .output()
             .unwrap(),

@@ -92,6 +92,11 @@ pub struct TrainArgs {
     /// with --steps the run is extended and the learning-rate schedule follows the new total).
     #[arg(long)]
     pub resume: Option<PathBuf>,
+    /// Take the kernels that compile fastest instead of those that run
+    /// fastest (a smoke test, a run of a few steps): on lavapipe each
+    /// subgroup GEMM core costs 1-4 s to compile in every process.
+    #[arg(long)]
+    pub quick_start: bool,
     /// Save and stop once the run reaches this step, keeping the schedule
     /// of --steps (a job with a time limit: --resume continues it, on any
     /// number of ranks).
@@ -366,6 +371,7 @@ const RESUME_FLAGS: &[&str] = &[
     "json",
     "distributed",
     "stop-at",
+    "quick-start",
     "backend",
     "adapter",
 ];
@@ -434,7 +440,7 @@ fn run_on(adapter: &AdapterArgs, args: &TrainArgs, comm: Option<Comm>) -> Result
     let writer = comm.as_ref().is_none_or(|c| c.rank() == 0);
     if !writer {
         let ctx = context(adapter)?;
-        ctx.set_long_running(true);
+        ctx.set_long_running(!args.quick_start);
         let s = train(&ctx, args, comm)?;
         return Ok(if s.interrupted {
             ExitCode::from(130)
@@ -476,8 +482,8 @@ fn run_on(adapter: &AdapterArgs, args: &TrainArgs, comm: Option<Comm>) -> Result
     }
     let ctx = context(adapter)?;
     // A run of many steps: the fastest kernels, even where they take longer
-    // to compile (lavapipe's subgroup GEMM cores).
-    ctx.set_long_running(true);
+    // to compile (lavapipe's subgroup GEMM cores), unless --quick-start.
+    ctx.set_long_running(!args.quick_start);
     let s = train(&ctx, args, comm)?;
     if args.json {
         outln!("{}", serde_json::to_string_pretty(&s)?)?;
