@@ -764,6 +764,21 @@ pub struct StepStats {
     pub complexity: Vec<Vec<f32>>,
 }
 
+/// `s`, or `Error::NonFinite` when its loss or gradient norm is NaN or
+/// infinite (AdamW skipped the step).
+fn finite(s: StepStats) -> Result<StepStats> {
+    if !s.loss.is_finite() || !s.grad_norm.is_finite() {
+        return Err(Error::NonFinite {
+            op: "train_step",
+            msg: format!(
+                "loss {}, gradient norm {}: the step was skipped",
+                s.loss, s.grad_norm
+            ),
+        });
+    }
+    Ok(s)
+}
+
 /// One training step's inputs.
 #[derive(Clone, Copy, Debug)]
 pub struct StepArgs<'a> {
@@ -1344,16 +1359,7 @@ impl TrainStep {
             grad_floats,
             bytes_sent: comm.bytes_sent() - sent0,
         };
-        if !s.loss.is_finite() || !s.grad_norm.is_finite() {
-            return Err(Error::NonFinite {
-                op: "train_step",
-                msg: format!(
-                    "loss {}, gradient norm {}: the step was skipped",
-                    s.loss, s.grad_norm
-                ),
-            });
-        }
-        Ok(s)
+        finite(s)
     }
 
     /// Sequences per batch B and tokens per batch T = B N.
@@ -1390,16 +1396,7 @@ impl TrainStep {
         ctx.check_errors("train_step")?;
         let (b, t) = self.batch();
         let s = self.readback.parse(&words, b, t, complexity);
-        if !s.loss.is_finite() || !s.grad_norm.is_finite() {
-            return Err(Error::NonFinite {
-                op: "train_step",
-                msg: format!(
-                    "loss {}, gradient norm {}: the step was skipped",
-                    s.loss, s.grad_norm
-                ),
-            });
-        }
-        Ok(s)
+        finite(s)
     }
 }
 
