@@ -90,14 +90,30 @@ fn two_ranks_take_the_steps_of_one_process() {
             let mut one = Session::new(ctx, cfg.clone(), prepared, host.clone()).unwrap();
             let want = outcome(ctx, &mut one, n);
 
-            let ranks: Vec<Outcome> = on_ranks(2, |_, comm| {
-                let h = ctx.handle();
-                let prepared = prepare(&cfg, Some(tok.clone())).unwrap();
-                let mut sess =
-                    Session::new_data_parallel(&h, cfg.clone(), prepared, host.clone(), comm)
-                        .unwrap();
-                outcome(&h, &mut sess, n)
-            });
+            let on_two = |overlap: bool| -> Vec<Outcome> {
+                on_ranks(2, |_, comm| {
+                    let h = ctx.handle();
+                    let prepared = prepare(&cfg, Some(tok.clone())).unwrap();
+                    let mut sess =
+                        Session::new_data_parallel(&h, cfg.clone(), prepared, host.clone(), comm)
+                            .unwrap();
+                    sess.set_overlap(&h, overlap).unwrap();
+                    outcome(&h, &mut sess, n)
+                })
+            };
+            // The default: each block's gradients summed while the earlier
+            // blocks' backward runs.
+            let ranks = on_two(true);
+            if gating == Gating::Adaptive {
+                // One submit and one all-reduce: the same bits (two ranks'
+                // sums do not depend on how the vector is chunked).
+                let whole = on_two(false);
+                let (d, at) = max_abs_diff(&whole[0].params, &ranks[0].params);
+                assert_eq!(d, 0.0, "overlap changed the parameters at {at}");
+                for (a, b) in whole[0].metrics.iter().zip(&ranks[0].metrics) {
+                    assert_eq!((a.loss, a.grad_norm), (b.loss, b.grad_norm));
+                }
+            }
 
             // The ranks hold the same bits.
             let (d01, _) = max_abs_diff(&ranks[0].params, &ranks[1].params);

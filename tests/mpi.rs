@@ -406,4 +406,35 @@ fn distributed_without_a_launcher_or_with_disagreeing_ranks_is_refused() {
         "{err}"
     );
     assert!(start.elapsed() < Duration::from_secs(300));
+
+    // Resumed with another --eval-every on rank 1: the checkpoint agrees,
+    // the flags given on resuming do not (validation is collective).
+    let run = dir.join("z");
+    one(&tiny(&data, 2), &run);
+    let resume = |extra: &[&str]| -> Vec<String> {
+        ["train", "--distributed", "--resume"]
+            .iter()
+            .map(|s| s.to_string())
+            .chain([run.display().to_string()])
+            .chain(
+                ["--steps", "4", "--backend", "vulkan", "--quick-start"]
+                    .iter()
+                    .chain(extra)
+                    .map(|s| s.to_string()),
+            )
+            .collect()
+    };
+    let out = mpirun(1)
+        .arg(BIN)
+        .args(resume(&[]))
+        .args([":", "-np", "1", BIN])
+        .args(resume(&["--eval-every", "1"]))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("rank(s) 1 disagree with rank 0 on the resumed run's flags"),
+        "{err}"
+    );
 }

@@ -115,6 +115,11 @@ pub struct TrainArgs {
     /// Needs a build with the `mpi` feature.
     #[arg(long)]
     pub distributed: bool,
+    /// With --distributed: sum the gradients only once the whole backward
+    /// is done (one submit), instead of each block's while the earlier
+    /// blocks' backward still runs.
+    #[arg(long)]
+    pub no_overlap: bool,
 }
 
 impl TrainArgs {
@@ -370,6 +375,7 @@ const RESUME_FLAGS: &[&str] = &[
     "target-loss",
     "json",
     "distributed",
+    "no-overlap",
     "stop-at",
     "quick-start",
     "backend",
@@ -511,13 +517,17 @@ fn run_on(adapter: &AdapterArgs, args: &TrainArgs, comm: Option<Comm>) -> Result
         )?;
         if let Some(d) = &s.data_parallel {
             outln!(
-                "data parallel over {} ranks, per step: compute {:.3} s, all-reduce {:.3} s, write and update {:.3} s; {:.2} MB sent by rank 0 ({} gradient floats)",
+                "data parallel over {} ranks, per step: waiting for the GPU {:.3} s, all-reduce {:.3} s, write and update {:.3} s; {:.2} MB sent by rank 0 ({} gradient floats); {}",
                 d.ranks,
                 d.compute_s,
                 d.all_reduce_s,
                 d.write_update_s,
                 d.bytes_sent / 1e6,
-                d.grad_floats
+                d.grad_floats,
+                match d.backward_submits {
+                    1 => "the all-reduce after the backward (--no-overlap)".to_string(),
+                    n => format!("the all-reduce overlapping the backward ({n} submits)"),
+                }
             )?;
         }
         outln!(
@@ -569,10 +579,20 @@ fn train(ctx: &GpuContext, args: &TrainArgs, comm: Option<Comm>) -> Result<RunSu
             if args.target_loss.is_some() {
                 c.target_loss = args.target_loss;
             }
+            // The ranks compared their checkpoints' configuration; compare
+            // the flags given on resuming too (validation is collective).
+            if let Some(comm) = &run.session.comm {
+                let json = serde_json::to_string(&run.cfg).unwrap_or_default();
+                comm.check_same(
+                    "the resumed run's flags (--eval-every, --eval-batches, --checkpoint-every, --target-loss, --steps)",
+                    amoe::train::collective::fnv1a(json.as_bytes()),
+                )?;
+            }
             run
         }
         None => Run::new_on(ctx, args.config()?, &args.out, comm)?,
     };
+    run.session.set_overlap(ctx, !args.no_overlap)?;
     run.pause_at = args.stop_at;
     let c = &run.cfg;
     if let Some((rank, size)) = ranks {

@@ -243,6 +243,18 @@ impl Staging {
     /// Once the submitted work is done: the first `count` elements of `T`.
     /// `what` names the data in errors.
     pub async fn read<T: Pod>(&self, ctx: &GpuContext, count: usize, what: &str) -> Result<Vec<T>> {
+        self.read_after(ctx, count, what, None).await
+    }
+
+    /// As `read`, once submission `after` is done (natively, later
+    /// submissions keep running meanwhile); `None`: once all work is done.
+    pub async fn read_after<T: Pod>(
+        &self,
+        ctx: &GpuContext,
+        count: usize,
+        what: &str,
+        after: Option<wgpu::SubmissionIndex>,
+    ) -> Result<Vec<T>> {
         let bytes = (count * std::mem::size_of::<T>()) as u64;
         if bytes > self.buffer.size() {
             return Err(Error::shape(
@@ -258,7 +270,7 @@ impl Staging {
         self.buffer.map_async(wgpu::MapMode::Read, .., move |r| {
             let _ = tx.send(r);
         });
-        ctx.wait()?;
+        ctx.wait_for(after)?;
         let fail = |msg: String| Error::Readback {
             what: what.to_string(),
             msg,
@@ -392,9 +404,19 @@ impl Readback {
 
     /// Once the submitted work is done: every word of the readback.
     pub async fn read(&self, ctx: &GpuContext) -> Result<ReadbackWords<'_>> {
+        self.read_after(ctx, None).await
+    }
+
+    /// Once submission `after` is done (the one that recorded the copies):
+    /// every word of the readback, while later submissions keep running.
+    pub async fn read_after(
+        &self,
+        ctx: &GpuContext,
+        after: Option<wgpu::SubmissionIndex>,
+    ) -> Result<ReadbackWords<'_>> {
         let words = self
             .staging
-            .read::<u32>(ctx, self.words, &self.label)
+            .read_after::<u32>(ctx, self.words, &self.label, after)
             .await?;
         Ok(ReadbackWords { rb: self, words })
     }

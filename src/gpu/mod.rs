@@ -659,6 +659,17 @@ impl GpuContext {
         })
     }
 
+    /// `submit`, returning the submission's index: wait for it alone with
+    /// `wait_for` (later submissions may still run), or read a staging
+    /// buffer it filled with `Readback::read_after`.
+    pub fn submit_indexed(
+        &self,
+        op: &str,
+        encoder: wgpu::CommandEncoder,
+    ) -> Result<wgpu::SubmissionIndex> {
+        self.scoped(op, || Ok(self.queue.submit(Some(encoder.finish()))))
+    }
+
     /// Why the device was lost, if it was.
     pub fn lost(&self) -> Option<String> {
         self.lost.lock().ok().and_then(|l| l.clone())
@@ -732,13 +743,24 @@ impl GpuContext {
     /// Natively: block until all submitted work is done. In the browser this is a
     /// no-op; use the async readback functions, which resolve when work is done.
     pub fn wait(&self) -> Result<()> {
+        self.wait_for(None)
+    }
+
+    /// Natively: block until submission `index` (all work, when `None`) is
+    /// done; submissions after it may still run. A no-op in the browser.
+    pub fn wait_for(&self, index: Option<wgpu::SubmissionIndex>) -> Result<()> {
         #[cfg(not(target_arch = "wasm32"))]
         self.device
-            .poll(wgpu::PollType::wait_indefinitely())
+            .poll(wgpu::PollType::Wait {
+                submission_index: index,
+                timeout: None,
+            })
             .map_err(|e| Error::Gpu {
                 op: "poll".into(),
                 msg: e.to_string(),
             })?;
+        #[cfg(target_arch = "wasm32")]
+        let _ = index;
         Ok(())
     }
 }

@@ -952,8 +952,10 @@ struct DataParallel {
     f_rb: Readback,
     /// Per MoE layer: its f part and E.
     f_parts: Vec<(PartId, usize)>,
+    /// The step's readback, with the first group's gradients appended.
     rb: StepReadback,
-    grad_parts: Vec<PartId>,
+    /// The backward's submits, in order (one without overlap).
+    groups: Vec<GradGroup>,
     grad_in: Tensor<f32>,
     clip_rb: Readback,
     clip_part: PartId,
@@ -961,12 +963,30 @@ struct DataParallel {
     moe_layers: Vec<usize>,
 }
 
+/// One submit of a data-parallel step's backward and the gradients it
+/// finishes: read back as soon as that submit is done and all-reduced while
+/// the later submits run on the GPU (the overlap).
+struct GradGroup {
+    /// The head's backward (final norm, unembedding) comes first.
+    head: bool,
+    /// These blocks' backward, recorded from the last to the first.
+    blocks: std::ops::Range<usize>,
+    /// The embedding's backward comes last.
+    embedding: bool,
+    /// Its own staging buffer; `None` for the first group, whose gradients
+    /// ride in the step's readback.
+    rb: Option<Readback>,
+    /// Each gradient it finishes: its part of the readback and its first
+    /// float in `grad_in` (the canonical order).
+    grads: Vec<(PartId, usize)>,
+}
+
 /// Where the time of a data-parallel step went (seconds) and the bytes
 /// this rank sent: the benchmark's numbers.
 #[derive(Clone, Copy, Debug, Default, serde::Serialize)]
 pub struct DataParallelTimes {
     /// Forward (and gate statistics) plus backward on the GPU, with their
-    /// readbacks.
+    /// readbacks: the time this rank waited for its GPU.
     pub compute_s: f64,
     /// The f and the gradient all-reduces and the complexity gather.
     pub all_reduce_s: f64,
@@ -976,6 +996,9 @@ pub struct DataParallelTimes {
     pub grad_floats: usize,
     /// Bytes this rank sent in the step.
     pub bytes_sent: u64,
+    /// Submits of the backward, each followed by the all-reduce of the
+    /// gradients it finished (1: no overlap).
+    pub backward_submits: usize,
 }
 
 impl TrainStep {
@@ -1100,7 +1123,16 @@ impl TrainStep {
     }
 
     /// Build what `step_data_parallel` needs (once, before the first step).
-    pub fn enable_data_parallel(&mut self, ctx: &GpuContext, model: &Model) -> Result<()> {
+    /// `overlap`: the backward is one submit per block (the head with the
+    /// last block, the embedding on its own), and each submit's gradients
+    /// are all-reduced while the next ones run; otherwise one submit and one
+    /// all-reduce of every gradient.
+    pub fn enable_data_parallel(
+        &mut self,
+        ctx: &GpuContext,
+        model: &Model,
+        overlap: bool,
+    ) -> Result<()> {
         let moe_layers = model.cfg.moe_layers();
         let mut f_layout = ReadbackLayout::new();
         let mut f_parts = Vec::with_capacity(moe_layers.len());
@@ -1109,24 +1141,78 @@ impl TrainStep {
             let e = plan.fwd.logits.shape[1];
             f_parts.push((f_layout.push(&plan.stats().buffer, 0, e as u64 * 4), e));
         }
-        let grads: Vec<&Tensor<f32>> = self.grads.values().collect();
-        let (rb, grad_parts) = StepReadback::with_extra(
+        // The groups, in the backward's order, and the group that finishes
+        // each gradient.
+        let layers = self.back.len();
+        let mut groups: Vec<GradGroup> = if overlap {
+            (0..=layers)
+                .map(|i| GradGroup {
+                    head: i == 0,
+                    blocks: if i < layers {
+                        layers - 1 - i..layers - i
+                    } else {
+                        0..0
+                    },
+                    embedding: i == layers,
+                    rb: None,
+                    grads: Vec::new(),
+                })
+                .collect()
+        } else {
+            vec![GradGroup {
+                head: true,
+                blocks: 0..layers,
+                embedding: true,
+                rb: None,
+                grads: Vec::new(),
+            }]
+        };
+        let group_of = |id: ParamId| -> usize {
+            if !overlap {
+                return 0;
+            }
+            match id {
+                ParamId::WOut | ParamId::NormF => 0,
+                ParamId::Block(l, _) => layers - 1 - l,
+                ParamId::Wte | ParamId::Wpe => layers,
+            }
+        };
+        let mut members: Vec<Vec<(&Tensor<f32>, usize)>> = vec![Vec::new(); groups.len()];
+        let mut at = 0;
+        for (id, g) in self.grads.iter() {
+            members[group_of(id)].push((g, at));
+            at += g.numel();
+        }
+        let first: Vec<&Tensor<f32>> = members[0].iter().map(|&(g, _)| g).collect();
+        let (rb, first_parts) = StepReadback::with_extra(
             ctx,
             &self.fwd,
             &self.clip,
             &moe_layers,
             &self.complexity,
-            &grads,
+            &first,
         )?;
-        let total: usize = grads.iter().map(|g| g.numel()).sum();
+        groups[0].grads = first_parts
+            .into_iter()
+            .zip(&members[0])
+            .map(|(p, &(_, off))| (p, off))
+            .collect();
+        for (g, m) in groups.iter_mut().zip(&members).skip(1) {
+            let mut layout = ReadbackLayout::new();
+            g.grads = m
+                .iter()
+                .map(|&(t, off)| (layout.push_tensor(t), off))
+                .collect();
+            g.rb = Some(layout.build(ctx, "gradient readback")?);
+        }
         let mut clip_layout = ReadbackLayout::new();
         let clip_part = clip_layout.push_tensor(&self.clip);
         self.dp = Some(DataParallel {
             f_rb: f_layout.build(ctx, "gate statistics readback")?,
             f_parts,
             rb,
-            grad_parts,
-            grad_in: Tensor::zeros(ctx, "summed gradients", &[total.max(1)])?,
+            groups,
+            grad_in: Tensor::zeros(ctx, "summed gradients", &[at.max(1)])?,
             clip_rb: clip_layout.build(ctx, "gradient norm readback")?,
             clip_part,
             moe_layers,
@@ -1243,63 +1329,134 @@ impl TrainStep {
             at += e;
         }
 
-        let clock = web_time::Instant::now();
-        let mut enc = encode(
-            ctx,
-            "train_step backward",
-            |_| {},
-            |pass| {
-                self.edge.record_head(pass);
-                for (blk, bb) in blocks.iter().zip(&self.back).rev() {
-                    if let Ok(plan) = blk.ffn.train() {
-                        plan.record_backward_after_stats(pass);
+        // The backward, one submit per group, two queued ahead: each group's
+        // gradients are summed over the ranks as soon as its submit is done,
+        // while the GPU runs the next group. Not more ahead: lavapipe's
+        // submit returns at once, but the next one waits until the previous
+        // is done, so a third would hold the host until the second is done.
+        let submit = |g: &GradGroup| -> Result<wgpu::SubmissionIndex> {
+            let mut enc = encode(
+                ctx,
+                "train_step backward",
+                |_| {},
+                |pass| {
+                    if g.head {
+                        self.edge.record_head(pass);
                     }
-                    bb.record(pass);
+                    for l in g.blocks.clone().rev() {
+                        if let Ok(plan) = blocks[l].ffn.train() {
+                            plan.record_backward_after_stats(pass);
+                        }
+                        self.back[l].record(pass);
+                    }
+                    if g.embedding {
+                        self.edge.record_embedding(pass);
+                    }
+                    Ok(())
+                },
+            )?;
+            let rb = match &g.rb {
+                Some(rb) => rb,
+                None => {
+                    dp.rb.record(&mut enc, complexity);
+                    &dp.rb.rb
                 }
-                self.edge.record_embedding(pass);
-                Ok(())
-            },
-        )?;
-        dp.rb.record(&mut enc, complexity);
-        for &g in &dp.grad_parts {
-            dp.rb.rb.record(&mut enc, g);
-        }
-        ctx.submit("train_step backward", enc)?;
-        let mut words = dp.rb.rb.read(ctx).await?;
-        ctx.check_errors("train_step backward")?;
-        compute_s += clock.elapsed().as_secs_f64();
-
-        // One flat all-reduce of the floats: the gradients, then the loss
-        // (sum, count), then each MoE layer's mean probabilities P.
-        let clock = web_time::Instant::now();
-        let mut flat: Vec<f32> = Vec::with_capacity(dp.grad_in.numel() + 2);
-        for &g in &dp.grad_parts {
-            flat.extend(words.f32s(g));
-        }
-        let grad_floats = flat.len();
-        flat.extend(words.f32s(dp.rb.loss).iter().take(2));
-        for m in &dp.rb.moe {
-            flat.extend(&words.f32s(m.stats)[m.e..2 * m.e]);
-        }
-        comm.sum(&mut flat)?;
-        let mut counts: Vec<u32> = Vec::new();
-        for m in &dp.rb.moe {
-            let r = words.u32s(m.routing);
-            counts.push(r[RoutingLayout::USED_SLOTS]);
-            counts.push(r[RoutingLayout::DROPPED_SLOTS]);
-            counts.extend(&r[RoutingLayout::HEADER..RoutingLayout::HEADER + m.e]);
-        }
-        comm.sum(&mut counts)?;
-        let gathered = match (complexity, dp.rb.complexity) {
-            (true, Some(c)) => Some(comm.gather(&words.f32s(c))?),
-            _ => None,
+            };
+            for &(p, _) in &g.grads {
+                rb.record(&mut enc, p);
+            }
+            ctx.submit_indexed("train_step backward", enc)
         };
-        all_reduce_s += clock.elapsed().as_secs_f64();
+        const AHEAD: usize = 2;
+        let clock = web_time::Instant::now();
+        let mut submitted = std::collections::VecDeque::with_capacity(AHEAD);
+        for g in dp.groups.iter().take(AHEAD) {
+            submitted.push_back(submit(g)?);
+        }
+        compute_s += clock.elapsed().as_secs_f64();
+        let mut write_s = 0.0;
+        let mut first = None;
+        let mut rest: Vec<f32> = Vec::new();
+        let mut counts: Vec<u32> = Vec::new();
+        let mut gathered = None;
+        let mut grad_floats = 0;
+        for (i, g) in dp.groups.iter().enumerate() {
+            let clock = web_time::Instant::now();
+            let index = submitted.pop_front();
+            let words = match &g.rb {
+                Some(rb) => rb.read_after(ctx, index).await?,
+                None => dp.rb.rb.read_after(ctx, index).await?,
+            };
+            ctx.check_errors("train_step backward")?;
+            compute_s += clock.elapsed().as_secs_f64();
+
+            // One flat all-reduce of the group's gradients; the first group
+            // adds the loss (sum, count) and each MoE layer's mean
+            // probabilities P, then sums the routing counts and gathers the
+            // complexity rows.
+            let clock = web_time::Instant::now();
+            let mut flat: Vec<f32> = Vec::new();
+            for &(p, _) in &g.grads {
+                flat.extend(words.f32s(p));
+            }
+            let n = flat.len();
+            grad_floats += n;
+            if g.rb.is_none() {
+                flat.extend(words.f32s(dp.rb.loss).iter().take(2));
+                for m in &dp.rb.moe {
+                    flat.extend(&words.f32s(m.stats)[m.e..2 * m.e]);
+                }
+            }
+            comm.sum(&mut flat)?;
+            if g.rb.is_none() {
+                for m in &dp.rb.moe {
+                    let r = words.u32s(m.routing);
+                    counts.push(r[RoutingLayout::USED_SLOTS]);
+                    counts.push(r[RoutingLayout::DROPPED_SLOTS]);
+                    counts.extend(&r[RoutingLayout::HEADER..RoutingLayout::HEADER + m.e]);
+                }
+                comm.sum(&mut counts)?;
+                gathered = match (complexity, dp.rb.complexity) {
+                    (true, Some(c)) => Some(comm.gather(&words.f32s(c))?),
+                    _ => None,
+                };
+            }
+            all_reduce_s += clock.elapsed().as_secs_f64();
+
+            // The mean, into the summed-gradient buffer at each gradient's
+            // place (the update's submit copies it out).
+            let clock = web_time::Instant::now();
+            let mut at = 0;
+            for &(p, off) in &g.grads {
+                let len = words.u32s(p).len();
+                let part = &mut flat[at..at + len];
+                part.iter_mut().for_each(|x| *x *= inv);
+                ctx.queue.write_buffer(
+                    &dp.grad_in.buffer,
+                    off as u64 * 4,
+                    bytemuck::cast_slice(part),
+                );
+                at += len;
+            }
+            if g.rb.is_none() {
+                rest = flat[n..].to_vec();
+                first = Some(words);
+            }
+            write_s += clock.elapsed().as_secs_f64();
+            if let Some(next) = dp.groups.get(i + AHEAD) {
+                let clock = web_time::Instant::now();
+                submitted.push_back(submit(next)?);
+                compute_s += clock.elapsed().as_secs_f64();
+            }
+        }
+        let Some(mut words) = first else {
+            return Err(Error::invalid(
+                "train",
+                "a data-parallel step without groups",
+            ));
+        };
 
         let clock = web_time::Instant::now();
-        let (grads, rest) = flat.split_at_mut(grad_floats);
-        grads.iter_mut().for_each(|x| *x *= inv);
-        dp.grad_in.write(ctx, grads)?;
         let mut enc = encode(
             ctx,
             "train_step update",
@@ -1355,9 +1512,10 @@ impl TrainStep {
         *times = DataParallelTimes {
             compute_s,
             all_reduce_s,
-            write_update_s: clock.elapsed().as_secs_f64(),
+            write_update_s: write_s + clock.elapsed().as_secs_f64(),
             grad_floats,
             bytes_sent: comm.bytes_sent() - sent0,
+            backward_submits: dp.groups.len(),
         };
         finite(s)
     }

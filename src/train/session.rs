@@ -289,6 +289,17 @@ impl Session {
         Self::build(ctx, cfg, data, host, Some(comm))
     }
 
+    /// Data-parallel runs: whether the gradients' all-reduce overlaps the
+    /// backward (one submit per block, on by default) or waits for all of
+    /// it (one submit). The result is the same for 2 ranks and equal to
+    /// float reassociation for more. Nothing for a one-process session.
+    pub fn set_overlap(&mut self, ctx: &GpuContext, overlap: bool) -> Result<()> {
+        if self.comm.is_some() {
+            self.step.enable_data_parallel(ctx, &self.model, overlap)?;
+        }
+        Ok(())
+    }
+
     fn build(
         ctx: &GpuContext,
         cfg: TrainConfig,
@@ -300,7 +311,7 @@ impl Session {
         let ranks = comm.as_ref().map_or(1, Comm::size);
         let mut step = TrainStep::new(ctx, &model, cfg.batch / ranks, &cfg.opt)?;
         if comm.is_some() {
-            step.enable_data_parallel(ctx, &model)?;
+            step.enable_data_parallel(ctx, &model, true)?;
         }
         let eval = if data.dataset.val.is_empty() {
             None

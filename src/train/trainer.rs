@@ -81,6 +81,9 @@ pub struct DataParallelSummary {
     pub grad_floats: usize,
     /// Bytes this rank sent per step.
     pub bytes_sent: f64,
+    /// Submits of the backward, each one's gradients all-reduced while the
+    /// next ones run (1: no overlap).
+    pub backward_submits: usize,
 }
 
 /// What the loop reports as it goes (the CLI draws a progress bar).
@@ -417,6 +420,7 @@ impl Run {
                 d.all_reduce_s += t.all_reduce_s;
                 d.write_update_s += t.write_update_s;
                 d.grad_floats = t.grad_floats;
+                d.backward_submits = t.backward_submits;
                 d.bytes_sent += t.bytes_sent as f64;
             }
             two_sum += m.two_expert_fraction.unwrap_or(0.0) as f64;
