@@ -66,6 +66,15 @@ enum Experts {
     Decode(Vec<DecodeFfn>),
 }
 
+/// What the grouped path reads and writes.
+struct GroupedIo<'a> {
+    x: &'a Tensor<f32>,
+    topk_ids: &'a Tensor<u32>,
+    topk_weights: &'a Tensor<f32>,
+    routing: &'a Tensor<u32>,
+    y: &'a Tensor<f32>,
+}
+
 struct GroupedExperts {
     route: Route,
     ffn: Vec<ExpertFfn>,
@@ -340,78 +349,20 @@ impl MoeLayer {
             }
             Experts::Decode(ffns)
         } else {
-            let rows = layout.max_rows();
-            let token_of_slot = Tensor::zeros(ctx, "token_of_slot", &[rows])?;
-            let slot_of_token = Tensor::zeros(ctx, "slot_of_token", &[t, k])?;
-            let h = Tensor::zeros(ctx, "h", &[rows, f])?;
-            let y_expert = Tensor::zeros(ctx, "y_expert", &[rows, d])?;
-            let u = if train {
-                Some(Tensor::zeros(ctx, "u", &[rows, f])?)
-            } else {
-                None
-            };
-            let u3 = if train && cfg.activation == Activation::SwiGlu {
-                Some(Tensor::zeros(ctx, "u3", &[rows, f])?)
-            } else {
-                None
-            };
-            // Each part's GEMMs write the rows of its own experts' tiles.
-            let mut ffn = Vec::with_capacity(parts.len());
-            for p in &parts {
-                ffn.push(ExpertFfn::new(
-                    ctx,
-                    &expert_shape,
-                    spec,
-                    ExpertBuffers {
-                        x: &x,
-                        token_of_slot: &token_of_slot,
-                        routing: &routing,
-                        w1: p.w1,
-                        w3: p.w3,
-                        w2: p.w2,
-                        e0: p.e0,
-                        h: &h,
-                        y_expert: &y_expert,
-                        u: u.as_ref(),
-                        u3: u3.as_ref(),
-                    },
-                )?);
-            }
-            let route = Route::new(
+            Experts::Grouped(Box::new(self.grouped(
                 ctx,
-                &RouteConfig {
-                    layout,
-                    grid_y1: ffn[0].grid_y1(),
-                    grid_y2: ffn[0].grid_y2(),
-                    capacity: if train { cfg.capacity(t) } else { None },
-                },
-                &RouteBuffers {
+                &expert_shape,
+                spec,
+                &parts,
+                train,
+                GroupedIo {
+                    x: &x,
                     topk_ids: &topk_ids,
-                    routing: &routing,
-                    token_of_slot: &token_of_slot,
-                    slot_of_token: &slot_of_token,
-                },
-            )?;
-            let combine = Combine::new(
-                ctx,
-                &CombineBuffers {
                     topk_weights: &topk_weights,
-                    slot_of_token: &slot_of_token,
-                    y_expert: &y_expert,
+                    routing: &routing,
                     y: &y,
                 },
-            )?;
-            Experts::Grouped(Box::new(GroupedExperts {
-                route,
-                ffn,
-                combine,
-                token_of_slot,
-                slot_of_token,
-                h,
-                y_expert,
-                u,
-                u3,
-            }))
+            )?))
         };
         Ok(MoePlan {
             t,
@@ -426,6 +377,157 @@ impl MoeLayer {
             router,
             gate,
             experts,
+        })
+    }
+
+    /// The grouped path's launchers and buffers over `io` (the gate's
+    /// outputs or, for rows routed from elsewhere, ids written by the host).
+    fn grouped(
+        &self,
+        ctx: &GpuContext,
+        expert_shape: &ExpertShape,
+        spec: ExpertSpec,
+        parts: &[ExpertPart<'_>],
+        train: bool,
+        io: GroupedIo<'_>,
+    ) -> Result<GroupedExperts> {
+        let cfg = &self.cfg;
+        let (t, d, f, k) = (expert_shape.t, cfg.d, cfg.f, expert_shape.k);
+        let layout = RoutingLayout {
+            t,
+            k,
+            e: cfg.e,
+            tile_m: spec.tile_m(),
+        };
+        let GroupedIo {
+            x,
+            topk_ids,
+            topk_weights,
+            routing,
+            y,
+        } = io;
+        let rows = layout.max_rows();
+        let token_of_slot = Tensor::zeros(ctx, "token_of_slot", &[rows])?;
+        let slot_of_token = Tensor::zeros(ctx, "slot_of_token", &[t, k])?;
+        let h = Tensor::zeros(ctx, "h", &[rows, f])?;
+        let y_expert = Tensor::zeros(ctx, "y_expert", &[rows, d])?;
+        let u = if train {
+            Some(Tensor::zeros(ctx, "u", &[rows, f])?)
+        } else {
+            None
+        };
+        let u3 = if train && cfg.activation == Activation::SwiGlu {
+            Some(Tensor::zeros(ctx, "u3", &[rows, f])?)
+        } else {
+            None
+        };
+        // Each part's GEMMs write the rows of its own experts' tiles.
+        let mut ffn = Vec::with_capacity(parts.len());
+        for p in parts {
+            ffn.push(ExpertFfn::new(
+                ctx,
+                expert_shape,
+                spec,
+                ExpertBuffers {
+                    x,
+                    token_of_slot: &token_of_slot,
+                    routing,
+                    w1: p.w1,
+                    w3: p.w3,
+                    w2: p.w2,
+                    e0: p.e0,
+                    h: &h,
+                    y_expert: &y_expert,
+                    u: u.as_ref(),
+                    u3: u3.as_ref(),
+                },
+            )?);
+        }
+        let route = Route::new(
+            ctx,
+            &RouteConfig {
+                layout,
+                grid_y1: ffn[0].grid_y1(),
+                grid_y2: ffn[0].grid_y2(),
+                capacity: if train { cfg.capacity(t) } else { None },
+            },
+            &RouteBuffers {
+                topk_ids,
+                routing,
+                token_of_slot: &token_of_slot,
+                slot_of_token: &slot_of_token,
+            },
+        )?;
+        let combine = Combine::new(
+            ctx,
+            &CombineBuffers {
+                topk_weights,
+                slot_of_token: &slot_of_token,
+                y_expert: &y_expert,
+                y,
+            },
+        )?;
+        Ok(GroupedExperts {
+            route,
+            ffn,
+            combine,
+            token_of_slot,
+            slot_of_token,
+            h,
+            y_expert,
+            u,
+            u3,
+        })
+    }
+
+    /// A forward over `rows` rows that other ranks routed to this bank's
+    /// experts (expert parallelism): each row names one of the bank's
+    /// experts (or none), no router and no gate; the output row is that
+    /// expert's output (weight 1).
+    pub fn plan_rows(&self, ctx: &GpuContext, rows: usize) -> Result<ExpertRowsPlan> {
+        if rows == 0 {
+            return Err(Error::invalid("moe_layer", "a plan of 0 rows"));
+        }
+        let cfg = &self.cfg;
+        let d = cfg.d;
+        let x = Tensor::zeros(ctx, "received rows", &[rows, d])?;
+        let expert = Tensor::zeros(ctx, "expert of row", &[rows, 1])?;
+        let ones = Tensor::from_slice(ctx, "unit weights", &[rows, 1], &vec![1.0f32; rows])?;
+        let y = Tensor::zeros(ctx, "expert rows out", &[rows, d])?;
+        let shape = ExpertShape {
+            t: rows,
+            k: 1,
+            e: cfg.e,
+            d,
+            f: cfg.f,
+            act: cfg.activation,
+        };
+        let spec = ExpertSpec::choose(ctx, &shape);
+        let routing = routing_tensor(ctx, &shape.layout(&spec))?;
+        let parts = self.expert_parts()?;
+        let grouped = self.grouped(
+            ctx,
+            &shape,
+            spec,
+            &parts,
+            false,
+            GroupedIo {
+                x: &x,
+                topk_ids: &expert,
+                topk_weights: &ones,
+                routing: &routing,
+                y: &y,
+            },
+        )?;
+        Ok(ExpertRowsPlan {
+            rows,
+            e: cfg.e,
+            x,
+            expert,
+            _ones: ones,
+            y,
+            routing,
+            grouped: Box::new(grouped),
         })
     }
 
@@ -605,6 +707,67 @@ impl MoeTrainPlan {
     }
 }
 
+/// An expert bank's forward over rows routed to it from other ranks
+/// (`MoeLayer::plan_rows`).
+pub struct ExpertRowsPlan {
+    /// Rows the plan holds at most.
+    pub rows: usize,
+    e: usize,
+    /// x [rows, D]: the received rows.
+    pub x: Tensor<f32>,
+    /// expert [rows, 1]: each row's expert in this bank (`UNUSED` past the rows received).
+    pub expert: Tensor<u32>,
+    _ones: Tensor<f32>,
+    /// y [rows, D]: each row's expert output.
+    pub y: Tensor<f32>,
+    pub routing: Tensor<u32>,
+    grouped: Box<GroupedExperts>,
+}
+
+impl ExpertRowsPlan {
+    /// Write the received rows `x [n, D]` and their experts `[n]` (n <= rows).
+    pub fn write(&self, ctx: &GpuContext, x: &[f32], experts: &[u32]) -> Result<()> {
+        let d = self.x.shape[1];
+        let n = experts.len();
+        if n > self.rows || x.len() != n * d {
+            return Err(Error::shape(
+                "expert rows",
+                format!("at most {} rows of {d} floats and their experts", self.rows),
+                format!("{} floats, {n} experts", x.len()),
+            ));
+        }
+        if let Some(bad) = experts.iter().find(|&&x| x as usize >= self.e) {
+            return Err(Error::invalid(
+                "expert rows",
+                format!("expert {bad} of a bank of {}", self.e),
+            ));
+        }
+        let mut ids = experts.to_vec();
+        ids.resize(self.rows, UNUSED);
+        self.expert.write(ctx, &ids)?;
+        if n > 0 {
+            ctx.queue
+                .write_buffer(&self.x.buffer, 0, bytemuck::cast_slice(x));
+        }
+        Ok(())
+    }
+
+    /// Record the route, the expert GEMMs and the (unit-weight) combine.
+    pub fn record(&self, encoder: &mut wgpu::CommandEncoder) {
+        encoder.clear_buffer(&self.routing.buffer, 0, None);
+        let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
+            label: Some("expert_rows_forward"),
+            timestamp_writes: None,
+        });
+        let g = &self.grouped;
+        g.route.record(&mut pass);
+        for f in &g.ffn {
+            f.record(&mut pass);
+        }
+        g.combine.record(&mut pass);
+    }
+}
+
 impl MoePlan {
     /// Zero what the gate and route accumulate into (outside any pass).
     pub fn clear(&self, encoder: &mut wgpu::CommandEncoder) {
@@ -629,6 +792,41 @@ impl MoePlan {
                     f.record(pass);
                 }
             }
+        }
+    }
+
+    /// The router, the gate and the route alone (grouped path): expert
+    /// parallelism sends the routed rows to the experts' ranks before the
+    /// expert GEMMs, and writes their outputs into `y_expert` before
+    /// `record_combine`. False on the decode path.
+    pub fn record_routing(&self, pass: &mut wgpu::ComputePass<'_>) -> bool {
+        self.router.record(pass);
+        self.gate.record(pass);
+        match &self.experts {
+            Experts::Grouped(g) => {
+                g.route.record(pass);
+                true
+            }
+            Experts::Decode(_) => false,
+        }
+    }
+
+    /// The combine alone (after `record_routing` and `y_expert` filled).
+    pub fn record_combine(&self, pass: &mut wgpu::ComputePass<'_>) -> bool {
+        match &self.experts {
+            Experts::Grouped(g) => {
+                g.combine.record(pass);
+                true
+            }
+            Experts::Decode(_) => false,
+        }
+    }
+
+    /// token_of_slot [rows] and y_expert [rows, D] of the grouped path.
+    pub fn slot_buffers(&self) -> Option<(&Tensor<u32>, &Tensor<f32>)> {
+        match &self.experts {
+            Experts::Grouped(g) => Some((&g.token_of_slot, &g.y_expert)),
+            Experts::Decode(_) => None,
         }
     }
 

@@ -130,6 +130,32 @@ impl Comm {
         Ok(all)
     }
 
+    /// Personalized all-to-all of variable sizes: `send[j]` goes to rank j
+    /// (`send[rank]` stays); returns what each rank sent to this one, in
+    /// rank order. Pairwise in a fixed order (step s: to rank + s, from
+    /// rank - s), the sizes first, then the payloads: what expert
+    /// parallelism's token rows take.
+    pub fn all_to_all_v<T: Pod>(&self, send: &[Vec<T>]) -> Result<Vec<Vec<T>>> {
+        let (r, n) = (self.rank(), self.size());
+        if send.len() != n {
+            return Err(Error::invalid(
+                "distributed",
+                format!("an all-to-all over {n} ranks given {} parts", send.len()),
+            ));
+        }
+        let mut got: Vec<Vec<T>> = (0..n).map(|_| Vec::new()).collect();
+        got[r] = send[r].clone();
+        for s in 1..n {
+            let (to, from) = ((r + s) % n, (r + n - s) % n);
+            let mut len = [0u64];
+            self.exchange(&[send[to].len() as u64], to, &mut len, from)?;
+            let mut buf = vec![T::zeroed(); len[0] as usize];
+            self.exchange(&send[to], to, &mut buf, from)?;
+            got[from] = buf;
+        }
+        Ok(got)
+    }
+
     /// Check that every rank holds the same `value` (a hash of its
     /// configuration and data): a clear error naming the ranks that differ.
     pub fn check_same(&self, what: &str, value: u64) -> Result<()> {
@@ -293,6 +319,30 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn all_to_all_v_delivers_every_part_in_rank_order() {
+        for n in 1..=4 {
+            let out = run(n, move |c| {
+                let r = c.rank() as u32;
+                // Rank r sends (r + j) % 3 values "r j i" to rank j (some empty).
+                let send: Vec<Vec<u32>> = (0..n as u32)
+                    .map(|j| (0..(r + j) % 3).map(|i| 100 * r + 10 * j + i).collect())
+                    .collect();
+                c.all_to_all_v(&send).unwrap()
+            });
+            for (j, got) in out.iter().enumerate() {
+                for (r, part) in got.iter().enumerate() {
+                    let want: Vec<u32> = (0..(r + j) as u32 % 3)
+                        .map(|i| 100 * r as u32 + 10 * j as u32 + i)
+                        .collect();
+                    assert_eq!(part, &want, "n {n}: rank {j} from {r}");
+                }
+            }
+        }
+        let out = run(2, |c| c.all_to_all_v(&[vec![1u32]]).is_err());
+        assert_eq!(out, vec![true, true]);
     }
 
     #[test]

@@ -9,6 +9,7 @@
 pub mod collective;
 pub mod curriculum;
 pub mod data;
+pub mod expert_parallel;
 pub mod gating;
 #[cfg(not(target_arch = "wasm32"))]
 pub mod metrics;
