@@ -485,6 +485,110 @@ impl MoeLayer {
     /// experts (or none), no router and no gate; the output row is that
     /// expert's output (weight 1).
     pub fn plan_rows(&self, ctx: &GpuContext, rows: usize) -> Result<ExpertRowsPlan> {
+        self.plan_rows_with(ctx, rows, false)
+    }
+
+    /// `plan_rows` for training: the forward keeps what the backward needs;
+    /// the backward takes each row's output gradient and gives its input
+    /// gradient and the bank's weight gradients (no router, no gate).
+    /// `split`: K chunks of the weight-gradient GEMMs (1 on CPU adapters).
+    pub fn plan_rows_train(
+        &self,
+        ctx: &GpuContext,
+        rows: usize,
+        split: usize,
+    ) -> Result<ExpertRowsTrainPlan> {
+        let fwd = self.plan_rows_with(ctx, rows, true)?;
+        let (d, f, e) = (self.cfg.d, self.cfg.f, self.cfg.e);
+        let swiglu = self.cfg.activation == Activation::SwiGlu;
+        let z = |name: &str, shape: &[usize]| Tensor::<f32>::zeros(ctx, name, shape);
+        let dy = z("rows dy", &[rows, d])?;
+        let dx = z("rows dx", &[rows, d])?;
+        let dw1 = z("dw1", &[e, d, f])?;
+        let dw2 = z("dw2", &[e, f, d])?;
+        let dw3 = if swiglu {
+            Some(z("dw3", &[e, d, f])?)
+        } else {
+            None
+        };
+        // What the router's part binds and never runs here.
+        let unused = (
+            z("unused probs", &[rows, e])?,
+            z("unused lse", &[rows])?,
+            z("unused w_router", &[d, e])?,
+            z("unused dw_router", &[d, e])?,
+        );
+        let g = &fwd.grouped;
+        let Some(u) = g.u.as_ref() else {
+            return Err(Error::invalid("moe_layer", "training plan without u"));
+        };
+        let [ffn] = g.ffn.as_slice() else {
+            return Err(Error::invalid(
+                "moe_layer",
+                "training needs each expert bank in one buffer",
+            ));
+        };
+        let shape = MoeBackwardShape {
+            layout: RoutingLayout {
+                t: rows,
+                k: 1,
+                e,
+                tile_m: ffn.tile_m(),
+            },
+            d,
+            f,
+            raw_single: false,
+            topk: None,
+            balance: 0.0,
+            z_loss: 0.0,
+            split,
+            swiglu,
+        };
+        let backward = MoeBackward::new(
+            ctx,
+            &shape,
+            ffn.spec.core,
+            &MoeBackwardBuffers {
+                x: &fwd.x,
+                dy: &dy,
+                probs: &unused.0,
+                topk_ids: &fwd.expert,
+                topk_weights: &fwd._ones,
+                lse: &unused.1,
+                routing: &fwd.routing,
+                token_of_slot: &g.token_of_slot,
+                slot_of_token: &g.slot_of_token,
+                u,
+                u3: g.u3.as_ref(),
+                h: &g.h,
+                y_expert: &g.y_expert,
+                w_router: &unused.2,
+                w1: self.w1.f32("MoE backward")?,
+                w2: self.w2.f32("MoE backward")?,
+                w3: match &self.w3 {
+                    Some(w3) => Some(w3.f32("MoE backward")?),
+                    None => None,
+                },
+                dx: &dx,
+                dw_router: &unused.3,
+                dw1: &dw1,
+                dw2: &dw2,
+                dw3: dw3.as_ref(),
+            },
+        )?;
+        Ok(ExpertRowsTrainPlan {
+            fwd,
+            dy,
+            dx,
+            dw1,
+            dw2,
+            dw3,
+            backward,
+            _unused: unused,
+        })
+    }
+
+    fn plan_rows_with(&self, ctx: &GpuContext, rows: usize, train: bool) -> Result<ExpertRowsPlan> {
         if rows == 0 {
             return Err(Error::invalid("moe_layer", "a plan of 0 rows"));
         }
@@ -510,7 +614,7 @@ impl MoeLayer {
             &shape,
             spec,
             &parts,
-            false,
+            train,
             GroupedIo {
                 x: &x,
                 topk_ids: &expert,
@@ -722,6 +826,29 @@ pub struct ExpertRowsPlan {
     pub y: Tensor<f32>,
     pub routing: Tensor<u32>,
     grouped: Box<GroupedExperts>,
+}
+
+/// An expert bank's training plan over received rows
+/// (`MoeLayer::plan_rows_train`).
+pub struct ExpertRowsTrainPlan {
+    pub fwd: ExpertRowsPlan,
+    /// dy [rows, D]: write each received row's output gradient here.
+    pub dy: Tensor<f32>,
+    /// dx [rows, D]: each row's input gradient.
+    pub dx: Tensor<f32>,
+    /// The bank's weight gradients: dw1 [E, D, F], dw2 [E, F, D], dw3 (SwiGLU).
+    pub dw1: Tensor<f32>,
+    pub dw2: Tensor<f32>,
+    pub dw3: Option<Tensor<f32>>,
+    pub backward: MoeBackward,
+    _unused: (Tensor<f32>, Tensor<f32>, Tensor<f32>, Tensor<f32>),
+}
+
+impl ExpertRowsTrainPlan {
+    /// Record the bank's backward (after its forward, `dy` written).
+    pub fn record_backward(&self, pass: &mut wgpu::ComputePass<'_>) {
+        self.backward.record_experts(pass);
+    }
 }
 
 impl ExpertRowsPlan {

@@ -794,12 +794,48 @@ impl MoeBackward {
 
     /// The backward past `gate_stats` (its stats must be in place).
     pub fn record_after_stats(&self, pass: &mut wgpu::ComputePass<'_>) {
-        self.slots.record(pass);
-        self.weights.record(pass);
-        self.gate.record(pass);
+        self.record_slots_and_gate(pass);
         self.gemm2.record(pass);
         self.gemm1.record(pass);
         self.dispatch_back.record(pass);
+        self.record_weight_grads(pass);
+        self.router_dx.record(pass);
+        self.router_dw.record(pass);
+    }
+
+    /// Expert parallelism, the routing rank's part before the exchange
+    /// (after `record_stats`): each slot's output gradient `dys` (sent to
+    /// its expert's rank), the gradient of the routing weights and the
+    /// gate's backward.
+    pub fn record_slots_and_gate(&self, pass: &mut wgpu::ComputePass<'_>) {
+        self.slots.record(pass);
+        self.weights.record(pass);
+        self.gate.record(pass);
+    }
+
+    /// Expert parallelism, the routing rank's part after the exchange
+    /// (each slot's input gradient written into `scratch.dxs`): the
+    /// gradient of the layer input, through the experts and the router, and
+    /// the router's weight gradient.
+    pub fn record_input_grads(&self, pass: &mut wgpu::ComputePass<'_>) {
+        self.dispatch_back.record(pass);
+        self.router_dx.record(pass);
+        self.router_dw.record(pass);
+    }
+
+    /// Expert parallelism, an expert bank's backward over received rows
+    /// (a plan of weight-1, one-expert rows; no router): each row's output
+    /// gradient in `dy`, its input gradient into `dx`, the experts' weight
+    /// gradients.
+    pub fn record_experts(&self, pass: &mut wgpu::ComputePass<'_>) {
+        self.slots.record(pass);
+        self.gemm2.record(pass);
+        self.gemm1.record(pass);
+        self.dispatch_back.record(pass);
+        self.record_weight_grads(pass);
+    }
+
+    fn record_weight_grads(&self, pass: &mut wgpu::ComputePass<'_>) {
         self.wgrad2.record(pass);
         if let Some(r) = &self.reduce2 {
             r.record(pass);
@@ -814,7 +850,5 @@ impl MoeBackward {
                 r.record(pass);
             }
         }
-        self.router_dx.record(pass);
-        self.router_dw.record(pass);
     }
 }

@@ -509,7 +509,29 @@ impl Block {
         })
     }
 
-    fn record(&self, pass: &mut wgpu::ComputePass<'_>) {
+    pub(crate) fn record(&self, pass: &mut wgpu::ComputePass<'_>) {
+        self.record_attention(pass);
+        self.ffn.fwd().record_pass(pass);
+        self.record_after_ffn(pass);
+    }
+
+    /// Expert parallelism: the block up to its routed experts (attention,
+    /// the FFN's norm, its router, gate and route); the routed rows go to
+    /// the experts' ranks here. False on a decode plan (no route).
+    pub(crate) fn record_to_experts(&self, pass: &mut wgpu::ComputePass<'_>) -> bool {
+        self.record_attention(pass);
+        self.ffn.fwd().record_routing(pass)
+    }
+
+    /// The rest of the block once the experts' outputs are in the FFN's
+    /// `y_expert`: the combine, the shared expert, the residual add.
+    pub(crate) fn record_from_experts(&self, pass: &mut wgpu::ComputePass<'_>) -> bool {
+        let ok = self.ffn.fwd().record_combine(pass);
+        self.record_after_ffn(pass);
+        ok
+    }
+
+    fn record_attention(&self, pass: &mut wgpu::ComputePass<'_>) {
         self.norm1.record(pass);
         self.qkv_mm.record(pass);
         self.prep.record(pass);
@@ -523,7 +545,9 @@ impl Block {
         self.proj_mm.record(pass);
         self.add1.record(pass);
         self.norm2.record(pass);
-        self.ffn.fwd().record_pass(pass);
+    }
+
+    fn record_after_ffn(&self, pass: &mut wgpu::ComputePass<'_>) {
         if let (Some((plan, _)), Some(add)) = (&self.shared, &self.add_shared) {
             plan.record_pass(pass);
             add.record(pass);
@@ -601,7 +625,7 @@ impl Head {
         })
     }
 
-    fn record(&self, pass: &mut wgpu::ComputePass<'_>) {
+    pub(crate) fn record(&self, pass: &mut wgpu::ComputePass<'_>) {
         self.norm_f.record(pass);
         for mm in &self.out_mm {
             mm.record(pass);
@@ -689,6 +713,11 @@ impl Graph {
                 plan.clear(encoder);
             }
         }
+    }
+
+    /// The embedding alone (expert parallelism records the graph in parts).
+    pub(crate) fn record_embedding(&self, pass: &mut wgpu::ComputePass<'_>) {
+        self.embed.record(pass);
     }
 
     /// Embedding, blocks, head.

@@ -36,7 +36,8 @@ use crate::model::graph::{mm, Block, Graph, Mode};
 use crate::model::params::{
     BlockParam, FfnParams, HostTensor, ParamId, Params, Storage, TensorValues,
 };
-use crate::moe::{MoeConfig, MoeLayer};
+use crate::moe::{ExpertRowsTrainPlan, MoeConfig, MoeLayer, MoeWeights};
+use crate::train::expert_parallel::{dispatch, give_back, ExpertSplit, SlotPlan};
 
 /// Scale of the unembedding's init relative to 1/sqrt(D): the logits of a
 /// fresh model have a standard deviation of about this.
@@ -879,6 +880,64 @@ impl StepReadback {
         }
     }
 
+    /// Distributed steps: every MoE layer's routing counts summed over the
+    /// ranks, and (with `complexity`) the ranks' complexity rows gathered.
+    fn reduce_counts(
+        &self,
+        comm: &crate::train::collective::Comm,
+        words: &ReadbackWords,
+        complexity: bool,
+    ) -> Result<(Vec<u32>, Option<Vec<f32>>)> {
+        let mut counts = Vec::new();
+        for m in &self.moe {
+            let r = words.u32s(m.routing);
+            counts.push(r[RoutingLayout::USED_SLOTS]);
+            counts.push(r[RoutingLayout::DROPPED_SLOTS]);
+            counts.extend(&r[RoutingLayout::HEADER..RoutingLayout::HEADER + m.e]);
+        }
+        comm.sum(&mut counts)?;
+        let gathered = match (complexity, self.complexity) {
+            (true, Some(c)) => Some(comm.gather(&words.f32s(c))?),
+            _ => None,
+        };
+        Ok((counts, gathered))
+    }
+
+    /// Distributed steps: put the global batch's numbers where `parse`
+    /// reads them: `sums` = the ranks' summed loss (sum, count) then each
+    /// MoE layer's summed mean probabilities P; `counts` from
+    /// `reduce_counts`; `f` the global first-choice fractions; `inv` = 1 / N.
+    fn globalize(
+        &self,
+        words: &mut ReadbackWords,
+        sums: &[f32],
+        counts: &[u32],
+        f: &[f32],
+        inv: f32,
+        balance: f32,
+    ) {
+        words.set_u32s(self.loss, &[sums[0].to_bits(), sums[1].to_bits()]);
+        let (mut p_at, mut c_at, mut f_at) = (2, 0, 0);
+        for m in &self.moe {
+            let e = m.e;
+            let f_l = &f[f_at..f_at + e];
+            f_at += e;
+            let p: Vec<f32> = sums[p_at..p_at + e].iter().map(|x| x * inv).collect();
+            p_at += e;
+            let loss = balance * e as f32 * f_l.iter().zip(&p).map(|(a, b)| a * b).sum::<f32>();
+            let mut st = words.u32s(m.stats).to_vec();
+            st[2 * e] = loss.to_bits();
+            words.set_u32s(m.stats, &st);
+            let mut r = words.u32s(m.routing).to_vec();
+            r[RoutingLayout::USED_SLOTS] = counts[c_at];
+            r[RoutingLayout::DROPPED_SLOTS] = counts[c_at + 1];
+            r[RoutingLayout::HEADER..RoutingLayout::HEADER + e]
+                .copy_from_slice(&counts[c_at + 2..c_at + 2 + e]);
+            c_at += 2 + e;
+            words.set_u32s(m.routing, &r);
+        }
+    }
+
     fn parse(&self, w: &ReadbackWords, b: usize, t: usize, complexity: bool) -> StepStats {
         let loss = w.f32_at(self.loss, 0) / w.f32_at(self.loss, 1).max(1.0);
         let grad_norm = w.f32_at(self.clip, 0);
@@ -941,6 +1000,43 @@ pub struct TrainStep {
     vocab: usize,
     /// What a data-parallel step adds (`enable_data_parallel`).
     dp: Option<DataParallel>,
+    /// What expert parallelism adds (`enable_expert_parallel`).
+    ep: Option<ExpertParallel>,
+}
+
+/// Expert parallelism on this rank: per MoE layer (E > 1), the bank of the
+/// experts it owns and its plan over the rows the ranks route to them.
+struct ExpertParallel {
+    /// Per block: its split and bank, or None (a dense FFN stays local).
+    banks: Vec<Option<(ExpertSplit, MoeLayer, ExpertRowsTrainPlan)>>,
+    /// The step's readback with the replicated gradients, then the banks'.
+    rb: StepReadback,
+    /// The gradients of the parameters every rank holds (summed over the
+    /// ranks), and of the bank's experts (this rank's alone): part, tensor.
+    replicated: Vec<(PartId, Tensor<f32>)>,
+    bank_grads: Vec<(PartId, Tensor<f32>)>,
+    /// Per entry of `TrainStep::adamw`: whether it updates an expert
+    /// tensor the banks replace (not run).
+    skip: Vec<bool>,
+    /// AdamW of each bank tensor, and the moments it holds.
+    adamw: Vec<AdamW>,
+    _moments: Vec<Tensor<f32>>,
+    max_norm: Option<f32>,
+}
+
+/// A compute pass of its own encoder, not borrowing it (expert parallelism
+/// records a step in many submits).
+fn open_pass(ctx: &GpuContext, label: &str) -> (wgpu::CommandEncoder, wgpu::ComputePass<'static>) {
+    let mut enc = ctx
+        .device
+        .create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some(label) });
+    let pass = enc
+        .begin_compute_pass(&wgpu::ComputePassDescriptor {
+            label: Some(label),
+            timestamp_writes: None,
+        })
+        .forget_lifetime();
+    (enc, pass)
 }
 
 /// A data-parallel step's own buffers: the gate statistics' f of every MoE
@@ -1119,6 +1215,7 @@ impl TrainStep {
             readback,
             vocab: cfg.vocab,
             dp: None,
+            ep: None,
         })
     }
 
@@ -1218,6 +1315,524 @@ impl TrainStep {
             moe_layers,
         });
         Ok(())
+    }
+
+    /// Build the banks of expert parallelism (once): on rank `rank` of
+    /// `ranks`, each MoE layer's experts `rank · E/N ..` from `host` (the
+    /// model's parameters), with a plan for the rows every rank may route
+    /// to them (all of their tokens' slots, at most).
+    pub fn enable_expert_parallel(
+        &mut self,
+        ctx: &GpuContext,
+        model: &Model,
+        host: &HostParams,
+        opt: &OptConfig,
+        rank: usize,
+        ranks: usize,
+    ) -> Result<()> {
+        if self.dp.is_none() {
+            self.enable_data_parallel(ctx, model, false)?;
+        }
+        let cfg = &model.cfg;
+        let t = self.fwd.t();
+        let mut banks = Vec::with_capacity(cfg.layers);
+        for (l, b) in host.blocks.iter().enumerate() {
+            let c = cfg.ffn_config(l);
+            if c.e <= 1 {
+                banks.push(None);
+                continue;
+            }
+            if c.capacity_factor.is_some() {
+                return Err(Error::invalid(
+                    "expert parallel",
+                    "a capacity factor is per rank's tokens, and experts on other ranks see every rank's: not supported",
+                ));
+            }
+            let split = ExpertSplit::new(c.e, ranks)?;
+            let owned = split.owned(rank);
+            let per = c.d * c.f;
+            let take = |w: &HostTensor| w.data[owned.start * per..owned.end * per].to_vec();
+            let bank_cfg = MoeConfig {
+                e: owned.len(),
+                ..c
+            };
+            let weights = MoeWeights {
+                w_router: vec![0.0; c.d * owned.len()],
+                w1: take(&b.ffn.w1),
+                w3: b.ffn.w3.as_ref().map(take),
+                w2: take(&b.ffn.w2),
+            };
+            let bank = MoeLayer::new(ctx, bank_cfg, &weights)?;
+            let plan = bank.plan_rows_train(ctx, ranks * t * c.k(), 1)?;
+            banks.push(Some((split, bank, plan)));
+        }
+        // The banks' tensors replace the model's expert tensors of those
+        // layers: those are neither read back nor updated.
+        let banked = |id: ParamId| match id {
+            ParamId::Block(l, BlockParam::W1 | BlockParam::W2 | BlockParam::W3) => {
+                banks[l].is_some()
+            }
+            _ => false,
+        };
+        let skip: Vec<bool> = self.grads.iter().map(|(id, _)| banked(id)).collect();
+        let replicated: Vec<Tensor<f32>> = self
+            .grads
+            .iter()
+            .filter(|&(id, _)| !banked(id))
+            .map(|(_, g)| g.clone())
+            .collect();
+        let mut bank_params: Vec<(ParamId, Tensor<f32>, Tensor<f32>)> = Vec::new();
+        for (l, b) in banks.iter().enumerate() {
+            let Some((_, layer, plan)) = b else { continue };
+            bank_params.push((
+                ParamId::Block(l, BlockParam::W1),
+                layer.w1.f32("bank")?.clone(),
+                plan.dw1.clone(),
+            ));
+            if let (Some(w3), Some(dw3)) = (&layer.w3, &plan.dw3) {
+                bank_params.push((
+                    ParamId::Block(l, BlockParam::W3),
+                    w3.f32("bank")?.clone(),
+                    dw3.clone(),
+                ));
+            }
+            bank_params.push((
+                ParamId::Block(l, BlockParam::W2),
+                layer.w2.f32("bank")?.clone(),
+                plan.dw2.clone(),
+            ));
+        }
+        let mut adamw = Vec::with_capacity(bank_params.len());
+        let mut moments = Vec::with_capacity(2 * bank_params.len());
+        for (id, p, g) in &bank_params {
+            let m = Tensor::zeros(ctx, &format!("m bank {id}"), &p.shape)?;
+            let v = Tensor::zeros(ctx, &format!("v bank {id}"), &p.shape)?;
+            let c = AdamWConfig {
+                weight_decay: if id.decay() {
+                    opt.adamw.weight_decay
+                } else {
+                    0.0
+                },
+                ..opt.adamw
+            };
+            adamw.push(AdamW::new(
+                ctx,
+                &c,
+                &AdamWBuffers {
+                    p,
+                    g,
+                    m: &m,
+                    v: &v,
+                    clip: &self.clip,
+                },
+            )?);
+            moments.extend([m, v]);
+        }
+        let mut extra: Vec<&Tensor<f32>> = replicated.iter().collect();
+        extra.extend(bank_params.iter().map(|(_, _, g)| g));
+        let (rb, parts) = StepReadback::with_extra(
+            ctx,
+            &self.fwd,
+            &self.clip,
+            &cfg.moe_layers(),
+            &self.complexity,
+            &extra,
+        )?;
+        let (rep_parts, bank_parts) = parts.split_at(replicated.len());
+        self.ep = Some(ExpertParallel {
+            rb,
+            replicated: rep_parts.iter().copied().zip(replicated).collect(),
+            bank_grads: bank_parts
+                .iter()
+                .copied()
+                .zip(bank_params.into_iter().map(|(_, _, g)| g))
+                .collect(),
+            banks,
+            skip,
+            adamw,
+            _moments: moments,
+            max_norm: opt.clip,
+        });
+        Ok(())
+    }
+
+    /// The banks' expert tensors (w1, w3 or empty, w2 per MoE layer, in
+    /// layer order) of this rank: its experts of each layer.
+    pub async fn expert_banks(&self, ctx: &GpuContext) -> Result<Vec<(usize, [Vec<f32>; 3])>> {
+        let ep = self
+            .ep
+            .as_ref()
+            .ok_or_else(|| Error::invalid("train", "enable_expert_parallel was not called"))?;
+        let mut out = Vec::new();
+        for (l, b) in ep.banks.iter().enumerate() {
+            let Some((_, layer, _)) = b else { continue };
+            let w3 = match &layer.w3 {
+                Some(w) => w.f32("bank")?.read(ctx).await?,
+                None => Vec::new(),
+            };
+            out.push((
+                l,
+                [
+                    layer.w1.f32("bank")?.read(ctx).await?,
+                    w3,
+                    layer.w2.f32("bank")?.read(ctx).await?,
+                ],
+            ));
+        }
+        Ok(out)
+    }
+
+    /// Expert parallelism, the forward of this rank's shard: each MoE
+    /// layer's routed rows go to their experts' ranks, this rank runs its
+    /// own experts on what every rank sent it, and the outputs come back
+    /// into the slot order, where the combine runs. A submit per MoE layer
+    /// and side. Returns this shard's mean loss.
+    pub async fn forward_expert_parallel(
+        &self,
+        ctx: &GpuContext,
+        model: &Model,
+        args: &StepArgs<'_>,
+        comm: &crate::train::collective::Comm,
+    ) -> Result<f32> {
+        let ep = self
+            .ep
+            .as_ref()
+            .ok_or_else(|| Error::invalid("train", "enable_expert_parallel was not called"))?;
+        self.upload(ctx, model, args)?;
+        self.forward_segments(ctx, comm, ep, None).await?;
+        let loss = self.fwd.loss_out.read(ctx).await?;
+        ctx.check_errors("expert-parallel forward")?;
+        Ok(loss[0] / loss[1].max(1.0))
+    }
+
+    /// The forward in segments, each ending where an MoE layer's routed
+    /// rows leave for the experts' ranks. `train`: the last segment adds the
+    /// curriculum's complexity (when asked) and each MoE layer's gate
+    /// statistics, and reads back the first-choice fractions.
+    async fn forward_segments(
+        &self,
+        ctx: &GpuContext,
+        comm: &crate::train::collective::Comm,
+        ep: &ExpertParallel,
+        train: Option<bool>,
+    ) -> Result<()> {
+        let graph = &self.fwd.graph;
+        let blocks = &graph.blocks;
+        let grouped = || Error::invalid("expert parallel", "an MoE layer without its grouped plan");
+        let split_at: Vec<usize> = (0..blocks.len())
+            .filter(|&l| ep.banks[l].is_some())
+            .collect();
+        for i in 0..=split_at.len() {
+            let from = if i == 0 { 0 } else { split_at[i - 1] + 1 };
+            let to = split_at.get(i).copied().unwrap_or(blocks.len());
+            let mut clear = None;
+            if i == 0 {
+                let mut enc = ctx
+                    .device
+                    .create_command_encoder(&wgpu::CommandEncoderDescriptor { label: None });
+                self.fwd.clear(&mut enc);
+                clear = Some(enc.finish());
+            }
+            let (mut enc, mut pass) = open_pass(ctx, "expert-parallel forward");
+            if i == 0 {
+                graph.record_embedding(&mut pass);
+            } else if !blocks[from - 1].record_from_experts(&mut pass) {
+                return Err(grouped());
+            }
+            for blk in &blocks[from..to] {
+                blk.record(&mut pass);
+            }
+            let last = to == blocks.len();
+            if !last {
+                if !blocks[to].record_to_experts(&mut pass) {
+                    return Err(grouped());
+                }
+            } else {
+                graph.head.record(&mut pass);
+                self.fwd.ce.record(&mut pass);
+                self.fwd.loss_sum.record(&mut pass);
+                if let (Some(complexity), Some(dp)) = (train, &self.dp) {
+                    if complexity {
+                        for c in &self.complexity_kernels {
+                            c.record(&mut pass);
+                        }
+                    }
+                    for &l in &dp.moe_layers {
+                        blocks[l].ffn.train()?.record_gate_stats(&mut pass);
+                    }
+                }
+            }
+            drop(pass);
+            if let (true, Some(_), Some(dp)) = (last, train, &self.dp) {
+                dp.f_rb.record_all(&mut enc);
+            }
+            self.scoped_submit(ctx, clear, enc)?;
+            if let Some(&l) = split_at.get(i) {
+                let Some((split, _, bank)) = &ep.banks[l] else {
+                    continue;
+                };
+                self.experts_forward(ctx, comm, l, split, bank).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Submit `first` (if any) and `enc`, errors caught as the step's.
+    fn scoped_submit(
+        &self,
+        ctx: &GpuContext,
+        first: Option<wgpu::CommandBuffer>,
+        enc: wgpu::CommandEncoder,
+    ) -> Result<()> {
+        ctx.scoped("expert-parallel step", || {
+            ctx.queue.submit(first.into_iter().chain([enc.finish()]));
+            Ok(())
+        })
+    }
+
+    /// One expert-parallel training step of this rank's shard (B / N
+    /// sequences of the global batch): the forward in segments (each MoE
+    /// layer's routed rows to their experts' ranks and back), the global
+    /// first-choice fractions (as `step_data_parallel`), the backward in
+    /// segments (each MoE layer's slot gradients to the experts' ranks, the
+    /// input gradients back), then one readback: the replicated gradients
+    /// (attention, routers, norms, embeddings, dense FFNs) are summed over
+    /// the ranks, this rank's experts' gradients are its own (every rank's
+    /// tokens reached them); the global gradient norm (replicated part
+    /// once, every rank's experts) sets the clip, and AdamW updates the
+    /// replicated parameters and this rank's experts. Returns the global
+    /// batch's numbers.
+    pub async fn step_expert_parallel(
+        &self,
+        ctx: &GpuContext,
+        model: &Model,
+        args: &StepArgs<'_>,
+        comm: &crate::train::collective::Comm,
+    ) -> Result<StepStats> {
+        let (Some(ep), Some(dp)) = (&self.ep, &self.dp) else {
+            return Err(Error::invalid(
+                "train",
+                "enable_expert_parallel was not called",
+            ));
+        };
+        let ranks = comm.size();
+        let inv = 1.0 / ranks as f32;
+        let complexity = args.complexity;
+        self.upload(ctx, model, args)?;
+        for a in &ep.adamw {
+            a.set_step(ctx, args.lr, args.step)?;
+        }
+        let blocks = &self.fwd.graph.blocks;
+
+        // 1. Forward; the global first-choice fractions.
+        self.forward_segments(ctx, comm, ep, Some(complexity))
+            .await?;
+        let mut f: Vec<f32> = {
+            let w = dp.f_rb.read(ctx).await?;
+            dp.f_parts.iter().flat_map(|&(id, _)| w.f32s(id)).collect()
+        };
+        ctx.check_errors("expert-parallel forward")?;
+        comm.sum(&mut f)?;
+        f.iter_mut().for_each(|x| *x *= inv);
+        let mut at = 0;
+        for (&l, &(_, e)) in dp.moe_layers.iter().zip(&dp.f_parts) {
+            let stats = blocks[l].ffn.train()?.stats();
+            ctx.queue
+                .write_buffer(&stats.buffer, 0, bytemuck::cast_slice(&f[at..at + e]));
+            at += e;
+        }
+
+        // 2. Backward, a segment per banked MoE layer.
+        let (mut enc, mut pass) = open_pass(ctx, "expert-parallel backward");
+        self.edge.record_head(&mut pass);
+        for l in (0..blocks.len()).rev() {
+            match &ep.banks[l] {
+                Some((split, _, bank)) => {
+                    let plan = blocks[l].ffn.train()?;
+                    plan.backward.record_slots_and_gate(&mut pass);
+                    drop(pass);
+                    self.scoped_submit(ctx, None, enc)?;
+                    self.experts_backward(ctx, comm, l, split, bank).await?;
+                    (enc, pass) = open_pass(ctx, "expert-parallel backward");
+                    plan.backward.record_input_grads(&mut pass);
+                }
+                None => {
+                    if let Ok(plan) = blocks[l].ffn.train() {
+                        plan.record_backward_after_stats(&mut pass);
+                    }
+                }
+            }
+            self.back[l].record(&mut pass);
+        }
+        self.edge.record_embedding(&mut pass);
+        drop(pass);
+        ep.rb.record(&mut enc, complexity);
+        for (p, _) in ep.replicated.iter().chain(&ep.bank_grads) {
+            ep.rb.rb.record(&mut enc, *p);
+        }
+        self.scoped_submit(ctx, None, enc)?;
+        let mut words = ep.rb.rb.read(ctx).await?;
+        ctx.check_errors("expert-parallel backward")?;
+
+        // 3. Replicated gradients summed (with the loss and P), the
+        // routing counts summed, the complexity rows gathered.
+        let mut flat: Vec<f32> = Vec::new();
+        for (p, _) in &ep.replicated {
+            flat.extend(words.f32s(*p));
+        }
+        let n = flat.len();
+        flat.extend(words.f32s(ep.rb.loss).iter().take(2));
+        for m in &ep.rb.moe {
+            flat.extend(&words.f32s(m.stats)[m.e..2 * m.e]);
+        }
+        comm.sum(&mut flat)?;
+        let (counts, gathered) = ep.rb.reduce_counts(comm, &words, complexity)?;
+        // The mean gradients; the global norm: the replicated part (the
+        // same on every rank) and every rank's experts.
+        let mut sq_replicated = 0.0f64;
+        let mut at = 0;
+        for (p, g) in &ep.replicated {
+            let len = words.u32s(*p).len();
+            let part = &mut flat[at..at + len];
+            part.iter_mut().for_each(|x| *x *= inv);
+            sq_replicated += part.iter().map(|&x| (x as f64) * (x as f64)).sum::<f64>();
+            g.write(ctx, part)?;
+            at += len;
+        }
+        let mut sq_experts = [0.0f64];
+        for (p, g) in &ep.bank_grads {
+            let mut v = words.f32s(*p);
+            v.iter_mut().for_each(|x| *x *= inv);
+            sq_experts[0] += v.iter().map(|&x| (x as f64) * (x as f64)).sum::<f64>();
+            g.write(ctx, &v)?;
+        }
+        comm.sum(&mut sq_experts)?;
+        let norm = (sq_replicated + sq_experts[0]).sqrt() as f32;
+        let scale = if !norm.is_finite() {
+            0.0
+        } else {
+            match ep.max_norm {
+                Some(max) => (max / (norm + 1e-6)).min(1.0),
+                None => 1.0,
+            }
+        };
+        self.clip.write(ctx, &[norm, scale])?;
+
+        // 4. The update.
+        let (enc, mut pass) = open_pass(ctx, "expert-parallel update");
+        for (a, &skip) in self.adamw.iter().zip(&ep.skip) {
+            if !skip {
+                a.record(&mut pass);
+            }
+        }
+        for a in &ep.adamw {
+            a.record(&mut pass);
+        }
+        drop(pass);
+        self.scoped_submit(ctx, None, enc)?;
+        ctx.wait()?;
+        ctx.check_errors("expert-parallel update")?;
+
+        ep.rb.globalize(
+            &mut words,
+            &flat[n..],
+            &counts,
+            &f,
+            inv,
+            model.cfg.aux.balance,
+        );
+        let (b, t) = self.batch();
+        let mut s = ep.rb.parse(&words, b * ranks, t * ranks, false);
+        s.grad_norm = norm;
+        if let Some(v) = gathered {
+            let cols = ep.rb.moe.len();
+            s.complexity = v.chunks(cols.max(1)).map(|c| c.to_vec()).collect();
+        }
+        finite(s)
+    }
+
+    /// One MoE layer's experts, backward: each routed slot's output
+    /// gradient to its expert's rank, the bank's backward on what came
+    /// (its weight gradients stay here), each slot's input gradient back
+    /// into the routing rank's `dxs`.
+    async fn experts_backward(
+        &self,
+        ctx: &GpuContext,
+        comm: &crate::train::collective::Comm,
+        l: usize,
+        split: &ExpertSplit,
+        bank: &ExpertRowsTrainPlan,
+    ) -> Result<()> {
+        let plan = self.fwd.graph.blocks[l].ffn.train()?;
+        let (token_of_slot, _) = plan
+            .fwd
+            .slot_buffers()
+            .ok_or_else(|| Error::invalid("expert parallel", "no grouped plan"))?;
+        let e = split.experts;
+        let d = plan.fwd.x.shape[1];
+        let words = plan.fwd.routing.read(ctx).await?;
+        let tos = token_of_slot.read(ctx).await?;
+        let dys = plan.backward.scratch.dys.read(ctx).await?;
+        let h = RoutingLayout::HEADER;
+        let slots = SlotPlan {
+            counts: &words[h..h + e],
+            offsets: &words[h + e..h + 2 * e + 1],
+            token_of_slot: &tos,
+        };
+        let got = dispatch(comm, split, &slots, d, |slot, _| {
+            &dys[slot * d..(slot + 1) * d]
+        })?;
+        if !got.rows.is_empty() {
+            ctx.queue
+                .write_buffer(&bank.dy.buffer, 0, bytemuck::cast_slice(&got.rows));
+        }
+        let (enc, mut pass) = open_pass(ctx, "expert bank backward");
+        bank.record_backward(&mut pass);
+        drop(pass);
+        self.scoped_submit(ctx, None, enc)?;
+        let dx = bank.dx.read(ctx).await?;
+        let back = give_back(comm, split, &slots, &got, &dx[..got.len() * d], tos.len())?;
+        plan.backward.scratch.dxs.write(ctx, &back)
+    }
+
+    /// One MoE layer's experts, forward: its routed rows (the FFN input's
+    /// row of each slot) to their experts' ranks, the bank on what came,
+    /// the outputs back into `y_expert`.
+    async fn experts_forward(
+        &self,
+        ctx: &GpuContext,
+        comm: &crate::train::collective::Comm,
+        l: usize,
+        split: &ExpertSplit,
+        bank: &ExpertRowsTrainPlan,
+    ) -> Result<()> {
+        let plan = &self.fwd.graph.blocks[l].ffn.train()?.fwd;
+        let (token_of_slot, y_expert) = plan
+            .slot_buffers()
+            .ok_or_else(|| Error::invalid("expert parallel", "no grouped plan"))?;
+        let e = split.experts;
+        let d = plan.x.shape[1];
+        let words = plan.routing.read(ctx).await?;
+        let tos = token_of_slot.read(ctx).await?;
+        let x = plan.x.read(ctx).await?;
+        let h = RoutingLayout::HEADER;
+        let slots = SlotPlan {
+            counts: &words[h..h + e],
+            offsets: &words[h + e..h + 2 * e + 1],
+            token_of_slot: &tos,
+        };
+        let got = dispatch(comm, split, &slots, d, |_, tok| &x[tok * d..(tok + 1) * d])?;
+        bank.fwd.write(ctx, &got.rows, &got.local_expert)?;
+        let mut enc = ctx
+            .device
+            .create_command_encoder(&wgpu::CommandEncoderDescriptor {
+                label: Some("expert bank forward"),
+            });
+        bank.fwd.record(&mut enc);
+        ctx.submit("expert bank forward", enc)?;
+        let out = bank.fwd.y.read(ctx).await?;
+        let back = give_back(comm, split, &slots, &got, &out[..got.len() * d], tos.len())?;
+        y_expert.write(ctx, &back)
     }
 
     fn record(&self, pass: &mut wgpu::ComputePass<'_>, complexity: bool) {
@@ -1409,17 +2024,7 @@ impl TrainStep {
             }
             comm.sum(&mut flat)?;
             if g.rb.is_none() {
-                for m in &dp.rb.moe {
-                    let r = words.u32s(m.routing);
-                    counts.push(r[RoutingLayout::USED_SLOTS]);
-                    counts.push(r[RoutingLayout::DROPPED_SLOTS]);
-                    counts.extend(&r[RoutingLayout::HEADER..RoutingLayout::HEADER + m.e]);
-                }
-                comm.sum(&mut counts)?;
-                gathered = match (complexity, dp.rb.complexity) {
-                    (true, Some(c)) => Some(comm.gather(&words.f32s(c))?),
-                    _ => None,
-                };
+                (counts, gathered) = dp.rb.reduce_counts(comm, &words, complexity)?;
             }
             all_reduce_s += clock.elapsed().as_secs_f64();
 
@@ -1481,27 +2086,8 @@ impl TrainStep {
         ctx.check_errors("train_step update")?;
 
         // The global batch's numbers, in the words `parse` reads.
-        words.set_u32s(dp.rb.loss, &[rest[0].to_bits(), rest[1].to_bits()]);
-        let (mut p_at, mut c_at, mut f_at) = (2, 0, 0);
-        for (m, &(_, e)) in dp.rb.moe.iter().zip(&dp.f_parts) {
-            let f_l = &f[f_at..f_at + e];
-            f_at += e;
-            let p: Vec<f32> = rest[p_at..p_at + e].iter().map(|x| x * inv).collect();
-            p_at += e;
-            let balance = model.cfg.aux.balance
-                * e as f32
-                * f_l.iter().zip(&p).map(|(a, b)| a * b).sum::<f32>();
-            let mut st = words.u32s(m.stats).to_vec();
-            st[2 * e] = balance.to_bits();
-            words.set_u32s(m.stats, &st);
-            let mut r = words.u32s(m.routing).to_vec();
-            r[RoutingLayout::USED_SLOTS] = counts[c_at];
-            r[RoutingLayout::DROPPED_SLOTS] = counts[c_at + 1];
-            r[RoutingLayout::HEADER..RoutingLayout::HEADER + e]
-                .copy_from_slice(&counts[c_at + 2..c_at + 2 + e]);
-            c_at += 2 + e;
-            words.set_u32s(m.routing, &r);
-        }
+        dp.rb
+            .globalize(&mut words, &rest, &counts, &f, inv, model.cfg.aux.balance);
         let (b, t) = self.batch();
         let mut s = dp.rb.parse(&words, b * ranks, t * ranks, false);
         s.grad_norm = grad_norm;
