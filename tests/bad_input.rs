@@ -106,6 +106,15 @@ fn cases() -> Vec<Case> {
             says: "--distributed needs an MPI launcher",
         },
         Case {
+            input: "experts split over the ranks of no distributed run",
+            shown: "amoe train --expert-parallel",
+            args: |d| s(&["train", "--expert-parallel", "--out", &at(d, "run")]),
+            setup: nothing,
+            stdout_full: false,
+            exit: 2,
+            says: "--expert-parallel is a choice of a --distributed run",
+        },
+        Case {
             input: "a NaN clipping norm",
             shown: "amoe train --clip NaN",
             args: |d| s(&["train", "--clip", "NaN", "--out", &at(d, "run")]),

@@ -428,8 +428,7 @@ fn a_models_forward_with_its_experts_on_other_ranks_equals_one_process() {
                             let comm = Comm::new(Box::new(tr));
                             let model = Model::new(&h, cfg, host).unwrap();
                             let mut step = TrainStep::new(&h, &model, b, opt).unwrap();
-                            step.enable_expert_parallel(&h, &model, host, opt, r, n)
-                                .unwrap();
+                            step.enable_expert_parallel(&h, &model, opt, r, n).unwrap();
                             pollster::block_on(step.forward_expert_parallel(
                                 &h,
                                 &model,
@@ -464,8 +463,7 @@ fn a_models_forward_with_its_experts_on_other_ranks_equals_one_process() {
 /// on its rank), within float reassociation.
 #[test]
 fn expert_parallel_training_steps_equal_one_process() {
-    use amoe::model::params::BlockParam;
-    use amoe::model::{HostParams, Model, OptConfig, ParamId, StepArgs, TrainStep};
+    use amoe::model::{HostParams, Model, OptConfig, StepArgs, TrainStep};
     let (steps, b_global, n) = (4, 4, 2);
     for (gating, moe_every) in [(Gating::Adaptive, 1), (Gating::Top2, 2), (Gating::Top1, 1)] {
         let cfg = amoe::model::ModelConfig {
@@ -516,8 +514,7 @@ fn expert_parallel_training_steps_equal_one_process() {
                             let comm = Comm::new(Box::new(tr));
                             let model = Model::new(&h, cfg, host).unwrap();
                             let mut step = TrainStep::new(&h, &model, b, opt).unwrap();
-                            step.enable_expert_parallel(&h, &model, host, opt, r, n)
-                                .unwrap();
+                            step.enable_expert_parallel(&h, &model, opt, r, n).unwrap();
                             let got: Vec<(f32, f32)> = (0..steps)
                                 .map(|s| {
                                     let st = pollster::block_on(step.step_expert_parallel(
@@ -525,13 +522,16 @@ fn expert_parallel_training_steps_equal_one_process() {
                                         &model,
                                         &args(s, r * t..(r + 1) * t),
                                         &comm,
+                                        &mut Default::default(),
                                     ))
                                     .unwrap();
                                     (st.loss, st.grad_norm)
                                 })
                                 .collect();
-                            let params = pollster::block_on(model.download(&h)).unwrap();
                             let banks = pollster::block_on(step.expert_banks(&h)).unwrap();
+                            // Every rank's experts gathered into the model.
+                            pollster::block_on(step.sync_experts(&h, &comm)).unwrap();
+                            let params = pollster::block_on(model.download(&h)).unwrap();
                             (got, params, banks)
                         })
                     })
@@ -559,15 +559,12 @@ fn expert_parallel_training_steps_equal_one_process() {
                         }
                     }
                 };
+                assert!(!banked.is_empty());
+                // After `sync_experts`, the whole model on every rank.
+                assert!(!banked.is_empty());
+                // After `sync_experts`, the whole model on every rank.
                 for ((id, p), (_, q)) in params.iter().zip(want_params.iter()) {
-                    let expert = matches!(
-                        id,
-                        ParamId::Block(l, BlockParam::W1 | BlockParam::W2 | BlockParam::W3)
-                            if banked.contains(&l)
-                    );
-                    if !expert {
-                        diff(id.name(), &p.data, &q.data);
-                    }
+                    diff(id.name(), &p.data, &q.data);
                 }
                 let per = cfg.d * cfg.ffn;
                 let e_own = cfg.experts / n;

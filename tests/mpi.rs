@@ -236,6 +236,63 @@ fn two_ranks_resume_across_rank_counts_and_survive_a_killed_rank() {
         clock.elapsed().as_secs_f64()
     );
 
+    // Experts split over the ranks: the same run; its checkpoint holds
+    // every rank's experts; stopped and resumed either way (the AdamW
+    // moments of each rank's experts go into and come out of it).
+    let ep: Vec<String> = six
+        .iter()
+        .cloned()
+        .chain(["--expert-parallel".to_string()])
+        .collect();
+    let f = dir.join("two-experts-split");
+    let out = ranks(2, &ep, &f);
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(said.contains("experts split over 2 ranks"), "{said}");
+    let d = max_diff(&a, &f);
+    assert!(
+        d <= 1e-5,
+        "experts split over 2 ranks differ from one process by {d}"
+    );
+    let g = dir.join("split-then-one");
+    let mut ep_stop = ep.clone();
+    ep_stop.extend(["--stop-at".to_string(), "3".to_string()]);
+    ranks(2, &ep_stop, &g);
+    ok(
+        Command::new(BIN)
+            .args(["train", "--backend", "vulkan", "--quick-start", "--resume"])
+            .arg(&g)
+            .output()
+            .unwrap(),
+        "amoe train --resume of an expert-parallel run",
+    );
+    let d = max_diff(&a, &g);
+    assert!(d <= 1e-5, "split experts then 1 process differ by {d}");
+    let h = dir.join("one-then-split");
+    one(&stop, &h);
+    ok(
+        mpirun(2)
+            .arg(BIN)
+            .args([
+                "train",
+                "--distributed",
+                "--expert-parallel",
+                "--backend",
+                "vulkan",
+                "--quick-start",
+                "--resume",
+            ])
+            .arg(&h)
+            .output()
+            .unwrap(),
+        "mpirun amoe train --distributed --expert-parallel --resume",
+    );
+    let d = max_diff(&a, &h);
+    assert!(d <= 1e-5, "1 process then split experts differ by {d}");
+    eprintln!(
+        "[{:.0} s] experts split over 2 ranks: the same run, resumed either way",
+        clock.elapsed().as_secs_f64()
+    );
+
     // A rank killed mid-run: the job ends within a bounded time with an
     // error, the last checkpoint loads, and resuming it on one process
     // ends where the uninterrupted run did.
@@ -406,6 +463,34 @@ fn distributed_without_a_launcher_or_with_disagreeing_ranks_is_refused() {
         "{err}"
     );
     assert!(start.elapsed() < Duration::from_secs(300));
+
+    // Experts split on rank 1 only.
+    let out = mpirun(1)
+        .arg(BIN)
+        .args(["train", "--distributed"])
+        .args(&args)
+        .arg("--out")
+        .arg(dir.join("w"))
+        .args([
+            ":",
+            "-np",
+            "1",
+            BIN,
+            "train",
+            "--distributed",
+            "--expert-parallel",
+        ])
+        .args(&args)
+        .arg("--out")
+        .arg(dir.join("w"))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("rank(s) 1 disagree with rank 0 on --expert-parallel"),
+        "{err}"
+    );
 
     // Resumed with another --eval-every on rank 1: the checkpoint agrees,
     // the flags given on resuming do not (validation is collective).

@@ -120,6 +120,11 @@ pub struct TrainArgs {
     /// blocks' backward still runs.
     #[arg(long)]
     pub no_overlap: bool,
+    /// With --distributed: split each MoE layer's experts over the ranks
+    /// (E / N each; the ranks exchange the routed token rows) instead of
+    /// every rank running every expert.
+    #[arg(long)]
+    pub expert_parallel: bool,
 }
 
 impl TrainArgs {
@@ -376,6 +381,7 @@ const RESUME_FLAGS: &[&str] = &[
     "json",
     "distributed",
     "no-overlap",
+    "expert-parallel",
     "stop-at",
     "quick-start",
     "backend",
@@ -421,6 +427,24 @@ fn check_resume_flags(given: &[String]) -> Result<()> {
 }
 
 pub fn run(adapter: &AdapterArgs, args: &TrainArgs) -> Result<ExitCode> {
+    if !args.distributed && (args.expert_parallel || args.no_overlap) {
+        return Err(Error::invalid(
+            "train",
+            format!(
+                "--{} is a choice of a --distributed run (mpirun -np N amoe train --distributed {} ...)",
+                if args.expert_parallel {
+                    "expert-parallel"
+                } else {
+                    "no-overlap"
+                },
+                if args.expert_parallel {
+                    "--expert-parallel"
+                } else {
+                    "--no-overlap"
+                }
+            ),
+        ));
+    }
     if !args.distributed {
         return run_on(adapter, args, None);
     }
@@ -434,7 +458,8 @@ pub fn run(adapter: &AdapterArgs, args: &TrainArgs) -> Result<ExitCode> {
         Ok(code) => Ok(code),
         Err(e) => {
             // The other ranks would wait for this one forever: end the job.
-            eprintln!("error: rank {rank}: {e}");
+            let line = format!("error: rank {rank}: {e}\n");
+            let _ = std::io::Write::write_all(&mut std::io::stderr(), line.as_bytes());
             super::distributed::abort(2)
         }
     }
@@ -517,14 +542,25 @@ fn run_on(adapter: &AdapterArgs, args: &TrainArgs, comm: Option<Comm>) -> Result
         )?;
         if let Some(d) = &s.data_parallel {
             outln!(
-                "data parallel over {} ranks, per step: waiting for the GPU {:.3} s, all-reduce {:.3} s, write and update {:.3} s; {:.2} MB sent by rank 0 ({} gradient floats); {}",
+                "{} over {} ranks, per step: waiting for the GPU {:.3} s, {} {:.3} s, write and update {:.3} s; {:.2} MB sent by rank 0 ({} gradient floats summed); {}",
+                if d.expert_parallel {
+                    "experts split"
+                } else {
+                    "data parallel"
+                },
                 d.ranks,
                 d.compute_s,
+                if d.expert_parallel {
+                    "exchanges (token rows, gradients)"
+                } else {
+                    "all-reduce"
+                },
                 d.all_reduce_s,
                 d.write_update_s,
                 d.bytes_sent / 1e6,
                 d.grad_floats,
                 match d.backward_submits {
+                    n if d.expert_parallel => format!("the backward in {n} segments"),
                     1 => "the all-reduce after the backward (--no-overlap)".to_string(),
                     n => format!("the all-reduce overlapping the backward ({n} submits)"),
                 }
@@ -593,15 +629,19 @@ fn train(ctx: &GpuContext, args: &TrainArgs, comm: Option<Comm>) -> Result<RunSu
         None => Run::new_on(ctx, args.config()?, &args.out, comm)?,
     };
     run.session.set_overlap(ctx, !args.no_overlap)?;
+    run.session.set_expert_parallel(ctx, args.expert_parallel)?;
     run.pause_at = args.stop_at;
     let c = &run.cfg;
     if let Some((rank, size)) = ranks {
-        eprintln!(
-            "rank {rank} of {size} on {}: {} sequences of each global batch of {}",
+        // One write: stderr is unbuffered, and the ranks' lines would
+        // interleave piece by piece.
+        let line = format!(
+            "rank {rank} of {size} on {}: {} sequences of each global batch of {}\n",
             ctx.adapter_label(),
             c.batch / size,
             c.batch
         );
+        let _ = std::io::Write::write_all(&mut std::io::stderr(), line.as_bytes());
         if rank != 0 {
             let stop = interrupt_flag();
             let flag = stop.clone();

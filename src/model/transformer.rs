@@ -1020,9 +1020,14 @@ struct ExpertParallel {
     skip: Vec<bool>,
     /// AdamW of each bank tensor, and the moments it holds.
     adamw: Vec<AdamW>,
-    _moments: Vec<Tensor<f32>>,
+    /// Per bank tensor: (bank tensor, its moments m, v) and the model's
+    /// tensors it stands for (parameter, m, v): what `sync_experts` gathers.
+    synced: Vec<(Triple, Triple)>,
     max_norm: Option<f32>,
 }
+
+/// A tensor and its AdamW moments (m, v).
+type Triple = [Tensor<f32>; 3];
 
 /// A compute pass of its own encoder, not borrowing it (expert parallelism
 /// records a step in many submits).
@@ -1093,8 +1098,12 @@ pub struct DataParallelTimes {
     /// Bytes this rank sent in the step.
     pub bytes_sent: u64,
     /// Submits of the backward, each followed by the all-reduce of the
-    /// gradients it finished (1: no overlap).
+    /// gradients it finished (1: no overlap); with expert parallelism, its
+    /// segments (one more than the MoE layers).
     pub backward_submits: usize,
+    /// The step was expert-parallel: `all_reduce_s` counts every exchange
+    /// (the rows' all-to-alls too).
+    pub expert_parallel: bool,
 }
 
 impl TrainStep {
@@ -1317,15 +1326,17 @@ impl TrainStep {
         Ok(())
     }
 
-    /// Build the banks of expert parallelism (once): on rank `rank` of
-    /// `ranks`, each MoE layer's experts `rank · E/N ..` from `host` (the
-    /// model's parameters), with a plan for the rows every rank may route
-    /// to them (all of their tokens' slots, at most).
+    /// Build the banks of expert parallelism (once, after any optimizer
+    /// state was restored): on rank `rank` of `ranks`, each MoE layer's
+    /// experts `rank · E/N ..`, copied from the model's tensors with their
+    /// AdamW moments, and a plan for the rows every rank may route to them
+    /// (all of their tokens' slots, at most). The model's own expert
+    /// tensors of those layers are not used from here on, until
+    /// `sync_experts` gathers the banks back into them.
     pub fn enable_expert_parallel(
         &mut self,
         ctx: &GpuContext,
         model: &Model,
-        host: &HostParams,
         opt: &OptConfig,
         rank: usize,
         ranks: usize,
@@ -1336,7 +1347,12 @@ impl TrainStep {
         let cfg = &model.cfg;
         let t = self.fwd.t();
         let mut banks = Vec::with_capacity(cfg.layers);
-        for (l, b) in host.blocks.iter().enumerate() {
+        let mut copy = ctx
+            .device
+            .create_command_encoder(&wgpu::CommandEncoderDescriptor {
+                label: Some("expert banks"),
+            });
+        for l in 0..cfg.layers {
             let c = cfg.ffn_config(l);
             if c.e <= 1 {
                 banks.push(None);
@@ -1351,18 +1367,36 @@ impl TrainStep {
             let split = ExpertSplit::new(c.e, ranks)?;
             let owned = split.owned(rank);
             let per = c.d * c.f;
-            let take = |w: &HostTensor| w.data[owned.start * per..owned.end * per].to_vec();
             let bank_cfg = MoeConfig {
                 e: owned.len(),
                 ..c
             };
+            let zeros = vec![0.0f32; owned.len() * per];
             let weights = MoeWeights {
                 w_router: vec![0.0; c.d * owned.len()],
-                w1: take(&b.ffn.w1),
-                w3: b.ffn.w3.as_ref().map(take),
-                w2: take(&b.ffn.w2),
+                w1: zeros.clone(),
+                w3: (c.activation == crate::kernels::Activation::SwiGlu).then(|| zeros.clone()),
+                w2: zeros,
             };
             let bank = MoeLayer::new(ctx, bank_cfg, &weights)?;
+            let f = &model.params.blocks[l].ffn;
+            let pairs = [
+                (Some(&f.w1), Some(&bank.w1)),
+                (f.w3.as_ref(), bank.w3.as_ref()),
+                (Some(&f.w2), Some(&bank.w2)),
+            ];
+            for (from, to) in pairs {
+                if let (Some(from), Some(to)) = (from, to) {
+                    let (from, to) = (from.f32("expert bank")?, to.f32("expert bank")?);
+                    copy.copy_buffer_to_buffer(
+                        &from.buffer,
+                        (owned.start * per * 4) as u64,
+                        &to.buffer,
+                        0,
+                        to.bytes(),
+                    );
+                }
+            }
             let plan = bank.plan_rows_train(ctx, ranks * t * c.k(), 1)?;
             banks.push(Some((split, bank, plan)));
         }
@@ -1403,10 +1437,40 @@ impl TrainStep {
             ));
         }
         let mut adamw = Vec::with_capacity(bank_params.len());
-        let mut moments = Vec::with_capacity(2 * bank_params.len());
+        let mut synced = Vec::with_capacity(bank_params.len());
+        let moment = |t: &Params<Tensor<f32>>, id: ParamId| -> Result<Tensor<f32>> {
+            let ParamId::Block(l, which) = id else {
+                return Err(Error::invalid(
+                    "expert parallel",
+                    format!("{id} is not an expert tensor"),
+                ));
+            };
+            let f = &t.blocks[l].ffn;
+            match which {
+                BlockParam::W1 => Ok(f.w1.clone()),
+                BlockParam::W2 => Ok(f.w2.clone()),
+                _ => f
+                    .w3
+                    .clone()
+                    .ok_or_else(|| Error::invalid("expert parallel", format!("no moment of {id}"))),
+            }
+        };
         for (id, p, g) in &bank_params {
             let m = Tensor::zeros(ctx, &format!("m bank {id}"), &p.shape)?;
             let v = Tensor::zeros(ctx, &format!("v bank {id}"), &p.shape)?;
+            let ParamId::Block(l, _) = *id else { continue };
+            let owned = banks[l]
+                .as_ref()
+                .map_or(0..0, |(split, _, _)| split.owned(rank));
+            for (full, bank) in [(moment(&self.m, *id)?, &m), (moment(&self.v, *id)?, &v)] {
+                copy.copy_buffer_to_buffer(
+                    &full.buffer,
+                    owned.start as u64 * bank.bytes() / owned.len().max(1) as u64,
+                    &bank.buffer,
+                    0,
+                    bank.bytes(),
+                );
+            }
             let c = AdamWConfig {
                 weight_decay: if id.decay() {
                     opt.adamw.weight_decay
@@ -1426,7 +1490,27 @@ impl TrainStep {
                     clip: &self.clip,
                 },
             )?);
-            moments.extend([m, v]);
+            let full = [
+                match id {
+                    ParamId::Block(l, BlockParam::W1) => {
+                        model.params.blocks[*l].ffn.w1.f32("bank")?.clone()
+                    }
+                    ParamId::Block(l, BlockParam::W2) => {
+                        model.params.blocks[*l].ffn.w2.f32("bank")?.clone()
+                    }
+                    ParamId::Block(l, _) => model.params.blocks[*l]
+                        .ffn
+                        .w3
+                        .as_ref()
+                        .ok_or_else(|| Error::invalid("expert parallel", "no w3"))?
+                        .f32("bank")?
+                        .clone(),
+                    _ => continue,
+                },
+                moment(&self.m, *id)?,
+                moment(&self.v, *id)?,
+            ];
+            synced.push(([p.clone(), m, v], full));
         }
         let mut extra: Vec<&Tensor<f32>> = replicated.iter().collect();
         extra.extend(bank_params.iter().map(|(_, _, g)| g));
@@ -1438,6 +1522,7 @@ impl TrainStep {
             &self.complexity,
             &extra,
         )?;
+        ctx.submit_and_wait(copy)?;
         let (rep_parts, bank_parts) = parts.split_at(replicated.len());
         self.ep = Some(ExpertParallel {
             rb,
@@ -1450,10 +1535,37 @@ impl TrainStep {
             banks,
             skip,
             adamw,
-            _moments: moments,
+            synced,
             max_norm: opt.clip,
         });
         Ok(())
+    }
+
+    /// Whether expert parallelism is on.
+    pub fn is_expert_parallel(&self) -> bool {
+        self.ep.is_some()
+    }
+
+    /// Expert parallelism: gather every rank's experts (with their AdamW
+    /// moments) back into the model's tensors and the optimizer's, on
+    /// every rank, so that validation and a checkpoint see the whole model.
+    /// Collective: every rank calls it at the same point. Nothing without
+    /// expert parallelism.
+    pub async fn sync_experts(
+        &self,
+        ctx: &GpuContext,
+        comm: &crate::train::collective::Comm,
+    ) -> Result<()> {
+        let Some(ep) = &self.ep else {
+            return Ok(());
+        };
+        for (bank, full) in &ep.synced {
+            for (b, f) in bank.iter().zip(full) {
+                let all = comm.gather(&b.read(ctx).await?)?;
+                f.write(ctx, &all)?;
+            }
+        }
+        ctx.flush_uploads()
     }
 
     /// The banks' expert tensors (w1, w3 or empty, w2 per MoE layer, in
@@ -1608,7 +1720,10 @@ impl TrainStep {
         model: &Model,
         args: &StepArgs<'_>,
         comm: &crate::train::collective::Comm,
+        times: &mut DataParallelTimes,
     ) -> Result<StepStats> {
+        let clock = web_time::Instant::now();
+        let (sent0, busy0) = (comm.bytes_sent(), comm.exchange_s());
         let (Some(ep), Some(dp)) = (&self.ep, &self.dp) else {
             return Err(Error::invalid(
                 "train",
@@ -1719,6 +1834,7 @@ impl TrainStep {
         self.clip.write(ctx, &[norm, scale])?;
 
         // 4. The update.
+        let update = web_time::Instant::now();
         let (enc, mut pass) = open_pass(ctx, "expert-parallel update");
         for (a, &skip) in self.adamw.iter().zip(&ep.skip) {
             if !skip {
@@ -1732,6 +1848,17 @@ impl TrainStep {
         self.scoped_submit(ctx, None, enc)?;
         ctx.wait()?;
         ctx.check_errors("expert-parallel update")?;
+        let write_update_s = update.elapsed().as_secs_f64();
+        let exchange_s = comm.exchange_s() - busy0;
+        *times = DataParallelTimes {
+            compute_s: clock.elapsed().as_secs_f64() - exchange_s - write_update_s,
+            all_reduce_s: exchange_s,
+            write_update_s,
+            grad_floats: n,
+            bytes_sent: comm.bytes_sent() - sent0,
+            backward_submits: 1 + ep.banks.iter().filter(|b| b.is_some()).count(),
+            expert_parallel: true,
+        };
 
         ep.rb.globalize(
             &mut words,
@@ -2102,6 +2229,7 @@ impl TrainStep {
             grad_floats,
             bytes_sent: comm.bytes_sent() - sent0,
             backward_submits: dp.groups.len(),
+            expert_parallel: false,
         };
         finite(s)
     }

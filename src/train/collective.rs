@@ -33,6 +33,9 @@ pub struct Comm {
     transport: Box<dyn Transport>,
     /// Bytes this rank has sent so far (the benchmark's traffic numbers).
     sent: std::cell::Cell<u64>,
+    /// Seconds spent in the transport's exchanges so far (waiting for the
+    /// other ranks included).
+    busy: std::cell::Cell<f64>,
 }
 
 impl std::fmt::Debug for Comm {
@@ -51,6 +54,7 @@ impl Comm {
         Comm {
             transport,
             sent: std::cell::Cell::new(0),
+            busy: std::cell::Cell::new(0.0),
         }
     }
 
@@ -67,15 +71,24 @@ impl Comm {
         self.sent.get()
     }
 
+    /// Seconds this rank has spent exchanging so far.
+    pub fn exchange_s(&self) -> f64 {
+        self.busy.get()
+    }
+
     fn exchange<T: Pod>(&self, send: &[T], to: usize, recv: &mut [T], from: usize) -> Result<()> {
         self.sent
             .set(self.sent.get() + std::mem::size_of_val(send) as u64);
-        self.transport.exchange(
+        let clock = web_time::Instant::now();
+        let r = self.transport.exchange(
             bytemuck::cast_slice(send),
             to,
             bytemuck::cast_slice_mut(recv),
             from,
-        )
+        );
+        self.busy
+            .set(self.busy.get() + clock.elapsed().as_secs_f64());
+        r
     }
 
     /// Element-wise sum over the ranks, in place: every rank ends with the

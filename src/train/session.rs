@@ -300,6 +300,43 @@ impl Session {
         Ok(())
     }
 
+    /// Data-parallel runs: split each MoE layer's experts over the ranks
+    /// (`on`), each rank holding and updating its E / N experts of every
+    /// MoE layer, the routed token rows exchanged (all-to-all) in the
+    /// forward and the backward. Collective (the ranks must agree: a clear
+    /// error otherwise); after any optimizer state was restored.
+    pub fn set_expert_parallel(&mut self, ctx: &GpuContext, on: bool) -> Result<()> {
+        let Some(comm) = &self.comm else {
+            if on {
+                return Err(Error::invalid(
+                    "train",
+                    "--expert-parallel splits the experts over the ranks of a --distributed run",
+                ));
+            }
+            return Ok(());
+        };
+        comm.check_same("--expert-parallel", u64::from(on))?;
+        if on {
+            self.step.enable_expert_parallel(
+                ctx,
+                &self.model,
+                &self.cfg.opt,
+                comm.rank(),
+                comm.size(),
+            )?;
+        }
+        Ok(())
+    }
+
+    /// Expert parallelism: every rank's experts gathered back into the
+    /// model (collective; before validating or saving). Nothing otherwise.
+    pub async fn sync_experts(&self, ctx: &GpuContext) -> Result<()> {
+        match &self.comm {
+            Some(comm) => self.step.sync_experts(ctx, comm).await,
+            None => Ok(()),
+        }
+    }
+
     fn build(
         ctx: &GpuContext,
         cfg: TrainConfig,
@@ -417,9 +454,15 @@ impl Session {
                     step: s,
                     complexity,
                 };
-                self.step
-                    .step_data_parallel(ctx, &self.model, &args, comm, &mut self.dp_times)
-                    .await?
+                if self.step.is_expert_parallel() {
+                    self.step
+                        .step_expert_parallel(ctx, &self.model, &args, comm, &mut self.dp_times)
+                        .await?
+                } else {
+                    self.step
+                        .step_data_parallel(ctx, &self.model, &args, comm, &mut self.dp_times)
+                        .await?
+                }
             }
         };
         let dt = clock.elapsed().as_secs_f64();
@@ -478,6 +521,7 @@ impl Session {
         let Some(eval) = &self.eval else {
             return Ok(None);
         };
+        self.sync_experts(ctx).await?;
         let batches = eval_batches(&self.data.dataset.val, self.cfg.batch)?;
         let mut sum = 0.0f64;
         let mut count = 0.0f64;

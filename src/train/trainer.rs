@@ -84,6 +84,9 @@ pub struct DataParallelSummary {
     /// Submits of the backward, each one's gradients all-reduced while the
     /// next ones run (1: no overlap).
     pub backward_submits: usize,
+    /// Experts split over the ranks (`all_reduce_s` then counts the rows'
+    /// all-to-alls too).
+    pub expert_parallel: bool,
 }
 
 /// What the loop reports as it goes (the CLI draws a progress bar).
@@ -421,6 +424,7 @@ impl Run {
                 d.write_update_s += t.write_update_s;
                 d.grad_floats = t.grad_floats;
                 d.backward_submits = t.backward_submits;
+                d.expert_parallel = t.expert_parallel;
                 d.bytes_sent += t.bytes_sent as f64;
             }
             two_sum += m.two_expert_fraction.unwrap_or(0.0) as f64;
@@ -467,11 +471,15 @@ impl Run {
             if self.cfg.checkpoint_every > 0
                 && s.is_multiple_of(self.cfg.checkpoint_every)
                 && s < self.cfg.steps
-                && self.writes()
             {
-                self.save(ctx).await?;
+                // Every rank's experts, gathered first (collective).
+                self.session.sync_experts(ctx).await?;
+                if self.writes() {
+                    self.save(ctx).await?;
+                }
             }
         }
+        self.session.sync_experts(ctx).await?;
         if self.writes() {
             let dir = self.save(ctx).await?;
             progress.message(&format!("checkpoint saved in {}", dir.display()));
