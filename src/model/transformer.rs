@@ -1009,6 +1009,8 @@ pub struct TrainStep {
 struct ExpertParallel {
     /// Per block: its split and bank, or None (a dense FFN stays local).
     banks: Vec<Option<(ExpertSplit, MoeLayer, ExpertRowsTrainPlan)>>,
+    /// Per block with a bank: its exchanges' staging buffers.
+    staging: Vec<Option<BankStaging>>,
     /// The step's readback with the replicated gradients, then the banks'.
     rb: StepReadback,
     /// The gradients of the parameters every rank holds (summed over the
@@ -1024,6 +1026,32 @@ struct ExpertParallel {
     /// tensors it stands for (parameter, m, v): what `sync_experts` gathers.
     synced: Vec<(Triple, Triple)>,
     max_norm: Option<f32>,
+}
+
+/// The readbacks of one MoE layer's exchanges, each recorded in the
+/// submit that produced its data (one map per exchange, no extra submit).
+struct BankStaging {
+    /// After the route: the routing words up to the offsets, token_of_slot
+    /// and the FFN input x.
+    routed: Readback,
+    routing: PartId,
+    token_of_slot: PartId,
+    x: PartId,
+    /// The bank's output rows, then the rows' input gradients.
+    bank_y: Readback,
+    bank_y_part: PartId,
+    bank_dx: Readback,
+    bank_dx_part: PartId,
+    /// The slots' output gradients (after the combine backward).
+    dys: Readback,
+    dys_part: PartId,
+}
+
+/// What the forward's exchange of one MoE layer learned and the backward's
+/// reuses: the routing words (header, counts, offsets) and token_of_slot.
+struct RoutedSlots {
+    words: Vec<u32>,
+    token_of_slot: Vec<u32>,
 }
 
 /// A tensor and its AdamW moments (m, v).
@@ -1400,6 +1428,43 @@ impl TrainStep {
             let plan = bank.plan_rows_train(ctx, ranks * t * c.k(), 1)?;
             banks.push(Some((split, bank, plan)));
         }
+        let mut staging = Vec::with_capacity(banks.len());
+        for (l, b) in banks.iter().enumerate() {
+            let Some((split, _, plan)) = b else {
+                staging.push(None);
+                continue;
+            };
+            let fwd = &self.fwd.graph.blocks[l].ffn.train()?;
+            let (tos, _) = fwd
+                .fwd
+                .slot_buffers()
+                .ok_or_else(|| Error::invalid("expert parallel", "no grouped plan"))?;
+            let mut layout = ReadbackLayout::new();
+            let words = (RoutingLayout::HEADER + 2 * split.experts + 1) as u64 * 4;
+            let routing = layout.push(&fwd.fwd.routing.buffer, 0, words);
+            let token_of_slot = layout.push_tensor(tos);
+            let x = layout.push_tensor(&fwd.fwd.x);
+            let one = |t: &Tensor<f32>, label: &str| -> Result<(Readback, PartId)> {
+                let mut layout = ReadbackLayout::new();
+                let p = layout.push_tensor(t);
+                Ok((layout.build(ctx, label)?, p))
+            };
+            let (bank_y, bank_y_part) = one(&plan.fwd.y, "expert bank output")?;
+            let (bank_dx, bank_dx_part) = one(&plan.dx, "expert bank input gradient")?;
+            let (dys, dys_part) = one(&fwd.backward.scratch.dys, "slot output gradients")?;
+            staging.push(Some(BankStaging {
+                routed: layout.build(ctx, "routed slots")?,
+                routing,
+                token_of_slot,
+                x,
+                bank_y,
+                bank_y_part,
+                bank_dx,
+                bank_dx_part,
+                dys,
+                dys_part,
+            }));
+        }
         // The banks' tensors replace the model's expert tensors of those
         // layers: those are neither read back nor updated.
         let banked = |id: ParamId| match id {
@@ -1533,6 +1598,7 @@ impl TrainStep {
                 .zip(bank_params.into_iter().map(|(_, _, g)| g))
                 .collect(),
             banks,
+            staging,
             skip,
             adamw,
             synced,
@@ -1627,7 +1693,8 @@ impl TrainStep {
         comm: &crate::train::collective::Comm,
         ep: &ExpertParallel,
         train: Option<bool>,
-    ) -> Result<()> {
+    ) -> Result<Vec<Option<RoutedSlots>>> {
+        let mut routed: Vec<Option<RoutedSlots>> = (0..ep.banks.len()).map(|_| None).collect();
         let graph = &self.fwd.graph;
         let blocks = &graph.blocks;
         let grouped = || Error::invalid("expert parallel", "an MoE layer without its grouped plan");
@@ -1678,15 +1745,18 @@ impl TrainStep {
             if let (true, Some(_), Some(dp)) = (last, train, &self.dp) {
                 dp.f_rb.record_all(&mut enc);
             }
+            if let Some(Some(st)) = split_at.get(i).map(|&l| &ep.staging[l]) {
+                st.routed.record_all(&mut enc);
+            }
             self.scoped_submit(ctx, clear, enc)?;
             if let Some(&l) = split_at.get(i) {
-                let Some((split, _, bank)) = &ep.banks[l] else {
+                let (Some((split, _, bank)), Some(st)) = (&ep.banks[l], &ep.staging[l]) else {
                     continue;
                 };
-                self.experts_forward(ctx, comm, l, split, bank).await?;
+                routed[l] = Some(self.experts_forward(ctx, comm, l, split, bank, st).await?);
             }
         }
-        Ok(())
+        Ok(routed)
     }
 
     /// Submit `first` (if any) and `enc`, errors caught as the step's.
@@ -1740,7 +1810,8 @@ impl TrainStep {
         let blocks = &self.fwd.graph.blocks;
 
         // 1. Forward; the global first-choice fractions.
-        self.forward_segments(ctx, comm, ep, Some(complexity))
+        let routed = self
+            .forward_segments(ctx, comm, ep, Some(complexity))
             .await?;
         let mut f: Vec<f32> = {
             let w = dp.f_rb.read(ctx).await?;
@@ -1764,10 +1835,30 @@ impl TrainStep {
             match &ep.banks[l] {
                 Some((split, _, bank)) => {
                     let plan = blocks[l].ffn.train()?;
+                    let (Some(st), Some(routed)) = (&ep.staging[l], &routed[l]) else {
+                        return Err(Error::invalid(
+                            "expert parallel",
+                            "a bank without its exchange",
+                        ));
+                    };
                     plan.backward.record_slots_and_gate(&mut pass);
                     drop(pass);
+                    // The slots' output gradients, up to the padded rows.
+                    let padded = routed.words[RoutingLayout::PADDED_ROWS] as u64;
+                    let d = plan.dy.shape[1] as u64;
+                    st.dys
+                        .record_range(&mut enc, st.dys_part, 0, padded * d * 4);
                     self.scoped_submit(ctx, None, enc)?;
-                    self.experts_backward(ctx, comm, l, split, bank).await?;
+                    self.experts_backward(
+                        ctx,
+                        comm,
+                        split,
+                        bank,
+                        st,
+                        routed,
+                        &plan.backward.scratch.dxs,
+                    )
+                    .await?;
                     (enc, pass) = open_pass(ctx, "expert-parallel backward");
                     plan.backward.record_input_grads(&mut pass);
                 }
@@ -1882,29 +1973,27 @@ impl TrainStep {
     /// gradient to its expert's rank, the bank's backward on what came
     /// (its weight gradients stay here), each slot's input gradient back
     /// into the routing rank's `dxs`.
+    #[allow(clippy::too_many_arguments)]
     async fn experts_backward(
         &self,
         ctx: &GpuContext,
         comm: &crate::train::collective::Comm,
-        l: usize,
         split: &ExpertSplit,
         bank: &ExpertRowsTrainPlan,
+        st: &BankStaging,
+        routed: &RoutedSlots,
+        dxs: &Tensor<f32>,
     ) -> Result<()> {
-        let plan = self.fwd.graph.blocks[l].ffn.train()?;
-        let (token_of_slot, _) = plan
-            .fwd
-            .slot_buffers()
-            .ok_or_else(|| Error::invalid("expert parallel", "no grouped plan"))?;
         let e = split.experts;
-        let d = plan.fwd.x.shape[1];
-        let words = plan.fwd.routing.read(ctx).await?;
-        let tos = token_of_slot.read(ctx).await?;
-        let dys = plan.backward.scratch.dys.read(ctx).await?;
+        let d = dxs.shape[1];
+        let dys = st.dys.read(ctx).await?.f32s(st.dys_part);
+        ctx.check_errors("expert-parallel backward")?;
         let h = RoutingLayout::HEADER;
+        let words = &routed.words;
         let slots = SlotPlan {
             counts: &words[h..h + e],
             offsets: &words[h + e..h + 2 * e + 1],
-            token_of_slot: &tos,
+            token_of_slot: &routed.token_of_slot,
         };
         let got = dispatch(comm, split, &slots, d, |slot, _| {
             &dys[slot * d..(slot + 1) * d]
@@ -1913,13 +2002,22 @@ impl TrainStep {
             ctx.queue
                 .write_buffer(&bank.dy.buffer, 0, bytemuck::cast_slice(&got.rows));
         }
-        let (enc, mut pass) = open_pass(ctx, "expert bank backward");
+        let (mut enc, mut pass) = open_pass(ctx, "expert bank backward");
         bank.record_backward(&mut pass);
         drop(pass);
+        let n = (got.len() * d) as u64;
+        st.bank_dx.record_range(&mut enc, st.bank_dx_part, 0, n * 4);
         self.scoped_submit(ctx, None, enc)?;
-        let dx = bank.dx.read(ctx).await?;
-        let back = give_back(comm, split, &slots, &got, &dx[..got.len() * d], tos.len())?;
-        plan.backward.scratch.dxs.write(ctx, &back)
+        let dx = st.bank_dx.read(ctx).await?.f32s(st.bank_dx_part);
+        let back = give_back(
+            comm,
+            split,
+            &slots,
+            &got,
+            &dx[..got.len() * d],
+            routed.token_of_slot.len(),
+        )?;
+        dxs.write(ctx, &back)
     }
 
     /// One MoE layer's experts, forward: its routed rows (the FFN input's
@@ -1932,16 +2030,23 @@ impl TrainStep {
         l: usize,
         split: &ExpertSplit,
         bank: &ExpertRowsTrainPlan,
-    ) -> Result<()> {
+        st: &BankStaging,
+    ) -> Result<RoutedSlots> {
         let plan = &self.fwd.graph.blocks[l].ffn.train()?.fwd;
-        let (token_of_slot, y_expert) = plan
+        let (_, y_expert) = plan
             .slot_buffers()
             .ok_or_else(|| Error::invalid("expert parallel", "no grouped plan"))?;
         let e = split.experts;
         let d = plan.x.shape[1];
-        let words = plan.routing.read(ctx).await?;
-        let tos = token_of_slot.read(ctx).await?;
-        let x = plan.x.read(ctx).await?;
+        let (words, tos, x) = {
+            let w = st.routed.read(ctx).await?;
+            (
+                w.u32s(st.routing).to_vec(),
+                w.u32s(st.token_of_slot).to_vec(),
+                w.f32s(st.x),
+            )
+        };
+        ctx.check_errors("expert-parallel forward")?;
         let h = RoutingLayout::HEADER;
         let slots = SlotPlan {
             counts: &words[h..h + e],
@@ -1956,10 +2061,16 @@ impl TrainStep {
                 label: Some("expert bank forward"),
             });
         bank.fwd.record(&mut enc);
-        ctx.submit("expert bank forward", enc)?;
-        let out = bank.fwd.y.read(ctx).await?;
+        let n = (got.len() * d) as u64;
+        st.bank_y.record_range(&mut enc, st.bank_y_part, 0, n * 4);
+        self.scoped_submit(ctx, None, enc)?;
+        let out = st.bank_y.read(ctx).await?.f32s(st.bank_y_part);
         let back = give_back(comm, split, &slots, &got, &out[..got.len() * d], tos.len())?;
-        y_expert.write(ctx, &back)
+        y_expert.write(ctx, &back)?;
+        Ok(RoutedSlots {
+            words,
+            token_of_slot: tos,
+        })
     }
 
     fn record(&self, pass: &mut wgpu::ComputePass<'_>, complexity: bool) {
