@@ -105,6 +105,18 @@ fn expert_parallel_forward(
     pollster::block_on(plan.output(ctx)).unwrap()
 }
 
+/// The layer of these tests: D 16, F 24, E experts.
+fn layer_config(gating: Gating, activation: Activation, e: usize) -> MoeConfig {
+    MoeConfig {
+        d: 16,
+        f: 24,
+        e,
+        activation,
+        gate: GateConfig::new(gating),
+        capacity_factor: None,
+    }
+}
+
 #[test]
 fn a_layer_with_its_experts_on_other_ranks_equals_one_process() {
     let cases = [
@@ -115,14 +127,7 @@ fn a_layer_with_its_experts_on_other_ranks_equals_one_process() {
     ];
     common::on_first_adapter(|ctx| {
         for (gating, act, e, n) in cases {
-            let cfg = MoeConfig {
-                d: 16,
-                f: 24,
-                e,
-                activation: act,
-                gate: GateConfig::new(gating),
-                capacity_factor: None,
-            };
+            let cfg = layer_config(gating, act, e);
             let w = MoeWeights::random(&cfg, 5);
             // Ranks route different token counts.
             let xs: Vec<Vec<f32>> = (0..n)
@@ -282,14 +287,7 @@ fn a_training_step_of_a_layer_with_its_experts_on_other_ranks_equals_one_process
     ];
     common::on_first_adapter(|ctx| {
         for (gating, act, e, n) in cases {
-            let cfg = MoeConfig {
-                d: 16,
-                f: 24,
-                e,
-                activation: act,
-                gate: GateConfig::new(gating),
-                capacity_factor: None,
-            };
+            let cfg = layer_config(gating, act, e);
             let d = cfg.d;
             let w = MoeWeights::random(&cfg, 8);
             let ts: Vec<usize> = (0..n).map(|r| 17 + 5 * r).collect();

@@ -1054,6 +1054,24 @@ struct RoutedSlots {
     token_of_slot: Vec<u32>,
 }
 
+/// AdamW of parameter `id` under `opt` (no weight decay where `id` takes none).
+fn param_adamw(
+    ctx: &GpuContext,
+    opt: &OptConfig,
+    id: ParamId,
+    b: &AdamWBuffers<'_>,
+) -> Result<AdamW> {
+    let c = AdamWConfig {
+        weight_decay: if id.decay() {
+            opt.adamw.weight_decay
+        } else {
+            0.0
+        },
+        ..opt.adamw
+    };
+    AdamW::new(ctx, &c, b)
+}
+
 /// A tensor and its AdamW moments (m, v).
 type Triple = [Tensor<f32>; 3];
 
@@ -1216,17 +1234,10 @@ impl TrainStep {
             .iter()
             .zip(grads.values().zip(m.values()).zip(v.values()))
         {
-            let c = AdamWConfig {
-                weight_decay: if id.decay() {
-                    opt.adamw.weight_decay
-                } else {
-                    0.0
-                },
-                ..opt.adamw
-            };
-            adamw.push(AdamW::new(
+            adamw.push(param_adamw(
                 ctx,
-                &c,
+                opt,
+                id,
                 &AdamWBuffers {
                     p,
                     g,
@@ -1504,21 +1515,9 @@ impl TrainStep {
         let mut adamw = Vec::with_capacity(bank_params.len());
         let mut synced = Vec::with_capacity(bank_params.len());
         let moment = |t: &Params<Tensor<f32>>, id: ParamId| -> Result<Tensor<f32>> {
-            let ParamId::Block(l, which) = id else {
-                return Err(Error::invalid(
-                    "expert parallel",
-                    format!("{id} is not an expert tensor"),
-                ));
-            };
-            let f = &t.blocks[l].ffn;
-            match which {
-                BlockParam::W1 => Ok(f.w1.clone()),
-                BlockParam::W2 => Ok(f.w2.clone()),
-                _ => f
-                    .w3
-                    .clone()
-                    .ok_or_else(|| Error::invalid("expert parallel", format!("no moment of {id}"))),
-            }
+            t.get(id)
+                .cloned()
+                .ok_or_else(|| Error::invalid("expert parallel", format!("no moment of {id}")))
         };
         for (id, p, g) in &bank_params {
             let m = Tensor::zeros(ctx, &format!("m bank {id}"), &p.shape)?;
@@ -1536,17 +1535,10 @@ impl TrainStep {
                     bank.bytes(),
                 );
             }
-            let c = AdamWConfig {
-                weight_decay: if id.decay() {
-                    opt.adamw.weight_decay
-                } else {
-                    0.0
-                },
-                ..opt.adamw
-            };
-            adamw.push(AdamW::new(
+            adamw.push(param_adamw(
                 ctx,
-                &c,
+                opt,
+                *id,
                 &AdamWBuffers {
                     p,
                     g,
@@ -1556,22 +1548,12 @@ impl TrainStep {
                 },
             )?);
             let full = [
-                match id {
-                    ParamId::Block(l, BlockParam::W1) => {
-                        model.params.blocks[*l].ffn.w1.f32("bank")?.clone()
-                    }
-                    ParamId::Block(l, BlockParam::W2) => {
-                        model.params.blocks[*l].ffn.w2.f32("bank")?.clone()
-                    }
-                    ParamId::Block(l, _) => model.params.blocks[*l]
-                        .ffn
-                        .w3
-                        .as_ref()
-                        .ok_or_else(|| Error::invalid("expert parallel", "no w3"))?
-                        .f32("bank")?
-                        .clone(),
-                    _ => continue,
-                },
+                model
+                    .params
+                    .get(*id)
+                    .ok_or_else(|| Error::invalid("expert parallel", format!("no {id}")))?
+                    .f32("bank")?
+                    .clone(),
                 moment(&self.m, *id)?,
                 moment(&self.v, *id)?,
             ];
