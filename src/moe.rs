@@ -15,7 +15,9 @@ use crate::kernels::decode::{DecodeBuffers, DecodeFfn, DecodePart};
 use crate::kernels::expert::{ExpertBuffers, ExpertFfn, ExpertShape, ExpertSpec};
 use crate::kernels::gate::{Gate, GateBuffers};
 use crate::kernels::matmul::{Matmul, MatmulShape, MatmulSpec, Trans};
-use crate::kernels::moe_backward::{MoeBackward, MoeBackwardBuffers, MoeBackwardShape};
+use crate::kernels::moe_backward::{
+    ExpertGradBuffers, MoeBackward, MoeBackwardBuffers, MoeBackwardShape,
+};
 use crate::kernels::route::{routing_tensor, Route, RouteBuffers, RouteConfig};
 use crate::kernels::{
     Activation, AuxConfig, RoutingLayout, SingleWeight, STATUS_NONFINITE, UNUSED,
@@ -57,6 +59,12 @@ pub struct MoeLayer {
     pub w3: Option<Weight>,
     /// w2 [E, F, D]
     pub w2: Weight,
+    /// `None`: the layer holds all of its experts. Under expert
+    /// parallelism, the experts it holds (w1, w3 and w2 are then
+    /// [share, ..]): its plans over tokens route over all E experts and run
+    /// none (the routed rows go to the experts' ranks); the rows plans
+    /// (`plan_rows`, `plan_rows_train`) run the experts it holds.
+    pub share: Option<std::ops::Range<usize>>,
 }
 
 // Boxed: launchers are large and a plan holds one path. One expert
@@ -64,6 +72,17 @@ pub struct MoeLayer {
 enum Experts {
     Grouped(Box<GroupedExperts>),
     Decode(Vec<DecodeFfn>),
+}
+
+/// How a grouped plan is built.
+#[derive(Clone, Copy)]
+struct Grouping {
+    /// Keep what the backward needs.
+    train: bool,
+    /// Run the experts here (false: route only, the rows run elsewhere).
+    run_experts: bool,
+    /// Slots an expert takes at most (`None`: dropless).
+    capacity: Option<u32>,
 }
 
 /// What the grouped path reads and writes.
@@ -81,12 +100,13 @@ struct GroupedExperts {
     combine: Combine,
     token_of_slot: Tensor<u32>,
     slot_of_token: Tensor<u32>,
-    h: Tensor<f32>,
     y_expert: Tensor<f32>,
     /// u [R, F]: GEMM 1's pre-activation (training plans only)
     u: Option<Tensor<f32>>,
     /// u3 [R, F]: SwiGLU's second product (SwiGLU training plans only)
     u3: Option<Tensor<f32>>,
+    /// h [R, F]: the activation (`None` where no expert runs)
+    h: Option<Tensor<f32>>,
 }
 
 /// Buffers, bind groups and launchers for one token count T: built once,
@@ -194,9 +214,32 @@ impl MoeLayer {
         w3: Option<Weight>,
         w2: Weight,
     ) -> Result<Self> {
+        Self::from_share(cfg, None, w_router, w1, w3, w2)
+    }
+
+    /// `from_parts` for a layer that holds experts `share` of its E (expert
+    /// parallelism; `None`: all of them): w1 and w3 [share, D, F], w2
+    /// [share, F, D].
+    pub fn from_share(
+        cfg: MoeConfig,
+        share: Option<std::ops::Range<usize>>,
+        w_router: Tensor<f32>,
+        w1: Weight,
+        w3: Option<Weight>,
+        w2: Weight,
+    ) -> Result<Self> {
         cfg.validate()?;
-        let (d, f, e) = (cfg.d, cfg.f, cfg.e);
-        w_router.expect_shape("moe_layer", "w_router", &[d, e])?;
+        if let Some(r) = &share {
+            if r.is_empty() || r.end > cfg.e {
+                return Err(Error::invalid(
+                    "moe_layer",
+                    format!("experts {r:?} of a layer of {}", cfg.e),
+                ));
+            }
+        }
+        let (d, f) = (cfg.d, cfg.f);
+        let e = share.as_ref().map_or(cfg.e, |r| r.len());
+        w_router.expect_shape("moe_layer", "w_router", &[d, cfg.e])?;
         let shape = |w: &Weight, name: &str, want: &[usize]| {
             crate::gpu::expect_shape("moe_layer", name, w.shape(), want)
         };
@@ -222,7 +265,13 @@ impl MoeLayer {
             w1,
             w3,
             w2,
+            share,
         })
+    }
+
+    /// Experts whose weights the layer holds (E, or its share's).
+    pub fn held(&self) -> usize {
+        self.share.as_ref().map_or(self.cfg.e, |r| r.len())
     }
 
     /// Allocate everything a forward of `t` tokens needs.
@@ -292,10 +341,16 @@ impl MoeLayer {
         )?;
 
         let decode = match path {
-            Path::Auto => t <= DECODE_MAX_T,
+            Path::Auto => t <= DECODE_MAX_T && self.share.is_none(),
             Path::Grouped => false,
             Path::Decode => true,
         };
+        if decode && self.share.is_some() {
+            return Err(Error::invalid(
+                "moe_layer",
+                "a layer holding a share of its experts has no decode path (its experts run on their ranks)",
+            ));
+        }
         let expert_shape = ExpertShape {
             t,
             k,
@@ -354,7 +409,11 @@ impl MoeLayer {
                 &expert_shape,
                 spec,
                 &parts,
-                train,
+                Grouping {
+                    train,
+                    run_experts: self.share.is_none(),
+                    capacity: if train { cfg.capacity(t) } else { None },
+                },
                 GroupedIo {
                     x: &x,
                     topk_ids: &topk_ids,
@@ -388,15 +447,20 @@ impl MoeLayer {
         expert_shape: &ExpertShape,
         spec: ExpertSpec,
         parts: &[ExpertPart<'_>],
-        train: bool,
+        how: Grouping,
         io: GroupedIo<'_>,
     ) -> Result<GroupedExperts> {
         let cfg = &self.cfg;
         let (t, d, f, k) = (expert_shape.t, cfg.d, cfg.f, expert_shape.k);
+        let Grouping {
+            train,
+            run_experts,
+            capacity,
+        } = how;
         let layout = RoutingLayout {
             t,
             k,
-            e: cfg.e,
+            e: expert_shape.e,
             tile_m: spec.tile_m(),
         };
         let GroupedIo {
@@ -409,47 +473,49 @@ impl MoeLayer {
         let rows = layout.max_rows();
         let token_of_slot = Tensor::zeros(ctx, "token_of_slot", &[rows])?;
         let slot_of_token = Tensor::zeros(ctx, "slot_of_token", &[t, k])?;
-        let h = Tensor::zeros(ctx, "h", &[rows, f])?;
         let y_expert = Tensor::zeros(ctx, "y_expert", &[rows, d])?;
-        let u = if train {
-            Some(Tensor::zeros(ctx, "u", &[rows, f])?)
-        } else {
-            None
+        let scratch = |name: &str, on: bool| -> Result<Option<Tensor<f32>>> {
+            match on && run_experts {
+                true => Ok(Some(Tensor::zeros(ctx, name, &[rows, f])?)),
+                false => Ok(None),
+            }
         };
-        let u3 = if train && cfg.activation == Activation::SwiGlu {
-            Some(Tensor::zeros(ctx, "u3", &[rows, f])?)
-        } else {
-            None
-        };
+        let h = scratch("h", true)?;
+        let u = scratch("u", train)?;
+        let u3 = scratch("u3", train && cfg.activation == Activation::SwiGlu)?;
         // Each part's GEMMs write the rows of its own experts' tiles.
         let mut ffn = Vec::with_capacity(parts.len());
-        for p in parts {
-            ffn.push(ExpertFfn::new(
-                ctx,
-                expert_shape,
-                spec,
-                ExpertBuffers {
-                    x,
-                    token_of_slot: &token_of_slot,
-                    routing,
-                    w1: p.w1,
-                    w3: p.w3,
-                    w2: p.w2,
-                    e0: p.e0,
-                    h: &h,
-                    y_expert: &y_expert,
-                    u: u.as_ref(),
-                    u3: u3.as_ref(),
-                },
-            )?);
+        if let Some(h) = &h {
+            for p in parts {
+                ffn.push(ExpertFfn::new(
+                    ctx,
+                    expert_shape,
+                    spec,
+                    ExpertBuffers {
+                        x,
+                        token_of_slot: &token_of_slot,
+                        routing,
+                        w1: p.w1,
+                        w3: p.w3,
+                        w2: p.w2,
+                        e0: p.e0,
+                        h,
+                        y_expert: &y_expert,
+                        u: u.as_ref(),
+                        u3: u3.as_ref(),
+                    },
+                )?);
+            }
         }
         let route = Route::new(
             ctx,
             &RouteConfig {
                 layout,
-                grid_y1: ffn[0].grid_y1(),
-                grid_y2: ffn[0].grid_y2(),
-                capacity: if train { cfg.capacity(t) } else { None },
+                // The GEMMs' column tiles (what the route writes as their
+                // indirect grids).
+                grid_y1: f.div_ceil(spec.tile_n()) as u32,
+                grid_y2: d.div_ceil(spec.tile_n()) as u32,
+                capacity,
             },
             &RouteBuffers {
                 topk_ids,
@@ -473,10 +539,36 @@ impl MoeLayer {
             combine,
             token_of_slot,
             slot_of_token,
-            h,
             y_expert,
             u,
             u3,
+            h,
+        })
+    }
+
+    /// The expert GEMMs' part of a backward over `g` (a training plan's
+    /// grouped path), writing the weight gradients `dw` (dw1, dw2, dw3).
+    fn expert_grad_buffers<'a>(
+        &'a self,
+        g: &'a GroupedExperts,
+        dw: (&'a Tensor<f32>, &'a Tensor<f32>, Option<&'a Tensor<f32>>),
+    ) -> Result<ExpertGradBuffers<'a>> {
+        let (Some(u), Some(h)) = (g.u.as_ref(), g.h.as_ref()) else {
+            return Err(Error::invalid("moe_layer", "training plan without u"));
+        };
+        Ok(ExpertGradBuffers {
+            u,
+            u3: g.u3.as_ref(),
+            h,
+            w1: self.w1.f32("MoE backward")?,
+            w2: self.w2.f32("MoE backward")?,
+            w3: match &self.w3 {
+                Some(w3) => Some(w3.f32("MoE backward")?),
+                None => None,
+            },
+            dw1: dw.0,
+            dw2: dw.1,
+            dw3: dw.2,
         })
     }
 
@@ -499,7 +591,7 @@ impl MoeLayer {
         split: usize,
     ) -> Result<ExpertRowsTrainPlan> {
         let fwd = self.plan_rows_with(ctx, rows, true)?;
-        let (d, f, e) = (self.cfg.d, self.cfg.f, self.cfg.e);
+        let (d, f, e) = (self.cfg.d, self.cfg.f, self.held());
         let swiglu = self.cfg.activation == Activation::SwiGlu;
         let z = |name: &str, shape: &[usize]| Tensor::<f32>::zeros(ctx, name, shape);
         let dy = z("rows dy", &[rows, d])?;
@@ -519,9 +611,6 @@ impl MoeLayer {
             z("unused dw_router", &[d, e])?,
         );
         let g = &fwd.grouped;
-        let Some(u) = g.u.as_ref() else {
-            return Err(Error::invalid("moe_layer", "training plan without u"));
-        };
         let [ffn] = g.ffn.as_slice() else {
             return Err(Error::invalid(
                 "moe_layer",
@@ -558,22 +647,11 @@ impl MoeLayer {
                 routing: &fwd.routing,
                 token_of_slot: &g.token_of_slot,
                 slot_of_token: &g.slot_of_token,
-                u,
-                u3: g.u3.as_ref(),
-                h: &g.h,
                 y_expert: &g.y_expert,
                 w_router: &unused.2,
-                w1: self.w1.f32("MoE backward")?,
-                w2: self.w2.f32("MoE backward")?,
-                w3: match &self.w3 {
-                    Some(w3) => Some(w3.f32("MoE backward")?),
-                    None => None,
-                },
+                experts: Some(self.expert_grad_buffers(g, (&dw1, &dw2, dw3.as_ref()))?),
                 dx: &dx,
                 dw_router: &unused.3,
-                dw1: &dw1,
-                dw2: &dw2,
-                dw3: dw3.as_ref(),
             },
         )?;
         Ok(ExpertRowsTrainPlan {
@@ -601,7 +679,7 @@ impl MoeLayer {
         let shape = ExpertShape {
             t: rows,
             k: 1,
-            e: cfg.e,
+            e: self.held(),
             d,
             f: cfg.f,
             act: cfg.activation,
@@ -614,7 +692,13 @@ impl MoeLayer {
             &shape,
             spec,
             &parts,
-            train,
+            // Dropless: the rows were routed (and any capacity applied)
+            // where their tokens are.
+            Grouping {
+                train,
+                run_experts: true,
+                capacity: None,
+            },
             GroupedIo {
                 x: &x,
                 topk_ids: &expert,
@@ -625,7 +709,7 @@ impl MoeLayer {
         )?;
         Ok(ExpertRowsPlan {
             rows,
-            e: cfg.e,
+            e: self.held(),
             x,
             expert,
             _ones: ones,
@@ -671,34 +755,52 @@ impl MoeLayer {
         let dy = Tensor::zeros(ctx, "moe_dy", &[t, d])?;
         let dx = Tensor::zeros(ctx, "moe_dx", &[t, d])?;
         let dw_router = Tensor::zeros(ctx, "dw_router", &[d, e])?;
-        let dw1 = Tensor::zeros(ctx, "dw1", &[e, d, f])?;
-        let dw2 = Tensor::zeros(ctx, "dw2", &[e, f, d])?;
-        let dw3 = if swiglu {
-            Some(Tensor::zeros(ctx, "dw3", &[e, d, f])?)
-        } else {
-            None
-        };
         let Experts::Grouped(g) = &fwd.experts else {
             return Err(Error::invalid(
                 "moe_layer",
                 "training needs the grouped path",
             ));
         };
-        let Some(u) = g.u.as_ref() else {
-            return Err(Error::invalid("moe_layer", "training plan without u"));
+        // The experts' gradients where they run here (expert parallelism:
+        // in the rows plan of the experts this layer holds).
+        let grads = match self.share {
+            None => {
+                let dw3 = if swiglu {
+                    Some(Tensor::zeros(ctx, "dw3", &[e, d, f])?)
+                } else {
+                    None
+                };
+                Some((
+                    Tensor::zeros(ctx, "dw1", &[e, d, f])?,
+                    Tensor::zeros(ctx, "dw2", &[e, f, d])?,
+                    dw3,
+                ))
+            }
+            Some(_) => None,
         };
-        let [ffn] = g.ffn.as_slice() else {
+        if grads.is_some() && g.ffn.len() != 1 {
             return Err(Error::invalid(
                 "moe_layer",
                 "training needs each expert bank in one buffer",
             ));
-        };
-        let core = ffn.spec.core;
+        }
+        let spec = ExpertSpec::choose(
+            ctx,
+            &ExpertShape {
+                t,
+                k: self.cfg.k(),
+                e,
+                d,
+                f,
+                act: self.cfg.activation,
+            },
+        );
+        let core = spec.core;
         let layout = RoutingLayout {
             t,
             k: self.cfg.k(),
             e,
-            tile_m: ffn.tile_m(),
+            tile_m: spec.tile_m(),
         };
         let shape = MoeBackwardShape {
             layout,
@@ -725,24 +827,22 @@ impl MoeLayer {
                 routing: &fwd.routing,
                 token_of_slot: &g.token_of_slot,
                 slot_of_token: &g.slot_of_token,
-                u,
-                u3: g.u3.as_ref(),
-                h: &g.h,
                 y_expert: &g.y_expert,
                 w_router: &self.w_router,
-                w1: self.w1.f32("MoE backward")?,
-                w2: self.w2.f32("MoE backward")?,
-                w3: match &self.w3 {
-                    Some(w3) => Some(w3.f32("MoE backward")?),
+                experts: match &grads {
+                    Some((dw1, dw2, dw3)) => {
+                        Some(self.expert_grad_buffers(g, (dw1, dw2, dw3.as_ref()))?)
+                    }
                     None => None,
                 },
                 dx: &dx,
                 dw_router: &dw_router,
-                dw1: &dw1,
-                dw2: &dw2,
-                dw3: dw3.as_ref(),
             },
         )?;
+        let (dw1, dw2, dw3) = match grads {
+            Some((a, b, c)) => (Some(a), Some(b), c),
+            None => (None, None, None),
+        };
         Ok(MoeTrainPlan {
             fwd,
             dy,
@@ -779,16 +879,28 @@ pub struct MoeTrainPlan {
     pub dx: Tensor<f32>,
     /// dw_router [D, E]
     pub dw_router: Tensor<f32>,
-    /// dw1 [E, D, F]
-    pub dw1: Tensor<f32>,
-    /// dw2 [E, F, D]
-    pub dw2: Tensor<f32>,
-    /// dw3 [E, D, F] (SwiGLU)
+    /// dw1 [E, D, F], dw2 [E, F, D], dw3 [E, D, F] (SwiGLU): `None` for a
+    /// layer holding a share of its experts (their gradients are the rows
+    /// plan's)
+    pub dw1: Option<Tensor<f32>>,
+    pub dw2: Option<Tensor<f32>>,
     pub dw3: Option<Tensor<f32>>,
     pub backward: MoeBackward,
 }
 
 impl MoeTrainPlan {
+    /// dw1, dw2 and (SwiGLU) dw3, or an error for a layer whose experts'
+    /// gradients are a rows plan's (expert parallelism).
+    pub fn expert_grads(&self) -> Result<(&Tensor<f32>, &Tensor<f32>, Option<&Tensor<f32>>)> {
+        match (&self.dw1, &self.dw2) {
+            (Some(a), Some(b)) => Ok((a, b, self.dw3.as_ref())),
+            _ => Err(Error::invalid(
+                "moe_layer",
+                "the experts' gradients of a layer holding a share of them are its rows plan's",
+            )),
+        }
+    }
+
     /// Record the backward (after the forward, in the same or a later pass).
     pub fn record_backward(&self, pass: &mut wgpu::ComputePass<'_>) {
         self.backward.record(pass);

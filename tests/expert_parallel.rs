@@ -14,6 +14,22 @@ use amoe::tol::Tol;
 use amoe::train::collective::{Comm, ThreadTransport, Transport};
 use amoe::train::expert_parallel::{dispatch, give_back, ExpertSplit, SlotPlan};
 
+/// The layer as a rank of expert parallelism holds it: the router, and
+/// experts `owned` alone. Its plans over tokens route and run no expert; its
+/// rows plans run the experts it holds.
+fn share_layer(
+    ctx: &GpuContext,
+    cfg: &MoeConfig,
+    w: &MoeWeights,
+    owned: std::ops::Range<usize>,
+) -> MoeLayer {
+    let (bcfg, bw) = bank(cfg, w, owned.clone());
+    let held = MoeLayer::new(ctx, bcfg, &bw).unwrap();
+    let router = amoe::gpu::Tensor::from_slice(ctx, "router", &[cfg.d, cfg.e], &w.w_router)
+        .unwrap();
+    MoeLayer::from_share(*cfg, Some(owned), router, held.w1, held.w3, held.w2).unwrap()
+}
+
 /// The bank of experts `owned` of `w`: their w1, w3, w2 (the router is
 /// not the bank's: zeros of the bank's shape).
 fn bank(cfg: &MoeConfig, w: &MoeWeights, owned: std::ops::Range<usize>) -> (MoeConfig, MoeWeights) {
@@ -60,7 +76,7 @@ fn expert_parallel_forward(
     let split = ExpertSplit::new(e, comm.size()).unwrap();
     // The router, gate and route on this rank's tokens (the sender's layer
     // uses only its router here).
-    let layer = MoeLayer::new(ctx, *cfg, w).unwrap();
+    let layer = share_layer(ctx, cfg, w, split.owned(comm.rank()));
     let plan = layer.plan(ctx, t, Path::Grouped).unwrap();
     plan.x.write(ctx, x).unwrap();
     let mut clear = ctx
@@ -84,9 +100,7 @@ fn expert_parallel_forward(
 
     // The rows to their experts' ranks; this rank's experts on what came.
     let got = dispatch(comm, &split, &slots, d, |_, tok| &x[tok * d..(tok + 1) * d]).unwrap();
-    let (bcfg, bw) = bank(cfg, w, split.owned(comm.rank()));
-    let bank = MoeLayer::new(ctx, bcfg, &bw).unwrap();
-    let rows = bank.plan_rows(ctx, max_rows).unwrap();
+    let rows = layer.plan_rows(ctx, max_rows).unwrap();
     rows.write(ctx, &got.rows, &got.local_expert).unwrap();
     let mut enc = ctx
         .device
@@ -201,11 +215,12 @@ fn expert_parallel_step(
         balance: 0.0,
         z_loss: 0.0,
     };
-    let layer = MoeLayer::new(ctx, *cfg, w).unwrap();
+    // The layer holds this rank's experts alone: its plan over the tokens
+    // routes (no expert GEMMs, no expert gradients), its rows plan runs them.
+    let layer = share_layer(ctx, cfg, w, split.owned(comm.rank()));
     let tp = layer.plan_train(ctx, t, &aux, 1).unwrap();
-    let (bcfg, bw) = bank(cfg, w, split.owned(comm.rank()));
-    let bank = MoeLayer::new(ctx, bcfg, &bw).unwrap();
-    let bp = bank.plan_rows_train(ctx, max_rows, 1).unwrap();
+    assert!(tp.dw1.is_none() && tp.expert_grads().is_err());
+    let bp = layer.plan_rows_train(ctx, max_rows, 1).unwrap();
 
     // Forward: route here, experts there, combine here.
     tp.fwd.x.write(ctx, x).unwrap();
@@ -341,10 +356,11 @@ fn a_training_step_of_a_layer_with_its_experts_on_other_ranks_equals_one_process
             ctx.submit_and_wait(enc).unwrap();
             let (y, dx) = (read(ctx, &tp.fwd.y), read(ctx, &tp.dx));
             let dw_router = read(ctx, &tp.dw_router);
+            let (dw1, dw2, dw3) = tp.expert_grads().unwrap();
             let full = [
-                read(ctx, &tp.dw1),
-                read(ctx, &tp.dw2),
-                tp.dw3.as_ref().map(|t| read(ctx, t)).unwrap_or_default(),
+                read(ctx, dw1),
+                read(ctx, dw2),
+                dw3.map(|t| read(ctx, t)).unwrap_or_default(),
             ];
 
             let what = format!("{gating:?} {act:?} E={e} over {n} ranks");
@@ -383,11 +399,14 @@ fn a_training_step_of_a_layer_with_its_experts_on_other_ranks_equals_one_process
 }
 
 /// A model's forward with each MoE layer's experts split over the ranks
-/// (`TrainStep::forward_expert_parallel`): every rank's loss on its shard
-/// equals the one-process loss of the same sequences.
+/// (each rank's model holding its share, `Model::expert_parallel`): every
+/// rank's loss on its shard equals the one-process loss of the same
+/// sequences, for training (`TrainStep::forward_expert_parallel`) and for
+/// evaluation under another gate (`EvalStep::loss_expert_parallel`, what
+/// validation runs).
 #[test]
 fn a_models_forward_with_its_experts_on_other_ranks_equals_one_process() {
-    use amoe::model::{HostParams, Model, OptConfig, StepArgs, TrainStep};
+    use amoe::model::{EvalStep, HostParams, Model, OptConfig, StepArgs, TrainStep};
     for (gating, moe_every, n) in [
         (Gating::Adaptive, 1, 2),
         (Gating::Top2, 2, 2),
@@ -414,8 +433,12 @@ fn a_models_forward_with_its_experts_on_other_ranks_equals_one_process() {
             step: 1,
             complexity: false,
         };
+        let eval_gate = amoe::kernels::GateConfig {
+            gating: Gating::Top1,
+            ..cfg.gate
+        };
         common::on_first_adapter(|ctx| {
-            let got: Vec<f32> = std::thread::scope(|s| {
+            let got: Vec<(f32, (f64, f64))> = std::thread::scope(|s| {
                 let handles: Vec<_> = ThreadTransport::group(n)
                     .into_iter()
                     .map(|tr| {
@@ -424,16 +447,34 @@ fn a_models_forward_with_its_experts_on_other_ranks_equals_one_process() {
                             let h = ctx.handle();
                             let r = tr.rank();
                             let comm = Comm::new(Box::new(tr));
-                            let model = Model::new(&h, cfg, host).unwrap();
-                            let mut step = TrainStep::new(&h, &model, b, opt).unwrap();
-                            step.enable_expert_parallel(&h, &model, opt, r, n).unwrap();
-                            pollster::block_on(step.forward_expert_parallel(
-                                &h,
-                                &model,
-                                &args(r),
-                                &comm,
+                            let model = Model::expert_parallel(&h, cfg, host, r, n).unwrap();
+                            let step = TrainStep::new(&h, &model, b, opt).unwrap();
+                            assert!(step.is_expert_parallel());
+                            let eval = EvalStep::new(&h, &model, b, eval_gate).unwrap();
+                            let a = args(r);
+                            // Whole-model paths refuse a model holding a
+                            // share of its experts (typed errors, no run).
+                            let share = |e: amoe::Error| {
+                                assert!(
+                                    e.to_string().contains("share of the experts"),
+                                    "{e}"
+                                )
+                            };
+                            share(pollster::block_on(step.step(&h, &model, &a)).unwrap_err());
+                            share(
+                                pollster::block_on(eval.loss(&h, &model, a.ids, a.targets))
+                                    .unwrap_err(),
+                            );
+                            share(pollster::block_on(model.download(&h)).unwrap_err());
+                            let train = pollster::block_on(
+                                step.forward_expert_parallel(&h, &model, &a, &comm),
+                            )
+                            .unwrap();
+                            let eval = pollster::block_on(eval.loss_expert_parallel(
+                                &h, &model, a.ids, a.targets, &comm,
                             ))
-                            .unwrap()
+                            .unwrap();
+                            (train, eval)
                         })
                     })
                     .collect();
@@ -441,13 +482,20 @@ fn a_models_forward_with_its_experts_on_other_ranks_equals_one_process() {
             });
             let model = Model::new(ctx, &cfg, &host).unwrap();
             let step = TrainStep::new(ctx, &model, b, &opt).unwrap();
-            for (r, loss) in got.iter().enumerate() {
-                let want = pollster::block_on(step.step(ctx, &model, &args(r)))
-                    .unwrap()
-                    .loss;
+            let eval = EvalStep::new(ctx, &model, b, eval_gate).unwrap();
+            for (r, (loss, (sum, count))) in got.iter().enumerate() {
+                let a = args(r);
+                let want = pollster::block_on(step.step(ctx, &model, &a)).unwrap().loss;
                 assert!(
                     (loss - want).abs() <= 1e-5 * want,
                     "{gating:?} every {moe_every} over {n} ranks, rank {r}: loss {loss} vs {want}"
+                );
+                let (ws, wc) =
+                    pollster::block_on(eval.loss(ctx, &model, a.ids, a.targets)).unwrap();
+                assert_eq!(*count, wc, "rank {r}: counted tokens");
+                assert!(
+                    (sum - ws).abs() <= 1e-5 * ws,
+                    "{gating:?} every {moe_every} over {n} ranks, rank {r}: eval loss sum {sum} vs {ws}"
                 );
             }
         });
@@ -457,8 +505,9 @@ fn a_models_forward_with_its_experts_on_other_ranks_equals_one_process() {
 /// Training steps with each MoE layer's experts split over the ranks
 /// (`TrainStep::step_expert_parallel`) against one process with the same
 /// global batch: the same losses and gradient norms at every step, and the
-/// same parameters after them (replicated ones on every rank, each expert
-/// on its rank), within float reassociation.
+/// same parameters and AdamW moments after them (each rank holding its
+/// experts alone, gathered for the comparison), within float
+/// reassociation.
 #[test]
 fn expert_parallel_training_steps_equal_one_process() {
     use amoe::model::{HostParams, Model, OptConfig, StepArgs, TrainStep};
@@ -500,6 +549,10 @@ fn expert_parallel_training_steps_equal_one_process() {
                 })
                 .collect();
             let want_params = pollster::block_on(model.download(ctx)).unwrap();
+            let [_, want_m, want_v] =
+                pollster::block_on(step.gather_state(ctx, &model, None, true))
+                    .unwrap()
+                    .unwrap();
 
             let ranks: Vec<_> = std::thread::scope(|s| {
                 let handles: Vec<_> = ThreadTransport::group(n)
@@ -510,9 +563,8 @@ fn expert_parallel_training_steps_equal_one_process() {
                             let h = ctx.handle();
                             let r = tr.rank();
                             let comm = Comm::new(Box::new(tr));
-                            let model = Model::new(&h, cfg, host).unwrap();
-                            let mut step = TrainStep::new(&h, &model, b, opt).unwrap();
-                            step.enable_expert_parallel(&h, &model, opt, r, n).unwrap();
+                            let model = Model::expert_parallel(&h, cfg, host, r, n).unwrap();
+                            let step = TrainStep::new(&h, &model, b, opt).unwrap();
                             let got: Vec<(f32, f32)> = (0..steps)
                                 .map(|s| {
                                     let st = pollster::block_on(step.step_expert_parallel(
@@ -526,11 +578,23 @@ fn expert_parallel_training_steps_equal_one_process() {
                                     (st.loss, st.grad_norm)
                                 })
                                 .collect();
-                            let banks = pollster::block_on(step.expert_banks(&h)).unwrap();
-                            // Every rank's experts gathered into the model.
-                            pollster::block_on(step.sync_experts(&h, &comm)).unwrap();
-                            let params = pollster::block_on(model.download(&h)).unwrap();
-                            (got, params, banks)
+                            // This rank's share of an expert tensor.
+                            let held = model
+                                .params
+                                .blocks
+                                .iter()
+                                .map(|b| b.ffn.w1.shape()[0])
+                                .collect::<Vec<_>>();
+                            // Every rank's experts gathered.
+                            let state = pollster::block_on(step.gather_state(
+                                &h,
+                                &model,
+                                Some(&comm),
+                                true,
+                            ))
+                            .unwrap()
+                            .unwrap();
+                            (got, state, held)
                         })
                     })
                     .collect();
@@ -538,7 +602,7 @@ fn expert_parallel_training_steps_equal_one_process() {
             });
 
             let what = format!("{gating:?} every {moe_every}");
-            for (r, (got, params, banks)) in ranks.iter().enumerate() {
+            for (r, (got, [params, m, v], held)) in ranks.iter().enumerate() {
                 for (s, (g, w)) in got.iter().zip(&want).enumerate() {
                     let rel = |a: f32, b: f32| (a - b).abs() / b.abs().max(1e-6);
                     assert!(
@@ -547,7 +611,15 @@ fn expert_parallel_training_steps_equal_one_process() {
                         s + 1
                     );
                 }
-                let banked: Vec<usize> = banks.iter().map(|(l, _)| *l).collect();
+                // Each MoE layer's experts held: E / N of them.
+                for (l, &e) in held.iter().enumerate() {
+                    let want_e = if cfg.moe_layers().contains(&l) {
+                        cfg.experts / n
+                    } else {
+                        1
+                    };
+                    assert_eq!(e, want_e, "{what} rank {r} block {l}: experts held");
+                }
                 let mut worst = (0.0f32, String::new());
                 let mut diff = |name: String, a: &[f32], b: &[f32]| {
                     assert_eq!(a.len(), b.len(), "{name}");
@@ -557,22 +629,13 @@ fn expert_parallel_training_steps_equal_one_process() {
                         }
                     }
                 };
-                assert!(!banked.is_empty());
-                // After `sync_experts`, the whole model on every rank.
-                assert!(!banked.is_empty());
-                // After `sync_experts`, the whole model on every rank.
                 for ((id, p), (_, q)) in params.iter().zip(want_params.iter()) {
                     diff(id.name(), &p.data, &q.data);
                 }
-                let per = cfg.d * cfg.ffn;
-                let e_own = cfg.experts / n;
-                for (l, [w1, w3, w2]) in banks {
-                    let blk = &want_params.blocks[*l].ffn;
-                    let slice = |v: &[f32]| v[r * e_own * per..(r + 1) * e_own * per].to_vec();
-                    diff(format!("block {l} w1"), w1, &slice(&blk.w1.data));
-                    diff(format!("block {l} w2"), w2, &slice(&blk.w2.data));
-                    if let Some(w) = &blk.w3 {
-                        diff(format!("block {l} w3"), w3, &slice(&w.data));
+                // The moments are what a resumed run continues from.
+                for (tag, got, want) in [("m", m, &want_m), ("v", v, &want_v)] {
+                    for ((id, p), (_, q)) in got.iter().zip(want.iter()) {
+                        diff(format!("{tag}.{id}"), &p.data, &q.data);
                     }
                 }
                 eprintln!(

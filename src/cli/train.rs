@@ -542,7 +542,7 @@ fn run_on(adapter: &AdapterArgs, args: &TrainArgs, comm: Option<Comm>) -> Result
         )?;
         if let Some(d) = &s.data_parallel {
             outln!(
-                "{} over {} ranks, per step: waiting for the GPU {:.3} s, {} {:.3} s, write and update {:.3} s; {:.2} MB sent by rank 0 ({} gradient floats summed); {}",
+                "{} over {} ranks, per step: waiting for the GPU {:.3} s, {} {:.3} s, write and update {:.3} s; {:.2} MB sent by rank 0 ({} gradient floats summed); {}; {:.1} MB of parameters, gradients and moments on rank 0's GPU",
                 if d.expert_parallel {
                     "experts split"
                 } else {
@@ -563,7 +563,8 @@ fn run_on(adapter: &AdapterArgs, args: &TrainArgs, comm: Option<Comm>) -> Result
                     n if d.expert_parallel => format!("the backward in {n} segments"),
                     1 => "the all-reduce after the backward (--no-overlap)".to_string(),
                     n => format!("the all-reduce overlapping the backward ({n} submits)"),
-                }
+                },
+                d.state_bytes as f64 / 1e6
             )?;
         }
         outln!(
@@ -582,6 +583,10 @@ fn run_on(adapter: &AdapterArgs, args: &TrainArgs, comm: Option<Comm>) -> Result
 
 fn train(ctx: &GpuContext, args: &TrainArgs, comm: Option<Comm>) -> Result<RunSummary> {
     let ranks = comm.as_ref().map(|c| (c.rank(), c.size()));
+    let dist = comm.map(|comm| amoe::train::trainer::Distributed {
+        comm,
+        expert_parallel: args.expert_parallel,
+    });
     let mut run = match &args.resume {
         Some(dir) => {
             // After a save interrupted between its renames, say which
@@ -600,7 +605,7 @@ fn train(ctx: &GpuContext, args: &TrainArgs, comm: Option<Comm>) -> Result<RunSu
                     );
                 }
             }
-            let mut run = Run::resume_on(ctx, dir, args.steps, comm)?;
+            let mut run = Run::resume_on(ctx, dir, args.steps, dist)?;
             // What a resumed run may change (see RESUME_FLAGS).
             let c = &mut run.cfg;
             if let Some(v) = args.eval_every {
@@ -626,10 +631,9 @@ fn train(ctx: &GpuContext, args: &TrainArgs, comm: Option<Comm>) -> Result<RunSu
             }
             run
         }
-        None => Run::new_on(ctx, args.config()?, &args.out, comm)?,
+        None => Run::new_on(ctx, args.config()?, &args.out, dist)?,
     };
     run.session.set_overlap(ctx, !args.no_overlap)?;
-    run.session.set_expert_parallel(ctx, args.expert_parallel)?;
     run.pause_at = args.stop_at;
     let c = &run.cfg;
     if let Some((rank, size)) = ranks {

@@ -218,9 +218,10 @@ async fn run_case(ctx: &GpuContext, case: &Case) -> Result<CheckResult> {
     let y = plan.fwd.y.read(ctx).await?;
     let dx = plan.dx.read(ctx).await?;
     let dwr = plan.dw_router.read(ctx).await?;
-    let dw1 = plan.dw1.read(ctx).await?;
-    let dw2 = plan.dw2.read(ctx).await?;
-    let dw3 = match &plan.dw3 {
+    let (dw1, dw2, dw3) = plan.expert_grads()?;
+    let dw1 = dw1.read(ctx).await?;
+    let dw2 = dw2.read(ctx).await?;
+    let dw3 = match dw3 {
         Some(t) => t.read(ctx).await?,
         None => Vec::new(),
     };

@@ -331,21 +331,31 @@ pub struct MoeBackwardBuffers<'a> {
     pub routing: &'a Tensor<u32>,
     pub token_of_slot: &'a Tensor<u32>,
     pub slot_of_token: &'a Tensor<u32>,
-    /// u, h [R, F]; y_expert [R, D] (expert forward); u3 [R, F] (SwiGLU)
+    /// y_expert [R, D] (expert forward, or the rows other ranks' experts
+    /// sent back)
+    pub y_expert: &'a Tensor<f32>,
+    /// w_router [D, E]
+    pub w_router: &'a Tensor<f32>,
+    /// The expert GEMMs' part: `None` for a layer whose experts run on
+    /// other ranks (expert parallelism: each slot's input gradient is
+    /// written into `scratch.dxs` from outside).
+    pub experts: Option<ExpertGradBuffers<'a>>,
+    /// outputs: dx [T, D], dw_router [D, E]
+    pub dx: &'a Tensor<f32>,
+    pub dw_router: &'a Tensor<f32>,
+}
+
+/// The expert GEMMs' buffers of a layer's backward.
+pub struct ExpertGradBuffers<'a> {
+    /// u, h [R, F] (expert forward); u3 [R, F] (SwiGLU)
     pub u: &'a Tensor<f32>,
     pub u3: Option<&'a Tensor<f32>>,
     pub h: &'a Tensor<f32>,
-    pub y_expert: &'a Tensor<f32>,
-    /// weights: w_router [D, E], w1 [E, D, F], w2 [E, F, D]
-    pub w_router: &'a Tensor<f32>,
+    /// w1 [E, D, F], w2 [E, F, D], w3 [E, D, F] (SwiGLU)
     pub w1: &'a Tensor<f32>,
     pub w2: &'a Tensor<f32>,
-    /// w3 [E, D, F] (SwiGLU)
     pub w3: Option<&'a Tensor<f32>>,
-    /// outputs: dx [T, D], dw_router [D, E], dw1 [E, D, F], dw2 [E, F, D],
-    /// dw3 [E, D, F] (SwiGLU)
-    pub dx: &'a Tensor<f32>,
-    pub dw_router: &'a Tensor<f32>,
+    /// outputs: dw1 [E, D, F], dw2 [E, F, D], dw3 [E, D, F] (SwiGLU)
     pub dw1: &'a Tensor<f32>,
     pub dw2: &'a Tensor<f32>,
     pub dw3: Option<&'a Tensor<f32>>,
@@ -361,8 +371,8 @@ pub struct MoeBackwardScratch {
     pub stats: Tensor<f32>,
     /// dz [T, E]
     pub dz: Tensor<f32>,
-    /// da [R, F]
-    pub da: Tensor<f32>,
+    /// da [R, F] (with the expert GEMMs)
+    pub da: Option<Tensor<f32>>,
     /// da3 [R, F] (SwiGLU)
     pub da3: Option<Tensor<f32>>,
     /// dxs [R, D]
@@ -373,6 +383,19 @@ pub struct MoeBackwardScratch {
     pub partial: Option<Tensor<f32>>,
 }
 
+/// The expert GEMMs of a layer's backward: input gradients, then weight
+/// gradients.
+struct ExpertGemms {
+    gemm2: Dispatch,
+    gemm1: Dispatch,
+    wgrad2: Dispatch,
+    reduce2: Option<Dispatch>,
+    wgrad1: Dispatch,
+    reduce1: Option<Dispatch>,
+    /// SwiGLU: dW3 (the dW1 kernel on da3) and its split-K reduction.
+    wgrad3: Option<(Dispatch, Option<Dispatch>)>,
+}
+
 /// Every dispatch of one layer's backward, ready to record.
 pub struct MoeBackward {
     pub shape: MoeBackwardShape,
@@ -381,15 +404,9 @@ pub struct MoeBackward {
     weights: Dispatch,
     stats: Dispatch,
     gate: Dispatch,
-    gemm2: Dispatch,
-    gemm1: Dispatch,
+    /// The expert GEMMs (`None`: the layer's experts run elsewhere).
+    experts: Option<ExpertGemms>,
     dispatch_back: Combine,
-    wgrad2: Dispatch,
-    reduce2: Option<Dispatch>,
-    wgrad1: Dispatch,
-    reduce1: Option<Dispatch>,
-    /// SwiGLU: dW3 (the dW1 kernel on da3) and its split-K reduction.
-    wgrad3: Option<(Dispatch, Option<Dispatch>)>,
     router_dx: Matmul,
     router_dw: Matmul,
     _params: Vec<wgpu::Buffer>,
@@ -426,34 +443,41 @@ impl MoeBackward {
             ));
         }
         let rows = l.max_rows();
-        let checks: [(&str, &Tensor<f32>, Vec<usize>); 14] = [
+        let checks: [(&str, &Tensor<f32>, Vec<usize>); 9] = [
             ("x", b.x, vec![t, d]),
             ("dy", b.dy, vec![t, d]),
             ("probs", b.probs, vec![t, e]),
             ("topk_weights", b.topk_weights, vec![t, k]),
             ("lse", b.lse, vec![t]),
-            ("u", b.u, vec![rows, f]),
-            ("h", b.h, vec![rows, f]),
             ("y_expert", b.y_expert, vec![rows, d]),
             ("w_router", b.w_router, vec![d, e]),
-            ("w1", b.w1, vec![e, d, f]),
-            ("w2", b.w2, vec![e, f, d]),
             ("dx", b.dx, vec![t, d]),
             ("dw_router", b.dw_router, vec![d, e]),
-            ("dw1", b.dw1, vec![e, d, f]),
         ];
         for (name, tensor, want) in &checks {
             tensor.expect_shape("moe_backward", name, want)?;
         }
-        b.dw2.expect_shape("moe_backward", "dw2", &[e, f, d])?;
-        let swiglu = match (shape.swiglu, b.u3, b.w3, b.dw3) {
-            (true, Some(u3), Some(w3), Some(dw3)) => {
+        if let Some(x) = &b.experts {
+            let checks: [(&str, &Tensor<f32>, Vec<usize>); 6] = [
+                ("u", x.u, vec![rows, f]),
+                ("h", x.h, vec![rows, f]),
+                ("w1", x.w1, vec![e, d, f]),
+                ("w2", x.w2, vec![e, f, d]),
+                ("dw1", x.dw1, vec![e, d, f]),
+                ("dw2", x.dw2, vec![e, f, d]),
+            ];
+            for (name, tensor, want) in &checks {
+                tensor.expect_shape("moe_backward", name, want)?;
+            }
+        }
+        let swiglu = match b.experts.as_ref().map(|x| (shape.swiglu, x.u3, x.w3, x.dw3)) {
+            Some((true, Some(u3), Some(w3), Some(dw3))) => {
                 u3.expect_shape("moe_backward", "u3", &[rows, f])?;
                 w3.expect_shape("moe_backward", "w3", &[e, d, f])?;
                 dw3.expect_shape("moe_backward", "dw3", &[e, d, f])?;
                 Some((u3, w3, dw3))
             }
-            (false, None, None, None) => None,
+            Some((false, None, None, None)) | None => None,
             _ => {
                 return Err(Error::invalid(
                     "moe_backward",
@@ -485,14 +509,17 @@ impl MoeBackward {
             dw: Tensor::zeros(ctx, "dw", &[t, k])?,
             stats: Tensor::zeros(ctx, "gate_stats", &[2 * e + 2])?,
             dz: Tensor::zeros(ctx, "dz", &[t, e])?,
-            da: Tensor::zeros(ctx, "da", &[rows, f])?,
+            da: match &b.experts {
+                Some(_) => Some(Tensor::zeros(ctx, "da", &[rows, f])?),
+                None => None,
+            },
             da3: match swiglu {
                 Some(_) => Some(Tensor::zeros(ctx, "da3", &[rows, f])?),
                 None => None,
             },
             dxs: Tensor::zeros(ctx, "dxs", &[rows, d])?,
             ones: Tensor::from_slice(ctx, "ones", &[t, k], &vec![1.0f32; t * k])?,
-            partial: if shape.split > 1 {
+            partial: if shape.split > 1 && b.experts.is_some() {
                 ctx.check_binding("moe_backward: split-K partials bytes", 4 * split_elems)?;
                 Some(Tensor::zeros(
                     ctx,
@@ -588,67 +615,6 @@ impl MoeBackward {
             direct(g_g),
         )?;
 
-        // Expert GEMMs.
-        let m_tiles = |m: usize| m.div_ceil(core.tile_rows() as usize);
-        let ep = |m: usize| ExpertBackParams {
-            t: t as u32,
-            e: e as u32,
-            d: d as u32,
-            f: f as u32,
-            rows: rows as u32,
-            tile_expert: l.tile_expert() as u32,
-            max_tiles: l.max_tiles() as u32,
-            offsets: l.offsets() as u32,
-            m_tiles: m_tiles(m) as u32,
-            split: shape.split as u32,
-            _pad0: 0,
-            _pad1: 0,
-        };
-        let epipe =
-            |stage| ctx.pipeline(&Kernel::ExpertBackward(ExpertBackwardSpec { stage, core }));
-        let indirect = |word: usize| Grid::Indirect {
-            buffer: b.routing.buffer.clone(),
-            offset: (word * 4) as u64,
-        };
-        let p_rows = uniform(ctx, &ep(1));
-        let mut gemm2_bufs = vec![
-            &p_rows,
-            &scratch.dys.buffer,
-            &b.routing.buffer,
-            &b.w2.buffer,
-            &b.u.buffer,
-            &scratch.da.buffer,
-        ];
-        let mut gemm1_bufs = vec![
-            &p_rows,
-            &scratch.da.buffer,
-            &b.routing.buffer,
-            &b.w1.buffer,
-            &scratch.dxs.buffer,
-        ];
-        let (stage2, stage1) = match (swiglu, &scratch.da3) {
-            (Some((u3, w3, _)), Some(da3)) => {
-                gemm2_bufs.extend([&u3.buffer, &da3.buffer]);
-                gemm1_bufs.extend([&da3.buffer, &w3.buffer]);
-                (
-                    ExpertBackwardStage::Gemm2SwiGlu,
-                    ExpertBackwardStage::Gemm1SwiGlu,
-                )
-            }
-            _ => (ExpertBackwardStage::Gemm2Gelu, ExpertBackwardStage::Gemm1),
-        };
-        let gemm2 = Dispatch::new(
-            ctx,
-            epipe(stage2)?,
-            &gemm2_bufs,
-            indirect(RoutingLayout::ARGS1),
-        )?;
-        let gemm1 = Dispatch::new(
-            ctx,
-            epipe(stage1)?,
-            &gemm1_bufs,
-            indirect(RoutingLayout::ARGS2),
-        )?;
         let dispatch_back = Combine::new(
             ctx,
             &CombineBuffers {
@@ -658,68 +624,144 @@ impl MoeBackward {
                 y: b.dx,
             },
         )?;
-        let tn = core.tile_cols() as usize;
-        let wgrid = |m: usize, n: usize| -> Result<Grid> {
-            let x = (e * m_tiles(m)) as u64;
-            ctx.check_workgroups("moe_backward: weight-gradient tiles", x)?;
-            Ok(Grid::Direct(
-                x as u32,
-                n.div_ceil(tn) as u32,
-                shape.split as u32,
-            ))
-        };
-        let p_w2 = uniform(ctx, &ep(f));
-        let p_w1 = uniform(ctx, &ep(d));
-        let target = |out: &Tensor<f32>| -> wgpu::Buffer {
-            match &scratch.partial {
-                Some(p) => p.buffer.clone(),
-                None => out.buffer.clone(),
-            }
-        };
-        let wgrad2 = Dispatch::new(
-            ctx,
-            epipe(ExpertBackwardStage::WeightW2)?,
-            &[
-                &p_w2,
-                &b.h.buffer,
-                &b.routing.buffer,
-                &scratch.dys.buffer,
-                &target(b.dw2),
-            ],
-            wgrid(f, d)?,
-        )?;
-        let wgrad_x = |da: &Tensor<f32>, dw: &Tensor<f32>| -> Result<Dispatch> {
-            Dispatch::new(
-                ctx,
-                epipe(ExpertBackwardStage::WeightW1)?,
-                &[
-                    &p_w1,
-                    &b.x.buffer,
-                    &b.token_of_slot.buffer,
+        // Expert GEMMs (where this rank runs the layer's experts).
+        let experts = match (&b.experts, &scratch.da) {
+            (Some(x), Some(da)) => {
+                let m_tiles = |m: usize| m.div_ceil(core.tile_rows() as usize);
+                let ep = |m: usize| ExpertBackParams {
+                    t: t as u32,
+                    e: e as u32,
+                    d: d as u32,
+                    f: f as u32,
+                    rows: rows as u32,
+                    tile_expert: l.tile_expert() as u32,
+                    max_tiles: l.max_tiles() as u32,
+                    offsets: l.offsets() as u32,
+                    m_tiles: m_tiles(m) as u32,
+                    split: shape.split as u32,
+                    _pad0: 0,
+                    _pad1: 0,
+                };
+                let epipe =
+                    |stage| ctx.pipeline(&Kernel::ExpertBackward(ExpertBackwardSpec { stage, core }));
+                let indirect = |word: usize| Grid::Indirect {
+                    buffer: b.routing.buffer.clone(),
+                    offset: (word * 4) as u64,
+                };
+                let p_rows = uniform(ctx, &ep(1));
+                let mut gemm2_bufs = vec![
+                    &p_rows,
+                    &scratch.dys.buffer,
                     &b.routing.buffer,
+                    &x.w2.buffer,
+                    &x.u.buffer,
                     &da.buffer,
-                    &target(dw),
-                ],
-                wgrid(d, f)?,
-            )
-        };
-        let wgrad1 = wgrad_x(&scratch.da, b.dw1)?;
-        let (p_red, g_red) = mk(e * d * f, e * d * f);
-        let reduce = |out: &Tensor<f32>| -> Result<Option<Dispatch>> {
-            match &scratch.partial {
-                Some(p) => Ok(Some(Dispatch::new(
+                ];
+                let mut gemm1_bufs = vec![
+                    &p_rows,
+                    &da.buffer,
+                    &b.routing.buffer,
+                    &x.w1.buffer,
+                    &scratch.dxs.buffer,
+                ];
+                let (stage2, stage1) = match (swiglu, &scratch.da3) {
+                    (Some((u3, w3, _)), Some(da3)) => {
+                        gemm2_bufs.extend([&u3.buffer, &da3.buffer]);
+                        gemm1_bufs.extend([&da3.buffer, &w3.buffer]);
+                        (
+                            ExpertBackwardStage::Gemm2SwiGlu,
+                            ExpertBackwardStage::Gemm1SwiGlu,
+                        )
+                    }
+                    _ => (ExpertBackwardStage::Gemm2Gelu, ExpertBackwardStage::Gemm1),
+                };
+                let gemm2 = Dispatch::new(
                     ctx,
-                    pipe(MoeBackwardSpec::WeightGradReduce)?,
-                    &[&p_red, &p.buffer, &out.buffer],
-                    direct(g_red),
-                )?)),
-                None => Ok(None),
+                    epipe(stage2)?,
+                    &gemm2_bufs,
+                    indirect(RoutingLayout::ARGS1),
+                )?;
+                let gemm1 = Dispatch::new(
+                    ctx,
+                    epipe(stage1)?,
+                    &gemm1_bufs,
+                    indirect(RoutingLayout::ARGS2),
+                )?;
+                let tn = core.tile_cols() as usize;
+                let wgrid = |m: usize, n: usize| -> Result<Grid> {
+                    let x = (e * m_tiles(m)) as u64;
+                    ctx.check_workgroups("moe_backward: weight-gradient tiles", x)?;
+                    Ok(Grid::Direct(
+                        x as u32,
+                        n.div_ceil(tn) as u32,
+                        shape.split as u32,
+                    ))
+                };
+                let p_w2 = uniform(ctx, &ep(f));
+                let p_w1 = uniform(ctx, &ep(d));
+                let target = |out: &Tensor<f32>| -> wgpu::Buffer {
+                    match &scratch.partial {
+                        Some(p) => p.buffer.clone(),
+                        None => out.buffer.clone(),
+                    }
+                };
+                let wgrad2 = Dispatch::new(
+                    ctx,
+                    epipe(ExpertBackwardStage::WeightW2)?,
+                    &[
+                        &p_w2,
+                        &x.h.buffer,
+                        &b.routing.buffer,
+                        &scratch.dys.buffer,
+                        &target(x.dw2),
+                    ],
+                    wgrid(f, d)?,
+                )?;
+                let wgrad_x = |da: &Tensor<f32>, dw: &Tensor<f32>| -> Result<Dispatch> {
+                    Dispatch::new(
+                        ctx,
+                        epipe(ExpertBackwardStage::WeightW1)?,
+                        &[
+                            &p_w1,
+                            &b.x.buffer,
+                            &b.token_of_slot.buffer,
+                            &b.routing.buffer,
+                            &da.buffer,
+                            &target(dw),
+                        ],
+                        wgrid(d, f)?,
+                    )
+                };
+                let wgrad1 = wgrad_x(da, x.dw1)?;
+                let (p_red, g_red) = mk(e * d * f, e * d * f);
+                let reduce = |out: &Tensor<f32>| -> Result<Option<Dispatch>> {
+                    match &scratch.partial {
+                        Some(p) => Ok(Some(Dispatch::new(
+                            ctx,
+                            pipe(MoeBackwardSpec::WeightGradReduce)?,
+                            &[&p_red, &p.buffer, &out.buffer],
+                            direct(g_red),
+                        )?)),
+                        None => Ok(None),
+                    }
+                };
+                let reduce2 = reduce(x.dw2)?;
+                let reduce1 = reduce(x.dw1)?;
+                let wgrad3 = match (swiglu, &scratch.da3) {
+                    (Some((_, _, dw3)), Some(da3)) => Some((wgrad_x(da3, dw3)?, reduce(dw3)?)),
+                    _ => None,
+                };
+                params.extend([p_rows, p_w2, p_w1, p_red]);
+                Some(ExpertGemms {
+                    gemm2,
+                    gemm1,
+                    wgrad2,
+                    reduce2,
+                    wgrad1,
+                    reduce1,
+                    wgrad3,
+                })
             }
-        };
-        let reduce2 = reduce(b.dw2)?;
-        let reduce1 = reduce(b.dw1)?;
-        let wgrad3 = match (swiglu, &scratch.da3) {
-            (Some((_, _, dw3)), Some(da3)) => Some((wgrad_x(da3, dw3)?, reduce(dw3)?)),
             _ => None,
         };
 
@@ -756,7 +798,7 @@ impl MoeBackward {
             &scratch.dz,
             b.dw_router,
         )?;
-        params.extend([p_slots, p_w, p_s, p_g, p_rows, p_w2, p_w1, p_red]);
+        params.extend([p_slots, p_w, p_s, p_g]);
         Ok(MoeBackward {
             shape: *shape,
             scratch,
@@ -764,14 +806,8 @@ impl MoeBackward {
             weights,
             stats,
             gate,
-            gemm2,
-            gemm1,
+            experts,
             dispatch_back,
-            wgrad2,
-            reduce2,
-            wgrad1,
-            reduce1,
-            wgrad3,
             router_dx,
             router_dw,
             _params: params,
@@ -793,12 +829,18 @@ impl MoeBackward {
     }
 
     /// The backward past `gate_stats` (its stats must be in place).
+    /// Without the expert GEMMs (a layer whose experts run on other
+    /// ranks), the slots' input gradients must be in `scratch.dxs`.
     pub fn record_after_stats(&self, pass: &mut wgpu::ComputePass<'_>) {
         self.record_slots_and_gate(pass);
-        self.gemm2.record(pass);
-        self.gemm1.record(pass);
+        if let Some(x) = &self.experts {
+            x.gemm2.record(pass);
+            x.gemm1.record(pass);
+        }
         self.dispatch_back.record(pass);
-        self.record_weight_grads(pass);
+        if let Some(x) = &self.experts {
+            x.record_weight_grads(pass);
+        }
         self.router_dx.record(pass);
         self.router_dw.record(pass);
     }
@@ -827,14 +869,19 @@ impl MoeBackward {
     /// (a plan of weight-1, one-expert rows; no router): each row's output
     /// gradient in `dy`, its input gradient into `dx`, the experts' weight
     /// gradients.
+    /// Nothing past the slots without the expert GEMMs.
     pub fn record_experts(&self, pass: &mut wgpu::ComputePass<'_>) {
         self.slots.record(pass);
-        self.gemm2.record(pass);
-        self.gemm1.record(pass);
-        self.dispatch_back.record(pass);
-        self.record_weight_grads(pass);
+        if let Some(x) = &self.experts {
+            x.gemm2.record(pass);
+            x.gemm1.record(pass);
+            self.dispatch_back.record(pass);
+            x.record_weight_grads(pass);
+        }
     }
+}
 
+impl ExpertGemms {
     fn record_weight_grads(&self, pass: &mut wgpu::ComputePass<'_>) {
         self.wgrad2.record(pass);
         if let Some(r) = &self.reduce2 {

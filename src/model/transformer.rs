@@ -36,7 +36,7 @@ use crate::model::graph::{mm, Block, Graph, Mode};
 use crate::model::params::{
     BlockParam, FfnParams, HostTensor, ParamId, Params, Storage, TensorValues,
 };
-use crate::moe::{ExpertRowsTrainPlan, MoeConfig, MoeLayer, MoeWeights};
+use crate::moe::{ExpertRowsPlan, ExpertRowsTrainPlan, MoeConfig, MoeLayer};
 use crate::train::expert_parallel::{dispatch, give_back, ExpertSplit, SlotPlan};
 
 /// Scale of the unembedding's init relative to 1/sqrt(D): the logits of a
@@ -146,6 +146,18 @@ pub struct Model {
     pub shared: Vec<Option<MoeLayer>>,
     /// The rotary embedding's tables over the context (rotary models).
     pub rope: Option<RopeTables>,
+    /// Expert parallelism: this rank holds its share of each MoE layer's
+    /// experts (`Model::expert_parallel`); `None`: all of them.
+    pub shard: Option<ExpertShard>,
+}
+
+/// Rank `rank` of `ranks` under expert parallelism: it holds experts
+/// `rank · E/N ..` of each MoE layer (E > 1), with their gradients and
+/// AdamW moments; everything else is replicated.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ExpertShard {
+    pub rank: usize,
+    pub ranks: usize,
 }
 
 impl Model {
@@ -167,12 +179,66 @@ impl Model {
         host: &Params<T>,
         storage: impl Into<Storage>,
     ) -> Result<Model> {
-        let storage: Storage = storage.into();
+        Self::build(ctx, cfg, host, storage.into(), None)
+    }
+
+    /// Rank `rank` of `ranks` of an expert-parallel run: the model in f32,
+    /// each MoE layer holding only this rank's experts (`ExpertShard`) from
+    /// the whole `host`. Its MoE layers route over all experts and run none
+    /// (`TrainStep` and `EvalStep` send the rows to their experts' ranks).
+    /// E must be a multiple of N, and no layer may drop slots past a
+    /// capacity (an expert would see every rank's tokens).
+    pub fn expert_parallel(
+        ctx: &GpuContext,
+        cfg: &ModelConfig,
+        host: &HostParams,
+        rank: usize,
+        ranks: usize,
+    ) -> Result<Model> {
+        if rank >= ranks {
+            return Err(Error::invalid(
+                "expert parallel",
+                format!("rank {rank} of {ranks}"),
+            ));
+        }
+        for l in cfg.moe_layers() {
+            let c = cfg.ffn_config(l);
+            ExpertSplit::new(c.e, ranks)?;
+            if c.capacity_factor.is_some() {
+                return Err(Error::invalid(
+                    "expert parallel",
+                    "a capacity factor is per rank's tokens, and experts on other ranks see every rank's: not supported",
+                ));
+            }
+        }
+        Self::build(
+            ctx,
+            cfg,
+            host,
+            Storage::from(Dtype::F32),
+            Some(ExpertShard { rank, ranks }),
+        )
+    }
+
+    /// The experts this model holds of parameter `id` (a routed expert
+    /// tensor of an MoE layer under `shard`), with E; `None` where it holds
+    /// the whole tensor.
+    pub fn held(&self, id: ParamId) -> Option<(std::ops::Range<usize>, usize)> {
+        held_experts(&self.cfg, self.shard, id)
+    }
+
+    fn build<T: TensorValues>(
+        ctx: &GpuContext,
+        cfg: &ModelConfig,
+        host: &Params<T>,
+        storage: Storage,
+        shard: Option<ExpertShard>,
+    ) -> Result<Model> {
         cfg.validate()?;
         host.validate_shapes(cfg)?;
         let params = host.try_map(|id, t| {
             let values = t.values()?;
-            let (shape, name) = (t.shape(), id.name());
+            let (mut shape, name) = (t.shape().to_vec(), id.name());
             let n: usize = shape.iter().product();
             if values.len() != n {
                 return Err(Error::shape(
@@ -181,6 +247,16 @@ impl Model {
                     format!("{} values", values.len()),
                 ));
             }
+            // Under expert parallelism, this rank's experts alone.
+            let values = match held_experts(cfg, shard, id) {
+                Some((r, e)) => {
+                    let per = n / e;
+                    shape[0] = r.len();
+                    std::borrow::Cow::Owned(values[r.start * per..r.end * per].to_vec())
+                }
+                None => values,
+            };
+            let shape = shape.as_slice();
             let dtype = storage.of(id);
             // What may be larger than one storage binding splits: the
             // vocabulary-sized tables along the vocabulary (wte [V, D] by
@@ -199,9 +275,10 @@ impl Model {
             ctx.flush_uploads()?;
             Ok(w)
         })?;
-        let layer = |c: MoeConfig, f: &FfnParams<Weight>| {
-            MoeLayer::from_parts(
+        let layer = |c: MoeConfig, f: &FfnParams<Weight>, share| {
+            MoeLayer::from_share(
                 c,
+                share,
                 f.w_router.f32("router")?.clone(),
                 f.w1.clone(),
                 f.w3.clone(),
@@ -211,9 +288,11 @@ impl Model {
         let mut ffn = Vec::with_capacity(cfg.layers);
         let mut shared = Vec::with_capacity(cfg.layers);
         for (l, b) in params.blocks.iter().enumerate() {
-            ffn.push(layer(cfg.ffn_config(l), &b.ffn)?);
+            let share =
+                held_experts(cfg, shard, ParamId::Block(l, BlockParam::W1)).map(|(r, _)| r);
+            ffn.push(layer(cfg.ffn_config(l), &b.ffn, share)?);
             shared.push(match (cfg.shared_config(l), &b.shared) {
-                (Some(c), Some(w)) => Some(layer(c, w)?),
+                (Some(c), Some(w)) => Some(layer(c, w, None)?),
                 (None, None) => None,
                 _ => {
                     return Err(Error::invalid(
@@ -238,11 +317,29 @@ impl Model {
             ffn,
             shared,
             rope,
+            shard,
         })
     }
 
-    /// Every parameter back on the host.
+    /// Refuse what needs the whole model from one holding a share of the
+    /// experts.
+    fn whole(&self, what: &str) -> Result<()> {
+        match self.shard {
+            Some(s) => Err(Error::invalid(
+                "expert parallel",
+                format!(
+                    "{what} needs the whole model; rank {} of {} holds a share of the experts",
+                    s.rank, s.ranks
+                ),
+            )),
+            None => Ok(()),
+        }
+    }
+
+    /// Every parameter back on the host (a model holding all its experts;
+    /// an expert-parallel run's gathers them: `Session::host_state`).
     pub async fn download(&self, ctx: &GpuContext) -> Result<HostParams> {
+        self.whole("downloading the parameters")?;
         let mut values = Vec::with_capacity(self.params.len());
         for t in self.params.values() {
             values.push(t.read(ctx).await?);
@@ -260,6 +357,7 @@ impl Model {
 
     /// Overwrite every parameter from the host (same config).
     pub fn upload(&self, ctx: &GpuContext, host: &HostParams) -> Result<()> {
+        self.whole("uploading the parameters")?;
         host.validate(&self.cfg)?;
         for (p, h) in self.params.values().zip(host.values()) {
             p.write(ctx, &h.data)?;
@@ -297,10 +395,27 @@ impl Model {
                     w1: m.w1.clone(),
                     w3: m.w3.clone(),
                     w2: m.w2.clone(),
+                    share: m.share.clone(),
                 }
             })
             .collect()
     }
+}
+
+/// Under `shard`, the experts a rank holds of parameter `id` and E: the
+/// routed expert tensors (w1, w3, w2) of the MoE layers (E > 1).
+fn held_experts(
+    cfg: &ModelConfig,
+    shard: Option<ExpertShard>,
+    id: ParamId,
+) -> Option<(std::ops::Range<usize>, usize)> {
+    let s = shard?;
+    let ParamId::Block(l, BlockParam::W1 | BlockParam::W3 | BlockParam::W2) = id else {
+        return None;
+    };
+    let e = cfg.ffn_config(l).e;
+    let split = ExpertSplit::new(e, s.ranks).ok().filter(|_| e > 1)?;
+    Some((split.owned(s.rank), e))
 }
 
 /// The forward of one batch shape (the shared graph, then the loss):
@@ -1004,28 +1119,62 @@ pub struct TrainStep {
     ep: Option<ExpertParallel>,
 }
 
-/// Expert parallelism on this rank: per MoE layer (E > 1), the bank of the
-/// experts it owns and its plan over the rows the ranks route to them.
+/// What an expert-parallel training step adds (a model holding a share of
+/// its experts, `Model::expert_parallel`).
 struct ExpertParallel {
-    /// Per block: its split and bank, or None (a dense FFN stays local).
-    banks: Vec<Option<(ExpertSplit, MoeLayer, ExpertRowsTrainPlan)>>,
-    /// Per block with a bank: its exchanges' staging buffers.
-    staging: Vec<Option<BankStaging>>,
-    /// The step's readback with the replicated gradients, then the banks'.
+    /// The training graph's exchanges, per MoE layer.
+    ex: Exchange,
+    /// The step's readback with the replicated gradients, then this rank's
+    /// experts'.
     rb: StepReadback,
     /// The gradients of the parameters every rank holds (summed over the
-    /// ranks), and of the bank's experts (this rank's alone): part, tensor.
+    /// ranks), and of this rank's experts (its own): part, tensor.
     replicated: Vec<(PartId, Tensor<f32>)>,
     bank_grads: Vec<(PartId, Tensor<f32>)>,
-    /// Per entry of `TrainStep::adamw`: whether it updates an expert
-    /// tensor the banks replace (not run).
-    skip: Vec<bool>,
-    /// AdamW of each bank tensor, and the moments it holds.
-    adamw: Vec<AdamW>,
-    /// Per bank tensor: (bank tensor, its moments m, v) and the model's
-    /// tensors it stands for (parameter, m, v): what `sync_experts` gathers.
-    synced: Vec<(Triple, Triple)>,
     max_norm: Option<f32>,
+}
+
+/// Expert parallelism over one graph (a training or an evaluation
+/// forward): per block, its MoE layer's exchange, or `None` (a dense FFN
+/// stays local).
+struct Exchange {
+    layers: Vec<Option<Banked>>,
+}
+
+/// One MoE layer's experts under expert parallelism: how they split over
+/// the ranks, the rows plan of this rank's experts over what every rank
+/// may route to them (all of their tokens' slots, at most), and the
+/// readbacks of the exchanges.
+struct Banked {
+    split: ExpertSplit,
+    plan: BankPlan,
+    st: BankStaging,
+}
+
+/// The rows plan of a rank's experts: forward only (evaluation) or with
+/// the backward (training).
+enum BankPlan {
+    Eval(Box<ExpertRowsPlan>),
+    Train(Box<ExpertRowsTrainPlan>),
+}
+
+impl BankPlan {
+    fn fwd(&self) -> &ExpertRowsPlan {
+        match self {
+            BankPlan::Eval(p) => p,
+            BankPlan::Train(p) => &p.fwd,
+        }
+    }
+
+    fn train(&self) -> Result<&ExpertRowsTrainPlan> {
+        match self {
+            BankPlan::Train(p) => Ok(p),
+            BankPlan::Eval(_) => Err(Error::invalid(
+                "expert parallel",
+                "a backward through an evaluation plan",
+            )),
+        }
+    }
 }
 
 /// The readbacks of one MoE layer's exchanges, each recorded in the
@@ -1037,12 +1186,17 @@ struct BankStaging {
     routing: PartId,
     token_of_slot: PartId,
     x: PartId,
-    /// The bank's output rows, then the rows' input gradients.
+    /// The bank's output rows.
     bank_y: Readback,
     bank_y_part: PartId,
+    /// Training: the rows' input gradients, and the slots' output
+    /// gradients (after the combine backward).
+    back: Option<BackStaging>,
+}
+
+struct BackStaging {
     bank_dx: Readback,
     bank_dx_part: PartId,
-    /// The slots' output gradients (after the combine backward).
     dys: Readback,
     dys_part: PartId,
 }
@@ -1052,6 +1206,248 @@ struct BankStaging {
 struct RoutedSlots {
     words: Vec<u32>,
     token_of_slot: Vec<u32>,
+}
+
+impl Exchange {
+    /// The exchanges of `fwd`'s MoE layers on a model holding a share of
+    /// its experts (none for one holding them all): a rows plan per layer
+    /// for the rows every rank may send (N T K), training ones with `train`.
+    fn new(ctx: &GpuContext, model: &Model, fwd: &Forward, train: bool) -> Result<Option<Exchange>> {
+        let Some(shard) = model.shard else {
+            return Ok(None);
+        };
+        let t = fwd.t();
+        let mut layers = Vec::with_capacity(model.ffn.len());
+        for (l, layer) in model.ffn.iter().enumerate() {
+            if layer.share.is_none() {
+                layers.push(None);
+                continue;
+            }
+            let split = ExpertSplit::new(layer.cfg.e, shard.ranks)?;
+            let block = &fwd.graph.blocks[l].ffn;
+            let p = block.fwd();
+            let rows = shard.ranks * t * p.topk_ids.shape[1];
+            let plan = if train {
+                BankPlan::Train(Box::new(layer.plan_rows_train(ctx, rows, 1)?))
+            } else {
+                BankPlan::Eval(Box::new(layer.plan_rows(ctx, rows)?))
+            };
+            let (tos, _) = p
+                .slot_buffers()
+                .ok_or_else(|| Error::invalid("expert parallel", "no grouped plan"))?;
+            let mut layout = ReadbackLayout::new();
+            let words = (RoutingLayout::HEADER + 2 * split.experts + 1) as u64 * 4;
+            let routing = layout.push(&p.routing.buffer, 0, words);
+            let token_of_slot = layout.push_tensor(tos);
+            let x = layout.push_tensor(&p.x);
+            let one = |t: &Tensor<f32>, label: &str| -> Result<(Readback, PartId)> {
+                let mut layout = ReadbackLayout::new();
+                let p = layout.push_tensor(t);
+                Ok((layout.build(ctx, label)?, p))
+            };
+            let (bank_y, bank_y_part) = one(&plan.fwd().y, "expert bank output")?;
+            let back = match &plan {
+                BankPlan::Train(bank) => {
+                    let (bank_dx, bank_dx_part) = one(&bank.dx, "expert bank input gradient")?;
+                    let (dys, dys_part) = one(
+                        &block.train()?.backward.scratch.dys,
+                        "slot output gradients",
+                    )?;
+                    Some(BackStaging {
+                        bank_dx,
+                        bank_dx_part,
+                        dys,
+                        dys_part,
+                    })
+                }
+                BankPlan::Eval(_) => None,
+            };
+            let st = BankStaging {
+                routed: layout.build(ctx, "routed slots")?,
+                routing,
+                token_of_slot,
+                x,
+                bank_y,
+                bank_y_part,
+                back,
+            };
+            layers.push(Some(Banked { split, plan, st }));
+        }
+        Ok(Some(Exchange { layers }))
+    }
+
+    /// The forward of `fwd` in segments, each ending where an MoE layer's
+    /// routed rows leave for the experts' ranks; `tail` records what
+    /// follows the loss in the last segment's pass, `tail_enc` after it.
+    async fn forward(
+        &self,
+        ctx: &GpuContext,
+        comm: &crate::train::collective::Comm,
+        fwd: &Forward,
+        tail: &dyn Fn(&mut wgpu::ComputePass<'static>) -> Result<()>,
+        tail_enc: &dyn Fn(&mut wgpu::CommandEncoder),
+    ) -> Result<Vec<Option<RoutedSlots>>> {
+        let mut routed: Vec<Option<RoutedSlots>> = (0..self.layers.len()).map(|_| None).collect();
+        let graph = &fwd.graph;
+        let blocks = &graph.blocks;
+        let grouped = || Error::invalid("expert parallel", "an MoE layer without its grouped plan");
+        let split_at: Vec<usize> = (0..blocks.len())
+            .filter(|&l| self.layers[l].is_some())
+            .collect();
+        for i in 0..=split_at.len() {
+            let from = if i == 0 { 0 } else { split_at[i - 1] + 1 };
+            let to = split_at.get(i).copied().unwrap_or(blocks.len());
+            let mut clear = None;
+            if i == 0 {
+                let mut enc = ctx
+                    .device
+                    .create_command_encoder(&wgpu::CommandEncoderDescriptor { label: None });
+                fwd.clear(&mut enc);
+                clear = Some(enc.finish());
+            }
+            let (mut enc, mut pass) = open_pass(ctx, "expert-parallel forward");
+            if i == 0 {
+                graph.record_embedding(&mut pass);
+            } else if !blocks[from - 1].record_from_experts(&mut pass) {
+                return Err(grouped());
+            }
+            for blk in &blocks[from..to] {
+                blk.record(&mut pass);
+            }
+            let last = to == blocks.len();
+            if !last {
+                if !blocks[to].record_to_experts(&mut pass) {
+                    return Err(grouped());
+                }
+            } else {
+                graph.head.record(&mut pass);
+                fwd.ce.record(&mut pass);
+                fwd.loss_sum.record(&mut pass);
+                tail(&mut pass)?;
+            }
+            drop(pass);
+            if last {
+                tail_enc(&mut enc);
+            }
+            let banked = split_at.get(i).and_then(|&l| Some((l, self.layers[l].as_ref()?)));
+            if let Some((_, b)) = banked {
+                b.st.routed.record_all(&mut enc);
+            }
+            scoped_submit(ctx, clear, enc)?;
+            if let Some((l, b)) = banked {
+                let plan = blocks[l].ffn.fwd();
+                routed[l] = Some(b.experts_forward(ctx, comm, plan).await?);
+            }
+        }
+        Ok(routed)
+    }
+}
+
+impl Banked {
+    /// Forward: this rank's routed rows of `plan` (the FFN input's row of
+    /// each slot) to their experts' ranks, the bank on what came, the
+    /// outputs back into `y_expert`.
+    async fn experts_forward(
+        &self,
+        ctx: &GpuContext,
+        comm: &crate::train::collective::Comm,
+        plan: &crate::moe::MoePlan,
+    ) -> Result<RoutedSlots> {
+        let (st, bank) = (&self.st, self.plan.fwd());
+        let (_, y_expert) = plan
+            .slot_buffers()
+            .ok_or_else(|| Error::invalid("expert parallel", "no grouped plan"))?;
+        let e = self.split.experts;
+        let d = plan.x.shape[1];
+        let (words, tos, x) = {
+            let w = st.routed.read(ctx).await?;
+            (
+                w.u32s(st.routing).to_vec(),
+                w.u32s(st.token_of_slot).to_vec(),
+                w.f32s(st.x),
+            )
+        };
+        ctx.check_errors("expert-parallel forward")?;
+        let h = RoutingLayout::HEADER;
+        let slots = SlotPlan {
+            counts: &words[h..h + e],
+            offsets: &words[h + e..h + 2 * e + 1],
+            token_of_slot: &tos,
+        };
+        let got = dispatch(comm, &self.split, &slots, d, |_, tok| {
+            &x[tok * d..(tok + 1) * d]
+        })?;
+        bank.write(ctx, &got.rows, &got.local_expert)?;
+        let mut enc = ctx
+            .device
+            .create_command_encoder(&wgpu::CommandEncoderDescriptor {
+                label: Some("expert bank forward"),
+            });
+        bank.record(&mut enc);
+        let n = (got.len() * d) as u64;
+        st.bank_y.record_range(&mut enc, st.bank_y_part, 0, n * 4);
+        scoped_submit(ctx, None, enc)?;
+        let out = st.bank_y.read(ctx).await?.f32s(st.bank_y_part);
+        let back = give_back(comm, &self.split, &slots, &got, &out[..got.len() * d], tos.len())?;
+        y_expert.write(ctx, &back)?;
+        Ok(RoutedSlots {
+            words,
+            token_of_slot: tos,
+        })
+    }
+
+    /// Backward: each routed slot's output gradient to its expert's rank,
+    /// the bank's backward on what came (its weight gradients stay here),
+    /// each slot's input gradient back into the routing rank's `dxs`.
+    async fn experts_backward(
+        &self,
+        ctx: &GpuContext,
+        comm: &crate::train::collective::Comm,
+        routed: &RoutedSlots,
+        dxs: &Tensor<f32>,
+    ) -> Result<()> {
+        let bank = self.plan.train()?;
+        let back = self
+            .st
+            .back
+            .as_ref()
+            .ok_or_else(|| Error::invalid("expert parallel", "a bank without its backward"))?;
+        let e = self.split.experts;
+        let d = dxs.shape[1];
+        let dys = back.dys.read(ctx).await?.f32s(back.dys_part);
+        ctx.check_errors("expert-parallel backward")?;
+        let h = RoutingLayout::HEADER;
+        let words = &routed.words;
+        let slots = SlotPlan {
+            counts: &words[h..h + e],
+            offsets: &words[h + e..h + 2 * e + 1],
+            token_of_slot: &routed.token_of_slot,
+        };
+        let got = dispatch(comm, &self.split, &slots, d, |slot, _| {
+            &dys[slot * d..(slot + 1) * d]
+        })?;
+        if !got.rows.is_empty() {
+            ctx.queue
+                .write_buffer(&bank.dy.buffer, 0, bytemuck::cast_slice(&got.rows));
+        }
+        let (mut enc, mut pass) = open_pass(ctx, "expert bank backward");
+        bank.record_backward(&mut pass);
+        drop(pass);
+        let n = (got.len() * d) as u64;
+        back.bank_dx
+            .record_range(&mut enc, back.bank_dx_part, 0, n * 4);
+        scoped_submit(ctx, None, enc)?;
+        let dx = back.bank_dx.read(ctx).await?.f32s(back.bank_dx_part);
+        let give = give_back(
+            comm,
+            &self.split,
+            &slots,
+            &got,
+            &dx[..got.len() * d],
+            routed.token_of_slot.len(),
+        )?;
+        dxs.write(ctx, &give)
+    }
 }
 
 /// AdamW of parameter `id` under `opt` (no weight decay where `id` takes none).
@@ -1072,8 +1468,24 @@ fn param_adamw(
     AdamW::new(ctx, &c, b)
 }
 
-/// A tensor and its AdamW moments (m, v).
-type Triple = [Tensor<f32>; 3];
+fn not_sharded() -> Error {
+    Error::invalid(
+        "expert parallel",
+        "the model holds all of its experts: build it with Model::expert_parallel",
+    )
+}
+
+/// Submit `first` (if any) and `enc`, errors caught as the step's.
+fn scoped_submit(
+    ctx: &GpuContext,
+    first: Option<wgpu::CommandBuffer>,
+    enc: wgpu::CommandEncoder,
+) -> Result<()> {
+    ctx.scoped("expert-parallel step", || {
+        ctx.queue.submit(first.into_iter().chain([enc.finish()]));
+        Ok(())
+    })
+}
 
 /// A compute pass of its own encoder, not borrowing it (expert parallelism
 /// records a step in many submits).
@@ -1160,22 +1572,37 @@ impl TrainStep {
         let fwd = Forward::new(ctx, model, b, true, None)?;
         let blocks = &fwd.graph.blocks;
         let z = |name: &str, shape: &[usize]| Tensor::<f32>::zeros(ctx, name, shape);
+        // Expert parallelism: each MoE layer's rows plan of this rank's
+        // experts (their gradients are its).
+        let ex = Exchange::new(ctx, model, &fwd, true)?;
 
-        // Gradients: the FFN's live in its training plan.
-        // Training reads and writes f32 parameters.
+        // Gradients: the FFN's live in its training plan (or the rows plan
+        // of this rank's experts). Training reads and writes f32 parameters.
         let params = model
             .params
             .try_map(|_, w| Ok(w.f32("training")?.clone()))?;
         let grads = params.try_map(|id, p| {
             let plan = |l: usize| blocks[l].ffn.train();
+            let experts = |l: usize| -> Result<(Tensor<f32>, Tensor<f32>, Option<Tensor<f32>>)> {
+                let bank = ex.as_ref().and_then(|x| x.layers[l].as_ref());
+                Ok(match bank {
+                    Some(b) => {
+                        let t = b.plan.train()?;
+                        (t.dw1.clone(), t.dw2.clone(), t.dw3.clone())
+                    }
+                    None => {
+                        let (a, b, c) = plan(l)?.expert_grads()?;
+                        (a.clone(), b.clone(), c.cloned())
+                    }
+                })
+            };
             Ok(match id {
                 ParamId::Block(l, BlockParam::Router) => plan(l)?.dw_router.clone(),
-                ParamId::Block(l, BlockParam::W1) => plan(l)?.dw1.clone(),
-                ParamId::Block(l, BlockParam::W3) => plan(l)?
-                    .dw3
-                    .clone()
+                ParamId::Block(l, BlockParam::W1) => experts(l)?.0,
+                ParamId::Block(l, BlockParam::W3) => experts(l)?
+                    .2
                     .ok_or_else(|| Error::invalid("model", format!("{id}: no SwiGLU gradient")))?,
-                ParamId::Block(l, BlockParam::W2) => plan(l)?.dw2.clone(),
+                ParamId::Block(l, BlockParam::W2) => experts(l)?.1,
                 _ => z(&format!("grad {id}"), &p.shape)?,
             })
         })?;
@@ -1248,7 +1675,7 @@ impl TrainStep {
             )?);
         }
         let readback = StepReadback::new(ctx, &fwd, &clip, &moe_layers, &complexity)?;
-        Ok(TrainStep {
+        let mut step = TrainStep {
             fwd,
             edge,
             back,
@@ -1264,6 +1691,47 @@ impl TrainStep {
             vocab: cfg.vocab,
             dp: None,
             ep: None,
+        };
+        if let Some(ex) = ex {
+            step.enable_data_parallel(ctx, model, false)?;
+            step.ep = Some(step.expert_parallel(ctx, model, opt, ex)?);
+        }
+        Ok(step)
+    }
+
+    /// What an expert-parallel step adds to the data-parallel one: the
+    /// readback of the replicated gradients and this rank's experts'.
+    fn expert_parallel(
+        &self,
+        ctx: &GpuContext,
+        model: &Model,
+        opt: &OptConfig,
+        ex: Exchange,
+    ) -> Result<ExpertParallel> {
+        let mut replicated = Vec::new();
+        let mut bank_grads = Vec::new();
+        for (id, g) in self.grads.iter() {
+            match model.held(id) {
+                Some(_) => bank_grads.push(g.clone()),
+                None => replicated.push(g.clone()),
+            }
+        }
+        let extra: Vec<&Tensor<f32>> = replicated.iter().chain(&bank_grads).collect();
+        let (rb, parts) = StepReadback::with_extra(
+            ctx,
+            &self.fwd,
+            &self.clip,
+            &model.cfg.moe_layers(),
+            &self.complexity,
+            &extra,
+        )?;
+        let (rep_parts, bank_parts) = parts.split_at(replicated.len());
+        Ok(ExpertParallel {
+            ex,
+            rb,
+            replicated: rep_parts.iter().copied().zip(replicated).collect(),
+            bank_grads: bank_parts.iter().copied().zip(bank_grads).collect(),
+            max_norm: opt.clip,
         })
     }
 
@@ -1278,6 +1746,10 @@ impl TrainStep {
         model: &Model,
         overlap: bool,
     ) -> Result<()> {
+        if self.ep.is_some() {
+            // An expert-parallel step keeps its own exchanges.
+            return Ok(());
+        }
         let moe_layers = model.cfg.moe_layers();
         let mut f_layout = ReadbackLayout::new();
         let mut f_parts = Vec::with_capacity(moe_layers.len());
@@ -1365,281 +1837,82 @@ impl TrainStep {
         Ok(())
     }
 
-    /// Build the banks of expert parallelism (once, after any optimizer
-    /// state was restored): on rank `rank` of `ranks`, each MoE layer's
-    /// experts `rank · E/N ..`, copied from the model's tensors with their
-    /// AdamW moments, and a plan for the rows every rank may route to them
-    /// (all of their tokens' slots, at most). The model's own expert
-    /// tensors of those layers are not used from here on, until
-    /// `sync_experts` gathers the banks back into them.
-    pub fn enable_expert_parallel(
-        &mut self,
-        ctx: &GpuContext,
-        model: &Model,
-        opt: &OptConfig,
-        rank: usize,
-        ranks: usize,
-    ) -> Result<()> {
-        if self.dp.is_none() {
-            self.enable_data_parallel(ctx, model, false)?;
-        }
-        let cfg = &model.cfg;
-        let t = self.fwd.t();
-        let mut banks = Vec::with_capacity(cfg.layers);
-        let mut copy = ctx
-            .device
-            .create_command_encoder(&wgpu::CommandEncoderDescriptor {
-                label: Some("expert banks"),
-            });
-        for l in 0..cfg.layers {
-            let c = cfg.ffn_config(l);
-            if c.e <= 1 {
-                banks.push(None);
-                continue;
-            }
-            if c.capacity_factor.is_some() {
-                return Err(Error::invalid(
-                    "expert parallel",
-                    "a capacity factor is per rank's tokens, and experts on other ranks see every rank's: not supported",
-                ));
-            }
-            let split = ExpertSplit::new(c.e, ranks)?;
-            let owned = split.owned(rank);
-            let per = c.d * c.f;
-            let bank_cfg = MoeConfig {
-                e: owned.len(),
-                ..c
-            };
-            let zeros = vec![0.0f32; owned.len() * per];
-            let weights = MoeWeights {
-                w_router: vec![0.0; c.d * owned.len()],
-                w1: zeros.clone(),
-                w3: (c.activation == crate::kernels::Activation::SwiGlu).then(|| zeros.clone()),
-                w2: zeros,
-            };
-            let bank = MoeLayer::new(ctx, bank_cfg, &weights)?;
-            let f = &model.params.blocks[l].ffn;
-            let pairs = [
-                (Some(&f.w1), Some(&bank.w1)),
-                (f.w3.as_ref(), bank.w3.as_ref()),
-                (Some(&f.w2), Some(&bank.w2)),
-            ];
-            for (from, to) in pairs {
-                if let (Some(from), Some(to)) = (from, to) {
-                    let (from, to) = (from.f32("expert bank")?, to.f32("expert bank")?);
-                    copy.copy_buffer_to_buffer(
-                        &from.buffer,
-                        (owned.start * per * 4) as u64,
-                        &to.buffer,
-                        0,
-                        to.bytes(),
-                    );
-                }
-            }
-            let plan = bank.plan_rows_train(ctx, ranks * t * c.k(), 1)?;
-            banks.push(Some((split, bank, plan)));
-        }
-        let mut staging = Vec::with_capacity(banks.len());
-        for (l, b) in banks.iter().enumerate() {
-            let Some((split, _, plan)) = b else {
-                staging.push(None);
-                continue;
-            };
-            let fwd = &self.fwd.graph.blocks[l].ffn.train()?;
-            let (tos, _) = fwd
-                .fwd
-                .slot_buffers()
-                .ok_or_else(|| Error::invalid("expert parallel", "no grouped plan"))?;
-            let mut layout = ReadbackLayout::new();
-            let words = (RoutingLayout::HEADER + 2 * split.experts + 1) as u64 * 4;
-            let routing = layout.push(&fwd.fwd.routing.buffer, 0, words);
-            let token_of_slot = layout.push_tensor(tos);
-            let x = layout.push_tensor(&fwd.fwd.x);
-            let one = |t: &Tensor<f32>, label: &str| -> Result<(Readback, PartId)> {
-                let mut layout = ReadbackLayout::new();
-                let p = layout.push_tensor(t);
-                Ok((layout.build(ctx, label)?, p))
-            };
-            let (bank_y, bank_y_part) = one(&plan.fwd.y, "expert bank output")?;
-            let (bank_dx, bank_dx_part) = one(&plan.dx, "expert bank input gradient")?;
-            let (dys, dys_part) = one(&fwd.backward.scratch.dys, "slot output gradients")?;
-            staging.push(Some(BankStaging {
-                routed: layout.build(ctx, "routed slots")?,
-                routing,
-                token_of_slot,
-                x,
-                bank_y,
-                bank_y_part,
-                bank_dx,
-                bank_dx_part,
-                dys,
-                dys_part,
-            }));
-        }
-        // The banks' tensors replace the model's expert tensors of those
-        // layers: those are neither read back nor updated.
-        let banked = |id: ParamId| match id {
-            ParamId::Block(l, BlockParam::W1 | BlockParam::W2 | BlockParam::W3) => {
-                banks[l].is_some()
-            }
-            _ => false,
-        };
-        let skip: Vec<bool> = self.grads.iter().map(|(id, _)| banked(id)).collect();
-        let replicated: Vec<Tensor<f32>> = self
-            .grads
-            .iter()
-            .filter(|&(id, _)| !banked(id))
-            .map(|(_, g)| g.clone())
-            .collect();
-        let mut bank_params: Vec<(ParamId, Tensor<f32>, Tensor<f32>)> = Vec::new();
-        for (l, b) in banks.iter().enumerate() {
-            let Some((_, layer, plan)) = b else { continue };
-            bank_params.push((
-                ParamId::Block(l, BlockParam::W1),
-                layer.w1.f32("bank")?.clone(),
-                plan.dw1.clone(),
-            ));
-            if let (Some(w3), Some(dw3)) = (&layer.w3, &plan.dw3) {
-                bank_params.push((
-                    ParamId::Block(l, BlockParam::W3),
-                    w3.f32("bank")?.clone(),
-                    dw3.clone(),
-                ));
-            }
-            bank_params.push((
-                ParamId::Block(l, BlockParam::W2),
-                layer.w2.f32("bank")?.clone(),
-                plan.dw2.clone(),
-            ));
-        }
-        let mut adamw = Vec::with_capacity(bank_params.len());
-        let mut synced = Vec::with_capacity(bank_params.len());
-        let moment = |t: &Params<Tensor<f32>>, id: ParamId| -> Result<Tensor<f32>> {
-            t.get(id)
-                .cloned()
-                .ok_or_else(|| Error::invalid("expert parallel", format!("no moment of {id}")))
-        };
-        for (id, p, g) in &bank_params {
-            let m = Tensor::zeros(ctx, &format!("m bank {id}"), &p.shape)?;
-            let v = Tensor::zeros(ctx, &format!("v bank {id}"), &p.shape)?;
-            let ParamId::Block(l, _) = *id else { continue };
-            let owned = banks[l]
-                .as_ref()
-                .map_or(0..0, |(split, _, _)| split.owned(rank));
-            for (full, bank) in [(moment(&self.m, *id)?, &m), (moment(&self.v, *id)?, &v)] {
-                copy.copy_buffer_to_buffer(
-                    &full.buffer,
-                    owned.start as u64 * bank.bytes() / owned.len().max(1) as u64,
-                    &bank.buffer,
-                    0,
-                    bank.bytes(),
-                );
-            }
-            adamw.push(param_adamw(
-                ctx,
-                opt,
-                *id,
-                &AdamWBuffers {
-                    p,
-                    g,
-                    m: &m,
-                    v: &v,
-                    clip: &self.clip,
-                },
-            )?);
-            let full = [
-                model
-                    .params
-                    .get(*id)
-                    .ok_or_else(|| Error::invalid("expert parallel", format!("no {id}")))?
-                    .f32("bank")?
-                    .clone(),
-                moment(&self.m, *id)?,
-                moment(&self.v, *id)?,
-            ];
-            synced.push(([p.clone(), m, v], full));
-        }
-        let mut extra: Vec<&Tensor<f32>> = replicated.iter().collect();
-        extra.extend(bank_params.iter().map(|(_, _, g)| g));
-        let (rb, parts) = StepReadback::with_extra(
-            ctx,
-            &self.fwd,
-            &self.clip,
-            &cfg.moe_layers(),
-            &self.complexity,
-            &extra,
-        )?;
-        ctx.submit_and_wait(copy)?;
-        let (rep_parts, bank_parts) = parts.split_at(replicated.len());
-        self.ep = Some(ExpertParallel {
-            rb,
-            replicated: rep_parts.iter().copied().zip(replicated).collect(),
-            bank_grads: bank_parts
-                .iter()
-                .copied()
-                .zip(bank_params.into_iter().map(|(_, _, g)| g))
-                .collect(),
-            banks,
-            staging,
-            skip,
-            adamw,
-            synced,
-            max_norm: opt.clip,
-        });
-        Ok(())
+    /// Bytes of the parameters, their gradients and AdamW moments (under
+    /// expert parallelism, this rank's share of the experts').
+    pub fn state_bytes(&self, model: &Model) -> u64 {
+        let sum = |t: &Params<Tensor<f32>>| t.values().map(Tensor::bytes).sum::<u64>();
+        model.bytes() + sum(&self.grads) + sum(&self.m) + sum(&self.v)
     }
 
-    /// Whether expert parallelism is on.
+    /// Whether the step is expert-parallel (its model holds a share of
+    /// the experts: `step_expert_parallel`).
     pub fn is_expert_parallel(&self) -> bool {
         self.ep.is_some()
     }
 
-    /// Expert parallelism: gather every rank's experts (with their AdamW
-    /// moments) back into the model's tensors and the optimizer's, on
-    /// every rank, so that validation and a checkpoint see the whole model.
-    /// Collective: every rank calls it at the same point. Nothing without
-    /// expert parallelism.
-    pub async fn sync_experts(
-        &self,
-        ctx: &GpuContext,
-        comm: &crate::train::collective::Comm,
-    ) -> Result<()> {
-        let Some(ep) = &self.ep else {
-            return Ok(());
-        };
-        for (bank, full) in &ep.synced {
-            for (b, f) in bank.iter().zip(full) {
-                let all = comm.gather(&b.read(ctx).await?)?;
-                f.write(ctx, &all)?;
-            }
+    fn whole_model(&self) -> Result<()> {
+        match self.ep {
+            Some(_) => Err(Error::invalid(
+                "train",
+                "the model holds a share of the experts: its steps are step_expert_parallel",
+            )),
+            None => Ok(()),
         }
-        ctx.flush_uploads()
     }
 
-    /// The banks' expert tensors (w1, w3 or empty, w2 per MoE layer, in
-    /// layer order) of this rank: its experts of each layer.
-    pub async fn expert_banks(&self, ctx: &GpuContext) -> Result<Vec<(usize, [Vec<f32>; 3])>> {
-        let ep = self
-            .ep
-            .as_ref()
-            .ok_or_else(|| Error::invalid("train", "enable_expert_parallel was not called"))?;
-        let mut out = Vec::new();
-        for (l, b) in ep.banks.iter().enumerate() {
-            let Some((_, layer, _)) = b else { continue };
-            let w3 = match &layer.w3 {
-                Some(w) => w.f32("bank")?.read(ctx).await?,
-                None => Vec::new(),
-            };
-            out.push((
-                l,
-                [
-                    layer.w1.f32("bank")?.read(ctx).await?,
-                    w3,
-                    layer.w2.f32("bank")?.read(ctx).await?,
-                ],
-            ));
+    /// The parameters and their AdamW moments (m, v) on the host, whole:
+    /// under expert parallelism every rank's experts gathered (collective:
+    /// every rank calls it at the same point, with `comm`). `keep`: false
+    /// on a rank that only takes part (it keeps one tensor at a time and
+    /// returns `None`).
+    pub async fn gather_state(
+        &self,
+        ctx: &GpuContext,
+        model: &Model,
+        comm: Option<&crate::train::collective::Comm>,
+        keep: bool,
+    ) -> Result<Option<[HostParams; 3]>> {
+        if model.shard.is_none() && !keep {
+            return Ok(None);
         }
-        Ok(out)
+        let mut kept: [Vec<HostTensor>; 3] = Default::default();
+        for (i, tree) in [&self.grads, &self.m, &self.v].into_iter().enumerate() {
+            for (id, t) in tree.iter() {
+                // The parameter itself, in place of its gradient.
+                let t = match i {
+                    0 => model
+                        .params
+                        .get(id)
+                        .ok_or_else(|| Error::invalid("model", format!("no {id}")))?
+                        .f32("training")?,
+                    _ => t,
+                };
+                let mut data = t.read(ctx).await?;
+                let mut shape = t.shape.clone();
+                if let Some((_, e)) = model.held(id) {
+                    let comm = comm.ok_or_else(|| {
+                        Error::invalid("expert parallel", "gathering the experts needs the ranks")
+                    })?;
+                    data = comm.gather(&data)?;
+                    shape[0] = e;
+                }
+                if keep {
+                    kept[i].push(HostTensor { shape, data });
+                }
+            }
+        }
+        if !keep {
+            return Ok(None);
+        }
+        let trees = kept.map(|v| {
+            let mut it = v.into_iter();
+            self.grads.try_map(|id, _| {
+                it.next()
+                    .ok_or_else(|| Error::invalid("gather", id.name()))
+            })
+        });
+        let [p, m, v] = trees;
+        Ok(Some([p?, m?, v?]))
     }
 
     /// Expert parallelism, the forward of this rank's shard: each MoE
@@ -1654,10 +1927,7 @@ impl TrainStep {
         args: &StepArgs<'_>,
         comm: &crate::train::collective::Comm,
     ) -> Result<f32> {
-        let ep = self
-            .ep
-            .as_ref()
-            .ok_or_else(|| Error::invalid("train", "enable_expert_parallel was not called"))?;
+        let ep = self.ep.as_ref().ok_or_else(not_sharded)?;
         self.upload(ctx, model, args)?;
         self.forward_segments(ctx, comm, ep, None).await?;
         let loss = self.fwd.loss_out.read(ctx).await?;
@@ -1665,10 +1935,10 @@ impl TrainStep {
         Ok(loss[0] / loss[1].max(1.0))
     }
 
-    /// The forward in segments, each ending where an MoE layer's routed
-    /// rows leave for the experts' ranks. `train`: the last segment adds the
-    /// curriculum's complexity (when asked) and each MoE layer's gate
-    /// statistics, and reads back the first-choice fractions.
+    /// The training forward in segments (`Exchange::forward`). `train`: the
+    /// last segment adds the curriculum's complexity (when asked) and each
+    /// MoE layer's gate statistics, and reads back the first-choice
+    /// fractions.
     async fn forward_segments(
         &self,
         ctx: &GpuContext,
@@ -1676,82 +1946,26 @@ impl TrainStep {
         ep: &ExpertParallel,
         train: Option<bool>,
     ) -> Result<Vec<Option<RoutedSlots>>> {
-        let mut routed: Vec<Option<RoutedSlots>> = (0..ep.banks.len()).map(|_| None).collect();
-        let graph = &self.fwd.graph;
-        let blocks = &graph.blocks;
-        let grouped = || Error::invalid("expert parallel", "an MoE layer without its grouped plan");
-        let split_at: Vec<usize> = (0..blocks.len())
-            .filter(|&l| ep.banks[l].is_some())
-            .collect();
-        for i in 0..=split_at.len() {
-            let from = if i == 0 { 0 } else { split_at[i - 1] + 1 };
-            let to = split_at.get(i).copied().unwrap_or(blocks.len());
-            let mut clear = None;
-            if i == 0 {
-                let mut enc = ctx
-                    .device
-                    .create_command_encoder(&wgpu::CommandEncoderDescriptor { label: None });
-                self.fwd.clear(&mut enc);
-                clear = Some(enc.finish());
-            }
-            let (mut enc, mut pass) = open_pass(ctx, "expert-parallel forward");
-            if i == 0 {
-                graph.record_embedding(&mut pass);
-            } else if !blocks[from - 1].record_from_experts(&mut pass) {
-                return Err(grouped());
-            }
-            for blk in &blocks[from..to] {
-                blk.record(&mut pass);
-            }
-            let last = to == blocks.len();
-            if !last {
-                if !blocks[to].record_to_experts(&mut pass) {
-                    return Err(grouped());
-                }
-            } else {
-                graph.head.record(&mut pass);
-                self.fwd.ce.record(&mut pass);
-                self.fwd.loss_sum.record(&mut pass);
-                if let (Some(complexity), Some(dp)) = (train, &self.dp) {
-                    if complexity {
-                        for c in &self.complexity_kernels {
-                            c.record(&mut pass);
-                        }
-                    }
-                    for &l in &dp.moe_layers {
-                        blocks[l].ffn.train()?.record_gate_stats(&mut pass);
+        let blocks = &self.fwd.graph.blocks;
+        let tail = |pass: &mut wgpu::ComputePass<'static>| -> Result<()> {
+            if let (Some(complexity), Some(dp)) = (train, &self.dp) {
+                if complexity {
+                    for c in &self.complexity_kernels {
+                        c.record(pass);
                     }
                 }
+                for &l in &dp.moe_layers {
+                    blocks[l].ffn.train()?.record_gate_stats(pass);
+                }
             }
-            drop(pass);
-            if let (true, Some(_), Some(dp)) = (last, train, &self.dp) {
-                dp.f_rb.record_all(&mut enc);
-            }
-            if let Some(Some(st)) = split_at.get(i).map(|&l| &ep.staging[l]) {
-                st.routed.record_all(&mut enc);
-            }
-            self.scoped_submit(ctx, clear, enc)?;
-            if let Some(&l) = split_at.get(i) {
-                let (Some((split, _, bank)), Some(st)) = (&ep.banks[l], &ep.staging[l]) else {
-                    continue;
-                };
-                routed[l] = Some(self.experts_forward(ctx, comm, l, split, bank, st).await?);
-            }
-        }
-        Ok(routed)
-    }
-
-    /// Submit `first` (if any) and `enc`, errors caught as the step's.
-    fn scoped_submit(
-        &self,
-        ctx: &GpuContext,
-        first: Option<wgpu::CommandBuffer>,
-        enc: wgpu::CommandEncoder,
-    ) -> Result<()> {
-        ctx.scoped("expert-parallel step", || {
-            ctx.queue.submit(first.into_iter().chain([enc.finish()]));
             Ok(())
-        })
+        };
+        let tail_enc = |enc: &mut wgpu::CommandEncoder| {
+            if let (Some(_), Some(dp)) = (train, &self.dp) {
+                dp.f_rb.record_all(enc);
+            }
+        };
+        ep.ex.forward(ctx, comm, &self.fwd, &tail, &tail_enc).await
     }
 
     /// One expert-parallel training step of this rank's shard (B / N
@@ -1779,22 +1993,17 @@ impl TrainStep {
         let (Some(ep), Some(dp)) = (&self.ep, &self.dp) else {
             return Err(Error::invalid(
                 "train",
-                "enable_expert_parallel was not called",
+                "an expert-parallel step needs a model holding a share of the experts (Model::expert_parallel)",
             ));
         };
         let ranks = comm.size();
         let inv = 1.0 / ranks as f32;
         let complexity = args.complexity;
         self.upload(ctx, model, args)?;
-        for a in &ep.adamw {
-            a.set_step(ctx, args.lr, args.step)?;
-        }
         let blocks = &self.fwd.graph.blocks;
 
         // 1. Forward; the global first-choice fractions.
-        let routed = self
-            .forward_segments(ctx, comm, ep, Some(complexity))
-            .await?;
+        let routed = self.forward_segments(ctx, comm, ep, Some(complexity)).await?;
         let mut f: Vec<f32> = {
             let w = dp.f_rb.read(ctx).await?;
             dp.f_parts.iter().flat_map(|&(id, _)| w.f32s(id)).collect()
@@ -1814,10 +2023,10 @@ impl TrainStep {
         let (mut enc, mut pass) = open_pass(ctx, "expert-parallel backward");
         self.edge.record_head(&mut pass);
         for l in (0..blocks.len()).rev() {
-            match &ep.banks[l] {
-                Some((split, _, bank)) => {
+            match &ep.ex.layers[l] {
+                Some(banked) => {
                     let plan = blocks[l].ffn.train()?;
-                    let (Some(st), Some(routed)) = (&ep.staging[l], &routed[l]) else {
+                    let (Some(back), Some(routed)) = (&banked.st.back, &routed[l]) else {
                         return Err(Error::invalid(
                             "expert parallel",
                             "a bank without its exchange",
@@ -1828,19 +2037,12 @@ impl TrainStep {
                     // The slots' output gradients, up to the padded rows.
                     let padded = routed.words[RoutingLayout::PADDED_ROWS] as u64;
                     let d = plan.dy.shape[1] as u64;
-                    st.dys
-                        .record_range(&mut enc, st.dys_part, 0, padded * d * 4);
-                    self.scoped_submit(ctx, None, enc)?;
-                    self.experts_backward(
-                        ctx,
-                        comm,
-                        split,
-                        bank,
-                        st,
-                        routed,
-                        &plan.backward.scratch.dxs,
-                    )
-                    .await?;
+                    back.dys
+                        .record_range(&mut enc, back.dys_part, 0, padded * d * 4);
+                    scoped_submit(ctx, None, enc)?;
+                    banked
+                        .experts_backward(ctx, comm, routed, &plan.backward.scratch.dxs)
+                        .await?;
                     (enc, pass) = open_pass(ctx, "expert-parallel backward");
                     plan.backward.record_input_grads(&mut pass);
                 }
@@ -1858,7 +2060,7 @@ impl TrainStep {
         for (p, _) in ep.replicated.iter().chain(&ep.bank_grads) {
             ep.rb.rb.record(&mut enc, *p);
         }
-        self.scoped_submit(ctx, None, enc)?;
+        scoped_submit(ctx, None, enc)?;
         let mut words = ep.rb.rb.read(ctx).await?;
         ctx.check_errors("expert-parallel backward")?;
 
@@ -1909,16 +2111,11 @@ impl TrainStep {
         // 4. The update.
         let update = web_time::Instant::now();
         let (enc, mut pass) = open_pass(ctx, "expert-parallel update");
-        for (a, &skip) in self.adamw.iter().zip(&ep.skip) {
-            if !skip {
-                a.record(&mut pass);
-            }
-        }
-        for a in &ep.adamw {
+        for a in &self.adamw {
             a.record(&mut pass);
         }
         drop(pass);
-        self.scoped_submit(ctx, None, enc)?;
+        scoped_submit(ctx, None, enc)?;
         ctx.wait()?;
         ctx.check_errors("expert-parallel update")?;
         let write_update_s = update.elapsed().as_secs_f64();
@@ -1929,7 +2126,7 @@ impl TrainStep {
             write_update_s,
             grad_floats: n,
             bytes_sent: comm.bytes_sent() - sent0,
-            backward_submits: 1 + ep.banks.iter().filter(|b| b.is_some()).count(),
+            backward_submits: 1 + ep.ex.layers.iter().filter(|b| b.is_some()).count(),
             expert_parallel: true,
         };
 
@@ -1949,110 +2146,6 @@ impl TrainStep {
             s.complexity = v.chunks(cols.max(1)).map(|c| c.to_vec()).collect();
         }
         finite(s)
-    }
-
-    /// One MoE layer's experts, backward: each routed slot's output
-    /// gradient to its expert's rank, the bank's backward on what came
-    /// (its weight gradients stay here), each slot's input gradient back
-    /// into the routing rank's `dxs`.
-    #[allow(clippy::too_many_arguments)]
-    async fn experts_backward(
-        &self,
-        ctx: &GpuContext,
-        comm: &crate::train::collective::Comm,
-        split: &ExpertSplit,
-        bank: &ExpertRowsTrainPlan,
-        st: &BankStaging,
-        routed: &RoutedSlots,
-        dxs: &Tensor<f32>,
-    ) -> Result<()> {
-        let e = split.experts;
-        let d = dxs.shape[1];
-        let dys = st.dys.read(ctx).await?.f32s(st.dys_part);
-        ctx.check_errors("expert-parallel backward")?;
-        let h = RoutingLayout::HEADER;
-        let words = &routed.words;
-        let slots = SlotPlan {
-            counts: &words[h..h + e],
-            offsets: &words[h + e..h + 2 * e + 1],
-            token_of_slot: &routed.token_of_slot,
-        };
-        let got = dispatch(comm, split, &slots, d, |slot, _| {
-            &dys[slot * d..(slot + 1) * d]
-        })?;
-        if !got.rows.is_empty() {
-            ctx.queue
-                .write_buffer(&bank.dy.buffer, 0, bytemuck::cast_slice(&got.rows));
-        }
-        let (mut enc, mut pass) = open_pass(ctx, "expert bank backward");
-        bank.record_backward(&mut pass);
-        drop(pass);
-        let n = (got.len() * d) as u64;
-        st.bank_dx.record_range(&mut enc, st.bank_dx_part, 0, n * 4);
-        self.scoped_submit(ctx, None, enc)?;
-        let dx = st.bank_dx.read(ctx).await?.f32s(st.bank_dx_part);
-        let back = give_back(
-            comm,
-            split,
-            &slots,
-            &got,
-            &dx[..got.len() * d],
-            routed.token_of_slot.len(),
-        )?;
-        dxs.write(ctx, &back)
-    }
-
-    /// One MoE layer's experts, forward: its routed rows (the FFN input's
-    /// row of each slot) to their experts' ranks, the bank on what came,
-    /// the outputs back into `y_expert`.
-    async fn experts_forward(
-        &self,
-        ctx: &GpuContext,
-        comm: &crate::train::collective::Comm,
-        l: usize,
-        split: &ExpertSplit,
-        bank: &ExpertRowsTrainPlan,
-        st: &BankStaging,
-    ) -> Result<RoutedSlots> {
-        let plan = &self.fwd.graph.blocks[l].ffn.train()?.fwd;
-        let (_, y_expert) = plan
-            .slot_buffers()
-            .ok_or_else(|| Error::invalid("expert parallel", "no grouped plan"))?;
-        let e = split.experts;
-        let d = plan.x.shape[1];
-        let (words, tos, x) = {
-            let w = st.routed.read(ctx).await?;
-            (
-                w.u32s(st.routing).to_vec(),
-                w.u32s(st.token_of_slot).to_vec(),
-                w.f32s(st.x),
-            )
-        };
-        ctx.check_errors("expert-parallel forward")?;
-        let h = RoutingLayout::HEADER;
-        let slots = SlotPlan {
-            counts: &words[h..h + e],
-            offsets: &words[h + e..h + 2 * e + 1],
-            token_of_slot: &tos,
-        };
-        let got = dispatch(comm, split, &slots, d, |_, tok| &x[tok * d..(tok + 1) * d])?;
-        bank.fwd.write(ctx, &got.rows, &got.local_expert)?;
-        let mut enc = ctx
-            .device
-            .create_command_encoder(&wgpu::CommandEncoderDescriptor {
-                label: Some("expert bank forward"),
-            });
-        bank.fwd.record(&mut enc);
-        let n = (got.len() * d) as u64;
-        st.bank_y.record_range(&mut enc, st.bank_y_part, 0, n * 4);
-        self.scoped_submit(ctx, None, enc)?;
-        let out = st.bank_y.read(ctx).await?.f32s(st.bank_y_part);
-        let back = give_back(comm, split, &slots, &got, &out[..got.len() * d], tos.len())?;
-        y_expert.write(ctx, &back)?;
-        Ok(RoutedSlots {
-            words,
-            token_of_slot: tos,
-        })
     }
 
     fn record(&self, pass: &mut wgpu::ComputePass<'_>, complexity: bool) {
@@ -2115,6 +2208,7 @@ impl TrainStep {
         comm: &crate::train::collective::Comm,
         times: &mut DataParallelTimes,
     ) -> Result<StepStats> {
+        self.whole_model()?;
         let dp = self
             .dp
             .as_ref()
@@ -2344,6 +2438,7 @@ impl TrainStep {
         model: &Model,
         args: &StepArgs<'_>,
     ) -> Result<StepStats> {
+        self.whole_model()?;
         let complexity = args.complexity;
         self.upload(ctx, model, args)?;
         let mut enc = encode(
@@ -2396,6 +2491,9 @@ pub struct EvalStep {
     loss: PartId,
     routes: Vec<(usize, PartId)>,
     scores: Vec<PartId>,
+    /// Expert parallelism (a model holding a share of its experts): the
+    /// exchanges of each MoE layer (`loss_expert_parallel`).
+    ep: Option<Exchange>,
 }
 
 /// What one evaluation batch gives back.
@@ -2456,13 +2554,41 @@ impl EvalStep {
         } else {
             Vec::new()
         };
+        let ep = Exchange::new(ctx, model, &fwd, false)?;
         Ok(EvalStep {
             readback: layout.build(ctx, "eval readback")?,
             fwd,
             loss,
             routes,
             scores,
+            ep,
         })
+    }
+
+    /// Expert parallelism: (sum of token losses, counted tokens) of this
+    /// rank's shard of a batch, each MoE layer's routed rows evaluated by
+    /// their experts' ranks. Collective: every rank calls it for each
+    /// batch, with shards of the same size.
+    pub async fn loss_expert_parallel(
+        &self,
+        ctx: &GpuContext,
+        model: &Model,
+        ids: &[u32],
+        targets: &[u32],
+        comm: &crate::train::collective::Comm,
+    ) -> Result<(f64, f64)> {
+        let ex = self.ep.as_ref().ok_or_else(not_sharded)?;
+        self.fwd.upload(ctx, &model.cfg, ids, targets)?;
+        ex.forward(ctx, comm, &self.fwd, &|_| Ok(()), &|enc| {
+            self.readback.record(enc, self.loss)
+        })
+        .await?;
+        let words = self.readback.read(ctx).await?;
+        ctx.check_errors("expert-parallel evaluation")?;
+        Ok((
+            words.f32_at(self.loss, 0) as f64,
+            words.f32_at(self.loss, 1) as f64,
+        ))
     }
 
     pub fn batch(&self) -> (usize, usize) {
@@ -2500,6 +2626,12 @@ impl EvalStep {
         targets: &[u32],
         routes: bool,
     ) -> Result<EvalOut> {
+        if self.ep.is_some() {
+            return Err(Error::invalid(
+                "eval",
+                "the model holds a share of the experts: its batches are loss_expert_parallel",
+            ));
+        }
         self.fwd.upload(ctx, &model.cfg, ids, targets)?;
         let mut enc = encode(
             ctx,

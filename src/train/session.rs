@@ -218,6 +218,13 @@ pub fn prepare_split(
     })
 }
 
+/// One rank of a distributed run: its ranks, and whether the experts are
+/// split over them (`Session::new_distributed`).
+pub struct Distributed {
+    pub comm: Comm,
+    pub expert_parallel: bool,
+}
+
 /// The model, its optimizer state and the data position of a run.
 pub struct Session {
     pub cfg: TrainConfig,
@@ -262,6 +269,36 @@ impl Session {
         host: HostParams,
         comm: Comm,
     ) -> Result<Session> {
+        Self::new_distributed(
+            ctx,
+            cfg,
+            data,
+            host,
+            Distributed {
+                comm,
+                expert_parallel: false,
+            },
+        )
+    }
+
+    /// `new_data_parallel`, or with `dist.expert_parallel` each MoE layer's
+    /// experts split over the ranks: each rank holds, trains and updates its
+    /// E / N experts of every MoE layer (their parameters, gradients and
+    /// AdamW moments: `Model::expert_parallel`), and the routed token rows
+    /// are exchanged (all-to-all) in the forward and the backward; the rest
+    /// is data-parallel. The ranks must agree (a clear error otherwise).
+    pub fn new_distributed(
+        ctx: &GpuContext,
+        cfg: TrainConfig,
+        data: Prepared,
+        host: HostParams,
+        dist: Distributed,
+    ) -> Result<Session> {
+        let Distributed {
+            comm,
+            expert_parallel,
+        } = dist;
+        comm.check_same("--expert-parallel", u64::from(expert_parallel))?;
         let n = comm.size();
         if n == 0 || !cfg.batch.is_multiple_of(n) {
             return Err(Error::invalid(
@@ -286,7 +323,7 @@ impl Session {
             p = p.rotate_left(7);
         }
         comm.check_same("the initial parameters", p)?;
-        Self::build(ctx, cfg, data, host, Some(comm))
+        Self::build(ctx, cfg, data, host, Some((comm, expert_parallel)))
     }
 
     /// Data-parallel runs: whether the gradients' all-reduce overlaps the
@@ -294,47 +331,26 @@ impl Session {
     /// it (one submit). The result is the same for 2 ranks and equal to
     /// float reassociation for more. Nothing for a one-process session.
     pub fn set_overlap(&mut self, ctx: &GpuContext, overlap: bool) -> Result<()> {
-        if self.comm.is_some() {
+        if self.comm.is_some() && !self.is_expert_parallel() {
             self.step.enable_data_parallel(ctx, &self.model, overlap)?;
         }
         Ok(())
     }
 
-    /// Data-parallel runs: split each MoE layer's experts over the ranks
-    /// (`on`), each rank holding and updating its E / N experts of every
-    /// MoE layer, the routed token rows exchanged (all-to-all) in the
-    /// forward and the backward. Collective (the ranks must agree: a clear
-    /// error otherwise); after any optimizer state was restored.
-    pub fn set_expert_parallel(&mut self, ctx: &GpuContext, on: bool) -> Result<()> {
-        let Some(comm) = &self.comm else {
-            if on {
-                return Err(Error::invalid(
-                    "train",
-                    "--expert-parallel splits the experts over the ranks of a --distributed run",
-                ));
-            }
-            return Ok(());
-        };
-        comm.check_same("--expert-parallel", u64::from(on))?;
-        if on {
-            self.step.enable_expert_parallel(
-                ctx,
-                &self.model,
-                &self.cfg.opt,
-                comm.rank(),
-                comm.size(),
-            )?;
-        }
-        Ok(())
+    /// Whether each MoE layer's experts are split over the ranks.
+    pub fn is_expert_parallel(&self) -> bool {
+        self.step.is_expert_parallel()
     }
 
-    /// Expert parallelism: every rank's experts gathered back into the
-    /// model (collective; before validating or saving). Nothing otherwise.
-    pub async fn sync_experts(&self, ctx: &GpuContext) -> Result<()> {
-        match &self.comm {
-            Some(comm) => self.step.sync_experts(ctx, comm).await,
-            None => Ok(()),
-        }
+    /// The parameters and their AdamW moments (m, v), whole, on the rank
+    /// that writes the run's files (`None` on the others). Collective under
+    /// expert parallelism (every rank's experts are gathered): every rank
+    /// calls it at the same point.
+    pub async fn host_state(&self, ctx: &GpuContext) -> Result<Option<[HostParams; 3]>> {
+        let writer = self.comm.as_ref().is_none_or(|c| c.rank() == 0);
+        self.step
+            .gather_state(ctx, &self.model, self.comm.as_ref(), writer)
+            .await
     }
 
     fn build(
@@ -342,18 +358,35 @@ impl Session {
         cfg: TrainConfig,
         data: Prepared,
         host: HostParams,
-        comm: Option<Comm>,
+        dist: Option<(Comm, bool)>,
     ) -> Result<Session> {
-        let model = Model::new(ctx, &cfg.model, &host)?;
+        let (comm, expert_parallel) = match dist {
+            Some((c, ep)) => (Some(c), ep),
+            None => (None, false),
+        };
         let ranks = comm.as_ref().map_or(1, Comm::size);
+        let model = match &comm {
+            Some(c) if expert_parallel => {
+                Model::expert_parallel(ctx, &cfg.model, &host, c.rank(), ranks)?
+            }
+            _ => Model::new(ctx, &cfg.model, &host)?,
+        };
+        drop(host);
         let mut step = TrainStep::new(ctx, &model, cfg.batch / ranks, &cfg.opt)?;
         if comm.is_some() {
             step.enable_data_parallel(ctx, &model, true)?;
         }
+        // Expert parallelism evaluates each batch on every rank, a shard
+        // each (the experts' rows exchanged); data parallelism whole batches.
+        let eval_batch = if expert_parallel {
+            cfg.batch / ranks
+        } else {
+            cfg.batch
+        };
         let eval = if data.dataset.val.is_empty() {
             None
         } else {
-            Some(EvalStep::new(ctx, &model, cfg.batch, cfg.eval_gate())?)
+            Some(EvalStep::new(ctx, &model, eval_batch, cfg.eval_gate())?)
         };
         let batcher = Batcher::new(data.dataset.train.len(), cfg.batch, cfg.seed)?;
         // A model without MoE layers keeps a one-layer curriculum it never uses.
@@ -521,21 +554,33 @@ impl Session {
         let Some(eval) = &self.eval else {
             return Ok(None);
         };
-        self.sync_experts(ctx).await?;
         let batches = eval_batches(&self.data.dataset.val, self.cfg.batch)?;
         let mut sum = 0.0f64;
         let mut count = 0.0f64;
-        // Data parallel: rank r takes batches r, r + N, ...; the sums meet.
+        // Data parallel: rank r takes batches r, r + N, ...; expert
+        // parallel: every batch, rank r its rows r B / N ..; the sums meet.
         let (rank, ranks) = self.comm.as_ref().map_or((0, 1), |c| (c.rank(), c.size()));
         for (i, b) in batches
             .iter()
             .take(self.cfg.eval_batches.max(1))
             .enumerate()
         {
-            if i % ranks != rank {
-                continue;
-            }
-            let (s, c) = eval.loss(ctx, &self.model, &b.ids, &b.targets).await?;
+            let (s, c) = match &self.comm {
+                Some(comm) if self.is_expert_parallel() => {
+                    let rows = b.ids.len() / ranks;
+                    let mine = rank * rows..(rank + 1) * rows;
+                    eval.loss_expert_parallel(
+                        ctx,
+                        &self.model,
+                        &b.ids[mine.clone()],
+                        &b.targets[mine],
+                        comm,
+                    )
+                    .await?
+                }
+                _ if i % ranks != rank => continue,
+                _ => eval.loss(ctx, &self.model, &b.ids, &b.targets).await?,
+            };
             sum += s;
             count += c;
         }

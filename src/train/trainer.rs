@@ -13,13 +13,12 @@ use crate::error::{Error, Result};
 use crate::gpu::GpuContext;
 use crate::model::{HostParams, ModelConfig};
 use crate::tokenizer::Tokenizer;
-use crate::train::collective::Comm;
 use crate::train::curriculum::Curriculum;
 use crate::train::data::{shipped_dir, Batcher, BatcherState, Corpus};
 use crate::train::metrics::JsonlWriter;
 use crate::train::plot::{plot_loss, Series};
 pub use crate::train::session::{
-    prepare_split, DataSource, Metric, Prepared, Session, TrainConfig,
+    prepare_split, DataSource, Distributed, Metric, Prepared, Session, TrainConfig,
 };
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
@@ -87,6 +86,9 @@ pub struct DataParallelSummary {
     /// Experts split over the ranks (`all_reduce_s` then counts the rows'
     /// all-to-alls too).
     pub expert_parallel: bool,
+    /// Bytes of the parameters, their gradients and AdamW moments on this
+    /// rank's GPU (with the experts split, its share of them).
+    pub state_bytes: u64,
 }
 
 /// What the loop reports as it goes (the CLI draws a progress bar).
@@ -152,19 +154,19 @@ impl Run {
         Self::new_on(ctx, cfg, out, None)
     }
 
-    /// A fresh run, or with `comm` one rank of a data-parallel run (see
-    /// `Session::new_data_parallel`): only rank 0 writes into `out`.
+    /// A fresh run, or with `dist` one rank of a distributed run (see
+    /// `Session::new_distributed`): only rank 0 writes into `out`.
     pub fn new_on(
         ctx: &GpuContext,
         mut cfg: TrainConfig,
         out: &Path,
-        comm: Option<Comm>,
+        dist: Option<Distributed>,
     ) -> Result<Run> {
         let data = prepare(&cfg, None)?;
         cfg.model.vocab = data.tokenizer.vocab_size();
         cfg.validate()?;
         let host = HostParams::init(&cfg.model, cfg.seed);
-        Self::assemble(ctx, cfg, data, host, None, out, comm)
+        Self::assemble(ctx, cfg, data, host, None, out, dist)
     }
 
     /// A fresh run from given parameters and tokenizer (fine-tuning a
@@ -187,14 +189,15 @@ impl Run {
         Self::resume_on(ctx, dir, steps, None)
     }
 
-    /// `resume`, or with `comm` as one rank of a data-parallel run: the
-    /// checkpoint holds no trace of the rank count (the data position is
-    /// the global batches'), so a run resumes on any number of ranks.
+    /// `resume`, or with `dist` as one rank of a distributed run: the
+    /// checkpoint holds no trace of the rank count or of the experts'
+    /// split (the data position is the global batches', the model whole),
+    /// so a run resumes on any number of ranks, split or not.
     pub fn resume_on(
         ctx: &GpuContext,
         dir: &Path,
         steps: Option<u64>,
-        comm: Option<Comm>,
+        dist: Option<Distributed>,
     ) -> Result<Run> {
         // A checkpoint directory (it holds state.json), else a run
         // directory whose checkpoint/ `checkpoint::load` reads (or, after an
@@ -241,7 +244,7 @@ impl Run {
             std::mem::take(&mut ck.model),
         )?;
         let data = prepare(&cfg, Some(tokenizer))?;
-        let mut run = Self::assemble(ctx, cfg, data, host, Some(&ck.optimizer), &out, comm)?;
+        let mut run = Self::assemble(ctx, cfg, data, host, Some(&ck.optimizer), &out, dist)?;
         run.batcher = Batcher::from_state(state.batcher, run.data.dataset.train.len())?;
         run.curriculum = state.curriculum;
         run.done = state.step;
@@ -257,12 +260,12 @@ impl Run {
         host: HostParams,
         optimizer: Option<&[NamedTensor]>,
         out: &Path,
-        comm: Option<Comm>,
+        dist: Option<Distributed>,
     ) -> Result<Run> {
-        let writer = comm.as_ref().is_none_or(|c| c.rank() == 0);
-        let session = match comm {
+        let writer = dist.as_ref().is_none_or(|d| d.comm.rank() == 0);
+        let session = match dist {
             None => Session::new(ctx, cfg, data, host)?,
-            Some(c) => Session::new_data_parallel(ctx, cfg, data, host, c)?,
+            Some(d) => Session::new_distributed(ctx, cfg, data, host, d)?,
         };
         if let Some(opt) = optimizer {
             let step = &session.step;
@@ -277,13 +280,26 @@ impl Run {
                     let nt = checkpoint::find(opt, &name).ok_or_else(|| {
                         Error::checkpoint("optimizer.safetensors", format!("missing {name}"))
                     })?;
-                    if nt.shape != p.shape() {
+                    // Under expert parallelism, this rank's experts of
+                    // the whole tensor.
+                    let held = session.model.held(id);
+                    let mut want = p.shape().to_vec();
+                    if let Some((_, e)) = &held {
+                        want[0] = *e;
+                    }
+                    if nt.shape != want {
                         return Err(Error::checkpoint(
                             "optimizer.safetensors",
-                            format!("{name}: shape {:?}, expected {:?}", nt.shape, p.shape()),
+                            format!("{name}: shape {:?}, expected {want:?}", nt.shape),
                         ));
                     }
-                    t.write(ctx, &nt.data)?;
+                    match held {
+                        Some((r, e)) => {
+                            let per = nt.data.len() / e;
+                            t.write(ctx, &nt.data[r.start * per..r.end * per])?
+                        }
+                        None => t.write(ctx, &nt.data)?,
+                    }
                 }
             }
         }
@@ -312,30 +328,23 @@ impl Run {
         self.session.validate(ctx).await
     }
 
-    /// Save the checkpoint atomically.
-    pub async fn save(&self, ctx: &GpuContext) -> Result<PathBuf> {
-        let host = self.model.download(ctx).await?;
-        let model: Vec<NamedTensor> = host
+    /// Save the checkpoint atomically (rank 0 of a distributed run; the
+    /// others take part in gathering the experts, when they are split, and
+    /// return `None`). Collective: every rank calls it at the same point.
+    pub async fn save(&self, ctx: &GpuContext) -> Result<Option<PathBuf>> {
+        let Some([host, m, v]) = self.session.host_state(ctx).await? else {
+            return Ok(None);
+        };
+        let ids: Vec<_> = host.iter().map(|(id, _)| id).collect();
+        let model: Vec<NamedTensor> = ids
             .iter()
-            .map(|(id, t)| NamedTensor::new(id.name(), t.shape.clone(), t.data.clone()))
+            .zip(host.into_values())
+            .map(|(id, t)| NamedTensor::new(id.name(), t.shape, t.data))
             .collect::<Result<_>>()?;
-        let mut optimizer = Vec::with_capacity(2 * self.model.params.len());
-        for ((id, p), (m, v)) in self
-            .model
-            .params
-            .iter()
-            .zip(self.step.m.values().zip(self.step.v.values()))
-        {
-            optimizer.push(NamedTensor::new(
-                format!("m.{id}"),
-                p.shape().to_vec(),
-                m.read(ctx).await?,
-            )?);
-            optimizer.push(NamedTensor::new(
-                format!("v.{id}"),
-                p.shape().to_vec(),
-                v.read(ctx).await?,
-            )?);
+        let mut optimizer = Vec::with_capacity(2 * model.len());
+        for (id, (m, v)) in ids.iter().zip(m.into_values().into_iter().zip(v.into_values())) {
+            optimizer.push(NamedTensor::new(format!("m.{id}"), m.shape, m.data)?);
+            optimizer.push(NamedTensor::new(format!("v.{id}"), v.shape, v.data)?);
         }
         let state = RunState {
             step: self.done,
@@ -356,7 +365,7 @@ impl Run {
                 state: &state,
             },
         )?;
-        Ok(dir)
+        Ok(Some(dir))
     }
 
     /// Train until `cfg.steps` (or the target loss, or `stop`), logging to
@@ -416,6 +425,7 @@ impl Run {
                 let t = self.session.dp_times;
                 let d = dp.get_or_insert_with(|| DataParallelSummary {
                     ranks: c.size(),
+                    state_bytes: self.session.step.state_bytes(&self.session.model),
                     ..Default::default()
                 });
                 d.steps += 1;
@@ -472,16 +482,11 @@ impl Run {
                 && s.is_multiple_of(self.cfg.checkpoint_every)
                 && s < self.cfg.steps
             {
-                // Every rank's experts, gathered first (collective).
-                self.session.sync_experts(ctx).await?;
-                if self.writes() {
-                    self.save(ctx).await?;
-                }
+                // Collective: every rank's experts are gathered.
+                self.save(ctx).await?;
             }
         }
-        self.session.sync_experts(ctx).await?;
-        if self.writes() {
-            let dir = self.save(ctx).await?;
+        if let Some(dir) = self.save(ctx).await? {
             progress.message(&format!("checkpoint saved in {}", dir.display()));
         }
         progress.finish();
