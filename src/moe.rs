@@ -551,7 +551,7 @@ impl MoeLayer {
     fn expert_grad_buffers<'a>(
         &'a self,
         g: &'a GroupedExperts,
-        dw: (&'a Tensor<f32>, &'a Tensor<f32>, Option<&'a Tensor<f32>>),
+        dw: ExpertGrads<'a>,
     ) -> Result<ExpertGradBuffers<'a>> {
         let (Some(u), Some(h)) = (g.u.as_ref(), g.h.as_ref()) else {
             return Err(Error::invalid("moe_layer", "training plan without u"));
@@ -869,6 +869,9 @@ impl MoeLayer {
     }
 }
 
+/// The experts' weight gradients: dw1, dw2 and (SwiGLU) dw3.
+pub type ExpertGrads<'a> = (&'a Tensor<f32>, &'a Tensor<f32>, Option<&'a Tensor<f32>>);
+
 /// A layer's training plan: forward (keeping `u`), backward, gradients.
 pub struct MoeTrainPlan {
     /// The forward: write the input into `fwd.x`, read the output in `fwd.y`.
@@ -891,7 +894,7 @@ pub struct MoeTrainPlan {
 impl MoeTrainPlan {
     /// dw1, dw2 and (SwiGLU) dw3, or an error for a layer whose experts'
     /// gradients are a rows plan's (expert parallelism).
-    pub fn expert_grads(&self) -> Result<(&Tensor<f32>, &Tensor<f32>, Option<&Tensor<f32>>)> {
+    pub fn expert_grads(&self) -> Result<ExpertGrads<'_>> {
         match (&self.dw1, &self.dw2) {
             (Some(a), Some(b)) => Ok((a, b, self.dw3.as_ref())),
             _ => Err(Error::invalid(

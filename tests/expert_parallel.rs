@@ -25,8 +25,8 @@ fn share_layer(
 ) -> MoeLayer {
     let (bcfg, bw) = bank(cfg, w, owned.clone());
     let held = MoeLayer::new(ctx, bcfg, &bw).unwrap();
-    let router = amoe::gpu::Tensor::from_slice(ctx, "router", &[cfg.d, cfg.e], &w.w_router)
-        .unwrap();
+    let router =
+        amoe::gpu::Tensor::from_slice(ctx, "router", &[cfg.d, cfg.e], &w.w_router).unwrap();
     MoeLayer::from_share(*cfg, Some(owned), router, held.w1, held.w3, held.w2).unwrap()
 }
 
@@ -455,10 +455,7 @@ fn a_models_forward_with_its_experts_on_other_ranks_equals_one_process() {
                             // Whole-model paths refuse a model holding a
                             // share of its experts (typed errors, no run).
                             let share = |e: amoe::Error| {
-                                assert!(
-                                    e.to_string().contains("share of the experts"),
-                                    "{e}"
-                                )
+                                assert!(e.to_string().contains("share of the experts"), "{e}")
                             };
                             share(pollster::block_on(step.step(&h, &model, &a)).unwrap_err());
                             share(
@@ -470,9 +467,9 @@ fn a_models_forward_with_its_experts_on_other_ranks_equals_one_process() {
                                 step.forward_expert_parallel(&h, &model, &a, &comm),
                             )
                             .unwrap();
-                            let eval = pollster::block_on(eval.loss_expert_parallel(
-                                &h, &model, a.ids, a.targets, &comm,
-                            ))
+                            let eval = pollster::block_on(
+                                eval.loss_expert_parallel(&h, &model, a.ids, a.targets, &comm),
+                            )
                             .unwrap();
                             (train, eval)
                         })

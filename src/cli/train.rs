@@ -542,7 +542,7 @@ fn run_on(adapter: &AdapterArgs, args: &TrainArgs, comm: Option<Comm>) -> Result
         )?;
         if let Some(d) = &s.data_parallel {
             outln!(
-                "{} over {} ranks, per step: waiting for the GPU {:.3} s, {} {:.3} s, write and update {:.3} s; {:.2} MB sent by rank 0 ({} gradient floats summed); {}; {:.1} MB of parameters, gradients and moments on rank 0's GPU",
+                "{} over {} ranks, per step: waiting for the GPU {:.3} s, {} {:.3} s, write and update {:.3} s; {:.2} MB sent by rank 0 ({} gradient floats summed); {}; rank 0's GPU holds {:.1} MB of parameters, gradients and moments, {:.1} MB of tensors in all",
                 if d.expert_parallel {
                     "experts split"
                 } else {
@@ -564,7 +564,8 @@ fn run_on(adapter: &AdapterArgs, args: &TrainArgs, comm: Option<Comm>) -> Result
                     1 => "the all-reduce after the backward (--no-overlap)".to_string(),
                     n => format!("the all-reduce overlapping the backward ({n} submits)"),
                 },
-                d.state_bytes as f64 / 1e6
+                d.state_bytes as f64 / 1e6,
+                d.tensor_bytes as f64 / 1e6
             )?;
         }
         outln!(

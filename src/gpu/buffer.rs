@@ -67,6 +67,7 @@ impl<T: Pod> Tensor<T> {
             usage,
             mapped_at_creation: false,
         });
+        ctx.count_tensor_bytes(bytes);
         Ok(Tensor {
             buffer,
             shape: shape.to_vec(),
@@ -93,6 +94,7 @@ impl<T: Pod> Tensor<T> {
             usage: STORAGE_USAGE,
             mapped_at_creation: true,
         });
+        ctx.count_tensor_bytes(bytes);
         {
             let src = bytemuck::cast_slice::<T, u8>(data);
             let mut dst = buffer

@@ -291,6 +291,10 @@ pub struct GpuContext {
     /// `gpu::Weight`): the adapter's storage-binding limit, or less where
     /// `AMOE_SPLIT_BYTES` (bytes) or `set_split_bytes` asks for less.
     split_bytes: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    /// Bytes of the tensors created on the device (storage buffers;
+    /// freed ones are not subtracted): what a training run, whose tensors
+    /// live as long as it does, holds on the GPU.
+    tensor_bytes: std::sync::Arc<std::sync::atomic::AtomicU64>,
     /// The driver's compiled pipelines kept on disk (where the adapter
     /// offers a pipeline cache): written when the last handle goes.
     #[cfg(not(target_arch = "wasm32"))]
@@ -447,6 +451,7 @@ impl GpuContext {
             split_bytes: std::sync::Arc::new(std::sync::atomic::AtomicU64::new(
                 asked.map_or(binding, |a| a.min(binding)),
             )),
+            tensor_bytes: Default::default(),
             #[cfg(not(target_arch = "wasm32"))]
             disk_cache,
             long_running: Default::default(),
@@ -471,6 +476,7 @@ impl GpuContext {
             unanswered: Default::default(),
             lost: self.lost.clone(),
             split_bytes: self.split_bytes.clone(),
+            tensor_bytes: self.tensor_bytes.clone(),
             #[cfg(not(target_arch = "wasm32"))]
             disk_cache: self.disk_cache.clone(),
             long_running: self.long_running.clone(),
@@ -561,6 +567,17 @@ impl GpuContext {
 
     pub fn has_f16(&self) -> bool {
         self.features.contains(wgpu::Features::SHADER_F16)
+    }
+
+    /// Bytes of the tensors created on the device so far (this handle's
+    /// device, every handle; freed ones are not subtracted).
+    pub fn tensor_bytes(&self) -> u64 {
+        self.tensor_bytes.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    pub(crate) fn count_tensor_bytes(&self, bytes: u64) {
+        self.tensor_bytes
+            .fetch_add(bytes, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// The most bytes one part of a weight takes (`gpu::Weight` splits a

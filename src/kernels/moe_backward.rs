@@ -470,7 +470,11 @@ impl MoeBackward {
                 tensor.expect_shape("moe_backward", name, want)?;
             }
         }
-        let swiglu = match b.experts.as_ref().map(|x| (shape.swiglu, x.u3, x.w3, x.dw3)) {
+        let swiglu = match b
+            .experts
+            .as_ref()
+            .map(|x| (shape.swiglu, x.u3, x.w3, x.dw3))
+        {
             Some((true, Some(u3), Some(w3), Some(dw3))) => {
                 u3.expect_shape("moe_backward", "u3", &[rows, f])?;
                 w3.expect_shape("moe_backward", "w3", &[e, d, f])?;
@@ -642,8 +646,9 @@ impl MoeBackward {
                     _pad0: 0,
                     _pad1: 0,
                 };
-                let epipe =
-                    |stage| ctx.pipeline(&Kernel::ExpertBackward(ExpertBackwardSpec { stage, core }));
+                let epipe = |stage| {
+                    ctx.pipeline(&Kernel::ExpertBackward(ExpertBackwardSpec { stage, core }))
+                };
                 let indirect = |word: usize| Grid::Indirect {
                     buffer: b.routing.buffer.clone(),
                     offset: (word * 4) as u64,

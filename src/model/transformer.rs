@@ -36,7 +36,7 @@ use crate::model::graph::{mm, Block, Graph, Mode};
 use crate::model::params::{
     BlockParam, FfnParams, HostTensor, ParamId, Params, Storage, TensorValues,
 };
-use crate::moe::{ExpertRowsPlan, ExpertRowsTrainPlan, MoeConfig, MoeLayer};
+use crate::moe::{ExpertGrads, ExpertRowsPlan, ExpertRowsTrainPlan, MoeConfig, MoeLayer};
 use crate::train::expert_parallel::{dispatch, give_back, ExpertSplit, SlotPlan};
 
 /// Scale of the unembedding's init relative to 1/sqrt(D): the logits of a
@@ -288,8 +288,7 @@ impl Model {
         let mut ffn = Vec::with_capacity(cfg.layers);
         let mut shared = Vec::with_capacity(cfg.layers);
         for (l, b) in params.blocks.iter().enumerate() {
-            let share =
-                held_experts(cfg, shard, ParamId::Block(l, BlockParam::W1)).map(|(r, _)| r);
+            let share = held_experts(cfg, shard, ParamId::Block(l, BlockParam::W1)).map(|(r, _)| r);
             ffn.push(layer(cfg.ffn_config(l), &b.ffn, share)?);
             shared.push(match (cfg.shared_config(l), &b.shared) {
                 (Some(c), Some(w)) => Some(layer(c, w, None)?),
@@ -1212,7 +1211,12 @@ impl Exchange {
     /// The exchanges of `fwd`'s MoE layers on a model holding a share of
     /// its experts (none for one holding them all): a rows plan per layer
     /// for the rows every rank may send (N T K), training ones with `train`.
-    fn new(ctx: &GpuContext, model: &Model, fwd: &Forward, train: bool) -> Result<Option<Exchange>> {
+    fn new(
+        ctx: &GpuContext,
+        model: &Model,
+        fwd: &Forward,
+        train: bool,
+    ) -> Result<Option<Exchange>> {
         let Some(shard) = model.shard else {
             return Ok(None);
         };
@@ -1329,7 +1333,9 @@ impl Exchange {
             if last {
                 tail_enc(&mut enc);
             }
-            let banked = split_at.get(i).and_then(|&l| Some((l, self.layers[l].as_ref()?)));
+            let banked = split_at
+                .get(i)
+                .and_then(|&l| Some((l, self.layers[l].as_ref()?)));
             if let Some((_, b)) = banked {
                 b.st.routed.record_all(&mut enc);
             }
@@ -1388,7 +1394,14 @@ impl Banked {
         st.bank_y.record_range(&mut enc, st.bank_y_part, 0, n * 4);
         scoped_submit(ctx, None, enc)?;
         let out = st.bank_y.read(ctx).await?.f32s(st.bank_y_part);
-        let back = give_back(comm, &self.split, &slots, &got, &out[..got.len() * d], tos.len())?;
+        let back = give_back(
+            comm,
+            &self.split,
+            &slots,
+            &got,
+            &out[..got.len() * d],
+            tos.len(),
+        )?;
         y_expert.write(ctx, &back)?;
         Ok(RoutedSlots {
             words,
@@ -1583,26 +1596,23 @@ impl TrainStep {
             .try_map(|_, w| Ok(w.f32("training")?.clone()))?;
         let grads = params.try_map(|id, p| {
             let plan = |l: usize| blocks[l].ffn.train();
-            let experts = |l: usize| -> Result<(Tensor<f32>, Tensor<f32>, Option<Tensor<f32>>)> {
-                let bank = ex.as_ref().and_then(|x| x.layers[l].as_ref());
-                Ok(match bank {
+            let experts = |l: usize| -> Result<ExpertGrads<'_>> {
+                match ex.as_ref().and_then(|x| x.layers[l].as_ref()) {
                     Some(b) => {
                         let t = b.plan.train()?;
-                        (t.dw1.clone(), t.dw2.clone(), t.dw3.clone())
+                        Ok((&t.dw1, &t.dw2, t.dw3.as_ref()))
                     }
-                    None => {
-                        let (a, b, c) = plan(l)?.expert_grads()?;
-                        (a.clone(), b.clone(), c.cloned())
-                    }
-                })
+                    None => plan(l)?.expert_grads(),
+                }
             };
             Ok(match id {
                 ParamId::Block(l, BlockParam::Router) => plan(l)?.dw_router.clone(),
-                ParamId::Block(l, BlockParam::W1) => experts(l)?.0,
+                ParamId::Block(l, BlockParam::W1) => experts(l)?.0.clone(),
                 ParamId::Block(l, BlockParam::W3) => experts(l)?
                     .2
+                    .cloned()
                     .ok_or_else(|| Error::invalid("model", format!("{id}: no SwiGLU gradient")))?,
-                ParamId::Block(l, BlockParam::W2) => experts(l)?.1,
+                ParamId::Block(l, BlockParam::W2) => experts(l)?.1.clone(),
                 _ => z(&format!("grad {id}"), &p.shape)?,
             })
         })?;
@@ -1906,10 +1916,8 @@ impl TrainStep {
         }
         let trees = kept.map(|v| {
             let mut it = v.into_iter();
-            self.grads.try_map(|id, _| {
-                it.next()
-                    .ok_or_else(|| Error::invalid("gather", id.name()))
-            })
+            self.grads
+                .try_map(|id, _| it.next().ok_or_else(|| Error::invalid("gather", id.name())))
         });
         let [p, m, v] = trees;
         Ok(Some([p?, m?, v?]))
@@ -2003,7 +2011,9 @@ impl TrainStep {
         let blocks = &self.fwd.graph.blocks;
 
         // 1. Forward; the global first-choice fractions.
-        let routed = self.forward_segments(ctx, comm, ep, Some(complexity)).await?;
+        let routed = self
+            .forward_segments(ctx, comm, ep, Some(complexity))
+            .await?;
         let mut f: Vec<f32> = {
             let w = dp.f_rb.read(ctx).await?;
             dp.f_parts.iter().flat_map(|&(id, _)| w.f32s(id)).collect()

@@ -14,9 +14,9 @@
 //! receives its expert's output; the backward sends each slot's output
 //! gradient and receives the gradient of its input.
 //!
-//! This is the host's part: the GPU's parts (the rows read back after the
-//! route, the received rows' expert GEMMs, the results written where the
-//! combine reads them) are not built yet.
+//! This is the host's part; the GPU's (the rows read back after the route,
+//! the received rows' expert GEMMs, the results written where the combine
+//! reads them) are `model::transformer`'s expert-parallel step.
 
 use crate::error::{Error, Result};
 use crate::train::collective::Comm;

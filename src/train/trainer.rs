@@ -89,6 +89,9 @@ pub struct DataParallelSummary {
     /// Bytes of the parameters, their gradients and AdamW moments on this
     /// rank's GPU (with the experts split, its share of them).
     pub state_bytes: u64,
+    /// Bytes of every tensor this rank created on its GPU by the end of
+    /// its first step: the state, the activations, the exchanges' buffers.
+    pub tensor_bytes: u64,
 }
 
 /// What the loop reports as it goes (the CLI draws a progress bar).
@@ -342,7 +345,10 @@ impl Run {
             .map(|(id, t)| NamedTensor::new(id.name(), t.shape, t.data))
             .collect::<Result<_>>()?;
         let mut optimizer = Vec::with_capacity(2 * model.len());
-        for (id, (m, v)) in ids.iter().zip(m.into_values().into_iter().zip(v.into_values())) {
+        for (id, (m, v)) in ids
+            .iter()
+            .zip(m.into_values().into_iter().zip(v.into_values()))
+        {
             optimizer.push(NamedTensor::new(format!("m.{id}"), m.shape, m.data)?);
             optimizer.push(NamedTensor::new(format!("v.{id}"), v.shape, v.data)?);
         }
@@ -426,6 +432,7 @@ impl Run {
                 let d = dp.get_or_insert_with(|| DataParallelSummary {
                     ranks: c.size(),
                     state_bytes: self.session.step.state_bytes(&self.session.model),
+                    tensor_bytes: ctx.tensor_bytes(),
                     ..Default::default()
                 });
                 d.steps += 1;
