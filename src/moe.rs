@@ -590,18 +590,35 @@ impl MoeLayer {
         rows: usize,
         split: usize,
     ) -> Result<ExpertRowsTrainPlan> {
+        self.plan_rows_train_into(ctx, rows, split, None)
+    }
+
+    /// `plan_rows_train` writing the weight gradients into `dw` (dw1, dw2,
+    /// dw3: a plan rebuilt for more rows keeps its gradients), or into new
+    /// tensors.
+    pub fn plan_rows_train_into(
+        &self,
+        ctx: &GpuContext,
+        rows: usize,
+        split: usize,
+        dw: Option<ExpertGradTensors>,
+    ) -> Result<ExpertRowsTrainPlan> {
         let fwd = self.plan_rows_with(ctx, rows, true)?;
         let (d, f, e) = (self.cfg.d, self.cfg.f, self.held());
         let swiglu = self.cfg.activation == Activation::SwiGlu;
         let z = |name: &str, shape: &[usize]| Tensor::<f32>::zeros(ctx, name, shape);
         let dy = z("rows dy", &[rows, d])?;
         let dx = z("rows dx", &[rows, d])?;
-        let dw1 = z("dw1", &[e, d, f])?;
-        let dw2 = z("dw2", &[e, f, d])?;
-        let dw3 = if swiglu {
-            Some(z("dw3", &[e, d, f])?)
-        } else {
-            None
+        let (dw1, dw2, dw3) = match dw {
+            Some(dw) => dw,
+            None => (
+                z("dw1", &[e, d, f])?,
+                z("dw2", &[e, f, d])?,
+                match swiglu {
+                    true => Some(z("dw3", &[e, d, f])?),
+                    false => None,
+                },
+            ),
         };
         // What the router's part binds and never runs here.
         let unused = (
@@ -868,6 +885,9 @@ impl MoeLayer {
         ctx.submit_and_wait(encoder)
     }
 }
+
+/// The experts' weight gradients, owned: dw1, dw2 and (SwiGLU) dw3.
+pub type ExpertGradTensors = (Tensor<f32>, Tensor<f32>, Option<Tensor<f32>>);
 
 /// The experts' weight gradients: dw1, dw2 and (SwiGLU) dw3.
 pub type ExpertGrads<'a> = (&'a Tensor<f32>, &'a Tensor<f32>, Option<&'a Tensor<f32>>);

@@ -138,3 +138,21 @@ fn an_error_in_one_object_is_reported_by_that_object() {
         trainer.check_errors("next step").unwrap();
     });
 }
+
+#[test]
+fn tensor_bytes_count_the_tensors_alive() {
+    common::on_first_adapter(|ctx| {
+        let before = ctx.tensor_bytes();
+        let a = Tensor::<f32>::zeros(ctx, "a", &[1000]).unwrap();
+        let b = Tensor::from_slice(ctx, "b", &[4], &[1.0f32, 2.0, 3.0, 4.0]).unwrap();
+        let a2 = a.clone();
+        assert_eq!(ctx.tensor_bytes(), before + 4000 + 16);
+        // A tensor counts until its last handle drops.
+        drop(a);
+        assert_eq!(ctx.tensor_bytes(), before + 4000 + 16);
+        drop(a2);
+        assert_eq!(ctx.tensor_bytes(), before + 16);
+        drop(b);
+        assert_eq!(ctx.tensor_bytes(), before);
+    });
+}

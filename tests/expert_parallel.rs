@@ -562,6 +562,10 @@ fn expert_parallel_training_steps_equal_one_process() {
                             let comm = Comm::new(Box::new(tr));
                             let model = Model::expert_parallel(&h, cfg, host, r, n).unwrap();
                             let step = TrainStep::new(&h, &model, b, opt).unwrap();
+                            // Each bank's rows plan starts at one row, so
+                            // that the first step grows it (keeping the
+                            // model's expert gradients).
+                            step.set_expert_rows(&h, &model, 1).unwrap();
                             let got: Vec<(f32, f32)> = (0..steps)
                                 .map(|s| {
                                     let st = pollster::block_on(step.step_expert_parallel(
@@ -575,6 +579,15 @@ fn expert_parallel_training_steps_equal_one_process() {
                                     (st.loss, st.grad_norm)
                                 })
                                 .collect();
+                            let rows = step.expert_rows();
+                            for l in cfg.moe_layers() {
+                                let max = n * t * cfg.gate.max_k();
+                                assert!(
+                                    rows[l] > 1 && rows[l] <= max,
+                                    "block {l}: {} rows (at most {max})",
+                                    rows[l]
+                                );
+                            }
                             // This rank's share of an expert tensor.
                             let held = model
                                 .params

@@ -21,6 +21,9 @@ pub const STORAGE_USAGE: wgpu::BufferUsages = wgpu::BufferUsages::STORAGE
 pub struct Tensor<T> {
     pub buffer: wgpu::Buffer,
     pub shape: Vec<usize>,
+    /// Counts the buffer's bytes in `GpuContext::tensor_bytes` while a
+    /// handle lives.
+    _live: std::sync::Arc<super::LiveBytes>,
     _t: PhantomData<T>,
 }
 
@@ -31,6 +34,7 @@ impl<T> Clone for Tensor<T> {
         Tensor {
             buffer: self.buffer.clone(),
             shape: self.shape.clone(),
+            _live: self._live.clone(),
             _t: PhantomData,
         }
     }
@@ -67,10 +71,10 @@ impl<T: Pod> Tensor<T> {
             usage,
             mapped_at_creation: false,
         });
-        ctx.count_tensor_bytes(bytes);
         Ok(Tensor {
             buffer,
             shape: shape.to_vec(),
+            _live: ctx.live_bytes(bytes),
             _t: PhantomData,
         })
     }
@@ -94,7 +98,6 @@ impl<T: Pod> Tensor<T> {
             usage: STORAGE_USAGE,
             mapped_at_creation: true,
         });
-        ctx.count_tensor_bytes(bytes);
         {
             let src = bytemuck::cast_slice::<T, u8>(data);
             let mut dst = buffer
@@ -111,6 +114,7 @@ impl<T: Pod> Tensor<T> {
         Ok(Tensor {
             buffer,
             shape: shape.to_vec(),
+            _live: ctx.live_bytes(bytes),
             _t: PhantomData,
         })
     }

@@ -259,6 +259,20 @@ pub async fn select_adapters(filter: &AdapterFilter) -> Result<Vec<(usize, wgpu:
     Ok(chosen)
 }
 
+/// A tensor's bytes, counted in `GpuContext::tensor_bytes` while it lives.
+#[derive(Debug)]
+pub struct LiveBytes {
+    bytes: u64,
+    total: std::sync::Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl Drop for LiveBytes {
+    fn drop(&mut self) {
+        self.total
+            .fetch_sub(self.bytes, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
 /// A device ready to run amoe's kernels, plus what it can do.
 pub struct GpuContext {
     pub device: wgpu::Device,
@@ -291,9 +305,7 @@ pub struct GpuContext {
     /// `gpu::Weight`): the adapter's storage-binding limit, or less where
     /// `AMOE_SPLIT_BYTES` (bytes) or `set_split_bytes` asks for less.
     split_bytes: std::sync::Arc<std::sync::atomic::AtomicU64>,
-    /// Bytes of the tensors created on the device (storage buffers;
-    /// freed ones are not subtracted): what a training run, whose tensors
-    /// live as long as it does, holds on the GPU.
+    /// Bytes of the tensors (storage buffers) alive on the device.
     tensor_bytes: std::sync::Arc<std::sync::atomic::AtomicU64>,
     /// The driver's compiled pipelines kept on disk (where the adapter
     /// offers a pipeline cache): written when the last handle goes.
@@ -569,15 +581,20 @@ impl GpuContext {
         self.features.contains(wgpu::Features::SHADER_F16)
     }
 
-    /// Bytes of the tensors created on the device so far (this handle's
-    /// device, every handle; freed ones are not subtracted).
+    /// Bytes of the tensors alive on the device (every handle's; a tensor
+    /// counts until its last handle drops).
     pub fn tensor_bytes(&self) -> u64 {
         self.tensor_bytes.load(std::sync::atomic::Ordering::Relaxed)
     }
 
-    pub(crate) fn count_tensor_bytes(&self, bytes: u64) {
+    /// `bytes` counted in `tensor_bytes` until the returned guard drops.
+    pub(crate) fn live_bytes(&self, bytes: u64) -> std::sync::Arc<LiveBytes> {
         self.tensor_bytes
             .fetch_add(bytes, std::sync::atomic::Ordering::Relaxed);
+        std::sync::Arc::new(LiveBytes {
+            bytes,
+            total: self.tensor_bytes.clone(),
+        })
     }
 
     /// The most bytes one part of a weight takes (`gpu::Weight` splits a

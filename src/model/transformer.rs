@@ -36,7 +36,9 @@ use crate::model::graph::{mm, Block, Graph, Mode};
 use crate::model::params::{
     BlockParam, FfnParams, HostTensor, ParamId, Params, Storage, TensorValues,
 };
-use crate::moe::{ExpertGrads, ExpertRowsPlan, ExpertRowsTrainPlan, MoeConfig, MoeLayer};
+use crate::moe::{
+    ExpertGradTensors, ExpertGrads, ExpertRowsPlan, ExpertRowsTrainPlan, MoeConfig, MoeLayer,
+};
 use crate::train::expert_parallel::{dispatch, give_back, ExpertSplit, SlotPlan};
 
 /// Scale of the unembedding's init relative to 1/sqrt(D): the logits of a
@@ -1141,13 +1143,29 @@ struct Exchange {
 }
 
 /// One MoE layer's experts under expert parallelism: how they split over
-/// the ranks, the rows plan of this rank's experts over what every rank
-/// may route to them (all of their tokens' slots, at most), and the
-/// readbacks of the exchanges.
+/// the ranks, the rows plan of this rank's experts (`BankRows`), and the
+/// readbacks of this rank's side of the exchanges.
 struct Banked {
     split: ExpertSplit,
-    plan: BankPlan,
+    /// The most rows every rank together may route to this rank's experts
+    /// (all of their slots: N T K).
+    max_rows: usize,
+    /// Training: the experts' weight gradients (the model's, kept when
+    /// the rows plan grows).
+    dw: Option<ExpertGradTensors>,
+    /// The rows plan, sized for the rows received so far: it starts at
+    /// this rank's own slots (T K, what a balanced router sends) and grows
+    /// when a step receives more (at most `max_rows`).
+    rows: std::cell::RefCell<std::rc::Rc<BankRows>>,
     st: BankStaging,
+}
+
+/// A rows plan of a rank's experts and the readbacks of what it gives.
+struct BankRows {
+    plan: BankPlan,
+    /// The bank's output rows; training: the rows' input gradients.
+    bank_y: (Readback, PartId),
+    bank_dx: Option<(Readback, PartId)>,
 }
 
 /// The rows plan of a rank's experts: forward only (evaluation) or with
@@ -1176,8 +1194,9 @@ impl BankPlan {
     }
 }
 
-/// The readbacks of one MoE layer's exchanges, each recorded in the
-/// submit that produced its data (one map per exchange, no extra submit).
+/// The readbacks of this rank's side of one MoE layer's exchanges, each
+/// recorded in the submit that produced its data (one map per exchange, no
+/// extra submit).
 struct BankStaging {
     /// After the route: the routing words up to the offsets, token_of_slot
     /// and the FFN input x.
@@ -1185,19 +1204,8 @@ struct BankStaging {
     routing: PartId,
     token_of_slot: PartId,
     x: PartId,
-    /// The bank's output rows.
-    bank_y: Readback,
-    bank_y_part: PartId,
-    /// Training: the rows' input gradients, and the slots' output
-    /// gradients (after the combine backward).
-    back: Option<BackStaging>,
-}
-
-struct BackStaging {
-    bank_dx: Readback,
-    bank_dx_part: PartId,
-    dys: Readback,
-    dys_part: PartId,
+    /// Training: the slots' output gradients (after the combine backward).
+    dys: Option<(Readback, PartId)>,
 }
 
 /// What the forward's exchange of one MoE layer learned and the backward's
@@ -1207,10 +1215,17 @@ struct RoutedSlots {
     token_of_slot: Vec<u32>,
 }
 
+/// A readback of `t` alone.
+fn readback_of(ctx: &GpuContext, t: &Tensor<f32>, label: &str) -> Result<(Readback, PartId)> {
+    let mut layout = ReadbackLayout::new();
+    let p = layout.push_tensor(t);
+    Ok((layout.build(ctx, label)?, p))
+}
+
 impl Exchange {
     /// The exchanges of `fwd`'s MoE layers on a model holding a share of
-    /// its experts (none for one holding them all): a rows plan per layer
-    /// for the rows every rank may send (N T K), training ones with `train`.
+    /// its experts (none for one holding them all), training ones with
+    /// `train`.
     fn new(
         ctx: &GpuContext,
         model: &Model,
@@ -1230,12 +1245,7 @@ impl Exchange {
             let split = ExpertSplit::new(layer.cfg.e, shard.ranks)?;
             let block = &fwd.graph.blocks[l].ffn;
             let p = block.fwd();
-            let rows = shard.ranks * t * p.topk_ids.shape[1];
-            let plan = if train {
-                BankPlan::Train(Box::new(layer.plan_rows_train(ctx, rows, 1)?))
-            } else {
-                BankPlan::Eval(Box::new(layer.plan_rows(ctx, rows)?))
-            };
+            let slots = t * p.topk_ids.shape[1];
             let (tos, _) = p
                 .slot_buffers()
                 .ok_or_else(|| Error::invalid("expert parallel", "no grouped plan"))?;
@@ -1244,40 +1254,61 @@ impl Exchange {
             let routing = layout.push(&p.routing.buffer, 0, words);
             let token_of_slot = layout.push_tensor(tos);
             let x = layout.push_tensor(&p.x);
-            let one = |t: &Tensor<f32>, label: &str| -> Result<(Readback, PartId)> {
-                let mut layout = ReadbackLayout::new();
-                let p = layout.push_tensor(t);
-                Ok((layout.build(ctx, label)?, p))
-            };
-            let (bank_y, bank_y_part) = one(&plan.fwd().y, "expert bank output")?;
-            let back = match &plan {
-                BankPlan::Train(bank) => {
-                    let (bank_dx, bank_dx_part) = one(&bank.dx, "expert bank input gradient")?;
-                    let (dys, dys_part) = one(
-                        &block.train()?.backward.scratch.dys,
-                        "slot output gradients",
-                    )?;
-                    Some(BackStaging {
-                        bank_dx,
-                        bank_dx_part,
-                        dys,
-                        dys_part,
-                    })
-                }
-                BankPlan::Eval(_) => None,
+            let dys = match train {
+                true => Some(readback_of(
+                    ctx,
+                    &block.train()?.backward.scratch.dys,
+                    "slot output gradients",
+                )?),
+                false => None,
             };
             let st = BankStaging {
                 routed: layout.build(ctx, "routed slots")?,
                 routing,
                 token_of_slot,
                 x,
-                bank_y,
-                bank_y_part,
-                back,
+                dys,
             };
-            layers.push(Some(Banked { split, plan, st }));
+            let first = BankRows::new(ctx, layer, slots, train, None)?;
+            let dw = match &first.plan {
+                BankPlan::Train(t) => Some((t.dw1.clone(), t.dw2.clone(), t.dw3.clone())),
+                BankPlan::Eval(_) => None,
+            };
+            layers.push(Some(Banked {
+                split,
+                max_rows: shard.ranks * slots,
+                dw,
+                rows: std::cell::RefCell::new(std::rc::Rc::new(first)),
+                st,
+            }));
         }
         Ok(Some(Exchange { layers }))
+    }
+
+    /// Each bank's rows plan rebuilt for `rows` rows (at most its maximum):
+    /// what it grows from. Tests start small to exercise the growth.
+    fn set_rows(&self, ctx: &GpuContext, model: &Model, rows: usize) -> Result<()> {
+        for (l, b) in self.layers.iter().enumerate() {
+            if let Some(b) = b {
+                let next = BankRows::new(
+                    ctx,
+                    &model.ffn[l],
+                    rows.clamp(1, b.max_rows),
+                    b.dw.is_some(),
+                    b.dw.clone(),
+                )?;
+                *b.rows.borrow_mut() = std::rc::Rc::new(next);
+            }
+        }
+        Ok(())
+    }
+
+    /// The rows each bank's plan holds now (per block, 0 without a bank).
+    fn rows(&self) -> Vec<usize> {
+        self.layers
+            .iter()
+            .map(|b| b.as_ref().map_or(0, |b| b.rows.borrow().plan.fwd().rows))
+            .collect()
     }
 
     /// The forward of `fwd` in segments, each ending where an MoE layer's
@@ -1287,6 +1318,7 @@ impl Exchange {
         &self,
         ctx: &GpuContext,
         comm: &crate::train::collective::Comm,
+        model: &Model,
         fwd: &Forward,
         tail: &dyn Fn(&mut wgpu::ComputePass<'static>) -> Result<()>,
         tail_enc: &dyn Fn(&mut wgpu::CommandEncoder),
@@ -1342,14 +1374,66 @@ impl Exchange {
             scoped_submit(ctx, clear, enc)?;
             if let Some((l, b)) = banked {
                 let plan = blocks[l].ffn.fwd();
-                routed[l] = Some(b.experts_forward(ctx, comm, plan).await?);
+                routed[l] = Some(b.experts_forward(ctx, comm, &model.ffn[l], plan).await?);
             }
         }
         Ok(routed)
     }
 }
 
+impl BankRows {
+    /// The rows plan of `layer`'s experts over `rows` rows, with its
+    /// readbacks; training ones write the weight gradients into `dw` when
+    /// given (a plan that grows keeps the model's gradients).
+    fn new(
+        ctx: &GpuContext,
+        layer: &MoeLayer,
+        rows: usize,
+        train: bool,
+        dw: Option<ExpertGradTensors>,
+    ) -> Result<BankRows> {
+        let plan = match train {
+            true => BankPlan::Train(Box::new(layer.plan_rows_train_into(ctx, rows, 1, dw)?)),
+            false => BankPlan::Eval(Box::new(layer.plan_rows(ctx, rows)?)),
+        };
+        let bank_y = readback_of(ctx, &plan.fwd().y, "expert bank output")?;
+        let bank_dx = match &plan {
+            BankPlan::Train(t) => Some(readback_of(ctx, &t.dx, "expert bank input gradient")?),
+            BankPlan::Eval(_) => None,
+        };
+        Ok(BankRows {
+            plan,
+            bank_y,
+            bank_dx,
+        })
+    }
+}
+
 impl Banked {
+    /// The rows plan, grown first where `n` rows came (half as many again,
+    /// at most `max_rows`, so that growth stays rare).
+    fn rows_for(
+        &self,
+        ctx: &GpuContext,
+        layer: &MoeLayer,
+        n: usize,
+    ) -> Result<std::rc::Rc<BankRows>> {
+        let now = self.rows.borrow().clone();
+        if n <= now.plan.fwd().rows {
+            return Ok(now);
+        }
+        let rows = (n + n / 2).min(self.max_rows).max(n);
+        let next = std::rc::Rc::new(BankRows::new(
+            ctx,
+            layer,
+            rows,
+            self.dw.is_some(),
+            self.dw.clone(),
+        )?);
+        *self.rows.borrow_mut() = next.clone();
+        Ok(next)
+    }
+
     /// Forward: this rank's routed rows of `plan` (the FFN input's row of
     /// each slot) to their experts' ranks, the bank on what came, the
     /// outputs back into `y_expert`.
@@ -1357,9 +1441,10 @@ impl Banked {
         &self,
         ctx: &GpuContext,
         comm: &crate::train::collective::Comm,
+        layer: &MoeLayer,
         plan: &crate::moe::MoePlan,
     ) -> Result<RoutedSlots> {
-        let (st, bank) = (&self.st, self.plan.fwd());
+        let st = &self.st;
         let (_, y_expert) = plan
             .slot_buffers()
             .ok_or_else(|| Error::invalid("expert parallel", "no grouped plan"))?;
@@ -1383,6 +1468,8 @@ impl Banked {
         let got = dispatch(comm, &self.split, &slots, d, |_, tok| {
             &x[tok * d..(tok + 1) * d]
         })?;
+        let rows = self.rows_for(ctx, layer, got.len())?;
+        let bank = rows.plan.fwd();
         bank.write(ctx, &got.rows, &got.local_expert)?;
         let mut enc = ctx
             .device
@@ -1391,9 +1478,10 @@ impl Banked {
             });
         bank.record(&mut enc);
         let n = (got.len() * d) as u64;
-        st.bank_y.record_range(&mut enc, st.bank_y_part, 0, n * 4);
+        let (y_rb, y_part) = &rows.bank_y;
+        y_rb.record_range(&mut enc, *y_part, 0, n * 4);
         scoped_submit(ctx, None, enc)?;
-        let out = st.bank_y.read(ctx).await?.f32s(st.bank_y_part);
+        let out = y_rb.read(ctx).await?.f32s(*y_part);
         let back = give_back(
             comm,
             &self.split,
@@ -1411,7 +1499,8 @@ impl Banked {
 
     /// Backward: each routed slot's output gradient to its expert's rank,
     /// the bank's backward on what came (its weight gradients stay here),
-    /// each slot's input gradient back into the routing rank's `dxs`.
+    /// each slot's input gradient back into the routing rank's `dxs`. The
+    /// rows plan is the forward's (the same rows come).
     async fn experts_backward(
         &self,
         ctx: &GpuContext,
@@ -1419,15 +1508,16 @@ impl Banked {
         routed: &RoutedSlots,
         dxs: &Tensor<f32>,
     ) -> Result<()> {
-        let bank = self.plan.train()?;
-        let back = self
-            .st
-            .back
-            .as_ref()
-            .ok_or_else(|| Error::invalid("expert parallel", "a bank without its backward"))?;
+        let rows = self.rows.borrow().clone();
+        let bank = rows.plan.train()?;
+        let missing = || Error::invalid("expert parallel", "a bank without its backward");
+        let ((dys_rb, dys_part), (dx_rb, dx_part)) = (
+            self.st.dys.as_ref().ok_or_else(missing)?,
+            rows.bank_dx.as_ref().ok_or_else(missing)?,
+        );
         let e = self.split.experts;
         let d = dxs.shape[1];
-        let dys = back.dys.read(ctx).await?.f32s(back.dys_part);
+        let dys = dys_rb.read(ctx).await?.f32s(*dys_part);
         ctx.check_errors("expert-parallel backward")?;
         let h = RoutingLayout::HEADER;
         let words = &routed.words;
@@ -1439,6 +1529,16 @@ impl Banked {
         let got = dispatch(comm, &self.split, &slots, d, |slot, _| {
             &dys[slot * d..(slot + 1) * d]
         })?;
+        if got.len() > bank.fwd.rows {
+            return Err(Error::invalid(
+                "expert parallel",
+                format!(
+                    "the backward received {} rows, the forward {}",
+                    got.len(),
+                    bank.fwd.rows
+                ),
+            ));
+        }
         if !got.rows.is_empty() {
             ctx.queue
                 .write_buffer(&bank.dy.buffer, 0, bytemuck::cast_slice(&got.rows));
@@ -1447,10 +1547,9 @@ impl Banked {
         bank.record_backward(&mut pass);
         drop(pass);
         let n = (got.len() * d) as u64;
-        back.bank_dx
-            .record_range(&mut enc, back.bank_dx_part, 0, n * 4);
+        dx_rb.record_range(&mut enc, *dx_part, 0, n * 4);
         scoped_submit(ctx, None, enc)?;
-        let dx = back.bank_dx.read(ctx).await?.f32s(back.bank_dx_part);
+        let dx = dx_rb.read(ctx).await?.f32s(*dx_part);
         let give = give_back(
             comm,
             &self.split,
@@ -1598,10 +1697,13 @@ impl TrainStep {
             let plan = |l: usize| blocks[l].ffn.train();
             let experts = |l: usize| -> Result<ExpertGrads<'_>> {
                 match ex.as_ref().and_then(|x| x.layers[l].as_ref()) {
-                    Some(b) => {
-                        let t = b.plan.train()?;
-                        Ok((&t.dw1, &t.dw2, t.dw3.as_ref()))
-                    }
+                    Some(b) => match &b.dw {
+                        Some((dw1, dw2, dw3)) => Ok((dw1, dw2, dw3.as_ref())),
+                        None => Err(Error::invalid(
+                            "expert parallel",
+                            "a bank without gradients",
+                        )),
+                    },
                     None => plan(l)?.expert_grads(),
                 }
             };
@@ -1860,6 +1962,21 @@ impl TrainStep {
         self.ep.is_some()
     }
 
+    /// Expert parallelism: the rows each MoE layer's bank plan holds now
+    /// (per block, 0 without a bank). A plan starts at this rank's own
+    /// slots (T K) and grows when a step sends it more.
+    pub fn expert_rows(&self) -> Vec<usize> {
+        self.ep.as_ref().map_or_else(Vec::new, |ep| ep.ex.rows())
+    }
+
+    /// Expert parallelism: rebuild each bank's plan for `rows` rows (at
+    /// most N T K), what it grows from (tests start small to exercise the
+    /// growth).
+    pub fn set_expert_rows(&self, ctx: &GpuContext, model: &Model, rows: usize) -> Result<()> {
+        let ep = self.ep.as_ref().ok_or_else(not_sharded)?;
+        ep.ex.set_rows(ctx, model, rows)
+    }
+
     fn whole_model(&self) -> Result<()> {
         match self.ep {
             Some(_) => Err(Error::invalid(
@@ -1937,7 +2054,7 @@ impl TrainStep {
     ) -> Result<f32> {
         let ep = self.ep.as_ref().ok_or_else(not_sharded)?;
         self.upload(ctx, model, args)?;
-        self.forward_segments(ctx, comm, ep, None).await?;
+        self.forward_segments(ctx, comm, model, ep, None).await?;
         let loss = self.fwd.loss_out.read(ctx).await?;
         ctx.check_errors("expert-parallel forward")?;
         Ok(loss[0] / loss[1].max(1.0))
@@ -1951,6 +2068,7 @@ impl TrainStep {
         &self,
         ctx: &GpuContext,
         comm: &crate::train::collective::Comm,
+        model: &Model,
         ep: &ExpertParallel,
         train: Option<bool>,
     ) -> Result<Vec<Option<RoutedSlots>>> {
@@ -1973,7 +2091,9 @@ impl TrainStep {
                 dp.f_rb.record_all(enc);
             }
         };
-        ep.ex.forward(ctx, comm, &self.fwd, &tail, &tail_enc).await
+        ep.ex
+            .forward(ctx, comm, model, &self.fwd, &tail, &tail_enc)
+            .await
     }
 
     /// One expert-parallel training step of this rank's shard (B / N
@@ -2012,7 +2132,7 @@ impl TrainStep {
 
         // 1. Forward; the global first-choice fractions.
         let routed = self
-            .forward_segments(ctx, comm, ep, Some(complexity))
+            .forward_segments(ctx, comm, model, ep, Some(complexity))
             .await?;
         let mut f: Vec<f32> = {
             let w = dp.f_rb.read(ctx).await?;
@@ -2036,7 +2156,8 @@ impl TrainStep {
             match &ep.ex.layers[l] {
                 Some(banked) => {
                     let plan = blocks[l].ffn.train()?;
-                    let (Some(back), Some(routed)) = (&banked.st.back, &routed[l]) else {
+                    let (Some((dys_rb, dys_part)), Some(routed)) = (&banked.st.dys, &routed[l])
+                    else {
                         return Err(Error::invalid(
                             "expert parallel",
                             "a bank without its exchange",
@@ -2047,8 +2168,7 @@ impl TrainStep {
                     // The slots' output gradients, up to the padded rows.
                     let padded = routed.words[RoutingLayout::PADDED_ROWS] as u64;
                     let d = plan.dy.shape[1] as u64;
-                    back.dys
-                        .record_range(&mut enc, back.dys_part, 0, padded * d * 4);
+                    dys_rb.record_range(&mut enc, *dys_part, 0, padded * d * 4);
                     scoped_submit(ctx, None, enc)?;
                     banked
                         .experts_backward(ctx, comm, routed, &plan.backward.scratch.dxs)
@@ -2589,7 +2709,7 @@ impl EvalStep {
     ) -> Result<(f64, f64)> {
         let ex = self.ep.as_ref().ok_or_else(not_sharded)?;
         self.fwd.upload(ctx, &model.cfg, ids, targets)?;
-        ex.forward(ctx, comm, &self.fwd, &|_| Ok(()), &|enc| {
+        ex.forward(ctx, comm, model, &self.fwd, &|_| Ok(()), &|enc| {
             self.readback.record(enc, self.loss)
         })
         .await?;

@@ -89,8 +89,8 @@ pub struct DataParallelSummary {
     /// Bytes of the parameters, their gradients and AdamW moments on this
     /// rank's GPU (with the experts split, its share of them).
     pub state_bytes: u64,
-    /// Bytes of every tensor this rank created on its GPU by the end of
-    /// its first step: the state, the activations, the exchanges' buffers.
+    /// Bytes of every tensor alive on this rank's GPU after its last step:
+    /// the state, the activations, the exchanges' buffers.
     pub tensor_bytes: u64,
 }
 
@@ -432,9 +432,9 @@ impl Run {
                 let d = dp.get_or_insert_with(|| DataParallelSummary {
                     ranks: c.size(),
                     state_bytes: self.session.step.state_bytes(&self.session.model),
-                    tensor_bytes: ctx.tensor_bytes(),
                     ..Default::default()
                 });
+                d.tensor_bytes = ctx.tensor_bytes();
                 d.steps += 1;
                 d.compute_s += t.compute_s;
                 d.all_reduce_s += t.all_reduce_s;
