@@ -2005,6 +2005,11 @@ impl TrainStep {
         let mut kept: [Vec<HostTensor>; 3] = Default::default();
         for (i, tree) in [&self.grads, &self.m, &self.v].into_iter().enumerate() {
             for (id, t) in tree.iter() {
+                let held = model.held(id);
+                if !keep && held.is_none() {
+                    // Only the experts' gathers need this rank.
+                    continue;
+                }
                 // The parameter itself, in place of its gradient.
                 let t = match i {
                     0 => model
@@ -2016,7 +2021,7 @@ impl TrainStep {
                 };
                 let mut data = t.read(ctx).await?;
                 let mut shape = t.shape.clone();
-                if let Some((_, e)) = model.held(id) {
+                if let Some((_, e)) = held {
                     let comm = comm.ok_or_else(|| {
                         Error::invalid("expert parallel", "gathering the experts needs the ranks")
                     })?;
