@@ -1125,6 +1125,7 @@ pub struct TrainStep {
 struct ExpertParallel {
     /// The training graph's exchanges, per MoE layer.
     ex: Exchange,
+    gate: GateFractions,
     /// The step's readback with the replicated gradients, then this rank's
     /// experts'.
     rb: StepReadback,
@@ -1620,9 +1621,7 @@ fn open_pass(ctx: &GpuContext, label: &str) -> (wgpu::CommandEncoder, wgpu::Comp
 /// summed gradients are written to at once and copied from into each
 /// gradient; the gradient norm's readback after the update.
 struct DataParallel {
-    f_rb: Readback,
-    /// Per MoE layer: its f part and E.
-    f_parts: Vec<(PartId, usize)>,
+    gate: GateFractions,
     /// The step's readback, with the first group's gradients appended.
     rb: StepReadback,
     /// The backward's submits, in order (one without overlap).
@@ -1630,8 +1629,59 @@ struct DataParallel {
     grad_in: Tensor<f32>,
     clip_rb: Readback,
     clip_part: PartId,
-    /// Per MoE layer: the gate statistics tensor whose f is replaced.
-    moe_layers: Vec<usize>,
+}
+
+/// The first-choice fractions f of every MoE layer's gate statistics, read
+/// back after a distributed step's forward and replaced by the global
+/// batch's (the balancing loss is not linear in the tokens).
+struct GateFractions {
+    rb: Readback,
+    /// Per MoE layer: its block, its f part and E.
+    parts: Vec<(usize, PartId, usize)>,
+}
+
+impl GateFractions {
+    fn new(ctx: &GpuContext, fwd: &Forward, model: &Model) -> Result<GateFractions> {
+        let mut layout = ReadbackLayout::new();
+        let mut parts = Vec::new();
+        for l in model.cfg.moe_layers() {
+            let plan = fwd.graph.blocks[l].ffn.train()?;
+            let e = plan.fwd.logits.shape[1];
+            parts.push((l, layout.push(&plan.stats().buffer, 0, e as u64 * 4), e));
+        }
+        Ok(GateFractions {
+            rb: layout.build(ctx, "gate statistics readback")?,
+            parts,
+        })
+    }
+
+    /// Record each MoE layer's gate statistics (into an open pass).
+    fn record_stats(&self, fwd: &Forward, pass: &mut wgpu::ComputePass<'_>) -> Result<()> {
+        for &(l, _, _) in &self.parts {
+            fwd.graph.blocks[l].ffn.train()?.record_gate_stats(pass);
+        }
+        Ok(())
+    }
+
+    /// This rank's f of every MoE layer, in layer order (after the submit
+    /// that recorded `rb`).
+    async fn read(&self, ctx: &GpuContext) -> Result<Vec<f32>> {
+        let w = self.rb.read(ctx).await?;
+        Ok(self.parts.iter().flat_map(|&(_, p, _)| w.f32s(p)).collect())
+    }
+
+    /// Write `f` (the global batch's, in layer order) in place of each
+    /// layer's own.
+    fn write(&self, ctx: &GpuContext, fwd: &Forward, f: &[f32]) -> Result<()> {
+        let mut at = 0;
+        for &(l, _, e) in &self.parts {
+            let stats = fwd.graph.blocks[l].ffn.train()?.stats();
+            ctx.queue
+                .write_buffer(&stats.buffer, 0, bytemuck::cast_slice(&f[at..at + e]));
+            at += e;
+        }
+        Ok(())
+    }
 }
 
 /// One submit of a data-parallel step's backward and the gradients it
@@ -1805,7 +1855,6 @@ impl TrainStep {
             ep: None,
         };
         if let Some(ex) = ex {
-            step.enable_data_parallel(ctx, model, false)?;
             step.ep = Some(step.expert_parallel(ctx, model, opt, ex)?);
         }
         Ok(step)
@@ -1840,6 +1889,7 @@ impl TrainStep {
         let (rep_parts, bank_parts) = parts.split_at(replicated.len());
         Ok(ExpertParallel {
             ex,
+            gate: GateFractions::new(ctx, &self.fwd, model)?,
             rb,
             replicated: rep_parts.iter().copied().zip(replicated).collect(),
             bank_grads: bank_parts.iter().copied().zip(bank_grads).collect(),
@@ -1863,13 +1913,6 @@ impl TrainStep {
             return Ok(());
         }
         let moe_layers = model.cfg.moe_layers();
-        let mut f_layout = ReadbackLayout::new();
-        let mut f_parts = Vec::with_capacity(moe_layers.len());
-        for &l in &moe_layers {
-            let plan = self.fwd.graph.blocks[l].ffn.train()?;
-            let e = plan.fwd.logits.shape[1];
-            f_parts.push((f_layout.push(&plan.stats().buffer, 0, e as u64 * 4), e));
-        }
         // The groups, in the backward's order, and the group that finishes
         // each gradient.
         let layers = self.back.len();
@@ -1937,14 +1980,12 @@ impl TrainStep {
         let mut clip_layout = ReadbackLayout::new();
         let clip_part = clip_layout.push_tensor(&self.clip);
         self.dp = Some(DataParallel {
-            f_rb: f_layout.build(ctx, "gate statistics readback")?,
-            f_parts,
+            gate: GateFractions::new(ctx, &self.fwd, model)?,
             rb,
             groups,
             grad_in: Tensor::zeros(ctx, "summed gradients", &[at.max(1)])?,
             clip_rb: clip_layout.build(ctx, "gradient norm readback")?,
             clip_part,
-            moe_layers,
         });
         Ok(())
     }
@@ -2077,23 +2118,20 @@ impl TrainStep {
         ep: &ExpertParallel,
         train: Option<bool>,
     ) -> Result<Vec<Option<RoutedSlots>>> {
-        let blocks = &self.fwd.graph.blocks;
         let tail = |pass: &mut wgpu::ComputePass<'static>| -> Result<()> {
-            if let (Some(complexity), Some(dp)) = (train, &self.dp) {
+            if let Some(complexity) = train {
                 if complexity {
                     for c in &self.complexity_kernels {
                         c.record(pass);
                     }
                 }
-                for &l in &dp.moe_layers {
-                    blocks[l].ffn.train()?.record_gate_stats(pass);
-                }
+                ep.gate.record_stats(&self.fwd, pass)?;
             }
             Ok(())
         };
         let tail_enc = |enc: &mut wgpu::CommandEncoder| {
-            if let (Some(_), Some(dp)) = (train, &self.dp) {
-                dp.f_rb.record_all(enc);
+            if train.is_some() {
+                ep.gate.rb.record_all(enc);
             }
         };
         ep.ex
@@ -2123,7 +2161,7 @@ impl TrainStep {
     ) -> Result<StepStats> {
         let clock = web_time::Instant::now();
         let (sent0, busy0) = (comm.bytes_sent(), comm.exchange_s());
-        let (Some(ep), Some(dp)) = (&self.ep, &self.dp) else {
+        let Some(ep) = &self.ep else {
             return Err(Error::invalid(
                 "train",
                 "an expert-parallel step needs a model holding a share of the experts (Model::expert_parallel)",
@@ -2139,20 +2177,11 @@ impl TrainStep {
         let routed = self
             .forward_segments(ctx, comm, model, ep, Some(complexity))
             .await?;
-        let mut f: Vec<f32> = {
-            let w = dp.f_rb.read(ctx).await?;
-            dp.f_parts.iter().flat_map(|&(id, _)| w.f32s(id)).collect()
-        };
+        let mut f = ep.gate.read(ctx).await?;
         ctx.check_errors("expert-parallel forward")?;
         comm.sum(&mut f)?;
         f.iter_mut().for_each(|x| *x *= inv);
-        let mut at = 0;
-        for (&l, &(_, e)) in dp.moe_layers.iter().zip(&dp.f_parts) {
-            let stats = blocks[l].ffn.train()?.stats();
-            ctx.queue
-                .write_buffer(&stats.buffer, 0, bytemuck::cast_slice(&f[at..at + e]));
-            at += e;
-        }
+        ep.gate.write(ctx, &self.fwd, &f)?;
 
         // 2. Backward, a segment per banked MoE layer.
         let (mut enc, mut pass) = open_pass(ctx, "expert-parallel backward");
@@ -2365,18 +2394,12 @@ impl TrainStep {
                         c.record(pass);
                     }
                 }
-                for &l in &dp.moe_layers {
-                    blocks[l].ffn.train()?.record_gate_stats(pass);
-                }
-                Ok(())
+                dp.gate.record_stats(&self.fwd, pass)
             },
         )?;
-        dp.f_rb.record_all(&mut enc);
+        dp.gate.rb.record_all(&mut enc);
         ctx.submit("train_step forward", enc)?;
-        let mut f: Vec<f32> = {
-            let w = dp.f_rb.read(ctx).await?;
-            dp.f_parts.iter().flat_map(|&(id, _)| w.f32s(id)).collect()
-        };
+        let mut f = dp.gate.read(ctx).await?;
         ctx.check_errors("train_step forward")?;
         let mut compute_s = clock.elapsed().as_secs_f64();
 
@@ -2385,13 +2408,7 @@ impl TrainStep {
         let inv = 1.0 / ranks as f32;
         f.iter_mut().for_each(|x| *x *= inv);
         let mut all_reduce_s = clock.elapsed().as_secs_f64();
-        let mut at = 0;
-        for (&l, &(_, e)) in dp.moe_layers.iter().zip(&dp.f_parts) {
-            let stats = blocks[l].ffn.train()?.stats();
-            ctx.queue
-                .write_buffer(&stats.buffer, 0, bytemuck::cast_slice(&f[at..at + e]));
-            at += e;
-        }
+        dp.gate.write(ctx, &self.fwd, &f)?;
 
         // The backward, one submit per group, two queued ahead: each group's
         // gradients are summed over the ranks as soon as its submit is done,
