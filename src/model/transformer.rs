@@ -1116,7 +1116,7 @@ pub struct TrainStep {
     vocab: usize,
     /// What a data-parallel step adds (`enable_data_parallel`).
     dp: Option<DataParallel>,
-    /// What expert parallelism adds (`enable_expert_parallel`).
+    /// What expert parallelism adds (a model holding a share of its experts).
     ep: Option<ExpertParallel>,
 }
 
