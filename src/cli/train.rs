@@ -121,8 +121,8 @@ pub struct TrainArgs {
     #[arg(long)]
     pub no_overlap: bool,
     /// With --distributed: split each MoE layer's experts over the ranks
-    /// (E / N each; the ranks exchange the routed token rows) instead of
-    /// every rank running every expert.
+    /// (E / N each, E a multiple of N): each rank holds, trains and updates
+    /// only its experts, and the ranks exchange the routed token rows.
     #[arg(long)]
     pub expert_parallel: bool,
 }
