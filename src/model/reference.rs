@@ -13,7 +13,7 @@
 //! the mean cross-entropy over the counted targets, as `StepStats::loss`.
 
 use crate::error::{Error, Result};
-use crate::kernels::adamw::{AdamWConfig, GRAD_NORM_CHUNK};
+use crate::kernels::adamw::GRAD_NORM_CHUNK;
 use crate::kernels::embedding::{check_ids, token_order};
 use crate::kernels::matmul::Trans;
 use crate::kernels::{Activation, GateConfig, UNUSED};
@@ -542,14 +542,7 @@ pub fn train_step(
         .zip(params.values_mut())
         .enumerate()
     {
-        let c = AdamWConfig {
-            weight_decay: if id.decay() {
-                opt.adamw.weight_decay
-            } else {
-                0.0
-            },
-            ..opt.adamw
-        };
+        let c = opt.adamw_for(id);
         // The GPU's per-step constants (bias corrections in f64, cast).
         let k = c.params(lr, step, 0, 0);
         let s = AdamWStep {

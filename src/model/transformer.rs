@@ -538,6 +538,21 @@ pub struct OptConfig {
     pub clip: Option<f32>,
 }
 
+impl OptConfig {
+    /// AdamW's settings for parameter `id`: no weight decay where `id`
+    /// takes none (norm gains, biases, ...).
+    pub fn adamw_for(&self, id: ParamId) -> AdamWConfig {
+        AdamWConfig {
+            weight_decay: if id.decay() {
+                self.adamw.weight_decay
+            } else {
+                0.0
+            },
+            ..self.adamw
+        }
+    }
+}
+
 impl Default for OptConfig {
     fn default() -> Self {
         OptConfig {
@@ -1216,6 +1231,17 @@ struct RoutedSlots {
     token_of_slot: Vec<u32>,
 }
 
+/// The slot plan in a layer's routing words (header, E counts, E + 1
+/// padded offsets) and its token_of_slot.
+fn slot_plan<'a>(words: &'a [u32], token_of_slot: &'a [u32], e: usize) -> SlotPlan<'a> {
+    let h = RoutingLayout::HEADER;
+    SlotPlan {
+        counts: &words[h..h + e],
+        offsets: &words[h + e..h + 2 * e + 1],
+        token_of_slot,
+    }
+}
+
 /// A readback of `t` alone.
 fn readback_of(ctx: &GpuContext, t: &Tensor<f32>, label: &str) -> Result<(Readback, PartId)> {
     let mut layout = ReadbackLayout::new();
@@ -1460,12 +1486,7 @@ impl Banked {
             )
         };
         ctx.check_errors("expert-parallel forward")?;
-        let h = RoutingLayout::HEADER;
-        let slots = SlotPlan {
-            counts: &words[h..h + e],
-            offsets: &words[h + e..h + 2 * e + 1],
-            token_of_slot: &tos,
-        };
+        let slots = slot_plan(&words, &tos, e);
         let got = dispatch(comm, &self.split, &slots, d, |_, tok| {
             &x[tok * d..(tok + 1) * d]
         })?;
@@ -1520,13 +1541,7 @@ impl Banked {
         let d = dxs.shape[1];
         let dys = dys_rb.read(ctx).await?.f32s(*dys_part);
         ctx.check_errors("expert-parallel backward")?;
-        let h = RoutingLayout::HEADER;
-        let words = &routed.words;
-        let slots = SlotPlan {
-            counts: &words[h..h + e],
-            offsets: &words[h + e..h + 2 * e + 1],
-            token_of_slot: &routed.token_of_slot,
-        };
+        let slots = slot_plan(&routed.words, &routed.token_of_slot, e);
         let got = dispatch(comm, &self.split, &slots, d, |slot, _| {
             &dys[slot * d..(slot + 1) * d]
         })?;
@@ -1570,15 +1585,7 @@ fn param_adamw(
     id: ParamId,
     b: &AdamWBuffers<'_>,
 ) -> Result<AdamW> {
-    let c = AdamWConfig {
-        weight_decay: if id.decay() {
-            opt.adamw.weight_decay
-        } else {
-            0.0
-        },
-        ..opt.adamw
-    };
-    AdamW::new(ctx, &c, b)
+    AdamW::new(ctx, &opt.adamw_for(id), b)
 }
 
 fn not_sharded() -> Error {
